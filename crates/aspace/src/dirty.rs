@@ -1,0 +1,259 @@
+//! Dirty logging (hardware or software D bits, or write protection) and accessed-bit harvesting.
+
+use crate::error::{DirtyLogError, Failed};
+use crate::flush::SpaceFlush;
+use crate::space::{AddressSpace, PAGE};
+use alloc::vec;
+use alloc::vec::Vec;
+use twostage_npt::{AdClear, AdMode, FrameAllocator, Format, GpaRange, GuestPhysAddr, PageSize};
+
+/// How a dirty log learns of writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyMode {
+    /// The table's D bits: set by the CPU (EPT with A/D, Svadu) or by the fault handler when a
+    /// store faults on D=0 (RISC-V Svade). Huge pages in the range are split to 4 KiB when the
+    /// log starts, so a D bit names one page.
+    DirtyBits,
+    /// Every page in the range is write-protected; the first write to a page faults, is logged
+    /// and gets the write right back until the next harvest re-protects it.
+    WriteProtect,
+}
+
+/// One bit per 4 KiB page of a guest-physical range.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageBitmap {
+    start: GuestPhysAddr,
+    pages: u64,
+    words: Vec<u64>,
+}
+
+impl PageBitmap {
+    /// All clear, covering `range` (page-aligned).
+    pub fn new(range: GpaRange) -> Self {
+        let pages = range.len() / PAGE;
+        Self { start: range.start, pages, words: vec![0; pages.div_ceil(64) as usize] }
+    }
+
+    /// The range covered.
+    pub fn range(&self) -> GpaRange {
+        GpaRange { start: self.start, end: self.start + self.pages * PAGE }
+    }
+
+    fn index(&self, gpa: GuestPhysAddr) -> Option<usize> {
+        let off = gpa.as_u64().checked_sub(self.start.as_u64())? / PAGE;
+        (off < self.pages).then_some(off as usize)
+    }
+
+    /// Sets the bit of the page containing `gpa` (ignored outside the range).
+    pub fn set(&mut self, gpa: GuestPhysAddr) {
+        if let Some(i) = self.index(gpa) {
+            self.words[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Sets the bits of every page of `[start, start + len)` inside the range.
+    pub fn set_range(&mut self, start: GuestPhysAddr, len: u64) {
+        let r = self.range();
+        let lo = start.max(r.start);
+        let hi = start.checked_add(len).unwrap_or(r.end).min(r.end);
+        let mut p = lo.align_down(PAGE);
+        while p < hi {
+            self.set(p);
+            p = p + PAGE;
+        }
+    }
+
+    /// Whether the page containing `gpa` is set.
+    pub fn get(&self, gpa: GuestPhysAddr) -> bool {
+        self.index(gpa).is_some_and(|i| self.words[i / 64] & (1 << (i % 64)) != 0)
+    }
+
+    /// Number of pages set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The pages set, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = GuestPhysAddr> + '_ {
+        self.words.iter().enumerate().flat_map(move |(wi, &w)| {
+            (0..64).filter(move |b| w & (1 << b) != 0).map(move |b| self.start + ((wi * 64 + b) as u64) * PAGE)
+        })
+    }
+
+    /// The raw words (bit `i` of word `w` is page `start + (64 w + i) * 4 KiB`).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+}
+
+impl core::fmt::Debug for PageBitmap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PageBitmap({:?}, {} of {} set)", self.range(), self.count(), self.pages)
+    }
+}
+
+/// A running dirty log.
+pub(crate) struct DirtyLog {
+    pub(crate) mode: DirtyMode,
+    /// Pages known dirty without the table's word: write-protect faults and hypervisor writes.
+    pub(crate) soft: PageBitmap,
+}
+
+impl DirtyLog {
+    pub(crate) fn range(&self) -> GpaRange {
+        self.soft.range()
+    }
+    pub(crate) fn write_protects(&self, gpa: GuestPhysAddr) -> bool {
+        self.mode == DirtyMode::WriteProtect && self.range().contains(gpa)
+    }
+    pub(crate) fn is_dirty(&self, gpa: GuestPhysAddr) -> bool {
+        self.soft.get(gpa)
+    }
+    pub(crate) fn mark(&mut self, gpa: GuestPhysAddr) {
+        self.soft.set(gpa);
+    }
+}
+
+impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// The mode a dirty log would use on this table.
+    pub fn dirty_mode(&self) -> DirtyMode {
+        match self.opts.ad {
+            AdMode::Hardware | AdMode::Software if F::DIRTY != 0 => DirtyMode::DirtyBits,
+            _ => DirtyMode::WriteProtect,
+        }
+    }
+
+    /// The range being logged, if any.
+    pub fn dirty_log_range(&self) -> Option<GpaRange> {
+        self.dirty.as_ref().map(DirtyLog::range)
+    }
+
+    /// Starts logging writes to `range` (page-aligned). Pages written from now on are reported
+    /// by [`AddressSpace::harvest_dirty`].
+    pub fn start_dirty_log(&mut self, range: GpaRange) -> Result<(DirtyMode, SpaceFlush<F>), Failed<DirtyLogError, F>> {
+        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+        if let Some(log) = &self.dirty {
+            return Err(fail(DirtyLogError::AlreadyLogging { range: log.range() }));
+        }
+        if range.is_empty() || !range.start.is_aligned(PAGE) || !range.end.is_aligned(PAGE) {
+            return Err(fail(DirtyLogError::Misaligned { range }));
+        }
+        let mode = self.dirty_mode();
+        let mut flush = SpaceFlush::none();
+        match mode {
+            DirtyMode::DirtyBits => {
+                if let Err(e) = self.split_to_4k(range, &mut flush) {
+                    return Err(Failed { error: e, flush });
+                }
+                flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |_| {}));
+                self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
+            }
+            DirtyMode::WriteProtect => {
+                self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
+                match self.reprotect(range) {
+                    Ok(f) => flush = flush.merge(f),
+                    Err(failed) => {
+                        // Leave the log running: the pages already protected need it to be
+                        // unprotected on their next write.
+                        return Err(Failed { error: DirtyLogError::Table(failed.error), flush: failed.flush });
+                    }
+                }
+            }
+        }
+        Ok((mode, flush))
+    }
+
+    /// Splits every huge leaf overlapping `range` down to 4 KiB leaves.
+    fn split_to_4k(&mut self, range: GpaRange, flush: &mut SpaceFlush<F>) -> Result<(), DirtyLogError> {
+        loop {
+            let mut huge = Vec::new();
+            self.table.for_each_leaf(range.start, range.len(), |leaf| {
+                if leaf.size != PageSize::Size4K {
+                    huge.push(leaf.gpa);
+                }
+            });
+            if huge.is_empty() {
+                return Ok(());
+            }
+            for gpa in huge {
+                match self.table.split(gpa) {
+                    Ok(f) => flush.add(f),
+                    Err(e) => return Err(DirtyLogError::Split(e)),
+                }
+            }
+        }
+    }
+
+    /// Returns the pages written since the log started or since the last harvest, and re-arms
+    /// the log (clears D bits or write-protects the pages again).
+    pub fn harvest_dirty(&mut self) -> Result<(PageBitmap, SpaceFlush<F>), Failed<DirtyLogError, F>> {
+        let Some(log) = self.dirty.as_mut() else {
+            return Err(Failed { error: DirtyLogError::NotLogging, flush: SpaceFlush::none() });
+        };
+        let mut bits = log.soft.clone();
+        log.soft.clear();
+        let (mode, range) = (log.mode, log.range());
+        let mut flush = SpaceFlush::none();
+        match mode {
+            DirtyMode::DirtyBits => {
+                flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |leaf| {
+                    if leaf.dirty {
+                        bits.set_range(leaf.gpa, leaf.size.bytes());
+                    }
+                }));
+            }
+            DirtyMode::WriteProtect => {
+                for gpa in bits.iter() {
+                    let Some(leaf) = self.table.query(gpa) else { continue };
+                    let Some(r) = self.region_at(gpa) else { continue };
+                    let want = self.effective_flags(r, leaf.hpa, gpa);
+                    if want == leaf.flags {
+                        continue;
+                    }
+                    match self.table.protect(gpa, PAGE, want) {
+                        Ok(f) => flush.add(f),
+                        Err(e) => return Err(Failed { error: DirtyLogError::Table(e), flush }),
+                    }
+                }
+            }
+        }
+        Ok((bits, flush))
+    }
+
+    /// Stops logging; write-protected pages get their rights back.
+    pub fn stop_dirty_log(&mut self) -> Result<SpaceFlush<F>, Failed<DirtyLogError, F>> {
+        let Some(log) = self.dirty.take() else {
+            return Err(Failed { error: DirtyLogError::NotLogging, flush: SpaceFlush::none() });
+        };
+        if log.mode == DirtyMode::DirtyBits {
+            return Ok(SpaceFlush::none());
+        }
+        self.reprotect(log.range())
+            .map_err(|f| Failed { error: DirtyLogError::Table(f.error), flush: f.flush })
+    }
+
+    /// Reports the pages of `range` accessed since the last call (from the table's A bits) and
+    /// clears their A bits, for reclaim. A huge leaf reports all its pages. Needs A bits kept by
+    /// the CPU or by the fault handler (not [`AdMode::Preset`]).
+    pub fn harvest_accessed(&mut self, range: GpaRange) -> (PageBitmap, SpaceFlush<F>) {
+        let mut bits = PageBitmap::new(range);
+        let f = self.table.take_accessed_dirty(range.start, range.len(), AdClear::Accessed, |leaf| {
+            if leaf.accessed {
+                bits.set_range(leaf.gpa, leaf.size.bytes());
+            }
+        });
+        (bits, SpaceFlush::from_table(f))
+    }
+
+    /// Records a write the hypervisor made on the guest's behalf.
+    pub(crate) fn note_written(&mut self, gpa: GuestPhysAddr, len: u64) {
+        if let Some(log) = &mut self.dirty {
+            log.soft.set_range(gpa, len);
+        }
+    }
+}
+

@@ -1,0 +1,151 @@
+//! Error enums, one per operation.
+
+use crate::region::{RegionId, RegionLabel};
+use crate::flush::SpaceFlush;
+use core::fmt;
+use twostage_npt::{Format, FlagsError, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
+
+/// Why [`crate::AddressSpace::new`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewSpaceError {
+    /// No frame for the root table.
+    OutOfFrames(OutOfFrames),
+}
+
+/// Why a region could not be added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddRegionError {
+    /// Start or length is not a multiple of 4 KiB, or the range is empty.
+    Misaligned {
+        /// The refused range.
+        range: GpaRange,
+    },
+    /// The range reaches past what the table's format translates.
+    OutOfRange {
+        /// The refused range.
+        range: GpaRange,
+        /// Width of the format's guest-physical space.
+        gpa_bits: u32,
+    },
+    /// The new region would overlap an existing one.
+    Overlap {
+        /// Name of the refused region.
+        name: &'static str,
+        /// Its range.
+        range: GpaRange,
+        /// The region already there.
+        existing: RegionLabel,
+    },
+    /// The rights cannot be mapped by this table.
+    Flags(FlagsError),
+    /// A linear region's host address is not 4 KiB-aligned or overflows.
+    BadHost {
+        /// The refused host address.
+        host: HostPhysAddr,
+    },
+    /// Mapping a linear region failed (nothing was mapped).
+    Map(MapError),
+}
+
+impl fmt::Display for AddRegionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Misaligned { range } => write!(f, "region {range} is empty or not 4 KiB-aligned"),
+            Self::OutOfRange { range, gpa_bits } => {
+                write!(f, "region {range} reaches past the {gpa_bits}-bit guest-physical space")
+            }
+            Self::Overlap { name, range, existing } => {
+                write!(f, "region \"{name}\" {range} overlaps {existing}")
+            }
+            Self::Flags(e) => write!(f, "rights refused by the table: {e:?}"),
+            Self::BadHost { host } => write!(f, "linear host address {host} is unaligned or overflows"),
+            Self::Map(e) => write!(f, "mapping the linear region failed: {e:?}"),
+        }
+    }
+}
+
+/// No region has this id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoSuchRegion(pub RegionId);
+
+/// Why a region could not be removed (it is still there, unchanged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveRegionError {
+    /// Unknown id.
+    NoSuchRegion(RegionId),
+    /// The engine refused the unmap.
+    Unmap(RangeError),
+}
+
+/// Why a region's rights could not be changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtectRegionError {
+    /// Unknown id.
+    NoSuchRegion(RegionId),
+    /// The rights cannot be mapped by this table.
+    Flags(FlagsError),
+    /// The engine refused a change (the region keeps its old rights record; leaves already
+    /// changed stay changed and are covered by the returned flush).
+    Protect(RangeError),
+}
+
+/// Why [`crate::AddressSpace::populate`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PopulateError {
+    /// Unknown id.
+    NoSuchRegion(RegionId),
+    /// The region does not own frames (linear or MMIO).
+    NotAnonymous(RegionId),
+    /// No frame for a page or a table.
+    OutOfMemory {
+        /// The page that could not be backed.
+        gpa: twostage_npt::GuestPhysAddr,
+    },
+}
+
+/// An operation that stopped part way: what went wrong, and the flush for what it had done.
+#[must_use = "the partial change must still be flushed"]
+pub struct Failed<E, F: Format> {
+    /// Why it stopped.
+    pub error: E,
+    /// Covers the changes made before it stopped.
+    pub flush: SpaceFlush<F>,
+}
+
+impl<E: fmt::Debug, F: Format> fmt::Debug for Failed<E, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Failed({:?}, {:?})", self.error, self.flush)
+    }
+}
+
+/// Why [`crate::AddressSpace::fork`] failed (the parent is unchanged, the partial child freed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForkError {
+    /// No frame for the child's root.
+    OutOfFrames(OutOfFrames),
+    /// Mapping into the child's table failed.
+    Map(MapError),
+    /// Write-protecting the parent's pages failed.
+    Protect(RangeError),
+}
+
+/// Why a dirty-log operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogError {
+    /// A log is already running (one per address space).
+    AlreadyLogging {
+        /// Its range.
+        range: GpaRange,
+    },
+    /// No log is running.
+    NotLogging,
+    /// Empty or unaligned range.
+    Misaligned {
+        /// The refused range.
+        range: GpaRange,
+    },
+    /// Protecting a page failed (a huge page split needed a frame that could not be had).
+    Table(RangeError),
+    /// Splitting a huge page failed.
+    Split(SplitError),
+}

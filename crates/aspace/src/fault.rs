@@ -1,0 +1,208 @@
+//! Nested page fault resolution: one entry point from a fault to a typed outcome.
+
+use crate::flush::SpaceFlush;
+use crate::region::{Backend, Region, RegionId};
+use crate::space::{AddressSpace, PAGE};
+use twostage_npt::{
+    Access, FrameAllocator, Format, GuestPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize,
+};
+
+/// What a nested page fault turned out to be.
+#[must_use = "a resolved fault carries a flush that must be carried out before the guest resumes"]
+#[derive(Debug)]
+pub enum FaultOutcome<F: Format> {
+    /// The page now allows the access; carry out the flush, then resume the guest at the same
+    /// instruction.
+    Resolved {
+        /// The invalidation (and frame release) the change needs.
+        flush: SpaceFlush<F>,
+    },
+    /// The address is in an MMIO region: emulate the access with the device model.
+    Mmio {
+        /// The faulting address.
+        gpa: GuestPhysAddr,
+        /// What the guest tried.
+        access: Access,
+        /// The MMIO region.
+        region: RegionId,
+    },
+    /// The region exists but forbids this access; the hypervisor decides (inject, kill, log).
+    Violation {
+        /// The faulting address.
+        gpa: GuestPhysAddr,
+        /// What the guest tried.
+        access: Access,
+        /// The region's rights.
+        rights: MappingFlags,
+        /// The region.
+        region: RegionId,
+    },
+    /// No frame (for data or for a table) could be had.
+    OutOfMemory {
+        /// The faulting address.
+        gpa: GuestPhysAddr,
+    },
+    /// No region covers the address.
+    Unmapped {
+        /// The faulting address.
+        gpa: GuestPhysAddr,
+        /// What the guest tried.
+        access: Access,
+    },
+}
+
+impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// Resolves a nested page fault (EPT violation, G-stage guest-page fault).
+    ///
+    /// Demand-zero pages are allocated and zeroed; a write to a copy-on-write page copies it (or,
+    /// for its last holder, only restores the write right); a write to a page the dirty log
+    /// write-protects is logged and the right restored; missing software A/D bits are set; a fault
+    /// on a page that already allows the access (a stale translation) is answered with a flush
+    /// of that page.
+    pub fn handle_fault(&mut self, info: NestedPageFaultInfo) -> FaultOutcome<F> {
+        self.resolve(info.fault_guest_paddr, info.access())
+    }
+
+    /// [`AddressSpace::handle_fault`] for one access.
+    pub fn resolve(&mut self, gpa: GuestPhysAddr, access: Access) -> FaultOutcome<F> {
+        let Some(r) = self.region_at(gpa).cloned() else {
+            return FaultOutcome::Unmapped { gpa, access };
+        };
+        if !r.flags.allows(access) {
+            return FaultOutcome::Violation { gpa, access, rights: r.flags.rights(), region: r.id };
+        }
+        let page = gpa.align_down(PAGE);
+        let out = match r.backend {
+            Backend::Mmio => return FaultOutcome::Mmio { gpa, access, region: r.id },
+            Backend::Linear { .. } => self.resolve_linear(&r, page, access),
+            Backend::DemandZero | Backend::CopyOnWrite => self.resolve_anon(&r, page, access),
+        };
+        match out {
+            Ok(flush) => {
+                if access == Access::Write {
+                    if let Some(log) = &mut self.dirty {
+                        log.mark(page);
+                    }
+                }
+                self.stats.faults_resolved += 1;
+                FaultOutcome::Resolved { flush }
+            }
+            Err(()) => FaultOutcome::OutOfMemory { gpa },
+        }
+    }
+
+    fn resolve_linear(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+        let Some(leaf) = self.table.query(page) else {
+            // A linear page is always mapped; if it is not (a failed split left a hole), map it back.
+            let hpa = r.linear_hpa(page).ok_or(())?;
+            let f = self
+                .table
+                .map(page, hpa, PAGE, self.effective_flags(r, hpa, page), twostage_npt::MapSize::Exactly(PageSize::Size4K))
+                .map_err(|_| ())?;
+            return Ok(SpaceFlush::from_table(f));
+        };
+        if leaf.flags.allows(access) {
+            return self.touch(&leaf, page, access);
+        }
+        // The region allows it, the leaf does not: the dirty log write-protected it (or rights
+        // were raised). Give this 4 KiB page the region's rights (a huge leaf is split).
+        let mut want = r.flags;
+        if access == Access::Write {
+            if let Some(log) = &mut self.dirty {
+                log.mark(page);
+            }
+        } else {
+            want = self.effective_flags(r, leaf.hpa, page);
+        }
+        let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+        Ok(SpaceFlush::from_table(f))
+    }
+
+    fn resolve_anon(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+        let Some(leaf) = self.table.query(page) else {
+            if access == Access::Write {
+                if let Some(log) = &mut self.dirty {
+                    log.mark(page);
+                }
+            }
+            return self.map_anon_page(r, page).map(SpaceFlush::from_table);
+        };
+        if leaf.flags.allows(access) {
+            return self.touch(&leaf, page, access);
+        }
+        if access != Access::Write {
+            let want = self.effective_flags(r, leaf.hpa, page);
+            let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+            return Ok(SpaceFlush::from_table(f));
+        }
+        if let Some(log) = &mut self.dirty {
+            log.mark(page);
+        }
+        if self.refs.count(leaf.hpa) > 1 {
+            self.break_cow(r, page, leaf.hpa)
+        } else {
+            if r.backend == Backend::CopyOnWrite && self.refs.count(leaf.hpa) == 1 {
+                self.stats.cow_reuses += 1;
+            }
+            let want = self.effective_flags(r, leaf.hpa, page);
+            let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+            Ok(SpaceFlush::from_table(f))
+        }
+    }
+
+    /// Gives page `page` a private copy of the shared frame `old`.
+    fn break_cow(&mut self, r: &Region, page: GuestPhysAddr, old: twostage_npt::HostPhysAddr) -> Result<SpaceFlush<F>, ()> {
+        let new = self.alloc.allocate_frame().ok_or(())?;
+        self.fill_frame(new, Some(old));
+        self.refs.insert_new(new);
+        let flags = self.effective_flags(r, new, page);
+        match self.replace_leaf(page, new, flags) {
+            Ok(f) => {
+                self.stats.frames_allocated += 1;
+                self.stats.cow_copies += 1;
+                Ok(SpaceFlush { table: Some(f), release: alloc::vec![old] })
+            }
+            Err(_) => {
+                self.refs.release(new);
+                // SAFETY: `new` came from `allocate_frame` above and was never mapped.
+                unsafe { self.alloc.deallocate_frames(new, 1) };
+                if self.table.query(page).is_none() {
+                    // Keep the page's contents (and our reference) until it can be mapped again.
+                    self.parked.insert(page, old);
+                }
+                Err(())
+            }
+        }
+    }
+
+    /// Points the 4 KiB leaf at `page` to `new`. The engine has no in-place remap, so this is
+    /// an unmap and a map; if the map fails (the unmap retired an emptied table and no frame is
+    /// left to make it again) the page is left unmapped and the caller keeps the old frame.
+    fn replace_leaf(&mut self, page: GuestPhysAddr, new: twostage_npt::HostPhysAddr, flags: MappingFlags) -> Result<twostage_npt::Flush<F>, ()> {
+        let unmapped = self.table.unmap(page, PAGE).map_err(|_| ())?;
+        match self.table.map(page, new, PAGE, flags, twostage_npt::MapSize::Exactly(PageSize::Size4K)) {
+            Ok(f) => Ok(unmapped.merge(f)),
+            Err(_) => {
+                // The page is now unmapped; a stale translation could only still read the old
+                // frame, which the caller parks (it is not freed), so the invalidation can wait
+                // for the next flush of this space.
+                self.defer(unmapped);
+                Err(())
+            }
+        }
+    }
+
+    /// The leaf already allows the access: set software A/D bits if they are missing (RISC-V
+    /// Svade faults on A=0, or D=0 for a store). Otherwise the guest used a stale translation
+    /// that a flush since carried out has removed (or an EPT violation has: Intel SDM Vol. 3C
+    /// 29.4.3.1, an EPT violation invalidates the mappings used for the faulting address);
+    /// nothing needs doing.
+    fn touch(&mut self, leaf: &twostage_npt::Leaf, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+        if !leaf.accessed || (access == Access::Write && !leaf.dirty) {
+            if let Ok(f) = self.table.set_accessed_dirty(page, access) {
+                return Ok(SpaceFlush::from_table(f));
+            }
+        }
+        Ok(SpaceFlush::none())
+    }
+}

@@ -1,0 +1,372 @@
+//! The address space: regions over one nested table, and the frames it owns.
+
+use crate::dirty::DirtyLog;
+use crate::error::*;
+use crate::flush::SpaceFlush;
+use crate::frames::FrameRefs;
+use crate::region::{Backend, Region, RegionId, RegionLabel};
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use twostage_npt::{
+    FrameAllocator, Format, GpaRange, GuestPhysAddr, HostPhysAddr, Invalidation, MapSize, MappingFlags,
+    PageSize, PageTable, RangeError, TableOptions, FRAME_SIZE,
+};
+
+/// Bytes in the pages that anonymous regions are backed with.
+pub const PAGE: u64 = FRAME_SIZE as u64;
+
+/// Counters of what an address space has done (for dumps and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Frames allocated for anonymous pages (first touch, populate, copy-on-write copies).
+    pub frames_allocated: u64,
+    /// Copy-on-write faults that copied a frame.
+    pub cow_copies: u64,
+    /// Copy-on-write faults where this space was the last holder and only regained the write right.
+    pub cow_reuses: u64,
+    /// Faults resolved in total.
+    pub faults_resolved: u64,
+}
+
+/// A guest's physical address space: non-overlapping [`Region`]s over one nested
+/// [`PageTable`], the data frames of its anonymous regions, and an optional dirty log.
+///
+/// `A` is cloned to give a fork its own table; all clones must reach the same host memory.
+pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
+    pub(crate) table: PageTable<F, A>,
+    pub(crate) alloc: A,
+    pub(crate) opts: TableOptions,
+    pub(crate) regions: BTreeMap<GuestPhysAddr, Region>,
+    pub(crate) next_id: u32,
+    pub(crate) refs: FrameRefs,
+    pub(crate) dirty: Option<DirtyLog>,
+    pub(crate) stats: SpaceStats,
+    /// Anonymous pages whose frame is held but not mapped (a copy-on-write break that could
+    /// not map its copy after unmapping the original: the next touch maps the frame again).
+    pub(crate) parked: BTreeMap<GuestPhysAddr, HostPhysAddr>,
+    /// A table flush owed by a change that failed part way; carried out with the next flush.
+    pub(crate) deferred: Option<twostage_npt::Flush<F>>,
+}
+
+impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// An empty address space with a new table.
+    pub fn new(alloc: A, opts: TableOptions) -> Result<Self, NewSpaceError> {
+        Self::with_refs(alloc, opts, FrameRefs::new())
+    }
+
+    /// An empty address space whose frames are counted in `refs`, so that it can share frames
+    /// with the other spaces using the same table (see [`AddressSpace::share_from`]).
+    pub fn with_refs(alloc: A, opts: TableOptions, refs: FrameRefs) -> Result<Self, NewSpaceError> {
+        let table = PageTable::new(alloc.clone(), opts).map_err(NewSpaceError::OutOfFrames)?;
+        Ok(Self {
+            table,
+            alloc,
+            opts,
+            regions: BTreeMap::new(),
+            next_id: 0,
+            refs,
+            dirty: None,
+            stats: SpaceStats::default(),
+            parked: BTreeMap::new(),
+            deferred: None,
+        })
+    }
+
+    /// The nested table (to load its root in an EPTP or hgatp, or to inspect it).
+    pub fn table(&self) -> &PageTable<F, A> {
+        &self.table
+    }
+
+    /// Root of the nested table.
+    pub fn root(&self) -> HostPhysAddr {
+        self.table.root()
+    }
+
+    /// The options the table was made with.
+    pub fn options(&self) -> &TableOptions {
+        &self.opts
+    }
+
+    /// The frame allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// The shared frame reference counts.
+    pub fn frame_refs(&self) -> &FrameRefs {
+        &self.refs
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SpaceStats {
+        self.stats
+    }
+
+    /// Every region, lowest address first.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> + '_ {
+        self.regions.values()
+    }
+
+    /// The region with this id.
+    pub fn region(&self, id: RegionId) -> Option<&Region> {
+        self.regions.values().find(|r| r.id == id)
+    }
+
+    /// The region containing `gpa`.
+    pub fn region_at(&self, gpa: GuestPhysAddr) -> Option<&Region> {
+        let (_, r) = self.regions.range(..=gpa).next_back()?;
+        r.range.contains(gpa).then_some(r)
+    }
+
+    pub(crate) fn key_of(&self, id: RegionId) -> Option<GuestPhysAddr> {
+        self.regions.iter().find(|(_, r)| r.id == id).map(|(k, _)| *k)
+    }
+
+    /// Adds a region. A linear region is mapped at once (largest pages that fit); the others
+    /// map nothing until they are touched.
+    pub fn add_region(
+        &mut self,
+        name: &'static str,
+        range: GpaRange,
+        flags: MappingFlags,
+        backend: Backend,
+    ) -> Result<(RegionId, SpaceFlush<F>), AddRegionError> {
+        if range.is_empty() || !range.start.is_aligned(PAGE) || !range.end.is_aligned(PAGE) {
+            return Err(AddRegionError::Misaligned { range });
+        }
+        if F::GPA_BITS < 64 && range.end.as_u64() > (1u64 << F::GPA_BITS) {
+            return Err(AddRegionError::OutOfRange { range, gpa_bits: F::GPA_BITS });
+        }
+        F::check_flags(flags, &self.opts).map_err(AddRegionError::Flags)?;
+        if let Some(existing) = self.overlapping(range) {
+            return Err(AddRegionError::Overlap { name, range, existing });
+        }
+        let mut flush = SpaceFlush::none();
+        if let Backend::Linear { host } = backend {
+            if !host.is_aligned(PAGE) || host.checked_add(range.len()).is_none() {
+                return Err(AddRegionError::BadHost { host });
+            }
+            let f = self
+                .table
+                .map(range.start, host, range.len(), flags, MapSize::Largest)
+                .map_err(AddRegionError::Map)?;
+            flush.add(f);
+        }
+        let id = RegionId(self.next_id);
+        self.next_id += 1;
+        self.regions.insert(range.start, Region { id, name, range, flags, backend });
+        Ok((id, flush))
+    }
+
+    /// The first region overlapping `range`.
+    pub(crate) fn overlapping(&self, range: GpaRange) -> Option<RegionLabel> {
+        // Only the last region starting before `range.end` can overlap, as regions never do.
+        let (_, r) = self.regions.range(..range.end).next_back()?;
+        r.range.overlaps(&range).then(|| RegionLabel::from(r))
+    }
+
+    /// Removes a region: unmaps it and, once the returned flush is carried out, frees the frames
+    /// it owned (or drops its copy-on-write references).
+    pub fn remove_region(&mut self, id: RegionId) -> Result<SpaceFlush<F>, RemoveRegionError> {
+        let key = self.key_of(id).ok_or(RemoveRegionError::NoSuchRegion(id))?;
+        let r = &self.regions[&key];
+        let (range, owns) = (r.range, r.backend.owns_frames());
+        let mut release = Vec::new();
+        if owns {
+            self.table.for_each_leaf(range.start, range.len(), |leaf| release.push(leaf.hpa));
+        }
+        let f = self.table.unmap(range.start, range.len()).map_err(RemoveRegionError::Unmap)?;
+        self.regions.remove(&key);
+        let parked: Vec<GuestPhysAddr> = self.parked.range(range.start..range.end).map(|(g, _)| *g).collect();
+        for g in parked {
+            release.extend(self.parked.remove(&g));
+        }
+        Ok(SpaceFlush { table: Some(f), release })
+    }
+
+    /// Changes the rights of a region and of every page mapped in it. Pages shared
+    /// copy-on-write, and pages the dirty log write-protects, stay read-only until written.
+    pub fn protect_region(
+        &mut self,
+        id: RegionId,
+        flags: MappingFlags,
+    ) -> Result<SpaceFlush<F>, Failed<ProtectRegionError, F>> {
+        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+        let key = self.key_of(id).ok_or(fail(ProtectRegionError::NoSuchRegion(id)))?;
+        F::check_flags(flags, &self.opts).map_err(|e| fail(ProtectRegionError::Flags(e)))?;
+        let region = self.regions.get_mut(&key).ok_or(fail(ProtectRegionError::NoSuchRegion(id)))?;
+        let (old, range) = (region.flags, region.range);
+        region.flags = flags;
+        self.reprotect(range).map_err(|failed| {
+            if let Some(r) = self.regions.get_mut(&key) {
+                r.flags = old;
+            }
+            Failed { error: ProtectRegionError::Protect(failed.error), flush: failed.flush }
+        })
+    }
+
+    /// Gives every leaf in `range` (inside one or more regions) the rights it should have.
+    pub(crate) fn reprotect(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, Failed<RangeError, F>> {
+        let mut leaves = Vec::new();
+        self.table.for_each_leaf(range.start, range.len(), |leaf| leaves.push(*leaf));
+        let mut flush = SpaceFlush::none();
+        for leaf in leaves {
+            let Some(r) = self.region_at(leaf.gpa) else { continue };
+            let want = self.effective_flags(r, leaf.hpa, leaf.gpa);
+            if want == leaf.flags {
+                continue;
+            }
+            match self.table.protect(leaf.gpa, leaf.size.bytes(), want) {
+                Ok(f) => flush.add(f),
+                Err(e) => return Err(Failed { error: e, flush }),
+            }
+        }
+        Ok(flush)
+    }
+
+    /// The rights a leaf of region `r` backed by `hpa` should carry now.
+    pub(crate) fn effective_flags(&self, r: &Region, hpa: HostPhysAddr, gpa: GuestPhysAddr) -> MappingFlags {
+        let mut flags = r.flags;
+        if r.backend.owns_frames() && self.refs.count(hpa) > 1 {
+            flags.remove(MappingFlags::WRITE);
+        }
+        if let Some(log) = &self.dirty {
+            if log.write_protects(gpa) && !log.is_dirty(gpa) {
+                flags.remove(MappingFlags::WRITE);
+            }
+        }
+        flags
+    }
+
+    /// Backs every untouched page of an anonymous region with a zeroed frame now.
+    pub fn populate(&mut self, id: RegionId) -> Result<SpaceFlush<F>, Failed<PopulateError, F>> {
+        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+        let key = self.key_of(id).ok_or(fail(PopulateError::NoSuchRegion(id)))?;
+        let r = self.regions[&key].clone();
+        if !r.backend.owns_frames() {
+            return Err(fail(PopulateError::NotAnonymous(id)));
+        }
+        let mut present = alloc::collections::BTreeSet::new();
+        self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| {
+            present.insert(leaf.gpa);
+        });
+        let mut flush = SpaceFlush::none();
+        let mut gpa = r.range.start;
+        while gpa < r.range.end {
+            if !present.contains(&gpa) {
+                match self.map_anon_page(&r, gpa) {
+                    Ok(f) => flush.add(f),
+                    Err(()) => return Err(Failed { error: PopulateError::OutOfMemory { gpa }, flush }),
+                }
+            }
+            gpa = gpa + PAGE;
+        }
+        Ok(flush)
+    }
+
+    /// Maps untouched page `gpa` of anonymous region `r`: its parked frame if it has one, else
+    /// a new zeroed frame.
+    pub(crate) fn map_anon_page(&mut self, r: &Region, gpa: GuestPhysAddr) -> Result<twostage_npt::Flush<F>, ()> {
+        if let Some(&hpa) = self.parked.get(&gpa) {
+            let flags = self.effective_flags(r, hpa, gpa);
+            let f = self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)).map_err(|_| ())?;
+            self.parked.remove(&gpa);
+            return Ok(f);
+        }
+        self.map_new_frame(r, gpa, None)
+    }
+
+    /// Allocates a frame for page `gpa` of anonymous region `r`, fills it (zeroes, or copies
+    /// from `copy_of`), registers it and maps it. On failure nothing is left allocated.
+    pub(crate) fn map_new_frame(
+        &mut self,
+        r: &Region,
+        gpa: GuestPhysAddr,
+        copy_of: Option<HostPhysAddr>,
+    ) -> Result<twostage_npt::Flush<F>, ()> {
+        let hpa = self.alloc.allocate_frame().ok_or(())?;
+        self.fill_frame(hpa, copy_of);
+        self.refs.insert_new(hpa);
+        let flags = self.effective_flags(r, hpa, gpa);
+        match self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
+            Ok(f) => {
+                self.stats.frames_allocated += 1;
+                Ok(f)
+            }
+            Err(_) => {
+                self.refs.release(hpa);
+                // SAFETY: `hpa` came from `allocate_frame` just above and was never mapped.
+                unsafe { self.alloc.deallocate_frames(hpa, 1) };
+                Err(())
+            }
+        }
+    }
+
+    /// Zeroes a frame, or copies another frame into it.
+    pub(crate) fn fill_frame(&self, hpa: HostPhysAddr, copy_of: Option<HostPhysAddr>) {
+        let dst = self.alloc.phys_to_virt(hpa).as_ptr();
+        match copy_of {
+            // SAFETY: both frames are allocated (the allocator's promise makes `phys_to_virt`
+            // valid for a whole frame); `dst` is a new frame no one else reaches, so they do
+            // not overlap.
+            Some(src) => unsafe {
+                core::ptr::copy_nonoverlapping(self.alloc.phys_to_virt(src).as_ptr(), dst, FRAME_SIZE)
+            },
+            // SAFETY: `dst` is a whole allocated frame that only we reach.
+            None => unsafe { core::ptr::write_bytes(dst, 0, FRAME_SIZE) },
+        }
+    }
+
+    /// Carries out a flush: runs `invalidate` for the table change (on every CPU that may have
+    /// the table loaded), then frees the retired table frames and releases the data frames.
+    pub fn flush(&mut self, mut flush: SpaceFlush<F>, invalidate: impl FnOnce(&Invalidation<'_>)) {
+        if let Some(d) = self.deferred.take() {
+            flush.add(d);
+        }
+        if let Some(t) = flush.table {
+            self.table.flush(t, invalidate);
+        }
+        self.release_frames(&flush.release);
+    }
+
+    /// Carries out a flush without invalidating: right only while no CPU has this table
+    /// loaded (a space being built, or one whose VM is stopped and whose context was
+    /// invalidated as a whole).
+    pub fn flush_unloaded(&mut self, flush: SpaceFlush<F>) {
+        self.flush(flush, |_| {});
+    }
+
+    pub(crate) fn release_frames(&mut self, frames: &[HostPhysAddr]) {
+        for &hpa in frames {
+            if self.refs.release(hpa) {
+                // SAFETY: the frame came from `allocate_frame` on this allocator (or a clone
+                // reaching the same memory), its last holder just dropped it, and the flush
+                // that unmapped it has been carried out.
+                unsafe { self.alloc.deallocate_frames(hpa, 1) };
+            }
+        }
+    }
+
+    /// Keeps a table flush owed by a change that failed, for the next [`AddressSpace::flush`].
+    pub(crate) fn defer(&mut self, f: twostage_npt::Flush<F>) {
+        self.deferred = Some(match self.deferred.take() {
+            Some(d) => d.merge(f),
+            None => f,
+        });
+    }
+}
+
+impl<F: Format, A: FrameAllocator + Clone> Drop for AddressSpace<F, A> {
+    fn drop(&mut self) {
+        let mut owned = Vec::new();
+        for r in self.regions.values().filter(|r| r.backend.owns_frames()) {
+            self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| owned.push(leaf.hpa));
+        }
+        owned.extend(self.parked.values().copied());
+        self.release_frames(&owned);
+        if let Some(d) = self.deferred.take() {
+            d.ignore(); // The table is going away; no CPU may have it loaded.
+        }
+        // The table frees its own frames when it drops.
+    }
+}

@@ -1,0 +1,127 @@
+//! The format trait: how one kind of nested table lays out its entries.
+
+pub mod ept;
+pub mod riscv;
+
+pub use ept::{Ept4, Ept5};
+pub use riscv::{Sv39x4, Sv48x4, Sv57x4};
+
+use crate::addr::HostPhysAddr;
+use crate::flags::MappingFlags;
+use crate::table::{AdMode, TableOptions};
+
+/// Which family a format belongs to; it decides how a change is invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Intel EPT: invalidated per EPTP with INVEPT; not-present entries are never cached.
+    Ept,
+    /// RISC-V G-stage: invalidated with HFENCE.GVMA by guest-physical address and VMID.
+    GStage,
+}
+
+/// One decoded table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pte {
+    /// Not present: the walk stops with a fault.
+    Invalid,
+    /// Points at the next-level table.
+    Table(HostPhysAddr),
+    /// Maps a page of the size of its level.
+    Leaf(LeafBits),
+}
+
+/// What a leaf entry says, format-independently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafBits {
+    /// Host-physical base of the page.
+    pub hpa: HostPhysAddr,
+    /// Rights and memory attributes.
+    pub flags: MappingFlags,
+    /// Accessed bit.
+    pub accessed: bool,
+    /// Dirty bit.
+    pub dirty: bool,
+}
+
+/// Why a set of flags cannot be encoded by a format (or is refused by the table's options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagsError {
+    /// No right at all: that is an unmapped page, use `unmap`.
+    NoRights,
+    /// Write without read is reserved (EPT: misconfiguration; RISC-V: reserved encoding).
+    WriteWithoutRead,
+    /// Execute-only needs a capability this table was not given (EPT: IA32_VMX_EPT_VPID_CAP bit 0).
+    ExecuteOnlyUnsupported,
+}
+
+/// A nested paging format: an uninhabited marker type with the format's constants and its entry
+/// encoding. The engine ([`crate::PageTable`]) is generic over it.
+pub trait Format: Sized + 'static {
+    /// Human-readable name, e.g. "EPT 4-level".
+    const NAME: &'static str;
+    /// How invalidation works for this format.
+    const FAMILY: Family;
+    /// Number of levels; the root is level `LEVELS - 1`, 4 KiB leaves are level 0.
+    const LEVELS: usize;
+    /// Width of the guest-physical address space the format translates.
+    const GPA_BITS: u32;
+    /// Frames in the root table (4 for the RISC-V x4 formats: 16 KiB, 16 KiB-aligned).
+    const ROOT_FRAMES: usize;
+    /// Bit `L` set when a leaf may sit at level `L`.
+    const LEAF_LEVELS: u8;
+    /// Whether the leaf memory type is encoded (EPT); elsewhere DEVICE/UNCACHED are not stored.
+    const ENCODES_MEMORY_TYPE: bool;
+    /// The accessed bit of an entry.
+    const ACCESSED: u64;
+    /// The dirty bit of a leaf entry.
+    const DIRTY: u64;
+
+    /// Decodes a raw entry found at `level`.
+    fn decode(raw: u64, level: usize) -> Pte;
+    /// Encodes a pointer to a next-level table.
+    fn encode_table(next: HostPhysAddr) -> u64;
+    /// Encodes a leaf at `level` (flags already checked with [`Format::check_flags`]).
+    fn encode_leaf(leaf: &LeafBits, level: usize) -> u64;
+
+    /// Whether `flags` can be mapped in a table with `opts`.
+    fn check_flags(flags: MappingFlags, opts: &TableOptions) -> Result<(), FlagsError> {
+        let r = flags.rights();
+        if r.is_empty() {
+            return Err(FlagsError::NoRights);
+        }
+        if r.contains(MappingFlags::WRITE) && !r.contains(MappingFlags::READ) {
+            return Err(FlagsError::WriteWithoutRead);
+        }
+        if r == MappingFlags::EXECUTE && !opts.execute_only {
+            return Err(FlagsError::ExecuteOnlyUnsupported);
+        }
+        Ok(())
+    }
+
+    /// Entries in a table at `level` (the root of an x4 format is wider).
+    fn entries(level: usize) -> usize {
+        if level == Self::LEVELS - 1 {
+            1 << (Self::GPA_BITS - (12 + 9 * level as u32))
+        } else {
+            512
+        }
+    }
+
+    /// Index into the table at `level` for guest-physical address `gpa`.
+    fn index(gpa: u64, level: usize) -> usize {
+        ((gpa >> (12 + 9 * level)) as usize) & (Self::entries(level) - 1)
+    }
+
+    /// The A/D bits a new leaf starts with under `mode`.
+    fn initial_ad(flags: MappingFlags, mode: AdMode) -> (bool, bool) {
+        match mode {
+            AdMode::Hardware | AdMode::Software => (false, false),
+            AdMode::Preset => (true, flags.contains(MappingFlags::WRITE)),
+        }
+    }
+}
+
+/// Bytes covered by one entry at `level`.
+pub const fn level_size(level: usize) -> u64 {
+    1u64 << (12 + 9 * level)
+}

@@ -1,0 +1,156 @@
+//! One error type per table operation, each naming the address it is about.
+
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
+use crate::flags::MappingFlags;
+use crate::format::FlagsError;
+use core::fmt;
+
+/// The frame allocator had no frame for a new table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutOfFrames {
+    /// How many frames the operation needed (nothing was changed).
+    pub needed: usize,
+}
+
+impl fmt::Display for OutOfFrames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "out of frames: the change needed {} table frame(s); nothing was changed", self.needed)
+    }
+}
+
+/// Why a range was refused before anything was touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeProblem {
+    /// The length is zero.
+    Empty,
+    /// An address or the length is not a multiple of the page size needed.
+    Unaligned,
+    /// The range runs past the format's guest-physical width (or the host's, for `hpa`).
+    OutOfRange,
+}
+
+/// `PageTable::map` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The guest range `gpa..gpa+len` is not acceptable.
+    BadGuestRange {
+        /// Start of the range.
+        gpa: GuestPhysAddr,
+        /// Its length.
+        len: u64,
+        /// What is wrong with it.
+        problem: RangeProblem,
+    },
+    /// The host range `hpa..hpa+len` is not acceptable.
+    BadHostRange {
+        /// Start of the range.
+        hpa: HostPhysAddr,
+        /// Its length.
+        len: u64,
+        /// What is wrong with it.
+        problem: RangeProblem,
+    },
+    /// The flags cannot be mapped.
+    BadFlags {
+        /// The flags asked for.
+        flags: MappingFlags,
+        /// Why not.
+        reason: FlagsError,
+    },
+    /// The page size asked for is not offered by the format or the CPU.
+    UnsupportedPageSize(PageSize),
+    /// A page in the range is already mapped.
+    AlreadyMapped {
+        /// The first mapped address found.
+        gpa: GuestPhysAddr,
+    },
+    /// No frame for a table.
+    OutOfFrames(OutOfFrames),
+}
+
+/// `unmap` or `protect` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeError {
+    /// The range is not acceptable.
+    BadRange {
+        /// Start of the range.
+        gpa: GuestPhysAddr,
+        /// Its length.
+        len: u64,
+        /// What is wrong with it.
+        problem: RangeProblem,
+    },
+    /// The new flags cannot be mapped (protect only).
+    BadFlags {
+        /// The flags asked for.
+        flags: MappingFlags,
+        /// Why not.
+        reason: FlagsError,
+    },
+    /// A huge page at an edge of the range had to be split and there was no frame for it.
+    OutOfFrames(OutOfFrames),
+}
+
+/// `split` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitError {
+    /// No leaf maps this address.
+    NotMapped(GuestPhysAddr),
+    /// The leaf is already a 4 KiB page.
+    AlreadySmallest(GuestPhysAddr),
+    /// The smaller page size is not allowed in this table.
+    UnsupportedPageSize(PageSize),
+    /// No frame for the new table.
+    OutOfFrames(OutOfFrames),
+}
+
+/// Why a table cannot be replaced by one huge leaf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotCollapsible {
+    /// The entry is not a table (already a leaf, or nothing mapped).
+    NotATable,
+    /// An entry of the table is missing or is itself a table.
+    NotAllLeaves,
+    /// The leaves are not contiguous in host memory from a suitably aligned base.
+    NotContiguous,
+    /// The leaves differ in rights or attributes.
+    MixedFlags,
+}
+
+/// `collapse` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollapseError {
+    /// The page size is not offered by the format or the CPU.
+    UnsupportedPageSize(PageSize),
+    /// The address is beyond the format's width.
+    OutOfRange(GuestPhysAddr),
+    /// The table at `gpa` cannot become one leaf.
+    NotCollapsible {
+        /// Base of the would-be huge page.
+        gpa: GuestPhysAddr,
+        /// Why.
+        reason: NotCollapsible,
+    },
+}
+
+/// `set_accessed_dirty` failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdError {
+    /// No leaf maps this address.
+    NotMapped(GuestPhysAddr),
+    /// The table presets A/D bits ([`crate::AdMode::Preset`]): there is nothing to track.
+    NotTracked,
+}
+
+macro_rules! display_via_debug {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
+        }
+        impl core::error::Error for $t {}
+    )*};
+}
+display_via_debug!(MapError, RangeError, SplitError, CollapseError, AdError);
+impl core::error::Error for OutOfFrames {}

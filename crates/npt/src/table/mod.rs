@@ -1,0 +1,495 @@
+//! The generic nested page-table engine: one implementation for every [`Format`].
+
+mod dump;
+mod error;
+mod range;
+
+pub use dump::TableDump;
+pub use error::*;
+pub use range::AdClear;
+
+use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::flags::MappingFlags;
+use crate::flush::{Flush, Invalidation};
+use crate::format::{level_size, Format, LeafBits, Pte};
+use crate::frame::{FrameAllocator, FRAME_SIZE};
+use alloc::vec::Vec;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// How accessed/dirty bits of leaves are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdMode {
+    /// The CPU sets them (EPTP bit 6 on; RISC-V with hardware A/D updating): leaves start clear.
+    Hardware,
+    /// Leaves start clear and the hypervisor sets them when the guest faults on them (RISC-V
+    /// Svade behaviour), through [`PageTable::set_accessed_dirty`].
+    Software,
+    /// Nobody tracks them: leaves start with A set, and D set when writable, so that hardware
+    /// which faults on clear bits never does.
+    Preset,
+}
+
+/// A set of page sizes, as a bit per level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageSizes(u8);
+
+impl PageSizes {
+    /// 4 KiB pages only.
+    pub const SIZE_4K_ONLY: Self = Self(1);
+    /// Every size from 4 KiB to 512 GiB (the format narrows it down).
+    pub const ALL: Self = Self(0b1111);
+
+    /// The set with exactly `sizes`; 4 KiB is always included.
+    pub fn from_sizes(sizes: &[PageSize]) -> Self {
+        Self(sizes.iter().fold(1, |m, s| m | 1 << s.level()))
+    }
+    /// Whether `size` is in the set.
+    pub const fn contains(self, size: PageSize) -> bool {
+        self.0 & (1 << size.level()) != 0
+    }
+    /// The set with `size` added.
+    pub const fn with(self, size: PageSize) -> Self {
+        Self(self.0 | 1 << size.level())
+    }
+    /// The set with `size` removed (4 KiB stays).
+    pub const fn without(self, size: PageSize) -> Self {
+        Self((self.0 & !(1 << size.level())) | 1)
+    }
+    pub(crate) const fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+/// What a table may use, decided by the CPU's capabilities (see
+/// [`crate::ept::EptCapabilities::table_options`]) and the hypervisor's choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Leaf sizes the CPU offers (intersected with the format's).
+    pub leaf_sizes: PageSizes,
+    /// How accessed/dirty bits are kept.
+    pub ad: AdMode,
+    /// Whether execute-only leaves may be made (always on RISC-V; EPT needs the capability).
+    pub execute_only: bool,
+}
+
+impl TableOptions {
+    /// Everything the format allows, hardware A/D, execute-only allowed.
+    pub fn for_format<F: Format>() -> Self {
+        Self { leaf_sizes: PageSizes(F::LEAF_LEVELS), ad: AdMode::Hardware, execute_only: true }
+    }
+}
+
+/// How large the pages of a new mapping should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapSize {
+    /// The largest page that the alignment of both addresses and the remaining length allow.
+    Largest,
+    /// Exactly this size (addresses and length must be multiples of it).
+    Exactly(PageSize),
+}
+
+/// One leaf of a table: a page and how it is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// Guest-physical base of the page.
+    pub gpa: GuestPhysAddr,
+    /// Host-physical base of the page.
+    pub hpa: HostPhysAddr,
+    /// Page size.
+    pub size: PageSize,
+    /// Rights and attributes.
+    pub flags: MappingFlags,
+    /// Accessed bit.
+    pub accessed: bool,
+    /// Dirty bit.
+    pub dirty: bool,
+}
+
+impl Leaf {
+    /// The host-physical address that `gpa` (inside this leaf) translates to.
+    pub fn translate(&self, gpa: GuestPhysAddr) -> HostPhysAddr {
+        self.hpa + (gpa - self.gpa)
+    }
+    /// The guest range this leaf covers.
+    pub fn range(&self) -> GpaRange {
+        GpaRange { start: self.gpa, end: self.gpa + self.size.bytes() }
+    }
+}
+
+/// A nested page table of format `F` whose table frames come from `A`.
+///
+/// Every change returns a [`Flush`] that must be carried out (with [`PageTable::flush`]) on every
+/// CPU that may have the table loaded. Table frames unlinked by a change are *retired*, not freed:
+/// hardware may still walk them until the flush, so they go back to the allocator in `flush` (or
+/// when the table is dropped). All table frames are freed on drop.
+///
+/// Entries are read and written as 64-bit atomics because the hardware walks them concurrently
+/// and sets A/D bits with locked read-modify-writes. Changes need `&mut self`: one writer at a
+/// time, which the address-space layer's lock provides.
+pub struct PageTable<F: Format, A: FrameAllocator> {
+    alloc: A,
+    root: HostPhysAddr,
+    opts: TableOptions,
+    frames: usize,
+    retired: Vec<HostPhysAddr>,
+    _format: PhantomData<fn() -> F>,
+}
+
+/// Where the frames for a change come from: counted first, then taken from a pool filled before
+/// anything was changed, so that a change either completes or leaves the table as it was.
+pub(crate) enum Plan<'p, F: Format> {
+    /// Count the frames needed and check for conflicts; change nothing.
+    Dry { needed: usize, virt: [Option<u64>; 6] },
+    /// Make the change with frames from `pool`, recording what to invalidate in `flush`.
+    Real { pool: &'p mut Vec<HostPhysAddr>, flush: &'p mut Flush<F> },
+}
+
+pub(crate) enum Step {
+    /// A table sits where the leaf should go: try a smaller page.
+    Descend,
+    /// Something is already mapped at this address.
+    Conflict(GuestPhysAddr),
+}
+
+impl<F: Format, A: FrameAllocator> PageTable<F, A> {
+    /// An empty table. The root is `F::ROOT_FRAMES` frames, aligned to its size.
+    pub fn new(alloc: A, opts: TableOptions) -> Result<Self, OutOfFrames> {
+        let opts = TableOptions { leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1), ..opts };
+        let root = alloc
+            .allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES)
+            .ok_or(OutOfFrames { needed: F::ROOT_FRAMES })?;
+        let table = Self { alloc, root, opts, frames: F::ROOT_FRAMES, retired: Vec::new(), _format: PhantomData };
+        table.zero_frames(root, F::ROOT_FRAMES);
+        Ok(table)
+    }
+
+    /// Host-physical address of the root table (for the EPTP or hgatp).
+    pub fn root(&self) -> HostPhysAddr {
+        self.root
+    }
+
+    /// The options the table was made with (leaf sizes narrowed to the format's).
+    pub fn options(&self) -> &TableOptions {
+        &self.opts
+    }
+
+    /// The frame allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// Frames the table holds now, including the root and retired frames awaiting a flush.
+    pub fn table_frames(&self) -> usize {
+        self.frames
+    }
+
+    fn zero_frames(&self, base: HostPhysAddr, count: usize) {
+        let p = self.alloc.phys_to_virt(base).as_ptr();
+        // SAFETY: `base..base+count` frames were just allocated to this table and are not linked
+        // anywhere yet; the allocator promises the window covers them contiguously.
+        unsafe { core::ptr::write_bytes(p, 0, count * FRAME_SIZE) };
+    }
+
+    /// The entry `idx` of the table at `table` (which has `F::entries(level)` entries).
+    pub(crate) fn entry(&self, table: HostPhysAddr, idx: usize) -> &AtomicU64 {
+        let base = self.alloc.phys_to_virt(table).as_ptr().cast::<AtomicU64>();
+        // SAFETY: `table` is a table frame owned by this PageTable (the root or a frame linked
+        // from it, never freed while linked), so the allocator's window to it is valid; callers
+        // pass `idx < F::entries(level)`, which stays within the table's frames; entries are
+        // 8-byte aligned within a 4 KiB-aligned frame, and only atomics touch them.
+        unsafe { &*base.add(idx) }
+    }
+
+    pub(crate) fn new_table(&mut self, plan_pool: &mut Vec<HostPhysAddr>) -> HostPhysAddr {
+        let frame = plan_pool.pop().expect("frames were counted before the change");
+        self.zero_frames(frame, 1);
+        frame
+    }
+
+    /// Fills a pool with `needed` frames, or hands back what it got and reports the shortfall.
+    pub(crate) fn fill_pool(&mut self, needed: usize) -> Result<Vec<HostPhysAddr>, OutOfFrames> {
+        let mut pool = Vec::with_capacity(needed);
+        for _ in 0..needed {
+            match self.alloc.allocate_frame() {
+                Some(f) => pool.push(f),
+                None => {
+                    for f in pool {
+                        // SAFETY: allocated just above as one frame, never linked or shared.
+                        unsafe { self.alloc.deallocate_frames(f, 1) };
+                    }
+                    return Err(OutOfFrames { needed });
+                }
+            }
+        }
+        self.frames += needed;
+        Ok(pool)
+    }
+
+    /// Unlinked table frames wait here until the next flush.
+    pub(crate) fn retire(&mut self, table: HostPhysAddr) {
+        self.retired.push(table);
+    }
+
+    /// Maps `gpa..gpa+len` to `hpa..hpa+len` with `flags`.
+    ///
+    /// Either the whole range is mapped or, on error, nothing changed. Pages already mapped in
+    /// the range are an error ([`MapError::AlreadyMapped`]); use `protect` or `unmap` first.
+    pub fn map(
+        &mut self,
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        len: u64,
+        flags: MappingFlags,
+        size: MapSize,
+    ) -> Result<Flush<F>, MapError> {
+        let align = match size {
+            MapSize::Largest => PAGE_SIZE_4K,
+            MapSize::Exactly(s) => {
+                if !self.opts.leaf_sizes.contains(s) {
+                    return Err(MapError::UnsupportedPageSize(s));
+                }
+                s.bytes()
+            }
+        };
+        check_range::<F>(gpa, len, align).map_err(|problem| MapError::BadGuestRange { gpa, len, problem })?;
+        if !hpa.is_aligned(align) || hpa.checked_add(len).is_none() {
+            let problem = if hpa.is_aligned(align) { RangeProblem::OutOfRange } else { RangeProblem::Unaligned };
+            return Err(MapError::BadHostRange { hpa, len, problem });
+        }
+        F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
+        let flags = stored_flags::<F>(flags);
+
+        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
+        self.map_pages(gpa, hpa, len, flags, size, &mut dry)?;
+        let Plan::Dry { needed, .. } = dry else { unreachable!() };
+        let mut pool = self.fill_pool(needed).map_err(MapError::OutOfFrames)?;
+        let mut flush = Flush::new(self.root);
+        let done = self.map_pages(gpa, hpa, len, flags, size, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
+        debug_assert!(done.is_ok() && pool.is_empty(), "the dry run and the real run disagree");
+        Ok(flush)
+    }
+
+    fn map_pages(
+        &mut self,
+        gpa: GuestPhysAddr,
+        hpa: HostPhysAddr,
+        len: u64,
+        flags: MappingFlags,
+        size: MapSize,
+        plan: &mut Plan<'_, F>,
+    ) -> Result<(), MapError> {
+        let mut off = 0;
+        while off < len {
+            let (va, pa) = (gpa.as_u64() + off, hpa.as_u64() + off);
+            let mut level = match size {
+                MapSize::Exactly(s) => s.level(),
+                MapSize::Largest => self.largest_level(va, pa, len - off),
+            };
+            loop {
+                match self.map_one(va, pa, level, flags, plan) {
+                    Ok(()) => break,
+                    Err(Step::Descend) if size == MapSize::Largest && level > 0 => {
+                        level = (0..level).rev().find(|&l| self.level_allowed(l)).unwrap_or(0);
+                    }
+                    Err(Step::Descend) => return Err(MapError::AlreadyMapped { gpa: GuestPhysAddr::new(va) }),
+                    Err(Step::Conflict(at)) => return Err(MapError::AlreadyMapped { gpa: at }),
+                }
+            }
+            off += level_size(level);
+        }
+        Ok(())
+    }
+
+    fn level_allowed(&self, level: usize) -> bool {
+        self.opts.leaf_sizes.bits() & (1 << level) != 0
+    }
+
+    fn largest_level(&self, va: u64, pa: u64, remaining: u64) -> usize {
+        (0..F::LEVELS.min(4))
+            .rev()
+            .find(|&l| {
+                let s = level_size(l);
+                self.level_allowed(l) && va.is_multiple_of(s) && pa.is_multiple_of(s) && remaining >= s
+            })
+            .unwrap_or(0)
+    }
+
+    fn map_one(&mut self, va: u64, pa: u64, level: usize, flags: MappingFlags, plan: &mut Plan<'_, F>) -> Result<(), Step> {
+        let mut table = self.root;
+        let mut l = F::LEVELS - 1;
+        while l > level {
+            let idx = F::index(va, l);
+            let raw = self.entry(table, idx).load(Ordering::Acquire);
+            match F::decode(raw, l) {
+                Pte::Table(next) => table = next,
+                Pte::Leaf(_) => return Err(Step::Conflict(GuestPhysAddr::new(va & !(level_size(l) - 1)))),
+                Pte::Invalid => match plan {
+                    Plan::Dry { needed, virt } => {
+                        // Tables at levels l-1 ..= level are missing; one table at level m covers
+                        // level_size(m + 1). Addresses only grow, so one memo per level suffices.
+                        for m in level..l {
+                            let key = va >> (12 + 9 * (m + 1));
+                            if virt[m] != Some(key) {
+                                *needed += 1;
+                                virt[m] = Some(key);
+                            }
+                        }
+                        return Ok(());
+                    }
+                    Plan::Real { pool, .. } => {
+                        let new = self.new_table(pool);
+                        // Release: the zeroed table is visible before the pointer to it.
+                        self.entry(table, idx).store(F::encode_table(new), Ordering::Release);
+                        table = new;
+                    }
+                },
+            }
+            l -= 1;
+        }
+        let idx = F::index(va, level);
+        let entry = self.entry(table, idx);
+        match F::decode(entry.load(Ordering::Acquire), level) {
+            Pte::Invalid => {
+                if let Plan::Real { flush, .. } = plan {
+                    let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
+                    let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(pa), flags, accessed, dirty };
+                    entry.store(F::encode_leaf(&leaf, level), Ordering::Release);
+                    flush.note_leaf(GuestPhysAddr::new(va), false);
+                }
+                Ok(())
+            }
+            Pte::Leaf(_) => Err(Step::Conflict(GuestPhysAddr::new(va))),
+            Pte::Table(_) => Err(Step::Descend),
+        }
+    }
+
+    /// The leaf that maps `gpa`, if any.
+    pub fn query(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
+        if gpa.as_u64() >> F::GPA_BITS != 0 {
+            return None;
+        }
+        let mut table = self.root;
+        for level in (0..F::LEVELS).rev() {
+            let raw = self.entry(table, F::index(gpa.as_u64(), level)).load(Ordering::Acquire);
+            match F::decode(raw, level) {
+                Pte::Invalid => return None,
+                Pte::Table(next) => table = next,
+                Pte::Leaf(l) => return Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
+            }
+        }
+        None
+    }
+
+    /// The host address `gpa` maps to, with the rights of its leaf.
+    pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
+        self.query(gpa).map(|l| (l.translate(gpa), l.flags))
+    }
+
+    /// Calls `f` for every leaf that overlaps `gpa..gpa+len`, in address order.
+    pub fn for_each_leaf(&self, gpa: GuestPhysAddr, len: u64, mut f: impl FnMut(&Leaf)) {
+        let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
+        self.leaves_in(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, &mut f);
+    }
+
+    fn leaves_in(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&Leaf)) {
+        let span = level_size(level);
+        let first = (start.max(base) - base) / span;
+        let mut i = first as usize;
+        while i < F::entries(level) && base + i as u64 * span < end {
+            let b = base + i as u64 * span;
+            match F::decode(self.entry(table, i).load(Ordering::Acquire), level) {
+                Pte::Invalid => {}
+                Pte::Leaf(l) => f(&leaf_at(GuestPhysAddr::new(b), level, &l)),
+                Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
+            }
+            i += 1;
+        }
+    }
+
+    /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
+    /// that may have this table loaded), then frees the table frames that changes retired.
+    pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&Invalidation<'_>)) {
+        assert_eq!(flush.root(), self.root, "flush token of another table");
+        invalidate(&flush.invalidation());
+        self.free_retired();
+    }
+
+    fn free_retired(&mut self) {
+        for frame in core::mem::take(&mut self.retired) {
+            // SAFETY: a retired frame was allocated by this table as one frame, has been unlinked,
+            // and the invalidation that could still reach it has just been carried out.
+            unsafe { self.alloc.deallocate_frames(frame, 1) };
+            self.frames -= 1;
+        }
+    }
+
+    /// A text map of the table: runs of leaves with their sizes, addresses and rights.
+    pub fn dump(&self) -> TableDump<'_, F, A> {
+        TableDump::new(self)
+    }
+
+    fn free_subtree(&mut self, table: HostPhysAddr, level: usize) {
+        if level == 0 {
+            return;
+        }
+        for i in 0..F::entries(level) {
+            if let Pte::Table(next) = F::decode(self.entry(table, i).load(Ordering::Relaxed), level) {
+                self.free_subtree(next, level - 1);
+                // SAFETY: `next` is a table frame this table allocated as one frame; the table is
+                // being dropped, so no CPU may use it any more (the owner's duty, see Drop).
+                unsafe { self.alloc.deallocate_frames(next, 1) };
+                self.frames -= 1;
+            }
+        }
+    }
+}
+
+impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
+    /// Frees every table frame. The owner must have stopped every CPU from using the table
+    /// (unloaded the EPTP / hgatp and invalidated) before dropping it.
+    fn drop(&mut self) {
+        self.free_retired();
+        self.free_subtree(self.root, F::LEVELS - 1);
+        // SAFETY: the root was allocated as ROOT_FRAMES frames in `new`.
+        unsafe { self.alloc.deallocate_frames(self.root, F::ROOT_FRAMES) };
+        self.frames -= F::ROOT_FRAMES;
+        debug_assert_eq!(self.frames, 0, "table frame accounting is off");
+    }
+}
+
+pub(crate) fn leaf_at(gpa: GuestPhysAddr, level: usize, l: &LeafBits) -> Leaf {
+    Leaf {
+        gpa,
+        hpa: l.hpa,
+        size: PageSize::from_level(level).expect("leaves sit at levels 0..=3"),
+        flags: l.flags,
+        accessed: l.accessed,
+        dirty: l.dirty,
+    }
+}
+
+/// The flags as the table will store them (memory-type flags dropped where not encoded).
+pub(crate) fn stored_flags<F: Format>(flags: MappingFlags) -> MappingFlags {
+    let mut f = flags.rights();
+    if F::ENCODES_MEMORY_TYPE {
+        f |= flags & (MappingFlags::DEVICE | MappingFlags::UNCACHED);
+        if f.contains(MappingFlags::DEVICE) {
+            f.remove(MappingFlags::UNCACHED);
+        }
+    }
+    f
+}
+
+pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), RangeProblem> {
+    if len == 0 {
+        return Err(RangeProblem::Empty);
+    }
+    if !gpa.is_aligned(align) || !len.is_multiple_of(align) {
+        return Err(RangeProblem::Unaligned);
+    }
+    match gpa.as_u64().checked_add(len) {
+        Some(end) if end <= 1u64 << F::GPA_BITS => Ok(()),
+        _ => Err(RangeProblem::OutOfRange),
+    }
+}

@@ -1,0 +1,325 @@
+//! Range operations: unmap, protect, split, collapse, and accessed/dirty bits.
+
+use super::{check_range, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
+use super::{AdError, AdMode, CollapseError, NotCollapsible, SplitError};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::flags::{Access, MappingFlags};
+use crate::flush::Flush;
+use crate::format::{level_size, Format, LeafBits, Pte};
+use crate::frame::FrameAllocator;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+/// What a range walk does to each leaf wholly inside the range.
+#[derive(Clone, Copy)]
+enum Op {
+    Unmap,
+    Protect(MappingFlags),
+}
+
+/// Which accessed/dirty bits `take_accessed_dirty` clears in the leaves it reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdClear {
+    /// Clear nothing (just look).
+    None,
+    /// Clear the accessed bit (reclaim scans).
+    Accessed,
+    /// Clear the dirty bit (dirty logging).
+    Dirty,
+    /// Clear both.
+    Both,
+}
+
+impl<F: Format, A: FrameAllocator> PageTable<F, A> {
+    /// Unmaps every page in `gpa..gpa+len` (4 KiB-aligned). Holes are fine. A huge page that
+    /// straddles an edge is split first; tables left empty are unlinked and retired.
+    pub fn unmap(&mut self, gpa: GuestPhysAddr, len: u64) -> Result<Flush<F>, RangeError> {
+        self.range_op(gpa, len, Op::Unmap)
+    }
+
+    /// Gives every page in `gpa..gpa+len` the rights and attributes `flags`, keeping A/D bits.
+    /// Holes are skipped; huge pages straddling an edge are split first.
+    pub fn protect(&mut self, gpa: GuestPhysAddr, len: u64, flags: MappingFlags) -> Result<Flush<F>, RangeError> {
+        F::check_flags(flags, &self.opts).map_err(|reason| RangeError::BadFlags { flags, reason })?;
+        self.range_op(gpa, len, Op::Protect(stored_flags::<F>(flags)))
+    }
+
+    fn range_op(&mut self, gpa: GuestPhysAddr, len: u64, op: Op) -> Result<Flush<F>, RangeError> {
+        check_range::<F>(gpa, len, PAGE_SIZE_4K).map_err(|problem| RangeError::BadRange { gpa, len, problem })?;
+        let (start, end) = (gpa.as_u64(), gpa.as_u64() + len);
+        let top = F::LEVELS - 1;
+        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
+        self.walk_range(self.root, top, 0, start, end, op, &mut dry);
+        let Plan::Dry { needed, .. } = dry else { unreachable!() };
+        let mut pool = self.fill_pool(needed).map_err(RangeError::OutOfFrames)?;
+        let mut flush = Flush::new(self.root);
+        self.walk_range(self.root, top, 0, start, end, op, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
+        debug_assert!(pool.is_empty(), "split frames were miscounted");
+        Ok(flush)
+    }
+
+    /// Applies `op` to `[start, end)` within the table at `table` (level `level`, first address
+    /// `base`). Returns whether the table is left with no valid entry.
+    #[allow(clippy::too_many_arguments)]
+    fn walk_range(&mut self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, op: Op, plan: &mut Plan<'_, F>) -> bool {
+        let span = level_size(level);
+        let mut i = ((start.max(base) - base) / span) as usize;
+        while i < F::entries(level) && base + i as u64 * span < end {
+            let b = base + i as u64 * span;
+            let (s, e) = (start.max(b), end.min(b + span));
+            let raw = self.entry(table, i).load(Ordering::Acquire);
+            match F::decode(raw, level) {
+                Pte::Invalid => {}
+                Pte::Leaf(leaf) if s == b && e == b + span => {
+                    if let Plan::Real { flush, .. } = plan {
+                        let new = match op {
+                            Op::Unmap => 0,
+                            Op::Protect(flags) => F::encode_leaf(&LeafBits { flags, ..leaf }, level),
+                        };
+                        if new != raw {
+                            self.store_leaf(table, i, raw, new);
+                            flush.note_leaf(GuestPhysAddr::new(b), true);
+                        }
+                    }
+                }
+                Pte::Leaf(leaf) => {
+                    let child = match plan {
+                        Plan::Dry { needed, .. } => {
+                            *needed += split_tables(level, b, s, e);
+                            None
+                        }
+                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, b, &leaf, pool, flush)),
+                    };
+                    if let Some(child) = child {
+                        self.walk_range(child, level - 1, b, s, e, op, plan);
+                    }
+                }
+                Pte::Table(child) => {
+                    let empty = self.walk_range(child, level - 1, b, s, e, op, plan);
+                    if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut *plan) {
+                        self.entry(table, i).store(0, Ordering::Release);
+                        self.retire(child);
+                        flush.note_nonleaf();
+                    }
+                }
+            }
+            i += 1;
+        }
+        matches!(op, Op::Unmap)
+            && matches!(plan, Plan::Real { .. })
+            && (0..F::entries(level)).all(|j| self.entry(table, j).load(Ordering::Relaxed) == 0)
+    }
+
+    /// Replaces a leaf entry, keeping A/D bits the hardware may have set since it was read.
+    fn store_leaf(&self, table: HostPhysAddr, idx: usize, old: u64, new: u64) {
+        let entry = self.entry(table, idx);
+        let ad = F::ACCESSED | F::DIRTY;
+        let mut cur = old;
+        loop {
+            let want = if new == 0 { 0 } else { new | (cur & ad) };
+            match entry.compare_exchange(cur, want, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                // Only the hardware changes an entry behind our back, and only its A/D bits.
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Replaces the leaf at `table[idx]` (level `level`, base `b`) by a table of 512 leaves one
+    /// level down that map the same memory with the same bits. Returns the new table.
+    #[allow(clippy::too_many_arguments)]
+    fn split_leaf(
+        &mut self,
+        table: HostPhysAddr,
+        idx: usize,
+        level: usize,
+        b: u64,
+        leaf: &LeafBits,
+        pool: &mut Vec<HostPhysAddr>,
+        flush: &mut Flush<F>,
+    ) -> HostPhysAddr {
+        let child = self.new_table(pool);
+        let entry = self.entry(table, idx);
+        // Take the A/D bits as they are now, so that none set by the hardware is lost.
+        let now = match F::decode(entry.load(Ordering::Acquire), level) {
+            Pte::Leaf(l) => l,
+            _ => *leaf,
+        };
+        let sub = level_size(level - 1);
+        for j in 0..512u64 {
+            let l = LeafBits { hpa: now.hpa + j * sub, ..now };
+            self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+        }
+        entry.store(F::encode_table(child), Ordering::Release);
+        // The huge leaf may be cached: invalidate it (a leaf change at its address).
+        flush.note_leaf(GuestPhysAddr::new(b), true);
+        child
+    }
+
+    /// Splits the huge page that maps `gpa` into pages one level smaller.
+    pub fn split(&mut self, gpa: GuestPhysAddr) -> Result<Flush<F>, SplitError> {
+        let leaf = self.query(gpa).ok_or(SplitError::NotMapped(gpa))?;
+        let level = leaf.size.level();
+        if level == 0 {
+            return Err(SplitError::AlreadySmallest(gpa));
+        }
+        let smaller = PageSize::from_level(level - 1).expect("level >= 1");
+        if !self.opts.leaf_sizes.contains(smaller) {
+            return Err(SplitError::UnsupportedPageSize(smaller));
+        }
+        let (table, idx) = self.slot_of(leaf.gpa.as_u64(), level);
+        let mut pool = self.fill_pool(1).map_err(SplitError::OutOfFrames)?;
+        let mut flush = Flush::new(self.root);
+        let bits = LeafBits { hpa: leaf.hpa, flags: leaf.flags, accessed: leaf.accessed, dirty: leaf.dirty };
+        self.split_leaf(table, idx, level, leaf.gpa.as_u64(), &bits, &mut pool, &mut flush);
+        Ok(flush)
+    }
+
+    /// The table and index holding the entry at `level` for `va` (the path must exist).
+    fn slot_of(&self, va: u64, level: usize) -> (HostPhysAddr, usize) {
+        let mut table = self.root;
+        for l in (level + 1..F::LEVELS).rev() {
+            match F::decode(self.entry(table, F::index(va, l)).load(Ordering::Acquire), l) {
+                Pte::Table(next) => table = next,
+                _ => unreachable!("slot_of follows a path that query found"),
+            }
+        }
+        (table, F::index(va, level))
+    }
+
+    /// Replaces the table under the `size`-sized entry covering `gpa` by one `size` leaf, when all
+    /// its entries are leaves with the same flags mapping contiguous host memory from a
+    /// `size`-aligned base. A/D bits are the OR of the leaves'. The table frame is retired.
+    pub fn collapse(&mut self, gpa: GuestPhysAddr, size: PageSize) -> Result<Flush<F>, CollapseError> {
+        let level = size.level();
+        if level == 0 || !self.opts.leaf_sizes.contains(size) {
+            return Err(CollapseError::UnsupportedPageSize(size));
+        }
+        if gpa.as_u64() >> F::GPA_BITS != 0 {
+            return Err(CollapseError::OutOfRange(gpa));
+        }
+        let base = gpa.align_down(size.bytes());
+        let not = |reason| CollapseError::NotCollapsible { gpa: base, reason };
+        // Find the entry at `level`.
+        let mut table = self.root;
+        for l in (level + 1..F::LEVELS).rev() {
+            match F::decode(self.entry(table, F::index(base.as_u64(), l)).load(Ordering::Acquire), l) {
+                Pte::Table(next) => table = next,
+                _ => return Err(not(NotCollapsible::NotATable)),
+            }
+        }
+        let idx = F::index(base.as_u64(), level);
+        let Pte::Table(child) = F::decode(self.entry(table, idx).load(Ordering::Acquire), level) else {
+            return Err(not(NotCollapsible::NotATable));
+        };
+        let sub = level_size(level - 1);
+        let mut first: Option<LeafBits> = None;
+        let (mut accessed, mut dirty) = (false, false);
+        for j in 0..512u64 {
+            let Pte::Leaf(l) = F::decode(self.entry(child, j as usize).load(Ordering::Acquire), level - 1) else {
+                return Err(not(NotCollapsible::NotAllLeaves));
+            };
+            let f = *first.get_or_insert(l);
+            if !f.hpa.is_aligned(size.bytes()) || l.hpa.as_u64() != f.hpa.as_u64() + j * sub {
+                return Err(not(NotCollapsible::NotContiguous));
+            }
+            if l.flags != f.flags {
+                return Err(not(NotCollapsible::MixedFlags));
+            }
+            accessed |= l.accessed;
+            dirty |= l.dirty;
+        }
+        let f = first.expect("512 leaves were read");
+        let leaf = LeafBits { accessed, dirty, ..f };
+        self.entry(table, idx).store(F::encode_leaf(&leaf, level), Ordering::Release);
+        self.retire(child);
+        let mut flush = Flush::new(self.root);
+        flush.note_nonleaf();
+        Ok(flush)
+    }
+
+    /// Reports every leaf overlapping `gpa..gpa+len` whose accessed or dirty bit is set (as it
+    /// was before clearing) and clears the bits `clear` names in it, atomically against the
+    /// hardware setting them. A huge leaf straddling the range is reported and cleared whole:
+    /// split such pages first to track at 4 KiB.
+    pub fn take_accessed_dirty(&mut self, gpa: GuestPhysAddr, len: u64, clear: AdClear, mut f: impl FnMut(&Leaf)) -> Flush<F> {
+        let mask = match clear {
+            AdClear::None => 0,
+            AdClear::Accessed => F::ACCESSED,
+            AdClear::Dirty => F::DIRTY,
+            AdClear::Both => F::ACCESSED | F::DIRTY,
+        };
+        let mut flush = Flush::new(self.root);
+        let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
+        self.ad_walk(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, mask, &mut flush, &mut f);
+        flush
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ad_walk(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, mask: u64, flush: &mut Flush<F>, f: &mut dyn FnMut(&Leaf)) {
+        let span = level_size(level);
+        let mut i = ((start.max(base) - base) / span) as usize;
+        while i < F::entries(level) && base + i as u64 * span < end {
+            let b = base + i as u64 * span;
+            let entry = self.entry(table, i);
+            match F::decode(entry.load(Ordering::Acquire), level) {
+                Pte::Invalid => {}
+                Pte::Table(next) => self.ad_walk(next, level - 1, b, start, end, mask, flush, f),
+                Pte::Leaf(l) if l.accessed || l.dirty => {
+                    let old = if mask != 0 { entry.fetch_and(!mask, Ordering::AcqRel) } else { entry.load(Ordering::Acquire) };
+                    if let Pte::Leaf(l) = F::decode(old, level) {
+                        f(&leaf_at(GuestPhysAddr::new(b), level, &l));
+                    }
+                    if old & mask != 0 {
+                        // A cached translation still says "dirty": the CPU would not set D again.
+                        flush.note_leaf(GuestPhysAddr::new(b), true);
+                    }
+                }
+                Pte::Leaf(_) => {}
+            }
+            i += 1;
+        }
+    }
+
+    /// Sets the accessed bit (and dirty for a write) of the leaf mapping `gpa`: what the
+    /// hypervisor does when a guest faults on a clear A/D bit under [`AdMode::Software`].
+    pub fn set_accessed_dirty(&mut self, gpa: GuestPhysAddr, access: Access) -> Result<Flush<F>, AdError> {
+        if self.opts.ad == AdMode::Preset {
+            return Err(AdError::NotTracked);
+        }
+        let leaf = self.query(gpa).ok_or(AdError::NotMapped(gpa))?;
+        let level = leaf.size.level();
+        let (table, idx) = self.slot_of(leaf.gpa.as_u64(), level);
+        let bits = if access == Access::Write { F::ACCESSED | F::DIRTY } else { F::ACCESSED };
+        let old = self.entry(table, idx).fetch_or(bits, Ordering::AcqRel);
+        let mut flush = Flush::new(self.root);
+        if old & bits != bits {
+            flush.note_leaf(leaf.gpa, true);
+        }
+        Ok(flush)
+    }
+}
+
+/// Tables needed to split a `level` leaf at `b` so that `[s, e)` (partly inside it) is made of
+/// whole leaves.
+fn split_tables(level: usize, b: u64, s: u64, e: u64) -> usize {
+    let sub = level_size(level - 1);
+    let mut n = 1;
+    let first = (s - b) / sub;
+    let last = (e - 1 - b) / sub;
+    let cs = b + first * sub;
+    let ce = b + last * sub;
+    if first == last {
+        if s != cs || e != cs + sub {
+            n += split_tables(level - 1, cs, s, e);
+        }
+    } else {
+        if s != cs {
+            n += split_tables(level - 1, cs, s, cs + sub);
+        }
+        if e != ce + sub {
+            n += split_tables(level - 1, ce, ce, e);
+        }
+    }
+    n
+}

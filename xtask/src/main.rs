@@ -1,0 +1,143 @@
+//! `cargo xtask`: builds the bare-metal images, boots them in their emulators, and runs every test.
+//!
+//! ```text
+//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
+//! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
+//! cargo xtask bench
+//! ```
+//! Missing rustup targets and emulator packages are installed on first use (see `util`).
+
+mod riscv;
+mod util;
+mod x86;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Which emulated machine a command is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// QEMU `virt`, H extension.
+    Riscv64,
+    /// Bochs, VMX with EPT.
+    X86_64,
+}
+
+/// Tally of one emulator scenario suite, parsed from its `N passed, M failed` line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SuiteResult {
+    /// Scenarios that printed `ok`.
+    pub passed: u32,
+    /// Scenarios that printed `not ok` (or a suite that never finished counts one).
+    pub failed: u32,
+}
+
+struct Args {
+    cmd: String,
+    arch: Option<Arch>,
+    guest: Option<PathBuf>,
+    cpu: Option<String>,
+    host_only: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let cmd = it.next().ok_or_else(usage)?;
+    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false };
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--arch" => {
+                args.arch = Some(match it.next().as_deref() {
+                    Some("riscv64") => Arch::Riscv64,
+                    Some("x86_64") => Arch::X86_64,
+                    other => return Err(format!("--arch takes riscv64 or x86_64, not {other:?}")),
+                })
+            }
+            "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
+            "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
+            "--host-only" => args.host_only = true,
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
+        }
+    }
+    Ok(args)
+}
+
+fn usage() -> String {
+    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
+     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask bench"
+        .into()
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.cmd.as_str() {
+        "run" => match args.arch.unwrap_or(Arch::Riscv64) {
+            Arch::Riscv64 => riscv::run(args.guest.as_deref()),
+            Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
+        },
+        "test" => test(&args),
+        "bench" => util::bench(),
+        other => Err(format!("unknown command {other:?}\n{}", usage())),
+    };
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Host tests, then the emulator suites; the exit status is non-zero if anything failed.
+fn test(args: &Args) -> Result<i32, String> {
+    let mut failures = Vec::new();
+    if args.arch.is_none() {
+        println!("== host tests: cargo test --workspace (default members)");
+        if util::cargo(&["test"])? != 0 {
+            failures.push("host tests".to_string());
+        }
+    }
+    if !args.host_only {
+        let mut suites: Vec<(&str, Result<SuiteResult, String>)> = Vec::new();
+        if args.arch != Some(Arch::X86_64) {
+            suites.push(("riscv64 (QEMU)", riscv::test_suite()));
+        }
+        if args.arch != Some(Arch::Riscv64) {
+            for (name, r) in x86::test_suites() {
+                suites.push((name, r));
+            }
+        }
+        let (mut passed, mut failed) = (0, 0);
+        for (name, r) in suites {
+            match r {
+                Ok(s) => {
+                    println!("== suite {name}: {} passed, {} failed", s.passed, s.failed);
+                    passed += s.passed;
+                    failed += s.failed;
+                    if s.failed > 0 || s.passed == 0 {
+                        failures.push(format!("suite {name}"));
+                    }
+                }
+                Err(e) => {
+                    println!("== suite {name}: did not run: {e}");
+                    failed += 1;
+                    failures.push(format!("suite {name}"));
+                }
+            }
+        }
+        println!("emulator scenarios: {passed} passed, {failed} failed");
+    }
+    if failures.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!("failed: {}", failures.join(", "));
+        Ok(1)
+    }
+}

@@ -1,0 +1,85 @@
+//! Shared helpers: running commands, locating the workspace, installing what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (the parent of `xtask/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command to completion, echoing it; returns its exit code (signals count as 128).
+pub fn run(cmd: &mut Command) -> Result<i32, String> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    Ok(status.code().unwrap_or(128))
+}
+
+/// Runs `cargo ARGS` in the workspace root with the same toolchain as this xtask.
+pub fn cargo(args: &[&str]) -> Result<i32, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(root()))
+}
+
+/// Whether `prog` is found on PATH.
+pub fn have(prog: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {prog} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Adds a rustup target if the active toolchain lacks it.
+pub fn ensure_target(target: &str) -> Result<(), String> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("rustup: {e}"))?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    match run(Command::new("rustup").args(["target", "add", target]).current_dir(root()))? {
+        0 => Ok(()),
+        c => Err(format!("rustup target add {target} failed ({c})")),
+    }
+}
+
+/// Installs Debian packages when `probe` (a program name) is missing. Needs root, as on CI.
+pub fn ensure_apt(probe: &str, packages: &[&str]) -> Result<(), String> {
+    if have(probe) {
+        return Ok(());
+    }
+    eprintln!("{probe} is missing: installing {}", packages.join(" "));
+    let env = [("DEBIAN_FRONTEND", "noninteractive")];
+    if run(Command::new("apt-get").arg("update").envs(env))? != 0 {
+        return Err("apt-get update failed".into());
+    }
+    if run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(packages).envs(env))?
+        != 0
+    {
+        return Err(format!("apt-get install {} failed", packages.join(" ")));
+    }
+    if have(probe) {
+        Ok(())
+    } else {
+        Err(format!("{probe} still missing after installing {}", packages.join(" ")))
+    }
+}
+
+/// Parses the last `N passed, M failed` line of a suite's console output.
+pub fn parse_tally(output: &str) -> Option<crate::SuiteResult> {
+    output.lines().rev().find_map(|line| {
+        let line = line.trim();
+        let (p, rest) = line.split_once(" passed, ")?;
+        let f = rest.strip_suffix(" failed")?;
+        let p = p.rsplit(' ').next()?;
+        Some(crate::SuiteResult { passed: p.parse().ok()?, failed: f.parse().ok()? })
+    })
+}
+
+/// `cargo xtask bench`: the criterion suite side by side with the anchor crates.
+pub fn bench() -> Result<i32, String> {
+    Err("the benchmark crate does not exist yet (issue 6)".into())
+}
