@@ -12,10 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The Bochs CPU models the suite runs on: one with EPT A/D bits, one without.
-const SUITE_CPUS: [(&str, &str); 2] = [
-    ("x86_64 skylake_x (Bochs)", "corei7_skylake_x"),
-    ("x86_64 sandy_bridge (Bochs)", "corei7_sandy_bridge_2600k"),
-];
+const SUITE_CPUS: [(&str, &str); 2] =
+    [("x86_64 skylake_x (Bochs)", "corei7_skylake_x"), ("x86_64 sandy_bridge (Bochs)", "corei7_sandy_bridge_2600k")];
 /// The model `cargo xtask run --arch x86_64` uses when `--cpu` is not given.
 const DEFAULT_CPU: &str = "corei7_skylake_x";
 /// Wall-clock limit of one Bochs run.
@@ -43,7 +41,9 @@ fn ensure_tools() -> Result<(), String> {
     if !missing.is_empty() {
         let env = [("DEBIAN_FRONTEND", "noninteractive")];
         util::run(Command::new("apt-get").arg("update").envs(env))?;
-        let code = util::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).envs(env))?;
+        let code = util::run(
+            Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).envs(env),
+        )?;
         if code != 0 {
             return Err(format!("apt-get install {} failed ({code})", missing.join(" ")));
         }
@@ -269,7 +269,10 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let r = run_bochs(&work, &iso, DEFAULT_CPU, false)?;
     let status = exit_status(&r.serial);
     let ok = status == Some(HELLO_STATUS) && r.serial.contains("x86-hello:");
-    println!("{} 1 - x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})", if ok { "ok" } else { "not ok" });
+    println!(
+        "{} 1 - x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})",
+        if ok { "ok" } else { "not ok" }
+    );
     Ok(crate::SuiteResult { passed: ok as u32, failed: (!ok) as u32 })
 }
 

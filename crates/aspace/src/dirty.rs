@@ -5,13 +5,14 @@ use crate::flush::SpaceFlush;
 use crate::space::{AddressSpace, PAGE};
 use alloc::vec;
 use alloc::vec::Vec;
+use twostage_npt::format::Family;
 use twostage_npt::{AdClear, AdMode, FrameAllocator, Format, GpaRange, GuestPhysAddr, PageSize};
 
 /// How a dirty log learns of writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirtyMode {
     /// The table's D bits: set by the CPU (EPT with A/D, Svadu) or by the fault handler when a
-    /// store faults on D=0 (RISC-V Svade). Huge pages in the range are split to 4 KiB when the
+    /// store faults on D=0 (RISC-V Svade, [`AdMode::Software`] on a G-stage table). Huge pages in the range are split to 4 KiB when the
     /// log starts, so a D bit names one page.
     DirtyBits,
     /// Every page in the range is write-protected; the first write to a page faults, is logged
@@ -122,7 +123,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// The mode a dirty log would use on this table.
     pub fn dirty_mode(&self) -> DirtyMode {
         match self.opts.ad {
-            AdMode::Hardware | AdMode::Software if F::DIRTY != 0 => DirtyMode::DirtyBits,
+            // The CPU sets D (EPT with EPTP bit 6, RISC-V Svadu).
+            AdMode::Hardware if F::DIRTY != 0 => DirtyMode::DirtyBits,
+            // RISC-V without Svadu faults on a store to a leaf with D = 0 (Privileged §4.3.2 step
+            // 7 as applied to G-stage), and the fault handler sets D: D bits still tell. EPT
+            // without A/D enabled neither sets nor checks D, so there only write protection works.
+            AdMode::Software if F::DIRTY != 0 && F::FAMILY == Family::GStage => DirtyMode::DirtyBits,
             _ => DirtyMode::WriteProtect,
         }
     }

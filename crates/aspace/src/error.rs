@@ -3,7 +3,8 @@
 use crate::region::{RegionId, RegionLabel};
 use crate::flush::SpaceFlush;
 use core::fmt;
-use twostage_npt::{Format, FlagsError, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
+use twostage_npt::format::FlagsError;
+use twostage_npt::{Format, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
 
 /// Why [`crate::AddressSpace::new`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,6 @@ use twostage_npt::{
 
 /// What a nested page fault turned out to be.
 #[must_use = "a resolved fault carries a flush that must be carried out before the guest resumes"]
-#[derive(Debug)]
 pub enum FaultOutcome<F: Format> {
     /// The page now allows the access; carry out the flush, then resume the guest at the same
     /// instruction.
@@ -49,6 +48,20 @@ pub enum FaultOutcome<F: Format> {
         /// What the guest tried.
         access: Access,
     },
+}
+
+impl<F: Format> core::fmt::Debug for FaultOutcome<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Resolved { flush } => write!(f, "Resolved({flush:?})"),
+            Self::Mmio { gpa, access, region } => write!(f, "Mmio({access} at {gpa:?}, region #{})", region.as_u32()),
+            Self::Violation { gpa, access, rights, region } => {
+                write!(f, "Violation({access} at {gpa:?}, region #{} allows {rights:?})", region.as_u32())
+            }
+            Self::OutOfMemory { gpa } => write!(f, "OutOfMemory({gpa:?})"),
+            Self::Unmapped { gpa, access } => write!(f, "Unmapped({access} at {gpa:?})"),
+        }
+    }
 }
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
@@ -151,7 +164,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Gives page `page` a private copy of the shared frame `old`.
-    fn break_cow(&mut self, r: &Region, page: GuestPhysAddr, old: twostage_npt::HostPhysAddr) -> Result<SpaceFlush<F>, ()> {
+    pub(crate) fn break_cow(&mut self, r: &Region, page: GuestPhysAddr, old: twostage_npt::HostPhysAddr) -> Result<SpaceFlush<F>, ()> {
         let new = self.alloc.allocate_frame().ok_or(())?;
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
@@ -198,11 +211,35 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// 29.4.3.1, an EPT violation invalidates the mappings used for the faulting address);
     /// nothing needs doing.
     fn touch(&mut self, leaf: &twostage_npt::Leaf, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
-        if !leaf.accessed || (access == Access::Write && !leaf.dirty) {
-            if let Ok(f) = self.table.set_accessed_dirty(page, access) {
-                return Ok(SpaceFlush::from_table(f));
+        let needs = !leaf.accessed || (access == Access::Write && !leaf.dirty);
+        if !needs {
+            return Ok(SpaceFlush::none());
+        }
+        match self.table.set_accessed_dirty(page, access) {
+            Ok(f) => Ok(SpaceFlush::from_table(f)),
+            // Under `AdMode::Preset` a leaf that gained WRITE through `protect` keeps D clear and
+            // the engine will not set it; RISC-V without Svadu faults on it forever. Map the leaf
+            // again: a new leaf gets the preset bits.
+            Err(twostage_npt::AdError::NotTracked) => self.remap_same(leaf),
+            Err(_) => Ok(SpaceFlush::none()),
+        }
+    }
+
+    /// Unmaps and maps `leaf` again with the same frame, size and flags.
+    fn remap_same(&mut self, leaf: &twostage_npt::Leaf) -> Result<SpaceFlush<F>, ()> {
+        let size = leaf.size.bytes();
+        let unmapped = self.table.unmap(leaf.gpa, size).map_err(|_| ())?;
+        match self.table.map(leaf.gpa, leaf.hpa, size, leaf.flags, twostage_npt::MapSize::Exactly(leaf.size)) {
+            Ok(f) => Ok(SpaceFlush::from_table(unmapped.merge(f))),
+            Err(_) => {
+                self.defer(unmapped);
+                let owned = self.region_at(leaf.gpa).is_some_and(|r| r.backend.owns_frames());
+                if owned {
+                    // Keep the contents; the next touch maps the frame again.
+                    self.parked.insert(leaf.gpa, leaf.hpa);
+                }
+                Err(())
             }
         }
-        Ok(SpaceFlush::none())
     }
 }

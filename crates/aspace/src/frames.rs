@@ -35,14 +35,6 @@ impl FrameRefs {
         *self.inner.lock().entry(hpa).or_insert(0) += 1;
     }
 
-    /// Adds one holder to each frame.
-    pub(crate) fn share_all(&self, frames: &[HostPhysAddr]) {
-        let mut map = self.inner.lock();
-        for &hpa in frames {
-            *map.entry(hpa).or_insert(0) += 1;
-        }
-    }
-
     /// How many holders a frame has (0 if unknown).
     pub fn count(&self, hpa: HostPhysAddr) -> u32 {
         self.inner.lock().get(&hpa).copied().unwrap_or(0)

@@ -31,6 +31,10 @@
 //! by forks sit behind their own mutex, taken briefly inside either lock.
 #![no_std]
 #![warn(missing_docs)]
+#![allow(
+    clippy::result_large_err,
+    reason = "errors of changing operations carry the flush of the partial change (as large as the Ok value, which carries one too)"
+)]
 
 extern crate alloc;
 
@@ -52,8 +56,8 @@ pub use error::*;
 pub use fault::FaultOutcome;
 pub use flush::SpaceFlush;
 pub use frames::FrameRefs;
-pub use guest::{copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, GuestPaging};
-pub use mem::{GuestMemError, GuestMemory, Pod};
+pub use guest::{copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError, Instruction, Isa};
+pub use mem::{GuestMemError, GuestMemory, Pod, SpaceMemory};
 pub use region::{Backend, Region, RegionId, RegionLabel};
 pub use shared::SharedAddressSpace;
 pub use space::{AddressSpace, SpaceStats, PAGE};

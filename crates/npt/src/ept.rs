@@ -75,8 +75,16 @@ impl EptCapabilities {
         if self.pages_1g() {
             sizes = sizes.with(PageSize::Size1G);
         }
-        let ad = if want_accessed_dirty && self.accessed_dirty() { AdMode::Hardware } else { AdMode::Preset };
-        TableOptions { leaf_sizes: sizes, ad, execute_only: self.execute_only() }
+        let ad = if want_accessed_dirty && self.accessed_dirty() {
+            AdMode::Hardware
+        } else {
+            AdMode::Preset
+        };
+        TableOptions {
+            leaf_sizes: sizes,
+            ad,
+            execute_only: self.execute_only(),
+        }
     }
 }
 
@@ -134,8 +142,19 @@ impl EptPointer {
 
     /// An EPTP for the table rooted at `root` with `walk_length` levels, write-back paging
     /// structures, and A/D flags if `accessed_dirty`.
-    pub fn new(root: HostPhysAddr, walk_length: u8, accessed_dirty: bool, caps: &EptCapabilities) -> Result<Self, EptPointerError> {
-        Self::with_memory_type(root, walk_length, accessed_dirty, EptMemoryType::WriteBack, caps)
+    pub fn new(
+        root: HostPhysAddr,
+        walk_length: u8,
+        accessed_dirty: bool,
+        caps: &EptCapabilities,
+    ) -> Result<Self, EptPointerError> {
+        Self::with_memory_type(
+            root,
+            walk_length,
+            accessed_dirty,
+            EptMemoryType::WriteBack,
+            caps,
+        )
     }
 
     /// As [`EptPointer::new`] with a chosen paging-structure memory type.
@@ -167,7 +186,8 @@ impl EptPointer {
         if !root.is_aligned(4096) || root.as_u64() >> caps.max_phys_bits.min(52) != 0 {
             return Err(EptPointerError::BadRoot(root));
         }
-        let mut bits = root.as_u64() | memtype as u64 | (u64::from(walk_length - 1) << Self::WALK_SHIFT);
+        let mut bits =
+            root.as_u64() | memtype as u64 | (u64::from(walk_length - 1) << Self::WALK_SHIFT);
         if accessed_dirty {
             bits |= Self::ACCESSED_DIRTY;
         }
@@ -175,8 +195,16 @@ impl EptPointer {
     }
 
     /// The EPTP for `table`, with A/D flags exactly when the table has them hardware-managed.
-    pub fn for_table<F: EptFormat, A: FrameAllocator>(table: &PageTable<F, A>, caps: &EptCapabilities) -> Result<Self, EptPointerError> {
-        Self::new(table.root(), F::WALK_LENGTH, table.options().ad == AdMode::Hardware, caps)
+    pub fn for_table<F: EptFormat, A: FrameAllocator>(
+        table: &PageTable<F, A>,
+        caps: &EptCapabilities,
+    ) -> Result<Self, EptPointerError> {
+        Self::new(
+            table.root(),
+            F::WALK_LENGTH,
+            table.options().ad == AdMode::Hardware,
+            caps,
+        )
     }
 
     /// The value to write into the VMCS.
@@ -199,6 +227,13 @@ impl EptPointer {
 
 impl fmt::Debug for EptPointer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EptPointer({:#x}: root {:?}, {}-level, A/D {})", self.0, self.root(), self.walk_length(), self.accessed_dirty())
+        write!(
+            f,
+            "EptPointer({:#x}: root {:?}, {}-level, A/D {})",
+            self.0,
+            self.root(),
+            self.walk_length(),
+            self.accessed_dirty()
+        )
     }
 }

@@ -54,6 +54,8 @@ pub struct GuestAccessError {
     pub kind: GuestFaultKind,
     /// Bytes that were transferred before the fault.
     pub done: usize,
+    /// The raw scause of the trap (0 when no trap was taken, e.g. a misaligned pc).
+    pub scause: u64,
 }
 
 impl GuestAccessError {
@@ -70,7 +72,7 @@ impl GuestAccessError {
         let gpa = (kind == GuestFaultKind::GuestPage)
             .then(|| GuestPhysAddr::try_new((f.htval << 2) | (f.stval & 3)).ok())
             .flatten();
-        Self { gva, gpa, access, kind, done }
+        Self { gva, gpa, access, kind, done, scause: f.scause }
     }
 }
 
@@ -80,7 +82,7 @@ impl fmt::Display for GuestAccessError {
         if let Some(gpa) = self.gpa {
             write!(f, " ({gpa})")?;
         }
-        write!(f, " faulted: {:?} after {} bytes", self.kind, self.done)
+        write!(f, " faulted: {:?} (scause {}) after {} bytes", self.kind, self.scause, self.done)
     }
 }
 
@@ -159,6 +161,7 @@ pub fn fetch_guest_instruction(ops: &mut impl GuestMemOps, gva: GuestVirtAddr) -
             access: Access::Execute,
             kind: GuestFaultKind::Misaligned,
             done: 0,
+            scause: 0,
         });
     }
     let lo = ops.fetch_u16(gva).map_err(|f| GuestAccessError::from_fault(f, gva, Access::Execute, 0))?;

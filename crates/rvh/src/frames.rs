@@ -124,7 +124,7 @@ unsafe impl FrameAllocator for BitmapFrames {
                         (f..f + count).for_each(|i| bm[i / 64] |= 1 << (i % 64));
                         return Some(f);
                     }
-                    Some(busy) => f = (busy + 1).next_multiple_of(align_frames),
+                    Some(busy) => f = (base_frame + busy + 1).next_multiple_of(align_frames) - base_frame,
                 }
             }
             None
@@ -175,5 +175,18 @@ mod tests {
         assert_eq!(a.phys_to_virt(HostPhysAddr::new(0x8020_1000)).as_ptr() as usize, 0x1000_1000);
         assert_eq!(a.high_water(), 517);
         assert!(unsafe { BitmapFrames::new(HostPhysAddr::new(0x8000_0001), 0, 1) }.is_err());
+    }
+
+    #[test]
+    fn alignment_is_of_the_physical_address_not_the_index() {
+        // SAFETY: never used to reach memory.
+        let a = unsafe { BitmapFrames::new(HostPhysAddr::new(0x81a6_f000), 0x1000_0000, 64) }.unwrap();
+        let one = a.allocate_frame().unwrap();
+        assert_eq!(one, HostPhysAddr::new(0x81a6_f000));
+        for _ in 0..3 {
+            let r = a.allocate_frames(4, 4).unwrap();
+            assert!(r.is_aligned(16 * 1024), "{r:?} is not 16 KiB-aligned");
+            a.allocate_frame().unwrap();
+        }
     }
 }

@@ -1,1 +1,39 @@
+//! twostage-rvh: the RISC-V H-extension glue between a hypervisor and the twostage engine.
+//!
+//! Key types: [`fault::GuestPageFault`] (a decoded scause 20/21/23 trap, carrying the engine's
+//! [`twostage_npt::NestedPageFaultInfo`]), [`access::GuestAccessError`] (a recovered fault in an
+//! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
+//! [`gpa::GuestPhys`] (guest-physical copies by software translation through the nested table),
+//! [`fence::GvmaFence`] (the engine's `Invalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
+//! [`fdt::FdtWriter`] and [`frames::BitmapFrames`].
+//!
+//! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
+//! alone; every decision (what to fence, how to split a copy, how to read a fault, how to serve
+//! an SBI call) is portable code with host tests. Guest-controlled values (addresses, lengths,
+//! instruction bits, device-tree and ELF bytes) produce typed errors, never panics. Faults in
+//! hypervisor accesses to guest memory are recovered through an exception table
+//! ([`extable`]): the image's trap handler looks sepc up and resumes at the fixup.
+//!
+//! Spec citations are to the RISC-V Privileged Architecture 1.12 (H extension: chapter 8).
 #![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod access;
+pub mod csr;
+pub mod elf;
+pub mod extable;
+pub mod fault;
+pub mod fdt;
+pub mod fence;
+pub mod frames;
+pub mod gpa;
+pub mod insn;
+pub mod probe;
+pub mod sbi;
+
+#[cfg(target_arch = "riscv64")]
+pub mod hw;

@@ -54,6 +54,8 @@ pub enum SbiCall {
     SetTimer {
         /// Absolute time value.
         deadline: u64,
+        /// Called through the legacy EID 0 (returns in a0 only).
+        legacy: bool,
     },
     /// Legacy console_putchar.
     LegacyPutchar(u8),
@@ -110,7 +112,8 @@ impl SbiCall {
     pub fn decode(regs: [u64; 8]) -> Self {
         let (eid, fid) = (regs[7], regs[6]);
         match (eid, fid) {
-            (eid::LEGACY_SET_TIMER, _) | (eid::TIME, 0) => Self::SetTimer { deadline: regs[0] },
+            (eid::LEGACY_SET_TIMER, _) => Self::SetTimer { deadline: regs[0], legacy: true },
+            (eid::TIME, 0) => Self::SetTimer { deadline: regs[0], legacy: false },
             (eid::LEGACY_PUTCHAR, _) => Self::LegacyPutchar(regs[0] as u8),
             (eid::LEGACY_GETCHAR, _) => Self::LegacyGetchar,
             (eid::LEGACY_SHUTDOWN, _) => Self::LegacyShutdown,
@@ -164,6 +167,12 @@ pub enum SbiOutcome {
         /// a1.
         value: i64,
     },
+    /// A legacy call's result (SBI v2.0 §5): write a0 only, every other register is preserved;
+    /// advance sepc by 4, resume.
+    LegacyReturn {
+        /// a0.
+        value: i64,
+    },
     /// Stop the guest.
     Reset(ResetRequest),
     /// A test hypercall: the run loop's caller handles it.
@@ -205,16 +214,20 @@ pub fn handle(call: SbiCall, b: &mut impl SbiBackend) -> SbiOutcome {
     let ok = |value: i64| SbiOutcome::Return { error: error::SUCCESS, value };
     let err = |error: i64| SbiOutcome::Return { error, value: 0 };
     match call {
-        SbiCall::SetTimer { deadline } => {
+        SbiCall::SetTimer { deadline, legacy } => {
             b.set_timer(deadline);
-            ok(0)
+            if legacy {
+                SbiOutcome::LegacyReturn { value: 0 }
+            } else {
+                ok(0)
+            }
         }
         SbiCall::LegacyPutchar(c) => {
             b.putchar(c);
             // Legacy calls return their value in a0 (§5): 0 for success.
-            ok(0)
+            SbiOutcome::LegacyReturn { value: 0 }
         }
-        SbiCall::LegacyGetchar => SbiOutcome::Return { error: b.getchar().map_or(-1, i64::from), value: 0 },
+        SbiCall::LegacyGetchar => SbiOutcome::LegacyReturn { value: b.getchar().map_or(-1, i64::from) },
         SbiCall::LegacyShutdown => SbiOutcome::Reset(ResetRequest { reset_type: 0, reason: 0 }),
         SbiCall::GetSpecVersion => ok(SPEC_VERSION),
         SbiCall::GetImplId => ok(IMPL_ID),
@@ -310,7 +323,10 @@ mod tests {
     #[test]
     fn consoles_timer_and_reset() {
         let mut f = Fake { mem: b"hello, world".to_vec(), ..Default::default() };
-        call([b'A' as u64, 0, 0, 0, 0, 0, 0, eid::LEGACY_PUTCHAR], &mut f);
+        assert_eq!(call([b'A' as u64, 0, 0, 0, 0, 0, 0, eid::LEGACY_PUTCHAR], &mut f), SbiOutcome::LegacyReturn { value: 0 });
+        assert_eq!(call([5, 0, 0, 0, 0, 0, 0, eid::LEGACY_SET_TIMER], &mut f), SbiOutcome::LegacyReturn { value: 0 }, "legacy set_timer");
+        assert_eq!(f.timer, Some(5));
+        assert_eq!(call([0, 0, 0, 0, 0, 0, 0, eid::LEGACY_GETCHAR], &mut f), SbiOutcome::LegacyReturn { value: -1 });
         assert_eq!(call([5, 0x8000_0007, 0, 0, 0, 0, 0, eid::DBCN], &mut f), SbiOutcome::Return { error: 0, value: 5 });
         call([b'!' as u64, 0, 0, 0, 0, 0, 2, eid::DBCN], &mut f);
         assert_eq!(f.out, b"Aworld!");

@@ -42,7 +42,7 @@ pub struct EptCaps {
     pub invept_single_context: bool,
     /// Bit 26: all-context INVEPT.
     pub invept_all_context: bool,
-    /// The processor's physical-address width (CPUID.80000008H:EAX[7:0]), 36..=52.
+    /// The processor's physical-address width (`CPUID.80000008H:EAX[7:0]`), 36..=52.
     /// Bits 51:MAXPHYADDR of every EPT entry and of the EPTP are reserved.
     pub maxphyaddr: u8,
 }
@@ -50,7 +50,6 @@ pub struct EptCaps {
 impl EptCaps {
     /// Decodes an IA32_VMX_EPT_VPID_CAP value. `maxphyaddr` is clamped to 36..=52.
     pub const fn from_msr(raw: u64, maxphyaddr: u8) -> Self {
-        let bit = |n: u32| raw & (1 << n) != 0;
         let maxphyaddr = if maxphyaddr < 36 {
             36
         } else if maxphyaddr > 52 {
@@ -60,17 +59,17 @@ impl EptCaps {
         };
         Self {
             raw,
-            execute_only: bit(0),
-            walk_4: bit(6),
-            walk_5: bit(7),
-            uc: bit(8),
-            wb: bit(14),
-            page_2m: bit(16),
-            page_1g: bit(17),
-            invept: bit(20),
-            accessed_dirty: bit(21),
-            invept_single_context: bit(25),
-            invept_all_context: bit(26),
+            execute_only: raw & (1 << 0) != 0,
+            walk_4: raw & (1 << 6) != 0,
+            walk_5: raw & (1 << 7) != 0,
+            uc: raw & (1 << 8) != 0,
+            wb: raw & (1 << 14) != 0,
+            page_2m: raw & (1 << 16) != 0,
+            page_1g: raw & (1 << 17) != 0,
+            invept: raw & (1 << 20) != 0,
+            accessed_dirty: raw & (1 << 21) != 0,
+            invept_single_context: raw & (1 << 25) != 0,
+            invept_all_context: raw & (1 << 26) != 0,
             maxphyaddr,
         }
     }
@@ -79,7 +78,16 @@ impl EptCaps {
     /// and 1 GiB pages, A/D, all INVEPT types) with the given MAXPHYADDR.
     pub const fn all(maxphyaddr: u8) -> Self {
         Self::from_msr(
-            1 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 14 | 1 << 16 | 1 << 17 | 1 << 20 | 1 << 21 | 1 << 25 | 1 << 26,
+            1 | 1 << 6
+                | 1 << 7
+                | 1 << 8
+                | 1 << 14
+                | 1 << 16
+                | 1 << 17
+                | 1 << 20
+                | 1 << 21
+                | 1 << 25
+                | 1 << 26,
             maxphyaddr,
         )
     }
@@ -184,12 +192,20 @@ impl Eptp {
         if accessed_dirty && !caps.accessed_dirty {
             return Err(EptpError::AccessedDirtyUnsupported);
         }
-        Ok(Self { memory_type, levels, accessed_dirty, root: Hpa(raw & caps.addr_mask()) })
+        Ok(Self {
+            memory_type,
+            levels,
+            accessed_dirty,
+            root: Hpa(raw & caps.addr_mask()),
+        })
     }
 
     /// Encodes an EPTP (no checks; pair with [`Eptp::decode`]).
     pub const fn encode(&self) -> u64 {
-        self.root.0 | ((self.levels as u64 - 1) << 3) | (self.accessed_dirty as u64) << 6 | self.memory_type as u64
+        self.root.0
+            | ((self.levels as u64 - 1) << 3)
+            | (self.accessed_dirty as u64) << 6
+            | self.memory_type as u64
     }
 
     /// How many guest-physical address bits the walk translates: 48 for 4 levels, 57 for 5.
@@ -217,13 +233,29 @@ pub struct EptAccess {
 
 impl EptAccess {
     /// A data read.
-    pub const READ: Self = Self { read: true, write: false, fetch: false };
+    pub const READ: Self = Self {
+        read: true,
+        write: false,
+        fetch: false,
+    };
     /// A data write.
-    pub const WRITE: Self = Self { read: false, write: true, fetch: false };
+    pub const WRITE: Self = Self {
+        read: false,
+        write: true,
+        fetch: false,
+    };
     /// An instruction fetch.
-    pub const FETCH: Self = Self { read: false, write: false, fetch: true };
+    pub const FETCH: Self = Self {
+        read: false,
+        write: false,
+        fetch: true,
+    };
     /// A read-modify-write (e.g. a guest paging-structure access with EPT A/D enabled).
-    pub const READ_WRITE: Self = Self { read: true, write: true, fetch: false };
+    pub const READ_WRITE: Self = Self {
+        read: true,
+        write: true,
+        fetch: false,
+    };
 
     const fn bits(self) -> u8 {
         self.read as u8 | (self.write as u8) << 1 | (self.fetch as u8) << 2
@@ -254,11 +286,20 @@ pub struct GuestLinear {
 impl GuestLinear {
     /// No guest linear address (e.g. a guest with paging off is still "valid"; use this for
     /// direct guest-physical probes such as the differential tests).
-    pub const NONE: Self = Self { valid: false, translated: false };
+    pub const NONE: Self = Self {
+        valid: false,
+        translated: false,
+    };
     /// The final access of a linear-address translation.
-    pub const TRANSLATION: Self = Self { valid: true, translated: true };
+    pub const TRANSLATION: Self = Self {
+        valid: true,
+        translated: true,
+    };
     /// An access to a guest paging-structure entry.
-    pub const PAGING_STRUCTURE: Self = Self { valid: true, translated: false };
+    pub const PAGING_STRUCTURE: Self = Self {
+        valid: true,
+        translated: false,
+    };
 }
 
 /// Bits of the EPT-violation exit qualification (Intel SDM Vol. 3C Table 28-7).
@@ -398,7 +439,16 @@ pub fn walk<M: PhysMem + ?Sized>(
     gla: GuestLinear,
 ) -> Result<EptWalk, EptExit> {
     let e = Eptp::decode(eptp, caps).map_err(EptExit::InvalidEptp)?;
-    walk_from(mem, &e, caps, gpa, access, gla, WalkStart::root(&e), &mut Vec::new())
+    walk_from(
+        mem,
+        &e,
+        caps,
+        gpa,
+        access,
+        gla,
+        WalkStart::root(&e),
+        &mut Vec::new(),
+    )
 }
 
 /// Where a walk begins: at the root, or below a cached non-leaf entry (the TLB model).
@@ -414,7 +464,11 @@ pub(crate) struct WalkStart {
 
 impl WalkStart {
     pub(crate) fn root(e: &Eptp) -> Self {
-        Self { level: e.levels - 1, table: e.root.0, rights: 0b111 }
+        Self {
+            level: e.levels - 1,
+            table: e.root.0,
+            rights: 0b111,
+        }
     }
 }
 
@@ -481,6 +535,10 @@ fn check_entry(e: u64, level: u8, caps: &EptCaps) -> Result<bool, MisconfigReaso
 }
 
 /// The walk proper, from `start`. Non-leaf entries used are appended to `seen`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "internal: the public walk's inputs plus the TLB's start point and record"
+)]
 pub(crate) fn walk_from<M: PhysMem + ?Sized>(
     mem: &mut M,
     e: &Eptp,
@@ -502,28 +560,45 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
     loop {
         let shift = level_shift(level);
         let pa = table + ((g >> shift) & 511) * 8;
-        let entry = mem.read_u64(Hpa(pa)).ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
+        let entry = mem
+            .read_u64(Hpa(pa))
+            .ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
         let perm = (entry & 7) as u8;
         if perm == 0 {
             // 29.3.3.2: a not-present entry; bits 3-5 of the qualification are the AND of
             // bits 2:0 of the entries used, which includes this all-zero one.
-            return Err(EptExit::Violation { gpa, qualification: qualification(access, 0, gla) });
+            return Err(EptExit::Violation {
+                gpa,
+                qualification: qualification(access, 0, gla),
+            });
         }
-        let leaf = check_entry(entry, level, caps)
-            .map_err(|reason| EptExit::Misconfig { gpa, level, entry, reason })?;
+        let leaf = check_entry(entry, level, caps).map_err(|reason| EptExit::Misconfig {
+            gpa,
+            level,
+            entry,
+            reason,
+        })?;
         rights &= perm;
         used[n_used] = (pa, entry);
         n_used += 1;
         if !leaf {
             let next = entry & addr_mask;
-            seen.push(NonLeafSeen { level, prefix: g >> shift, next, rights });
+            seen.push(NonLeafSeen {
+                level,
+                prefix: g >> shift,
+                next,
+                rights,
+            });
             table = next;
             level -= 1;
             continue;
         }
         // 29.3.3.2: the access must be allowed by the AND of the rights.
         if access.bits() & !rights != 0 {
-            return Err(EptExit::Violation { gpa, qualification: qualification(access, rights, gla) });
+            return Err(EptExit::Violation {
+                gpa,
+                qualification: qualification(access, rights, gla),
+            });
         }
         let mut leaf_entry = entry;
         if e.accessed_dirty {
@@ -534,7 +609,8 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
                     new |= DIRTY;
                 }
                 if new != v {
-                    mem.write_u64(Hpa(pa), new).ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
+                    mem.write_u64(Hpa(pa), new)
+                        .ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
                 }
                 leaf_entry = new;
             }

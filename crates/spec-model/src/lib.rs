@@ -30,6 +30,32 @@
 //! after each change, pass it the invalidation the engine's flush token asked for, and check
 //! that it agrees with a fresh walk.
 //!
+//! ```
+//! use twostage_spec_model::ept::{self, EptAccess, EptCaps, EptExit, GuestLinear};
+//! use twostage_spec_model::tlb::EptTlb;
+//! use twostage_spec_model::{Gpa, Hpa, PageSize, SparseMem};
+//!
+//! // EPT PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000 -> page 0x8000 (RWX, WB).
+//! let mut mem = SparseMem::new(1 << 20);
+//! for (table, next) in [(0x1000, 0x2000), (0x2000, 0x3000), (0x3000, 0x4000)] {
+//!     mem.set_entry(Hpa(table), 0, next | 0b111);
+//! }
+//! mem.set_entry(Hpa(0x4000), 0, 0x8000 | 6 << 3 | 0b111);
+//! let caps = EptCaps::from_msr(0xf0106334141, 39);
+//! let eptp = 0x1000 | 3 << 3 | 6; // 4-level walk, write-back
+//! let w = ept::walk(&mut mem, eptp, &caps, Gpa(0x123), EptAccess::READ, GuestLinear::NONE).unwrap();
+//! assert_eq!((w.hpa, w.page_size), (Hpa(0x8123), PageSize::Size4K));
+//!
+//! // A TLB keeps the translation after the page is unmapped, until INVEPT.
+//! let mut tlb = EptTlb::new();
+//! tlb.translate(&mut mem, eptp, &caps, Gpa(0x123), EptAccess::READ, GuestLinear::NONE).unwrap();
+//! mem.set_entry(Hpa(0x4000), 0, 0);
+//! assert!(tlb.translate(&mut mem, eptp, &caps, Gpa(0x123), EptAccess::READ, GuestLinear::NONE).is_ok());
+//! tlb.invept_single_context(eptp);
+//! let gone = tlb.translate(&mut mem, eptp, &caps, Gpa(0x123), EptAccess::READ, GuestLinear::NONE);
+//! assert!(matches!(gone, Err(EptExit::Violation { qualification: 0x1, .. })));
+//! ```
+//!
 //! # Safety model
 //!
 //! The crate has no `unsafe` code (`#![forbid(unsafe_code)]`). It never touches real memory:
@@ -58,6 +84,7 @@ extern crate std;
 pub mod ept;
 pub mod gstage;
 mod mem;
+mod rvpte;
 pub mod stage1;
 pub mod tlb;
 

@@ -225,13 +225,7 @@ pub enum EntryFailure {
 
 /// Decodes an exit from the fields the exit wrote. `read_field` reads the VMCS (injected so the
 /// decoding is tested without hardware).
-pub fn decode_exit(
-    exit_reason: u32,
-    qualification: u64,
-    gpa: u64,
-    gla: u64,
-    interruption_info: u32,
-) -> VmExit {
+pub fn decode_exit(exit_reason: u32, qualification: u64, gpa: u64, gla: u64, interruption_info: u32) -> VmExit {
     let r = ExitReason(exit_reason);
     if r.entry_failed() {
         return VmExit::EntryFailed(match r.basic() {
@@ -363,11 +357,17 @@ mod tests {
 
     #[test]
     fn other_reasons() {
-        assert_eq!(decode_exit(49, 0, 0xfee0_0000, 0, 0), VmExit::EptMisconfig { gpa: GuestPhysAddr::new(0xfee0_0000) });
+        assert_eq!(
+            decode_exit(49, 0, 0xfee0_0000, 0, 0),
+            VmExit::EptMisconfig { gpa: GuestPhysAddr::new(0xfee0_0000) }
+        );
         assert_eq!(decode_exit(18, 0, 0, 0, 0), VmExit::Vmcall);
         assert_eq!(decode_exit(12, 0, 0, 0, 0), VmExit::Hlt);
         assert_eq!(decode_exit(2, 0, 0, 0, 0), VmExit::TripleFault);
-        assert_eq!(decode_exit((1 << 31) | 33, 0, 0, 0, 0), VmExit::EntryFailed(EntryFailure::InvalidGuestState { qualification: 0 }));
+        assert_eq!(
+            decode_exit((1 << 31) | 33, 0, 0, 0, 0),
+            VmExit::EntryFailed(EntryFailure::InvalidGuestState { qualification: 0 })
+        );
         assert_eq!(decode_exit((1 << 31) | 34, 3, 0, 0, 0), VmExit::EntryFailed(EntryFailure::MsrLoading { entry: 3 }));
         assert_eq!(decode_exit(0, 0, 0, 0, 0x8000_0b0e), VmExit::Exception { vector: 14, info: 0x8000_0b0e });
         assert_eq!(decode_exit(55, 7, 0, 0, 0), VmExit::Other { reason: 55, qualification: 7 });

@@ -1,1 +1,40 @@
-#![no_std]
+//! # twostage-vmx: Intel VMX glue for twostage's EPT tables
+//!
+//! Key types:
+//! - [`VmxVcpu`]: VMXON with capability checks, a VMCS set up with EPT (and VPID, and
+//!   unrestricted guest for guests that start with paging off), VM entry, and exits decoded into
+//!   [`VmExit`]. The seed's flow: [`VmxVcpu::set_ept_root`], [`VmxVcpu::setup`],
+//!   [`VmxVcpu::setup_vmcs`], [`VmxVcpu::setup_vmcs_control`], [`VmxVcpu::set_ept_pointer`]; an EPT
+//!   violation becomes a [`twostage_npt::NestedPageFaultInfo`] through
+//!   [`exit::EptViolation::nested_page_fault_info`]; the engine's flush tokens are carried out by
+//!   [`VmxVcpu::invalidate`] (INVEPT single-context, or all-context where single is not offered).
+//! - [`caps::VmxCapabilities`]: the capability MSRs, read in an order that never touches an MSR
+//!   the CPU lacks; controls computed as `(wanted | allowed0) & allowed1`.
+//! - [`walk::translate`]: the guest's own 4-level page tables walked in software;
+//!   [`decode::decode_mmio`]: the MOV an MMIO exit came from.
+//!
+//! ## Safety model
+//! Every privileged instruction sits behind the [`hw::VmxHardware`] trait. Its only real
+//! implementation, `hw::RealCpu`, exists on bare metal (`target_os = "none"`) and is created
+//! with an `unsafe` constructor whose caller promises ring 0 and a single owner. Everything else
+//! in this crate is safe, portable code tested on the host against a fake CPU.
+#![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+
+pub mod caps;
+pub mod controls;
+pub mod decode;
+pub mod exit;
+pub mod hw;
+pub mod vcpu;
+pub mod vmcs;
+pub mod walk;
+
+#[cfg(test)]
+mod tests;
+
+pub use caps::{EptVpidCaps, VmxCapabilities, VmxUnsupported};
+pub use exit::{EptViolation, EptViolationQualification, IoQualification, VmExit, VmInstructionError};
+pub use hw::{GuestRegisters, VmxHardware};
+pub use vcpu::{EntryError, GuestEntry, InvalidateError, SetupError, VcpuConfig, VmxOnError, VmxVcpu};
+pub use vmcs::VmcsField;

@@ -109,9 +109,5 @@ __boot_stack_top:
     "#
 );
 
-/// Selector of the 64-bit code segment in the boot GDT (index 1).
-pub const KERNEL_CS: u16 = 0x08;
-/// Selector of the data segment in the boot GDT (index 2).
-pub const KERNEL_DS: u16 = 0x10;
 /// Selector of the 64-bit TSS in the boot GDT (index 3, two slots).
 pub const KERNEL_TR: u16 = 0x18;

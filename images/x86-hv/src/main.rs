@@ -1,22 +1,79 @@
 //! twostage's x86 hypervisor image: booted by GRUB (multiboot v1) in Bochs, it runs guests under
-//! VMX with EPT tables built by `twostage-npt`.
+//! VMX with EPT tables built by `twostage-npt`, through the glue in `twostage-vmx`.
 //!
-//! Key pieces: [`boot`] (multiboot header, long-mode entry), [`serial`] (COM1 console and exit).
-//! Safety model: the image is single-core with interrupts off; raw memory is reached only through
-//! the identity map set up at boot.
+//! Key pieces: [`boot`] (multiboot header, long-mode entry), [`serial`] (COM1 console, exit),
+//! [`frames`] (host frame allocator), [`hv`] (vCPU + EPT + exit loop + guest-memory access),
+//! [`guest`] (the bundled 64-bit guest), [`scenarios`] (the suite), [`mbguest`] (running a
+//! multiboot guest given as a GRUB module).
+//!
+//! Safety model: the image is single-core with interrupts off; physical memory is reached only
+//! through the identity map set up at boot; the only instruction wrappers are in `twostage-vmx`
+//! (`RealCpu`) and the few port/descriptor accesses here, each with its SAFETY note.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+extern crate alloc;
 
 #[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
+mod cpu;
+#[cfg(target_os = "none")]
+mod frames;
+#[cfg(target_os = "none")]
+mod guest;
+#[cfg(target_os = "none")]
+mod heap;
+#[cfg(target_os = "none")]
+mod hv;
+#[cfg(target_os = "none")]
+mod mbguest;
+#[cfg(target_os = "none")]
+mod multiboot;
+#[cfg(target_os = "none")]
+mod scenarios;
+#[cfg(target_os = "none")]
+mod scenarios2;
+#[cfg(target_os = "none")]
 mod serial;
+
+#[cfg(target_os = "none")]
+static FRAMES: frames::Frames = frames::Frames::empty();
+
+#[cfg(target_os = "none")]
+extern "C" {
+    static __image_end: u8;
+}
 
 #[cfg(target_os = "none")]
 #[no_mangle]
 extern "C" fn kmain(magic: u32, info: u32) -> ! {
     serial::init();
-    println!("twostage x86-hv: multiboot magic {magic:#x}, info at {info:#x}");
-    serial::exit(0)
+    println!("twostage x86-hv: booted by multiboot (magic {magic:#x}, info at {info:#x})");
+    let Some(boot) = multiboot::BootInfo::new(magic, info) else {
+        println!("not started by a multiboot loader");
+        serial::exit(2)
+    };
+    let image_end = &raw const __image_end as u64;
+    let modules_end = boot.modules().map(|m| m.end).max().unwrap_or(0);
+    let low = image_end.max(modules_end).max(0x20_0000);
+    let best = boot
+        .memory_map()
+        .filter(|r| r.kind == 1 && r.base + r.len > low)
+        .map(|r| (r.base.max(low), r.base + r.len))
+        .max_by_key(|(s, e)| e - s);
+    let Some((start, end)) = best else {
+        println!("no usable RAM in the multiboot memory map");
+        serial::exit(2)
+    };
+    FRAMES.init(start, end);
+    println!("host frames: {:#x}..{:#x} ({} frames)", start, end, FRAMES.stats().frames);
+    cpu::init();
+    let status = match boot.modules().next() {
+        Some(m) => mbguest::run(&FRAMES, m),
+        None => scenarios::run(&FRAMES),
+    };
+    serial::exit(status)
 }
 
 #[cfg(target_os = "none")]

@@ -14,7 +14,11 @@ pub struct OutOfFrames {
 
 impl fmt::Display for OutOfFrames {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "out of frames: the change needed {} table frame(s); nothing was changed", self.needed)
+        write!(
+            f,
+            "out of frames: the change needed {} table frame(s); nothing was changed",
+            self.needed
+        )
     }
 }
 
@@ -91,6 +95,34 @@ pub enum RangeError {
     OutOfFrames(OutOfFrames),
 }
 
+/// `remap` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemapError {
+    /// No leaf maps this address.
+    NotMapped(GuestPhysAddr),
+    /// The address is inside a leaf of `size` but not its base.
+    NotLeafBase {
+        /// The address asked for.
+        gpa: GuestPhysAddr,
+        /// Size of the leaf that maps it.
+        size: PageSize,
+    },
+    /// The new host address is not aligned to the leaf's size.
+    Unaligned {
+        /// The host address asked for.
+        hpa: HostPhysAddr,
+        /// Size of the leaf.
+        size: PageSize,
+    },
+    /// The new flags cannot be mapped.
+    BadFlags {
+        /// The flags asked for.
+        flags: MappingFlags,
+        /// Why not.
+        reason: FlagsError,
+    },
+}
+
 /// `split` failed; nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SplitError {
@@ -152,5 +184,12 @@ macro_rules! display_via_debug {
         impl core::error::Error for $t {}
     )*};
 }
-display_via_debug!(MapError, RangeError, SplitError, CollapseError, AdError);
+display_via_debug!(
+    MapError,
+    RangeError,
+    RemapError,
+    SplitError,
+    CollapseError,
+    AdError
+);
 impl core::error::Error for OutOfFrames {}

@@ -38,8 +38,8 @@ fn outcome(rflags: u64) -> Result<(), VmFail> {
 
 impl VmxHardware for RealCpu {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult {
-        // SAFETY: CPUID is available on every x86-64 CPU and has no side effects.
-        let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+        // CPUID is available on every x86-64 CPU and has no side effects.
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
         CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
     }
 
@@ -105,7 +105,6 @@ impl VmxHardware for RealCpu {
             let d = (gdtr_base + u64::from(tr & !7)) as *const u32;
             // SAFETY: TR names a descriptor inside the GDT, which the identity map covers.
             let (w0, w1, w2) = unsafe { (d.read_volatile(), d.add(1).read_volatile(), d.add(2).read_volatile()) };
-            let _ = w0;
             u64::from((w0 >> 16) & 0xffff)
                 | (u64::from(w1 & 0xff) << 16)
                 | (u64::from(w1 >> 24) << 24)
@@ -175,7 +174,9 @@ impl VmxHardware for RealCpu {
         };
         let flags: u64;
         // SAFETY: INVEPT only drops cached translations; the descriptor is a local 16-byte array.
-        unsafe { asm!("invept {t}, [{d}]", "pushfq", "pop {f}", t = in(reg) ty, d = in(reg) &desc, f = out(reg) flags) };
+        unsafe {
+            asm!("invept {t}, [{d}]", "pushfq", "pop {f}", t = in(reg) ty, d = in(reg) &desc, f = out(reg) flags)
+        };
         outcome(flags)
     }
 
@@ -188,7 +189,9 @@ impl VmxHardware for RealCpu {
         };
         let flags: u64;
         // SAFETY: INVVPID only drops cached translations; the descriptor is a local array.
-        unsafe { asm!("invvpid {t}, [{d}]", "pushfq", "pop {f}", t = in(reg) ty, d = in(reg) &desc, f = out(reg) flags) };
+        unsafe {
+            asm!("invvpid {t}, [{d}]", "pushfq", "pop {f}", t = in(reg) ty, d = in(reg) &desc, f = out(reg) flags)
+        };
         outcome(flags)
     }
 

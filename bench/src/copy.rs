@@ -1,0 +1,119 @@
+//! Copy rows: guest memory by guest-physical address against vm-memory and plain memcpy.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use twostage_npt::GuestPhysAddr;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::engine::GPA_BASE;
+use crate::space::ts_populated;
+use crate::{ram, random_offsets, MIB};
+
+/// Bytes of guest RAM the copies land in.
+pub const COPY_SPAN: u64 = 256 * MIB;
+/// Copy sizes, with the labels used in the benchmark ids.
+pub const SIZES: [(&str, u64); 4] = [("8B", 8), ("4K", 4096), ("64K", 64 << 10), ("1M", 1 << 20)];
+/// Offsets cycled through by each row.
+const OFFSETS: usize = 1024;
+
+/// Which way the bytes go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Guest to hypervisor buffer (`copy_from_guest`).
+    Read,
+    /// Hypervisor buffer to guest (`copy_to_guest`).
+    Write,
+}
+
+impl Dir {
+    /// Label in group names.
+    pub fn label(self) -> &'static str {
+        match self {
+            Dir::Read => "read",
+            Dir::Write => "write",
+        }
+    }
+}
+
+/// Group settings for a copy row.
+pub fn copy_group<'a>(c: &'a mut Criterion, name: &str, size: u64) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    g.throughput(Throughput::Bytes(size));
+    g
+}
+
+/// Plain memcpy between a buffer and a `COPY_SPAN` block at the same offsets: the limit.
+pub fn memcpy_row(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, dir: Dir, label: &str, size: u64, offs: &[u64], ram: &mut [u8]) {
+    let mut buf = vec![0x5au8; size as usize];
+    g.bench_function(BenchmarkId::new("memcpy", label), |b| {
+        let mut i = 0;
+        b.iter(|| {
+            let off = black_box(offs[i % OFFSETS]) as usize;
+            i += 1;
+            match dir {
+                Dir::Read => buf.copy_from_slice(&ram[off..off + size as usize]),
+                Dir::Write => ram[off..off + size as usize].copy_from_slice(&buf),
+            }
+            black_box(&buf);
+        })
+    });
+}
+
+/// GPA copies of every size in both directions: twostage (a populated demand-zero RAM region),
+/// vm-memory (`GuestMemoryMmap`, `read_obj`/`write_obj` for the 8-byte object, `read_slice`/
+/// `write_slice` otherwise) and memcpy.
+pub fn gpa_copies(c: &mut Criterion) {
+    let ram = ram();
+    let mut space = ts_populated(ram, COPY_SPAN);
+    let vmm: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(GPA_BASE), COPY_SPAN as usize)]).expect("mmap");
+    let mut plain = vec![1u8; COPY_SPAN as usize];
+    // Touch every page of the vm-memory region so that no side pays first-touch faults.
+    for off in (0..COPY_SPAN).step_by(4096) {
+        vmm.write_obj(1u8, GuestAddress(GPA_BASE + off)).expect("in range");
+    }
+    for dir in [Dir::Read, Dir::Write] {
+        for (label, size) in SIZES {
+            let offs = random_offsets(0xc0c0 ^ size, COPY_SPAN, size, OFFSETS);
+            let mut g = copy_group(c, &format!("gpa_{}", dir.label()), size);
+            let mut buf = vec![0x5au8; size as usize];
+            g.bench_function(BenchmarkId::new("twostage", label), |b| {
+                let mut i = 0;
+                b.iter(|| {
+                    let gpa = GuestPhysAddr::new(GPA_BASE + black_box(offs[i % OFFSETS]));
+                    i += 1;
+                    match dir {
+                        Dir::Read => space.copy_from_guest(gpa, &mut buf).expect("read"),
+                        Dir::Write => {
+                            let f = space.copy_to_guest(gpa, &buf).map_err(|e| e.error).expect("write");
+                            space.flush(f, |_| {});
+                        }
+                    }
+                    black_box(&buf);
+                })
+            });
+            g.bench_function(BenchmarkId::new("vm-memory", label), |b| {
+                let mut i = 0;
+                b.iter(|| {
+                    let addr = GuestAddress(GPA_BASE + black_box(offs[i % OFFSETS]));
+                    i += 1;
+                    match (dir, size) {
+                        (Dir::Read, 8) => {
+                            let v: u64 = vmm.read_obj(addr).expect("read");
+                            buf.copy_from_slice(&v.to_ne_bytes());
+                        }
+                        (Dir::Write, 8) => vmm.write_obj(u64::from_ne_bytes(buf[..8].try_into().expect("8 bytes")), addr).expect("write"),
+                        (Dir::Read, _) => vmm.read_slice(&mut buf, addr).expect("read"),
+                        (Dir::Write, _) => vmm.write_slice(&buf, addr).expect("write"),
+                    }
+                    black_box(&buf);
+                })
+            });
+            memcpy_row(&mut g, dir, label, size, &offs, &mut plain);
+            g.finish();
+        }
+    }
+}
+

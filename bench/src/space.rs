@@ -1,0 +1,175 @@
+//! Address-space rows: demand faults, populate, fork of 1 GiB, dirty-log harvest of 1 GiB.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use twostage_aspace::{AddressSpace, Backend, FaultOutcome, RegionId};
+use twostage_npt::{Access, Ept4, GpaRange, GuestPhysAddr, MappingFlags, NestedPageFaultInfo};
+
+use crate::anchor::{ax_gpa, ax_space};
+use crate::engine::{ept_options, GPA_BASE};
+use crate::ram::BenchRam;
+use crate::{cpu_write, ram, random_pages, GIB, MIB};
+
+/// twostage's address space over the bench RAM.
+pub type Space = AddressSpace<Ept4, &'static BenchRam>;
+
+/// Bytes of the fault and populate rows.
+pub const FAULT_BYTES: u64 = 256 * MIB;
+
+fn ax_rwx() -> axaddrspace::MappingFlags {
+    axaddrspace::MappingFlags::READ | axaddrspace::MappingFlags::WRITE | axaddrspace::MappingFlags::EXECUTE
+}
+
+/// An address space with one demand-zero RAM region of `len` bytes at [`GPA_BASE`].
+pub fn ts_space(ram: &'static BenchRam, len: u64) -> (Space, RegionId) {
+    let mut s = Space::new(ram, ept_options(true)).expect("space");
+    let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), len).expect("range");
+    let (id, f) = s.add_region("ram", range, MappingFlags::RWX, Backend::DemandZero).expect("region");
+    s.flush_unloaded(f);
+    (s, id)
+}
+
+/// The same, with every page populated.
+pub fn ts_populated(ram: &'static BenchRam, len: u64) -> Space {
+    let (mut s, id) = ts_space(ram, len);
+    let f = s.populate(id).map_err(|e| e.error).expect("populate");
+    s.flush_unloaded(f);
+    s
+}
+
+fn group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    g.sampling_mode(SamplingMode::Flat);
+    g
+}
+
+/// One demand fault per 4 KiB page over 256 MiB, and populating 256 MiB eagerly.
+pub fn faults_populate(c: &mut Criterion) {
+    let ram = ram();
+    let pages = FAULT_BYTES / 4096;
+    let mut g = group(c, "faults_256m");
+    g.throughput(Throughput::Elements(pages));
+    g.bench_function("twostage", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (mut s, _) = ts_space(ram, FAULT_BYTES);
+                let start = Instant::now();
+                for p in 0..pages {
+                    let info = NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write);
+                    match s.handle_fault(info) {
+                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                        other => panic!("fault not resolved: {other:?}"),
+                    }
+                }
+                total += start.elapsed();
+                black_box(&s);
+            }
+            total
+        })
+    });
+    g.bench_function("axaddrspace", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mut s = ax_space(ram, true, 4 * GIB as usize);
+                s.map_alloc(ax_gpa(GPA_BASE), FAULT_BYTES as usize, ax_rwx(), false).expect("map_alloc");
+                let start = Instant::now();
+                for p in 0..pages {
+                    assert!(s.handle_page_fault(ax_gpa(GPA_BASE + p * 4096), axaddrspace::MappingFlags::WRITE));
+                }
+                total += start.elapsed();
+                black_box(&s);
+            }
+            total
+        })
+    });
+    g.finish();
+
+    let mut g = group(c, "populate_256m");
+    g.bench_function("twostage", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let s = ts_populated(ram, FAULT_BYTES);
+                total += start.elapsed();
+                drop(s);
+            }
+            total
+        })
+    });
+    g.bench_function("axaddrspace", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let mut s = ax_space(ram, true, 4 * GIB as usize);
+                s.map_alloc(ax_gpa(GPA_BASE), FAULT_BYTES as usize, ax_rwx(), true).expect("map_alloc");
+                total += start.elapsed();
+                drop(s);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+/// Copy-on-write fork of a populated 1 GiB address space, against copying its bytes.
+pub fn fork(c: &mut Criterion) {
+    let ram = ram();
+    let mut parent = ts_populated(ram, GIB);
+    let mut g = group(c, "fork_1g");
+    g.bench_function("twostage", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let (child, f) = parent.fork().map_err(|e| e.error).expect("fork");
+                parent.flush(f, |_| {});
+                total += start.elapsed();
+                drop(child);
+            }
+            total
+        })
+    });
+    drop(parent);
+    // The limit it is measured against: copying the same bytes (what a fork without
+    // copy-on-write costs).
+    let src = vec![1u8; GIB as usize];
+    let mut dst = vec![2u8; GIB as usize];
+    g.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+    g.finish();
+}
+
+/// Harvest the dirty log of 1 GiB of which 1% of pages were written since the last harvest.
+pub fn harvest(c: &mut Criterion) {
+    let ram = ram();
+    let pages = GIB / 4096;
+    let written = random_pages(0xd1e7, pages, (pages / 100) as usize);
+    let mut s = ts_populated(ram, GIB);
+    let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
+    let (_mode, f) = s.start_dirty_log(range).map_err(|e| e.error).expect("dirty log");
+    s.flush(f, |_| {});
+    let mut g = group(c, "harvest_1g");
+    g.bench_function("twostage", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                for &p in &written {
+                    cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
+                }
+                let start = Instant::now();
+                let (bits, f) = s.harvest_dirty().map_err(|e| e.error).expect("harvest");
+                s.flush(f, |_| {});
+                total += start.elapsed();
+                assert_eq!(bits.count(), written.len() as u64, "the harvest saw every written page");
+            }
+            total
+        })
+    });
+    g.finish();
+}

@@ -1,0 +1,387 @@
+//! The guest's own paging: walking its page tables for GVA copies and instruction fetch.
+//!
+//! Everything here works through the [`GuestMemory`] trait, so it runs on any architecture and
+//! over any implementation (the address space, a test double). The walkers read the guest's
+//! page-table entries as guest-physical reads, update accessed/dirty bits with an atomic
+//! compare-exchange as the hardware would, and bound every walk by the number of levels of the
+//! mode: cycles, reserved bits, entries pointing into MMIO or unmapped space give a typed
+//! [`GuestVaError`] naming the guest-virtual address, the access and (where there is one) the
+//! guest-physical address that failed. No value a guest controls can make them panic.
+
+mod riscv;
+mod x86;
+
+pub use riscv::RiscvPaging;
+pub use x86::X86Paging;
+
+use crate::mem::{GuestMemError, GuestMemory};
+use core::fmt;
+use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+
+/// How the guest translates its virtual addresses right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestPaging {
+    /// No translation: a guest-virtual address is the guest-physical address (x86 with CR0.PG=0,
+    /// RISC-V vsatp.MODE=Bare).
+    Bare,
+    /// x86-64 4-level paging (Intel SDM Vol. 3A 4.5).
+    X86_64(X86Paging),
+    /// RISC-V Sv39, Sv48 or Sv57 (RISC-V Privileged §4.3-4.6), the guest's VS-stage.
+    Riscv(RiscvPaging),
+}
+
+/// Why a paging mode cannot be used from the given register values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingModeError {
+    /// x86: paging is on but not in IA-32e mode (32-bit or PAE paging), which is not supported.
+    X86NotLongMode,
+    /// x86: CR4.LA57 asks for 5-level paging, which is not supported.
+    X86FiveLevel,
+    /// RISC-V: vsatp.MODE is reserved or not supported (the value).
+    RiscvMode(u8),
+    /// The root table's address does not fit a guest-physical address.
+    RootOutOfRange(u64),
+}
+
+impl GuestPaging {
+    /// From the guest's x86 control registers (see [`X86Paging::from_regs`]).
+    pub fn x86_64(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Result<Self, PagingModeError> {
+        X86Paging::from_regs(cr0, cr3, cr4, efer)
+    }
+
+    /// From the guest's vsatp and vsstatus (see [`RiscvPaging::from_regs`]).
+    pub fn riscv(vsatp: u64, vsstatus: u64) -> Result<Self, PagingModeError> {
+        RiscvPaging::from_regs(vsatp, vsstatus)
+    }
+}
+
+/// Why the guest's own translation refused an access: the fault the guest itself would take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageFaultKind {
+    /// An entry on the path is not present (x86 P=0, RISC-V V=0).
+    NotPresent,
+    /// An entry has reserved bits or a reserved encoding set (x86 #PF with RSVD; RISC-V W without R,
+    /// reserved PTE bits, A/D/U on a non-leaf entry).
+    Reserved,
+    /// The leaf's rights do not allow the access (write to read-only, user/supervisor, no-execute).
+    Protection,
+    /// RISC-V: A is clear, or D is clear on a store, and the hart does not update them (Svade).
+    AccessedDirty,
+    /// RISC-V: a superpage whose low PPN bits are not zero.
+    MisalignedSuperpage,
+    /// RISC-V: the walk ran out of levels without finding a leaf.
+    NoLeaf,
+}
+
+/// A guest-virtual access failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestVaError {
+    /// The guest's page tables refuse the access: the guest would take a page fault.
+    PageFault {
+        /// The address.
+        gva: GuestVirtAddr,
+        /// The access.
+        access: Access,
+        /// Why.
+        kind: PageFaultKind,
+        /// Level of the entry that decided it (0 = the 4 KiB level).
+        level: u8,
+    },
+    /// The address is not canonical for the mode (x86: #GP; RISC-V: a page fault).
+    NonCanonical {
+        /// The address.
+        gva: GuestVirtAddr,
+        /// The access.
+        access: Access,
+    },
+    /// A guest page-table entry could not be read or its A/D bits updated at the guest-physical
+    /// level (it lies in MMIO or unmapped space, or is read-only).
+    TableAccess {
+        /// The address being translated.
+        gva: GuestVirtAddr,
+        /// The access.
+        access: Access,
+        /// Guest-physical address of the entry.
+        entry: GuestPhysAddr,
+        /// What the guest-physical access said.
+        error: GuestMemError,
+    },
+    /// The translation succeeded but the guest-physical access did not.
+    Memory {
+        /// The address.
+        gva: GuestVirtAddr,
+        /// The access.
+        access: Access,
+        /// Where it translated to.
+        gpa: GuestPhysAddr,
+        /// What the guest-physical access said.
+        error: GuestMemError,
+    },
+    /// An instruction fetch from an address not aligned to the ISA's instruction alignment.
+    Misaligned {
+        /// The address.
+        gva: GuestVirtAddr,
+    },
+}
+
+impl GuestVaError {
+    /// The guest-virtual address the error is about.
+    pub fn gva(&self) -> GuestVirtAddr {
+        match *self {
+            Self::PageFault { gva, .. }
+            | Self::NonCanonical { gva, .. }
+            | Self::TableAccess { gva, .. }
+            | Self::Memory { gva, .. }
+            | Self::Misaligned { gva } => gva,
+        }
+    }
+
+    /// The RISC-V exception cause the guest would take for a page fault (12 instruction,
+    /// 13 load, 15 store/AMO page fault; RISC-V Privileged §3.1.15, Table 3.6), if it is one.
+    pub fn riscv_cause(&self) -> Option<u64> {
+        match self {
+            Self::PageFault { access, .. } | Self::NonCanonical { access, .. } => Some(match access {
+                Access::Execute => 12,
+                Access::Read => 13,
+                Access::Write => 15,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for GuestVaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PageFault { gva, access, kind, level } => {
+                write!(f, "{access} at {gva}: guest page fault ({kind:?} at level {level})")
+            }
+            Self::NonCanonical { gva, access } => write!(f, "{access} at {gva}: not canonical"),
+            Self::TableAccess { gva, access, entry, error } => {
+                write!(f, "{access} at {gva}: guest page-table entry at {entry} unreachable: {error}")
+            }
+            Self::Memory { gva, access, gpa, error } => write!(f, "{access} at {gva} ({gpa}): {error}"),
+            Self::Misaligned { gva } => write!(f, "instruction fetch at {gva}: misaligned"),
+        }
+    }
+}
+
+/// A translation: the guest-physical address and the bytes left in the guest page from there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Where the address translated to.
+    pub gpa: GuestPhysAddr,
+    /// Bytes from `gpa` to the end of the guest's page (4 KiB, 2 MiB, 1 GiB...).
+    pub page_remaining: u64,
+}
+
+/// Translates `gva` for `access` through the guest's paging, updating A/D bits as the
+/// hardware would (x86 always; RISC-V when the mode says the hart updates them).
+pub fn translate_gva<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<Translation, GuestVaError> {
+    match paging {
+        GuestPaging::Bare => {
+            let gpa = GuestPhysAddr::try_new(gva.as_u64()).map_err(|_| GuestVaError::NonCanonical { gva, access })?;
+            Ok(Translation { gpa, page_remaining: 4096 - gva.offset_in(4096) })
+        }
+        GuestPaging::X86_64(p) => x86::translate(mem, p, gva, access),
+        GuestPaging::Riscv(p) => riscv::translate(mem, p, gva, access),
+    }
+}
+
+/// Calls `f(gpa, offset, len)` for each guest page piece of `gva..gva+len`, after translating
+/// all of them (so a failing translation is reported before any byte moves).
+fn for_each_piece<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    len: usize,
+    access: Access,
+    mut f: impl FnMut(&mut M, GuestPhysAddr, usize, usize) -> Result<(), GuestVaError>,
+) -> Result<(), GuestVaError> {
+    // Translate everything first: at most one translation per 4 KiB page is kept on the stack
+    // in small batches, so very long copies do not allocate.
+    const BATCH: usize = 16;
+    let mut done = 0usize;
+    while done < len {
+        let mut pieces = [(GuestPhysAddr::ZERO, 0usize, 0usize); BATCH];
+        let mut n = 0;
+        let mut off = done;
+        while off < len && n < BATCH {
+            let va = GuestVirtAddr::new(gva.as_u64().wrapping_add(off as u64));
+            let t = translate_gva(mem, paging, va, access)?;
+            let chunk = (t.page_remaining.min((len - off) as u64)) as usize;
+            pieces[n] = (t.gpa, off, chunk);
+            n += 1;
+            off += chunk;
+        }
+        for &(gpa, o, c) in &pieces[..n] {
+            f(mem, gpa, o, c)?;
+        }
+        done = off;
+    }
+    Ok(())
+}
+
+/// Reads guest memory at a guest-virtual address (the seed's `copy_from_guest_va`).
+pub fn copy_from_guest_va<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    buf: &mut [u8],
+) -> Result<(), GuestVaError> {
+    read_va_as(mem, paging, gva, buf, Access::Read)
+}
+
+fn read_va_as<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    buf: &mut [u8],
+    access: Access,
+) -> Result<(), GuestVaError> {
+    let len = buf.len();
+    for_each_piece(mem, paging, gva, len, access, |m, gpa, o, c| {
+        m.read_as(gpa, &mut buf[o..o + c], access).map_err(|error| GuestVaError::Memory {
+            gva: GuestVirtAddr::new(gva.as_u64().wrapping_add(o as u64)),
+            access,
+            gpa: error.gpa(),
+            error,
+        })
+    })
+}
+
+/// Writes guest memory at a guest-virtual address (the seed's `copy_to_guest_va`). Every page
+/// is translated (for writing) before any byte is written.
+pub fn copy_to_guest_va<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    buf: &[u8],
+) -> Result<(), GuestVaError> {
+    for_each_piece(mem, paging, gva, buf.len(), Access::Write, |m, gpa, o, c| {
+        m.write(gpa, &buf[o..o + c]).map_err(|error| GuestVaError::Memory {
+            gva: GuestVirtAddr::new(gva.as_u64().wrapping_add(o as u64)),
+            access: Access::Write,
+            gpa: error.gpa(),
+            error,
+        })
+    })
+}
+
+/// Which instruction encoding to fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// RISC-V with the C extension: 16-bit parcels, 2-byte aligned.
+    Riscv,
+    /// x86: up to 15 bytes, any alignment.
+    X86,
+}
+
+/// Instruction bytes fetched from the guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Instruction {
+    bytes: [u8; 15],
+    len: u8,
+    /// x86: why fewer than 15 bytes were fetched (the next page could not be reached); the
+    /// decoder needs to know only if the instruction really extends that far.
+    pub truncated_by: Option<GuestVaError>,
+}
+
+impl Instruction {
+    /// The bytes fetched.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+    /// How many bytes were fetched (RISC-V: 2 or 4; x86: 1..=15).
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    /// Whether nothing was fetched (never true for a successful fetch).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// RISC-V: the instruction as a 32-bit value (a compressed one in the low 16 bits).
+    pub fn riscv_bits(&self) -> u32 {
+        let mut v = 0u32;
+        for (i, b) in self.bytes().iter().take(4).enumerate() {
+            v |= u32::from(*b) << (8 * i);
+        }
+        v
+    }
+}
+
+impl fmt::Debug for Instruction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Instruction({:02x?}", self.bytes())?;
+        if let Some(e) = &self.truncated_by {
+            write!(f, ", truncated by {e}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Fetches the guest's instruction at `pc` (the seed's `fetch_guest_instruction`).
+///
+/// RISC-V: reads the 16-bit parcel at `pc`; only when its low two bits are 0b11 (a 32-bit
+/// instruction, RISC-V Unprivileged §1.5 "Base Instruction-Length Encoding") reads the second
+/// parcel at `pc + 2`, translated on its own so a page-crossing instruction works (and a fault
+/// on the second page names `pc + 2`). `pc` must be 2-byte aligned.
+///
+/// x86: reads up to 15 bytes (Intel SDM Vol. 2A 2.3.11, the maximum instruction length); a
+/// fault on the first byte is an error, a fault on a following page ends the fetch early and is
+/// reported in [`Instruction::truncated_by`].
+///
+/// Every fetch is an execute access at both stages.
+pub fn fetch_guest_instruction<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    pc: GuestVirtAddr,
+    isa: Isa,
+) -> Result<Instruction, GuestVaError> {
+    let mut insn = Instruction { bytes: [0; 15], len: 0, truncated_by: None };
+    match isa {
+        Isa::Riscv => {
+            if !pc.is_aligned(2) {
+                return Err(GuestVaError::Misaligned { gva: pc });
+            }
+            read_va_as(mem, paging, pc, &mut insn.bytes[..2], Access::Execute)?;
+            insn.len = 2;
+            if insn.bytes[0] & 0b11 == 0b11 {
+                let next = GuestVirtAddr::new(pc.as_u64().wrapping_add(2));
+                read_va_as(mem, paging, next, &mut insn.bytes[2..4], Access::Execute)?;
+                insn.len = 4;
+            }
+        }
+        Isa::X86 => {
+            let mut off = 0usize;
+            while off < 15 {
+                let va = GuestVirtAddr::new(pc.as_u64().wrapping_add(off as u64));
+                let t = match translate_gva(mem, paging, va, Access::Execute) {
+                    Ok(t) => t,
+                    Err(e) if off > 0 => {
+                        insn.truncated_by = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let n = (t.page_remaining.min((15 - off) as u64)) as usize;
+                if let Err(error) = mem.read_as(t.gpa, &mut insn.bytes[off..off + n], Access::Execute) {
+                    let e = GuestVaError::Memory { gva: va, access: Access::Execute, gpa: error.gpa(), error };
+                    if off == 0 {
+                        return Err(e);
+                    }
+                    insn.truncated_by = Some(e);
+                    break;
+                }
+                off += n;
+                insn.len = off as u8;
+            }
+        }
+    }
+    Ok(insn)
+}

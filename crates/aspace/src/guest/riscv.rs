@@ -1,0 +1,172 @@
+//! RISC-V Sv39/Sv48/Sv57 (the guest's VS-stage), walked in software (RISC-V Privileged §4.3.2).
+
+use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation};
+use crate::mem::GuestMemory;
+use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+
+/// PTE bits (RISC-V Privileged §4.3.1, Figure "Sv32 page table entry", same low bits in Sv39+).
+const V: u64 = 1 << 0;
+const R: u64 = 1 << 1;
+const W: u64 = 1 << 2;
+const X: u64 = 1 << 3;
+const U: u64 = 1 << 4;
+const A: u64 = 1 << 6;
+const D: u64 = 1 << 7;
+/// PPN, bits 53:10 (§4.4.1).
+const PPN_SHIFT: u32 = 10;
+const PPN_MASK: u64 = (1 << 44) - 1;
+/// Bits 60:54 are reserved for future standard use (§4.4.1).
+const RESERVED_60_54: u64 = 0x7f << 54;
+/// Bits 62:61 are PBMT with Svpbmt, reserved otherwise (§4.4.1, Svpbmt chapter).
+const PBMT: u64 = 0b11 << 61;
+/// Bit 63 is N with Svnapot, reserved otherwise.
+const N: u64 = 1 << 63;
+/// vsstatus.SUM (bit 18) and MXR (bit 19) (§3.1.6.3, as sstatus).
+const SSTATUS_SUM: u64 = 1 << 18;
+const SSTATUS_MXR: u64 = 1 << 19;
+
+/// The guest's VS-stage translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RiscvPaging {
+    /// Guest-physical address of the root table (vsatp.PPN × 4 KiB).
+    pub root: GuestPhysAddr,
+    /// 3 (Sv39), 4 (Sv48) or 5 (Sv57).
+    pub levels: u8,
+    /// vsstatus.SUM: supervisor loads/stores may touch U pages.
+    pub sum: bool,
+    /// vsstatus.MXR: loads from execute-only pages are allowed.
+    pub mxr: bool,
+    /// The access is made as VU-mode rather than VS-mode.
+    pub user: bool,
+    /// The hart updates A/D bits itself (Svadu with henvcfg.ADUE); otherwise (Svade) a clear A,
+    /// or a clear D on a store, is a page fault that the guest handles.
+    pub update_ad: bool,
+    /// Svpbmt is enabled for the guest (henvcfg.PBMTE): PTE bits 62:61 are PBMT, not reserved.
+    pub svpbmt: bool,
+}
+
+impl RiscvPaging {
+    /// Decodes vsatp (MODE bits 63:60: 0 Bare, 8 Sv39, 9 Sv48, 10 Sv57; PPN bits 43:0; §4.1.11)
+    /// and vsstatus (SUM, MXR). Accesses are VS-mode, A/D not updated by hardware (Svade), no
+    /// Svpbmt; change the fields to match the hart.
+    pub fn from_regs(vsatp: u64, vsstatus: u64) -> Result<GuestPaging, PagingModeError> {
+        let levels = match (vsatp >> 60) as u8 {
+            0 => return Ok(GuestPaging::Bare),
+            8 => 3,
+            9 => 4,
+            10 => 5,
+            m => return Err(PagingModeError::RiscvMode(m)),
+        };
+        let base = (vsatp & PPN_MASK) << 12;
+        let root = GuestPhysAddr::try_new(base).map_err(|_| PagingModeError::RootOutOfRange(base))?;
+        Ok(GuestPaging::Riscv(Self {
+            root,
+            levels,
+            sum: vsstatus & SSTATUS_SUM != 0,
+            mxr: vsstatus & SSTATUS_MXR != 0,
+            user: false,
+            update_ad: false,
+            svpbmt: false,
+        }))
+    }
+}
+
+pub(super) fn translate<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &RiscvPaging,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<Translation, GuestVaError> {
+    let mut last = None;
+    for _ in 0..4 {
+        match walk_once(mem, p, gva, access)? {
+            (t, false) => return Ok(t),
+            (t, true) => last = Some(t),
+        }
+    }
+    last.ok_or(GuestVaError::NonCanonical { gva, access })
+}
+
+fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &RiscvPaging, gva: GuestVirtAddr, access: Access) -> Result<(Translation, bool), GuestVaError> {
+    let va = gva.as_u64();
+    let levels = u32::from(p.levels.clamp(3, 5));
+    let fault = |kind, level: u32| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
+    // Bits 63:VABITS must equal bit VABITS-1, else a page fault (§4.4.1, §4.5.1, §4.6.1).
+    let va_bits = 12 + 9 * levels;
+    let shift = 64 - va_bits;
+    if ((va << shift) as i64 >> shift) as u64 != va {
+        return Err(GuestVaError::NonCanonical { gva, access });
+    }
+    let mut reserved = RESERVED_60_54 | N;
+    if !p.svpbmt {
+        reserved |= PBMT;
+    }
+    // Step 1: a = satp.ppn × PAGESIZE, i = LEVELS − 1 (§4.3.2). At most LEVELS reads: a cycle
+    // in the guest's tables cannot lengthen the walk.
+    let mut a = p.root;
+    for i in (0..levels).rev() {
+        let vpn = (va >> (12 + 9 * i)) & 0x1ff;
+        // Step 2: pte = the PTE at a + va.vpn[i] × PTESIZE.
+        let at = a.checked_add(vpn * 8).ok_or(fault(PageFaultKind::Reserved, i))?;
+        let mut b = [0u8; 8];
+        mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
+        let pte = u64::from_le_bytes(b);
+        // Step 3: V = 0, or W without R, or reserved bits: page fault.
+        if pte & V == 0 {
+            return Err(fault(PageFaultKind::NotPresent, i));
+        }
+        if (pte & R == 0 && pte & W != 0) || pte & reserved != 0 {
+            return Err(fault(PageFaultKind::Reserved, i));
+        }
+        let ppn = (pte >> PPN_SHIFT) & PPN_MASK;
+        // Step 4: R = X = 0 is a pointer to the next level.
+        if pte & (R | X) == 0 {
+            // For non-leaf PTEs, D, A and U are reserved (§4.3.1) and must be zero.
+            if pte & (D | A | U) != 0 {
+                return Err(fault(PageFaultKind::Reserved, i));
+            }
+            if i == 0 {
+                return Err(fault(PageFaultKind::NoLeaf, i));
+            }
+            a = GuestPhysAddr::try_new(ppn << 12).map_err(|_| fault(PageFaultKind::Reserved, i))?;
+            continue;
+        }
+        // Step 5: a leaf; check the access against R/W/X, U, SUM and MXR (§4.3.1, §4.3.2).
+        let rights = match access {
+            Access::Read => pte & R != 0 || (p.mxr && pte & X != 0),
+            Access::Write => pte & W != 0,
+            Access::Execute => pte & X != 0,
+        };
+        let mode_ok = if p.user {
+            pte & U != 0
+        } else {
+            pte & U == 0 || (access != Access::Execute && p.sum)
+        };
+        if !rights || !mode_ok {
+            return Err(fault(PageFaultKind::Protection, i));
+        }
+        // Step 6: a superpage must have its low PPN bits clear.
+        if i > 0 && ppn & ((1u64 << (9 * i)) - 1) != 0 {
+            return Err(fault(PageFaultKind::MisalignedSuperpage, i));
+        }
+        // Step 7: A, and D for a store.
+        let want = if access == Access::Write { A | D } else { A };
+        let mut raced = false;
+        if pte & want != want {
+            if !p.update_ad {
+                return Err(fault(PageFaultKind::AccessedDirty, i));
+            }
+            match mem.compare_exchange_u64(at, pte, pte | want) {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => raced = true,
+                Err(error) => return Err(GuestVaError::TableAccess { gva, access, entry: at, error }),
+            }
+        }
+        // Step 8: pa.pgoff = va.pgoff; a superpage takes the low VPNs from va.
+        let page = 1u64 << (12 + 9 * i);
+        let base = (ppn << 12) & !(page - 1);
+        let gpa = GuestPhysAddr::try_new(base | (va & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, i))?;
+        return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, raced));
+    }
+    Err(fault(PageFaultKind::NoLeaf, 0))
+}

@@ -1,0 +1,211 @@
+//! x86-64 4-level paging, walked in software (Intel SDM Vol. 3A 4.5, 4.6, 4.8).
+
+use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation};
+use crate::mem::GuestMemory;
+use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+
+/// CR0.PG, bit 31 (Intel SDM Vol. 3A 2.5).
+const CR0_PG: u64 = 1 << 31;
+/// CR0.WP, bit 16: supervisor writes honour read-only pages (SDM Vol. 3A 2.5, 4.6.1).
+const CR0_WP: u64 = 1 << 16;
+/// CR4.PAE, bit 5 (SDM Vol. 3A 2.5).
+const CR4_PAE: u64 = 1 << 5;
+/// CR4.LA57, bit 12: 5-level paging (SDM Vol. 3A 2.5).
+const CR4_LA57: u64 = 1 << 12;
+/// CR4.SMEP, bit 20 (SDM Vol. 3A 4.6.1).
+const CR4_SMEP: u64 = 1 << 20;
+/// CR4.SMAP, bit 21 (SDM Vol. 3A 4.6.1).
+const CR4_SMAP: u64 = 1 << 21;
+/// IA32_EFER.NXE, bit 11 (SDM Vol. 3A 2.2.1, Table 2-1... and 4.1.1).
+const EFER_NXE: u64 = 1 << 11;
+/// IA32_EFER.LMA, bit 10: IA-32e mode active.
+const EFER_LMA: u64 = 1 << 10;
+
+/// Paging-entry bits (SDM Vol. 3A 4.5, Tables 4-15 to 4-20).
+const P: u64 = 1 << 0;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const XD: u64 = 1 << 63;
+
+/// x86-64 4-level paging as the guest's registers set it up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct X86Paging {
+    /// Guest-physical address of the PML4 table (CR3 bits 51:12).
+    pub pml4: GuestPhysAddr,
+    /// CR0.WP: supervisor writes to read-only pages fault.
+    pub wp: bool,
+    /// IA32_EFER.NXE: bit 63 of entries is XD (else reserved).
+    pub nxe: bool,
+    /// CR4.SMEP: supervisor fetches from user pages fault.
+    pub smep: bool,
+    /// CR4.SMAP: supervisor data accesses to user pages fault (EFLAGS.AC is taken as 0).
+    pub smap: bool,
+    /// The access is made as user mode (CPL 3) rather than supervisor.
+    pub user: bool,
+    /// The guest's MAXPHYADDR: entry bits 51:MAXPHYADDR are reserved. 52 by default.
+    pub maxphyaddr: u8,
+    /// 1 GiB pages are supported (CPUID.80000001H:EDX.Page1GB); else PS in a PDPTE is reserved.
+    pub page_1g: bool,
+}
+
+impl X86Paging {
+    /// Decodes the guest's CR0, CR3, CR4 and IA32_EFER. Paging off gives [`GuestPaging::Bare`];
+    /// IA-32e 4-level paging gives [`GuestPaging::X86_64`]; 32-bit, PAE and 5-level paging are
+    /// refused. Accesses are supervisor-mode; see [`X86Paging::user`].
+    pub fn from_regs(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Result<GuestPaging, PagingModeError> {
+        if cr0 & CR0_PG == 0 {
+            return Ok(GuestPaging::Bare);
+        }
+        if efer & EFER_LMA == 0 || cr4 & CR4_PAE == 0 {
+            return Err(PagingModeError::X86NotLongMode);
+        }
+        if cr4 & CR4_LA57 != 0 {
+            return Err(PagingModeError::X86FiveLevel);
+        }
+        // CR3 bits 51:12 hold the PML4 address (SDM Vol. 3A 4.5.2, Table 4-12); the low bits are
+        // PCID or PWT/PCD.
+        let base = cr3 & 0x000f_ffff_ffff_f000;
+        let pml4 = GuestPhysAddr::try_new(base).map_err(|_| PagingModeError::RootOutOfRange(base))?;
+        Ok(GuestPaging::X86_64(Self {
+            pml4,
+            wp: cr0 & CR0_WP != 0,
+            nxe: efer & EFER_NXE != 0,
+            smep: cr4 & CR4_SMEP != 0,
+            smap: cr4 & CR4_SMAP != 0,
+            user: false,
+            maxphyaddr: 52,
+            page_1g: true,
+        }))
+    }
+
+    fn phys_mask(&self) -> u64 {
+        let m = self.maxphyaddr.clamp(32, 52);
+        (1u64 << m) - 1
+    }
+}
+
+fn read_entry<M: GuestMemory + ?Sized>(mem: &mut M, at: GuestPhysAddr, gva: GuestVirtAddr, access: Access) -> Result<u64, GuestVaError> {
+    let mut b = [0u8; 8];
+    mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
+    Ok(u64::from_le_bytes(b))
+}
+
+pub(super) fn translate<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &X86Paging,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<Translation, GuestVaError> {
+    let v = gva.as_u64();
+    // Canonical: bits 63:47 all equal (SDM Vol. 3A 3.3.7.1).
+    let top = (v as i64) >> 47;
+    if top != 0 && top != -1 {
+        return Err(GuestVaError::NonCanonical { gva, access });
+    }
+    // A/D updates race with the guest's own CPUs: retry the walk if an entry changed under us.
+    let mut last = None;
+    for _ in 0..4 {
+        match walk_once(mem, p, gva, access)? {
+            Walked::Done(t) => return Ok(t),
+            Walked::Raced(t) => last = Some(t),
+        }
+    }
+    // The entries kept changing; the translation itself was valid on the last walk.
+    last.ok_or(GuestVaError::NonCanonical { gva, access })
+}
+
+enum Walked {
+    Done(Translation),
+    Raced(Translation),
+}
+
+fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &X86Paging, gva: GuestVirtAddr, access: Access) -> Result<Walked, GuestVaError> {
+    let v = gva.as_u64();
+    let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
+    let phys = p.phys_mask();
+    // Bits 51:MAXPHYADDR of every entry are reserved (SDM Vol. 3A 4.5.4, Tables 4-14..4-20).
+    let mut common_rsvd = 0x000f_ffff_ffff_ffff & !phys & !0xfff;
+    if !p.nxe {
+        common_rsvd |= XD; // Bit 63 is reserved when IA32_EFER.NXE = 0.
+    }
+    let mut table = p.pml4;
+    let (mut rw, mut us, mut xd) = (true, true, false);
+    let mut path = [(GuestPhysAddr::ZERO, 0u64); 4];
+    let mut n = 0;
+    let mut result = None;
+    // Level 3 = PML4, 2 = PDPT, 1 = PD, 0 = PT. Four reads at most: a cycle in the guest's tables
+    // cannot make the walk longer.
+    for level in (0..4usize).rev() {
+        let idx = (v >> (12 + 9 * level)) & 0x1ff;
+        let at = table.checked_add(idx * 8).ok_or(fault(PageFaultKind::Reserved, level))?;
+        let e = read_entry(mem, at, gva, access)?;
+        path[n] = (at, e);
+        n += 1;
+        if e & P == 0 {
+            return Err(fault(PageFaultKind::NotPresent, level));
+        }
+        let is_leaf = level == 0 || (e & PS != 0 && (level == 1 || level == 2));
+        let mut rsvd = common_rsvd;
+        match level {
+            3 => rsvd |= PS,                       // PS is reserved in a PML4E (Table 4-15).
+            2 if e & PS != 0 && !p.page_1g => rsvd |= PS,
+            2 if e & PS != 0 => rsvd |= 0x3fff_e000, // 1 GiB page: bits 29:13 reserved (Table 4-16).
+            1 if e & PS != 0 => rsvd |= 0x1f_e000,   // 2 MiB page: bits 20:13 reserved (Table 4-18).
+            _ => {}
+        }
+        if e & rsvd != 0 {
+            return Err(fault(PageFaultKind::Reserved, level));
+        }
+        rw &= e & RW != 0;
+        us &= e & US != 0;
+        xd |= p.nxe && e & XD != 0;
+        if is_leaf {
+            let page = 1u64 << (12 + 9 * level);
+            let base = e & phys & !(page - 1) & 0x000f_ffff_ffff_f000;
+            let gpa = GuestPhysAddr::try_new(base | (v & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, level))?;
+            result = Some((gpa, page - (v & (page - 1)), level));
+            break;
+        }
+        let next = e & phys & 0x000f_ffff_ffff_f000;
+        table = GuestPhysAddr::try_new(next).map_err(|_| fault(PageFaultKind::Reserved, level))?;
+    }
+    let Some((gpa, page_remaining, leaf_level)) = result else {
+        return Err(fault(PageFaultKind::NotPresent, 0));
+    };
+    // Access rights (SDM Vol. 3A 4.6.1).
+    let ok = match access {
+        Access::Read => if p.user { us } else { !(us && p.smap) },
+        Access::Write => {
+            if p.user {
+                us && rw
+            } else {
+                !(us && p.smap) && (rw || !p.wp)
+            }
+        }
+        Access::Execute => !xd && if p.user { us } else { !(us && p.smep) },
+    };
+    if !ok {
+        return Err(fault(PageFaultKind::Protection, leaf_level));
+    }
+    // Accessed flag in every entry used, dirty flag in the leaf for a write (SDM Vol. 3A 4.8),
+    // with a locked compare-exchange as the processor does.
+    let mut raced = false;
+    for (i, &(at, e)) in path[..n].iter().enumerate() {
+        let mut want = A;
+        if i == n - 1 && access == Access::Write {
+            want |= D;
+        }
+        if e & want != want {
+            match mem.compare_exchange_u64(at, e, e | want) {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => raced = true,
+                Err(error) => return Err(GuestVaError::TableAccess { gva, access, entry: at, error }),
+            }
+        }
+    }
+    let t = Translation { gpa, page_remaining };
+    Ok(if raced { Walked::Raced(t) } else { Walked::Done(t) })
+}

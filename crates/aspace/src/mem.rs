@@ -1,0 +1,395 @@
+//! Guest memory by guest-physical address: the consumer trait and the address space's copies.
+
+use crate::error::Failed;
+use crate::flush::SpaceFlush;
+use crate::region::{Backend, Region};
+use crate::space::{AddressSpace, PAGE};
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use twostage_npt::{Access, FrameAllocator, Format, GuestPhysAddr, HostPhysAddr, Invalidation, MappingFlags};
+
+/// Why a guest-memory access by guest-physical address failed. Each names the first address
+/// that could not be reached and the access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestMemError {
+    /// No region covers the address.
+    Unmapped {
+        /// The address.
+        gpa: GuestPhysAddr,
+        /// The access.
+        access: Access,
+    },
+    /// The address is MMIO: only the device model can answer.
+    Mmio {
+        /// The address.
+        gpa: GuestPhysAddr,
+        /// The access.
+        access: Access,
+    },
+    /// The region forbids the access.
+    Forbidden {
+        /// The address.
+        gpa: GuestPhysAddr,
+        /// The access.
+        access: Access,
+        /// The region's rights.
+        rights: MappingFlags,
+    },
+    /// No frame could be had to back (or privately copy) the page.
+    OutOfMemory {
+        /// The page's address.
+        gpa: GuestPhysAddr,
+    },
+    /// `gpa + len` leaves the guest-physical address space.
+    Overflow {
+        /// The start.
+        gpa: GuestPhysAddr,
+        /// The length.
+        len: u64,
+    },
+    /// An atomic access was not naturally aligned.
+    Misaligned {
+        /// The address.
+        gpa: GuestPhysAddr,
+    },
+}
+
+impl GuestMemError {
+    /// The address the error is about.
+    pub fn gpa(&self) -> GuestPhysAddr {
+        match *self {
+            Self::Unmapped { gpa, .. }
+            | Self::Mmio { gpa, .. }
+            | Self::Forbidden { gpa, .. }
+            | Self::OutOfMemory { gpa }
+            | Self::Overflow { gpa, .. }
+            | Self::Misaligned { gpa } => gpa,
+        }
+    }
+}
+
+impl fmt::Display for GuestMemError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unmapped { gpa, access } => write!(f, "{access} at {gpa}: no region"),
+            Self::Mmio { gpa, access } => write!(f, "{access} at {gpa}: MMIO"),
+            Self::Forbidden { gpa, access, rights } => write!(f, "{access} at {gpa}: region allows only {rights}"),
+            Self::OutOfMemory { gpa } => write!(f, "no frame to back {gpa}"),
+            Self::Overflow { gpa, len } => write!(f, "{gpa} + {len:#x} leaves the address space"),
+            Self::Misaligned { gpa } => write!(f, "atomic access at {gpa} is misaligned"),
+        }
+    }
+}
+
+/// Plain old data: a type for which every bit pattern is a valid value.
+///
+/// # Safety
+/// The type must have no padding, no invalid bit patterns (no `bool`, `char`, enums,
+/// references or pointers) and no drop glue.
+pub unsafe trait Pod: Copy + 'static {}
+
+macro_rules! pod {
+    ($($t:ty),*) => { $(
+        // SAFETY: a primitive integer: no padding, every bit pattern valid.
+        unsafe impl Pod for $t {}
+    )* };
+}
+pod!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize);
+// SAFETY: an array of `Pod` has no padding between elements and every bit pattern is valid.
+unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
+
+/// Reads and writes guest memory by guest-physical address: the small trait that hypervisor
+/// code (instruction emulation, virtio, loaders) sees. Region and page crossings are handled
+/// inside; an access either completes or returns an error naming the first unreachable address
+/// (a failed read leaves `buf` partly filled; a failed write may have written a prefix).
+pub trait GuestMemory {
+    /// Reads `buf.len()` bytes at `gpa` as an access of kind `access` (read, or execute for
+    /// instruction fetch), checked against the region's rights.
+    fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError>;
+
+    /// Writes `buf` at `gpa` (the regions must allow writing).
+    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError>;
+
+    /// Atomically replaces the 8-byte-aligned word at `gpa` by `new` if it equals `current`;
+    /// returns the value found (`Ok(current)` when it was replaced). Used to update the A/D bits
+    /// of the guest's own page-table entries.
+    fn compare_exchange_u64(&mut self, gpa: GuestPhysAddr, current: u64, new: u64) -> Result<Result<u64, u64>, GuestMemError>;
+
+    /// Reads `buf.len()` bytes at `gpa`.
+    fn read(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        self.read_as(gpa, buf, Access::Read)
+    }
+
+    /// Reads a plain-old-data value at `gpa` (any alignment).
+    fn read_obj<T: Pod>(&mut self, gpa: GuestPhysAddr) -> Result<T, GuestMemError>
+    where
+        Self: Sized,
+    {
+        // SAFETY: `T: Pod`, so the all-zero pattern is a valid `T`.
+        let mut v: T = unsafe { core::mem::zeroed() };
+        // SAFETY: `v` is a live `T` of `size_of::<T>()` bytes; any bytes written into it make a
+        // valid `T` (`Pod`).
+        let bytes = unsafe { core::slice::from_raw_parts_mut((&raw mut v).cast::<u8>(), core::mem::size_of::<T>()) };
+        self.read(gpa, bytes)?;
+        Ok(v)
+    }
+
+    /// Writes a plain-old-data value at `gpa` (any alignment).
+    fn write_obj<T: Pod>(&mut self, gpa: GuestPhysAddr, v: &T) -> Result<(), GuestMemError>
+    where
+        Self: Sized,
+    {
+        // SAFETY: `T: Pod` has no padding, so all its `size_of::<T>()` bytes are initialized.
+        let bytes = unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) };
+        self.write(gpa, bytes)
+    }
+
+    /// The seed design's name for [`GuestMemory::read`].
+    fn copy_from_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        self.read(gpa, buf)
+    }
+
+    /// The seed design's name for [`GuestMemory::write`].
+    fn copy_to_guest(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
+        self.write(gpa, buf)
+    }
+}
+
+/// Host pointer runs: calls `f(host_ptr, offset_in_buf, len)` for maximal runs of `len` bytes
+/// at `hpa` that are contiguous in the hypervisor's view (frames whose `phys_to_virt` pointers
+/// follow each other), so a large copy is a few `memcpy`s rather than one per page.
+fn for_host_runs<A: FrameAllocator>(alloc: &A, hpa: HostPhysAddr, len: u64, mut f: impl FnMut(*mut u8, usize, usize)) {
+    let mut done = 0u64;
+    while done < len {
+        let start = hpa + done;
+        let base = alloc.phys_to_virt(start).as_ptr();
+        let mut run = (PAGE - start.offset_in(PAGE)).min(len - done);
+        while done + run < len {
+            let next = start + run;
+            // SAFETY: only address arithmetic, compared and never dereferenced here.
+            if alloc.phys_to_virt(next).as_ptr() != base.wrapping_add(run as usize) {
+                break;
+            }
+            run += PAGE.min(len - done - run);
+        }
+        f(base, done as usize, run as usize);
+        done += run;
+    }
+}
+
+impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// The region containing `gpa` for an access, or the error that access gets.
+    fn region_for(&self, gpa: GuestPhysAddr, access: Access, check_rights: bool) -> Result<&Region, GuestMemError> {
+        let r = self.region_at(gpa).ok_or(GuestMemError::Unmapped { gpa, access })?;
+        if r.backend == Backend::Mmio {
+            return Err(GuestMemError::Mmio { gpa, access });
+        }
+        if check_rights && !r.flags.allows(access) {
+            return Err(GuestMemError::Forbidden { gpa, access, rights: r.flags.rights() });
+        }
+        Ok(r)
+    }
+
+    /// Splits `gpa..gpa+len` into pieces that each lie in one region (and, for anonymous
+    /// regions, one page); checks every piece before any is used.
+    fn check_span(&self, gpa: GuestPhysAddr, len: usize, access: Access, check_rights: bool) -> Result<(), GuestMemError> {
+        let len = len as u64;
+        let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
+        let mut cur = gpa;
+        while cur < end {
+            let r = self.region_for(cur, access, check_rights)?;
+            cur = r.range.end.min(end);
+        }
+        Ok(())
+    }
+
+    /// Reads guest memory at `gpa` (the seed's `copy_from_guest`). Pages of a demand-zero region
+    /// that were never touched read as zeros and stay untouched: a read does not populate.
+    pub fn copy_from_guest(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
+        self.read_as(gpa, buf, Access::Read)
+    }
+
+    /// [`AddressSpace::copy_from_guest`] as an access of kind `access` (execute for fetches).
+    pub fn read_as(&self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
+        self.check_span(gpa, buf.len(), access, true)?;
+        let mut off = 0usize;
+        while off < buf.len() {
+            let cur = gpa + off as u64;
+            let r = self.region_for(cur, access, true)?;
+            let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
+            let n = if let Some(hpa) = r.linear_hpa(cur) {
+                let dst = &mut buf[off..off + in_region as usize];
+                for_host_runs(&self.alloc, hpa, in_region, |src, o, n| {
+                    // SAFETY: `src..src+n` lies in frames the allocator's `phys_to_virt` reaches
+                    // (a linear region's host memory must be reachable: see `Backend::Linear`);
+                    // `dst` is our own buffer, which guest memory cannot overlap.
+                    unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) }
+                });
+                in_region as usize
+            } else {
+                let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
+                let page = cur.align_down(PAGE);
+                let frame = self.table.query(page).map(|l| l.translate(page)).or_else(|| self.parked.get(&page).copied());
+                let dst = &mut buf[off..off + n];
+                match frame {
+                    Some(hpa) => {
+                        let src = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
+                        // SAFETY: the frame is owned or shared by this space (it is mapped or
+                        // parked), so it stays allocated while `&self` is held; `n` stays in it.
+                        unsafe { core::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), n) }
+                    }
+                    None => dst.fill(0),
+                }
+                n
+            };
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Makes sure anonymous page `page` of `r` has a private frame (populating it, or copying
+    /// it if shared), and returns the frame.
+    fn private_frame(&mut self, r: &Region, page: GuestPhysAddr, flush: &mut SpaceFlush<F>) -> Result<HostPhysAddr, GuestMemError> {
+        let oom = GuestMemError::OutOfMemory { gpa: page };
+        for _ in 0..3 {
+            match self.table.query(page) {
+                None => flush.add(self.map_anon_page(r, page).map_err(|()| oom)?),
+                Some(leaf) if self.refs.count(leaf.hpa) > 1 => {
+                    let copied = self.break_cow(r, page, leaf.hpa).map_err(|()| oom)?;
+                    *flush = core::mem::replace(flush, SpaceFlush::none()).merge(copied);
+                }
+                Some(leaf) => return Ok(leaf.hpa),
+            }
+        }
+        Err(oom)
+    }
+
+    /// Writes guest memory at `gpa` (the seed's `copy_to_guest`), as the guest would: the
+    /// regions must allow writing. Untouched demand-zero pages are populated (it is the guest's
+    /// memory), shared copy-on-write pages are copied first, and the dirty log records the pages.
+    pub fn copy_to_guest(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
+        self.write_inner(gpa, buf, true)
+    }
+
+    /// Like [`AddressSpace::copy_to_guest`] but ignoring the regions' rights (MMIO still refused):
+    /// for loading firmware or code into a read-only or execute-only region.
+    pub fn load_image(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
+        self.write_inner(gpa, buf, false)
+    }
+
+    fn write_inner(&mut self, gpa: GuestPhysAddr, buf: &[u8], check: bool) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
+        let mut flush = SpaceFlush::none();
+        if let Err(error) = self.check_span(gpa, buf.len(), Access::Write, check) {
+            return Err(Failed { error, flush });
+        }
+        let mut off = 0usize;
+        while off < buf.len() {
+            let cur = gpa + off as u64;
+            let r = match self.region_for(cur, Access::Write, check) {
+                Ok(r) => r.clone(),
+                Err(error) => return Err(Failed { error, flush }),
+            };
+            let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
+            let n = if let Some(hpa) = r.linear_hpa(cur) {
+                let src = &buf[off..off + in_region as usize];
+                for_host_runs(&self.alloc, hpa, in_region, |dst, o, n| {
+                    // SAFETY: as in `read_as`; `src` is the caller's buffer, not guest memory.
+                    unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
+                });
+                in_region as usize
+            } else {
+                let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
+                let page = cur.align_down(PAGE);
+                let hpa = match self.private_frame(&r, page, &mut flush) {
+                    Ok(h) => h,
+                    Err(error) => return Err(Failed { error, flush }),
+                };
+                let dst = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
+                // SAFETY: `hpa` is a private frame of this space (count 1, mapped), held by
+                // `&mut self`; `n` bytes stay inside it; `buf` is not guest memory.
+                unsafe { core::ptr::copy_nonoverlapping(buf[off..].as_ptr(), dst, n) };
+                n
+            };
+            self.note_written(cur, n as u64);
+            off += n;
+        }
+        Ok(flush)
+    }
+
+    /// Atomic compare-and-exchange of the aligned 64-bit word at `gpa` (populating or copying
+    /// its page first, like a write). Returns the value found.
+    #[allow(clippy::type_complexity)]
+    pub fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<(Result<u64, u64>, SpaceFlush<F>), Failed<GuestMemError, F>> {
+        let mut flush = SpaceFlush::none();
+        if !gpa.is_aligned(8) {
+            return Err(Failed { error: GuestMemError::Misaligned { gpa }, flush });
+        }
+        let r = match self.region_for(gpa, Access::Write, true) {
+            Ok(r) => r.clone(),
+            Err(error) => return Err(Failed { error, flush }),
+        };
+        let hpa = match r.linear_hpa(gpa) {
+            Some(h) => h,
+            None => match self.private_frame(&r, gpa.align_down(PAGE), &mut flush) {
+                Ok(h) => h + gpa.offset_in(PAGE),
+                Err(error) => return Err(Failed { error, flush }),
+            },
+        };
+        let p = self.alloc.phys_to_virt(hpa).as_ptr().cast::<u64>();
+        // SAFETY: `p` is 8-byte aligned (gpa is, and frames are page-aligned in both views), in
+        // a frame this space owns or was given; guest CPUs access it concurrently only through
+        // atomic-compatible hardware accesses.
+        let atom = unsafe { AtomicU64::from_ptr(p) };
+        let res = atom.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
+        if res.is_ok() && current != new {
+            self.note_written(gpa, 8);
+        }
+        Ok((res, flush))
+    }
+
+    /// A [`GuestMemory`] view of this space that carries out each change's flush with
+    /// `invalidate` before returning.
+    pub fn memory<I: FnMut(&Invalidation<'_>)>(&mut self, invalidate: I) -> SpaceMemory<'_, F, A, I> {
+        SpaceMemory { space: self, invalidate }
+    }
+}
+
+/// [`GuestMemory`] over a borrowed [`AddressSpace`]; see [`AddressSpace::memory`].
+pub struct SpaceMemory<'a, F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> {
+    space: &'a mut AddressSpace<F, A>,
+    invalidate: I,
+}
+
+impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> SpaceMemory<'_, F, A, I> {
+    fn settle<T>(&mut self, r: Result<(T, SpaceFlush<F>), Failed<GuestMemError, F>>) -> Result<T, GuestMemError> {
+        match r {
+            Ok((v, flush)) => {
+                self.space.flush(flush, &mut self.invalidate);
+                Ok(v)
+            }
+            Err(Failed { error, flush }) => {
+                self.space.flush(flush, &mut self.invalidate);
+                Err(error)
+            }
+        }
+    }
+}
+
+impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> GuestMemory for SpaceMemory<'_, F, A, I> {
+    fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
+        self.space.read_as(gpa, buf, access)
+    }
+    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
+        let r = self.space.copy_to_guest(gpa, buf).map(|f| ((), f));
+        self.settle(r)
+    }
+    fn compare_exchange_u64(&mut self, gpa: GuestPhysAddr, current: u64, new: u64) -> Result<Result<u64, u64>, GuestMemError> {
+        let r = self.space.compare_exchange_u64(gpa, current, new);
+        self.settle(r)
+    }
+}

@@ -1,0 +1,253 @@
+//! Regions, faults, fork, dirty logging and GPA copies on a small fake machine.
+
+mod common;
+use common::*;
+use twostage_aspace::*;
+use twostage_npt::{Access, AdMode, Ept4, HostPhysAddr, MappingFlags, NestedPageFaultInfo, Sv39x4};
+
+type Space<F> = AddressSpace<F, Ram>;
+
+#[test]
+fn demand_zero_faults_allocate_zeroed_frames() {
+    let ram = ram(256);
+    let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (id, f) = s.add_region("ram", range(0x8000_0000, 0x10000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let before = ram.frames_in_use();
+    assert_eq!(guest_read(&mut s, &ram, 0x8000_1008), 0);
+    assert_eq!(ram.frames_in_use(), before + 1 + 2, "one data frame and two tables (Sv39x4 levels 1 and 0)");
+    guest_write(&mut s, &ram, 0x8000_1008, 0xdead_beef);
+    assert_eq!(guest_read(&mut s, &ram, 0x8000_1008), 0xdead_beef);
+    let mut buf = [0u8; 8];
+    s.copy_from_guest(gpa(0x8000_1008), &mut buf).unwrap();
+    assert_eq!(u64::from_le_bytes(buf), 0xdead_beef);
+    assert_eq!(s.stats().frames_allocated, 1);
+    // Removing frees the frame once flushed.
+    let f = s.remove_region(id).unwrap();
+    assert_eq!(f.released_frames().len(), 1);
+    s.flush_unloaded(f);
+    drop(s);
+    assert_eq!(ram.frames_in_use(), 0, "every frame freed");
+}
+
+#[test]
+fn overlap_is_refused_naming_both_regions() {
+    let ram = ram(64);
+    let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
+    let (_, f) = s.add_region("low", range(0x0, 0x4000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let err = s.add_region("uart", range(0x3000, 0x1000), RW, Backend::Mmio).unwrap_err();
+    match err {
+        AddRegionError::Overlap { name, range: r, existing } => {
+            assert_eq!(name, "uart");
+            assert_eq!(r, range(0x3000, 0x1000));
+            assert_eq!(existing.name, "low");
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = format!("{err}");
+    assert!(text.contains("uart") && text.contains("low"), "{text}");
+    // Adjacent is fine.
+    let (_, f) = s.add_region("uart", range(0x4000, 0x1000), RW, Backend::Mmio).unwrap();
+    s.flush_unloaded(f);
+    assert!(matches!(s.add_region("x", range(0x1001, 0x1000), RW, Backend::Mmio), Err(AddRegionError::Misaligned { .. })));
+}
+
+#[test]
+fn outcomes_mmio_violation_unmapped() {
+    let ram = ram(64);
+    let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (uart, f) = s.add_region("uart", range(0x1000_0000, 0x1000), RW, Backend::Mmio).unwrap();
+    s.flush_unloaded(f);
+    let (rom, f) = s.add_region("rom", range(0x2000_0000, 0x1000), MappingFlags::RX, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    match s.handle_fault(NestedPageFaultInfo::new(gpa(0x1000_0004), Access::Write)) {
+        FaultOutcome::Mmio { gpa: g, access, region } => {
+            assert_eq!((g, access, region), (gpa(0x1000_0004), Access::Write, uart));
+        }
+        other => panic!("{other:?}"),
+    }
+    match s.handle_fault(NestedPageFaultInfo::new(gpa(0x2000_0010), Access::Write)) {
+        FaultOutcome::Violation { gpa: g, access, rights, region } => {
+            assert_eq!((g, access, rights, region), (gpa(0x2000_0010), Access::Write, MappingFlags::RX, rom));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        s.handle_fault(NestedPageFaultInfo::new(gpa(0x3000_0000), Access::Read)),
+        FaultOutcome::Unmapped { .. }
+    ));
+    // Execute on the ROM works and maps it executable.
+    guest_access(&mut s, &ram, gpa(0x2000_0000), Access::Execute, 0);
+    assert_eq!(s.table().query(gpa(0x2000_0000)).unwrap().flags.rights(), MappingFlags::RX);
+}
+
+#[test]
+fn linear_regions_use_huge_pages_and_copies_reach_host_memory() {
+    let ram = ram(2048);
+    let host = ram.allocate_frames_for_test(1024, 512);
+    let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
+    let (_, f) = s.add_region("pass", range(0x4000_0000, 4 << 20), RW, Backend::Linear { host }).unwrap();
+    s.flush_unloaded(f);
+    let leaf = s.table().query(gpa(0x4000_0000)).unwrap();
+    assert_eq!(leaf.size, twostage_npt::PageSize::Size2M);
+    let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| i as u8).collect();
+    let f = s.copy_to_guest(gpa(0x401f_f000), &data).unwrap();
+    s.flush_unloaded(f);
+    let mut back = vec![0u8; data.len()];
+    ram.read_bytes(host.as_u64() + 0x1f_f000, &mut back);
+    assert_eq!(back, data);
+    let mut back2 = vec![0u8; data.len()];
+    s.copy_from_guest(gpa(0x401f_f000), &mut back2).unwrap();
+    assert_eq!(back2, data);
+    let text = s.to_string();
+    assert!(text.contains("linear") && text.contains("2x2M"), "{text}");
+}
+
+#[test]
+fn copies_cross_regions_and_pages_and_name_the_failing_address() {
+    let ram = ram(256);
+    let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    for (name, start) in [("a", 0x10_0000u64), ("b", 0x10_4000)] {
+        let (_, f) = s.add_region(name, range(start, 0x4000), RW, Backend::DemandZero).unwrap();
+        s.flush_unloaded(f);
+    }
+    let data: Vec<u8> = (0..0x5000u32).map(|i| (i * 7) as u8).collect();
+    let f = s.copy_to_guest(gpa(0x10_1800), &data).unwrap();
+    s.flush_unloaded(f);
+    let mut back = vec![0u8; data.len()];
+    s.copy_from_guest(gpa(0x10_1800), &mut back).unwrap();
+    assert_eq!(back, data);
+    // The guest sees the same bytes.
+    let w = guest_read(&mut s, &ram, 0x10_4000);
+    assert_eq!(w.to_le_bytes(), data[0x2800..0x2808]);
+    // Past the end: the error names the first unmapped address; nothing was written.
+    let err = s.copy_to_guest(gpa(0x10_7000), &[1u8; 0x2000]).unwrap_err();
+    assert_eq!(err.error, GuestMemError::Unmapped { gpa: gpa(0x10_8000), access: Access::Write });
+    s.flush_unloaded(err.flush);
+    let mut one = [9u8; 1];
+    s.copy_from_guest(gpa(0x10_7000), &mut one).unwrap();
+    assert_eq!(one, [0]);
+    // Reads of untouched pages are zeros and do not populate.
+    let before = ram.frames_in_use();
+    let mut z = [1u8; 64];
+    s.copy_from_guest(gpa(0x10_7000), &mut z).unwrap();
+    assert_eq!(z, [0u8; 64]);
+    assert_eq!(ram.frames_in_use(), before);
+    let err = s.copy_from_guest(gpa(u64::MAX >> 5), &mut z).unwrap_err();
+    assert!(matches!(err, GuestMemError::Overflow { .. }), "{err:?}");
+}
+
+#[test]
+fn fork_isolates_writes_and_accounts_frames() {
+    let ram = ram(512);
+    let mut p: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (_, f) = p.add_region("ram", range(0x8000_0000, 0x20000), RW, Backend::DemandZero).unwrap();
+    p.flush_unloaded(f);
+    for i in 0..8 {
+        guest_write(&mut p, &ram, 0x8000_0000 + i * 0x1000, 100 + i);
+    }
+    let frames_before = ram.frames_in_use();
+    let (mut c, f) = p.fork().unwrap();
+    p.flush(f, |_| {});
+    // Only the child's tables were allocated: no data frame was copied.
+    assert_eq!(ram.frames_in_use() - frames_before, 4 + 2, "fork must allocate only the child's root (16 KiB) and two tables");
+    assert_eq!(p.frame_refs().count(p.table().query(gpa(0x8000_0000)).unwrap().hpa), 2);
+    guest_write(&mut p, &ram, 0x8000_0000, 1);
+    guest_write(&mut c, &ram, 0x8000_1000, 2);
+    assert_eq!(guest_read(&mut p, &ram, 0x8000_0000), 1);
+    assert_eq!(guest_read(&mut c, &ram, 0x8000_0000), 100);
+    assert_eq!(guest_read(&mut p, &ram, 0x8000_1000), 101);
+    assert_eq!(guest_read(&mut c, &ram, 0x8000_1000), 2);
+    // A page untouched before the fork is private and zero on both sides.
+    guest_write(&mut c, &ram, 0x8001_0000, 7);
+    assert_eq!(guest_read(&mut p, &ram, 0x8001_0000), 0);
+    // The last holder only regains the write right.
+    let copies = c.stats().cow_copies;
+    drop(p);
+    guest_write(&mut c, &ram, 0x8000_2000, 3);
+    assert_eq!(c.stats().cow_copies, copies, "last holder must not copy");
+    assert_eq!(guest_read(&mut c, &ram, 0x8000_2000), 3);
+    drop(c);
+    assert_eq!(ram.frames_in_use(), 0);
+}
+
+fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
+    let ram = ram(1024);
+    let host = ram.allocate_frames_for_test(512, 512);
+    let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(ad)).unwrap();
+    let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let (_, f) = s.add_region("pass", range(0x20_0000, 2 << 20), RW, Backend::Linear { host }).unwrap();
+    s.flush_unloaded(f);
+    guest_write(&mut s, &ram, 0x3000, 1);
+    let (mode, f) = s.start_dirty_log(range(0, 4 << 20)).unwrap();
+    assert_eq!(mode, want);
+    s.flush(f, |_| {});
+    guest_write(&mut s, &ram, 0x3000, 2);
+    guest_write(&mut s, &ram, 0x5000, 2);
+    guest_read(&mut s, &ram, 0x6000);
+    guest_write(&mut s, &ram, 0x20_3000, 2);
+    let f = s.copy_to_guest(gpa(0x8ff8), &[1u8; 16]).unwrap();
+    s.flush(f, |_| {});
+    let (bits, f) = s.harvest_dirty().unwrap();
+    s.flush(f, |_| {});
+    let got: Vec<u64> = bits.iter().map(|g| g.as_u64()).collect();
+    assert_eq!(got, vec![0x3000, 0x5000, 0x8000, 0x9000, 0x20_3000]);
+    // Re-armed: only new writes show.
+    guest_write(&mut s, &ram, 0x5000, 3);
+    guest_read(&mut s, &ram, 0x3000);
+    let (bits, f) = s.harvest_dirty().unwrap();
+    s.flush(f, |_| {});
+    assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x5000]);
+    let f = s.stop_dirty_log().unwrap();
+    s.flush(f, |_| {});
+    assert!(s.table().query(gpa(0x3000)).unwrap().flags.contains(MappingFlags::WRITE));
+    drop(s);
+    // SAFETY: test-only frames from allocate_frames_for_test, no longer mapped.
+    unsafe { twostage_npt::FrameAllocator::deallocate_frames(&*ram, host, 512) };
+    assert_eq!(ram.frames_in_use(), 0);
+}
+
+#[test]
+fn dirty_log_with_hardware_dirty_bits() {
+    dirty_log_reports_exactly_written_pages(AdMode::Hardware, DirtyMode::DirtyBits);
+}
+
+#[test]
+fn dirty_log_with_write_protection() {
+    dirty_log_reports_exactly_written_pages(AdMode::Preset, DirtyMode::WriteProtect);
+}
+
+#[test]
+fn out_of_memory_is_reported_and_nothing_leaks() {
+    let ram = ram(256);
+    let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (id, f) = s.add_region("ram", range(0x8000_0000, 0x40000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    ram.fail_after(0);
+    assert!(matches!(
+        s.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_0000), Access::Write)),
+        FaultOutcome::OutOfMemory { .. }
+    ));
+    ram.heal();
+    ram.fail_after(10);
+    let err = s.populate(id).unwrap_err();
+    assert!(matches!(err.error, PopulateError::OutOfMemory { .. }));
+    s.flush_unloaded(err.flush);
+    ram.heal();
+    let f = s.populate(id).unwrap();
+    s.flush_unloaded(f);
+    assert_eq!(s.stats().frames_allocated, 64);
+    drop(s);
+    assert_eq!(ram.frames_in_use(), 0);
+}
+
+trait TestFrames {
+    fn allocate_frames_for_test(&self, n: usize, align: usize) -> HostPhysAddr;
+}
+impl TestFrames for Ram {
+    fn allocate_frames_for_test(&self, n: usize, align: usize) -> HostPhysAddr {
+        twostage_npt::FrameAllocator::allocate_frames(&**self, n, align).unwrap()
+    }
+}

@@ -1,0 +1,249 @@
+//! Coherence: a flush token that is dropped leaves a stale translation that the spec model's TLB
+//! still serves; carrying it out removes it. This is what makes the tokens worth their types.
+
+use twostage_npt::ept::{EptCapabilities, EptPointer};
+use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
+use twostage_npt::testing::HostRam;
+use twostage_npt::*;
+use twostage_spec_model as model;
+use twostage_spec_model::{Gpa, Hpa, PhysMem};
+
+struct Ram<'a>(&'a HostRam);
+impl PhysMem for Ram<'_> {
+    fn read_u64(&mut self, pa: Hpa) -> Option<u64> {
+        self.0.contains(pa.0, 8).then(|| self.0.read_u64(pa.0))
+    }
+    fn write_u64(&mut self, pa: Hpa, v: u64) -> Option<()> {
+        self.0.contains(pa.0, 8).then(|| self.0.write_u64(pa.0, v))
+    }
+}
+
+const CAP: u64 = 0xf0106334141;
+const PAGE: u64 = 0x8000_0000;
+const FRAME: u64 = 0x10_0000_0000;
+
+#[test]
+fn ept_unmap_without_invept_leaves_a_stale_translation() {
+    let ram = HostRam::new(64);
+    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+    let caps = EptCapabilities::new(CAP, 46);
+    let eptp = EptPointer::for_table(&t, &caps).unwrap().bits();
+    let mcaps = model::ept::EptCaps::from_msr(CAP, 46);
+    let mut tlb = model::tlb::EptTlb::new();
+    let gla = model::ept::GuestLinear::NONE;
+    let read = model::ept::EptAccess::READ;
+
+    t.map(
+        GuestPhysAddr::new(PAGE),
+        HostPhysAddr::new(FRAME),
+        4096,
+        MappingFlags::RW,
+        MapSize::Largest,
+    )
+    .unwrap()
+    .ignore();
+    assert_eq!(
+        tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
+            .unwrap()
+            .hpa,
+        Hpa(FRAME)
+    );
+
+    let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
+    assert_eq!(
+        flush.invalidation(),
+        Invalidation::InveptSingleContext { root: t.root() }
+    );
+    // Dropped: the tables say "not present", the TLB still translates.
+    flush.ignore();
+    assert!(model::ept::walk(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
+    assert_eq!(
+        tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
+            .unwrap()
+            .hpa,
+        Hpa(FRAME),
+        "the model must catch a missing INVEPT"
+    );
+
+    // Done right this time.
+    t.map(
+        GuestPhysAddr::new(PAGE),
+        HostPhysAddr::new(FRAME),
+        4096,
+        MappingFlags::RW,
+        MapSize::Largest,
+    )
+    .unwrap()
+    .ignore();
+    let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
+    let our_root = t.root();
+    t.flush(flush, |inv| match inv {
+        Invalidation::InveptSingleContext { root } => {
+            // The token names the table by its root: the EPTP to invalidate is this one.
+            assert_eq!(*root, our_root);
+            tlb.invept_single_context(eptp)
+        }
+        other => panic!("{other:?}"),
+    });
+    assert!(tlb
+        .translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
+        .is_err());
+}
+
+fn gstage_setup(ram: &HostRam) -> (PageTable<Sv39x4, &HostRam>, u64) {
+    let t = PageTable::<Sv39x4, _>::new(ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    let caps = HgatpCapabilities {
+        sv39x4: true,
+        sv48x4: false,
+        sv57x4: false,
+        vmid_bits: 7,
+    };
+    let hgatp = Hgatp::for_table(&t, 3, &caps).unwrap().bits();
+    (t, hgatp)
+}
+
+#[test]
+fn gstage_protect_without_hfence_still_allows_the_write() {
+    let ram = HostRam::new(64);
+    let (mut t, hgatp) = gstage_setup(&ram);
+    let cfg = model::gstage::GstageConfig {
+        hw_ad_update: true,
+        ..Default::default()
+    };
+    let mut tlb = model::tlb::GstageTlb::new();
+    let w = model::Access::Write;
+    t.map(
+        GuestPhysAddr::new(PAGE),
+        HostPhysAddr::new(FRAME),
+        4096,
+        MappingFlags::RW,
+        MapSize::Largest,
+    )
+    .unwrap()
+    .ignore();
+    tlb.hfence_gvma(None, Some(3));
+    assert!(tlb
+        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
+        .is_ok());
+
+    let flush = t
+        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ)
+        .unwrap();
+    let Invalidation::GvmaAddresses { addrs, .. } = flush.invalidation() else {
+        panic!("a leaf change is fenced by address")
+    };
+    assert_eq!(addrs, &[GuestPhysAddr::new(PAGE)]);
+    flush.ignore();
+    assert!(model::gstage::walk(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_err());
+    assert!(
+        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
+            .is_ok(),
+        "the model must catch a missing HFENCE.GVMA"
+    );
+
+    let flush = t
+        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX)
+        .unwrap();
+    t.flush(flush, |inv| {
+        if let Invalidation::GvmaAddresses { addrs, .. } = inv {
+            addrs
+                .iter()
+                .for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
+        }
+    });
+    assert!(tlb
+        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
+        .is_err());
+}
+
+#[test]
+fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
+    let ram = HostRam::new(64);
+    let (mut t, hgatp) = gstage_setup(&ram);
+    let cfg = model::gstage::GstageConfig {
+        hw_ad_update: true,
+        ..Default::default()
+    };
+    let mut tlb = model::tlb::GstageTlb::new();
+    let r = model::Access::Read;
+    // The guest touches an unmapped page: the TLB may remember the invalid entry.
+    assert!(tlb
+        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r)
+        .is_err());
+    let flush = t
+        .map(
+            GuestPhysAddr::new(PAGE),
+            HostPhysAddr::new(FRAME),
+            4096,
+            MappingFlags::READ,
+            MapSize::Largest,
+        )
+        .unwrap();
+    assert!(
+        !flush.is_empty(),
+        "RISC-V needs a fence even for a new mapping"
+    );
+    flush.ignore();
+    assert!(
+        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r)
+            .is_err(),
+        "stale invalid entry served"
+    );
+    let flush = t
+        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ)
+        .unwrap();
+    assert!(
+        flush.is_empty(),
+        "same rights: nothing changed, nothing to fence"
+    );
+    flush.ignore();
+    t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap().ignore();
+    let flush = t
+        .map(
+            GuestPhysAddr::new(PAGE),
+            HostPhysAddr::new(FRAME),
+            4096,
+            MappingFlags::READ,
+            MapSize::Largest,
+        )
+        .unwrap();
+    t.flush(flush, |inv| match inv {
+        Invalidation::GvmaAddresses { addrs, .. } => addrs
+            .iter()
+            .for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3))),
+        Invalidation::GvmaAll { .. } => tlb.hfence_gvma(None, Some(3)),
+        other => panic!("{other:?}"),
+    });
+    assert_eq!(
+        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r)
+            .unwrap()
+            .hpa,
+        Hpa(FRAME + 8)
+    );
+}
+
+#[test]
+fn freed_tables_wait_for_the_flush() {
+    // Unmapping the last page under a table unlinks the table; the hardware's paging-structure
+    // cache may still point at it, so the frame must not be reused before the flush.
+    let ram = HostRam::new(64);
+    let (mut t, _) = gstage_setup(&ram);
+    t.map(
+        GuestPhysAddr::new(PAGE),
+        HostPhysAddr::new(FRAME),
+        4096,
+        MappingFlags::READ,
+        MapSize::Largest,
+    )
+    .unwrap()
+    .ignore();
+    let with_tables = ram.frames_in_use();
+    let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
+    assert_eq!(ram.frames_in_use(), with_tables, "retired, not freed");
+    assert_eq!(
+        flush.invalidation(),
+        Invalidation::GvmaAll { root: t.root() }
+    );
+    t.flush(flush, |_| {});
+    assert_eq!(ram.frames_in_use(), 4);
+}

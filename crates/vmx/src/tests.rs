@@ -1,0 +1,429 @@
+//! Host tests of the VMX flow against a fake CPU that records what the code asked of it.
+
+use crate::caps::*;
+use crate::controls as c;
+use crate::exit::{EntryFailure, VmExit};
+use crate::hw::*;
+use crate::vcpu::*;
+use crate::vmcs::VmcsField as F;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use twostage_npt::testing::HostRam;
+use twostage_npt::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, Invalidation, MappingFlags};
+
+/// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (PLATFORMS.md).
+const SKYLAKE_EPT_CAP: u64 = 0xf0106334141;
+/// The same without A/D (bit 21), as on corei7_sandy_bridge_2600k.
+const SANDY_EPT_CAP: u64 = SKYLAKE_EPT_CAP & !(1 << 21);
+
+/// A scripted exit: what the fake writes into the VMCS when the guest is entered.
+#[derive(Clone, Copy)]
+struct ScriptedExit {
+    reason: u32,
+    qualification: u64,
+    gpa: u64,
+}
+
+struct FakeCpu {
+    msrs: HashMap<u32, u64>,
+    cr0: u64,
+    cr4: u64,
+    vmcs: HashMap<u32, u64>,
+    invept: RefCell<Vec<(InveptKind, u64)>>,
+    invvpid: Vec<(InvvpidKind, u16)>,
+    msr_reads: RefCell<Vec<u32>>,
+    vmxon: Option<HostPhysAddr>,
+    entries: Vec<bool>,
+    next_exit: Option<ScriptedExit>,
+    entry_error: Option<u64>,
+    cpuid_ecx: u32,
+}
+
+impl FakeCpu {
+    fn skylake(ept_cap: u64) -> Self {
+        let mut msrs = HashMap::new();
+        // Revision 0x10, 4096-byte regions, write-back (6 << 50), TRUE controls (bit 55).
+        msrs.insert(IA32_VMX_BASIC, 0x10 | (4096u64 << 32) | (6 << 50) | (1 << 55));
+        msrs.insert(IA32_FEATURE_CONTROL, 0);
+        msrs.insert(IA32_VMX_TRUE_PINBASED_CTLS, (0x7fu64 << 32) | 0x16);
+        msrs.insert(IA32_VMX_TRUE_PROCBASED_CTLS, (0xfff9_fffeu64 << 32) | 0x0401_e172);
+        msrs.insert(IA32_VMX_PROCBASED_CTLS2, 0x0000_00ffu64 << 32);
+        msrs.insert(IA32_VMX_TRUE_EXIT_CTLS, (0x003f_ffffu64 << 32) | 0x36dff);
+        msrs.insert(IA32_VMX_TRUE_ENTRY_CTLS, (0xffffu64 << 32) | 0x11ff);
+        msrs.insert(IA32_VMX_CR0_FIXED0, 0x8000_0021);
+        msrs.insert(IA32_VMX_CR0_FIXED1, 0xffff_ffff);
+        msrs.insert(IA32_VMX_CR4_FIXED0, 0x2000);
+        msrs.insert(IA32_VMX_CR4_FIXED1, 0x3f_ffff);
+        msrs.insert(IA32_VMX_EPT_VPID_CAP, ept_cap);
+        msrs.insert(IA32_EFER, 0x500);
+        Self {
+            msrs,
+            cr0: 0x8000_0011,
+            cr4: 0x20,
+            vmcs: HashMap::new(),
+            invept: RefCell::new(Vec::new()),
+            invvpid: Vec::new(),
+            msr_reads: RefCell::new(Vec::new()),
+            vmxon: None,
+            entries: Vec::new(),
+            next_exit: None,
+            entry_error: None,
+            cpuid_ecx: CPUID_1_ECX_VMX,
+        }
+    }
+}
+
+impl VmxHardware for &mut FakeCpu {
+    fn cpuid(&self, leaf: u32, _subleaf: u32) -> CpuidResult {
+        match leaf {
+            1 => CpuidResult { ecx: self.cpuid_ecx, ..Default::default() },
+            0x8000_0000 => CpuidResult { eax: 0x8000_0008, ..Default::default() },
+            0x8000_0008 => CpuidResult { eax: 40, ..Default::default() },
+            _ => CpuidResult::default(),
+        }
+    }
+    fn read_msr(&self, msr: u32) -> u64 {
+        self.msr_reads.borrow_mut().push(msr);
+        *self.msrs.get(&msr).unwrap_or_else(|| panic!("#GP: RDMSR of absent MSR {msr:#x}"))
+    }
+    fn write_msr(&mut self, msr: u32, value: u64) {
+        self.msrs.insert(msr, value);
+    }
+    fn read_cr0(&self) -> u64 {
+        self.cr0
+    }
+    fn write_cr0(&mut self, value: u64) {
+        self.cr0 = value;
+    }
+    fn read_cr4(&self) -> u64 {
+        self.cr4
+    }
+    fn write_cr4(&mut self, value: u64) {
+        self.cr4 = value;
+    }
+    fn host_state(&self) -> HostState {
+        HostState {
+            cr0: self.cr0,
+            cr3: 0x10_0000,
+            cr4: self.cr4,
+            cs: 8,
+            ds: 0x10,
+            tr: 0x18,
+            efer: 0x500,
+            ..Default::default()
+        }
+    }
+    fn vmxon(&mut self, region: HostPhysAddr) -> Result<(), VmFail> {
+        if self.cr4 & CR4_VMXE == 0 || self.msrs[&IA32_FEATURE_CONTROL] & 5 != 5 {
+            return Err(VmFail::Invalid);
+        }
+        self.vmxon = Some(region);
+        Ok(())
+    }
+    fn vmclear(&mut self, _vmcs: HostPhysAddr) -> Result<(), VmFail> {
+        Ok(())
+    }
+    fn vmptrld(&mut self, _vmcs: HostPhysAddr) -> Result<(), VmFail> {
+        Ok(())
+    }
+    fn vmread(&self, field: F) -> Result<u64, VmFail> {
+        Ok(*self.vmcs.get(&field.0).unwrap_or(&0))
+    }
+    fn vmwrite(&mut self, field: F, value: u64) -> Result<(), VmFail> {
+        if field.is_read_only() {
+            self.vmcs.insert(F::VM_INSTRUCTION_ERROR.0, 13);
+            return Err(VmFail::Valid);
+        }
+        self.vmcs.insert(field.0, value);
+        Ok(())
+    }
+    fn invept(&mut self, kind: InveptKind, eptp: u64) -> Result<(), VmFail> {
+        self.invept.borrow_mut().push((kind, eptp));
+        Ok(())
+    }
+    fn invvpid(&mut self, kind: InvvpidKind, vpid: u16, _linear: u64) -> Result<(), VmFail> {
+        self.invvpid.push((kind, vpid));
+        Ok(())
+    }
+    fn vm_enter(&mut self, regs: &mut GuestRegisters, resume: bool) -> Result<(), VmFail> {
+        self.entries.push(resume);
+        if let Some(e) = self.entry_error.take() {
+            self.vmcs.insert(F::VM_INSTRUCTION_ERROR.0, e);
+            return Err(VmFail::Valid);
+        }
+        let x = self.next_exit.take().expect("test scripted an exit");
+        self.vmcs.insert(F::EXIT_REASON.0, u64::from(x.reason));
+        self.vmcs.insert(F::EXIT_QUALIFICATION.0, x.qualification);
+        self.vmcs.insert(F::GUEST_PHYSICAL_ADDRESS.0, x.gpa);
+        self.vmcs.insert(F::GUEST_LINEAR_ADDRESS.0, x.gpa);
+        regs.rax += 1;
+        Ok(())
+    }
+}
+
+fn long_mode() -> GuestEntry {
+    GuestEntry::LongMode {
+        rip: GuestVirtAddr::new(0x1000),
+        rsp: GuestVirtAddr::new(0x8000),
+        cr3: GuestPhysAddr::new(0x2000),
+    }
+}
+
+#[test]
+fn controls_follow_the_allowed_settings() {
+    let a = AllowedBits::from_msr((0xff00_00ffu64 << 32) | 0x0000_0016);
+    assert_eq!(a.compute(ControlField::PinBased, 0x1), Ok(0x17));
+    assert_eq!(
+        a.compute(ControlField::PinBased, 0x100),
+        Err(ControlUnsupported { field: ControlField::PinBased, missing: 0x100 })
+    );
+    let f = FixedBits { fixed0: 0x8000_0021, fixed1: 0xffff_ffff };
+    assert_eq!(f.apply(0x11), 0x8000_0031);
+    let b = VmxBasic::from_msr(0x10 | (4096u64 << 32) | (6 << 50) | (1 << 55) | (1 << 48));
+    assert_eq!(
+        (b.revision, b.region_size, b.memory_type, b.true_controls, b.addresses_32bit),
+        (0x10, 4096, 6, true, true)
+    );
+}
+
+#[test]
+fn probe_reads_only_msrs_that_exist() {
+    // No secondary controls: neither PROCBASED_CTLS2 nor EPT_VPID_CAP may be read.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.msrs.insert(IA32_VMX_TRUE_PROCBASED_CTLS, 0x7fff_fffeu64 << 32);
+    cpu.msrs.remove(&IA32_VMX_PROCBASED_CTLS2);
+    cpu.msrs.remove(&IA32_VMX_EPT_VPID_CAP);
+    let caps = VmxCapabilities::probe(&&mut cpu).expect("VMX without secondary controls still probes");
+    assert_eq!(caps.ept_vpid, None);
+    assert_eq!(caps.require_ept(), Err(VmxUnsupported::NoSecondaryControls));
+    // Secondary controls without EPT or VPID (core2_penryn-like): the EPT MSR stays unread.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.msrs.insert(IA32_VMX_PROCBASED_CTLS2, 0x0000_0081u64 << 32);
+    cpu.msrs.remove(&IA32_VMX_EPT_VPID_CAP);
+    let caps = VmxCapabilities::probe(&&mut cpu).unwrap();
+    assert_eq!(caps.require_ept(), Err(VmxUnsupported::NoEpt));
+    assert!(!cpu.msr_reads.borrow().contains(&IA32_VMX_EPT_VPID_CAP));
+    // Without TRUE controls the plain MSRs are read instead.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.msrs.insert(IA32_VMX_BASIC, 0x10 | (4096u64 << 32) | (6 << 50));
+    for (plain, tru) in [
+        (IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS),
+        (IA32_VMX_PROCBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS),
+        (IA32_VMX_EXIT_CTLS, IA32_VMX_TRUE_EXIT_CTLS),
+        (IA32_VMX_ENTRY_CTLS, IA32_VMX_TRUE_ENTRY_CTLS),
+    ] {
+        let v = cpu.msrs.remove(&tru).unwrap();
+        cpu.msrs.insert(plain, v);
+    }
+    assert!(VmxCapabilities::probe(&&mut cpu).is_ok());
+}
+
+#[test]
+fn missing_vmx_and_locked_firmware_are_errors() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.cpuid_ecx = 0;
+    assert_eq!(
+        VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).err(),
+        Some(VmxOnError::Unsupported(VmxUnsupported::NoVmx))
+    );
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.msrs.insert(IA32_FEATURE_CONTROL, FEATURE_CONTROL_LOCK);
+    assert_eq!(
+        VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).err(),
+        Some(VmxOnError::Unsupported(VmxUnsupported::DisabledByFirmware { feature_control: 1 }))
+    );
+    assert_eq!(ram.frames_in_use(), 0);
+}
+
+#[test]
+fn vmxon_enables_feature_control_and_fixed_bits() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    {
+        let vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        assert!(vcpu.capabilities().has_vpid());
+    }
+    assert_eq!(cpu.msrs[&IA32_FEATURE_CONTROL] & 5, 5);
+    assert_ne!(cpu.cr4 & CR4_VMXE, 0);
+    assert_eq!(cpu.cr0 & 0x20, 0x20, "CR0.NE forced by CR0_FIXED0");
+    let region = cpu.vmxon.unwrap();
+    assert_eq!(ram.read_u64(region.as_u64()) as u32, 0x10, "revision identifier written");
+}
+
+#[test]
+fn setup_enables_ept_with_ad_on_skylake_and_without_on_sandy_bridge() {
+    for (cap, ad) in [(SKYLAKE_EPT_CAP, true), (SANDY_EPT_CAP, false)] {
+        let ram = HostRam::new(16);
+        let mut cpu = FakeCpu::skylake(cap);
+        let root = HostPhysAddr::new(0x5000);
+        {
+            let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+            vcpu.setup(root, long_mode()).unwrap();
+            assert_eq!(vcpu.ept_ad_enabled(), ad);
+        }
+        let eptp = cpu.vmcs[&F::EPT_POINTER.0];
+        // Write-back (6), walk length 4 (3 << 3), A/D bit 6 only when offered.
+        assert_eq!(eptp, 0x5000 | 6 | (3 << 3) | if ad { 1 << 6 } else { 0 });
+        assert_eq!(cpu.invept.borrow().as_slice(), &[(InveptKind::SingleContext, eptp)]);
+        let proc2 = cpu.vmcs[&F::SECONDARY_PROCBASED_CONTROLS.0] as u32;
+        assert_ne!(proc2 & c::PROC2_ENABLE_EPT, 0);
+        assert_ne!(proc2 & c::PROC2_ENABLE_VPID, 0);
+        assert_eq!(proc2 & c::PROC2_UNRESTRICTED_GUEST, 0);
+        assert_eq!(cpu.vmcs[&F::VPID.0], 1);
+        assert_eq!(cpu.invvpid, vec![(InvvpidKind::SingleContext, 1)]);
+        let proc1 = cpu.vmcs[&F::PRIMARY_PROCBASED_CONTROLS.0] as u32;
+        assert_ne!(proc1 & c::PROC_HLT_EXITING, 0);
+        assert_ne!(proc1 & c::PROC_UNCONDITIONAL_IO_EXITING, 0);
+        assert_ne!(proc1 & c::PROC_ACTIVATE_SECONDARY, 0);
+        assert_ne!(cpu.vmcs[&F::ENTRY_CONTROLS.0] as u32 & c::ENTRY_IA32E_MODE_GUEST, 0);
+        assert_eq!(cpu.vmcs[&F::GUEST_CR0.0], 0x8001_0031);
+        assert_eq!(cpu.vmcs[&F::GUEST_CR4.0], 0x2020);
+        assert_eq!(cpu.vmcs[&F::VMCS_LINK_POINTER.0], u64::MAX);
+        assert_eq!(cpu.vmcs[&F::HOST_TR_SELECTOR.0], 0x18);
+    }
+}
+
+#[test]
+fn multiboot_entry_uses_unrestricted_guest() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(HostPhysAddr::new(0x5000), GuestEntry::Protected32 { eip: 0x10_000c, esp: 0 }).unwrap();
+    }
+    let proc2 = cpu.vmcs[&F::SECONDARY_PROCBASED_CONTROLS.0] as u32;
+    assert_ne!(proc2 & c::PROC2_UNRESTRICTED_GUEST, 0);
+    assert_eq!(cpu.vmcs[&F::GUEST_CR0.0] & 0x8000_0001, 1, "PE on, PG off");
+    assert_eq!(cpu.vmcs[&F::ENTRY_CONTROLS.0] as u32 & c::ENTRY_IA32E_MODE_GUEST, 0);
+    assert_eq!(cpu.vmcs[&F::GUEST_RIP.0], 0x10_000c);
+}
+
+#[test]
+fn ept_pointer_needs_a_root_and_a_supported_walk() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP & !(1 << 6));
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    assert_eq!(vcpu.set_ept_pointer().err(), Some(SetupError::NoEptRoot));
+    vcpu.set_ept_root(HostPhysAddr::new(0x5000));
+    assert!(matches!(vcpu.set_ept_pointer(), Err(SetupError::EptPointer(_))));
+    assert_eq!(vcpu.run().err(), Some(EntryError::NotSetUp));
+}
+
+#[test]
+fn run_decodes_an_ept_violation_and_resumes_after_launch() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.next_exit = Some(ScriptedExit { reason: 48, qualification: 0x182, gpa: 0x40_1008 });
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    let exit = vcpu.run().unwrap();
+    let VmExit::EptViolation(v) = exit else { panic!("{exit:?}") };
+    assert_eq!(v.gpa, GuestPhysAddr::new(0x40_1008));
+    let info = vcpu.nested_page_fault_info().unwrap();
+    assert_eq!((info.fault_guest_paddr, info.access_flags), (GuestPhysAddr::new(0x40_1008), MappingFlags::WRITE));
+    assert_eq!(vcpu.regs.rax, 1, "registers saved back");
+    drop(vcpu);
+    assert_eq!(cpu.entries, vec![false]);
+}
+
+#[test]
+fn failed_launch_names_the_vm_instruction_error() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.entry_error = Some(7);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    let Err(EntryError::Instruction(f)) = vcpu.run() else { panic!("launch should fail") };
+    assert_eq!(f.instruction, "VMLAUNCH");
+    assert_eq!(f.error.and_then(|e| e.name()), Some("VM entry with invalid control field(s)"));
+}
+
+#[test]
+fn failed_entry_exit_is_decoded_and_not_resumed() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.next_exit = Some(ScriptedExit { reason: (1 << 31) | 33, qualification: 0, gpa: 0 });
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    assert_eq!(vcpu.run(), Ok(VmExit::EntryFailed(EntryFailure::InvalidGuestState { qualification: 0 })));
+}
+
+#[test]
+fn invalidation_uses_single_context_or_falls_back_to_all_context() {
+    for (cap, kind) in
+        [(SKYLAKE_EPT_CAP, InveptKind::SingleContext), (SKYLAKE_EPT_CAP & !(1 << 25), InveptKind::AllContext)]
+    {
+        let ram = HostRam::new(16);
+        let mut cpu = FakeCpu::skylake(cap);
+        let root = HostPhysAddr::new(0x5000);
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(root, long_mode()).unwrap();
+        assert_eq!(vcpu.invalidate(&Invalidation::None), Ok(None));
+        assert_eq!(vcpu.invalidate(&Invalidation::InveptSingleContext { root }), Ok(Some(kind)));
+        // Another table's token does not touch this vCPU's EPTP.
+        assert_eq!(vcpu.invalidate(&Invalidation::InveptSingleContext { root: HostPhysAddr::new(0x9000) }), Ok(None));
+        assert_eq!(vcpu.invalidate(&Invalidation::GvmaAll { root }), Err(InvalidateError::WrongArchitecture));
+        let eptp = vcpu.ept_pointer().unwrap().bits();
+        drop(vcpu);
+        assert_eq!(cpu.invept.borrow().as_slice(), &[(kind, eptp), (kind, eptp)]);
+    }
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP & !(3 << 25));
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    assert!(matches!(vcpu.setup(HostPhysAddr::new(0x5000), long_mode()), Err(SetupError::Instruction(_))));
+}
+
+#[test]
+fn vmcs_frame_is_freed_on_drop() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    assert_eq!(ram.frames_in_use(), 2);
+    drop(vcpu);
+    assert_eq!(ram.frames_in_use(), 1, "the VMXON region stays with VMX operation");
+}
+
+#[test]
+fn register_numbers_follow_the_modrm_order() {
+    let mut r = GuestRegisters { rcx: 7, r9: 9, ..Default::default() };
+    assert_eq!(r.gpr(1), Some(7));
+    assert_eq!(r.gpr(9), Some(9));
+    assert_eq!(r.gpr(4), None);
+    assert_eq!(r.set_gpr(4, 1), Err(BadRegister(4)));
+    r.set_gpr(3, 5).unwrap();
+    assert_eq!(r.rbx, 5);
+}
+
+#[test]
+fn set_up_again_still_resumes_and_a_non_clear_launch_falls_back_to_resume() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.hw_script(ScriptedExit { reason: 12, qualification: 0, gpa: 0 });
+        assert_eq!(vcpu.run(), Ok(VmExit::Hlt));
+        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.hw_script(ScriptedExit { reason: 18, qualification: 0, gpa: 0 });
+        assert_eq!(vcpu.run(), Ok(VmExit::Vmcall));
+    }
+    assert_eq!(cpu.entries, vec![false, true], "VMCLEAR alone makes a VMCS clear");
+    // A processor that reports "VMLAUNCH with non-clear VMCS" (error 4) gets a VMRESUME.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.entry_error = Some(4);
+    cpu.next_exit = Some(ScriptedExit { reason: 12, qualification: 0, gpa: 0 });
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        assert_eq!(vcpu.run(), Ok(VmExit::Hlt));
+    }
+    assert_eq!(cpu.entries, vec![false, true]);
+}
+
+impl VmxVcpu<&mut FakeCpu, &HostRam> {
+    /// Scripts the next exit of the fake behind this vCPU.
+    fn hw_script(&mut self, x: ScriptedExit) {
+        self.hardware_mut().next_exit = Some(x);
+    }
+}

@@ -1,0 +1,488 @@
+//! One guest: its Sv39x4 nested table, the VS-mode run loop, exit handling and statistics.
+
+use crate::boot;
+use crate::trap::{self, ExitCsrs, VcpuRegs};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicPtr, Ordering};
+use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
+use twostage_npt::{
+    Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
+    PageTable, Sv39x4, TableOptions,
+};
+use twostage_rvh::csr::{cause, irq};
+use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, HtinstInfo, TrapCsrs};
+use twostage_rvh::frames::BitmapFrames;
+use twostage_rvh::insn::{self, MemOp};
+use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
+use twostage_rvh::{access, hw};
+
+/// The nested table type every VM here uses.
+pub type Table = PageTable<Sv39x4, &'static BitmapFrames>;
+
+/// Guest-physical base of the emulated ns16550 UART.
+pub const UART_GPA: u64 = 0x1000_0000;
+const UART_LEN: u64 = 0x100;
+
+static FRAMES: AtomicPtr<BitmapFrames> = AtomicPtr::new(core::ptr::null_mut());
+
+/// The frame allocator over the RAM the device tree reported.
+pub fn frames() -> &'static BitmapFrames {
+    let p = FRAMES.load(Ordering::Acquire);
+    assert!(!p.is_null(), "frame allocator used before boot set it up");
+    // SAFETY: set once in `start` from a leaked Box, never freed.
+    unsafe { &*p }
+}
+
+/// What the hart offers, probed at boot.
+#[derive(Clone, Copy, Debug)]
+pub struct HartInfo {
+    /// hstatus could be read (the H extension is present).
+    pub h_csrs: bool,
+    /// The device tree's ISA string lists 'h'.
+    pub isa_h: bool,
+    /// hgatp modes and VMIDLEN.
+    pub caps: HgatpCapabilities,
+    /// Timebase frequency from the device tree.
+    pub timebase: u32,
+}
+
+static mut HART: Option<HartInfo> = None;
+
+/// The probed hart information.
+pub fn hart() -> HartInfo {
+    // SAFETY: written once in `start` before any reader runs; single hart.
+    unsafe { (*(&raw const HART)).expect("hart probed at boot") }
+}
+
+/// Counts of what the memory subsystem and the run loop did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Exits by scause (exceptions 0..24; interrupts are counted in `irq_exits`).
+    pub exits: [u32; 24],
+    /// Interrupt exits.
+    pub irq_exits: u32,
+    /// Guest-page faults resolved by mapping a zero page.
+    pub demand_zero: u32,
+    /// Guest-page faults passed back to the VM's owner.
+    pub faults_unresolved: u32,
+    /// Copy-on-write breaks.
+    pub cow_breaks: u32,
+    /// Emulated MMIO reads.
+    pub mmio_reads: u32,
+    /// Emulated MMIO writes.
+    pub mmio_writes: u32,
+    /// HFENCE.GVMA by address issued.
+    pub gvma_addr: u32,
+    /// HFENCE.GVMA by VMID issued.
+    pub gvma_vmid: u32,
+    /// SBI calls served.
+    pub sbi_calls: u32,
+    /// Virtual timer interrupts injected.
+    pub timer_injections: u32,
+}
+
+/// Why the run loop gave control back.
+#[derive(Clone, Copy, Debug)]
+pub enum Exit {
+    /// A test hypercall (fid, a0..a2); sepc is already past the ecall.
+    Test {
+        /// Function.
+        fid: u64,
+        /// Arguments.
+        args: [u64; 3],
+    },
+    /// The guest asked to stop.
+    Reset(ResetRequest),
+    /// A guest-page fault the VM could not resolve (sepc still at the faulting instruction).
+    Fault(GuestPageFault, ExitCsrs),
+    /// Any other exception (sepc at the trapping instruction).
+    Exception(ExitCsrs),
+    /// The exit budget ran out.
+    Budget,
+}
+
+/// The emulated UART's state.
+#[derive(Default)]
+pub struct Uart {
+    /// Bytes written to THR.
+    pub out: Vec<u8>,
+    /// Echo THR bytes to the console.
+    pub echo: bool,
+    scratch: u64,
+}
+
+/// One guest.
+pub struct Vm {
+    /// The nested table.
+    pub table: Table,
+    /// The VMID.
+    pub vmid: u16,
+    /// hgatp for `table` and `vmid`.
+    pub hgatp: Hgatp,
+    /// Guest registers.
+    pub regs: VcpuRegs,
+    /// Guest pc for the next entry.
+    pub pc: u64,
+    /// Guest RAM resolved on demand with zero pages (None: no demand paging).
+    pub demand_zero: Option<GpaRange>,
+    /// Rights of demand-zero pages.
+    pub demand_flags: MappingFlags,
+    /// The UART at [`UART_GPA`].
+    pub uart: Uart,
+    /// Counters.
+    pub stats: Stats,
+    /// hedeleg for this guest (Privileged 1.12 §8.2.2).
+    pub hedeleg: u64,
+    /// Exits allowed per `run` call.
+    pub budget: u32,
+}
+
+impl Vm {
+    /// A VM with an empty Sv39x4 table and `vmid`.
+    pub fn new(vmid: u16) -> Self {
+        let caps = hart().caps;
+        let table = PageTable::new(frames(), TableOptions::for_format::<Sv39x4>()).expect("frames for the root");
+        let hgatp = Hgatp::for_table(&table, vmid, &caps).expect("Sv39x4 with this VMID is offered");
+        Self {
+            table,
+            vmid,
+            hgatp,
+            regs: VcpuRegs::new(),
+            pc: 0,
+            demand_zero: None,
+            demand_flags: MappingFlags::RWX,
+            uart: Uart { echo: true, ..Default::default() },
+            stats: Stats::default(),
+            hedeleg: 0,
+            budget: 100_000,
+        }
+    }
+
+    /// Carries out a flush token with HFENCE.GVMA by address or by VMID.
+    pub fn apply(&mut self, f: Flush<Sv39x4>) {
+        let vmid = self.vmid;
+        let stats = &mut self.stats;
+        self.table.flush(f, |inv| {
+            let r = twostage_rvh::fence::plan_gvma(inv, vmid, |fence| {
+                match fence {
+                    twostage_rvh::fence::GvmaFence::Address { .. } => stats.gvma_addr += 1,
+                    twostage_rvh::fence::GvmaFence::Vmid { .. } => stats.gvma_vmid += 1,
+                }
+                hw::hfence_gvma(fence);
+            });
+            if r.is_err() {
+                panic!("an EPT invalidation from a G-stage table");
+            }
+        });
+    }
+
+    /// Allocates zeroed frames and maps them at `gpa` with `flags` in pages of `size`.
+    pub fn map_new(&mut self, gpa: GuestPhysAddr, len: u64, flags: MappingFlags, size: PageSize) -> Result<HostPhysAddr, &'static str> {
+        let frames_n = (len / 4096) as usize;
+        let align = (size.bytes() / 4096) as usize;
+        let hpa = frames().allocate_frames(frames_n, align).ok_or("out of frames")?;
+        // SAFETY: freshly allocated frames, identity-mapped in HS-mode.
+        unsafe { core::ptr::write_bytes(frames().phys_to_virt(hpa).as_ptr(), 0, len as usize) };
+        match self.table.map(gpa, hpa, len, flags, MapSize::Exactly(size)) {
+            Ok(f) => {
+                self.apply(f);
+                Ok(hpa)
+            }
+            Err(_) => {
+                // SAFETY: the frames were never mapped.
+                unsafe { frames().deallocate_frames(hpa, frames_n) };
+                Err("map refused")
+            }
+        }
+    }
+
+    /// Guest-physical memory through the table (software translation).
+    pub fn phys(&self) -> twostage_rvh::gpa::GuestPhys<'_, Table, BitmapFrames> {
+        // SAFETY: every leaf of a VM's table maps frames from `frames()` (identity-mapped RAM).
+        unsafe { twostage_rvh::gpa::GuestPhys::new(&self.table, frames()) }
+    }
+
+    fn load_csrs(&self) {
+        // SAFETY: the VM's own hgatp (checked against the probed capabilities); delegation of
+        // VS-level interrupts to VS-mode (§8.2.2: hideleg bits 2, 6, 10) and of the chosen
+        // exceptions; counters time/cycle/instret visible to the guest (§8.2.6 hcounteren).
+        unsafe {
+            if hw::hgatp::read() != self.hgatp.bits() {
+                hw::hgatp::write(self.hgatp.bits());
+                hw::hfence_gvma_all();
+            }
+            hw::hedeleg::write(self.hedeleg);
+            hw::hideleg::write((1 << irq::VSSI) | (1 << irq::VSTI) | (1 << irq::VSEI));
+            hw::hcounteren::write(7);
+            // sie.STIE: host timer interrupts exit the guest (§4.1.3); sstatus.SIE stays 0, so
+            // they never interrupt the hypervisor itself.
+            hw::sie::set(1 << irq::STI);
+        }
+    }
+
+    /// Runs the guest from `self.pc` until an exit the VM does not handle itself.
+    pub fn run(&mut self) -> Exit {
+        self.load_csrs();
+        for _ in 0..self.budget {
+            // SAFETY: the table maps only frames this VM was given; hgatp is loaded above.
+            let t = unsafe { trap::run_guest(&mut self.regs, self.pc) };
+            self.pc = t.sepc;
+            if t.scause & cause::INTERRUPT != 0 {
+                self.stats.irq_exits += 1;
+                if t.scause & !cause::INTERRUPT == irq::STI {
+                    // The guest's timer fired: inject VSTIP (§8.2.3 hvip bit 6), quiet the host timer.
+                    // SAFETY: hvip only raises a virtual interrupt for the guest.
+                    unsafe { hw::hvip::set(1 << irq::VSTI) };
+                    boot::sbi_set_timer(u64::MAX);
+                    self.stats.timer_injections += 1;
+                }
+                continue;
+            }
+            if let Some(n) = self.stats.exits.get_mut(t.scause as usize) {
+                *n += 1;
+            }
+            match t.scause {
+                cause::ECALL_VS => {
+                    self.stats.sbi_calls += 1;
+                    let mut a = [0u64; 8];
+                    a.copy_from_slice(&self.regs.gpr[10..18]);
+                    match sbi::handle(SbiCall::decode(a), self) {
+                        SbiOutcome::Return { error, value } => {
+                            self.regs.gpr[10] = error as u64;
+                            self.regs.gpr[11] = value as u64;
+                            self.pc += 4;
+                        }
+                        SbiOutcome::LegacyReturn { value } => {
+                            self.regs.gpr[10] = value as u64;
+                            self.pc += 4;
+                        }
+                        SbiOutcome::Reset(r) => return Exit::Reset(r),
+                        SbiOutcome::Test { fid, args } => {
+                            self.pc += 4;
+                            return Exit::Test { fid, args };
+                        }
+                    }
+                }
+                cause::INSN_GUEST_PAGE | cause::LOAD_GUEST_PAGE | cause::STORE_GUEST_PAGE => {
+                    let csrs = TrapCsrs {
+                        scause: t.scause,
+                        stval: t.stval,
+                        htval: t.htval,
+                        htinst: t.htinst,
+                        gva_valid: t.hstatus & twostage_rvh::csr::hstatus::GVA != 0,
+                    };
+                    let Ok(f) = decode_guest_page_fault(&csrs) else { return Exit::Exception(t) };
+                    if let Some(exit) = self.resolve(f, t) {
+                        return exit;
+                    }
+                }
+                _ => return Exit::Exception(t),
+            }
+        }
+        Exit::Budget
+    }
+
+    /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
+    fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
+        let gpa = f.info.fault_guest_paddr;
+        if (UART_GPA..UART_GPA + UART_LEN).contains(&gpa.as_u64()) && !f.is_implicit() {
+            return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
+        }
+        if let Some(ram) = self.demand_zero {
+            if ram.contains(gpa) && self.table.query(gpa).is_none() {
+                let page = gpa.align_down(4096);
+                let flags = self.demand_flags;
+                if self.map_new(page, 4096, flags, PageSize::Size4K).is_ok() {
+                    self.stats.demand_zero += 1;
+                    return None;
+                }
+            }
+        }
+        self.stats.faults_unresolved += 1;
+        Some(Exit::Fault(f, t))
+    }
+
+    /// Decodes the faulting load/store (htinst, or the instruction fetched with HLVX) and emulates
+    /// it against the UART. Returns false if it cannot be decoded.
+    fn emulate_mmio(&mut self, gpa: GuestPhysAddr, f: &GuestPageFault, t: ExitCsrs) -> bool {
+        let access = match f.htinst {
+            HtinstInfo::Transformed(m) => m,
+            _ => {
+                // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
+                let mut hlv = unsafe { hw::Hlv::new() };
+                let Ok(insn) = access::fetch_guest_instruction(&mut hlv, GuestVirtAddr::new(t.sepc)) else { return false };
+                let Ok(m) = insn::decode_mem_access(insn.raw) else { return false };
+                m
+            }
+        };
+        let off = gpa.as_u64() - UART_GPA;
+        match access.op {
+            MemOp::Store { rs2 } => {
+                self.stats.mmio_writes += 1;
+                let v = self.regs.gpr[rs2 as usize];
+                match off {
+                    0 => {
+                        self.uart.out.push(v as u8);
+                        if self.uart.echo {
+                            boot::putchar(v as u8);
+                        }
+                    }
+                    4 | 7 => self.uart.scratch = v,
+                    _ => {}
+                }
+            }
+            MemOp::Load { rd, signed } => {
+                self.stats.mmio_reads += 1;
+                // LSR (offset 5): THR empty and transmitter idle (bits 5, 6) (ns16550 datasheet).
+                let v = match off {
+                    5 => 0x60,
+                    4 | 7 => self.uart.scratch,
+                    _ => 0,
+                };
+                if rd != 0 {
+                    self.regs.gpr[rd as usize] = insn::extend_loaded(v, access.width, signed);
+                }
+            }
+        }
+        self.pc += u64::from(access.insn_len);
+        true
+    }
+
+    /// Leaves by page size: (4K, 2M, 1G).
+    pub fn leaves_by_size(&self) -> (usize, usize, usize) {
+        let mut n = (0, 0, 0);
+        self.table.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
+            PageSize::Size4K => n.0 += 1,
+            PageSize::Size2M => n.1 += 1,
+            _ => n.2 += 1,
+        });
+        n
+    }
+
+    /// Prints the statistics block.
+    pub fn print_stats(&self, label: &str) {
+        let s = &self.stats;
+        println!("== memory subsystem report ({label})");
+        print!("exits by kind:");
+        for (c, n) in s.exits.iter().enumerate() {
+            if *n > 0 {
+                print!(" {}={}", cause::name(c as u64), n);
+            }
+        }
+        println!(" interrupts={}", s.irq_exits);
+        let (p4, p2, p1) = self.leaves_by_size();
+        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.table.table_frames());
+        println!(
+            "faults resolved: demand-zero={} unresolved={} copy-on-write breaks={}",
+            s.demand_zero, s.faults_unresolved, s.cow_breaks
+        );
+        println!("MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes);
+        println!("flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid);
+        println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
+        println!("host frames in use={} high water={}", frames().in_use(), frames().high_water());
+    }
+}
+
+impl SbiBackend for Vm {
+    fn putchar(&mut self, c: u8) {
+        boot::putchar(c);
+    }
+    fn getchar(&mut self) -> Option<u8> {
+        boot::getchar()
+    }
+    fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
+        self.phys().copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa })
+    }
+    fn set_timer(&mut self, deadline: u64) {
+        // SAFETY: clears the injected virtual timer interrupt (§8.2.3).
+        unsafe { hw::hvip::clear(1 << irq::VSTI) };
+        boot::sbi_set_timer(deadline);
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Free every guest frame this VM mapped (table frames go with the table).
+        let mut leaves = Vec::new();
+        self.table.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| leaves.push((l.hpa, l.size)));
+        for (hpa, size) in leaves {
+            // SAFETY: VM frames are mapped exactly once (scenarios that share frames unmap the
+            // sharer first), and the table is dropped with this VM.
+            unsafe { frames().deallocate_frames(hpa, (size.bytes() / 4096) as usize) };
+        }
+        // SAFETY: no guest runs with this VMID after the drop.
+        unsafe { hw::hgatp::write(0) };
+        hw::hfence_gvma_all();
+    }
+}
+
+/// Host RAM description after boot.
+fn parse_dtb(dtb: usize) -> (u64, u64, &'static [u8]) {
+    // SAFETY: OpenSBI passes a device tree in RAM; the header says how long it is.
+    let head = unsafe { core::slice::from_raw_parts(dtb as *const u8, 40) };
+    let len = twostage_rvh::fdt::Fdt::total_size(head).expect("a device tree from OpenSBI");
+    // SAFETY: as above, `len` bytes long, reserved from the frame allocator below.
+    let blob = unsafe { core::slice::from_raw_parts(dtb as *const u8, len) };
+    let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("a valid device tree");
+    let mut mem = [(0, 0); 4];
+    let n = fdt.memory(&mut mem).expect("memory nodes");
+    assert!(n > 0, "no memory in the device tree");
+    (mem[0].0, mem[0].1, blob)
+}
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// Boot after the trap vector: frames, probes, then the suite or a staged guest.
+pub fn start(hartid: usize, dtb: usize) -> i32 {
+    // SAFETY: the hypervisor's own FS field (§3.1.6.6), so compiler-emitted FP code cannot trap.
+    unsafe { hw::sstatus::set(twostage_rvh::csr::sstatus::FS_INITIAL) };
+    let (ram, ram_len, blob) = parse_dtb(dtb);
+    let image_end = &raw const __image_end as u64;
+    let image_start = &raw const __image_start as u64;
+    let staged = crate::loader::staged();
+    // SAFETY: RAM from the device tree, identity-mapped; the image, the device tree and the
+    // staged guest are reserved below before any allocation.
+    let fr = unsafe { BitmapFrames::new(HostPhysAddr::new(image_end), image_end as usize, ((ram + ram_len - image_end) / 4096) as usize) }
+        .expect("RAM fits the bitmap");
+    let fr = Box::leak(Box::new(fr));
+    fr.reserve(HostPhysAddr::new(dtb as u64), HostPhysAddr::new(dtb as u64 + blob.len() as u64));
+    if let Some((base, len)) = staged {
+        fr.reserve(HostPhysAddr::new(base - 4096), HostPhysAddr::new(base + len));
+    }
+    FRAMES.store(fr, Ordering::Release);
+    let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("checked above");
+    let isa = fdt.find("cpu@", 2, "riscv,isa").ok().flatten().and_then(|v| core::str::from_utf8(v.strip_suffix(&[0]).unwrap_or(v)).ok());
+    let timebase = fdt
+        .find("cpus", 1, "timebase-frequency")
+        .ok()
+        .flatten()
+        .and_then(|v| v.try_into().ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(10_000_000);
+    let h_csrs = hw::probe_hstatus().is_ok();
+    let info = HartInfo { h_csrs, isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h), caps: hw::probe(), timebase };
+    // SAFETY: single hart, before anything reads it.
+    unsafe { *(&raw mut HART) = Some(info) };
+    println!(
+        "twostage riscv-hv: hart {hartid}, RAM {:#x}+{:#x}, image {:#x}..{:#x}, dtb {:#x}, {} free frames",
+        ram,
+        ram_len,
+        image_start,
+        image_end,
+        dtb,
+        fr.free()
+    );
+    println!("isa {}", isa.unwrap_or("?"));
+    if !h_csrs {
+        println!("no H extension: hstatus is not readable");
+        return 3;
+    }
+    match staged {
+        Some((base, len)) => crate::loader::run_staged(base, len),
+        None => crate::scenarios::run_all(),
+    }
+}
