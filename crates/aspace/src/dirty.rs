@@ -6,7 +6,7 @@ use crate::space::{AddressSpace, PAGE};
 use alloc::vec;
 use alloc::vec::Vec;
 use twostage_npt::format::Family;
-use twostage_npt::{AdClear, AdMode, FrameAllocator, Format, GpaRange, GuestPhysAddr, PageSize};
+use twostage_npt::{AdClear, AdMode, Format, FrameAllocator, GpaRange, GuestPhysAddr, PageSize};
 
 /// How a dirty log learns of writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,8 +238,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if log.mode == DirtyMode::DirtyBits {
             return Ok(SpaceFlush::none());
         }
-        self.reprotect(log.range())
-            .map_err(|f| Failed { error: DirtyLogError::Table(f.error), flush: f.flush })
+        self.reprotect(log.range()).map_err(|f| Failed { error: DirtyLogError::Table(f.error), flush: f.flush })
     }
 
     /// Reports the pages of `range` accessed since the last call (from the table's A bits) and
@@ -262,4 +261,3 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
     }
 }
-

@@ -3,7 +3,7 @@
 use crate::region::Backend;
 use crate::space::AddressSpace;
 use core::fmt;
-use twostage_npt::{FrameAllocator, Format, PageSize};
+use twostage_npt::{Format, FrameAllocator, PageSize};
 
 impl<F: Format, A: FrameAllocator + Clone> fmt::Display for AddressSpace<F, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -17,7 +17,15 @@ impl<F: Format, A: FrameAllocator + Clone> fmt::Display for AddressSpace<F, A> {
             self.table.table_frames()
         )?;
         for r in self.regions.values() {
-            write!(f, "  {:<34} {:<10} {:<13} #{:<3} {:<12}", r.range.to_string_padded(), r.flags, r.backend.name(), r.id.as_u32(), r.name)?;
+            write!(
+                f,
+                "  {:<34} {:<10} {:<13} #{:<3} {:<12}",
+                r.range.to_string_padded(),
+                r.flags,
+                r.backend.name(),
+                r.id.as_u32(),
+                r.name
+            )?;
             if let Backend::Linear { host } = r.backend {
                 write!(f, " -> {host}")?;
             }
@@ -29,7 +37,9 @@ impl<F: Format, A: FrameAllocator + Clone> fmt::Display for AddressSpace<F, A> {
                     if r.backend.owns_frames() && self.refs.count(leaf.hpa) > 1 {
                         shared += 1;
                     }
-                    if r.flags.contains(twostage_npt::MappingFlags::WRITE) && !leaf.flags.contains(twostage_npt::MappingFlags::WRITE) {
+                    if r.flags.contains(twostage_npt::MappingFlags::WRITE)
+                        && !leaf.flags.contains(twostage_npt::MappingFlags::WRITE)
+                    {
                         ro += 1;
                     }
                 });

@@ -1,7 +1,7 @@
 //! Error enums, one per operation.
 
-use crate::region::{RegionId, RegionLabel};
 use crate::flush::SpaceFlush;
+use crate::region::{RegionId, RegionLabel};
 use core::fmt;
 use twostage_npt::format::FlagsError;
 use twostage_npt::{Format, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};

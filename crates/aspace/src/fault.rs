@@ -3,9 +3,7 @@
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region, RegionId};
 use crate::space::{AddressSpace, PAGE};
-use twostage_npt::{
-    Access, FrameAllocator, Format, GuestPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize,
-};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize};
 
 /// What a nested page fault turned out to be.
 #[must_use = "a resolved fault carries a flush that must be carried out before the guest resumes"]
@@ -110,7 +108,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             let hpa = r.linear_hpa(page).ok_or(())?;
             let f = self
                 .table
-                .map(page, hpa, PAGE, self.effective_flags(r, hpa, page), twostage_npt::MapSize::Exactly(PageSize::Size4K))
+                .map(
+                    page,
+                    hpa,
+                    PAGE,
+                    self.effective_flags(r, hpa, page),
+                    twostage_npt::MapSize::Exactly(PageSize::Size4K),
+                )
                 .map_err(|_| ())?;
             return Ok(SpaceFlush::from_table(f));
         };
@@ -164,7 +168,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Gives page `page` a private copy of the shared frame `old`.
-    pub(crate) fn break_cow(&mut self, r: &Region, page: GuestPhysAddr, old: twostage_npt::HostPhysAddr) -> Result<SpaceFlush<F>, ()> {
+    pub(crate) fn break_cow(
+        &mut self,
+        r: &Region,
+        page: GuestPhysAddr,
+        old: twostage_npt::HostPhysAddr,
+    ) -> Result<SpaceFlush<F>, ()> {
         let new = self.alloc.allocate_frame().ok_or(())?;
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
@@ -191,7 +200,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// Points the 4 KiB leaf at `page` to `new`. The engine has no in-place remap, so this is
     /// an unmap and a map; if the map fails (the unmap retired an emptied table and no frame is
     /// left to make it again) the page is left unmapped and the caller keeps the old frame.
-    fn replace_leaf(&mut self, page: GuestPhysAddr, new: twostage_npt::HostPhysAddr, flags: MappingFlags) -> Result<twostage_npt::Flush<F>, ()> {
+    fn replace_leaf(
+        &mut self,
+        page: GuestPhysAddr,
+        new: twostage_npt::HostPhysAddr,
+        flags: MappingFlags,
+    ) -> Result<twostage_npt::Flush<F>, ()> {
         let unmapped = self.table.unmap(page, PAGE).map_err(|_| ())?;
         match self.table.map(page, new, PAGE, flags, twostage_npt::MapSize::Exactly(PageSize::Size4K)) {
             Ok(f) => Ok(unmapped.merge(f)),

@@ -5,7 +5,7 @@ use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
 use alloc::vec::Vec;
-use twostage_npt::{FrameAllocator, Format, GpaRange, MapSize, MappingFlags, PageSize};
+use twostage_npt::{Format, FrameAllocator, GpaRange, MapSize, MappingFlags, PageSize};
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// A copy-on-write clone of the whole address space (VM fork, snapshot).
@@ -82,5 +82,4 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         Ok(())
     }
-
 }

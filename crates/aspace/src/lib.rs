@@ -56,7 +56,10 @@ pub use error::*;
 pub use fault::FaultOutcome;
 pub use flush::SpaceFlush;
 pub use frames::FrameRefs;
-pub use guest::{copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError, Instruction, Isa};
+pub use guest::{
+    copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError,
+    Instruction, Isa,
+};
 pub use mem::{GuestMemError, GuestMemory, Pod, SpaceMemory};
 pub use region::{Backend, Region, RegionId, RegionLabel};
 pub use shared::SharedAddressSpace;

@@ -6,7 +6,7 @@ use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use twostage_npt::{Access, FrameAllocator, Format, GuestPhysAddr, HostPhysAddr, Invalidation, MappingFlags};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, Invalidation, MappingFlags};
 
 /// Why a guest-memory access by guest-physical address failed. Each names the first address
 /// that could not be reached and the access.
@@ -113,7 +113,12 @@ pub trait GuestMemory {
     /// Atomically replaces the 8-byte-aligned word at `gpa` by `new` if it equals `current`;
     /// returns the value found (`Ok(current)` when it was replaced). Used to update the A/D bits
     /// of the guest's own page-table entries.
-    fn compare_exchange_u64(&mut self, gpa: GuestPhysAddr, current: u64, new: u64) -> Result<Result<u64, u64>, GuestMemError>;
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, GuestMemError>;
 
     /// Reads `buf.len()` bytes at `gpa`.
     fn read(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
@@ -192,7 +197,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// Splits `gpa..gpa+len` into pieces that each lie in one region (and, for anonymous
     /// regions, one page); checks every piece before any is used.
-    fn check_span(&self, gpa: GuestPhysAddr, len: usize, access: Access, check_rights: bool) -> Result<(), GuestMemError> {
+    fn check_span(
+        &self,
+        gpa: GuestPhysAddr,
+        len: usize,
+        access: Access,
+        check_rights: bool,
+    ) -> Result<(), GuestMemError> {
         let len = len as u64;
         let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
         let mut cur = gpa;
@@ -229,7 +240,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             } else {
                 let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
                 let page = cur.align_down(PAGE);
-                let frame = self.table.query(page).map(|l| l.translate(page)).or_else(|| self.parked.get(&page).copied());
+                let frame =
+                    self.table.query(page).map(|l| l.translate(page)).or_else(|| self.parked.get(&page).copied());
                 let dst = &mut buf[off..off + n];
                 match frame {
                     Some(hpa) => {
@@ -249,7 +261,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// Makes sure anonymous page `page` of `r` has a private frame (populating it, or copying
     /// it if shared), and returns the frame.
-    fn private_frame(&mut self, r: &Region, page: GuestPhysAddr, flush: &mut SpaceFlush<F>) -> Result<HostPhysAddr, GuestMemError> {
+    fn private_frame(
+        &mut self,
+        r: &Region,
+        page: GuestPhysAddr,
+        flush: &mut SpaceFlush<F>,
+    ) -> Result<HostPhysAddr, GuestMemError> {
         let oom = GuestMemError::OutOfMemory { gpa: page };
         for _ in 0..3 {
             match self.table.query(page) {
@@ -277,7 +294,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         self.write_inner(gpa, buf, false)
     }
 
-    fn write_inner(&mut self, gpa: GuestPhysAddr, buf: &[u8], check: bool) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
+    fn write_inner(
+        &mut self,
+        gpa: GuestPhysAddr,
+        buf: &[u8],
+        check: bool,
+    ) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
         let mut flush = SpaceFlush::none();
         if let Err(error) = self.check_span(gpa, buf.len(), Access::Write, check) {
             return Err(Failed { error, flush });
@@ -388,7 +410,12 @@ impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> GuestMem
         let r = self.space.copy_to_guest(gpa, buf).map(|f| ((), f));
         self.settle(r)
     }
-    fn compare_exchange_u64(&mut self, gpa: GuestPhysAddr, current: u64, new: u64) -> Result<Result<u64, u64>, GuestMemError> {
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, GuestMemError> {
         let r = self.space.compare_exchange_u64(gpa, current, new);
         self.settle(r)
     }

@@ -7,7 +7,7 @@ use crate::flush::SpaceFlush;
 use crate::mem::{GuestMemError, GuestMemory};
 use crate::space::AddressSpace;
 use alloc::boxed::Box;
-use twostage_npt::{Access, FrameAllocator, Format, GuestPhysAddr, Invalidation, NestedPageFaultInfo};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, Invalidation, NestedPageFaultInfo};
 
 /// The invalidation callback: carries out an [`Invalidation`] on every CPU that may have the
 /// table loaded (INVEPT, HFENCE.GVMA, with shootdowns to the other harts/cores).
@@ -39,12 +39,12 @@ impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
     }
 
     /// Runs `f` with the read lock held.
-    pub fn read<R>(&self, f: impl FnOnce(&AddressSpace<F, A>) -> R) -> R {
+    pub fn with<R>(&self, f: impl FnOnce(&AddressSpace<F, A>) -> R) -> R {
         f(&self.inner.read())
     }
 
     /// Runs `f` with the write lock held; `f` returns a flush, carried out before unlocking.
-    pub fn write<R>(&self, f: impl FnOnce(&mut AddressSpace<F, A>) -> (R, SpaceFlush<F>)) -> R {
+    pub fn with_mut<R>(&self, f: impl FnOnce(&mut AddressSpace<F, A>) -> (R, SpaceFlush<F>)) -> R {
         let mut g = self.inner.write();
         let (r, flush) = f(&mut g);
         g.flush(flush, &*self.invalidate);
@@ -54,7 +54,7 @@ impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
     /// Resolves a nested page fault and carries out its flush. A `Resolved` outcome comes back
     /// with an empty flush.
     pub fn handle_fault(&self, info: NestedPageFaultInfo) -> FaultOutcome<F> {
-        self.write(|s| match s.handle_fault(info) {
+        self.with_mut(|s| match s.handle_fault(info) {
             FaultOutcome::Resolved { flush } => (FaultOutcome::Resolved { flush: SpaceFlush::none() }, flush),
             other => (other, SpaceFlush::none()),
         })
@@ -62,7 +62,7 @@ impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
 
     /// Forks the space (see [`AddressSpace::fork`]); the parent's flush is carried out.
     pub fn fork(&self) -> Result<AddressSpace<F, A>, ForkError> {
-        self.write(|s| match s.fork() {
+        self.with_mut(|s| match s.fork() {
             Ok((child, flush)) => (Ok(child), flush),
             Err(Failed { error, flush }) => (Err(error), flush),
         })
@@ -71,7 +71,7 @@ impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
     /// Harvests the dirty log (see [`AddressSpace::harvest_dirty`]); the re-arming flush is
     /// carried out.
     pub fn harvest_dirty(&self) -> Result<PageBitmap, DirtyLogError> {
-        self.write(|s| match s.harvest_dirty() {
+        self.with_mut(|s| match s.harvest_dirty() {
             Ok((bits, flush)) => (Ok(bits), flush),
             Err(Failed { error, flush }) => (Err(error), flush),
         })
@@ -83,13 +83,18 @@ impl<F: Format, A: FrameAllocator + Clone> GuestMemory for &SharedAddressSpace<F
         self.inner.read().read_as(gpa, buf, access)
     }
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        SharedAddressSpace::write(self, |s| match s.copy_to_guest(gpa, buf) {
+        self.with_mut(|s| match s.copy_to_guest(gpa, buf) {
             Ok(flush) => (Ok(()), flush),
             Err(Failed { error, flush }) => (Err(error), flush),
         })
     }
-    fn compare_exchange_u64(&mut self, gpa: GuestPhysAddr, current: u64, new: u64) -> Result<Result<u64, u64>, GuestMemError> {
-        SharedAddressSpace::write(self, |s| match s.compare_exchange_u64(gpa, current, new) {
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, GuestMemError> {
+        self.with_mut(|s| match s.compare_exchange_u64(gpa, current, new) {
             Ok((v, flush)) => (Ok(v), flush),
             Err(Failed { error, flush }) => (Err(error), flush),
         })

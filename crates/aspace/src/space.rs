@@ -8,8 +8,8 @@ use crate::region::{Backend, Region, RegionId, RegionLabel};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use twostage_npt::{
-    FrameAllocator, Format, GpaRange, GuestPhysAddr, HostPhysAddr, Invalidation, MapSize, MappingFlags,
-    PageSize, PageTable, RangeError, TableOptions, FRAME_SIZE,
+    Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, Invalidation, MapSize, MappingFlags, PageSize,
+    PageTable, RangeError, TableOptions, FRAME_SIZE,
 };
 
 /// Bytes in the pages that anonymous regions are backed with.
@@ -146,10 +146,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             if !host.is_aligned(PAGE) || host.checked_add(range.len()).is_none() {
                 return Err(AddRegionError::BadHost { host });
             }
-            let f = self
-                .table
-                .map(range.start, host, range.len(), flags, MapSize::Largest)
-                .map_err(AddRegionError::Map)?;
+            let f =
+                self.table.map(range.start, host, range.len(), flags, MapSize::Largest).map_err(AddRegionError::Map)?;
             flush.add(f);
         }
         let id = RegionId(self.next_id);

@@ -50,7 +50,10 @@ fn overlap_is_refused_naming_both_regions() {
     // Adjacent is fine.
     let (_, f) = s.add_region("uart", range(0x4000, 0x1000), RW, Backend::Mmio).unwrap();
     s.flush_unloaded(f);
-    assert!(matches!(s.add_region("x", range(0x1001, 0x1000), RW, Backend::Mmio), Err(AddRegionError::Misaligned { .. })));
+    assert!(matches!(
+        s.add_region("x", range(0x1001, 0x1000), RW, Backend::Mmio),
+        Err(AddRegionError::Misaligned { .. })
+    ));
 }
 
 #[test]
@@ -151,7 +154,11 @@ fn fork_isolates_writes_and_accounts_frames() {
     let (mut c, f) = p.fork().unwrap();
     p.flush(f, |_| {});
     // Only the child's tables were allocated: no data frame was copied.
-    assert_eq!(ram.frames_in_use() - frames_before, 4 + 2, "fork must allocate only the child's root (16 KiB) and two tables");
+    assert_eq!(
+        ram.frames_in_use() - frames_before,
+        4 + 2,
+        "fork must allocate only the child's root (16 KiB) and two tables"
+    );
     assert_eq!(p.frame_refs().count(p.table().query(gpa(0x8000_0000)).unwrap().hpa), 2);
     guest_write(&mut p, &ram, 0x8000_0000, 1);
     guest_write(&mut c, &ram, 0x8000_1000, 2);

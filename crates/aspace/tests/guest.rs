@@ -69,7 +69,15 @@ fn x86_walk_copies_across_pages_and_sets_accessed_dirty() {
     assert_eq!(translate_gva(&mut mem, &paging, va(0x4000_5008), Access::Read).unwrap().gpa, gpa(0x5008));
     // A write that crosses from the rw page into the read-only one fails before writing anything.
     let err = copy_to_guest_va(&mut mem, &paging, va(0x40_0ff0), &[0xaa; 32]).unwrap_err();
-    assert_eq!(err, GuestVaError::PageFault { gva: va(0x40_1000), access: Access::Write, kind: PageFaultKind::Protection, level: 0 });
+    assert_eq!(
+        err,
+        GuestVaError::PageFault {
+            gva: va(0x40_1000),
+            access: Access::Write,
+            kind: PageFaultKind::Protection,
+            level: 0
+        }
+    );
     let mut b = [0u8; 16];
     mem.read(gpa(0x1_0ff0), &mut b).unwrap();
     assert_eq!(b, [0; 16]);
@@ -97,17 +105,28 @@ fn x86_protection_reserved_canonical_and_hostile_tables() {
     let pg = GuestPaging::X86_64(p);
     let fault = |gva: u64, access, kind, level| GuestVaError::PageFault { gva: va(gva), access, kind, level };
     // Execute on an XD page, user access to a supervisor page.
-    assert_eq!(translate_gva(&mut mem, &pg, va(0x40_1000), Access::Execute), Err(fault(0x40_1000, Access::Execute, PageFaultKind::Protection, 0)));
+    assert_eq!(
+        translate_gva(&mut mem, &pg, va(0x40_1000), Access::Execute),
+        Err(fault(0x40_1000, Access::Execute, PageFaultKind::Protection, 0))
+    );
     let user = GuestPaging::X86_64(X86Paging { user: true, ..p });
-    assert_eq!(translate_gva(&mut mem, &user, va(0x40_0000), Access::Read), Err(fault(0x40_0000, Access::Read, PageFaultKind::Protection, 0)));
+    assert_eq!(
+        translate_gva(&mut mem, &user, va(0x40_0000), Access::Read),
+        Err(fault(0x40_0000, Access::Read, PageFaultKind::Protection, 0))
+    );
     // CR0.WP = 0: supervisor may write the read-only page.
     let nowp = GuestPaging::X86_64(X86Paging { wp: false, ..p });
     assert!(translate_gva(&mut mem, &nowp, va(0x40_1000), Access::Write).is_ok());
     // Non-canonical.
-    assert_eq!(translate_gva(&mut mem, &pg, va(0x0000_8000_0000_0000), Access::Read), Err(GuestVaError::NonCanonical { gva: va(0x0000_8000_0000_0000), access: Access::Read }));
+    assert_eq!(
+        translate_gva(&mut mem, &pg, va(0x0000_8000_0000_0000), Access::Read),
+        Err(GuestVaError::NonCanonical { gva: va(0x0000_8000_0000_0000), access: Access::Read })
+    );
     // A PML4 entry pointing into MMIO: the walk names the entry and the MMIO error.
     match translate_gva(&mut mem, &pg, va(0x80_0000_0000), Access::Read) {
-        Err(GuestVaError::TableAccess { entry, error: GuestMemError::Mmio { .. }, .. }) => assert_eq!(entry, gpa(0x1000_0000)),
+        Err(GuestVaError::TableAccess { entry, error: GuestMemError::Mmio { .. }, .. }) => {
+            assert_eq!(entry, gpa(0x1000_0000))
+        }
         other => panic!("{other:?}"),
     }
     // PML4[2] points back at the PML4: the walk is bounded by four levels. PML4 used as PDPT:
@@ -119,7 +138,10 @@ fn x86_protection_reserved_canonical_and_hostile_tables() {
     // Reserved bits: bit 51 with MAXPHYADDR 48.
     mem.write(gpa(0x4000 + 16), &(0x5_0000 | P | 1 << 51).to_le_bytes()).unwrap();
     let narrow = GuestPaging::X86_64(X86Paging { maxphyaddr: 48, ..p });
-    assert_eq!(translate_gva(&mut mem, &narrow, va(0x40_2000), Access::Read), Err(fault(0x40_2000, Access::Read, PageFaultKind::Reserved, 0)));
+    assert_eq!(
+        translate_gva(&mut mem, &narrow, va(0x40_2000), Access::Read),
+        Err(fault(0x40_2000, Access::Read, PageFaultKind::Reserved, 0))
+    );
     // Paging off is bare; 32-bit paging is refused.
     assert_eq!(GuestPaging::x86_64(1, 0, 0, 0), Ok(GuestPaging::Bare));
     assert!(GuestPaging::x86_64(1 << 31 | 1, 0x1000, 0, 0).is_err());
@@ -187,7 +209,10 @@ fn riscv_fetch_reads_a_second_parcel_only_for_32_bit_instructions_across_pages()
     let i = fetch_guest_instruction(&mut mem, &pg, va(0x1ffe), Isa::Riscv).unwrap();
     assert_eq!((i.len(), i.riscv_bits()), (4, 0x0000_0013));
     // Misaligned pc.
-    assert_eq!(fetch_guest_instruction(&mut mem, &pg, va(0x1fff), Isa::Riscv), Err(GuestVaError::Misaligned { gva: va(0x1fff) }));
+    assert_eq!(
+        fetch_guest_instruction(&mut mem, &pg, va(0x1fff), Isa::Riscv),
+        Err(GuestVaError::Misaligned { gva: va(0x1fff) })
+    );
     // A 32-bit instruction whose second parcel is on an unmapped page names pc + 2.
     mem.write(gpa(0x3_0ffe), &[0x13, 0x00]).unwrap();
     let err = fetch_guest_instruction(&mut mem, &pg, va(0x2ffe), Isa::Riscv).unwrap_err();
@@ -222,7 +247,10 @@ fn riscv_accessed_dirty_svade_faults_svadu_updates() {
             Err(GuestVaError::PageFault { kind: PageFaultKind::MisalignedSuperpage, level: 1, .. })
         ));
         // Upper bits not a sign extension of bit 38.
-        assert!(matches!(translate_gva(&mut mem, &svadu, va(1 << 40), Access::Read), Err(GuestVaError::NonCanonical { .. })));
+        assert!(matches!(
+            translate_gva(&mut mem, &svadu, va(1 << 40), Access::Read),
+            Err(GuestVaError::NonCanonical { .. })
+        ));
     }
     assert_eq!(get(&s, 0x3000 + 24) & (RA | RD), RA | RD);
     assert_eq!(get(&s, 0x4_0008), u64::from_le_bytes([5; 8]));

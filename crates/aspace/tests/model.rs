@@ -7,13 +7,22 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use twostage_aspace::*;
 use twostage_npt::testing::HostRam;
-use twostage_npt::{Access, AdMode, Ept4, FrameAllocator, HostPhysAddr, Invalidation, MappingFlags, NestedPageFaultInfo, Sv39x4};
+use twostage_npt::{
+    Access, AdMode, Ept4, FrameAllocator, HostPhysAddr, Invalidation, MappingFlags, NestedPageFaultInfo, Sv39x4,
+};
 use twostage_spec_model as model;
 
 /// A CPU with a TLB model for format `F`.
 trait TlbCpu: ModelCpu {
     type Tlb: Default;
-    fn tlb_access(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64, access: Access) -> Result<u64, String>;
+    fn tlb_access(
+        tlb: &mut Self::Tlb,
+        ram: &HostRam,
+        root: u64,
+        hw_ad: bool,
+        gpa: u64,
+        access: Access,
+    ) -> Result<u64, String>;
     fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &Invalidation<'_>);
 }
 
@@ -29,10 +38,20 @@ const VMID: u16 = 1;
 
 impl TlbCpu for Sv39x4 {
     type Tlb = model::tlb::GstageTlb;
-    fn tlb_access(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64, access: Access) -> Result<u64, String> {
-        let hgatp = model::gstage::Hgatp { mode: model::gstage::HgatpMode::Sv39x4, vmid: VMID, root: model::Hpa(root) }.encode();
+    fn tlb_access(
+        tlb: &mut Self::Tlb,
+        ram: &HostRam,
+        root: u64,
+        hw_ad: bool,
+        gpa: u64,
+        access: Access,
+    ) -> Result<u64, String> {
+        let hgatp = model::gstage::Hgatp { mode: model::gstage::HgatpMode::Sv39x4, vmid: VMID, root: model::Hpa(root) }
+            .encode();
         let cfg = model::gstage::GstageConfig { hw_ad_update: hw_ad, ..Default::default() };
-        tlb.translate(&mut ModelMem(ram), hgatp, &cfg, model::Gpa(gpa), macc(access)).map(|w| w.hpa.0).map_err(|e| format!("{e:?}"))
+        tlb.translate(&mut ModelMem(ram), hgatp, &cfg, model::Gpa(gpa), macc(access))
+            .map(|w| w.hpa.0)
+            .map_err(|e| format!("{e:?}"))
     }
     fn invalidate(tlb: &mut Self::Tlb, _root: u64, _hw_ad: bool, inv: &Invalidation<'_>) {
         match inv {
@@ -54,11 +73,25 @@ fn eptp(root: u64, hw_ad: bool) -> u64 {
 
 impl TlbCpu for Ept4 {
     type Tlb = model::tlb::EptTlb;
-    fn tlb_access(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64, access: Access) -> Result<u64, String> {
+    fn tlb_access(
+        tlb: &mut Self::Tlb,
+        ram: &HostRam,
+        root: u64,
+        hw_ad: bool,
+        gpa: u64,
+        access: Access,
+    ) -> Result<u64, String> {
         let caps = model::ept::EptCaps::from_msr(EPT_CAPS, 48);
-        tlb.translate(&mut ModelMem(ram), eptp(root, hw_ad), &caps, model::Gpa(gpa), macc(access).into(), model::ept::GuestLinear::NONE)
-            .map(|w| w.hpa.0)
-            .map_err(|e| format!("{e:?}"))
+        tlb.translate(
+            &mut ModelMem(ram),
+            eptp(root, hw_ad),
+            &caps,
+            model::Gpa(gpa),
+            macc(access).into(),
+            model::ept::GuestLinear::NONE,
+        )
+        .map(|w| w.hpa.0)
+        .map_err(|e| format!("{e:?}"))
     }
     fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &Invalidation<'_>) {
         match inv {
@@ -123,7 +156,11 @@ impl<F: TlbCpu> Guest<F> {
             self.s.table().for_each_leaf(r.range().start, r.range().len(), |leaf| match r.backend() {
                 Backend::Linear { host } => assert_eq!(leaf.hpa, host + (leaf.gpa - r.range().start)),
                 Backend::Mmio => panic!("MMIO region has a leaf at {:?}", leaf.gpa),
-                _ => assert!(self.s.frame_refs().count(leaf.hpa) >= 1, "leaf at {:?} maps a frame nobody holds", leaf.gpa),
+                _ => assert!(
+                    self.s.frame_refs().count(leaf.hpa) >= 1,
+                    "leaf at {:?} maps a frame nobody holds",
+                    leaf.gpa
+                ),
             });
         }
     }
@@ -191,7 +228,9 @@ fn run_faults<F: TlbCpu>(ad: AdMode, ops: Vec<Op>) {
                 let at = base + u64::from(page) * 67 % pages * 4096 + u64::from(off) * 8;
                 let (out, got) = g.access(&ram, at, access, val);
                 match (area, rights, out) {
-                    (3, _, Some(FaultOutcome::Mmio { gpa: a, access: acc, .. })) => assert_eq!((a, acc), (gpa(at), access)),
+                    (3, _, Some(FaultOutcome::Mmio { gpa: a, access: acc, .. })) => {
+                        assert_eq!((a, acc), (gpa(at), access))
+                    }
                     (_, None, Some(FaultOutcome::Unmapped { .. })) => {}
                     (_, Some(r), Some(FaultOutcome::Violation { rights, .. })) => {
                         assert!(!r.allows(access), "violation for an allowed {access}");
@@ -208,7 +247,8 @@ fn run_faults<F: TlbCpu>(ad: AdMode, ops: Vec<Op>) {
             }
             Op::Protect { rights } => {
                 if ram_present {
-                    let r = [MappingFlags::READ, MappingFlags::RW, MappingFlags::RX, MappingFlags::RWX][rights as usize];
+                    let r =
+                        [MappingFlags::READ, MappingFlags::RW, MappingFlags::RX, MappingFlags::RWX][rights as usize];
                     let f = g.s.protect_region(ram_id, r).unwrap();
                     g.flush(f);
                     ram_rights = r;
@@ -221,7 +261,8 @@ fn run_faults<F: TlbCpu>(ad: AdMode, ops: Vec<Op>) {
                     g.shadow.retain(|&a, _| !(RAM..RAM + 64 * 4096).contains(&a));
                     ram_present = false;
                 } else {
-                    let (id, f) = g.s.add_region("ram", range(RAM, 64 * 4096), ram_rights, Backend::DemandZero).unwrap();
+                    let (id, f) =
+                        g.s.add_region("ram", range(RAM, 64 * 4096), ram_rights, Backend::DemandZero).unwrap();
                     g.flush(f);
                     ram_id = id;
                     ram_present = true;
@@ -300,7 +341,11 @@ fn fork_op() -> impl Strategy<Value = ForkOp> {
 
 fn page_addr(page: u8) -> u64 {
     // Pages 0..16 in "ram", 16..24 in "pass" (linear: shared by both sides, not copied).
-    if page < 16 { RAM + u64::from(page) * 4096 + 16 } else { PASS + u64::from(page - 16) * 4096 + 16 }
+    if page < 16 {
+        RAM + u64::from(page) * 4096 + 16
+    } else {
+        PASS + u64::from(page - 16) * 4096 + 16
+    }
 }
 
 fn run_fork<F: TlbCpu>(ad: AdMode, pre: Vec<(u8, u64)>, ops: Vec<ForkOp>) {
@@ -331,18 +376,31 @@ fn run_fork<F: TlbCpu>(ad: AdMode, pre: Vec<(u8, u64)>, ops: Vec<ForkOp>) {
         };
         match op {
             ForkOp::Write { child: on_child, page, val } => {
-                let g = match (on_child, parent.as_mut()) { (false, Some(p)) => p, _ => &mut child };
+                let g = match (on_child, parent.as_mut()) {
+                    (false, Some(p)) => p,
+                    _ => &mut child,
+                };
                 assert!(g.access(&ram, page_addr(page), Access::Write, val).0.is_none());
                 mirror(page, val, &mut parent, &mut child);
             }
             ForkOp::Read { child: on_child, page } => {
-                let g = match (on_child, parent.as_mut()) { (false, Some(p)) => p, _ => &mut child };
+                let g = match (on_child, parent.as_mut()) {
+                    (false, Some(p)) => p,
+                    _ => &mut child,
+                };
                 let (out, got) = g.access(&ram, page_addr(page), Access::Read, 0);
                 assert!(out.is_none());
-                assert_eq!(got, g.shadow.get(&page_addr(page)).copied().unwrap_or(0), "read page {page} on child={on_child}");
+                assert_eq!(
+                    got,
+                    g.shadow.get(&page_addr(page)).copied().unwrap_or(0),
+                    "read page {page} on child={on_child}"
+                );
             }
             ForkOp::HypWrite { child: on_child, page, val } => {
-                let g = match (on_child, parent.as_mut()) { (false, Some(p)) => p, _ => &mut child };
+                let g = match (on_child, parent.as_mut()) {
+                    (false, Some(p)) => p,
+                    _ => &mut child,
+                };
                 let f = g.s.copy_to_guest(gpa(page_addr(page)), &val.to_le_bytes()).unwrap();
                 g.flush(f);
                 g.shadow.insert(page_addr(page), val);

@@ -14,11 +14,7 @@ pub struct AddrOutOfRange {
 
 impl fmt::Display for AddrOutOfRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "address {:#x} does not fit in {} bits",
-            self.value, self.bits
-        )
+        write!(f, "address {:#x} does not fit in {} bits", self.value, self.bits)
     }
 }
 
@@ -190,10 +186,7 @@ pub struct GpaRange {
 impl GpaRange {
     /// `start..start+len`, or `None` if that overflows the address space.
     pub fn from_start_len(start: GuestPhysAddr, len: u64) -> Option<Self> {
-        Some(Self {
-            start,
-            end: start.checked_add(len)?,
-        })
+        Some(Self { start, end: start.checked_add(len)? })
     }
     /// Number of bytes.
     pub fn len(&self) -> u64 {
@@ -292,17 +285,11 @@ mod tests {
     #[test]
     fn ranges_are_checked() {
         assert!(GuestPhysAddr::try_new(1 << 59).is_err());
-        assert_eq!(
-            GuestPhysAddr::try_new((1 << 59) - 1).unwrap().as_u64(),
-            (1 << 59) - 1
-        );
+        assert_eq!(GuestPhysAddr::try_new((1 << 59) - 1).unwrap().as_u64(), (1 << 59) - 1);
         assert_eq!(HostPhysAddr::new_truncate(u64::MAX).as_u64(), (1 << 56) - 1);
         assert!(GuestVirtAddr::try_new(u64::MAX).is_ok());
         assert_eq!(GuestPhysAddr::new((1 << 59) - 1).checked_add(1), None);
-        assert_eq!(
-            GuestPhysAddr::new(0x1001).align_up(0x1000),
-            Some(GuestPhysAddr::new(0x2000))
-        );
+        assert_eq!(GuestPhysAddr::new(0x1001).align_up(0x1000), Some(GuestPhysAddr::new(0x2000)));
         assert_eq!(GuestPhysAddr::new((1 << 59) - 1).align_up(0x1000), None);
         assert_eq!(format!("{:?}", HostPhysAddr::new(0x1000)), "HPA(0x1000)");
     }

@@ -75,16 +75,8 @@ impl EptCapabilities {
         if self.pages_1g() {
             sizes = sizes.with(PageSize::Size1G);
         }
-        let ad = if want_accessed_dirty && self.accessed_dirty() {
-            AdMode::Hardware
-        } else {
-            AdMode::Preset
-        };
-        TableOptions {
-            leaf_sizes: sizes,
-            ad,
-            execute_only: self.execute_only(),
-        }
+        let ad = if want_accessed_dirty && self.accessed_dirty() { AdMode::Hardware } else { AdMode::Preset };
+        TableOptions { leaf_sizes: sizes, ad, execute_only: self.execute_only() }
     }
 }
 
@@ -148,13 +140,7 @@ impl EptPointer {
         accessed_dirty: bool,
         caps: &EptCapabilities,
     ) -> Result<Self, EptPointerError> {
-        Self::with_memory_type(
-            root,
-            walk_length,
-            accessed_dirty,
-            EptMemoryType::WriteBack,
-            caps,
-        )
+        Self::with_memory_type(root, walk_length, accessed_dirty, EptMemoryType::WriteBack, caps)
     }
 
     /// As [`EptPointer::new`] with a chosen paging-structure memory type.
@@ -186,8 +172,7 @@ impl EptPointer {
         if !root.is_aligned(4096) || root.as_u64() >> caps.max_phys_bits.min(52) != 0 {
             return Err(EptPointerError::BadRoot(root));
         }
-        let mut bits =
-            root.as_u64() | memtype as u64 | (u64::from(walk_length - 1) << Self::WALK_SHIFT);
+        let mut bits = root.as_u64() | memtype as u64 | (u64::from(walk_length - 1) << Self::WALK_SHIFT);
         if accessed_dirty {
             bits |= Self::ACCESSED_DIRTY;
         }
@@ -199,12 +184,7 @@ impl EptPointer {
         table: &PageTable<F, A>,
         caps: &EptCapabilities,
     ) -> Result<Self, EptPointerError> {
-        Self::new(
-            table.root(),
-            F::WALK_LENGTH,
-            table.options().ad == AdMode::Hardware,
-            caps,
-        )
+        Self::new(table.root(), F::WALK_LENGTH, table.options().ad == AdMode::Hardware, caps)
     }
 
     /// The value to write into the VMCS.

@@ -17,19 +17,14 @@ pub struct NestedPageFaultInfo {
 impl NestedPageFaultInfo {
     /// A fault of `access` at `gpa`.
     pub fn new(gpa: GuestPhysAddr, access: Access) -> Self {
-        Self {
-            fault_guest_paddr: gpa,
-            access_flags: access.as_flags(),
-        }
+        Self { fault_guest_paddr: gpa, access_flags: access.as_flags() }
     }
 
     /// The access as an enum (a write wins over a read, then execute, if several bits are set).
     pub fn access(&self) -> Access {
         if self.access_flags.contains(MappingFlags::WRITE) {
             Access::Write
-        } else if self.access_flags.contains(MappingFlags::EXECUTE)
-            && !self.access_flags.contains(MappingFlags::READ)
-        {
+        } else if self.access_flags.contains(MappingFlags::EXECUTE) && !self.access_flags.contains(MappingFlags::READ) {
             Access::Execute
         } else {
             Access::Read

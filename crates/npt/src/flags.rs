@@ -48,13 +48,7 @@ impl MappingFlags {
 impl fmt::Debug for MappingFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = |flag: MappingFlags, ch: char| if self.contains(flag) { ch } else { '-' };
-        write!(
-            f,
-            "{}{}{}",
-            c(Self::READ, 'r'),
-            c(Self::WRITE, 'w'),
-            c(Self::EXECUTE, 'x')
-        )?;
+        write!(f, "{}{}{}", c(Self::READ, 'r'), c(Self::WRITE, 'w'), c(Self::EXECUTE, 'x'))?;
         if self.contains(Self::USER) {
             f.write_str(" user")?;
         }

@@ -12,10 +12,7 @@ pub const FLUSH_ADDRESS_SLOTS: usize = 16;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scope {
     Nothing,
-    Leaves {
-        n: u8,
-        addrs: [GuestPhysAddr; FLUSH_ADDRESS_SLOTS],
-    },
+    Leaves { n: u8, addrs: [GuestPhysAddr; FLUSH_ADDRESS_SLOTS] },
     Context,
 }
 
@@ -59,11 +56,7 @@ pub enum Invalidation<'a> {
 
 impl<F: Format> Flush<F> {
     pub(crate) fn new(root: HostPhysAddr) -> Self {
-        Self {
-            root,
-            scope: Scope::Nothing,
-            _format: PhantomData,
-        }
+        Self { root, scope: Scope::Nothing, _format: PhantomData }
     }
 
     /// Records that the leaf at `gpa` changed; `was_present` says whether it could have been
@@ -117,10 +110,9 @@ impl<F: Format> Flush<F> {
         match (&self.scope, F::FAMILY) {
             (Scope::Nothing, _) => Invalidation::None,
             (_, Family::Ept) => Invalidation::InveptSingleContext { root: self.root },
-            (Scope::Leaves { n, addrs }, Family::GStage) => Invalidation::GvmaAddresses {
-                root: self.root,
-                addrs: &addrs[..*n as usize],
-            },
+            (Scope::Leaves { n, addrs }, Family::GStage) => {
+                Invalidation::GvmaAddresses { root: self.root, addrs: &addrs[..*n as usize] }
+            }
             (Scope::Context, Family::GStage) => Invalidation::GvmaAll { root: self.root },
         }
     }
@@ -128,10 +120,7 @@ impl<F: Format> Flush<F> {
     /// One token covering both changes. Both must come from the same table.
     #[track_caller]
     pub fn merge(mut self, other: Flush<F>) -> Flush<F> {
-        assert_eq!(
-            self.root, other.root,
-            "merging flush tokens of two different tables"
-        );
+        assert_eq!(self.root, other.root, "merging flush tokens of two different tables");
         match other.scope {
             Scope::Nothing => {}
             Scope::Context => self.scope = Scope::Context,

@@ -38,9 +38,7 @@ pub mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use addr::{
-    AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K,
-};
+pub use addr::{AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
 pub use fault::NestedPageFaultInfo;
 pub use flags::{Access, MappingFlags};
 pub use flush::{Flush, Invalidation};
@@ -48,7 +46,6 @@ pub use format::{Ept4, Ept5, Format, Sv39x4, Sv48x4, Sv57x4};
 pub use frame::{FrameAllocator, FRAME_SIZE};
 
 pub use table::{
-    AdClear, AdError, AdMode, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames,
-    PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump,
-    TableOptions,
+    AdClear, AdError, AdMode, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames, PageSizes,
+    PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
 };

@@ -110,29 +110,17 @@ impl Hgatp {
     const PPN_MASK: u64 = (1 << 44) - 1;
 
     /// hgatp for a G-stage root in `mode` with `vmid`.
-    pub fn new(
-        mode: HgatpMode,
-        vmid: u16,
-        root: HostPhysAddr,
-        caps: &HgatpCapabilities,
-    ) -> Result<Self, HgatpError> {
+    pub fn new(mode: HgatpMode, vmid: u16, root: HostPhysAddr, caps: &HgatpCapabilities) -> Result<Self, HgatpError> {
         if !caps.offers(mode) {
             return Err(HgatpError::ModeUnsupported(mode));
         }
         if u32::from(vmid) >> caps.vmid_bits != 0 {
-            return Err(HgatpError::VmidTooWide {
-                vmid,
-                vmid_bits: caps.vmid_bits,
-            });
+            return Err(HgatpError::VmidTooWide { vmid, vmid_bits: caps.vmid_bits });
         }
         if !root.is_aligned(16 * 1024) || (root.as_u64() >> 12) > Self::PPN_MASK {
             return Err(HgatpError::BadRoot(root));
         }
-        Ok(Self(
-            (mode as u64) << Self::MODE_SHIFT
-                | (u64::from(vmid) << Self::VMID_SHIFT)
-                | (root.as_u64() >> 12),
-        ))
+        Ok(Self((mode as u64) << Self::MODE_SHIFT | (u64::from(vmid) << Self::VMID_SHIFT) | (root.as_u64() >> 12)))
     }
 
     /// hgatp for `table` with `vmid`.
@@ -164,13 +152,6 @@ impl Hgatp {
 
 impl fmt::Debug for Hgatp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Hgatp({:#x}: mode {}, vmid {}, root {:?})",
-            self.0,
-            self.mode_bits(),
-            self.vmid(),
-            self.root()
-        )
+        write!(f, "Hgatp({:#x}: mode {}, vmid {}, root {:?})", self.0, self.mode_bits(), self.vmid(), self.root())
     }
 }

@@ -43,19 +43,9 @@ impl HostRam {
         let words = frames * FRAME_SIZE / 8;
         let block: Box<[u64]> = vec![0u64; words].into_boxed_slice();
         let mem = NonNull::new(Box::into_raw(block).cast::<u64>()).expect("Box is never null");
-        let state = State {
-            used: vec![false; frames],
-            cursor: 0,
-            in_use: 0,
-            allocations: 0,
-            frees: 0,
-            fail_after: None,
-        };
-        Self {
-            mem,
-            words,
-            state: Mutex::new(state),
-        }
+        let state =
+            State { used: vec![false; frames], cursor: 0, in_use: 0, allocations: 0, frees: 0, fail_after: None };
+        Self { mem, words, state: Mutex::new(state) }
     }
 
     /// Frames allocated and not yet freed.
@@ -90,13 +80,8 @@ impl HostRam {
     }
 
     fn offset(&self, pa: u64, len: usize) -> usize {
-        let off = pa
-            .checked_sub(HOST_RAM_BASE)
-            .expect("address below HostRam") as usize;
-        assert!(
-            off + len <= self.words * 8,
-            "address {pa:#x}+{len} beyond HostRam"
-        );
+        let off = pa.checked_sub(HOST_RAM_BASE).expect("address below HostRam") as usize;
+        assert!(off + len <= self.words * 8, "address {pa:#x}+{len} beyond HostRam");
         off
     }
 
@@ -118,25 +103,13 @@ impl HostRam {
     pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) {
         let off = self.offset(pa, buf.len());
         // SAFETY: in bounds (checked); byte copies have no alignment needs.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                self.mem.as_ptr().cast::<u8>().add(off),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        }
+        unsafe { core::ptr::copy_nonoverlapping(self.mem.as_ptr().cast::<u8>().add(off), buf.as_mut_ptr(), buf.len()) }
     }
     /// Copies bytes into RAM.
     pub fn write_bytes(&self, pa: u64, buf: &[u8]) {
         let off = self.offset(pa, buf.len());
         // SAFETY: in bounds (checked).
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                buf.as_ptr(),
-                self.mem.as_ptr().cast::<u8>().add(off),
-                buf.len(),
-            )
-        }
+        unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), self.mem.as_ptr().cast::<u8>().add(off), buf.len()) }
     }
 }
 

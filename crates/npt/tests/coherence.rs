@@ -33,48 +33,26 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
     let gla = model::ept::GuestLinear::NONE;
     let read = model::ept::EptAccess::READ;
 
-    t.map(
-        GuestPhysAddr::new(PAGE),
-        HostPhysAddr::new(FRAME),
-        4096,
-        MappingFlags::RW,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
-    assert_eq!(
-        tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
-            .unwrap()
-            .hpa,
-        Hpa(FRAME)
-    );
+    t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::RW, MapSize::Largest)
+        .unwrap()
+        .ignore();
+    assert_eq!(tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).unwrap().hpa, Hpa(FRAME));
 
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
-    assert_eq!(
-        flush.invalidation(),
-        Invalidation::InveptSingleContext { root: t.root() }
-    );
+    assert_eq!(flush.invalidation(), Invalidation::InveptSingleContext { root: t.root() });
     // Dropped: the tables say "not present", the TLB still translates.
     flush.ignore();
     assert!(model::ept::walk(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
     assert_eq!(
-        tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
-            .unwrap()
-            .hpa,
+        tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).unwrap().hpa,
         Hpa(FRAME),
         "the model must catch a missing INVEPT"
     );
 
     // Done right this time.
-    t.map(
-        GuestPhysAddr::new(PAGE),
-        HostPhysAddr::new(FRAME),
-        4096,
-        MappingFlags::RW,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::RW, MapSize::Largest)
+        .unwrap()
+        .ignore();
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     let our_root = t.root();
     t.flush(flush, |inv| match inv {
@@ -85,19 +63,12 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
         }
         other => panic!("{other:?}"),
     });
-    assert!(tlb
-        .translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla)
-        .is_err());
+    assert!(tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
 }
 
 fn gstage_setup(ram: &HostRam) -> (PageTable<Sv39x4, &HostRam>, u64) {
     let t = PageTable::<Sv39x4, _>::new(ram, TableOptions::for_format::<Sv39x4>()).unwrap();
-    let caps = HgatpCapabilities {
-        sv39x4: true,
-        sv48x4: false,
-        sv57x4: false,
-        vmid_bits: 7,
-    };
+    let caps = HgatpCapabilities { sv39x4: true, sv48x4: false, sv57x4: false, vmid_bits: 7 };
     let hgatp = Hgatp::for_table(&t, 3, &caps).unwrap().bits();
     (t, hgatp)
 }
@@ -106,29 +77,16 @@ fn gstage_setup(ram: &HostRam) -> (PageTable<Sv39x4, &HostRam>, u64) {
 fn gstage_protect_without_hfence_still_allows_the_write() {
     let ram = HostRam::new(64);
     let (mut t, hgatp) = gstage_setup(&ram);
-    let cfg = model::gstage::GstageConfig {
-        hw_ad_update: true,
-        ..Default::default()
-    };
+    let cfg = model::gstage::GstageConfig { hw_ad_update: true, ..Default::default() };
     let mut tlb = model::tlb::GstageTlb::new();
     let w = model::Access::Write;
-    t.map(
-        GuestPhysAddr::new(PAGE),
-        HostPhysAddr::new(FRAME),
-        4096,
-        MappingFlags::RW,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::RW, MapSize::Largest)
+        .unwrap()
+        .ignore();
     tlb.hfence_gvma(None, Some(3));
-    assert!(tlb
-        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
-        .is_ok());
+    assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_ok());
 
-    let flush = t
-        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ)
-        .unwrap();
+    let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ).unwrap();
     let Invalidation::GvmaAddresses { addrs, .. } = flush.invalidation() else {
         panic!("a leaf change is fenced by address")
     };
@@ -136,90 +94,47 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
     flush.ignore();
     assert!(model::gstage::walk(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_err());
     assert!(
-        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
-            .is_ok(),
+        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_ok(),
         "the model must catch a missing HFENCE.GVMA"
     );
 
-    let flush = t
-        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX)
-        .unwrap();
+    let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX).unwrap();
     t.flush(flush, |inv| {
         if let Invalidation::GvmaAddresses { addrs, .. } = inv {
-            addrs
-                .iter()
-                .for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
+            addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
     });
-    assert!(tlb
-        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w)
-        .is_err());
+    assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_err());
 }
 
 #[test]
 fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
     let ram = HostRam::new(64);
     let (mut t, hgatp) = gstage_setup(&ram);
-    let cfg = model::gstage::GstageConfig {
-        hw_ad_update: true,
-        ..Default::default()
-    };
+    let cfg = model::gstage::GstageConfig { hw_ad_update: true, ..Default::default() };
     let mut tlb = model::tlb::GstageTlb::new();
     let r = model::Access::Read;
     // The guest touches an unmapped page: the TLB may remember the invalid entry.
-    assert!(tlb
-        .translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r)
-        .is_err());
-    let flush = t
-        .map(
-            GuestPhysAddr::new(PAGE),
-            HostPhysAddr::new(FRAME),
-            4096,
-            MappingFlags::READ,
-            MapSize::Largest,
-        )
-        .unwrap();
-    assert!(
-        !flush.is_empty(),
-        "RISC-V needs a fence even for a new mapping"
-    );
+    assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r).is_err());
+    let flush =
+        t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::READ, MapSize::Largest).unwrap();
+    assert!(!flush.is_empty(), "RISC-V needs a fence even for a new mapping");
     flush.ignore();
-    assert!(
-        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r)
-            .is_err(),
-        "stale invalid entry served"
-    );
-    let flush = t
-        .protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ)
-        .unwrap();
-    assert!(
-        flush.is_empty(),
-        "same rights: nothing changed, nothing to fence"
-    );
+    assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), r).is_err(), "stale invalid entry served");
+    let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ).unwrap();
+    assert!(flush.is_empty(), "same rights: nothing changed, nothing to fence");
     flush.ignore();
     t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap().ignore();
-    let flush = t
-        .map(
-            GuestPhysAddr::new(PAGE),
-            HostPhysAddr::new(FRAME),
-            4096,
-            MappingFlags::READ,
-            MapSize::Largest,
-        )
-        .unwrap();
+    let flush =
+        t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::READ, MapSize::Largest).unwrap();
     t.flush(flush, |inv| match inv {
-        Invalidation::GvmaAddresses { addrs, .. } => addrs
-            .iter()
-            .for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3))),
+        Invalidation::GvmaAddresses { addrs, .. } => {
+            addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)))
+        }
         Invalidation::GvmaAll { .. } => tlb.hfence_gvma(None, Some(3)),
         other => panic!("{other:?}"),
     });
-    assert_eq!(
-        tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r)
-            .unwrap()
-            .hpa,
-        Hpa(FRAME + 8)
-    );
+    assert_eq!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r).unwrap().hpa, Hpa(FRAME + 8));
 }
 
 #[test]
@@ -228,22 +143,13 @@ fn freed_tables_wait_for_the_flush() {
     // cache may still point at it, so the frame must not be reused before the flush.
     let ram = HostRam::new(64);
     let (mut t, _) = gstage_setup(&ram);
-    t.map(
-        GuestPhysAddr::new(PAGE),
-        HostPhysAddr::new(FRAME),
-        4096,
-        MappingFlags::READ,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::READ, MapSize::Largest)
+        .unwrap()
+        .ignore();
     let with_tables = ram.frames_in_use();
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     assert_eq!(ram.frames_in_use(), with_tables, "retired, not freed");
-    assert_eq!(
-        flush.invalidation(),
-        Invalidation::GvmaAll { root: t.root() }
-    );
+    assert_eq!(flush.invalidation(), Invalidation::GvmaAll { root: t.root() });
     t.flush(flush, |_| {});
     assert_eq!(ram.frames_in_use(), 4);
 }

@@ -104,9 +104,7 @@ fn ept_result(r: Result<model::ept::EptWalk, model::ept::EptExit>) -> Result<u64
     match r {
         Ok(w) => Ok(w.hpa.0),
         // Bits 5:3 of the qualification: the AND of the rights along the walk.
-        Err(model::ept::EptExit::Violation { qualification, .. }) => {
-            Err(Some(((qualification >> 3) & 7) as u8))
-        }
+        Err(model::ept::EptExit::Violation { qualification, .. }) => Err(Some(((qualification >> 3) & 7) as u8)),
         Err(e) => panic!("the engine built a table the hardware rejects: {e:?}"),
     }
 }
@@ -118,9 +116,7 @@ macro_rules! ept_hw {
             type F = $fmt;
             fn new(_ram: &HostRam, table: &PageTable<$fmt, &HostRam>) -> Self {
                 let caps = EptCapabilities::new(EPT_CAP, MAXPHYADDR);
-                let eptp = EptPointer::new(table.root(), $levels, true, &caps)
-                    .unwrap()
-                    .bits();
+                let eptp = EptPointer::new(table.root(), $levels, true, &caps).unwrap().bits();
                 $name(EptHw {
                     eptp,
                     caps: model::ept::EptCaps::from_msr(EPT_CAP, MAXPHYADDR),
@@ -153,9 +149,7 @@ macro_rules! ept_hw {
             fn invalidate(&mut self, inv: &Invalidation<'_>) {
                 match inv {
                     Invalidation::None => {}
-                    Invalidation::InveptSingleContext { .. } => {
-                        self.0.tlb.invept_single_context(self.0.eptp)
-                    }
+                    Invalidation::InveptSingleContext { .. } => self.0.tlb.invept_single_context(self.0.eptp),
                     other => panic!("EPT asked for {other:?}"),
                 }
             }
@@ -174,15 +168,11 @@ struct GHw<F> {
     _f: std::marker::PhantomData<F>,
 }
 
-fn g_result(
-    r: Result<model::gstage::GWalk, model::gstage::GstageFault>,
-) -> Result<u64, Option<u8>> {
+fn g_result(r: Result<model::gstage::GWalk, model::gstage::GstageFault>) -> Result<u64, Option<u8>> {
     use model::gstage::{GstageFault, RvFaultKind};
     match r {
         Ok(w) => Ok(w.hpa.0),
-        Err(GstageFault::GuestPage(f))
-            if matches!(f.reason, RvFaultKind::NotValid | RvFaultKind::Permission) =>
-        {
+        Err(GstageFault::GuestPage(f)) if matches!(f.reason, RvFaultKind::NotValid | RvFaultKind::Permission) => {
             Err(None)
         }
         Err(e) => panic!("the engine built a table the hardware rejects: {e:?}"),
@@ -192,41 +182,16 @@ fn g_result(
 impl<F: GStageFormat> Hw for GHw<F> {
     type F = F;
     fn new(_ram: &HostRam, table: &PageTable<F, &HostRam>) -> Self {
-        let caps = HgatpCapabilities {
-            sv39x4: true,
-            sv48x4: true,
-            sv57x4: true,
-            vmid_bits: 14,
-        };
+        let caps = HgatpCapabilities { sv39x4: true, sv48x4: true, sv57x4: true, vmid_bits: 14 };
         let hgatp = Hgatp::for_table(table, VMID, &caps).unwrap().bits();
-        let cfg = model::gstage::GstageConfig {
-            hw_ad_update: true,
-            ..Default::default()
-        };
-        GHw {
-            hgatp,
-            cfg,
-            tlb: model::tlb::GstageTlb::new(),
-            _f: std::marker::PhantomData,
-        }
+        let cfg = model::gstage::GstageConfig { hw_ad_update: true, ..Default::default() };
+        GHw { hgatp, cfg, tlb: model::tlb::GstageTlb::new(), _f: std::marker::PhantomData }
     }
     fn walk(&mut self, ram: &HostRam, gpa: u64, a: Access) -> Result<u64, Option<u8>> {
-        g_result(model::gstage::walk(
-            &mut Ram(ram),
-            self.hgatp,
-            &self.cfg,
-            Gpa(gpa),
-            model_access(a),
-        ))
+        g_result(model::gstage::walk(&mut Ram(ram), self.hgatp, &self.cfg, Gpa(gpa), model_access(a)))
     }
     fn tlb(&mut self, ram: &HostRam, gpa: u64, a: Access) -> Result<u64, Option<u8>> {
-        g_result(self.tlb.translate(
-            &mut Ram(ram),
-            self.hgatp,
-            &self.cfg,
-            Gpa(gpa),
-            model_access(a),
-        ))
+        g_result(self.tlb.translate(&mut Ram(ram), self.hgatp, &self.cfg, Gpa(gpa), model_access(a)))
     }
     fn invalidate(&mut self, inv: &Invalidation<'_>) {
         match inv {
@@ -259,13 +224,8 @@ impl Rng {
     }
 }
 
-const RIGHTS: [MappingFlags; 5] = [
-    MappingFlags::READ,
-    MappingFlags::RW,
-    MappingFlags::RX,
-    MappingFlags::RWX,
-    MappingFlags::EXECUTE,
-];
+const RIGHTS: [MappingFlags; 5] =
+    [MappingFlags::READ, MappingFlags::RW, MappingFlags::RX, MappingFlags::RWX, MappingFlags::EXECUTE];
 
 /// A random range, mostly in a hot window around 1 GiB so that operations collide, split and
 /// collapse each other's pages.
@@ -275,11 +235,7 @@ fn random_range(rng: &mut Rng) -> (u64, u64) {
         60..=94 => M2,
         _ => G1,
     };
-    let (lo, span) = if unit == G1 {
-        (0, 4 * G1)
-    } else {
-        (G1 - 8 * M2, 16 * M2)
-    };
+    let (lo, span) = if unit == G1 { (0, 4 * G1) } else { (G1 - 8 * M2, 16 * M2) };
     let mut start = lo + rng.below(span / unit) * unit;
     let mut len = unit * (1 + rng.below(3));
     if unit > K4 && rng.chance(25) {
@@ -291,40 +247,21 @@ fn random_range(rng: &mut Rng) -> (u64, u64) {
     (start, len)
 }
 
-fn check<H: Hw>(
-    t: &PageTable<H::F, &HostRam>,
-    hw: &mut H,
-    ram: &HostRam,
-    shadow: &Shadow,
-    probes: &[u64],
-    ctx: &str,
-) {
+fn check<H: Hw>(t: &PageTable<H::F, &HostRam>, hw: &mut H, ram: &HostRam, shadow: &Shadow, probes: &[u64], ctx: &str) {
     for &p in probes {
         let want = shadow.lookup(p);
         let got = t.translate(GuestPhysAddr::new(p));
-        assert_eq!(
-            got.map(|(h, f)| (h.as_u64(), f)),
-            want,
-            "{ctx}: engine query of {p:#x}"
-        );
+        assert_eq!(got.map(|(h, f)| (h.as_u64(), f)), want, "{ctx}: engine query of {p:#x}");
         for a in [Access::Read, Access::Write, Access::Execute] {
             let expect = match want {
                 Some((h, f)) if f.allows(a) => Ok(h),
                 _ => Err(()),
             };
             let fresh = hw.walk(ram, p, a);
-            assert_eq!(
-                fresh.map_err(|_| ()),
-                expect,
-                "{ctx}: model walk of {p:#x} for {a}"
-            );
+            assert_eq!(fresh.map_err(|_| ()), expect, "{ctx}: model walk of {p:#x} for {a}");
             if let (Err(Some(rights)), Some((_, f))) = (fresh, want) {
                 // The violation reports the rights the tables give (EPT exit qualification 5:3).
-                assert_eq!(
-                    u32::from(rights),
-                    f.rights().bits(),
-                    "{ctx}: qualification rights at {p:#x}"
-                );
+                assert_eq!(u32::from(rights), f.rights().bits(), "{ctx}: qualification rights at {p:#x}");
             }
             let cached = hw.tlb(ram, p, a);
             assert_eq!(
@@ -355,40 +292,23 @@ fn run<H: Hw>(seed: u64, steps: usize) {
         let frames_before = ram.frames_in_use();
         let g = GuestPhysAddr::new(start);
         let op = rng.below(100);
-        let ctx = format!(
-            "{} seed {seed} step {step} op {op} [{start:#x}, {end:#x}) {flags:?}",
-            <H::F as Format>::NAME
-        );
+        let ctx =
+            format!("{} seed {seed} step {step} op {op} [{start:#x}, {end:#x}) {flags:?}", <H::F as Format>::NAME);
         let flush: Option<Flush<H::F>> = match op {
             0..=34 => {
                 let hpa = TARGET + (start % (4 * G1)) + if rng.chance(20) { K4 } else { 0 };
-                let size = if rng.chance(15) {
-                    MapSize::Exactly(PageSize::Size4K)
-                } else {
-                    MapSize::Largest
-                };
+                let size = if rng.chance(15) { MapSize::Exactly(PageSize::Size4K) } else { MapSize::Largest };
                 match t.map(g, HostPhysAddr::new(hpa), len, flags, size) {
                     Ok(f) => {
-                        assert_eq!(
-                            shadow.first_mapped(start, end),
-                            None,
-                            "{ctx}: mapped over a mapping"
-                        );
+                        assert_eq!(shadow.first_mapped(start, end), None, "{ctx}: mapped over a mapping");
                         if <H::F as Format>::FAMILY == format::Family::Ept {
-                            assert!(
-                                f.is_empty(),
-                                "{ctx}: EPT asked for INVEPT after only adding mappings"
-                            );
+                            assert!(f.is_empty(), "{ctx}: EPT asked for INVEPT after only adding mappings");
                         }
                         shadow.insert(start, end, hpa, flags);
                         Some(f)
                     }
                     Err(MapError::AlreadyMapped { gpa }) => {
-                        assert_eq!(
-                            Some(gpa.as_u64()),
-                            shadow.first_mapped(start, end),
-                            "{ctx}: conflict address"
-                        );
+                        assert_eq!(Some(gpa.as_u64()), shadow.first_mapped(start, end), "{ctx}: conflict address");
                         None
                     }
                     Err(MapError::OutOfFrames(_)) if inject => None,
@@ -418,11 +338,7 @@ fn run<H: Hw>(seed: u64, steps: usize) {
                 Err(e) => panic!("{ctx}: {e:?}"),
             },
             80..=89 => {
-                let size = if rng.chance(80) {
-                    PageSize::Size2M
-                } else {
-                    PageSize::Size1G
-                };
+                let size = if rng.chance(80) { PageSize::Size2M } else { PageSize::Size1G };
                 t.collapse(g, size).ok()
             }
             90..=94 => match t.query(g) {
@@ -431,42 +347,26 @@ fn run<H: Hw>(seed: u64, steps: usize) {
                     let new = leaf.hpa.as_u64() + leaf.size.bytes() * (1 + rng.below(4));
                     let f = t.remap(leaf.gpa, HostPhysAddr::new(new), flags).unwrap();
                     shadow.remove(leaf.gpa.as_u64(), leaf.gpa.as_u64() + leaf.size.bytes());
-                    shadow.insert(
-                        leaf.gpa.as_u64(),
-                        leaf.gpa.as_u64() + leaf.size.bytes(),
-                        new,
-                        flags,
-                    );
+                    shadow.insert(leaf.gpa.as_u64(), leaf.gpa.as_u64() + leaf.size.bytes(), new, flags);
                     Some(f)
                 }
                 None => None,
             },
             _ => {
-                let clear =
-                    [AdClear::Accessed, AdClear::Dirty, AdClear::Both][rng.below(3) as usize];
+                let clear = [AdClear::Accessed, AdClear::Dirty, AdClear::Both][rng.below(3) as usize];
                 Some(t.take_accessed_dirty(g, len, clear, |_| {}))
             }
         };
         ram.heal();
         match flush {
             Some(f) => t.flush(f, |inv| hw.invalidate(inv)),
-            None => assert_eq!(
-                ram.frames_in_use(),
-                frames_before,
-                "{ctx}: a refused change kept frames"
-            ),
+            None => assert_eq!(ram.frames_in_use(), frames_before, "{ctx}: a refused change kept frames"),
         }
         // Probe the edges of this range, a few random addresses, and recent probes (which the
         // TLB model has cached).
         probes.retain(|_| rng.chance(70));
         probes.truncate(8);
-        for a in [
-            start.saturating_sub(K4),
-            start,
-            end - K4,
-            end,
-            start + rng.below(len / K4) * K4,
-        ] {
+        for a in [start.saturating_sub(K4), start, end - K4, end, start + rng.below(len / K4) * K4] {
             probes.push(a + rng.below(K4 / 8) * 8);
         }
         for _ in 0..3 {
@@ -476,11 +376,7 @@ fn run<H: Hw>(seed: u64, steps: usize) {
         check(&t, &mut hw, &ram, &shadow, &probes, &ctx);
     }
     drop(t);
-    assert_eq!(
-        ram.frames_in_use(),
-        0,
-        "seed {seed}: every table frame is freed on drop"
-    );
+    assert_eq!(ram.frames_in_use(), 0, "seed {seed}: every table frame is freed on drop");
 }
 
 /// 10,000 operations per format: five seeds of 2,000 steps.

@@ -6,12 +6,7 @@ use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
 use twostage_npt::*;
 
 fn leaf(hpa: u64, flags: MappingFlags) -> LeafBits {
-    LeafBits {
-        hpa: HostPhysAddr::new(hpa),
-        flags,
-        accessed: false,
-        dirty: false,
-    }
+    LeafBits { hpa: HostPhysAddr::new(hpa), flags, accessed: false, dirty: false }
 }
 
 /// The value Bochs reports on corei7_skylake_x (PLATFORMS.md).
@@ -23,47 +18,22 @@ fn ept_leaf_bits_follow_sdm_tables_29_x() {
     // ignore-PAT 6, accessed 8, dirty 9, address 51:12.
     let raw = Ept4::encode_leaf(&leaf(0x1234_5000, MappingFlags::RWX), 0);
     assert_eq!(raw, 0x1234_5000 | 0b111 | (6 << 3));
-    let raw = Ept4::encode_leaf(
-        &LeafBits {
-            accessed: true,
-            dirty: true,
-            ..leaf(0x1000, MappingFlags::READ)
-        },
-        0,
-    );
+    let raw = Ept4::encode_leaf(&LeafBits { accessed: true, dirty: true, ..leaf(0x1000, MappingFlags::READ) }, 0);
     assert_eq!(raw, 0x1000 | 1 | (6 << 3) | (1 << 8) | (1 << 9));
     // Table 29-4 (2 MiB PDE): bit 7 set; Table 29-2 (1 GiB PDPTE) likewise.
-    assert_eq!(
-        Ept4::encode_leaf(&leaf(0x20_0000, MappingFlags::RW), 1),
-        0x20_0000 | 0b011 | (6 << 3) | (1 << 7)
-    );
-    assert_eq!(
-        Ept4::encode_leaf(&leaf(0x4000_0000, MappingFlags::RX), 2),
-        0x4000_0000 | 0b101 | (6 << 3) | (1 << 7)
-    );
+    assert_eq!(Ept4::encode_leaf(&leaf(0x20_0000, MappingFlags::RW), 1), 0x20_0000 | 0b011 | (6 << 3) | (1 << 7));
+    assert_eq!(Ept4::encode_leaf(&leaf(0x4000_0000, MappingFlags::RX), 2), 0x4000_0000 | 0b101 | (6 << 3) | (1 << 7));
     // Device memory: UC (0) with ignore-PAT; uncached: UC without it (§29.3.7).
-    assert_eq!(
-        Ept4::encode_leaf(&leaf(0x1000, MappingFlags::RW | MappingFlags::DEVICE), 0),
-        0x1000 | 0b011 | (1 << 6)
-    );
-    assert_eq!(
-        Ept4::encode_leaf(&leaf(0x1000, MappingFlags::RW | MappingFlags::UNCACHED), 0),
-        0x1000 | 0b011
-    );
+    assert_eq!(Ept4::encode_leaf(&leaf(0x1000, MappingFlags::RW | MappingFlags::DEVICE), 0), 0x1000 | 0b011 | (1 << 6));
+    assert_eq!(Ept4::encode_leaf(&leaf(0x1000, MappingFlags::RW | MappingFlags::UNCACHED), 0), 0x1000 | 0b011);
     // Non-leaf entries (Tables 29-1, 29-3, 29-5): R/W/X all set, address, nothing else.
     assert_eq!(Ept4::encode_table(HostPhysAddr::new(0x7000)), 0x7007);
     // Decoding: not present when bits 2:0 are clear whatever else is set.
     assert_eq!(Ept4::decode(0xffff_f000 | (6 << 3), 0), Pte::Invalid);
-    assert_eq!(
-        Ept4::decode(0x7007, 1),
-        Pte::Table(HostPhysAddr::new(0x7000))
-    );
+    assert_eq!(Ept4::decode(0x7007, 1), Pte::Table(HostPhysAddr::new(0x7000)));
     assert!(matches!(Ept4::decode(0x20_0000 | 0x83, 1), Pte::Leaf(_)));
     // Bit 7 in a PML4E is not a large page: the engine never reads it as a leaf at level 3.
-    assert_eq!(
-        Ept4::decode(0x7087, 3),
-        Pte::Table(HostPhysAddr::new(0x7000))
-    );
+    assert_eq!(Ept4::decode(0x7087, 3), Pte::Table(HostPhysAddr::new(0x7000)));
 }
 
 #[test]
@@ -72,22 +42,12 @@ fn gstage_leaf_bits_follow_the_privileged_spec() {
     // G-stage leaves always carry U=1 (§9.5.1: G-stage accesses are treated as U-mode).
     let raw = Sv39x4::encode_leaf(&leaf(0x8020_0000, MappingFlags::RW), 1);
     assert_eq!(raw, (0x8020_0000 >> 12) << 10 | 0b1_0111);
-    let raw = Sv48x4::encode_leaf(
-        &LeafBits {
-            accessed: true,
-            dirty: true,
-            ..leaf(0x1000, MappingFlags::EXECUTE)
-        },
-        0,
-    );
+    let raw = Sv48x4::encode_leaf(&LeafBits { accessed: true, dirty: true, ..leaf(0x1000, MappingFlags::EXECUTE) }, 0);
     assert_eq!(raw, 1 << 10 | 0b1101_1001);
     // A pointer to the next level: V=1, R=W=X=0, and A, D, U clear (reserved in non-leaf PTEs).
     assert_eq!(Sv57x4::encode_table(HostPhysAddr::new(0x9000)), 9 << 10 | 1);
     assert_eq!(Sv39x4::decode(0, 0), Pte::Invalid);
-    assert_eq!(
-        Sv39x4::decode(9 << 10 | 1, 2),
-        Pte::Table(HostPhysAddr::new(0x9000))
-    );
+    assert_eq!(Sv39x4::decode(9 << 10 | 1, 2), Pte::Table(HostPhysAddr::new(0x9000)));
     // The x4 root is 2048 entries: bits 40:30 of the GPA index it for Sv39x4.
     assert_eq!(<Sv39x4 as Format>::entries(2), 2048);
     assert_eq!(<Sv39x4 as Format>::index((1 << 41) - 1, 2), 2047);
@@ -107,9 +67,7 @@ fn ept_capabilities_decode_the_msr() {
     assert!(caps.invept() && caps.invept_single_context() && caps.invept_all_context());
     assert!(caps.accessed_dirty());
     let opts = caps.table_options(true);
-    assert!(
-        opts.leaf_sizes.contains(PageSize::Size2M) && opts.leaf_sizes.contains(PageSize::Size1G)
-    );
+    assert!(opts.leaf_sizes.contains(PageSize::Size2M) && opts.leaf_sizes.contains(PageSize::Size1G));
     let no_1g = EptCapabilities::new(SKYLAKE_X & !(1 << 17), 39).table_options(true);
     assert!(!no_1g.leaf_sizes.contains(PageSize::Size1G));
     assert_eq!(opts.ad, AdMode::Hardware);
@@ -127,29 +85,16 @@ fn ept_pointer_is_checked_against_the_capabilities() {
     assert_eq!(eptp.bits(), 0x12_3000 | 6 | (3 << 3) | (1 << 6));
     assert_eq!(eptp.root(), root);
     assert_eq!(eptp.walk_length(), 4);
-    assert_eq!(
-        EptPointer::new(root, 4, false, &caps).unwrap().bits(),
-        0x12_301e
-    );
-    assert_eq!(
-        EptPointer::new(root, 5, true, &caps),
-        Err(EptPointerError::WalkLengthUnsupported(5))
-    );
+    assert_eq!(EptPointer::new(root, 4, false, &caps).unwrap().bits(), 0x12_301e);
+    assert_eq!(EptPointer::new(root, 5, true, &caps), Err(EptPointerError::WalkLengthUnsupported(5)));
     let no_ad = EptCapabilities::new(SKYLAKE_X & !(1 << 21), 39);
-    assert_eq!(
-        EptPointer::new(root, 4, true, &no_ad),
-        Err(EptPointerError::AccessedDirtyUnsupported)
-    );
+    assert_eq!(EptPointer::new(root, 4, true, &no_ad), Err(EptPointerError::AccessedDirtyUnsupported));
     let no_wb = EptCapabilities::new(SKYLAKE_X & !(1 << 14), 39);
     assert_eq!(
         EptPointer::new(root, 4, false, &no_wb),
-        Err(EptPointerError::MemoryTypeUnsupported(
-            EptMemoryType::WriteBack
-        ))
+        Err(EptPointerError::MemoryTypeUnsupported(EptMemoryType::WriteBack))
     );
-    assert!(
-        EptPointer::with_memory_type(root, 4, false, EptMemoryType::Uncacheable, &no_wb).is_ok()
-    );
+    assert!(EptPointer::with_memory_type(root, 4, false, EptMemoryType::Uncacheable, &no_wb).is_ok());
     assert_eq!(
         EptPointer::new(HostPhysAddr::new(1 << 40), 4, false, &caps),
         Err(EptPointerError::BadRoot(HostPhysAddr::new(1 << 40)))
@@ -164,8 +109,7 @@ fn ept_pointer_is_checked_against_the_capabilities() {
 fn hgatp_is_checked_against_the_probe() {
     // A hart with Sv39x4 and Sv48x4 but not Sv57x4 and 7 VMID bits: an unsupported mode write
     // leaves the old value (WARL), VMID bits read back as implemented.
-    let caps =
-        HgatpCapabilities::from_probe(|m| if m == HgatpMode::Sv57x4 { 0 } else { m as u64 }, 0x7f);
+    let caps = HgatpCapabilities::from_probe(|m| if m == HgatpMode::Sv57x4 { 0 } else { m as u64 }, 0x7f);
     assert!(caps.sv39x4 && caps.sv48x4 && !caps.sv57x4);
     assert_eq!(caps.vmid_bits, 7);
     let root = HostPhysAddr::new(0x8040_4000);
@@ -173,21 +117,12 @@ fn hgatp_is_checked_against_the_probe() {
     let h = Hgatp::new(HgatpMode::Sv39x4, 5, root, &caps).unwrap();
     assert_eq!(h.bits(), 8 << 60 | 5 << 44 | 0x80404);
     assert_eq!((h.vmid(), h.root()), (5, root));
-    assert_eq!(
-        Hgatp::new(HgatpMode::Sv57x4, 1, root, &caps),
-        Err(HgatpError::ModeUnsupported(HgatpMode::Sv57x4))
-    );
+    assert_eq!(Hgatp::new(HgatpMode::Sv57x4, 1, root, &caps), Err(HgatpError::ModeUnsupported(HgatpMode::Sv57x4)));
     assert_eq!(
         Hgatp::new(HgatpMode::Sv39x4, 128, root, &caps),
-        Err(HgatpError::VmidTooWide {
-            vmid: 128,
-            vmid_bits: 7
-        })
+        Err(HgatpError::VmidTooWide { vmid: 128, vmid_bits: 7 })
     );
     // The root must be 16 KiB-aligned (the x4 root is 16 KiB).
     let r = HostPhysAddr::new(0x8040_1000);
-    assert_eq!(
-        Hgatp::new(HgatpMode::Sv39x4, 1, r, &caps),
-        Err(HgatpError::BadRoot(r))
-    );
+    assert_eq!(Hgatp::new(HgatpMode::Sv39x4, 1, r, &caps), Err(HgatpError::BadRoot(r)));
 }

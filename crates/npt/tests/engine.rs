@@ -36,15 +36,7 @@ macro_rules! engine_tests {
                 // 4K head, 2M body, 1G in the middle where both sides are 1G-aligned.
                 let start = G - M2 - K4;
                 let len = K4 + M2 + G + M2;
-                t.map(
-                    gpa(start),
-                    hpa(TARGET + start),
-                    len,
-                    MappingFlags::RW,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(start), hpa(TARGET + start), len, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
                 assert_eq!(t.query(gpa(start)).unwrap().size, PageSize::Size4K);
                 assert_eq!(t.query(gpa(G - M2)).unwrap().size, PageSize::Size2M);
                 assert_eq!(t.query(gpa(G + 12345)).unwrap().size, PageSize::Size1G);
@@ -54,15 +46,7 @@ macro_rules! engine_tests {
                 assert_eq!(h, hpa(TARGET + G + 12345));
                 assert_eq!(f, MappingFlags::RW);
                 // Misaligned host address: only 4K pages possible.
-                t.map(
-                    gpa(8 * G),
-                    hpa(TARGET + K4),
-                    M2,
-                    MappingFlags::READ,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(8 * G), hpa(TARGET + K4), M2, MappingFlags::READ, MapSize::Largest).unwrap().ignore();
                 assert_eq!(t.query(gpa(8 * G)).unwrap().size, PageSize::Size4K);
                 assert_eq!(t.query(gpa(8 * G + M2 - K4)).unwrap().hpa, hpa(TARGET + M2));
             }
@@ -70,30 +54,12 @@ macro_rules! engine_tests {
             #[test]
             fn cpu_without_huge_pages_gets_4k_only() {
                 let ram = HostRam::new(64);
-                let opts = TableOptions {
-                    leaf_sizes: PageSizes::SIZE_4K_ONLY,
-                    ..TableOptions::for_format::<F>()
-                };
+                let opts = TableOptions { leaf_sizes: PageSizes::SIZE_4K_ONLY, ..TableOptions::for_format::<F>() };
                 let mut t = PageTable::<F, _>::new(&ram, opts).unwrap();
-                t.map(
-                    gpa(0),
-                    hpa(TARGET),
-                    2 * M2,
-                    MappingFlags::RW,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(0), hpa(TARGET), 2 * M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
                 assert_eq!(t.query(gpa(M2)).unwrap().size, PageSize::Size4K);
                 assert_eq!(
-                    t.map(
-                        gpa(G),
-                        hpa(TARGET),
-                        M2,
-                        MappingFlags::RW,
-                        MapSize::Exactly(PageSize::Size2M)
-                    )
-                    .unwrap_err(),
+                    t.map(gpa(G), hpa(TARGET), M2, MappingFlags::RW, MapSize::Exactly(PageSize::Size2M)).unwrap_err(),
                     MapError::UnsupportedPageSize(PageSize::Size2M)
                 );
             }
@@ -102,75 +68,42 @@ macro_rules! engine_tests {
             fn bad_requests_change_nothing() {
                 let ram = HostRam::new(64);
                 let mut t = table(&ram);
-                t.map(gpa(M2), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest)
-                    .unwrap()
-                    .ignore();
+                t.map(gpa(M2), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
                 let frames = ram.frames_in_use();
                 let before = t.dump().to_string();
                 let r = MappingFlags::READ;
                 assert!(matches!(
                     t.map(gpa(1), hpa(TARGET), K4, r, MapSize::Largest),
-                    Err(MapError::BadGuestRange {
-                        problem: RangeProblem::Unaligned,
-                        ..
-                    })
+                    Err(MapError::BadGuestRange { problem: RangeProblem::Unaligned, .. })
                 ));
                 assert!(matches!(
                     t.map(gpa(0), hpa(TARGET), 0, r, MapSize::Largest),
-                    Err(MapError::BadGuestRange {
-                        problem: RangeProblem::Empty,
-                        ..
-                    })
+                    Err(MapError::BadGuestRange { problem: RangeProblem::Empty, .. })
                 ));
                 assert!(matches!(
                     t.map(gpa(0), hpa(TARGET + 8), K4, r, MapSize::Largest),
-                    Err(MapError::BadHostRange {
-                        problem: RangeProblem::Unaligned,
-                        ..
-                    })
+                    Err(MapError::BadHostRange { problem: RangeProblem::Unaligned, .. })
                 ));
                 let top = 1u64 << <F as Format>::GPA_BITS;
                 assert!(matches!(
                     t.map(gpa(top - K4), hpa(TARGET), 2 * K4, r, MapSize::Largest),
-                    Err(MapError::BadGuestRange {
-                        problem: RangeProblem::OutOfRange,
-                        ..
-                    })
+                    Err(MapError::BadGuestRange { problem: RangeProblem::OutOfRange, .. })
                 ));
                 assert!(matches!(
-                    t.map(
-                        gpa(0),
-                        hpa(TARGET),
-                        K4,
-                        MappingFlags::WRITE,
-                        MapSize::Largest
-                    ),
+                    t.map(gpa(0), hpa(TARGET), K4, MappingFlags::WRITE, MapSize::Largest),
                     Err(MapError::BadFlags { .. })
                 ));
                 assert!(matches!(
-                    t.map(
-                        gpa(0),
-                        hpa(TARGET),
-                        K4,
-                        MappingFlags::empty(),
-                        MapSize::Largest
-                    ),
+                    t.map(gpa(0), hpa(TARGET), K4, MappingFlags::empty(), MapSize::Largest),
                     Err(MapError::BadFlags { .. })
                 ));
                 // Overlap at the far end of the request: the first part must not stay mapped.
                 assert_eq!(
-                    t.map(gpa(0), hpa(TARGET), M2 + K4, r, MapSize::Largest)
-                        .unwrap_err(),
+                    t.map(gpa(0), hpa(TARGET), M2 + K4, r, MapSize::Largest).unwrap_err(),
                     MapError::AlreadyMapped { gpa: gpa(M2) }
                 );
-                assert!(matches!(
-                    t.unmap(gpa(3), K4),
-                    Err(RangeError::BadRange { .. })
-                ));
-                assert!(matches!(
-                    t.protect(gpa(0), K4, MappingFlags::WRITE),
-                    Err(RangeError::BadFlags { .. })
-                ));
+                assert!(matches!(t.unmap(gpa(3), K4), Err(RangeError::BadRange { .. })));
+                assert!(matches!(t.protect(gpa(0), K4, MappingFlags::WRITE), Err(RangeError::BadFlags { .. })));
                 assert_eq!(t.dump().to_string(), before);
                 assert_eq!(ram.frames_in_use(), frames);
                 assert_eq!(t.query(gpa(0)), None);
@@ -185,28 +118,15 @@ macro_rules! engine_tests {
                 let mut needed = 0;
                 for k in 0.. {
                     ram.fail_after(k);
-                    match t.map(
-                        gpa(G - 2 * K4),
-                        hpa(TARGET),
-                        4 * K4,
-                        MappingFlags::RW,
-                        MapSize::Largest,
-                    ) {
+                    match t.map(gpa(G - 2 * K4), hpa(TARGET), 4 * K4, MappingFlags::RW, MapSize::Largest) {
                         Err(MapError::OutOfFrames(e)) => {
                             needed = e.needed;
-                            assert_eq!(
-                                ram.frames_in_use(),
-                                baseline,
-                                "frames leaked at failure point {k}"
-                            );
+                            assert_eq!(ram.frames_in_use(), baseline, "frames leaked at failure point {k}");
                             assert_eq!(t.query(gpa(G - 2 * K4)), None);
                         }
                         Ok(f) => {
                             f.ignore();
-                            assert_eq!(
-                                k as usize, needed,
-                                "succeeded once all needed frames were there"
-                            );
+                            assert_eq!(k as usize, needed, "succeeded once all needed frames were there");
                             break;
                         }
                         Err(e) => panic!("{e:?}"),
@@ -215,30 +135,13 @@ macro_rules! engine_tests {
                 ram.heal();
                 assert_eq!(ram.frames_in_use(), baseline + needed);
                 // A partial unmap of a huge page needs split frames: failing them changes nothing.
-                t.map(
-                    gpa(4 * G),
-                    hpa(TARGET),
-                    G,
-                    MappingFlags::RW,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(4 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
                 let before = t.dump().to_string();
                 let used = ram.frames_in_use();
                 ram.fail_after(0);
-                assert!(matches!(
-                    t.unmap(gpa(4 * G + K4), K4),
-                    Err(RangeError::OutOfFrames(_))
-                ));
-                assert!(matches!(
-                    t.protect(gpa(4 * G + M2), K4, MappingFlags::READ),
-                    Err(RangeError::OutOfFrames(_))
-                ));
-                assert!(matches!(
-                    t.split(gpa(4 * G)),
-                    Err(SplitError::OutOfFrames(_))
-                ));
+                assert!(matches!(t.unmap(gpa(4 * G + K4), K4), Err(RangeError::OutOfFrames(_))));
+                assert!(matches!(t.protect(gpa(4 * G + M2), K4, MappingFlags::READ), Err(RangeError::OutOfFrames(_))));
+                assert!(matches!(t.split(gpa(4 * G)), Err(SplitError::OutOfFrames(_))));
                 ram.heal();
                 assert_eq!(t.dump().to_string(), before);
                 assert_eq!(ram.frames_in_use(), used);
@@ -250,24 +153,17 @@ macro_rules! engine_tests {
             fn partial_unmap_and_protect_split_huge_pages() {
                 let ram = HostRam::new(64);
                 let mut t = table(&ram);
-                t.map(gpa(G), hpa(TARGET), G, MappingFlags::RWX, MapSize::Largest)
-                    .unwrap()
-                    .ignore();
+                t.map(gpa(G), hpa(TARGET), G, MappingFlags::RWX, MapSize::Largest).unwrap().ignore();
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size1G);
                 let f = t.unmap(gpa(G + M2 + K4), K4).unwrap();
                 assert!(!f.is_empty());
                 t.flush(f, |_| {});
                 assert_eq!(t.query(gpa(G + M2 + K4)), None);
                 assert_eq!(t.query(gpa(G + M2)).unwrap().size, PageSize::Size4K);
-                assert_eq!(
-                    t.query(gpa(G + M2 + 2 * K4)).unwrap().hpa,
-                    hpa(TARGET + M2 + 2 * K4)
-                );
+                assert_eq!(t.query(gpa(G + M2 + 2 * K4)).unwrap().hpa, hpa(TARGET + M2 + 2 * K4));
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size2M);
                 assert_eq!(t.query(gpa(2 * G - 1)).unwrap().size, PageSize::Size2M);
-                let f = t
-                    .protect(gpa(G + 4 * M2), M2 + K4, MappingFlags::READ)
-                    .unwrap();
+                let f = t.protect(gpa(G + 4 * M2), M2 + K4, MappingFlags::READ).unwrap();
                 t.flush(f, |_| {});
                 assert_eq!(
                     t.query(gpa(G + 4 * M2)).unwrap(),
@@ -282,10 +178,7 @@ macro_rules! engine_tests {
                 );
                 assert_eq!(t.query(gpa(G + 5 * M2)).unwrap().flags, MappingFlags::READ);
                 assert_eq!(t.query(gpa(G + 5 * M2)).unwrap().size, PageSize::Size4K);
-                assert_eq!(
-                    t.query(gpa(G + 5 * M2 + K4)).unwrap().flags,
-                    MappingFlags::RWX
-                );
+                assert_eq!(t.query(gpa(G + 5 * M2 + K4)).unwrap().flags, MappingFlags::RWX);
                 // Unmapping everything frees every table but the root, once flushed.
                 let f = t.unmap(gpa(0), 4 * G).unwrap();
                 t.flush(f, |_| {});
@@ -297,127 +190,68 @@ macro_rules! engine_tests {
             fn split_then_collapse_round_trips() {
                 let ram = HostRam::new(64);
                 let mut t = table(&ram);
-                t.map(
-                    gpa(M2 * 3),
-                    hpa(TARGET),
-                    M2,
-                    MappingFlags::RX,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(M2 * 3), hpa(TARGET), M2, MappingFlags::RX, MapSize::Largest).unwrap().ignore();
                 let big = t.query(gpa(M2 * 3)).unwrap();
                 t.split(gpa(M2 * 3 + 5 * K4)).unwrap().ignore();
-                assert_eq!(
-                    t.query(gpa(M2 * 3 + 5 * K4)).unwrap().size,
-                    PageSize::Size4K
-                );
-                assert_eq!(
-                    t.split(gpa(M2 * 3)),
-                    Err(SplitError::AlreadySmallest(gpa(M2 * 3)))
-                );
+                assert_eq!(t.query(gpa(M2 * 3 + 5 * K4)).unwrap().size, PageSize::Size4K);
+                assert_eq!(t.split(gpa(M2 * 3)), Err(SplitError::AlreadySmallest(gpa(M2 * 3))));
                 assert_eq!(t.split(gpa(0)), Err(SplitError::NotMapped(gpa(0))));
                 let f = t.collapse(gpa(M2 * 3 + K4), PageSize::Size2M).unwrap();
                 t.flush(f, |_| {});
                 assert_eq!(t.query(gpa(M2 * 3)).unwrap(), big);
                 // Mixed rights cannot collapse.
                 t.split(gpa(M2 * 3)).unwrap().ignore();
-                t.protect(gpa(M2 * 3), K4, MappingFlags::READ)
-                    .unwrap()
-                    .ignore();
+                t.protect(gpa(M2 * 3), K4, MappingFlags::READ).unwrap().ignore();
                 assert_eq!(
                     t.collapse(gpa(M2 * 3), PageSize::Size2M),
-                    Err(CollapseError::NotCollapsible {
-                        gpa: gpa(M2 * 3),
-                        reason: NotCollapsible::MixedFlags
-                    })
+                    Err(CollapseError::NotCollapsible { gpa: gpa(M2 * 3), reason: NotCollapsible::MixedFlags })
                 );
                 // Not contiguous cannot either.
-                t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest)
-                    .unwrap()
-                    .ignore();
+                t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
                 assert_eq!(
                     t.collapse(gpa(G), PageSize::Size2M),
-                    Err(CollapseError::NotCollapsible {
-                        gpa: gpa(G),
-                        reason: NotCollapsible::NotAllLeaves
-                    })
+                    Err(CollapseError::NotCollapsible { gpa: gpa(G), reason: NotCollapsible::NotAllLeaves })
                 );
             }
 
             #[test]
             fn accessed_dirty_are_reported_and_cleared() {
                 let ram = HostRam::new(64);
-                let opts = TableOptions {
-                    ad: AdMode::Software,
-                    ..TableOptions::for_format::<F>()
-                };
+                let opts = TableOptions { ad: AdMode::Software, ..TableOptions::for_format::<F>() };
                 let mut t = PageTable::<F, _>::new(&ram, opts).unwrap();
-                t.map(
-                    gpa(0),
-                    hpa(TARGET),
-                    8 * K4,
-                    MappingFlags::RW,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
-                t.set_accessed_dirty(gpa(K4), Access::Read)
-                    .unwrap()
-                    .ignore();
-                t.set_accessed_dirty(gpa(3 * K4), Access::Write)
-                    .unwrap()
-                    .ignore();
+                t.map(gpa(0), hpa(TARGET), 8 * K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+                t.set_accessed_dirty(gpa(K4), Access::Read).unwrap().ignore();
+                t.set_accessed_dirty(gpa(3 * K4), Access::Write).unwrap().ignore();
                 let mut seen = Vec::new();
-                let f = t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Dirty, |l| {
-                    seen.push((l.gpa, l.accessed, l.dirty))
-                });
+                let f =
+                    t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Dirty, |l| seen.push((l.gpa, l.accessed, l.dirty)));
                 assert!(!f.is_empty());
                 f.ignore();
-                assert_eq!(
-                    seen,
-                    vec![(gpa(K4), true, false), (gpa(3 * K4), true, true)]
-                );
+                assert_eq!(seen, vec![(gpa(K4), true, false), (gpa(3 * K4), true, true)]);
                 let q = t.query(gpa(3 * K4)).unwrap();
                 assert!(q.accessed && !q.dirty);
                 let mut again = Vec::new();
-                t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Both, |l| again.push(l.gpa))
-                    .ignore();
+                t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Both, |l| again.push(l.gpa)).ignore();
                 assert_eq!(again, vec![gpa(K4), gpa(3 * K4)]);
-                let f = t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Both, |_| {
-                    panic!("nothing is set any more")
-                });
+                let f = t.take_accessed_dirty(gpa(0), 8 * K4, AdClear::Both, |_| panic!("nothing is set any more"));
                 assert!(f.is_empty(), "nothing cleared, nothing to flush");
-                assert_eq!(
-                    t.set_accessed_dirty(gpa(G), Access::Read),
-                    Err(AdError::NotMapped(gpa(G)))
-                );
+                assert_eq!(t.set_accessed_dirty(gpa(G), Access::Read), Err(AdError::NotMapped(gpa(G))));
             }
 
             #[test]
             fn dump_lists_runs() {
                 let ram = HostRam::new(64);
                 let mut t = table(&ram);
-                t.map(
-                    gpa(0x8000_0000),
-                    hpa(TARGET),
-                    4 * M2 + 3 * K4,
-                    MappingFlags::RW,
-                    MapSize::Largest,
-                )
-                .unwrap()
-                .ignore();
+                t.map(gpa(0x8000_0000), hpa(TARGET), 4 * M2 + 3 * K4, MappingFlags::RW, MapSize::Largest)
+                    .unwrap()
+                    .ignore();
                 let text = t.dump().to_string();
                 assert!(
-                    text.contains(
-                        "GPA 0x000080000000-0x000080800000 -> HPA 0x008000000000  2M x 4      rw-"
-                    ),
+                    text.contains("GPA 0x000080000000-0x000080800000 -> HPA 0x008000000000  2M x 4      rw-"),
                     "{text}"
                 );
                 assert!(
-                    text.contains(
-                        "GPA 0x000080800000-0x000080803000 -> HPA 0x008000800000  4K x 3      rw-"
-                    ),
+                    text.contains("GPA 0x000080800000-0x000080803000 -> HPA 0x008000800000  4K x 3      rw-"),
                     "{text}"
                 );
             }
@@ -445,15 +279,7 @@ engine_tests!(sv57x4, Sv57x4);
 fn ept_new_mappings_need_no_invept_but_changes_do() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
-    let f = t
-        .map(
-            gpa(0),
-            hpa(TARGET),
-            3 * K4,
-            MappingFlags::RW,
-            MapSize::Largest,
-        )
-        .unwrap();
+    let f = t.map(gpa(0), hpa(TARGET), 3 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
     assert_eq!(f.invalidation(), Invalidation::None);
     f.ignore();
     let root = t.root();
@@ -474,55 +300,23 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
     let root = t.root();
-    let f = t
-        .map(
-            gpa(0),
-            hpa(TARGET),
-            2 * K4,
-            MappingFlags::RW,
-            MapSize::Largest,
-        )
-        .unwrap();
-    assert_eq!(
-        f.invalidation(),
-        Invalidation::GvmaAddresses {
-            root,
-            addrs: &[gpa(0), gpa(K4)]
-        }
-    );
+    let f = t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root, addrs: &[gpa(0), gpa(K4)] });
     f.ignore();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
-    assert_eq!(
-        f.invalidation(),
-        Invalidation::GvmaAddresses {
-            root,
-            addrs: &[gpa(K4)]
-        }
-    );
+    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root, addrs: &[gpa(K4)] });
     f.ignore();
     // Unmapping the last leaves frees the tables: a non-leaf change, flushed for the whole VMID.
     let frames = ram.frames_in_use();
     let f = t.unmap(gpa(0), 2 * K4).unwrap();
     assert_eq!(f.invalidation(), Invalidation::GvmaAll { root });
-    assert_eq!(
-        ram.frames_in_use(),
-        frames,
-        "retired tables wait for the flush"
-    );
+    assert_eq!(ram.frames_in_use(), frames, "retired tables wait for the flush");
     let mut ran = false;
     t.flush(f, |inv| ran = matches!(inv, Invalidation::GvmaAll { .. }));
     assert!(ran);
     assert_eq!(ram.frames_in_use(), 4, "only the 16 KiB root is left");
     // Many leaves widen to the VMID.
-    let f = t
-        .map(
-            gpa(0),
-            hpa(TARGET),
-            64 * K4,
-            MappingFlags::RW,
-            MapSize::Exactly(PageSize::Size4K),
-        )
-        .unwrap();
+    let f = t.map(gpa(0), hpa(TARGET), 64 * K4, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).unwrap();
     assert_eq!(f.invalidation(), Invalidation::GvmaAll { root });
     f.ignore();
 }
@@ -530,34 +324,14 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
 #[test]
 fn execute_only_needs_the_option() {
     let ram = HostRam::new(64);
-    let opts = TableOptions {
-        execute_only: false,
-        ..TableOptions::for_format::<Ept4>()
-    };
+    let opts = TableOptions { execute_only: false, ..TableOptions::for_format::<Ept4>() };
     let mut t = PageTable::<Ept4, _>::new(&ram, opts).unwrap();
     assert!(matches!(
-        t.map(
-            gpa(0),
-            hpa(TARGET),
-            K4,
-            MappingFlags::EXECUTE,
-            MapSize::Largest
-        ),
-        Err(MapError::BadFlags {
-            reason: format::FlagsError::ExecuteOnlyUnsupported,
-            ..
-        })
+        t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest),
+        Err(MapError::BadFlags { reason: format::FlagsError::ExecuteOnlyUnsupported, .. })
     ));
     let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
-    t.map(
-        gpa(0),
-        hpa(TARGET),
-        K4,
-        MappingFlags::EXECUTE,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest).unwrap().ignore();
     assert_eq!(t.query(gpa(0)).unwrap().flags, MappingFlags::EXECUTE);
 }
 
@@ -565,59 +339,23 @@ fn execute_only_needs_the_option() {
 fn remap_swaps_the_frame_in_place() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
-    t.map(
-        gpa(0),
-        hpa(TARGET),
-        2 * K4,
-        MappingFlags::READ,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::READ, MapSize::Largest).unwrap().ignore();
     let frames = ram.frames_in_use();
     ram.fail_after(0);
-    let f = t
-        .remap(gpa(K4), hpa(TARGET + 8 * K4), MappingFlags::RW)
-        .unwrap();
+    let f = t.remap(gpa(K4), hpa(TARGET + 8 * K4), MappingFlags::RW).unwrap();
     ram.heal();
-    assert_eq!(
-        f.invalidation(),
-        Invalidation::GvmaAddresses {
-            root: t.root(),
-            addrs: &[gpa(K4)]
-        }
-    );
+    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(K4)] });
     f.ignore();
     assert_eq!(ram.frames_in_use(), frames);
-    assert_eq!(
-        t.translate(gpa(K4 + 5)),
-        Some((hpa(TARGET + 8 * K4 + 5), MappingFlags::RW))
-    );
-    assert_eq!(
-        t.remap(gpa(4 * K4), hpa(TARGET), MappingFlags::RW),
-        Err(RemapError::NotMapped(gpa(4 * K4)))
-    );
-    t.map(
-        gpa(M2),
-        hpa(TARGET),
-        M2,
-        MappingFlags::READ,
-        MapSize::Largest,
-    )
-    .unwrap()
-    .ignore();
+    assert_eq!(t.translate(gpa(K4 + 5)), Some((hpa(TARGET + 8 * K4 + 5), MappingFlags::RW)));
+    assert_eq!(t.remap(gpa(4 * K4), hpa(TARGET), MappingFlags::RW), Err(RemapError::NotMapped(gpa(4 * K4))));
+    t.map(gpa(M2), hpa(TARGET), M2, MappingFlags::READ, MapSize::Largest).unwrap().ignore();
     assert_eq!(
         t.remap(gpa(M2 + K4), hpa(TARGET), MappingFlags::RW),
-        Err(RemapError::NotLeafBase {
-            gpa: gpa(M2 + K4),
-            size: PageSize::Size2M
-        })
+        Err(RemapError::NotLeafBase { gpa: gpa(M2 + K4), size: PageSize::Size2M })
     );
     assert_eq!(
         t.remap(gpa(M2), hpa(TARGET + K4), MappingFlags::RW),
-        Err(RemapError::Unaligned {
-            hpa: hpa(TARGET + K4),
-            size: PageSize::Size2M
-        })
+        Err(RemapError::Unaligned { hpa: hpa(TARGET + K4), size: PageSize::Size2M })
     );
 }

@@ -182,11 +182,12 @@ pub fn build(hv: &mut Hv) -> Result<GuestEntry, &'static str> {
         core::slice::from_raw_parts(s, n)
     };
     hv.copy_to_guest(GuestPhysAddr::new(CODE), code).map_err(|_| "loading guest code failed")?;
-    Ok(GuestEntry::LongMode {
-        rip: GuestVirtAddr::new(CODE),
-        rsp: GuestVirtAddr::new(STACK_TOP - 16),
-        cr3: GuestPhysAddr::new(PML4),
-    })
+    Ok(entry())
+}
+
+/// The guest's entry state: 64-bit mode at its code, on its own page tables.
+pub fn entry() -> GuestEntry {
+    GuestEntry::LongMode { rip: GuestVirtAddr::new(CODE), rsp: GuestVirtAddr::new(STACK_TOP - 16), cr3: GuestPhysAddr::new(PML4) }
 }
 
 /// A fault handler that resolves nothing.
@@ -203,7 +204,20 @@ impl Hv {
         on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
         dev: &mut dyn MmioDevice,
     ) -> Result<u64, RunError> {
-        let mut pending = Some(op);
+        self.run_guest(Some(op), on_fault, dev)
+    }
+
+    /// Lets the guest finish an operation an unhandled exit interrupted; returns its result.
+    pub fn finish(&mut self) -> Result<u64, RunError> {
+        self.run_guest(None, &mut no_faults, &mut Unassigned)
+    }
+
+    fn run_guest(
+        &mut self,
+        mut pending: Option<Op>,
+        on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
+        dev: &mut dyn MmioDevice,
+    ) -> Result<u64, RunError> {
         for _ in 0..10_000 {
             let exit = self.vcpu.run().map_err(RunError::Entry)?;
             self.count(&exit);

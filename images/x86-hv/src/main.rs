@@ -35,6 +35,8 @@ mod scenarios;
 #[cfg(target_os = "none")]
 mod scenarios2;
 #[cfg(target_os = "none")]
+mod scenarios3;
+#[cfg(target_os = "none")]
 mod serial;
 
 #[cfg(target_os = "none")]

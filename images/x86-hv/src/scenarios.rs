@@ -122,7 +122,7 @@ pub fn run(frames: &'static Frames) -> u32 {
         return 1;
     }
     let c = Ctx { ept: ept_caps, caps };
-    let list: [Scenario; 18] = [
+    let list: [Scenario; 21] = [
         ("capabilities", s_capabilities),
         ("long-mode guest with its own page tables: hypercalls and forwarded COM1", s_guest_runs),
         ("demand-zero paging", s_demand_zero),
@@ -141,6 +141,9 @@ pub fn run(frames: &'static Frames) -> u32 {
         ("dirty tracking (EPT dirty bits, or write protection without them)", crate::scenarios2::s_dirty_log),
         ("dirty tracking by write protection", crate::scenarios2::s_dirty_wp),
         ("recovered faults: unassigned GPA, bad GPA/GVA copies give typed errors", crate::scenarios2::s_recovered),
+        ("EPT misconfiguration exit decoded with its GPA", crate::scenarios3::s_misconfig),
+        ("failed VM entries named: VM-instruction error, invalid guest state", crate::scenarios3::s_entry_failures),
+        ("guest triple fault reported, guest restarted", crate::scenarios3::s_triple_fault),
     ];
     let (mut passed, mut failed) = (0, 0);
     for (i, (name, f)) in list.iter().enumerate() {

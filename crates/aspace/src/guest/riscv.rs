@@ -87,7 +87,12 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     last.ok_or(GuestVaError::NonCanonical { gva, access })
 }
 
-fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &RiscvPaging, gva: GuestVirtAddr, access: Access) -> Result<(Translation, bool), GuestVaError> {
+fn walk_once<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &RiscvPaging,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<(Translation, bool), GuestVaError> {
     let va = gva.as_u64();
     let levels = u32::from(p.levels.clamp(3, 5));
     let fault = |kind, level: u32| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
@@ -137,11 +142,7 @@ fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &RiscvPaging, gva: GuestVi
             Access::Write => pte & W != 0,
             Access::Execute => pte & X != 0,
         };
-        let mode_ok = if p.user {
-            pte & U != 0
-        } else {
-            pte & U == 0 || (access != Access::Execute && p.sum)
-        };
+        let mode_ok = if p.user { pte & U != 0 } else { pte & U == 0 || (access != Access::Execute && p.sum) };
         if !rights || !mode_ok {
             return Err(fault(PageFaultKind::Protection, i));
         }

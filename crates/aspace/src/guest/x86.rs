@@ -87,7 +87,12 @@ impl X86Paging {
     }
 }
 
-fn read_entry<M: GuestMemory + ?Sized>(mem: &mut M, at: GuestPhysAddr, gva: GuestVirtAddr, access: Access) -> Result<u64, GuestVaError> {
+fn read_entry<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    at: GuestPhysAddr,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<u64, GuestVaError> {
     let mut b = [0u8; 8];
     mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
     Ok(u64::from_le_bytes(b))
@@ -122,7 +127,12 @@ enum Walked {
     Raced(Translation),
 }
 
-fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &X86Paging, gva: GuestVirtAddr, access: Access) -> Result<Walked, GuestVaError> {
+fn walk_once<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &X86Paging,
+    gva: GuestVirtAddr,
+    access: Access,
+) -> Result<Walked, GuestVaError> {
     let v = gva.as_u64();
     let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
     let phys = p.phys_mask();
@@ -150,7 +160,7 @@ fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &X86Paging, gva: GuestVirt
         let is_leaf = level == 0 || (e & PS != 0 && (level == 1 || level == 2));
         let mut rsvd = common_rsvd;
         match level {
-            3 => rsvd |= PS,                       // PS is reserved in a PML4E (Table 4-15).
+            3 => rsvd |= PS, // PS is reserved in a PML4E (Table 4-15).
             2 if e & PS != 0 && !p.page_1g => rsvd |= PS,
             2 if e & PS != 0 => rsvd |= 0x3fff_e000, // 1 GiB page: bits 29:13 reserved (Table 4-16).
             1 if e & PS != 0 => rsvd |= 0x1f_e000,   // 2 MiB page: bits 20:13 reserved (Table 4-18).
@@ -165,7 +175,8 @@ fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &X86Paging, gva: GuestVirt
         if is_leaf {
             let page = 1u64 << (12 + 9 * level);
             let base = e & phys & !(page - 1) & 0x000f_ffff_ffff_f000;
-            let gpa = GuestPhysAddr::try_new(base | (v & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, level))?;
+            let gpa =
+                GuestPhysAddr::try_new(base | (v & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, level))?;
             result = Some((gpa, page - (v & (page - 1)), level));
             break;
         }
@@ -177,7 +188,13 @@ fn walk_once<M: GuestMemory + ?Sized>(mem: &mut M, p: &X86Paging, gva: GuestVirt
     };
     // Access rights (SDM Vol. 3A 4.6.1).
     let ok = match access {
-        Access::Read => if p.user { us } else { !(us && p.smap) },
+        Access::Read => {
+            if p.user {
+                us
+            } else {
+                !(us && p.smap)
+            }
+        }
         Access::Write => {
             if p.user {
                 us && rw

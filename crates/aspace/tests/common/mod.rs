@@ -64,16 +64,24 @@ impl ModelCpu for twostage_npt::Ept4 {
         let caps = ept::EptCaps::from_msr(EPT_CAPS, 48);
         // EPTP: memory type WB (6), walk length 4 (3 << 3), A/D enable (bit 6): SDM Vol. 3C 25.6.11.
         let eptp = root | 6 | 3 << 3 | (hw_ad as u64) << 6;
-        ept::walk(&mut ModelMem(ram), eptp, &caps, twostage_spec_model::Gpa(gpa.as_u64()), model_access(access).into(), ept::GuestLinear::NONE)
-            .map(|w| w.hpa.0)
-            .map_err(|e| format!("{e:?}"))
+        ept::walk(
+            &mut ModelMem(ram),
+            eptp,
+            &caps,
+            twostage_spec_model::Gpa(gpa.as_u64()),
+            model_access(access).into(),
+            ept::GuestLinear::NONE,
+        )
+        .map(|w| w.hpa.0)
+        .map_err(|e| format!("{e:?}"))
     }
 }
 
 impl ModelCpu for twostage_npt::Sv39x4 {
     fn model_walk(ram: &HostRam, root: u64, hw_ad: bool, gpa: GuestPhysAddr, access: Access) -> Result<u64, String> {
         use twostage_spec_model::gstage;
-        let hgatp = gstage::Hgatp { mode: gstage::HgatpMode::Sv39x4, vmid: 1, root: twostage_spec_model::Hpa(root) }.encode();
+        let hgatp =
+            gstage::Hgatp { mode: gstage::HgatpMode::Sv39x4, vmid: 1, root: twostage_spec_model::Hpa(root) }.encode();
         let cfg = gstage::GstageConfig { hw_ad_update: hw_ad, ..Default::default() };
         gstage::walk(&mut ModelMem(ram), hgatp, &cfg, twostage_spec_model::Gpa(gpa.as_u64()), model_access(access))
             .map(|w| w.hpa.0)
@@ -84,7 +92,13 @@ impl ModelCpu for twostage_npt::Sv39x4 {
 /// A guest access through the spec model's walk of the real table (A/D set by "hardware"
 /// under `AdMode::Hardware`); faults are resolved with `handle_fault` and flushed until the
 /// access succeeds. Returns the value read (or written).
-pub fn guest_access<F: ModelCpu>(s: &mut AddressSpace<F, Ram>, ram: &HostRam, at: GuestPhysAddr, access: Access, write_val: u64) -> u64 {
+pub fn guest_access<F: ModelCpu>(
+    s: &mut AddressSpace<F, Ram>,
+    ram: &HostRam,
+    at: GuestPhysAddr,
+    access: Access,
+    write_val: u64,
+) -> u64 {
     let hw_ad = s.options().ad == AdMode::Hardware;
     for _ in 0..8 {
         match F::model_walk(ram, s.root().as_u64(), hw_ad, at, access) {

@@ -52,12 +52,7 @@ fn decode(raw: u64, level: usize) -> Pte {
         MEMTYPE_UC if raw & EPT_IGNORE_PAT != 0 => flags |= MappingFlags::DEVICE,
         _ => flags |= MappingFlags::UNCACHED,
     }
-    Pte::Leaf(LeafBits {
-        hpa,
-        flags,
-        accessed: raw & EPT_ACCESSED != 0,
-        dirty: raw & EPT_DIRTY != 0,
-    })
+    Pte::Leaf(LeafBits { hpa, flags, accessed: raw & EPT_ACCESSED != 0, dirty: raw & EPT_DIRTY != 0 })
 }
 
 fn encode_leaf(leaf: &LeafBits, level: usize) -> u64 {

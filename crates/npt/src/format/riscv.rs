@@ -54,12 +54,7 @@ fn decode(raw: u64, _level: usize) -> Pte {
     flags.set(MappingFlags::READ, raw & PTE_R != 0);
     flags.set(MappingFlags::WRITE, raw & PTE_W != 0);
     flags.set(MappingFlags::EXECUTE, raw & PTE_X != 0);
-    Pte::Leaf(LeafBits {
-        hpa: ppn_to_hpa(raw),
-        flags,
-        accessed: raw & PTE_A != 0,
-        dirty: raw & PTE_D != 0,
-    })
+    Pte::Leaf(LeafBits { hpa: ppn_to_hpa(raw), flags, accessed: raw & PTE_A != 0, dirty: raw & PTE_D != 0 })
 }
 
 fn encode_leaf(leaf: &LeafBits, _level: usize) -> u64 {

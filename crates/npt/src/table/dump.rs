@@ -48,28 +48,18 @@ impl Run {
 
 impl<F: Format, A: FrameAllocator> fmt::Display for TableDump<'_, F, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{} table, root {:?}, {} table frame(s)",
-            F::NAME,
-            self.table.root(),
-            self.table.table_frames()
-        )?;
+        writeln!(f, "{} table, root {:?}, {} table frame(s)", F::NAME, self.table.root(), self.table.table_frames())?;
         let mut run: Option<Run> = None;
         let mut result = Ok(());
-        self.table
-            .for_each_leaf(crate::GuestPhysAddr::ZERO, u64::MAX, |l| match &mut run {
-                Some(r) if r.extends(l) => r.count += 1,
-                _ => {
-                    if let Some(r) = run.take() {
-                        result = result.and_then(|_| r.write(f));
-                    }
-                    run = Some(Run {
-                        first: *l,
-                        count: 1,
-                    });
+        self.table.for_each_leaf(crate::GuestPhysAddr::ZERO, u64::MAX, |l| match &mut run {
+            Some(r) if r.extends(l) => r.count += 1,
+            _ => {
+                if let Some(r) = run.take() {
+                    result = result.and_then(|_| r.write(f));
                 }
-            });
+                run = Some(Run { first: *l, count: 1 });
+            }
+        });
         result?;
         match run {
             Some(r) => r.write(f),

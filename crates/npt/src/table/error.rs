@@ -14,11 +14,7 @@ pub struct OutOfFrames {
 
 impl fmt::Display for OutOfFrames {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "out of frames: the change needed {} table frame(s); nothing was changed",
-            self.needed
-        )
+        write!(f, "out of frames: the change needed {} table frame(s); nothing was changed", self.needed)
     }
 }
 
@@ -184,12 +180,5 @@ macro_rules! display_via_debug {
         impl core::error::Error for $t {}
     )*};
 }
-display_via_debug!(
-    MapError,
-    RangeError,
-    RemapError,
-    SplitError,
-    CollapseError,
-    AdError
-);
+display_via_debug!(MapError, RangeError, RemapError, SplitError, CollapseError, AdError);
 impl core::error::Error for OutOfFrames {}

@@ -76,11 +76,7 @@ pub struct TableOptions {
 impl TableOptions {
     /// Everything the format allows, hardware A/D, execute-only allowed.
     pub fn for_format<F: Format>() -> Self {
-        Self {
-            leaf_sizes: PageSizes(F::LEAF_LEVELS),
-            ad: AdMode::Hardware,
-            execute_only: true,
-        }
+        Self { leaf_sizes: PageSizes(F::LEAF_LEVELS), ad: AdMode::Hardware, execute_only: true }
     }
 }
 
@@ -117,10 +113,7 @@ impl Leaf {
     }
     /// The guest range this leaf covers.
     pub fn range(&self) -> GpaRange {
-        GpaRange {
-            start: self.gpa,
-            end: self.gpa + self.size.bytes(),
-        }
+        GpaRange { start: self.gpa, end: self.gpa + self.size.bytes() }
     }
 }
 
@@ -147,15 +140,9 @@ pub struct PageTable<F: Format, A: FrameAllocator> {
 /// anything was changed, so that a change either completes or leaves the table as it was.
 pub(crate) enum Plan<'p, F: Format> {
     /// Count the frames needed and check for conflicts; change nothing.
-    Dry {
-        needed: usize,
-        virt: [Option<u64>; 6],
-    },
+    Dry { needed: usize, virt: [Option<u64>; 6] },
     /// Make the change with frames from `pool`, recording what to invalidate in `flush`.
-    Real {
-        pool: &'p mut Vec<HostPhysAddr>,
-        flush: &'p mut Flush<F>,
-    },
+    Real { pool: &'p mut Vec<HostPhysAddr>, flush: &'p mut Flush<F> },
 }
 
 pub(crate) enum Step {
@@ -168,23 +155,10 @@ pub(crate) enum Step {
 impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// An empty table. The root is `F::ROOT_FRAMES` frames, aligned to its size.
     pub fn new(alloc: A, opts: TableOptions) -> Result<Self, OutOfFrames> {
-        let opts = TableOptions {
-            leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1),
-            ..opts
-        };
-        let root = alloc
-            .allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES)
-            .ok_or(OutOfFrames {
-                needed: F::ROOT_FRAMES,
-            })?;
-        let table = Self {
-            alloc,
-            root,
-            opts,
-            frames: F::ROOT_FRAMES,
-            retired: Vec::new(),
-            _format: PhantomData,
-        };
+        let opts = TableOptions { leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1), ..opts };
+        let root =
+            alloc.allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES).ok_or(OutOfFrames { needed: F::ROOT_FRAMES })?;
+        let table = Self { alloc, root, opts, frames: F::ROOT_FRAMES, retired: Vec::new(), _format: PhantomData };
         table.zero_frames(root, F::ROOT_FRAMES);
         Ok(table)
     }
@@ -227,9 +201,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     }
 
     pub(crate) fn new_table(&mut self, plan_pool: &mut Vec<HostPhysAddr>) -> HostPhysAddr {
-        let frame = plan_pool
-            .pop()
-            .expect("frames were counted before the change");
+        let frame = plan_pool.pop().expect("frames were counted before the change");
         self.zero_frames(frame, 1);
         frame
     }
@@ -279,47 +251,21 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 s.bytes()
             }
         };
-        check_range::<F>(gpa, len, align).map_err(|problem| MapError::BadGuestRange {
-            gpa,
-            len,
-            problem,
-        })?;
+        check_range::<F>(gpa, len, align).map_err(|problem| MapError::BadGuestRange { gpa, len, problem })?;
         if !hpa.is_aligned(align) || hpa.checked_add(len).is_none() {
-            let problem = if hpa.is_aligned(align) {
-                RangeProblem::OutOfRange
-            } else {
-                RangeProblem::Unaligned
-            };
+            let problem = if hpa.is_aligned(align) { RangeProblem::OutOfRange } else { RangeProblem::Unaligned };
             return Err(MapError::BadHostRange { hpa, len, problem });
         }
         F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
         let flags = stored_flags::<F>(flags);
 
-        let mut dry = Plan::Dry {
-            needed: 0,
-            virt: [None; 6],
-        };
+        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
         self.map_pages(gpa, hpa, len, flags, size, &mut dry)?;
-        let Plan::Dry { needed, .. } = dry else {
-            unreachable!()
-        };
+        let Plan::Dry { needed, .. } = dry else { unreachable!() };
         let mut pool = self.fill_pool(needed).map_err(MapError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
-        let done = self.map_pages(
-            gpa,
-            hpa,
-            len,
-            flags,
-            size,
-            &mut Plan::Real {
-                pool: &mut pool,
-                flush: &mut flush,
-            },
-        );
-        debug_assert!(
-            done.is_ok() && pool.is_empty(),
-            "the dry run and the real run disagree"
-        );
+        let done = self.map_pages(gpa, hpa, len, flags, size, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
+        debug_assert!(done.is_ok() && pool.is_empty(), "the dry run and the real run disagree");
         Ok(flush)
     }
 
@@ -343,16 +289,9 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 match self.map_one(va, pa, level, flags, plan) {
                     Ok(()) => break,
                     Err(Step::Descend) if size == MapSize::Largest && level > 0 => {
-                        level = (0..level)
-                            .rev()
-                            .find(|&l| self.level_allowed(l))
-                            .unwrap_or(0);
+                        level = (0..level).rev().find(|&l| self.level_allowed(l)).unwrap_or(0);
                     }
-                    Err(Step::Descend) => {
-                        return Err(MapError::AlreadyMapped {
-                            gpa: GuestPhysAddr::new(va),
-                        })
-                    }
+                    Err(Step::Descend) => return Err(MapError::AlreadyMapped { gpa: GuestPhysAddr::new(va) }),
                     Err(Step::Conflict(at)) => return Err(MapError::AlreadyMapped { gpa: at }),
                 }
             }
@@ -370,10 +309,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             .rev()
             .find(|&l| {
                 let s = level_size(l);
-                self.level_allowed(l)
-                    && va.is_multiple_of(s)
-                    && pa.is_multiple_of(s)
-                    && remaining >= s
+                self.level_allowed(l) && va.is_multiple_of(s) && pa.is_multiple_of(s) && remaining >= s
             })
             .unwrap_or(0)
     }
@@ -398,11 +334,11 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     Plan::Dry { needed, virt } => {
                         // Tables at levels l-1 ..= level are missing; one table at level m covers
                         // level_size(m + 1). Addresses only grow, so one memo per level suffices.
-                        for m in level..l {
+                        for (m, memo) in virt.iter_mut().enumerate().take(l).skip(level) {
                             let key = va >> (12 + 9 * (m + 1));
-                            if virt[m] != Some(key) {
+                            if *memo != Some(key) {
                                 *needed += 1;
-                                virt[m] = Some(key);
+                                *memo = Some(key);
                             }
                         }
                         return Ok(());
@@ -410,8 +346,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     Plan::Real { pool, .. } => {
                         let new = self.new_table(pool);
                         // Release: the zeroed table is visible before the pointer to it.
-                        self.entry(table, idx)
-                            .store(F::encode_table(new), Ordering::Release);
+                        self.entry(table, idx).store(F::encode_table(new), Ordering::Release);
                         table = new;
                     }
                 },
@@ -424,12 +359,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             Pte::Invalid => {
                 if let Plan::Real { flush, .. } = plan {
                     let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
-                    let leaf = LeafBits {
-                        hpa: HostPhysAddr::new_truncate(pa),
-                        flags,
-                        accessed,
-                        dirty,
-                    };
+                    let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(pa), flags, accessed, dirty };
                     entry.store(F::encode_leaf(&leaf, level), Ordering::Release);
                     flush.note_leaf(GuestPhysAddr::new(va), false);
                 }
@@ -447,9 +377,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
         let mut table = self.root;
         for level in (0..F::LEVELS).rev() {
-            let raw = self
-                .entry(table, F::index(gpa.as_u64(), level))
-                .load(Ordering::Acquire);
+            let raw = self.entry(table, F::index(gpa.as_u64(), level)).load(Ordering::Acquire);
             match F::decode(raw, level) {
                 Pte::Invalid => return None,
                 Pte::Table(next) => table = next,
@@ -470,15 +398,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         self.leaves_in(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, &mut f);
     }
 
-    fn leaves_in(
-        &self,
-        table: HostPhysAddr,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        f: &mut dyn FnMut(&Leaf),
-    ) {
+    fn leaves_in(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&Leaf)) {
         let span = level_size(level);
         let first = (start.max(base) - base) / span;
         let mut i = first as usize;
@@ -520,8 +440,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             return;
         }
         for i in 0..F::entries(level) {
-            if let Pte::Table(next) = F::decode(self.entry(table, i).load(Ordering::Relaxed), level)
-            {
+            if let Pte::Table(next) = F::decode(self.entry(table, i).load(Ordering::Relaxed), level) {
                 self.free_subtree(next, level - 1);
                 // SAFETY: `next` is a table frame this table allocated as one frame; the table is
                 // being dropped, so no CPU may use it any more (the owner's duty, see Drop).
@@ -568,11 +487,7 @@ pub(crate) fn stored_flags<F: Format>(flags: MappingFlags) -> MappingFlags {
     f
 }
 
-pub(crate) fn check_range<F: Format>(
-    gpa: GuestPhysAddr,
-    len: u64,
-    align: u64,
-) -> Result<(), RangeProblem> {
+pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), RangeProblem> {
     if len == 0 {
         return Err(RangeProblem::Empty);
     }

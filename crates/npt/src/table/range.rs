@@ -39,47 +39,21 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Gives every page in `gpa..gpa+len` the rights and attributes `flags`, keeping A/D bits.
     /// Holes are skipped; huge pages straddling an edge are split first.
-    pub fn protect(
-        &mut self,
-        gpa: GuestPhysAddr,
-        len: u64,
-        flags: MappingFlags,
-    ) -> Result<Flush<F>, RangeError> {
-        F::check_flags(flags, &self.opts)
-            .map_err(|reason| RangeError::BadFlags { flags, reason })?;
+    pub fn protect(&mut self, gpa: GuestPhysAddr, len: u64, flags: MappingFlags) -> Result<Flush<F>, RangeError> {
+        F::check_flags(flags, &self.opts).map_err(|reason| RangeError::BadFlags { flags, reason })?;
         self.range_op(gpa, len, Op::Protect(stored_flags::<F>(flags)))
     }
 
     fn range_op(&mut self, gpa: GuestPhysAddr, len: u64, op: Op) -> Result<Flush<F>, RangeError> {
-        check_range::<F>(gpa, len, PAGE_SIZE_4K).map_err(|problem| RangeError::BadRange {
-            gpa,
-            len,
-            problem,
-        })?;
+        check_range::<F>(gpa, len, PAGE_SIZE_4K).map_err(|problem| RangeError::BadRange { gpa, len, problem })?;
         let (start, end) = (gpa.as_u64(), gpa.as_u64() + len);
         let top = F::LEVELS - 1;
-        let mut dry = Plan::Dry {
-            needed: 0,
-            virt: [None; 6],
-        };
+        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
         self.walk_range(self.root, top, 0, start, end, op, &mut dry);
-        let Plan::Dry { needed, .. } = dry else {
-            unreachable!()
-        };
+        let Plan::Dry { needed, .. } = dry else { unreachable!() };
         let mut pool = self.fill_pool(needed).map_err(RangeError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
-        self.walk_range(
-            self.root,
-            top,
-            0,
-            start,
-            end,
-            op,
-            &mut Plan::Real {
-                pool: &mut pool,
-                flush: &mut flush,
-            },
-        );
+        self.walk_range(self.root, top, 0, start, end, op, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
         debug_assert!(pool.is_empty(), "split frames were miscounted");
         Ok(flush)
     }
@@ -109,9 +83,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     if let Plan::Real { flush, .. } = plan {
                         let new = match op {
                             Op::Unmap => 0,
-                            Op::Protect(flags) => {
-                                F::encode_leaf(&LeafBits { flags, ..leaf }, level)
-                            }
+                            Op::Protect(flags) => F::encode_leaf(&LeafBits { flags, ..leaf }, level),
                         };
                         if new != raw {
                             self.store_leaf(table, i, raw, new);
@@ -125,9 +97,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                             *needed += split_tables(level, b, s, e);
                             None
                         }
-                        Plan::Real { pool, flush } => {
-                            Some(self.split_leaf(table, i, level, b, &leaf, pool, flush))
-                        }
+                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, b, &leaf, pool, flush)),
                     };
                     if let Some(child) = child {
                         self.walk_range(child, level - 1, b, s, e, op, plan);
@@ -186,12 +156,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         };
         let sub = level_size(level - 1);
         for j in 0..512u64 {
-            let l = LeafBits {
-                hpa: now.hpa + j * sub,
-                ..now
-            };
-            self.entry(child, j as usize)
-                .store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+            let l = LeafBits { hpa: now.hpa + j * sub, ..now };
+            self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
         }
         entry.store(F::encode_table(child), Ordering::Release);
         // The huge leaf may be cached: invalidate it (a leaf change at its address).
@@ -208,30 +174,18 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         hpa: HostPhysAddr,
         flags: MappingFlags,
     ) -> Result<Flush<F>, RemapError> {
-        F::check_flags(flags, &self.opts)
-            .map_err(|reason| RemapError::BadFlags { flags, reason })?;
+        F::check_flags(flags, &self.opts).map_err(|reason| RemapError::BadFlags { flags, reason })?;
         let leaf = self.query(gpa).ok_or(RemapError::NotMapped(gpa))?;
         if leaf.gpa != gpa {
-            return Err(RemapError::NotLeafBase {
-                gpa,
-                size: leaf.size,
-            });
+            return Err(RemapError::NotLeafBase { gpa, size: leaf.size });
         }
         if !hpa.is_aligned(leaf.size.bytes()) {
-            return Err(RemapError::Unaligned {
-                hpa,
-                size: leaf.size,
-            });
+            return Err(RemapError::Unaligned { hpa, size: leaf.size });
         }
         let level = leaf.size.level();
         let (table, idx) = self.slot_of(gpa.as_u64(), level);
         let raw = self.entry(table, idx).load(Ordering::Acquire);
-        let bits = LeafBits {
-            hpa,
-            flags: stored_flags::<F>(flags),
-            accessed: leaf.accessed,
-            dirty: leaf.dirty,
-        };
+        let bits = LeafBits { hpa, flags: stored_flags::<F>(flags), accessed: leaf.accessed, dirty: leaf.dirty };
         let new = F::encode_leaf(&bits, level);
         let mut flush = Flush::new(self.root);
         if new != raw {
@@ -255,21 +209,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let (table, idx) = self.slot_of(leaf.gpa.as_u64(), level);
         let mut pool = self.fill_pool(1).map_err(SplitError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
-        let bits = LeafBits {
-            hpa: leaf.hpa,
-            flags: leaf.flags,
-            accessed: leaf.accessed,
-            dirty: leaf.dirty,
-        };
-        self.split_leaf(
-            table,
-            idx,
-            level,
-            leaf.gpa.as_u64(),
-            &bits,
-            &mut pool,
-            &mut flush,
-        );
+        let bits = LeafBits { hpa: leaf.hpa, flags: leaf.flags, accessed: leaf.accessed, dirty: leaf.dirty };
+        self.split_leaf(table, idx, level, leaf.gpa.as_u64(), &bits, &mut pool, &mut flush);
         Ok(flush)
     }
 
@@ -277,10 +218,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     fn slot_of(&self, va: u64, level: usize) -> (HostPhysAddr, usize) {
         let mut table = self.root;
         for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(
-                self.entry(table, F::index(va, l)).load(Ordering::Acquire),
-                l,
-            ) {
+            match F::decode(self.entry(table, F::index(va, l)).load(Ordering::Acquire), l) {
                 Pte::Table(next) => table = next,
                 _ => unreachable!("slot_of follows a path that query found"),
             }
@@ -291,11 +229,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// Replaces the table under the `size`-sized entry covering `gpa` by one `size` leaf, when all
     /// its entries are leaves with the same flags mapping contiguous host memory from a
     /// `size`-aligned base. A/D bits are the OR of the leaves'. The table frame is retired.
-    pub fn collapse(
-        &mut self,
-        gpa: GuestPhysAddr,
-        size: PageSize,
-    ) -> Result<Flush<F>, CollapseError> {
+    pub fn collapse(&mut self, gpa: GuestPhysAddr, size: PageSize) -> Result<Flush<F>, CollapseError> {
         let level = size.level();
         if level == 0 || !self.opts.leaf_sizes.contains(size) {
             return Err(CollapseError::UnsupportedPageSize(size));
@@ -308,28 +242,20 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         // Find the entry at `level`.
         let mut table = self.root;
         for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(
-                self.entry(table, F::index(base.as_u64(), l))
-                    .load(Ordering::Acquire),
-                l,
-            ) {
+            match F::decode(self.entry(table, F::index(base.as_u64(), l)).load(Ordering::Acquire), l) {
                 Pte::Table(next) => table = next,
                 _ => return Err(not(NotCollapsible::NotATable)),
             }
         }
         let idx = F::index(base.as_u64(), level);
-        let Pte::Table(child) = F::decode(self.entry(table, idx).load(Ordering::Acquire), level)
-        else {
+        let Pte::Table(child) = F::decode(self.entry(table, idx).load(Ordering::Acquire), level) else {
             return Err(not(NotCollapsible::NotATable));
         };
         let sub = level_size(level - 1);
         let mut first: Option<LeafBits> = None;
         let (mut accessed, mut dirty) = (false, false);
         for j in 0..512u64 {
-            let Pte::Leaf(l) = F::decode(
-                self.entry(child, j as usize).load(Ordering::Acquire),
-                level - 1,
-            ) else {
+            let Pte::Leaf(l) = F::decode(self.entry(child, j as usize).load(Ordering::Acquire), level - 1) else {
                 return Err(not(NotCollapsible::NotAllLeaves));
             };
             let f = *first.get_or_insert(l);
@@ -343,13 +269,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             dirty |= l.dirty;
         }
         let f = first.expect("512 leaves were read");
-        let leaf = LeafBits {
-            accessed,
-            dirty,
-            ..f
-        };
-        self.entry(table, idx)
-            .store(F::encode_leaf(&leaf, level), Ordering::Release);
+        let leaf = LeafBits { accessed, dirty, ..f };
+        self.entry(table, idx).store(F::encode_leaf(&leaf, level), Ordering::Release);
         self.retire(child);
         let mut flush = Flush::new(self.root);
         flush.note_nonleaf();
@@ -375,16 +296,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         };
         let mut flush = Flush::new(self.root);
         let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
-        self.ad_walk(
-            self.root,
-            F::LEVELS - 1,
-            0,
-            gpa.as_u64(),
-            end,
-            mask,
-            &mut flush,
-            &mut f,
-        );
+        self.ad_walk(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, mask, &mut flush, &mut f);
         flush
     }
 
@@ -430,22 +342,14 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Sets the accessed bit (and dirty for a write) of the leaf mapping `gpa`: what the
     /// hypervisor does when a guest faults on a clear A/D bit under [`AdMode::Software`].
-    pub fn set_accessed_dirty(
-        &mut self,
-        gpa: GuestPhysAddr,
-        access: Access,
-    ) -> Result<Flush<F>, AdError> {
+    pub fn set_accessed_dirty(&mut self, gpa: GuestPhysAddr, access: Access) -> Result<Flush<F>, AdError> {
         if self.opts.ad == AdMode::Preset {
             return Err(AdError::NotTracked);
         }
         let leaf = self.query(gpa).ok_or(AdError::NotMapped(gpa))?;
         let level = leaf.size.level();
         let (table, idx) = self.slot_of(leaf.gpa.as_u64(), level);
-        let bits = if access == Access::Write {
-            F::ACCESSED | F::DIRTY
-        } else {
-            F::ACCESSED
-        };
+        let bits = if access == Access::Write { F::ACCESSED | F::DIRTY } else { F::ACCESSED };
         let old = self.entry(table, idx).fetch_or(bits, Ordering::AcqRel);
         let mut flush = Flush::new(self.root);
         if old & bits != bits {
