@@ -107,6 +107,14 @@ fn build_tables(space: &mut Space, guest: Guest) -> u64 {
     root
 }
 
+/// Writes the guest tables of x86-64 (`x86`) or Sv39 into `space` (made by
+/// `ts_populated(ram, COPY_SPAN + 2 MiB)`) and returns the paging that uses them.
+pub fn install(space: &mut Space, x86: bool) -> GuestPaging {
+    let guest = if x86 { Guest::X86 } else { Guest::Sv39 };
+    let root = build_tables(space, guest);
+    guest.paging(root)
+}
+
 /// GVA copies of every size, both directions, x86-64 4-level and Sv39. The limit is the GPA
 /// rows' memcpy at the same offsets; neither anchor walks guest page tables.
 pub fn gva_copies(c: &mut Criterion) {

@@ -17,7 +17,7 @@ const SUITE_CPUS: [(&str, &str); 2] =
 /// The model `cargo xtask run --arch x86_64` uses when `--cpu` is not given.
 const DEFAULT_CPU: &str = "corei7_skylake_x";
 /// Wall-clock limit of one Bochs run.
-const BOCHS_TIMEOUT: Duration = Duration::from_secs(600);
+const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
 /// The line the hypervisor prints just before it stops Bochs.
 const EXIT_PREFIX: &str = "twostage-exit: ";
 
@@ -297,4 +297,18 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
     }
     out.push(("x86_64 multiboot guest (Bochs)", hv.and_then(|hv| hello_check(&hv))));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_status;
+
+    #[test]
+    fn exit_status_is_the_last_report() {
+        let log = "guest-exit-status: 49\ntwostage-exit: 49\n";
+        assert_eq!(exit_status(log), Some(49));
+        assert_eq!(exit_status("twostage-exit: 1\nnoise\ntwostage-exit: 0\n"), Some(0));
+        assert_eq!(exit_status("PANIC: boom\n"), None);
+        assert_eq!(exit_status("twostage-exit: x\n"), None);
+    }
 }

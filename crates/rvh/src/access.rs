@@ -1,7 +1,7 @@
 //! Guest memory through the guest's own translation (hlv/hsv/hlvx): copies and instruction fetch.
 //!
 //! The algorithms here are generic over [`GuestMemOps`], the five instruction-level operations;
-//! [`crate::hw::Hlv`] implements them with the real instructions on riscv64 and host tests use a
+//! `hw::Hlv` implements them with the real instructions on riscv64 and host tests use a
 //! fake. A copy uses byte accesses for the unaligned head and tail and doubleword accesses for
 //! the aligned middle (an aligned doubleword never crosses a page, so each access faults or not
 //! as a whole).

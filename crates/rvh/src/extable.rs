@@ -1,6 +1,6 @@
 //! The exception table: which hypervisor instructions may fault, where to resume, what faulted.
 //!
-//! Each hlv/hsv/hlvx wrapper in [`crate::hw`] emits an entry `(instruction address, fixup
+//! Each hlv/hsv/hlvx wrapper in `hw` emits an entry `(instruction address, fixup
 //! address)` into the `.rvh_extable` section. When such an instruction traps into HS-mode, the
 //! trap handler calls [`fixup_trap`]: it finds sepc in the table, records scause/stval/htval in
 //! a [`FaultSlot`] and returns the fixup address, which the handler writes to sepc before SRET.
@@ -71,7 +71,7 @@ impl Default for FaultSlot {
     }
 }
 
-/// The slot that [`crate::hw`]'s wrappers and the image's trap handler share.
+/// The slot that `hw`'s wrappers and the image's trap handler share.
 pub static FAULT_SLOT: FaultSlot = FaultSlot::new();
 
 /// The fixup address for a faulting instruction at `pc`, if the table lists it.

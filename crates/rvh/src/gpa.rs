@@ -2,7 +2,7 @@
 //!
 //! The seed design reached guest-physical memory by zeroing vsatp, flushing the VS-stage TLB with
 //! HFENCE.VVMA, copying with hlv/hsv and restoring both (two TLB flushes per copy; see
-//! [`crate::hw::copy_from_guest_swap`]). Here the hypervisor looks each page up in the nested
+//! `hw::copy_from_guest_swap`). Here the hypervisor looks each page up in the nested
 //! table it owns ([`GpaTranslate`]) and copies through its own window onto host memory.
 
 use core::fmt;

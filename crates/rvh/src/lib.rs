@@ -7,7 +7,7 @@
 //! [`fence::GvmaFence`] (the engine's `Invalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
 //! [`fdt::FdtWriter`] and [`frames::BitmapFrames`].
 //!
-//! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
+//! Safety model: only `hw` executes privileged instructions and it is compiled for riscv64
 //! alone; every decision (what to fence, how to split a copy, how to read a fault, how to serve
 //! an SBI call) is portable code with host tests. Guest-controlled values (addresses, lengths,
 //! instruction bits, device-tree and ELF bytes) produce typed errors, never panics. Faults in

@@ -291,9 +291,9 @@ pub enum VmxUnsupported {
         /// The MSR value.
         feature_control: u64,
     },
-    /// VMCS regions must be write-back (IA32_VMX_BASIC[53:50]); this CPU wants another type.
+    /// VMCS regions must be write-back (IA32_VMX_BASIC bits 53:50); this CPU wants another type.
     VmcsMemoryType(u8),
-    /// IA32_VMX_BASIC[44:32] asks for a region larger than one frame.
+    /// IA32_VMX_BASIC bits 44:32 asks for a region larger than one frame.
     RegionTooLarge(u32),
     /// The primary controls do not allow activating the secondary controls (bit 31).
     NoSecondaryControls,

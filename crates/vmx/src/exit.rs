@@ -223,8 +223,9 @@ pub enum EntryFailure {
     Other(u16),
 }
 
-/// Decodes an exit from the fields the exit wrote. `read_field` reads the VMCS (injected so the
-/// decoding is tested without hardware).
+/// Decodes an exit from the VMCS fields the exit wrote: the exit reason (0x4402), the exit
+/// qualification (0x6400), the guest-physical address (0x2400), the guest-linear address
+/// (0x640A) and the exit interruption information (0x4404). Pure, so it is tested on the host.
 pub fn decode_exit(exit_reason: u32, qualification: u64, gpa: u64, gla: u64, interruption_info: u32) -> VmExit {
     let r = ExitReason(exit_reason);
     if r.entry_failed() {

@@ -1,6 +1,6 @@
 //! The hardware seam: every VMX instruction and privileged register access, behind a trait.
 //!
-//! [`VmxHardware`] is implemented by [`RealCpu`] on bare metal (`target_os = "none"`) and by fakes
+//! [`VmxHardware`] is implemented by `RealCpu` on bare metal (`target_os = "none"`) and by fakes
 //! in tests. Methods take `&self`/`&mut self` so a test injects and inspects its own instance.
 
 use crate::vmcs::VmcsField;
@@ -107,7 +107,8 @@ impl GuestRegisters {
         })
     }
 
-    /// Writes the register numbered `n`; `false` for RSP (4) or an out-of-range number.
+    /// Writes the register numbered `n`; RSP (4, kept in the VMCS) and out-of-range numbers are
+    /// refused with [`BadRegister`].
     pub fn set_gpr(&mut self, n: u8, v: u64) -> Result<(), BadRegister> {
         let r = match n {
             0 => &mut self.rax,
@@ -161,7 +162,7 @@ pub struct HostState {
     pub efer: u64,
 }
 
-/// Privileged instructions and registers VMX needs. Only [`RealCpu`] executes them.
+/// Privileged instructions and registers VMX needs. Only `RealCpu` executes them.
 pub trait VmxHardware {
     /// CPUID with `leaf` in EAX and `subleaf` in ECX.
     fn cpuid(&self, leaf: u32, subleaf: u32) -> CpuidResult;

@@ -10,8 +10,9 @@
 //!   [`VmxVcpu::invalidate`] (INVEPT single-context, or all-context where single is not offered).
 //! - [`caps::VmxCapabilities`]: the capability MSRs, read in an order that never touches an MSR
 //!   the CPU lacks; controls computed as `(wanted | allowed0) & allowed1`.
-//! - [`walk::translate`]: the guest's own 4-level page tables walked in software;
-//!   [`decode::decode_mmio`]: the MOV an MMIO exit came from.
+//! - [`decode::decode_mmio`]: the MOV an MMIO exit came from, decoded from the instruction bytes
+//!   (which the hypervisor fetches with `twostage_aspace::fetch_guest_instruction`, the software
+//!   walk of the guest's own page tables through the EPT).
 //!
 //! ## Safety model
 //! Every privileged instruction sits behind the [`hw::VmxHardware`] trait. Its only real
@@ -28,7 +29,6 @@ pub mod exit;
 pub mod hw;
 pub mod vcpu;
 pub mod vmcs;
-pub mod walk;
 
 #[cfg(test)]
 mod tests;

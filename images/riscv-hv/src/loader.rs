@@ -3,11 +3,16 @@
 //! xtask passes `-device loader,file=GUEST,addr=0x88000000,force-raw=on` plus two 8-byte
 //! `-device loader,data=...` blobs at 0x87fff000 (the magic below) and 0x87fff008 (the file's
 //! size). The file is an ELF (PT_LOAD segments at their physical addresses) or a raw binary
-//! for 0x80200000; it gets 64 MiB of demand-zero RAM at GPA 0x80000000, a device tree, and the
-//! SBI; SRST ends the run with the guest's status.
+//! for 0x80200000; it gets an address space (twostage-aspace) with 64 MiB of demand-zero RAM at
+//! GPA 0x80000000 and an MMIO region for the emulated UART, a device tree, and the SBI; SRST ends
+//! the run with the guest's status. After a few exits the address space is forked as a snapshot,
+//! so the statistics show copy-on-write at work.
 
-use crate::vm::{Exit, Vm, UART_GPA};
-use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, PageSize};
+use crate::vm::{frames, Exit, Space, Vm, UART_GPA};
+use alloc::format;
+use alloc::string::String;
+use twostage_aspace::Backend;
+use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, Sv39x4, TableOptions};
 use twostage_rvh::csr::cause;
 use twostage_rvh::{elf, fdt, hw};
 
@@ -23,6 +28,8 @@ const MAX_FILE: u64 = 32 << 20;
 const GUEST_RAM: u64 = 0x8000_0000;
 const GUEST_RAM_LEN: u64 = 64 << 20;
 const GUEST_DTB: u64 = GUEST_RAM + GUEST_RAM_LEN - (1 << 20);
+/// Exits before the run loop snapshots (forks) the guest's address space.
+const SNAPSHOT_AFTER: u32 = 100;
 
 /// The staged file (base, length), if xtask staged one.
 pub fn staged() -> Option<(u64, u64)> {
@@ -32,48 +39,54 @@ pub fn staged() -> Option<(u64, u64)> {
     (magic == STAGE_MAGIC && len > 0 && len <= MAX_FILE).then_some((STAGE_ADDR, len))
 }
 
-fn ensure_ram(vm: &mut Vm, gpa: u64, len: u64) -> Result<(), &'static str> {
-    if gpa < GUEST_RAM || gpa.checked_add(len).is_none_or(|e| e > GUEST_RAM + GUEST_RAM_LEN) {
-        return Err("segment outside the guest's RAM");
-    }
-    let mut p = gpa & !0xfff;
-    while p < gpa + len {
-        if vm.table.query(GuestPhysAddr::new(p)).is_none() {
-            vm.map_new(GuestPhysAddr::new(p), 4096, MappingFlags::RWX, PageSize::Size4K)?;
-        }
-        p += 4096;
-    }
-    Ok(())
-}
-
-fn load(vm: &mut Vm, file: &[u8]) -> Result<u64, &'static str> {
+fn load(space: &mut Space, file: &[u8]) -> Result<u64, String> {
+    let mut copy = |at: u64, bytes: &[u8]| -> Result<(), String> {
+        let at = GuestPhysAddr::try_new(at).map_err(|e| format!("load address: {e}"))?;
+        let f = space.load_image(at, bytes).map_err(|e| {
+            let msg = format!("loading {} bytes at {at:?}: {}", bytes.len(), e.error);
+            space.flush_unloaded(e.flush);
+            msg
+        })?;
+        // The table is not loaded on any hart yet.
+        space.flush_unloaded(f);
+        Ok(())
+    };
     if elf::is_elf(file) {
         let mut segs = alloc::vec::Vec::new();
-        let entry = elf::load_segments(file, |s| segs.push(s)).map_err(|_| "not a loadable RISC-V ELF64 file")?;
+        let entry = elf::load_segments(file, |s| segs.push(s)).map_err(|e| format!("not a loadable RISC-V ELF64 file: {e}"))?;
         for s in segs {
-            ensure_ram(vm, s.paddr, s.memsz.max(1))?;
-            let bytes = &file[s.offset as usize..(s.offset + s.filesz) as usize];
-            vm.phys().copy_to_guest(GuestPhysAddr::new(s.paddr), bytes).map_err(|_| "segment copy failed")?;
+            copy(s.paddr, &file[s.offset as usize..(s.offset + s.filesz) as usize])?;
         }
         Ok(entry)
     } else {
-        let entry = 0x8020_0000;
-        ensure_ram(vm, entry, file.len() as u64)?;
-        vm.phys().copy_to_guest(GuestPhysAddr::new(entry), file).map_err(|_| "image copy failed")?;
-        Ok(entry)
+        copy(0x8020_0000, file)?;
+        Ok(0x8020_0000)
     }
+}
+
+fn new_space() -> Result<Space, String> {
+    let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
+    let ram = GpaRange::from_start_len(GuestPhysAddr::new(GUEST_RAM), GUEST_RAM_LEN).ok_or("RAM range")?;
+    let (_, f) = space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
+    space.flush_unloaded(f);
+    let uart = GpaRange::from_start_len(GuestPhysAddr::new(UART_GPA), 0x1000).ok_or("UART range")?;
+    let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
+    space.flush_unloaded(f);
+    Ok(space)
 }
 
 /// Loads and runs the staged guest; returns its exit status.
 pub fn run_staged(base: u64, len: u64) -> i32 {
     // SAFETY: reserved from the frame allocator at boot; QEMU wrote `len` bytes there.
     let file = unsafe { core::slice::from_raw_parts(base as *const u8, len as usize) };
-    let mut vm = Vm::new(1);
-    vm.demand_zero = GpaRange::from_start_len(GuestPhysAddr::new(GUEST_RAM), GUEST_RAM_LEN);
-    // Delegate the guest's own exceptions to it (Privileged 1.12 §8.2.2): misaligned fetch,
-    // breakpoint, U-mode ecall, and its VS-stage page faults.
-    vm.hedeleg = (1 << 0) | (1 << cause::BREAKPOINT) | (1 << 8) | (1 << cause::INSN_PAGE) | (1 << cause::LOAD_PAGE) | (1 << cause::STORE_PAGE);
-    let entry = match load(&mut vm, file) {
+    let mut space = match new_space() {
+        Ok(s) => s,
+        Err(e) => {
+            println!("cannot build the guest's address space: {e}");
+            return 2;
+        }
+    };
+    let entry = match load(&mut space, file) {
         Ok(e) => e,
         Err(e) => {
             println!("guest file rejected: {e}");
@@ -81,10 +94,18 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         }
     };
     let tree = fdt::guest_tree(GUEST_RAM, GUEST_RAM_LEN, crate::vm::hart().timebase, "rv64imafdc_zicsr_zifencei", Some(UART_GPA));
-    if ensure_ram(&mut vm, GUEST_DTB, tree.len() as u64).is_err() || vm.phys().copy_to_guest(GuestPhysAddr::new(GUEST_DTB), &tree).is_err() {
-        println!("cannot place the guest's device tree");
-        return 2;
+    match space.load_image(GuestPhysAddr::new(GUEST_DTB), &tree) {
+        Ok(f) => space.flush_unloaded(f),
+        Err(e) => {
+            println!("cannot place the guest's device tree: {}", e.error);
+            space.flush_unloaded(e.flush);
+            return 2;
+        }
     }
+    let mut vm = Vm::with_space(space, 1);
+    // Delegate the guest's own exceptions to it (Privileged 1.12 §8.2.2): misaligned fetch,
+    // breakpoint, U-mode ecall, and its VS-stage page faults.
+    vm.hedeleg = (1 << 0) | (1 << cause::BREAKPOINT) | (1 << 8) | (1 << cause::INSN_PAGE) | (1 << cause::LOAD_PAGE) | (1 << cause::STORE_PAGE);
     println!("guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{GUEST_RAM_LEN:#x}, dtb at {GUEST_DTB:#x}");
     // SAFETY: a fresh VS context: Bare vsatp, FS = Initial, no virtual interrupt pending.
     unsafe {
@@ -96,11 +117,30 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     vm.regs.gpr[10] = 0;
     vm.regs.gpr[11] = GUEST_DTB;
     vm.pc = entry;
+    // A snapshot of the running guest after SNAPSHOT_AFTER exits: the address space is forked,
+    // so every later guest write to a page touched before it is a copy-on-write break.
+    vm.budget = SNAPSHOT_AFTER;
+    let mut snapshot: Option<Space> = None;
     let status = loop {
         match vm.run() {
             Exit::Reset(r) => {
                 println!("\nguest reset: type {} reason {:#x} -> exit status {}", r.reset_type, r.reason, r.exit_status());
                 break i32::from(r.exit_status());
+            }
+            Exit::Budget if snapshot.is_none() => {
+                vm.budget = 100_000;
+                if let crate::vm::Memory::Space(space) = &mut vm.mem {
+                    match space.fork() {
+                        Ok((child, f)) => {
+                            vm.apply_space(f);
+                            snapshot = Some(child);
+                        }
+                        Err(e) => {
+                            println!("snapshot failed: {:?}", e.error);
+                            vm.apply_space(e.flush);
+                        }
+                    }
+                }
             }
             Exit::Test { .. } | Exit::Budget => continue,
             Exit::Fault(f, t) => {
@@ -113,6 +153,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
             }
         }
     };
+    if let Some(snap) = &snapshot {
+        let st = snap.stats();
+        println!(
+            "snapshot (fork after {SNAPSHOT_AFTER} exits): its own copy-on-write copies {}, reuses {}",
+            st.cow_copies, st.cow_reuses
+        );
+    }
     vm.print_stats("guest file");
     status
 }

@@ -31,6 +31,8 @@ mod scenarios;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 mod scenarios2;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+mod scenarios3;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 mod trap;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 mod vm;

@@ -43,8 +43,14 @@ pub fn test_vm(vmid: u16) -> Result<Vm, String> {
     let len = (blob.len() as u64).next_multiple_of(4096);
     vm.map_new(gpa(CODE), len, MappingFlags::RWX, PageSize::Size4K).map_err(String::from)?;
     vm.phys().copy_to_guest(gpa(CODE), blob).map_err(|e| format!("loading the guest: {e}"))?;
-    // SAFETY: a fresh VS context for this guest: Bare vsatp and no pending virtual interrupt;
-    // hgatp is this VM's, so HFENCE.VVMA drops the VS-stage entries of its VMID.
+    fresh_vs_context(&vm);
+    Ok(vm)
+}
+
+/// Loads `vm`'s hgatp and gives it a fresh VS context: Bare vsatp, no pending virtual interrupt.
+pub fn fresh_vs_context(vm: &Vm) {
+    // SAFETY: hgatp is this VM's (so HFENCE.VVMA drops the VS-stage entries of its VMID); the VS
+    // CSRs only affect the guest.
     unsafe {
         hw::hgatp::write(vm.hgatp.bits());
         hw::hfence_gvma_all();
@@ -53,7 +59,6 @@ pub fn test_vm(vmid: u16) -> Result<Vm, String> {
         hw::hvip::write(0);
     }
     hw::hfence_vvma_all();
-    Ok(vm)
 }
 
 /// Enters routine `r` with `args` in a0.. and runs until an exit the VM does not handle.
@@ -144,6 +149,8 @@ pub fn run_all() -> i32 {
     s.run("accessed/dirty bits set by the hardware", crate::scenarios2::ad_bits);
     s.run("virtual timer interrupt injected", crate::scenarios2::virtual_timer);
     s.run("hostile guest actions are contained", crate::scenarios2::hostile);
+    s.run("address-space guest: demand-zero, MMIO region, dirty log from D bits", crate::scenarios3::space_guest);
+    s.run("Sv48x4 and Sv57x4 G-stage tables run the guest at high GPAs", crate::scenarios3::wide_formats);
     s.run("every frame returned", || {
         // Each VM frees its frames and tables on drop; the suite's own allocations are gone too.
         let leaked = frames().in_use();
@@ -196,7 +203,7 @@ fn demand_zero() -> Verdict {
     let before = vm.stats.demand_zero;
     ensure!(done(vm.run())? == 0, "a fresh page is not zero");
     ensure!(vm.stats.demand_zero == before + 1, "one zero page expected");
-    let leaf = vm.table.query(gpa(0x8100_0000)).ok_or("no leaf after the fault")?;
+    let leaf = vm.table().query(gpa(0x8100_0000)).ok_or("no leaf after the fault")?;
     ensure!(leaf.size == PageSize::Size4K, "leaf {leaf:?}");
     // A store to the same page needs no new page; one to another page does.
     done(call(&mut vm, Routine::Store64, &[0x8100_0008, 0x1234]))?;
@@ -211,32 +218,32 @@ fn huge_pages() -> Verdict {
     let mut vm = test_vm(1)?;
     let base = 0x8600_0000;
     vm.map_new(gpa(base), 2 << 20, MappingFlags::RWX, PageSize::Size2M).map_err(String::from)?;
-    let l = vm.table.query(gpa(base + 0x1234)).ok_or("no leaf")?;
+    let l = vm.table().query(gpa(base + 0x1234)).ok_or("no leaf")?;
     ensure!(l.size == PageSize::Size2M && l.hpa.is_aligned(2 << 20), "leaf {l:?}");
     poke(&vm, base + 0x1000, 0xaaaa)?;
     poke(&vm, base + 0x1f_f008, 0xbbbb)?;
     ensure!(done(call(&mut vm, Routine::Load64, &[base + 0x1000]))? == 0xaaaa, "guest read through the 2 MiB leaf");
     // Split: 512 4 KiB leaves over the same frames; the guest sees the same data.
-    let f = vm.table.split(gpa(base)).map_err(|e| format!("split: {e:?}"))?;
+    let f = vm.table_mut().split(gpa(base)).map_err(|e| format!("split: {e:?}"))?;
     vm.apply(f);
-    let l2 = vm.table.query(gpa(base + 0x1f_f008)).ok_or("no leaf after split")?;
+    let l2 = vm.table().query(gpa(base + 0x1f_f008)).ok_or("no leaf after split")?;
     ensure!(l2.size == PageSize::Size4K && l2.hpa == l.hpa + 0x1f_f000, "after split {l2:?}");
     let mut n = 0;
-    vm.table.for_each_leaf(gpa(base), 2 << 20, |_| n += 1);
+    vm.table().for_each_leaf(gpa(base), 2 << 20, |_| n += 1);
     ensure!(n == 512, "{n} leaves after split");
     ensure!(done(call(&mut vm, Routine::Load64, &[base + 0x1f_f008]))? == 0xbbbb, "guest read after split");
     // One page of it read-only: a store there faults, next door it does not.
-    let f = vm.table.protect(gpa(base + 0x3000), 4096, MappingFlags::RX).map_err(|e| format!("protect: {e:?}"))?;
+    let f = vm.table_mut().protect(gpa(base + 0x3000), 4096, MappingFlags::RX).map_err(|e| format!("protect: {e:?}"))?;
     vm.apply(f);
     let (flt, _) = fault(call(&mut vm, Routine::Store64, &[base + 0x3008, 1]))?;
     ensure!(flt.info.fault_guest_paddr == gpa(base + 0x3008) && flt.info.access_flags == MappingFlags::WRITE, "{:?}", flt.info);
     done(call(&mut vm, Routine::Store64, &[base + 0x4008, 2]))?;
     // Same rights again: collapse back into one 2 MiB leaf; the guest still reads its data.
-    let f = vm.table.protect(gpa(base + 0x3000), 4096, MappingFlags::RWX).map_err(|e| format!("protect: {e:?}"))?;
+    let f = vm.table_mut().protect(gpa(base + 0x3000), 4096, MappingFlags::RWX).map_err(|e| format!("protect: {e:?}"))?;
     vm.apply(f);
-    let f = vm.table.collapse(gpa(base), PageSize::Size2M).map_err(|e| format!("collapse: {e:?}"))?;
+    let f = vm.table_mut().collapse(gpa(base), PageSize::Size2M).map_err(|e| format!("collapse: {e:?}"))?;
     vm.apply(f);
-    ensure!(vm.table.query(gpa(base)).map(|l| l.size) == Some(PageSize::Size2M), "not collapsed");
+    ensure!(vm.table().query(gpa(base)).map(|l| l.size) == Some(PageSize::Size2M), "not collapsed");
     ensure!(done(call(&mut vm, Routine::Load64, &[base + 0x4008]))? == 2, "guest read after collapse");
     println!("# huge page {:?}: split into 512, one protected, collapsed back", l.hpa);
     Ok(())
@@ -251,7 +258,7 @@ fn permissions() -> Verdict {
     ensure!(f.info.access_flags == MappingFlags::WRITE, "access {:?}", f.info.access_flags);
     ensure!(peek(&vm, ro + 0x10)? == 0, "the refused store landed");
     // Grant write and resume at the same pc: the store is retried and lands.
-    let fl = vm.table.protect(gpa(ro), 4096, MappingFlags::RW).map_err(|e| format!("{e:?}"))?;
+    let fl = vm.table_mut().protect(gpa(ro), 4096, MappingFlags::RW).map_err(|e| format!("{e:?}"))?;
     vm.apply(fl);
     done(vm.run())?;
     ensure!(peek(&vm, ro + 0x10)? == 0x5a5a, "the retried store did not land");
@@ -262,7 +269,7 @@ fn permissions() -> Verdict {
     let (f, t) = fault(call(&mut vm, Routine::Call, &[nx]))?;
     ensure!(t.scause == 20 && f.info.access_flags == MappingFlags::EXECUTE, "fetch fault {:?} scause {}", f.info, t.scause);
     ensure!(f.info.fault_guest_paddr == gpa(nx) && t.sepc == nx, "fetch fault at {:?} pc {:#x}", f.info.fault_guest_paddr, t.sepc);
-    let fl = vm.table.protect(gpa(nx), 4096, MappingFlags::RX).map_err(|e| format!("{e:?}"))?;
+    let fl = vm.table_mut().protect(gpa(nx), 4096, MappingFlags::RX).map_err(|e| format!("{e:?}"))?;
     vm.apply(fl);
     ensure!(done(vm.run())? == 42, "code did not run after granting execute");
     Ok(())
@@ -287,7 +294,7 @@ fn mmio_uart() -> Verdict {
     // Compressed c.sw / c.lw decoded from the instruction fetched with HLVX.
     let v = done(call(&mut vm, Routine::MmioCompressed, &[UART_GPA, 0xabcd]))?;
     ensure!(v == 0xabcd, "compressed MMIO round trip gave {v:#x}");
-    ensure!(vm.table.query(gpa(UART_GPA)).is_none(), "the MMIO range got mapped");
+    ensure!(vm.table().query(gpa(UART_GPA)).is_none(), "the MMIO range got mapped");
     Ok(())
 }
 
@@ -299,8 +306,8 @@ fn gpa_copies() -> Verdict {
     vm.map_new(gpa(a + 4096), 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
     // SAFETY: the spacer only kept the two pages' frames apart; never mapped.
     unsafe { frames().deallocate_frames(spacer, 1) };
-    let (h0, _) = vm.table.translate(gpa(a)).ok_or("unmapped")?;
-    let (h1, _) = vm.table.translate(gpa(a + 4096)).ok_or("unmapped")?;
+    let (h0, _) = vm.table().translate(gpa(a)).ok_or("unmapped")?;
+    let (h1, _) = vm.table().translate(gpa(a + 4096)).ok_or("unmapped")?;
     ensure!(h1 != h0 + 4096, "test needs discontiguous frames");
     let data: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(1)).collect();
     vm.phys().copy_to_guest(gpa(a + 4096 - 24), &data).map_err(|e| format!("copy_to_guest: {e}"))?;

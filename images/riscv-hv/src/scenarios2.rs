@@ -140,8 +140,8 @@ pub fn implicit_walk() -> Verdict {
     let mut vm = gva_world()?;
     poke(&vm, PAGE_A, 0x77)?;
     // Take the guest's level-0 table away from it: its walk for GVA 0x1000 now faults.
-    let (l0_frame, _) = vm.table.translate(gpa(PT_L0)).ok_or("L0 not mapped")?;
-    let f = vm.table.unmap(gpa(PT_L0), 4096).map_err(|e| format!("{e:?}"))?;
+    let (l0_frame, _) = vm.table().translate(gpa(PT_L0)).ok_or("L0 not mapped")?;
+    let f = vm.table_mut().unmap(gpa(PT_L0), 4096).map_err(|e| format!("{e:?}"))?;
     vm.apply(f);
     hw::hfence_vvma_all();
     vm.demand_zero = None;
@@ -158,7 +158,7 @@ pub fn implicit_walk() -> Verdict {
     ensure!(flt.info.fault_guest_paddr.align_down(4096) == gpa(PT_L0), "fault GPA {:?} is not the L0 table", flt.info.fault_guest_paddr);
     ensure!(flt.info.fault_guest_paddr.as_u64() & 0xff8 == 8, "PTE index 1 expected");
     // Give it back; the retried load walks and completes.
-    let f = vm.table.map(gpa(PT_L0), l0_frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
+    let f = vm.table_mut().map(gpa(PT_L0), l0_frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
     vm.apply(f);
     ensure!(done(vm.run())? == 0x77, "load after restoring the table");
     Ok(())
@@ -175,15 +175,15 @@ pub fn remap() -> Verdict {
     };
     ensure!(first == 0x1111, "first read {first:#x}");
     // While the guest is stopped mid-routine: a new frame under the same GPA.
-    let (old, _) = vm.table.translate(gpa(p)).ok_or("unmapped")?;
+    let (old, _) = vm.table().translate(gpa(p)).ok_or("unmapped")?;
     let new = frames().allocate_frame().ok_or("no frame")?;
     // SAFETY: a fresh frame, identity-mapped.
     unsafe { core::ptr::write_bytes(new.as_u64() as *mut u8, 0, 4096) };
     // SAFETY: as above.
     unsafe { (new.as_u64() as *mut u64).write_volatile(0x2222) };
-    let f = vm.table.unmap(gpa(p), 4096).map_err(|e| format!("{e:?}"))?;
+    let f = vm.table_mut().unmap(gpa(p), 4096).map_err(|e| format!("{e:?}"))?;
     vm.apply(f);
-    let f = vm.table.map(gpa(p), new, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
+    let f = vm.table_mut().map(gpa(p), new, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
     let before = vm.stats.gvma_addr + vm.stats.gvma_vmid;
     vm.apply(f);
     // SAFETY: `old` is unmapped and fenced.
@@ -200,7 +200,7 @@ pub fn dirty_log() -> Verdict {
     let pages = 16u64;
     vm.map_new(gpa(base), pages * 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
     let round = |vm: &mut Vm, start: u64, count: u64, stride: u64| -> Result<u32, String> {
-        let f = vm.table.protect(gpa(base), pages * 4096, MappingFlags::READ).map_err(|e| format!("{e:?}"))?;
+        let f = vm.table_mut().protect(gpa(base), pages * 4096, MappingFlags::READ).map_err(|e| format!("{e:?}"))?;
         vm.apply(f);
         let mut log = 0u32;
         let mut exit = call(vm, Routine::StoreMany, &[base + start, count, stride, 0xd1]);
@@ -212,7 +212,7 @@ pub fn dirty_log() -> Verdict {
                     let idx = (page.as_u64().wrapping_sub(base)) / 4096;
                     ensure!(idx < pages, "write fault outside the logged range: {page:?}");
                     log |= 1 << idx;
-                    let fl = vm.table.protect(page, 4096, MappingFlags::RW).map_err(|e| format!("{e:?}"))?;
+                    let fl = vm.table_mut().protect(page, 4096, MappingFlags::RW).map_err(|e| format!("{e:?}"))?;
                     vm.apply(fl);
                     exit = vm.run();
                 }
@@ -236,7 +236,7 @@ pub fn ad_bits() -> Verdict {
     vm.map_new(gpa(base), 8 * 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
     let harvest = |vm: &mut Vm, clear: AdClear| {
         let mut seen = Vec::new();
-        let f = vm.table.take_accessed_dirty(gpa(base), 8 * 4096, clear, |l| seen.push(((l.gpa.as_u64() - base) / 4096, l.accessed, l.dirty)));
+        let f = vm.table_mut().take_accessed_dirty(gpa(base), 8 * 4096, clear, |l| seen.push(((l.gpa.as_u64() - base) / 4096, l.accessed, l.dirty)));
         vm.apply(f);
         seen
     };

@@ -5,7 +5,7 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
+use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
     Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
     PageTable, Sv39x4, TableOptions,
@@ -19,6 +19,18 @@ use twostage_rvh::{access, hw};
 
 /// The nested table type every VM here uses.
 pub type Table = PageTable<Sv39x4, &'static BitmapFrames>;
+/// The address space type (regions, demand-zero, copy-on-write, MMIO) over such a table.
+pub type Space = twostage_aspace::AddressSpace<Sv39x4, &'static BitmapFrames>;
+
+/// What stands behind a VM's guest-physical memory.
+pub enum Memory {
+    /// The engine's table, changed directly by the hypervisor (the engine scenarios): faults in
+    /// [`Vm::demand_zero`] get zero pages, faults in the UART window are emulated.
+    Table(Table),
+    /// An address space: every guest-page fault is resolved by it (demand-zero, copy-on-write,
+    /// MMIO regions), the run loop only carries out its flushes and emulates the UART.
+    Space(Box<Space>),
+}
 
 /// Guest-physical base of the emulated ns16550 UART.
 pub const UART_GPA: u64 = 0x1000_0000;
@@ -47,12 +59,14 @@ pub struct HartInfo {
     pub timebase: u32,
 }
 
-static mut HART: Option<HartInfo> = None;
+static HART: AtomicPtr<HartInfo> = AtomicPtr::new(core::ptr::null_mut());
 
 /// The probed hart information.
 pub fn hart() -> HartInfo {
-    // SAFETY: written once in `start` before any reader runs; single hart.
-    unsafe { (*(&raw const HART)).expect("hart probed at boot") }
+    let p = HART.load(Ordering::Acquire);
+    assert!(!p.is_null(), "hart probed at boot");
+    // SAFETY: set once in `start` from a leaked Box, never freed or written again.
+    unsafe { *p }
 }
 
 /// Counts of what the memory subsystem and the run loop did.
@@ -64,6 +78,8 @@ pub struct Stats {
     pub irq_exits: u32,
     /// Guest-page faults resolved by mapping a zero page.
     pub demand_zero: u32,
+    /// Guest-page faults the address space resolved (demand-zero, copy-on-write, dirty log).
+    pub space_resolved: u32,
     /// Guest-page faults passed back to the VM's owner.
     pub faults_unresolved: u32,
     /// Copy-on-write breaks.
@@ -114,8 +130,8 @@ pub struct Uart {
 
 /// One guest.
 pub struct Vm {
-    /// The nested table.
-    pub table: Table,
+    /// The guest's memory.
+    pub mem: Memory,
     /// The VMID.
     pub vmid: u16,
     /// hgatp for `table` and `vmid`.
@@ -141,11 +157,24 @@ pub struct Vm {
 impl Vm {
     /// A VM with an empty Sv39x4 table and `vmid`.
     pub fn new(vmid: u16) -> Self {
-        let caps = hart().caps;
         let table = PageTable::new(frames(), TableOptions::for_format::<Sv39x4>()).expect("frames for the root");
-        let hgatp = Hgatp::for_table(&table, vmid, &caps).expect("Sv39x4 with this VMID is offered");
+        Self::with_memory(Memory::Table(table), vmid)
+    }
+
+    /// A VM over an address space.
+    pub fn with_space(space: Space, vmid: u16) -> Self {
+        Self::with_memory(Memory::Space(Box::new(space)), vmid)
+    }
+
+    fn with_memory(mem: Memory, vmid: u16) -> Self {
+        let caps = hart().caps;
+        let root = match &mem {
+            Memory::Table(t) => t.root(),
+            Memory::Space(s) => s.root(),
+        };
+        let hgatp = Hgatp::new(HgatpMode::Sv39x4, vmid, root, &caps).expect("Sv39x4 with this VMID is offered");
         Self {
-            table,
+            mem,
             vmid,
             hgatp,
             regs: VcpuRegs::new(),
@@ -159,22 +188,69 @@ impl Vm {
         }
     }
 
-    /// Carries out a flush token with HFENCE.GVMA by address or by VMID.
-    pub fn apply(&mut self, f: Flush<Sv39x4>) {
-        let vmid = self.vmid;
-        let stats = &mut self.stats;
-        self.table.flush(f, |inv| {
-            let r = twostage_rvh::fence::plan_gvma(inv, vmid, |fence| {
-                match fence {
-                    twostage_rvh::fence::GvmaFence::Address { .. } => stats.gvma_addr += 1,
-                    twostage_rvh::fence::GvmaFence::Vmid { .. } => stats.gvma_vmid += 1,
-                }
-                hw::hfence_gvma(fence);
-            });
-            if r.is_err() {
-                panic!("an EPT invalidation from a G-stage table");
+    /// The nested table (the space's, for an address-space VM).
+    pub fn table(&self) -> &Table {
+        match &self.mem {
+            Memory::Table(t) => t,
+            Memory::Space(s) => s.table(),
+        }
+    }
+
+    /// The nested table, to change directly. Only table VMs: an address space's table is
+    /// changed through the space (a hypervisor bug otherwise, never a guest's doing).
+    pub fn table_mut(&mut self) -> &mut Table {
+        match &mut self.mem {
+            Memory::Table(t) => t,
+            Memory::Space(_) => panic!("an address-space VM's table is changed through its space"),
+        }
+    }
+
+    /// The address space, for an address-space VM.
+    pub fn space(&self) -> Option<&Space> {
+        match &self.mem {
+            Memory::Space(s) => Some(s),
+            Memory::Table(_) => None,
+        }
+    }
+
+    /// The address space, mutably, for an address-space VM.
+    pub fn space_mut(&mut self) -> Option<&mut Space> {
+        match &mut self.mem {
+            Memory::Space(s) => Some(s),
+            Memory::Table(_) => None,
+        }
+    }
+
+    /// The HFENCE.GVMA sequence for one invalidation, counted.
+    fn fence(stats: &mut Stats, vmid: u16, inv: &twostage_npt::Invalidation<'_>) {
+        let r = twostage_rvh::fence::plan_gvma(inv, vmid, |fence| {
+            match fence {
+                twostage_rvh::fence::GvmaFence::Address { .. } => stats.gvma_addr += 1,
+                twostage_rvh::fence::GvmaFence::Vmid { .. } => stats.gvma_vmid += 1,
             }
+            hw::hfence_gvma(fence);
         });
+        if r.is_err() {
+            panic!("an EPT invalidation from a G-stage table");
+        }
+    }
+
+    /// Carries out a table flush token with HFENCE.GVMA by address or by VMID.
+    pub fn apply(&mut self, f: Flush<Sv39x4>) {
+        let (vmid, stats) = (self.vmid, &mut self.stats);
+        match &mut self.mem {
+            Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)),
+            Memory::Space(_) => panic!("an address-space VM's flushes are SpaceFlush tokens"),
+        }
+    }
+
+    /// Carries out an address-space flush token.
+    pub fn apply_space(&mut self, f: twostage_aspace::SpaceFlush<Sv39x4>) {
+        let (vmid, stats) = (self.vmid, &mut self.stats);
+        match &mut self.mem {
+            Memory::Space(s) => s.flush(f, |inv| Self::fence(stats, vmid, inv)),
+            Memory::Table(_) => panic!("a table VM has no address space"),
+        }
     }
 
     /// Allocates zeroed frames and maps them at `gpa` with `flags` in pages of `size`.
@@ -184,7 +260,7 @@ impl Vm {
         let hpa = frames().allocate_frames(frames_n, align).ok_or("out of frames")?;
         // SAFETY: freshly allocated frames, identity-mapped in HS-mode.
         unsafe { core::ptr::write_bytes(frames().phys_to_virt(hpa).as_ptr(), 0, len as usize) };
-        match self.table.map(gpa, hpa, len, flags, MapSize::Exactly(size)) {
+        match self.table_mut().map(gpa, hpa, len, flags, MapSize::Exactly(size)) {
             Ok(f) => {
                 self.apply(f);
                 Ok(hpa)
@@ -200,7 +276,7 @@ impl Vm {
     /// Guest-physical memory through the table (software translation).
     pub fn phys(&self) -> twostage_rvh::gpa::GuestPhys<'_, Table, BitmapFrames> {
         // SAFETY: every leaf of a VM's table maps frames from `frames()` (identity-mapped RAM).
-        unsafe { twostage_rvh::gpa::GuestPhys::new(&self.table, frames()) }
+        unsafe { twostage_rvh::gpa::GuestPhys::new(self.table(), frames()) }
     }
 
     fn load_csrs(&self) {
@@ -286,11 +362,31 @@ impl Vm {
     /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
     fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
         let gpa = f.info.fault_guest_paddr;
-        if (UART_GPA..UART_GPA + UART_LEN).contains(&gpa.as_u64()) && !f.is_implicit() {
+        let in_uart = (UART_GPA..UART_GPA + UART_LEN).contains(&gpa.as_u64()) && !f.is_implicit();
+        if let Memory::Space(space) = &mut self.mem {
+            let cow_before = space.stats().cow_copies + space.stats().cow_reuses;
+            match space.handle_fault(f.info) {
+                twostage_aspace::FaultOutcome::Resolved { flush } => {
+                    let s = space.stats();
+                    self.stats.cow_breaks += (s.cow_copies + s.cow_reuses - cow_before) as u32;
+                    self.stats.space_resolved += 1;
+                    self.apply_space(flush);
+                    return None;
+                }
+                twostage_aspace::FaultOutcome::Mmio { .. } if in_uart => {
+                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
+                }
+                _ => {
+                    self.stats.faults_unresolved += 1;
+                    return Some(Exit::Fault(f, t));
+                }
+            }
+        }
+        if in_uart {
             return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
         }
         if let Some(ram) = self.demand_zero {
-            if ram.contains(gpa) && self.table.query(gpa).is_none() {
+            if ram.contains(gpa) && self.table().query(gpa).is_none() {
                 let page = gpa.align_down(4096);
                 let flags = self.demand_flags;
                 if self.map_new(page, 4096, flags, PageSize::Size4K).is_ok() {
@@ -352,7 +448,7 @@ impl Vm {
     /// Leaves by page size: (4K, 2M, 1G).
     pub fn leaves_by_size(&self) -> (usize, usize, usize) {
         let mut n = (0, 0, 0);
-        self.table.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
+        self.table().for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
             PageSize::Size4K => n.0 += 1,
             PageSize::Size2M => n.1 += 1,
             _ => n.2 += 1,
@@ -372,15 +468,23 @@ impl Vm {
         }
         println!(" interrupts={}", s.irq_exits);
         let (p4, p2, p1) = self.leaves_by_size();
-        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.table.table_frames());
+        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.table().table_frames());
         println!(
-            "faults resolved: demand-zero={} unresolved={} copy-on-write breaks={}",
-            s.demand_zero, s.faults_unresolved, s.cow_breaks
+            "faults resolved: by the address space={} by demand-zero mapping={} unresolved={}; copy-on-write breaks={}",
+            s.space_resolved, s.demand_zero, s.faults_unresolved, s.cow_breaks
         );
         println!("MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes);
         println!("flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid);
         println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
         println!("host frames in use={} high water={}", frames().in_use(), frames().high_water());
+        if let Some(space) = self.space() {
+            let st = space.stats();
+            println!(
+                "address space: frames allocated={} cow copies={} cow reuses={} faults resolved={}",
+                st.frames_allocated, st.cow_copies, st.cow_reuses, st.faults_resolved
+            );
+            print!("{space}");
+        }
     }
 }
 
@@ -392,7 +496,11 @@ impl SbiBackend for Vm {
         boot::getchar()
     }
     fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
-        self.phys().copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa })
+        match &self.mem {
+            // The space reads untouched demand-zero memory as zeros without populating it.
+            Memory::Space(s) => s.copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
+            Memory::Table(_) => self.phys().copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
+        }
     }
     fn set_timer(&mut self, deadline: u64) {
         // SAFETY: clears the injected virtual timer interrupt (§8.2.3).
@@ -403,9 +511,12 @@ impl SbiBackend for Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Free every guest frame this VM mapped (table frames go with the table).
+        // A table VM's guest frames were allocated here: free them (table frames go with the
+        // table). An address space frees its own.
         let mut leaves = Vec::new();
-        self.table.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| leaves.push((l.hpa, l.size)));
+        if let Memory::Table(t) = &self.mem {
+            t.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| leaves.push((l.hpa, l.size)));
+        }
         for (hpa, size) in leaves {
             // SAFETY: VM frames are mapped exactly once (scenarios that share frames unmap the
             // sharer first), and the table is dropped with this VM.
@@ -465,8 +576,7 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
         .unwrap_or(10_000_000);
     let h_csrs = hw::probe_hstatus().is_ok();
     let info = HartInfo { h_csrs, isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h), caps: hw::probe(), timebase };
-    // SAFETY: single hart, before anything reads it.
-    unsafe { *(&raw mut HART) = Some(info) };
+    HART.store(Box::leak(Box::new(info)), Ordering::Release);
     println!(
         "twostage riscv-hv: hart {hartid}, RAM {:#x}+{:#x}, image {:#x}..{:#x}, dtb {:#x}, {} free frames",
         ram,

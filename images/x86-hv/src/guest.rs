@@ -187,7 +187,11 @@ pub fn build(hv: &mut Hv) -> Result<GuestEntry, &'static str> {
 
 /// The guest's entry state: 64-bit mode at its code, on its own page tables.
 pub fn entry() -> GuestEntry {
-    GuestEntry::LongMode { rip: GuestVirtAddr::new(CODE), rsp: GuestVirtAddr::new(STACK_TOP - 16), cr3: GuestPhysAddr::new(PML4) }
+    GuestEntry::LongMode {
+        rip: GuestVirtAddr::new(CODE),
+        rsp: GuestVirtAddr::new(STACK_TOP - 16),
+        cr3: GuestPhysAddr::new(PML4),
+    }
 }
 
 /// A fault handler that resolves nothing.

@@ -4,13 +4,18 @@
 use crate::frames::Frames;
 use crate::serial;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use twostage_aspace::guest::PagingModeError;
+use twostage_aspace::{
+    copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestMemError, GuestMemory,
+    GuestPaging, GuestVaError, Instruction, Isa,
+};
 use twostage_npt::{
     Access, Ept4, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapError, MapSize, MappingFlags,
     PageTable, RangeError, FRAME_SIZE,
 };
 use twostage_vmx::decode::{decode_mmio, DecodeError, MmioInstruction, MmioOp};
 use twostage_vmx::hw::RealCpu;
-use twostage_vmx::walk::{translate, GuestPaging, WalkError};
 use twostage_vmx::{EntryError, EptViolation, IoQualification, VmExit, VmcsField, VmxVcpu};
 
 /// The vCPU type of this image.
@@ -45,24 +50,96 @@ pub struct Stats {
     pub mapped_2m: u64,
 }
 
-/// Why a guest-memory access by the hypervisor failed: each names the address.
+/// Why a guest-virtual access by the hypervisor failed: each names the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestMemError {
-    /// No EPT mapping at this guest-physical address.
-    Unmapped(GuestPhysAddr),
-    /// The guest's own tables do not translate this guest-virtual address.
-    Walk(WalkError<GuestPhysAddrUnmapped>),
+pub enum GvaError {
     /// Reading the guest's paging registers from the VMCS failed.
     Vmcs,
+    /// The guest's paging mode is not one the walker models.
+    Mode(PagingModeError),
+    /// The guest's own tables, or the EPT under them, refused the access.
+    Va(GuestVaError),
 }
 
-/// A guest page-table entry lies at an unmapped guest-physical address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestPhysAddrUnmapped(pub GuestPhysAddr);
-
-impl fmt::Display for GuestMemError {
+impl fmt::Display for GvaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Guest-physical memory as the hypervisor sees it through the guest's EPT: the provider behind
+/// `twostage-aspace`'s consumer trait [`GuestMemory`], so the software walks of the guest's own
+/// page tables (`twostage_aspace::guest`) run over this EPT. Accesses are checked against the
+/// EPT leaf's rights; page crossing is handled here, once.
+pub struct EptMemory<'a> {
+    ept: &'a Ept,
+    frames: &'static Frames,
+}
+
+impl EptMemory<'_> {
+    /// Host address of `gpa` and the bytes left in its 4 KiB frame, if the leaf allows `access`.
+    fn host(&self, gpa: GuestPhysAddr, access: Access) -> Result<(*mut u8, usize), GuestMemError> {
+        let (hpa, rights) = self.ept.translate(gpa).ok_or(GuestMemError::Unmapped { gpa, access })?;
+        if !rights.allows(access) {
+            return Err(GuestMemError::Forbidden { gpa, access, rights });
+        }
+        let left = FRAME_SIZE - (gpa.as_u64() as usize & (FRAME_SIZE - 1));
+        Ok((self.frames.phys_to_virt(hpa).as_ptr(), left))
+    }
+
+    fn chunks(
+        &self,
+        gpa: GuestPhysAddr,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(*mut u8, core::ops::Range<usize>),
+    ) -> Result<(), GuestMemError> {
+        gpa.checked_add(len as u64).ok_or(GuestMemError::Overflow { gpa, len: len as u64 })?;
+        let mut done = 0;
+        while done < len {
+            let a = gpa + done as u64;
+            let (p, left) = self.host(a, access)?;
+            let n = left.min(len - done);
+            f(p, done..done + n);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for EptMemory<'_> {
+    fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
+        // Check every page first so that a failed read leaves `buf` untouched.
+        self.chunks(gpa, buf.len(), access, |_, _| {})?;
+        self.chunks(gpa, buf.len(), access, |p, r| {
+            // SAFETY: `p` reaches the EPT leaf's host frame (identity map), with `r.len()` bytes
+            // left in it; guest memory is not aliased by Rust references.
+            unsafe { core::ptr::copy_nonoverlapping(p, buf[r.clone()].as_mut_ptr(), r.len()) }
+        })
+    }
+
+    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
+        self.chunks(gpa, buf.len(), Access::Write, |_, _| {})?;
+        self.chunks(gpa, buf.len(), Access::Write, |p, r| {
+            // SAFETY: as in `read_as`.
+            unsafe { core::ptr::copy_nonoverlapping(buf[r.clone()].as_ptr(), p, r.len()) }
+        })
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, GuestMemError> {
+        if !gpa.is_aligned(8) {
+            return Err(GuestMemError::Misaligned { gpa });
+        }
+        let (p, _) = self.host(gpa, Access::Write)?;
+        // SAFETY: an 8-byte-aligned word inside the leaf's host frame; the guest may update it
+        // concurrently (it is one of its page-table entries), hence the atomic.
+        let word = unsafe { &*p.cast::<AtomicU64>() };
+        Ok(word.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst))
     }
 }
 
@@ -76,8 +153,10 @@ pub enum RunError {
     Unhandled(VmExit),
     /// A fault handler gave up.
     Fault(&'static str, EptViolation),
-    /// The MMIO instruction could not be fetched or decoded.
-    Mmio(GuestMemError, Option<DecodeError>),
+    /// The instruction that touched MMIO could not be fetched.
+    MmioFetch(GvaError),
+    /// The instruction that touched MMIO at this address is not one the decoder emulates.
+    MmioDecode(GuestPhysAddr, DecodeError),
     /// The guest stopped with HLT.
     Halted,
     /// Too many exits without progress.
@@ -183,108 +262,64 @@ impl Hv {
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), self.frames.phys_to_virt(hpa).as_ptr(), buf.len()) };
     }
 
-    /// Copies guest-physical memory out, page by page through the EPT.
+    /// The guest's memory through its EPT, as `twostage-aspace`'s [`GuestMemory`].
+    pub fn memory(&self) -> EptMemory<'_> {
+        EptMemory { ept: &self.ept, frames: self.frames }
+    }
+
+    /// Copies guest-physical memory out (the EPT must allow reading every byte).
     pub fn copy_from_guest(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let a = gpa + done as u64;
-            let (hpa, _) = self.ept.translate(a).ok_or(GuestMemError::Unmapped(a))?;
-            let n = (FRAME_SIZE - (a.as_u64() as usize & (FRAME_SIZE - 1))).min(buf.len() - done);
-            self.host_read(hpa, &mut buf[done..done + n]);
-            done += n;
-        }
-        Ok(())
+        self.memory().read(gpa, buf)
     }
 
-    /// Copies into guest-physical memory, page by page through the EPT.
+    /// Copies into guest-physical memory (the EPT must allow writing every byte).
     pub fn copy_to_guest(&self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let a = gpa + done as u64;
-            let (hpa, _) = self.ept.translate(a).ok_or(GuestMemError::Unmapped(a))?;
-            let n = (FRAME_SIZE - (a.as_u64() as usize & (FRAME_SIZE - 1))).min(buf.len() - done);
-            self.host_write(hpa, &buf[done..done + n]);
-            done += n;
-        }
-        Ok(())
+        self.memory().write(gpa, buf)
     }
 
-    /// The guest's paging registers.
-    pub fn guest_paging(&self) -> Result<GuestPaging, GuestMemError> {
-        let r = |f| self.vcpu.vmread(f).map_err(|_| GuestMemError::Vmcs);
-        Ok(GuestPaging {
-            cr0: r(VmcsField::GUEST_CR0)?,
-            cr3: r(VmcsField::GUEST_CR3)?,
-            cr4: r(VmcsField::GUEST_CR4)?,
-            efer: r(VmcsField::GUEST_IA32_EFER)?,
-        })
+    /// The guest's paging mode, from its CR0, CR3, CR4 and EFER in the VMCS.
+    pub fn guest_paging(&self) -> Result<GuestPaging, GvaError> {
+        let r = |f| self.vcpu.vmread(f).map_err(|_| GvaError::Vmcs);
+        GuestPaging::x86_64(
+            r(VmcsField::GUEST_CR0)?,
+            r(VmcsField::GUEST_CR3)?,
+            r(VmcsField::GUEST_CR4)?,
+            r(VmcsField::GUEST_IA32_EFER)?,
+        )
+        .map_err(GvaError::Mode)
     }
 
-    /// Translates a guest-virtual address with the guest's own tables, read through the EPT.
-    pub fn guest_va_to_pa(&self, gva: GuestVirtAddr, access: Access) -> Result<GuestPhysAddr, GuestMemError> {
+    /// Translates a guest-virtual address with the guest's own tables, read through the EPT
+    /// (A/D bits in the guest's entries are updated as the CPU would).
+    pub fn guest_va_to_pa(&self, gva: GuestVirtAddr, access: Access) -> Result<GuestPhysAddr, GvaError> {
         let paging = self.guest_paging()?;
-        let t = translate(&paging, gva, access, |gpa| {
-            let mut b = [0u8; 8];
-            self.copy_from_guest(gpa, &mut b).map_err(|_| GuestPhysAddrUnmapped(gpa))?;
-            Ok(u64::from_le_bytes(b))
-        })
-        .map_err(GuestMemError::Walk)?;
-        Ok(t.gpa)
-    }
-
-    fn va_chunks(
-        &self,
-        gva: GuestVirtAddr,
-        len: usize,
-        access: Access,
-        mut f: impl FnMut(GuestPhysAddr, core::ops::Range<usize>) -> Result<(), GuestMemError>,
-    ) -> Result<(), GuestMemError> {
-        let mut done = 0;
-        while done < len {
-            let v = GuestVirtAddr::new_truncate(gva.as_u64().wrapping_add(done as u64));
-            let gpa = self.guest_va_to_pa(v, access)?;
-            let n = (FRAME_SIZE - (v.as_u64() as usize & (FRAME_SIZE - 1))).min(len - done);
-            f(gpa, done..done + n)?;
-            done += n;
-        }
-        Ok(())
+        translate_gva(&mut self.memory(), &paging, gva, access).map(|t| t.gpa).map_err(GvaError::Va)
     }
 
     /// Copies from guest-virtual memory (each page translated separately).
-    pub fn copy_from_guest_va(&self, gva: GuestVirtAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
-        let len = buf.len();
-        self.va_chunks(gva, len, Access::Read, |gpa, r| self.copy_from_guest(gpa, &mut buf[r]))
+    pub fn copy_from_guest_va(&self, gva: GuestVirtAddr, buf: &mut [u8]) -> Result<(), GvaError> {
+        let paging = self.guest_paging()?;
+        copy_from_guest_va(&mut self.memory(), &paging, gva, buf).map_err(GvaError::Va)
     }
 
     /// Copies into guest-virtual memory (each page translated separately).
-    pub fn copy_to_guest_va(&self, gva: GuestVirtAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        self.va_chunks(gva, buf.len(), Access::Write, |gpa, r| self.copy_to_guest(gpa, &buf[r]))
+    pub fn copy_to_guest_va(&self, gva: GuestVirtAddr, buf: &[u8]) -> Result<(), GvaError> {
+        let paging = self.guest_paging()?;
+        copy_to_guest_va(&mut self.memory(), &paging, gva, buf).map_err(GvaError::Va)
     }
 
-    /// Fetches up to 15 instruction bytes at `rip` (an instruction may cross into a page that is
-    /// not mapped: the bytes before it are returned). Returns how many bytes were fetched.
-    pub fn fetch_guest_instruction(&self, rip: GuestVirtAddr, buf: &mut [u8; 15]) -> Result<usize, GuestMemError> {
-        let first = (FRAME_SIZE - (rip.as_u64() as usize & (FRAME_SIZE - 1))).min(15);
-        let gpa = self.guest_va_to_pa(rip, Access::Execute)?;
-        self.copy_from_guest(gpa, &mut buf[..first])?;
-        if first == 15 {
-            return Ok(15);
-        }
-        let next = GuestVirtAddr::new_truncate(rip.as_u64().wrapping_add(first as u64));
-        match self.guest_va_to_pa(next, Access::Execute).and_then(|g| self.copy_from_guest(g, &mut buf[first..])) {
-            Ok(()) => Ok(15),
-            Err(_) => Ok(first),
-        }
+    /// Fetches up to 15 instruction bytes at `rip`; an instruction may end before a page that
+    /// cannot be reached, so fewer bytes can come back.
+    pub fn fetch_guest_instruction(&self, rip: GuestVirtAddr) -> Result<Instruction, GvaError> {
+        let paging = self.guest_paging()?;
+        fetch_guest_instruction(&mut self.memory(), &paging, rip, Isa::X86).map_err(GvaError::Va)
     }
 
     /// Emulates the MMIO instruction at the guest's RIP against `dev`, then skips it.
     pub fn emulate_mmio(&mut self, v: &EptViolation, dev: &mut dyn MmioDevice) -> Result<MmioInstruction, RunError> {
-        let rip = self.vcpu.vmread(VmcsField::GUEST_RIP).map_err(|_| RunError::Mmio(GuestMemError::Vmcs, None))?;
-        let mut bytes = [0u8; 15];
-        let n = self
-            .fetch_guest_instruction(GuestVirtAddr::new_truncate(rip), &mut bytes)
-            .map_err(|e| RunError::Mmio(e, None))?;
-        let insn = decode_mmio(&bytes[..n]).map_err(|d| RunError::Mmio(GuestMemError::Unmapped(v.gpa), Some(d)))?;
+        let rip = self.vcpu.vmread(VmcsField::GUEST_RIP).map_err(|_| RunError::MmioFetch(GvaError::Vmcs))?;
+        let fetched = self.fetch_guest_instruction(GuestVirtAddr::new_truncate(rip)).map_err(RunError::MmioFetch)?;
+        let insn = decode_mmio(fetched.bytes()).map_err(|d| RunError::MmioDecode(v.gpa, d))?;
         let mask = if insn.size == 8 { u64::MAX } else { (1u64 << (8 * insn.size)) - 1 };
         match insn.op {
             MmioOp::Load { reg } => {

@@ -69,7 +69,8 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         serial::exit(2)
     };
     FRAMES.init(start, end);
-    println!("host frames: {:#x}..{:#x} ({} frames)", start, end, FRAMES.stats().frames);
+    let s = FRAMES.stats();
+    println!("host frames: {} from {:#x} (multiboot memory map, image and modules left out)", s.frames, s.base);
     cpu::init();
     let status = match boot.modules().next() {
         Some(m) => mbguest::run(&FRAMES, m),

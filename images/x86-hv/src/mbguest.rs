@@ -66,7 +66,7 @@ fn parse_elf<'a>(b: &'a [u8], mut f: impl FnMut(Segment<'a>) -> Result<(), ElfEr
     let phentsize = rd(b, if is64 { 54 } else { 42 }, 2)?;
     let phnum = rd(b, if is64 { 56 } else { 44 }, 2)?;
     for i in 0..phnum {
-        let ph = phoff + i * phentsize;
+        let ph = phoff.checked_add(i * phentsize).ok_or(ElfError::OutOfFile(phoff))?;
         if rd(b, ph, 4)? != 1 {
             continue; // not PT_LOAD
         }
@@ -196,7 +196,12 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
             },
             VmExit::Io(q) if !q.is_string() => {
                 let port = q.port();
-                let value = vcpu.regs.rax & if q.size() == 4 { 0xffff_ffff } else { (1 << (8 * q.size())) - 1 };
+                let value = vcpu.regs.rax
+                    & match q.size() {
+                        1 => 0xff,
+                        2 => 0xffff,
+                        _ => 0xffff_ffff,
+                    };
                 let _ = vcpu.advance_rip();
                 if !q.is_in() && port == 0xf4 {
                     break value as u32;

@@ -73,6 +73,8 @@ pub mod gpa {
     pub const UNASSIGNED: u64 = 0x0900_0000;
     /// The address-space (fork) scenario's demand-zero data region.
     pub const FORK_DATA: u64 = 0x0a00_0000;
+    /// The address-space dirty-log scenario's data region (16 pages).
+    pub const DIRTY_AS: u64 = 0x0b00_0000;
     /// The emulated UART's registers.
     pub const MMIO: u64 = 0xfeb0_0000;
 }
@@ -122,7 +124,7 @@ pub fn run(frames: &'static Frames) -> u32 {
         return 1;
     }
     let c = Ctx { ept: ept_caps, caps };
-    let list: [Scenario; 21] = [
+    let list: [Scenario; 22] = [
         ("capabilities", s_capabilities),
         ("long-mode guest with its own page tables: hypercalls and forwarded COM1", s_guest_runs),
         ("demand-zero paging", s_demand_zero),
@@ -140,11 +142,24 @@ pub fn run(frames: &'static Frames) -> u32 {
         ("EPT accessed/dirty bits read and cleared", crate::scenarios2::s_ept_ad),
         ("dirty tracking (EPT dirty bits, or write protection without them)", crate::scenarios2::s_dirty_log),
         ("dirty tracking by write protection", crate::scenarios2::s_dirty_wp),
+        ("dirty log through twostage-aspace (mode chosen from the CPU)", crate::scenarios2::s_dirty_aspace),
         ("recovered faults: unassigned GPA, bad GPA/GVA copies give typed errors", crate::scenarios2::s_recovered),
         ("EPT misconfiguration exit decoded with its GPA", crate::scenarios3::s_misconfig),
         ("failed VM entries named: VM-instruction error, invalid guest state", crate::scenarios3::s_entry_failures),
         ("guest triple fault reported, guest restarted", crate::scenarios3::s_triple_fault),
     ];
+    println!(
+        "# twostage x86 suite on this CPU: EPT A/D {}, execute-only {}, 2M pages {}, 1G pages {}",
+        c.caps.accessed_dirty(),
+        c.caps.execute_only(),
+        c.caps.pages_2m(),
+        c.caps.pages_1g()
+    );
+    println!("# depends: 4 needs 2 MiB EPT pages; 7 needs execute-only EPT; 15 needs EPT A/D (SKIP without);");
+    println!(
+        "#          16 uses EPT dirty bits where offered, write protection otherwise; 17 always write protection;"
+    );
+    println!("#          9 and 18 run on twostage-aspace (fork, copy-on-write; dirty log: D bits or write protection); 10, 12, 13 walk the guest's own tables through the EPT");
     let (mut passed, mut failed) = (0, 0);
     for (i, (name, f)) in list.iter().enumerate() {
         let n = i + 1;

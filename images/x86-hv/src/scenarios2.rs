@@ -3,17 +3,19 @@
 
 use crate::ensure;
 use crate::guest::{self, Op, Unassigned};
-use crate::hv::{FaultAction, GuestMemError, Hv, MmioDevice};
+use crate::hv::{FaultAction, GvaError, Hv, MmioDevice};
 use crate::println;
 use crate::scenarios::{ctx, gpa, Ctx, Outcome, Res};
 use alloc::vec;
 use alloc::vec::Vec;
-use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
+use twostage_aspace::guest::PageFaultKind;
+use twostage_aspace::{AddressSpace, Backend, DirtyMode, FaultOutcome};
+use twostage_aspace::{GuestMemError, GuestVaError};
+use twostage_npt::Access;
 use twostage_npt::{
     AdClear, Ept4, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, MapSize, MappingFlags, PageSize,
 };
 use twostage_vmx::exit::EptViolation;
-use twostage_vmx::walk::WalkError;
 
 type Space = AddressSpace<Ept4, &'static crate::frames::Frames>;
 
@@ -48,21 +50,31 @@ pub(crate) fn s_fork(hv: &mut Hv, c: &Ctx) -> Res {
     Ok(Outcome::Pass)
 }
 
-fn fork_inner(hv: &mut Hv, c: &Ctx) -> Result<(), alloc::string::String> {
+/// An address space holding a copy of the bundled guest's RAM (code, page tables, stack), so
+/// the guest can run on it, plus a demand-zero data region of `data_len` bytes at `data`.
+fn guest_space(
+    hv: &mut Hv,
+    c: &Ctx,
+    data: u64,
+    data_len: u64,
+) -> Result<(Space, twostage_aspace::RegionId), alloc::string::String> {
     let mut space: Space = ctx(AddressSpace::new(hv.frames, c.ept.table_options(true)), "new address space")?;
     let ram = GpaRange::from_start_len(GuestPhysAddr::new(0), guest::RAM_SIZE).ok_or("range")?;
     let (_, f) = ctx(space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero), "ram region")?;
     space.flush_unloaded(f);
-    let data = GpaRange::from_start_len(GuestPhysAddr::new(gpa::FORK_DATA), 0x10000).ok_or("range")?;
-    let (_, f) = ctx(space.add_region("data", data, MappingFlags::RW, Backend::DemandZero), "data region")?;
+    let range = GpaRange::from_start_len(GuestPhysAddr::new(data), data_len).ok_or("range")?;
+    let (id, f) = ctx(space.add_region("data", range, MappingFlags::RW, Backend::DemandZero), "data region")?;
     space.flush_unloaded(f);
-    // The guest's RAM (code, page tables, stack) as it is now.
     let mut snapshot = vec![0u8; guest::RAM_SIZE as usize];
     ctx(hv.copy_from_guest(GuestPhysAddr::new(0), &mut snapshot), "snapshot")?;
     let f =
         space.load_image(GuestPhysAddr::new(0), &snapshot).map_err(|e| alloc::format!("load_image: {:?}", e.error))?;
     space.flush_unloaded(f);
-    drop(snapshot);
+    Ok((space, id))
+}
+
+fn fork_inner(hv: &mut Hv, c: &Ctx) -> Result<(), alloc::string::String> {
+    let (mut space, _) = guest_space(hv, c, gpa::FORK_DATA, 0x10000)?;
     load_eptp(hv, space.root())?;
     op_on(hv, &mut space, Op::Write(gpa::FORK_DATA + 8, 0xFA7E))?;
     let (mut child, f) = space.fork().map_err(|e| alloc::format!("fork: {:?}", e.error))?;
@@ -173,7 +185,7 @@ pub(crate) fn s_gva_copy(hv: &mut Hv, _c: &Ctx) -> Res {
     let mut back = [0u8; 8];
     ctx(hv.copy_from_guest_va(GuestVirtAddr::new(w + 0x1ffa), &mut back), "copy_from_guest_va")?;
     ensure!(u64::from_le_bytes(back) == 0x0102_0304_0506_0708, "read back {:#x}", u64::from_le_bytes(back));
-    let g = ctx(hv.guest_va_to_pa(GuestVirtAddr::new(w + 0x1000), twostage_npt::Access::Read), "walk")?;
+    let g = ctx(hv.guest_va_to_pa(GuestVirtAddr::new(w + 0x1000), Access::Read), "walk")?;
     ensure!(g == GuestPhysAddr::new(guest::WINDOW_GPAS[1]), "walk gave {g:?}");
     println!(
         "   GVA {w:#x}+0xff8 spans GPA {:#x} and {:#x}; guest and hypervisor agree",
@@ -193,9 +205,8 @@ pub(crate) fn s_fetch_across(hv: &mut Hv, _c: &Ctx) -> Res {
     code[10] = 0xc3;
     let at = guest::WINDOW_GVA + 0x2ffa;
     ctx(hv.copy_to_guest_va(GuestVirtAddr::new(at), &code), "write code")?;
-    let mut bytes = [0u8; 15];
-    let n = ctx(hv.fetch_guest_instruction(GuestVirtAddr::new(at), &mut bytes), "fetch")?;
-    ensure!(n == 15 && bytes[..11] == code, "fetched {n} bytes {:02x?}", &bytes[..n]);
+    let insn = ctx(hv.fetch_guest_instruction(GuestVirtAddr::new(at)), "fetch")?;
+    ensure!(insn.len() == 15 && insn.bytes()[..11] == code, "fetched {:02x?}", insn.bytes());
     let r = ctx(hv.op_plain(Op::Exec(at)), "guest call")?;
     ensure!(r == imm, "guest got {r:#x}");
     println!(
@@ -324,18 +335,75 @@ pub(crate) fn s_recovered(hv: &mut Hv, _c: &Ctx) -> Res {
     );
     let mut b = [0u8; 8];
     let e1 = hv.copy_from_guest(GuestPhysAddr::new(gpa::UNASSIGNED), &mut b);
-    ensure!(e1 == Err(GuestMemError::Unmapped(GuestPhysAddr::new(gpa::UNASSIGNED))), "{e1:?}");
+    ensure!(
+        e1 == Err(GuestMemError::Unmapped { gpa: GuestPhysAddr::new(gpa::UNASSIGNED), access: Access::Read }),
+        "{e1:?}"
+    );
     // Straddling the end of mapped guest RAM: the error names the first unmapped byte.
     let e2 = hv.copy_from_guest(GuestPhysAddr::new(guest::RAM_SIZE - 4), &mut b);
-    ensure!(e2 == Err(GuestMemError::Unmapped(GuestPhysAddr::new(guest::RAM_SIZE))), "{e2:?}");
+    ensure!(
+        e2 == Err(GuestMemError::Unmapped { gpa: GuestPhysAddr::new(guest::RAM_SIZE), access: Access::Read }),
+        "{e2:?}"
+    );
+    ensure!(b == [0u8; 8], "a failed copy changed the buffer");
     let bad = GuestVirtAddr::new(0x0000_8000_0000_0000);
     let e3 = hv.copy_from_guest_va(bad, &mut b);
-    ensure!(e3 == Err(GuestMemError::Walk(WalkError::NonCanonical(bad))), "{e3:?}");
+    ensure!(e3 == Err(GvaError::Va(GuestVaError::NonCanonical { gva: bad, access: Access::Read })), "{e3:?}");
     let hole = GuestVirtAddr::new(guest::WINDOW_GVA + 0x20_0000);
     let e4 = hv.copy_from_guest_va(hole, &mut b);
-    ensure!(matches!(e4, Err(GuestMemError::Walk(WalkError::NotPresent { level: 2, .. }))), "{e4:?}");
+    ensure!(
+        matches!(e4, Err(GvaError::Va(GuestVaError::PageFault { kind: PageFaultKind::NotPresent, level: 1, .. }))),
+        "{e4:?}"
+    );
     println!("   guest read of unassigned GPA -> all ones; hypervisor copies: {e1:?}, {e2:?}, {e3:?}, {e4:?}");
     // The guest still runs.
     ctx(hv.op_plain(Op::Read(guest::CODE)), "guest alive")?;
     Ok(Outcome::Pass)
+}
+
+/// Runs `f` against a fresh guest address space, then puts the bundled guest back on its own
+/// EPT and checks that dropping the space returned every frame.
+fn with_space_accounting(hv: &mut Hv, f: impl FnOnce(&mut Hv) -> Result<(), alloc::string::String>) -> Res {
+    let before = hv.frames.stats().in_use;
+    let r = f(hv);
+    load_eptp(hv, hv.ept.root())?;
+    let after = hv.frames.stats().in_use;
+    r?;
+    ensure!(after == before, "frames in use {before} before, {after} after the space was dropped");
+    Ok(Outcome::Pass)
+}
+
+pub(crate) fn s_dirty_aspace(hv: &mut Hv, c: &Ctx) -> Res {
+    with_space_accounting(hv, |hv| {
+        let base = gpa::DIRTY_AS;
+        let (mut space, data) = guest_space(hv, c, base, 16 * 0x1000)?;
+        let f = space.populate(data).map_err(|e| alloc::format!("populate: {:?}", e.error))?;
+        space.flush_unloaded(f);
+        load_eptp(hv, space.root())?;
+        let range = GpaRange::from_start_len(GuestPhysAddr::new(base), 16 * 0x1000).ok_or("range")?;
+        let (mode, f) = space.start_dirty_log(range).map_err(|e| alloc::format!("start_dirty_log: {:?}", e.error))?;
+        space.flush(f, |inv| {
+            let _ = hv.vcpu.invalidate(inv);
+        });
+        for p in [2u64, 5, 5] {
+            op_on(hv, &mut space, Op::Write(base + p * 0x1000 + 16, p))?;
+        }
+        op_on(hv, &mut space, Op::Read(base + 7 * 0x1000))?;
+        let harvest = |hv: &mut Hv, space: &mut Space| -> Result<Vec<u64>, alloc::string::String> {
+            let (bits, f) = space.harvest_dirty().map_err(|e| alloc::format!("harvest: {:?}", e.error))?;
+            space.flush(f, |inv| {
+                let _ = hv.vcpu.invalidate(inv);
+            });
+            Ok(bits.iter().map(|g| (g.as_u64() - base) / 0x1000).collect())
+        };
+        let first = harvest(hv, &mut space)?;
+        op_on(hv, &mut space, Op::Write(base + 9 * 0x1000, 9))?;
+        op_on(hv, &mut space, Op::Write(base + 5 * 0x1000, 9))?;
+        let second = harvest(hv, &mut space)?;
+        println!("   twostage-aspace chose {mode:?}; dirty pages {first:?}, after re-arming {second:?}");
+        let want = if hv.vcpu.ept_ad_enabled() { DirtyMode::DirtyBits } else { DirtyMode::WriteProtect };
+        ensure!(mode == want, "mode {mode:?} but the EPTP has A/D {}", hv.vcpu.ept_ad_enabled());
+        ensure!(first == vec![2, 5] && second == vec![5, 9], "dirty {first:?} then {second:?}");
+        Ok(())
+    })
 }

@@ -120,14 +120,17 @@ fn walk_once<M: GuestMemory + ?Sized>(
         if pte & V == 0 {
             return Err(fault(PageFaultKind::NotPresent, i));
         }
-        if (pte & R == 0 && pte & W != 0) || pte & reserved != 0 {
+        // With Svpbmt, PBMT = 3 is reserved (Privileged, Svpbmt chapter).
+        let bad_pbmt = p.svpbmt && pte & PBMT == PBMT;
+        if (pte & R == 0 && pte & W != 0) || pte & reserved != 0 || bad_pbmt {
             return Err(fault(PageFaultKind::Reserved, i));
         }
         let ppn = (pte >> PPN_SHIFT) & PPN_MASK;
         // Step 4: R = X = 0 is a pointer to the next level.
         if pte & (R | X) == 0 {
-            // For non-leaf PTEs, D, A and U are reserved (§4.3.1) and must be zero.
-            if pte & (D | A | U) != 0 {
+            // For non-leaf PTEs, D, A and U are reserved (§4.3.1), and so are bits 62:61 even
+            // with Svpbmt (Svpbmt chapter): they must be zero.
+            if pte & (D | A | U | PBMT) != 0 {
                 return Err(fault(PageFaultKind::Reserved, i));
             }
             if i == 0 {

@@ -45,7 +45,7 @@ pub struct X86Paging {
     pub smap: bool,
     /// The access is made as user mode (CPL 3) rather than supervisor.
     pub user: bool,
-    /// The guest's MAXPHYADDR: entry bits 51:MAXPHYADDR are reserved. 52 by default.
+    /// The guest's MAXPHYADDR (36..=52): entry bits 51:MAXPHYADDR are reserved. 52 by default.
     pub maxphyaddr: u8,
     /// 1 GiB pages are supported (CPUID.80000001H:EDX.Page1GB); else PS in a PDPTE is reserved.
     pub page_1g: bool,
@@ -82,7 +82,7 @@ impl X86Paging {
     }
 
     fn phys_mask(&self) -> u64 {
-        let m = self.maxphyaddr.clamp(32, 52);
+        let m = self.maxphyaddr.clamp(36, 52);
         (1u64 << m) - 1
     }
 }

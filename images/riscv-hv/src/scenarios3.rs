@@ -1,0 +1,181 @@
+//! The scenario suite (part 3): a test guest over a twostage-aspace address space.
+
+use crate::guest::{self, Routine};
+use crate::scenarios::{call, done, ensure, fresh_vs_context, gpa, Verdict, CODE};
+use crate::vm::{frames, Space, Vm, UART_GPA};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use twostage_aspace::{Backend, SpaceFlush};
+use twostage_npt::{GpaRange, MappingFlags, Sv39x4, TableOptions};
+
+fn ok_flush<E: core::fmt::Debug>(vm: &mut Vm, r: Result<SpaceFlush<Sv39x4>, twostage_aspace::Failed<E, Sv39x4>>) -> Verdict {
+    match r {
+        Ok(f) => {
+            vm.apply_space(f);
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("{:?}", e.error);
+            vm.apply_space(e.flush);
+            Err(msg)
+        }
+    }
+}
+
+/// The test guest over an address space: demand-zero RAM and an MMIO region resolved by the
+/// space's fault handler, and a dirty log harvested from the D bits the hart sets.
+pub fn space_guest() -> Verdict {
+    let free0 = frames().free();
+    {
+        let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
+        let ram = GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
+        let (_, f) = space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
+        space.flush_unloaded(f);
+        let uart = GpaRange::from_start_len(gpa(UART_GPA), 0x1000).ok_or("range")?;
+        let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
+        space.flush_unloaded(f);
+        let f = space.load_image(gpa(CODE), guest::blob()).map_err(|e| format!("{:?}", e.error))?;
+        space.flush_unloaded(f);
+        let mut vm = Vm::with_space(space, 4);
+        vm.uart.echo = false;
+        fresh_vs_context(&vm);
+        // Demand-zero through the space.
+        done(call(&mut vm, Routine::Store64, &[0x8040_0000, 5]))?;
+        ensure!(done(call(&mut vm, Routine::Load64, &[0x8040_0000]))? == 5, "store then load");
+        ensure!(vm.stats.space_resolved >= 1, "no fault went through the space");
+        // MMIO: the space says Mmio for the UART region; the run loop emulates it.
+        let s = 0x8000_8000;
+        let space = vm.space_mut().ok_or("not a space VM")?;
+        let f = space.copy_to_guest(gpa(s), b"via the address space\0").map_err(|e| format!("{:?}", e.error))?;
+        vm.apply_space(f);
+        done(call(&mut vm, Routine::UartPuts, &[UART_GPA, s]))?;
+        ensure!(vm.uart.out == b"via the address space", "UART got {:?}", core::str::from_utf8(&vm.uart.out));
+        // Dirty log over 16 pages: the guest writes pages 1, 3, 5 (first touches, too).
+        let base = 0x8050_0000;
+        let range = GpaRange::from_start_len(gpa(base), 16 * 4096).ok_or("range")?;
+        let space = vm.space_mut().ok_or("not a space VM")?;
+        let (mode, f) = match space.start_dirty_log(range) {
+            Ok(x) => x,
+            Err(e) => return Err(format!("{:?}", e.error)),
+        };
+        vm.apply_space(f);
+        done(call(&mut vm, Routine::StoreMany, &[base + 0x1000, 3, 0x2000, 7]))?;
+        let harvest = |vm: &mut Vm| -> Result<Vec<u64>, String> {
+            let space = vm.space_mut().ok_or("not a space VM")?;
+            match space.harvest_dirty() {
+                Ok((bits, f)) => {
+                    vm.apply_space(f);
+                    Ok(bits.iter().map(|g| (g.as_u64() - base) / 4096).collect())
+                }
+                Err(e) => Err(format!("{:?}", e.error)),
+            }
+        };
+        let first = harvest(&mut vm)?;
+        ensure!(first == [1, 3, 5], "dirty pages {first:?} ({mode:?})");
+        done(call(&mut vm, Routine::Store64, &[base + 0x3008, 1]))?;
+        let second = harvest(&mut vm)?;
+        ensure!(second == [3], "after one more write: {second:?}");
+        let space = vm.space_mut().ok_or("not a space VM")?;
+        let stop = space.stop_dirty_log();
+        ok_flush(&mut vm, stop)?;
+        println!("# address space ({mode:?}): dirty {first:?} then {second:?}; {} faults resolved by it", vm.stats.space_resolved);
+    }
+    ensure!(frames().free() == free0, "{} frames leaked", free0 - frames().free());
+    Ok(())
+}
+
+/// Runs the test guest's `r` on a bare nested table of format `F` (no VM around it) until the
+/// done hypercall; any other exit is an error.
+fn run_on_table<F: twostage_npt::riscv::GStageFormat>(
+    table: &twostage_npt::PageTable<F, &'static twostage_rvh::frames::BitmapFrames>,
+    vmid: u16,
+    r: Routine,
+    args: &[u64],
+) -> Result<u64, String> {
+    use crate::trap::{self, VcpuRegs};
+    use twostage_rvh::csr::cause;
+    use twostage_rvh::hw;
+    let caps = crate::vm::hart().caps;
+    let hgatp = twostage_npt::riscv::Hgatp::for_table(table, vmid, &caps).map_err(|e| format!("{e}"))?;
+    // SAFETY: the table maps only frames allocated for this scenario; fresh VS context.
+    unsafe {
+        hw::hgatp::write(hgatp.bits());
+        hw::vsatp::write(0);
+        hw::hedeleg::write(0);
+    }
+    hw::hfence_gvma_all();
+    hw::hfence_vvma_all();
+    let mut regs = VcpuRegs::new();
+    regs.gpr[10..10 + args.len()].copy_from_slice(args);
+    // SAFETY: as above.
+    let t = unsafe { trap::run_guest(&mut regs, CODE + guest::offset(r)) };
+    // SAFETY: leave no table loaded.
+    unsafe { hw::hgatp::write(0) };
+    hw::hfence_gvma_all();
+    if t.scause == cause::ECALL_VS && regs.gpr[17] == twostage_rvh::sbi::eid::TWOSTAGE_TEST {
+        Ok(regs.gpr[10])
+    } else {
+        Err(format!("{} at pc {:#x}, stval {:#x}, htval {:#x}", cause::name(t.scause), t.sepc, t.stval, t.htval))
+    }
+}
+
+/// Maps the guest code and one data page at `high` (beyond Sv39x4's 41-bit range) in a table of
+/// format `F`, runs a store and a load there, checks the value through the table, frees all.
+fn wide_format<F: twostage_npt::riscv::GStageFormat>(high: u64) -> Verdict {
+    use twostage_npt::{FrameAllocator, MapSize, PageSize, PageTable};
+    let mut t = PageTable::<F, _>::new(frames(), TableOptions::for_format::<F>()).map_err(|e| format!("{e:?}"))?;
+    let blob = guest::blob();
+    let code_len = (blob.len() as u64).next_multiple_of(4096);
+    let code = frames().allocate_frames((code_len / 4096) as usize, 1).ok_or("no frames")?;
+    let data = frames().allocate_frame().ok_or("no frame")?;
+    // SAFETY: fresh frames, identity-mapped in HS-mode; the code is copied in, the data zeroed.
+    unsafe {
+        core::ptr::write_bytes(code.as_u64() as *mut u8, 0, code_len as usize);
+        core::ptr::copy_nonoverlapping(blob.as_ptr(), code.as_u64() as *mut u8, blob.len());
+        core::ptr::write_bytes(data.as_u64() as *mut u8, 0, 4096);
+    }
+    let mut result = (|| -> Verdict {
+        t.map(gpa(CODE), code, code_len, MappingFlags::RWX, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?.ignore();
+        t.map(gpa(high), data, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?.ignore();
+        run_on_table(&t, 5, Routine::Store64, &[high + 0x18, 0x4848])?;
+        ensure!(run_on_table(&t, 5, Routine::Load64, &[high + 0x18])? == 0x4848, "load back");
+        let (h, _) = t.translate(gpa(high + 0x18)).ok_or("unmapped")?;
+        // SAFETY: the data frame, identity-mapped.
+        let v = unsafe { (h.as_u64() as *const u64).read_volatile() };
+        ensure!(v == 0x4848, "the store is not in the frame: {v:#x}");
+        Ok(())
+    })();
+    // A GPA above the format's range faults rather than wrapping.
+    if result.is_ok() && F::GPA_BITS < 64 {
+        let beyond = 1u64 << F::GPA_BITS;
+        if run_on_table(&t, 5, Routine::Load64, &[beyond | 0x18]).is_ok() {
+            result = Err(format!("GPA {beyond:#x} beyond {} bits was accepted", F::GPA_BITS));
+        }
+    }
+    drop(t);
+    // SAFETY: the table is gone and no hgatp points at it.
+    unsafe {
+        frames().deallocate_frames(code, (code_len / 4096) as usize);
+        frames().deallocate_frames(data, 1);
+    }
+    result
+}
+
+/// The wider G-stage formats on the hart, when it offers them: a guest store and load at a GPA
+/// only Sv48x4 (50-bit) or Sv57x4 (59-bit) can map.
+pub fn wide_formats() -> Verdict {
+    let caps = crate::vm::hart().caps;
+    let mut ran = Vec::new();
+    if caps.sv48x4 {
+        wide_format::<twostage_npt::Sv48x4>(1 << 48).map_err(|e| format!("Sv48x4: {e}"))?;
+        ran.push("Sv48x4 at GPA 1<<48");
+    }
+    if caps.sv57x4 {
+        wide_format::<twostage_npt::Sv57x4>(1 << 56).map_err(|e| format!("Sv57x4: {e}"))?;
+        ran.push("Sv57x4 at GPA 1<<56");
+    }
+    println!("# wide G-stage formats run: {ran:?}");
+    ensure!(!ran.is_empty() || !(caps.sv48x4 || caps.sv57x4), "nothing ran");
+    Ok(())
+}
