@@ -25,58 +25,78 @@ fn ts_table(ram: &'static BenchRam, len: u64) -> PageTable<Ept4, &'static BenchR
     t
 }
 
+/// The measured part of a workload (profile with `--toggle-collect='profile::measured*'`).
+#[inline(never)]
+fn measured<R>(f: impl FnOnce() -> R) -> R {
+    let start = std::time::Instant::now();
+    let r = f();
+    eprintln!("measured: {:?}", start.elapsed());
+    r
+}
+
 fn main() {
     let what = std::env::args().nth(1).expect("workload name");
-    let ram = BenchRam::leak((GIB + 512 * MIB) as usize);
+    let big = matches!(what.as_str(), "fork-ts" | "harvest-ts" | "map4k-ts" | "map4k-ax" | "unmap4k-ts" | "unmap4k-ax");
+    let ram = BenchRam::leak(if big { (GIB + 256 * MIB) as usize } else { (320 * MIB) as usize });
     let n = 65536u64;
     match what.as_str() {
         "query-ts" | "query-ax" => {
             let gpas: Vec<u64> = random_pages(1, n, n as usize).into_iter().map(|p| GPA_BASE + p * 4096).collect();
             if what == "query-ts" {
                 let t = ts_table(ram, 256 * MIB);
-                for &g in &gpas {
-                    black_box(t.translate(GuestPhysAddr::new(g)));
-                }
+                measured(|| {
+                    for &g in &gpas {
+                        black_box(t.translate(GuestPhysAddr::new(g)));
+                    }
+                });
             } else {
                 let mut s = ax_space(ram, false, 4 << 30);
                 s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), (256 * MIB) as usize, axaddrspace::MappingFlags::READ).expect("map");
-                for &g in &gpas {
-                    black_box(s.translate(ax_gpa(g)));
-                }
+                measured(|| {
+                    for &g in &gpas {
+                        black_box(s.translate(ax_gpa(g)));
+                    }
+                });
             }
         }
-        "map4k-ts" => drop(black_box(ts_table(ram, GIB))),
+        "map4k-ts" => drop(black_box(measured(|| ts_table(ram, GIB)))),
         "map4k-ax" => {
             let mut s = ax_space(ram, false, 4 << 30);
-            s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ).expect("map");
+            measured(|| s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ).expect("map"));
             std::mem::forget(s);
         }
         "unmap4k-ts" => {
             let mut t = ts_table(ram, GIB);
-            let f = t.unmap(GuestPhysAddr::new(GPA_BASE), GIB).expect("unmap");
-            t.flush(f, |_| {});
+            measured(|| {
+                let f = t.unmap(GuestPhysAddr::new(GPA_BASE), GIB).expect("unmap");
+                t.flush(f, |_| {});
+            });
         }
         "unmap4k-ax" => {
             let mut s = ax_space(ram, false, 4 << 30);
             s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ).expect("map");
-            s.unmap(ax_gpa(GPA_BASE), GIB as usize).expect("unmap");
+            measured(|| s.unmap(ax_gpa(GPA_BASE), GIB as usize).expect("unmap"));
         }
         "fault-ts" => {
             let (mut s, _) = ts_space(ram, n * 4096);
-            for p in 0..n {
-                match s.handle_fault(NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write)) {
-                    FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
-                    other => panic!("{other:?}"),
+            measured(|| {
+                for p in 0..n {
+                    match s.handle_fault(NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write)) {
+                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                        other => panic!("{other:?}"),
+                    }
                 }
-            }
+            });
         }
         "fault-ax" => {
             let mut s = ax_space(ram, true, 4 << 30);
             let rwx = axaddrspace::MappingFlags::READ | axaddrspace::MappingFlags::WRITE;
             s.map_alloc(ax_gpa(GPA_BASE), (n * 4096) as usize, rwx, false).expect("map_alloc");
-            for p in 0..n {
-                assert!(s.handle_page_fault(ax_gpa(GPA_BASE + p * 4096), axaddrspace::MappingFlags::WRITE));
-            }
+            measured(|| {
+                for p in 0..n {
+                    assert!(s.handle_page_fault(ax_gpa(GPA_BASE + p * 4096), axaddrspace::MappingFlags::WRITE));
+                }
+            });
             std::mem::forget(s);
         }
         "read64k-ts" | "write4k-ts" | "write8-ts" => {
@@ -87,29 +107,39 @@ fn main() {
                 _ => 8,
             };
             let mut buf = vec![7u8; size as usize];
-            for off in random_offsets(2, 256 * MIB, size, 4096) {
-                let gpa = GuestPhysAddr::new(GPA_BASE + off);
-                if what == "read64k-ts" {
-                    s.copy_from_guest(gpa, &mut buf).expect("read");
-                } else {
-                    let f = s.copy_to_guest(gpa, &buf).map_err(|e| e.error).expect("write");
-                    s.flush(f, |_| {});
+            let offs = random_offsets(2, 256 * MIB, size, 4096);
+            measured(|| {
+                for off in offs {
+                    let gpa = GuestPhysAddr::new(GPA_BASE + off);
+                    if what == "read64k-ts" {
+                        s.copy_from_guest(gpa, &mut buf).expect("read");
+                    } else {
+                        let f = s.copy_to_guest(gpa, &buf).map_err(|e| e.error).expect("write");
+                        s.flush(f, |_| {});
+                    }
                 }
-            }
+            });
         }
         "gva-x86-4k" | "gva-sv39-4k" => {
             let mut s = ts_populated(ram, 256 * MIB + 2 * MIB);
             let paging = twostage_bench::gva::install(&mut s, what == "gva-x86-4k");
             let mut mem = s.memory(|_| {});
             let mut buf = vec![0u8; 4096];
-            for off in random_offsets(3, 256 * MIB, 4096, 4096) {
-                copy_from_guest_va(&mut mem, &paging, GuestVirtAddr::new(twostage_bench::gva::GVA_BASE + off), &mut buf).expect("read");
-            }
+            let offs = random_offsets(3, 256 * MIB, 4096, 4096);
+            measured(|| {
+                for off in offs {
+                    let gva = GuestVirtAddr::new(twostage_bench::gva::GVA_BASE + off);
+                    copy_from_guest_va(&mut mem, &paging, gva, &mut buf).expect("read");
+                }
+            });
         }
         "fork-ts" => {
             let mut s = ts_populated(ram, GIB);
-            let (child, f) = s.fork().map_err(|e| e.error).expect("fork");
-            s.flush(f, |_| {});
+            let child = measured(|| {
+                let (child, f) = s.fork().map_err(|e| e.error).expect("fork");
+                s.flush(f, |_| {});
+                child
+            });
             drop(child);
         }
         "harvest-ts" => {
@@ -120,8 +150,11 @@ fn main() {
             for p in random_pages(4, GIB / 4096, 2621) {
                 cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
             }
-            let (bits, f) = s.harvest_dirty().map_err(|e| e.error).expect("harvest");
-            s.flush(f, |_| {});
+            let bits = measured(|| {
+                let (bits, f) = s.harvest_dirty().map_err(|e| e.error).expect("harvest");
+                s.flush(f, |_| {});
+                bits
+            });
             assert_eq!(bits.count(), 2621);
         }
         other => panic!("unknown workload {other}"),

@@ -10,7 +10,7 @@
 //! 8-byte values at 0x87fff000: the magic `TSGUEST!` and the file's size.
 
 use crate::util;
-use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -27,6 +27,24 @@ const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
 const MAX_GUEST: u64 = 32 << 20;
 /// The exit status the suite's own riscv-hello run is built with, to prove it propagates.
 const HELLO_TEST_STATUS: u32 = 7;
+/// A guest nobody here built: Debian's S-mode U-Boot for QEMU virt (package u-boot-qemu).
+const UBOOT: &str = "/usr/lib/u-boot/qemu-riscv64_smode/uboot.elf";
+
+/// Installs u-boot-qemu when its S-mode image is missing (a package with no program to probe).
+fn ensure_uboot() -> Result<PathBuf, String> {
+    let path = PathBuf::from(UBOOT);
+    if !path.exists() {
+        let env = [("DEBIAN_FRONTEND", "noninteractive")];
+        util::run(Command::new("apt-get").arg("update").envs(env))?;
+        let code = util::run(
+            Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "u-boot-qemu"]).envs(env),
+        )?;
+        if code != 0 || !path.exists() {
+            return Err(format!("{UBOOT} is missing and apt-get install u-boot-qemu did not provide it"));
+        }
+    }
+    Ok(path)
+}
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| util::root().join("target"))
@@ -40,10 +58,14 @@ fn ensure_tools() -> Result<(), String> {
     if !fw.exists() {
         let env = [("DEBIAN_FRONTEND", "noninteractive")];
         util::run(Command::new("apt-get").arg("update").envs(env))?;
-        let code =
-            util::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "qemu-system-data"]).envs(env))?;
+        let code = util::run(
+            Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "qemu-system-data"]).envs(env),
+        )?;
         if code != 0 || !fw.exists() {
-            return Err(format!("OpenSBI firmware {} is missing and qemu-system-data did not provide it", fw.display()));
+            return Err(format!(
+                "OpenSBI firmware {} is missing and qemu-system-data did not provide it",
+                fw.display()
+            ));
         }
     }
     Ok(())
@@ -102,25 +124,49 @@ fn qemu_command(image: &Path, guest: Option<&Path>) -> Result<Command, String> {
 }
 
 /// Runs QEMU with a timeout, echoing its console to stdout; returns the exit code and the output.
-fn run_qemu(mut cmd: Command) -> Result<(i32, String), String> {
+fn run_qemu(cmd: Command) -> Result<(i32, String), String> {
+    run_qemu_scripted(cmd, &[])
+}
+
+/// Like [`run_qemu`], and types `input` on the console once the output contains `trigger`, for
+/// each `(trigger, input)` in order.
+fn run_qemu_scripted(mut cmd: Command, script: &[(&str, &str)]) -> Result<(i32, String), String> {
     eprintln!("+ {cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if script.is_empty() { Stdio::null() } else { Stdio::piped() })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start qemu-system-riscv64: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut stdin = child.stdin.take();
+    let script: Vec<(String, String)> = script.iter().map(|(t, i)| (t.to_string(), i.to_string())).collect();
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            println!("{line}");
-            all.push_str(&line);
-            all.push('\n');
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut next = 0;
+        let mut out = std::io::stdout();
+        loop {
+            let n = match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let _ = out.write_all(&buf[..n]);
+            let _ = out.flush();
+            all.extend_from_slice(&buf[..n]);
+            if let Some((trigger, input)) = script.get(next) {
+                let text = String::from_utf8_lossy(&all);
+                if text.contains(trigger.as_str()) {
+                    if let Some(w) = stdin.as_mut() {
+                        let _ = w.write_all(input.as_bytes());
+                        let _ = w.flush();
+                    }
+                    next += 1;
+                }
+            }
         }
-        let _ = tx.send(all);
+        let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
     });
     let start = Instant::now();
     let code = loop {
@@ -174,6 +220,28 @@ pub fn test_suite() -> Result<crate::SuiteResult, String> {
     } else {
         println!("not ok - riscv-hello guest file: exit status {hcode}, expected {HELLO_TEST_STATUS} (finished: {said_hello})");
         tally.failed += 1;
+    }
+    // U-Boot: its banner through the emulated ns16550, its prompt, then `poweroff` typed on the
+    // console (the hypervisor feeds the UART's RBR from it) ends in SBI SRST, status 0.
+    let uboot = ensure_uboot().and_then(|u| {
+        run_qemu_scripted(
+            qemu_command(&image, Some(&u))?,
+            &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")],
+        )
+    });
+    match uboot {
+        Ok((0, out)) if out.contains("U-Boot 20") && out.contains("guest reset: type 0 reason 0x0") => {
+            println!("ok - U-Boot (Debian u-boot-qemu, S-mode) booted to its prompt and powered off through SRST");
+            tally.passed += 1;
+        }
+        Ok((code, _)) => {
+            println!("not ok - U-Boot guest: exit status {code}");
+            tally.failed += 1;
+        }
+        Err(e) => {
+            println!("not ok - U-Boot guest: {e}");
+            tally.failed += 1;
+        }
     }
     Ok(tally)
 }

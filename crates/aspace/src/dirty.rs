@@ -149,6 +149,19 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             return Err(fail(DirtyLogError::Misaligned { range }));
         }
         let mode = self.dirty_mode();
+        self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
+        // On failure the log stays on: pages already armed need it to be disarmed on their next
+        // write (write protection), and `stop_dirty_log` turns it off.
+        let flush = self.arm_dirty_log(range)?;
+        Ok((mode, flush))
+    }
+
+    /// Arms the running log on `range` (inside the log's range): splits huge pages and clears D
+    /// bits, or write-protects. Also used when a region is added while a log runs.
+    pub(crate) fn arm_dirty_log(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, Failed<DirtyLogError, F>> {
+        let Some(mode) = self.dirty.as_ref().map(|l| l.mode) else {
+            return Ok(SpaceFlush::none());
+        };
         let mut flush = SpaceFlush::none();
         match mode {
             DirtyMode::DirtyBits => {
@@ -156,21 +169,15 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     return Err(Failed { error: e, flush });
                 }
                 flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |_| {}));
-                self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
             }
-            DirtyMode::WriteProtect => {
-                self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
-                match self.reprotect(range) {
-                    Ok(f) => flush = flush.merge(f),
-                    Err(failed) => {
-                        // Leave the log running: the pages already protected need it to be
-                        // unprotected on their next write.
-                        return Err(Failed { error: DirtyLogError::Table(failed.error), flush: failed.flush });
-                    }
+            DirtyMode::WriteProtect => match self.reprotect(range) {
+                Ok(f) => flush = flush.merge(f),
+                Err(failed) => {
+                    return Err(Failed { error: DirtyLogError::Table(failed.error), flush: flush.merge(failed.flush) });
                 }
-            }
+            },
         }
-        Ok((mode, flush))
+        Ok(flush)
     }
 
     /// Splits every huge leaf overlapping `range` down to 4 KiB leaves.
@@ -259,5 +266,27 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if let Some(log) = &mut self.dirty {
             log.soft.set_range(gpa, len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_sets_ranges_clipped_to_its_own() {
+        let r = GpaRange::from_start_len(GuestPhysAddr::new(0x10000), 70 * PAGE).unwrap();
+        let mut b = PageBitmap::new(r);
+        b.set(GuestPhysAddr::new(0x10fff));
+        b.set(GuestPhysAddr::new(0xf000)); // below: ignored
+        b.set_range(GuestPhysAddr::new(0x10000 + 63 * PAGE), 3 * PAGE); // crosses a word
+        b.set_range(GuestPhysAddr::new(0x10000 + 69 * PAGE), 10 * PAGE); // runs past the end
+        let got: Vec<u64> = b.iter().map(|g| (g.as_u64() - 0x10000) / PAGE).collect();
+        assert_eq!(got, [0, 63, 64, 65, 69]);
+        assert_eq!(b.count(), 5);
+        assert!(b.get(GuestPhysAddr::new(0x10000 + 64 * PAGE + 5)));
+        assert!(!b.get(GuestPhysAddr::new(0x10000 + 70 * PAGE)));
+        b.clear();
+        assert_eq!(b.count(), 0);
     }
 }

@@ -46,6 +46,9 @@ pub enum AddRegionError {
     },
     /// Mapping a linear region failed (nothing was mapped).
     Map(MapError),
+    /// A linear region added inside a running dirty log could not be armed (its huge pages
+    /// split); the region was not added.
+    DirtyLog(DirtyLogError),
 }
 
 impl fmt::Display for AddRegionError {
@@ -61,6 +64,7 @@ impl fmt::Display for AddRegionError {
             Self::Flags(e) => write!(f, "rights refused by the table: {e:?}"),
             Self::BadHost { host } => write!(f, "linear host address {host} is unaligned or overflows"),
             Self::Map(e) => write!(f, "mapping the linear region failed: {e:?}"),
+            Self::DirtyLog(e) => write!(f, "arming the running dirty log on the new region failed: {e:?}"),
         }
     }
 }
@@ -127,6 +131,23 @@ pub enum ForkError {
     /// Mapping into the child's table failed.
     Map(MapError),
     /// Write-protecting the parent's pages failed.
+    Protect(RangeError),
+}
+
+/// Why [`crate::AddressSpace::share_from`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShareError {
+    /// The two spaces count frames in different [`crate::FrameRefs`].
+    DifferentFrameRefs,
+    /// The source has no such region.
+    NoSuchRegion(RegionId),
+    /// The source region does not own frames (linear or MMIO).
+    NotAnonymous(RegionId),
+    /// The new region could not be added (overlap, range...).
+    Add(AddRegionError),
+    /// Mapping a shared frame failed (no frame for a table).
+    Map(MapError),
+    /// Write-protecting the source failed.
     Protect(RangeError),
 }
 

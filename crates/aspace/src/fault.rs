@@ -178,7 +178,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
         let flags = self.effective_flags(r, new, page);
-        match self.replace_leaf(page, new, flags) {
+        // In place (same size, A/D kept, nothing allocated): it cannot fail half way.
+        match self.table.remap(page, new, flags) {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
                 self.stats.cow_copies += 1;
@@ -188,32 +189,6 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.refs.release(new);
                 // SAFETY: `new` came from `allocate_frame` above and was never mapped.
                 unsafe { self.alloc.deallocate_frames(new, 1) };
-                if self.table.query(page).is_none() {
-                    // Keep the page's contents (and our reference) until it can be mapped again.
-                    self.parked.insert(page, old);
-                }
-                Err(())
-            }
-        }
-    }
-
-    /// Points the 4 KiB leaf at `page` to `new`. The engine has no in-place remap, so this is
-    /// an unmap and a map; if the map fails (the unmap retired an emptied table and no frame is
-    /// left to make it again) the page is left unmapped and the caller keeps the old frame.
-    fn replace_leaf(
-        &mut self,
-        page: GuestPhysAddr,
-        new: twostage_npt::HostPhysAddr,
-        flags: MappingFlags,
-    ) -> Result<twostage_npt::Flush<F>, ()> {
-        let unmapped = self.table.unmap(page, PAGE).map_err(|_| ())?;
-        match self.table.map(page, new, PAGE, flags, twostage_npt::MapSize::Exactly(PageSize::Size4K)) {
-            Ok(f) => Ok(unmapped.merge(f)),
-            Err(_) => {
-                // The page is now unmapped; a stale translation could only still read the old
-                // frame, which the caller parks (it is not freed), so the invalidation can wait
-                // for the next flush of this space.
-                self.defer(unmapped);
                 Err(())
             }
         }

@@ -1,6 +1,6 @@
 //! Copy-on-write fork of a whole address space, and copy-on-write sharing of one region.
 
-use crate::error::{Failed, ForkError};
+use crate::error::{Failed, ForkError, ShareError};
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
@@ -81,5 +81,74 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             self.refs.share(hpa);
         }
         Ok(())
+    }
+
+    /// Adds to `self` a [`Backend::CopyOnWrite`] region at `dst` made of the frames of anonymous
+    /// region `src_region` of `src`: both spaces then share those frames copy-on-write (a VM
+    /// cloned from a template, a shared read-mostly image). Pages the source had not touched are
+    /// demand-zero on both sides. Both spaces must count frames in the same [`crate::FrameRefs`]
+    /// (make the second with [`AddressSpace::with_refs`]).
+    ///
+    /// Returns the new region and two flushes: `self`'s (new mappings) and `src`'s (its pages
+    /// lost the write right); carry out both before either guest runs again. On failure `self`
+    /// gets no region (the error's flush covers the partial mapping) and `src` is unchanged.
+    #[allow(clippy::type_complexity)]
+    pub fn share_from(
+        &mut self,
+        name: &'static str,
+        dst: twostage_npt::GuestPhysAddr,
+        src: &mut Self,
+        src_region: crate::RegionId,
+    ) -> Result<(crate::RegionId, SpaceFlush<F>, SpaceFlush<F>), Failed<ShareError, F>> {
+        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+        if !self.refs.same_table(&src.refs) {
+            return Err(fail(ShareError::DifferentFrameRefs));
+        }
+        let r = src.region(src_region).cloned().ok_or(fail(ShareError::NoSuchRegion(src_region)))?;
+        if !r.backend.owns_frames() {
+            return Err(fail(ShareError::NotAnonymous(src_region)));
+        }
+        let range = GpaRange::from_start_len(dst, r.range.len()).ok_or(fail(ShareError::Add(
+            crate::AddRegionError::OutOfRange { range: r.range, gpa_bits: F::GPA_BITS },
+        )))?;
+        let (id, mut flush) =
+            self.add_region(name, range, r.flags, Backend::CopyOnWrite).map_err(|e| fail(ShareError::Add(e)))?;
+        let mut leaves = Vec::new();
+        src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push((leaf.gpa, leaf.hpa)));
+        leaves.extend(src.parked.range(r.range.start..r.range.end).map(|(g, h)| (*g, *h)));
+        let ro = r.flags.difference(MappingFlags::WRITE);
+        for (gpa, hpa) in leaves {
+            let at = dst + (gpa - r.range.start);
+            match self.table.map(at, hpa, PAGE, ro, MapSize::Exactly(PageSize::Size4K)) {
+                Ok(f) => {
+                    flush.add(f);
+                    self.refs.share(hpa);
+                }
+                Err(e) => {
+                    // Take the region out again: its flush releases the references taken so far.
+                    if let Ok(f) = self.remove_region(id) {
+                        flush = flush.merge(f);
+                    }
+                    return Err(Failed { error: ShareError::Map(e), flush });
+                }
+            }
+        }
+        if let Some(reg) = src.regions.get_mut(&r.range.start) {
+            reg.backend = Backend::CopyOnWrite;
+        }
+        // Now that the counts are above 1, the source's pages lose the write right. Protecting
+        // whole 4 KiB leaves allocates nothing; should it fail anyway, undo the sharing.
+        match src.reprotect(r.range) {
+            Ok(src_flush) => Ok((id, flush, src_flush)),
+            Err(e) => {
+                if let Some(t) = e.flush.table {
+                    src.defer(t);
+                }
+                if let Ok(f) = self.remove_region(id) {
+                    flush = flush.merge(f);
+                }
+                Err(Failed { error: ShareError::Protect(e.error), flush })
+            }
+        }
     }
 }

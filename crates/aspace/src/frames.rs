@@ -57,6 +57,11 @@ impl FrameRefs {
         }
     }
 
+    /// Whether both handles reach the same table.
+    pub fn same_table(&self, other: &FrameRefs) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Number of frames registered (shared frames count once).
     pub fn frames(&self) -> usize {
         self.inner.lock().len()
@@ -66,5 +71,27 @@ impl FrameRefs {
 impl core::fmt::Debug for FrameRefs {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "FrameRefs({} frames)", self.frames())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_release_says_free() {
+        let refs = FrameRefs::new();
+        let a = HostPhysAddr::new(0x1000);
+        refs.insert_new(a);
+        refs.share(a);
+        assert_eq!(refs.count(a), 2);
+        assert!(!refs.release(a));
+        assert!(refs.release(a));
+        assert_eq!(refs.count(a), 0);
+        // A frame never registered is never ours to free.
+        assert!(!refs.release(a));
+        let other = refs.clone();
+        other.insert_new(a);
+        assert_eq!(refs.frames(), 1, "clones share one table");
     }
 }

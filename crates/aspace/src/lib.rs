@@ -62,6 +62,6 @@ pub use guest::{
 };
 pub use mem::{GuestMemError, GuestMemory, Pod, SpaceMemory};
 pub use region::{Backend, Region, RegionId, RegionLabel};
-pub use shared::SharedAddressSpace;
+pub use shared::{Invalidator, SharedAddressSpace};
 pub use space::{AddressSpace, SpaceStats, PAGE};
 pub use twostage_npt::NestedPageFaultInfo;

@@ -29,7 +29,8 @@ pub enum Backend {
     /// address space. After a fork its frames are shared copy-on-write.
     DemandZero,
     /// Anonymous memory whose frames are (or were) shared with another address space: what a
-    /// demand-zero region becomes in both spaces after [`crate::AddressSpace::fork`]. A write to a
+    /// demand-zero region becomes in both spaces after [`crate::AddressSpace::fork`], and what
+    /// [`crate::AddressSpace::share_from`] creates. A write to a
     /// shared page gives a private copy; the last holder's write only restores the write right.
     /// Pages not touched before the fork stay demand-zero.
     CopyOnWrite,

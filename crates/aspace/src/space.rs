@@ -41,8 +41,9 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     pub(crate) refs: FrameRefs,
     pub(crate) dirty: Option<DirtyLog>,
     pub(crate) stats: SpaceStats,
-    /// Anonymous pages whose frame is held but not mapped (a copy-on-write break that could
-    /// not map its copy after unmapping the original: the next touch maps the frame again).
+    /// Anonymous pages whose frame is held but not mapped (a leaf that had to be unmapped and
+    /// mapped again, see `remap_same`, and could not be mapped again for want of a table
+    /// frame): the next touch maps the frame again; reads see it.
     pub(crate) parked: BTreeMap<GuestPhysAddr, HostPhysAddr>,
     /// A table flush owed by a change that failed part way; carried out with the next flush.
     pub(crate) deferred: Option<twostage_npt::Flush<F>>,
@@ -55,7 +56,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// An empty address space whose frames are counted in `refs`, so that it can share frames
-    /// with the other spaces using the same table (see [`AddressSpace::share_from`]).
+    /// with the other spaces counting in the same table (see [`AddressSpace::share_from`]).
     pub fn with_refs(alloc: A, opts: TableOptions, refs: FrameRefs) -> Result<Self, NewSpaceError> {
         let table = PageTable::new(alloc.clone(), opts).map_err(NewSpaceError::OutOfFrames)?;
         Ok(Self {
@@ -153,6 +154,29 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let id = RegionId(self.next_id);
         self.next_id += 1;
         self.regions.insert(range.start, Region { id, name, range, flags, backend });
+        // A linear region added while a dirty log runs over it is armed like the rest.
+        if let Some(log_range) = self.dirty_log_range() {
+            if matches!(backend, Backend::Linear { .. }) && log_range.overlaps(&range) {
+                let r = GpaRange { start: range.start.max(log_range.start), end: range.end.min(log_range.end) };
+                match self.arm_dirty_log(r) {
+                    Ok(f) => flush = flush.merge(f),
+                    Err(failed) => {
+                        // Could not arm (no frame to split): take the region back out.
+                        flush = flush.merge(failed.flush);
+                        if let Ok(f) = self.remove_region(id) {
+                            flush = flush.merge(f);
+                        }
+                        // A linear region releases no frame; its unmapping is invalidated with
+                        // the next flush of this space.
+                        debug_assert!(flush.release.is_empty());
+                        if let Some(t) = flush.table {
+                            self.defer(t);
+                        }
+                        return Err(AddRegionError::DirtyLog(failed.error));
+                    }
+                }
+            }
+        }
         Ok((id, flush))
     }
 

@@ -180,17 +180,22 @@ fn fork_isolates_writes_and_accounts_frames() {
 }
 
 fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
-    let ram = ram(1024);
-    let host = ram.allocate_frames_for_test(512, 512);
+    let ram = ram(2048);
+    let host = ram.allocate_frames_for_test(1024, 512);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(ad)).unwrap();
     let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
     s.flush_unloaded(f);
     let (_, f) = s.add_region("pass", range(0x20_0000, 2 << 20), RW, Backend::Linear { host }).unwrap();
     s.flush_unloaded(f);
     guest_write(&mut s, &ram, 0x3000, 1);
-    let (mode, f) = s.start_dirty_log(range(0, 4 << 20)).unwrap();
+    let (mode, f) = s.start_dirty_log(range(0, 8 << 20)).unwrap();
     assert_eq!(mode, want);
     s.flush(f, |_| {});
+    // A linear region added while the log runs is logged too (2 MiB page split or protected).
+    let (_, f) =
+        s.add_region("late", range(0x40_0000, 2 << 20), RW, Backend::Linear { host: host + (2 << 20) }).unwrap();
+    s.flush(f, |_| {});
+    guest_write(&mut s, &ram, 0x41_0000, 9);
     guest_write(&mut s, &ram, 0x3000, 2);
     guest_write(&mut s, &ram, 0x5000, 2);
     guest_read(&mut s, &ram, 0x6000);
@@ -200,7 +205,7 @@ fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
     let (bits, f) = s.harvest_dirty().unwrap();
     s.flush(f, |_| {});
     let got: Vec<u64> = bits.iter().map(|g| g.as_u64()).collect();
-    assert_eq!(got, vec![0x3000, 0x5000, 0x8000, 0x9000, 0x20_3000]);
+    assert_eq!(got, vec![0x3000, 0x5000, 0x8000, 0x9000, 0x20_3000, 0x41_0000]);
     // Re-armed: only new writes show.
     guest_write(&mut s, &ram, 0x5000, 3);
     guest_read(&mut s, &ram, 0x3000);
@@ -212,7 +217,7 @@ fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
     assert!(s.table().query(gpa(0x3000)).unwrap().flags.contains(MappingFlags::WRITE));
     drop(s);
     // SAFETY: test-only frames from allocate_frames_for_test, no longer mapped.
-    unsafe { twostage_npt::FrameAllocator::deallocate_frames(&*ram, host, 512) };
+    unsafe { twostage_npt::FrameAllocator::deallocate_frames(&*ram, host, 1024) };
     assert_eq!(ram.frames_in_use(), 0);
 }
 
@@ -257,4 +262,85 @@ impl TestFrames for Ram {
     fn allocate_frames_for_test(&self, n: usize, align: usize) -> HostPhysAddr {
         twostage_npt::FrameAllocator::allocate_frames(&**self, n, align).unwrap()
     }
+}
+
+#[test]
+fn dump_shows_regions_backends_and_page_sizes() {
+    let ram = ram(2048);
+    let host = ram.allocate_frames_for_test(1024, 512);
+    let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
+    let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let (_, f) =
+        s.add_region("fw", range(0x20_0000, (2 << 20) + 0x3000), MappingFlags::RX, Backend::Linear { host }).unwrap();
+    s.flush_unloaded(f);
+    let (_, f) = s.add_region("uart", range(0x1000_0000, 0x1000), RW, Backend::Mmio).unwrap();
+    s.flush_unloaded(f);
+    guest_write(&mut s, &ram, 0x1000, 1);
+    guest_write(&mut s, &ram, 0x2000, 1);
+    let (c, f) = s.fork().unwrap();
+    s.flush_unloaded(f);
+    let text = s.to_string();
+    println!("{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("EPT") && lines[0].contains("3 region(s)"), "{text}");
+    assert!(
+        lines[1].contains("GPA[0x0..0x10000)")
+            && lines[1].contains("copy-on-write")
+            && lines[1].contains("2x4K")
+            && lines[1].contains("2 shared"),
+        "{text}"
+    );
+    assert!(lines[2].contains("linear") && lines[2].contains("1x2M 3x4K") && lines[2].contains("r-x"), "{text}");
+    assert!(lines[3].contains("mmio") && lines[3].contains("uart"), "{text}");
+    drop(c);
+}
+
+#[test]
+fn share_from_gives_copy_on_write_frames_between_two_spaces() {
+    let ram = ram(512);
+    let mut tmpl: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (img, f) = tmpl.add_region("image", range(0x8000_0000, 0x8000), RW, Backend::DemandZero).unwrap();
+    tmpl.flush_unloaded(f);
+    for i in 0..4 {
+        guest_write(&mut tmpl, &ram, 0x8000_0000 + i * 0x1000, 10 + i);
+    }
+    let mut vm: Space<Sv39x4> =
+        AddressSpace::with_refs(ram.clone(), opts::<Sv39x4>(AdMode::Hardware), tmpl.frame_refs().clone()).unwrap();
+    let before = ram.frames_in_use();
+    let (id, f, g) = vm.share_from("image", gpa(0x4000_0000), &mut tmpl, img).unwrap();
+    vm.flush_unloaded(f);
+    tmpl.flush_unloaded(g);
+    assert_eq!(vm.region(id).unwrap().backend(), Backend::CopyOnWrite);
+    assert!(ram.frames_in_use() - before <= 2, "no data frame copied");
+    assert_eq!(guest_read(&mut vm, &ram, 0x4000_2000), 12);
+    guest_write(&mut vm, &ram, 0x4000_2000, 99);
+    guest_write(&mut tmpl, &ram, 0x8000_3000, 77);
+    assert_eq!(guest_read(&mut tmpl, &ram, 0x8000_2000), 12);
+    assert_eq!(guest_read(&mut vm, &ram, 0x4000_3000), 13);
+    // A space with its own FrameRefs cannot share.
+    let mut other: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let err = other.share_from("x", gpa(0), &mut tmpl, img).unwrap_err();
+    assert_eq!(err.error, ShareError::DifferentFrameRefs);
+    other.flush_unloaded(err.flush);
+    drop((tmpl, vm, other));
+    assert_eq!(ram.frames_in_use(), 0);
+}
+
+#[test]
+fn accessed_bits_are_harvested_for_reclaim() {
+    let ram = ram(512);
+    let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
+    let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    for p in [0x1000, 0x2000, 0x3000] {
+        guest_write(&mut s, &ram, p, 1);
+    }
+    let (bits, f) = s.harvest_accessed(range(0, 0x10000));
+    s.flush(f, |_| {});
+    assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x1000, 0x2000, 0x3000]);
+    guest_read(&mut s, &ram, 0x2008);
+    let (bits, f) = s.harvest_accessed(range(0, 0x10000));
+    s.flush(f, |_| {});
+    assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x2000]);
 }

@@ -34,9 +34,12 @@ impl model::PhysMem for GuestPhys<'_> {
 /// page at 64.
 fn build(ram: &Ram, entries: &[u64]) -> Space {
     let mut s: Space = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
-    let (_, f) = s.add_region("ram", range(0, (TABLE_PAGES + DATA_PAGES) * 4096), MappingFlags::RWX, Backend::DemandZero).unwrap();
+    let (_, f) = s
+        .add_region("ram", range(0, (TABLE_PAGES + DATA_PAGES) * 4096), MappingFlags::RWX, Backend::DemandZero)
+        .unwrap();
     s.flush_unloaded(f);
-    let (_, f) = s.add_region("mmio", range((TABLE_PAGES + DATA_PAGES) * 4096, 4096), MappingFlags::RW, Backend::Mmio).unwrap();
+    let (_, f) =
+        s.add_region("mmio", range((TABLE_PAGES + DATA_PAGES) * 4096, 4096), MappingFlags::RW, Backend::Mmio).unwrap();
     s.flush_unloaded(f);
     for (i, e) in entries.iter().enumerate() {
         let (page, idx) = (i as u64 / 4, i as u64 % 4);
@@ -59,7 +62,13 @@ fn target_page() -> impl Strategy<Value = u64> {
 /// An x86 entry: mostly a present pointer into the tables (or a page) with plausible flags,
 /// sometimes hostile: huge-page bits, XD, high reserved bits, zero, or anything.
 fn x86_entry() -> impl Strategy<Value = u64> {
-    let flags = (prop::bool::weighted(0.8), prop::bool::weighted(0.8), prop::bool::weighted(0.15), 0u64..4, prop::bool::weighted(0.1));
+    let flags = (
+        prop::bool::weighted(0.8),
+        prop::bool::weighted(0.8),
+        prop::bool::weighted(0.15),
+        0u64..4,
+        prop::bool::weighted(0.1),
+    );
     prop_oneof![
         8 => (target_page(), flags, prop::bool::weighted(0.03)).prop_map(|(page, (rw, us, ps, ad, xd), high)| {
             let addr = if ps { 0 } else { page << 12 };

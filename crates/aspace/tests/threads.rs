@@ -63,7 +63,7 @@ fn vcpus_copies_forks_and_harvests_race_safely() {
             for i in 0..6000u64 {
                 let p = (i * 7 + cpu) % 16;
                 let at = BASE + (cpu * 16 + p) * 4096 + (i % 512) * 8 / 64 * 64;
-                let v = cpu << 48 | i + 1;
+                let v = (cpu << 48) | (i + 1);
                 vcpu_access(&sh, &ram, BASE + (cpu * 16 + p) * 4096, Access::Write, v);
                 written.lock().unwrap().insert(BASE + (cpu * 16 + p) * 4096);
                 last[p as usize] = v;

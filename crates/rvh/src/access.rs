@@ -98,7 +98,11 @@ pub fn split_copy(addr: u64, len: usize) -> (usize, usize, usize) {
 }
 
 /// Reads `buf.len()` bytes of guest virtual memory at `gva` (seed name `copy_from_guest_va`).
-pub fn copy_from_guest_va(ops: &mut impl GuestMemOps, gva: GuestVirtAddr, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+pub fn copy_from_guest_va(
+    ops: &mut impl GuestMemOps,
+    gva: GuestVirtAddr,
+    buf: &mut [u8],
+) -> Result<(), GuestAccessError> {
     let (head, words, _) = split_copy(gva.as_u64(), buf.len());
     let mut off = 0;
     let err = |f, off| GuestAccessError::from_fault(f, gva_at(gva, off), Access::Read, off);
@@ -153,7 +157,10 @@ pub struct FetchedInsn {
 /// Fetches the instruction at `gva` with HLVX.HU (execute permission checked at both stages):
 /// one 16-bit parcel, and a second one only when the first's low bits are 0b11; the second parcel
 /// may lie on the next page, which is translated on its own.
-pub fn fetch_guest_instruction(ops: &mut impl GuestMemOps, gva: GuestVirtAddr) -> Result<FetchedInsn, GuestAccessError> {
+pub fn fetch_guest_instruction(
+    ops: &mut impl GuestMemOps,
+    gva: GuestVirtAddr,
+) -> Result<FetchedInsn, GuestAccessError> {
     if gva.as_u64() & 1 != 0 {
         return Err(GuestAccessError {
             gva,
@@ -231,7 +238,11 @@ pub(crate) mod tests {
         }
         fn fetch_u16(&mut self, gva: GuestVirtAddr) -> Result<u16, HwFault> {
             if Some(gva.as_u64() / 4096) == self.noexec_page {
-                return Err(HwFault { scause: cause::LOAD_GUEST_PAGE, stval: gva.as_u64(), htval: (0x8000_0000 + gva.as_u64()) >> 2 });
+                return Err(HwFault {
+                    scause: cause::LOAD_GUEST_PAGE,
+                    stval: gva.as_u64(),
+                    htval: (0x8000_0000 + gva.as_u64()) >> 2,
+                });
             }
             let i = self.check(gva, cause::LOAD_GUEST_PAGE)?;
             Ok(u16::from_le_bytes([self.mem[i], self.mem[i + 1]]))
@@ -280,7 +291,10 @@ pub(crate) mod tests {
         let mut g = FakeGuest::new(2);
         g.mem[0..2].copy_from_slice(&0x4505u16.to_le_bytes()); // c.li a0, 1
         g.mem[4094..4098].copy_from_slice(&0x0015_0513u32.to_le_bytes()); // addi a0,a0,1 across the page
-        assert_eq!(fetch_guest_instruction(&mut g, GuestVirtAddr::new(0)).unwrap(), FetchedInsn { raw: 0x4505, len: 2 });
+        assert_eq!(
+            fetch_guest_instruction(&mut g, GuestVirtAddr::new(0)).unwrap(),
+            FetchedInsn { raw: 0x4505, len: 2 }
+        );
         assert_eq!(
             fetch_guest_instruction(&mut g, GuestVirtAddr::new(4094)).unwrap(),
             FetchedInsn { raw: 0x0015_0513, len: 4 }
@@ -289,6 +303,9 @@ pub(crate) mod tests {
         g.noexec_page = Some(1);
         let e = fetch_guest_instruction(&mut g, GuestVirtAddr::new(4094)).unwrap_err();
         assert_eq!((e.gva, e.access, e.done), (GuestVirtAddr::new(4096), Access::Execute, 2));
-        assert_eq!(fetch_guest_instruction(&mut g, GuestVirtAddr::new(3)).unwrap_err().kind, GuestFaultKind::Misaligned);
+        assert_eq!(
+            fetch_guest_instruction(&mut g, GuestVirtAddr::new(3)).unwrap_err().kind,
+            GuestFaultKind::Misaligned
+        );
     }
 }

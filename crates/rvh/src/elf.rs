@@ -65,7 +65,12 @@ pub fn load_segments(file: &[u8], mut seg: impl FnMut(Segment)) -> Result<u64, E
         if u32at(file, ph)? != 1 {
             continue; // not PT_LOAD
         }
-        let s = Segment { offset: u64at(file, ph + 8)?, paddr: u64at(file, ph + 24)?, filesz: u64at(file, ph + 32)?, memsz: u64at(file, ph + 40)? };
+        let s = Segment {
+            offset: u64at(file, ph + 8)?,
+            paddr: u64at(file, ph + 24)?,
+            filesz: u64at(file, ph + 32)?,
+            memsz: u64at(file, ph + 40)?,
+        };
         let end = s.offset.checked_add(s.filesz).ok_or(ElfError::BadSegment { index: i })?;
         if end > file.len() as u64 || s.filesz > s.memsz || s.paddr.checked_add(s.memsz).is_none() {
             return Err(ElfError::BadSegment { index: i });

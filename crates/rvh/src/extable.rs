@@ -41,7 +41,12 @@ pub struct FaultSlot {
 impl FaultSlot {
     /// An empty slot.
     pub const fn new() -> Self {
-        Self { pending: AtomicBool::new(false), scause: AtomicU64::new(0), stval: AtomicU64::new(0), htval: AtomicU64::new(0) }
+        Self {
+            pending: AtomicBool::new(false),
+            scause: AtomicU64::new(0),
+            stval: AtomicU64::new(0),
+            htval: AtomicU64::new(0),
+        }
     }
 
     /// Stores a fault (called from the trap handler).

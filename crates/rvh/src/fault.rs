@@ -134,7 +134,11 @@ pub fn decode_guest_page_fault(t: &TrapCsrs) -> Result<GuestPageFault, FaultDeco
     } else {
         HtinstInfo::Other(t.htinst)
     };
-    let base = t.htval.checked_shl(2).filter(|v| v >> 2 == t.htval).ok_or(FaultDecodeError::GpaOutOfRange { htval: t.htval })?;
+    let base = t
+        .htval
+        .checked_shl(2)
+        .filter(|v| v >> 2 == t.htval)
+        .ok_or(FaultDecodeError::GpaOutOfRange { htval: t.htval })?;
     let (gpa, access) = match htinst {
         HtinstInfo::Implicit(imp) => (base, imp.access()),
         _ => (base | (t.stval & 3), original),
@@ -175,7 +179,10 @@ mod tests {
         let f = decode_guest_page_fault(&t).unwrap();
         assert_eq!(f.info.fault_guest_paddr, GuestPhysAddr::new(0x1_0000));
         assert_eq!(f.gva, None);
-        assert!(matches!(f.htinst, HtinstInfo::Transformed(MemAccess { op: MemOp::Load { rd: 12, .. }, width: 4, .. })));
+        assert!(matches!(
+            f.htinst,
+            HtinstInfo::Transformed(MemAccess { op: MemOp::Load { rd: 12, .. }, width: 4, .. })
+        ));
     }
 
     #[test]

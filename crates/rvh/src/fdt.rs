@@ -274,7 +274,18 @@ impl FdtWriter {
         let strs = st + self.structs.len();
         let total = strs + self.strings.len();
         let mut out = Vec::with_capacity(total.next_multiple_of(8));
-        for v in [MAGIC, total as u32, st as u32, strs as u32, rsv as u32, 17, 16, 0, self.strings.len() as u32, self.structs.len() as u32] {
+        for v in [
+            MAGIC,
+            total as u32,
+            st as u32,
+            strs as u32,
+            rsv as u32,
+            17,
+            16,
+            0,
+            self.strings.len() as u32,
+            self.structs.len() as u32,
+        ] {
             out.extend_from_slice(&v.to_be_bytes());
         }
         out.extend_from_slice(&[0; 16]); // empty memory reservation map: one (0, 0) entry
@@ -312,7 +323,10 @@ pub fn guest_tree(ram_base: u64, ram_size: u64, timebase: u32, isa: &str, uart: 
         .prop_str("device_type", "memory")
         .prop_cells("reg", &[hi(ram_base), lo(ram_base), hi(ram_size), lo(ram_size)])
         .end_node();
-    w.begin_node("cpus").prop_cells("#address-cells", &[1]).prop_cells("#size-cells", &[0]).prop_cells("timebase-frequency", &[timebase]);
+    w.begin_node("cpus")
+        .prop_cells("#address-cells", &[1])
+        .prop_cells("#size-cells", &[0])
+        .prop_cells("timebase-frequency", &[timebase]);
     w.begin_node("cpu@0")
         .prop_str("device_type", "cpu")
         .prop_cells("reg", &[0])
@@ -320,16 +334,28 @@ pub fn guest_tree(ram_base: u64, ram_size: u64, timebase: u32, isa: &str, uart: 
         .prop_str("compatible", "riscv")
         .prop_str("riscv,isa", isa)
         .prop_str("mmu-type", "riscv,sv39");
-    w.begin_node("interrupt-controller").prop_cells("#interrupt-cells", &[1]).prop("interrupt-controller", &[]).prop_str("compatible", "riscv,cpu-intc").end_node();
+    w.begin_node("interrupt-controller")
+        .prop_cells("#interrupt-cells", &[1])
+        .prop("interrupt-controller", &[])
+        .prop_str("compatible", "riscv,cpu-intc")
+        .end_node();
     w.end_node().end_node();
     if let Some(u) = uart {
-        w.begin_node("soc").prop_cells("#address-cells", &[2]).prop_cells("#size-cells", &[2]).prop_str("compatible", "simple-bus").prop("ranges", &[]);
+        w.begin_node("soc")
+            .prop_cells("#address-cells", &[2])
+            .prop_cells("#size-cells", &[2])
+            .prop_str("compatible", "simple-bus")
+            .prop("ranges", &[]);
         let mut name = alloc::string::String::from("serial@");
         {
             use core::fmt::Write;
             let _ = write!(name, "{u:x}");
         }
-        w.begin_node(&name).prop_str("compatible", "ns16550a").prop_cells("reg", &[hi(u), lo(u), 0, 0x100]).prop_cells("clock-frequency", &[3_686_400]).end_node();
+        w.begin_node(&name)
+            .prop_str("compatible", "ns16550a")
+            .prop_cells("reg", &[hi(u), lo(u), 0, 0x100])
+            .prop_cells("clock-frequency", &[3_686_400])
+            .end_node();
         w.end_node();
     }
     w.end_node();

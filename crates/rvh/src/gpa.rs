@@ -183,7 +183,10 @@ mod tests {
         );
         assert_eq!(&window.0.borrow()[4 * 4096 - 4..], &[9; 4]);
         let e = g.copy_from_guest(GuestPhysAddr::new(0x8000_1ff8), &mut buf).unwrap_err();
-        assert_eq!(e, GpaAccessError::NotMapped { gpa: GuestPhysAddr::new(0x8000_2000), access: Access::Read, done: 8 });
+        assert_eq!(
+            e,
+            GpaAccessError::NotMapped { gpa: GuestPhysAddr::new(0x8000_2000), access: Access::Read, done: 8 }
+        );
         let top = GuestPhysAddr::new((1 << 59) - 4);
         assert_eq!(g.copy_from_guest(top, &mut buf), Err(GpaAccessError::OutOfRange { gpa: top, len: 32 }));
     }

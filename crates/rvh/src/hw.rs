@@ -126,8 +126,12 @@ pub fn hfence_gvma(f: GvmaFence) {
     // SAFETY: a fence only discards cached translations.
     unsafe {
         match f {
-            GvmaFence::Address { .. } => asm!(".option push", ".option arch, +h", "hfence.gvma {0}, {1}", ".option pop", in(reg) rs1, in(reg) vmid, options(nostack)),
-            GvmaFence::Vmid { .. } => asm!(".option push", ".option arch, +h", "hfence.gvma zero, {0}", ".option pop", in(reg) vmid, options(nostack)),
+            GvmaFence::Address { .. } => {
+                asm!(".option push", ".option arch, +h", "hfence.gvma {0}, {1}", ".option pop", in(reg) rs1, in(reg) vmid, options(nostack))
+            }
+            GvmaFence::Vmid { .. } => {
+                asm!(".option push", ".option arch, +h", "hfence.gvma zero, {0}", ".option pop", in(reg) vmid, options(nostack))
+            }
         }
     }
 }
@@ -214,7 +218,8 @@ impl Hlv {
 impl GuestMemOps for Hlv {
     fn load_u8(&mut self, gva: GuestVirtAddr) -> Result<u8, crate::extable::HwFault> {
         let v: u64;
-        guarded!("hlv.bu {v}, ({a})", v, a = in(reg) gva.as_u64(), v = out(reg) v, options(nostack)).map(|v: u64| v as u8)
+        guarded!("hlv.bu {v}, ({a})", v, a = in(reg) gva.as_u64(), v = out(reg) v, options(nostack))
+            .map(|v: u64| v as u8)
     }
     fn load_u64(&mut self, gva: GuestVirtAddr) -> Result<u64, crate::extable::HwFault> {
         let v: u64;
@@ -228,7 +233,8 @@ impl GuestMemOps for Hlv {
     }
     fn fetch_u16(&mut self, gva: GuestVirtAddr) -> Result<u16, crate::extable::HwFault> {
         let v: u64;
-        guarded!("hlvx.hu {v}, ({a})", v, a = in(reg) gva.as_u64(), v = out(reg) v, options(nostack)).map(|v: u64| v as u16)
+        guarded!("hlvx.hu {v}, ({a})", v, a = in(reg) gva.as_u64(), v = out(reg) v, options(nostack))
+            .map(|v: u64| v as u16)
     }
 }
 

@@ -5,7 +5,8 @@
 //! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
 //! [`gpa::GuestPhys`] (guest-physical copies by software translation through the nested table),
 //! [`fence::GvmaFence`] (the engine's `Invalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
-//! [`fdt::FdtWriter`] and [`frames::BitmapFrames`].
+//! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
+//! [`fdt::FdtWriter`], [`frames::BitmapFrames`] and [`heap::SizeClassHeap`].
 //!
 //! Safety model: only `hw` executes privileged instructions and it is compiled for riscv64
 //! alone; every decision (what to fence, how to split a copy, how to read a fault, how to serve
@@ -31,7 +32,9 @@ pub mod fdt;
 pub mod fence;
 pub mod frames;
 pub mod gpa;
+pub mod heap;
 pub mod insn;
+pub mod mmio;
 pub mod probe;
 pub mod sbi;
 

@@ -44,6 +44,8 @@ pub mod eid {
 
 /// The spec version this server implements: 2.0 (major in bits 30:24, §4.1).
 pub const SPEC_VERSION: i64 = 2 << 24;
+/// The most bytes one DBCN console_write call writes.
+pub const DBCN_MAX_WRITE: u64 = 4096;
 /// The implementation ID reported by `sbi_get_impl_id` (not a registered ID; §4.9 lists them).
 pub const IMPL_ID: i64 = 0x7473;
 
@@ -249,19 +251,22 @@ pub fn handle(call: SbiCall, b: &mut impl SbiBackend) -> SbiOutcome {
             if hi != 0 {
                 return err(error::INVALID_PARAM);
             }
-            let mut left = len;
+            // A write may be partial (§12.1 returns the bytes written): at most one page per call,
+            // so a guest cannot hold the hypervisor in a single call for long.
+            let total = len.min(DBCN_MAX_WRITE);
+            let mut done = 0;
             let mut chunk = [0u8; 64];
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
+            while done < total {
+                let n = (total - done).min(chunk.len() as u64) as usize;
                 if b.read_guest(at, &mut chunk[..n]).is_err() {
-                    return err(error::INVALID_PARAM);
+                    return if done == 0 { err(error::INVALID_PARAM) } else { ok(done as i64) };
                 }
                 chunk[..n].iter().for_each(|&c| b.putchar(c));
-                left -= n as u64;
+                done += n as u64;
                 let Some(next) = at.checked_add(n as u64) else { break };
                 at = next;
             }
-            ok(len as i64)
+            ok(done as i64)
         }
         SbiCall::DbcnWriteByte(c) => {
             b.putchar(c);
@@ -323,15 +328,31 @@ mod tests {
     #[test]
     fn consoles_timer_and_reset() {
         let mut f = Fake { mem: b"hello, world".to_vec(), ..Default::default() };
-        assert_eq!(call([b'A' as u64, 0, 0, 0, 0, 0, 0, eid::LEGACY_PUTCHAR], &mut f), SbiOutcome::LegacyReturn { value: 0 });
-        assert_eq!(call([5, 0, 0, 0, 0, 0, 0, eid::LEGACY_SET_TIMER], &mut f), SbiOutcome::LegacyReturn { value: 0 }, "legacy set_timer");
+        assert_eq!(
+            call([b'A' as u64, 0, 0, 0, 0, 0, 0, eid::LEGACY_PUTCHAR], &mut f),
+            SbiOutcome::LegacyReturn { value: 0 }
+        );
+        assert_eq!(
+            call([5, 0, 0, 0, 0, 0, 0, eid::LEGACY_SET_TIMER], &mut f),
+            SbiOutcome::LegacyReturn { value: 0 },
+            "legacy set_timer"
+        );
         assert_eq!(f.timer, Some(5));
         assert_eq!(call([0, 0, 0, 0, 0, 0, 0, eid::LEGACY_GETCHAR], &mut f), SbiOutcome::LegacyReturn { value: -1 });
         assert_eq!(call([5, 0x8000_0007, 0, 0, 0, 0, 0, eid::DBCN], &mut f), SbiOutcome::Return { error: 0, value: 5 });
         call([b'!' as u64, 0, 0, 0, 0, 0, 2, eid::DBCN], &mut f);
         assert_eq!(f.out, b"Aworld!");
+        // A long write is partial: one page, and the count says so.
+        f.mem = alloc::vec![b'z'; 3 * 4096];
+        assert_eq!(
+            call([u64::MAX, 0x8000_0000, 0, 0, 0, 0, 0, eid::DBCN], &mut f),
+            SbiOutcome::Return { error: 0, value: 4096 }
+        );
         // A buffer the guest does not own is refused, not read.
-        assert_eq!(call([5, 0x1000, 0, 0, 0, 0, 0, eid::DBCN], &mut f), SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 });
+        assert_eq!(
+            call([5, 0x1000, 0, 0, 0, 0, 0, eid::DBCN], &mut f),
+            SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 }
+        );
         call([1234, 0, 0, 0, 0, 0, 0, eid::TIME], &mut f);
         assert_eq!(f.timer, Some(1234));
         let r = call([0, 0, 0, 0, 0, 0, 0, eid::SRST], &mut f);
@@ -339,6 +360,9 @@ mod tests {
         let SbiOutcome::Reset(fail) = call([0, 1, 0, 0, 0, 0, 0, eid::SRST], &mut f) else { panic!() };
         assert_eq!(fail.exit_status(), 1);
         assert_eq!(ResetRequest { reset_type: 0, reason: 0xF000_0007 }.exit_status(), 7);
-        assert_eq!(call([9, 0, 0, 0, 0, 0, 0, eid::SRST], &mut f), SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 });
+        assert_eq!(
+            call([9, 0, 0, 0, 0, 0, 0, eid::SRST], &mut f),
+            SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 }
+        );
     }
 }

@@ -116,7 +116,9 @@ mod hello {
                     let is_reg = b.get(name_off..name_off + 4)? == b"reg\0";
                     if in_mem && is_reg && len >= 16 {
                         let v = &b[at + 8..at + 8 + len];
-                        let q = |i: usize| (u64::from(be32(v, i).unwrap_or(0)) << 32) | u64::from(be32(v, i + 4).unwrap_or(0));
+                        let q = |i: usize| {
+                            (u64::from(be32(v, i).unwrap_or(0)) << 32) | u64::from(be32(v, i + 4).unwrap_or(0))
+                        };
                         return Some((q(0), q(8)));
                     }
                     at += 8 + len.next_multiple_of(4);
@@ -143,7 +145,8 @@ mod hello {
                 good &= p.read_volatile() == i ^ 0x5a5a;
             }
         }
-        let _ = writeln!(Legacy, "riscv-hello: touched 256 pages at {start:#x}: {}", if good { "ok" } else { "MISMATCH" });
+        let _ =
+            writeln!(Legacy, "riscv-hello: touched 256 pages at {start:#x}: {}", if good { "ok" } else { "MISMATCH" });
         good
     }
 
@@ -185,7 +188,12 @@ mod hello {
         let mut ok = true;
         let (_, spec) = sbi(EID_BASE, 0, 0, 0, 0);
         let (_, has_dbcn) = sbi(EID_BASE, 3, EID_DBCN, 0, 0);
-        let _ = writeln!(Legacy, "riscv-hello: hart {hartid}, SBI spec {}.{}, legacy console_putchar works", spec >> 24 & 0x7f, spec & 0xff_ffff);
+        let _ = writeln!(
+            Legacy,
+            "riscv-hello: hart {hartid}, SBI spec {}.{}, legacy console_putchar works",
+            spec >> 24 & 0x7f,
+            spec & 0xff_ffff
+        );
         if has_dbcn != 0 {
             ok &= dbcn_write("riscv-hello: hello through the SBI debug console (DBCN)\n");
         } else {
@@ -193,7 +201,8 @@ mod hello {
         }
         match dtb_memory(dtb) {
             Some((base, size)) => {
-                let _ = writeln!(Legacy, "riscv-hello: device tree at {dtb:#x} says memory {base:#x} + {} MiB", size >> 20);
+                let _ =
+                    writeln!(Legacy, "riscv-hello: device tree at {dtb:#x} says memory {base:#x} + {} MiB", size >> 20);
                 ok &= size > 0;
                 ok &= touch_memory(base, size);
             }

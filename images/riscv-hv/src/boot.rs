@@ -1,9 +1,8 @@
 //! Boot: the entry point OpenSBI jumps to, the SBI console, the sifive_test exit, the heap.
 
-use core::alloc::{GlobalAlloc, Layout};
 use core::arch::{asm, global_asm};
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use twostage_rvh::heap::SizeClassHeap;
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -26,6 +25,8 @@ global_asm!(
 
 /// The first Rust code: sets up traps, then runs the suite or a staged guest.
 extern "C" fn rust_main(hartid: usize, dtb: usize) -> ! {
+    // SAFETY: the arena is this image's own static, used by nothing but the heap; first thing.
+    unsafe { HEAP.init(ARENA.0.get() as usize, HEAP_SIZE) };
     crate::trap::init();
     let code = crate::vm::start(hartid, dtb);
     exit(code)
@@ -99,41 +100,18 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     exit(101)
 }
 
-/// A bump heap over a static arena; freeing the most recent block rolls it back.
-struct BumpHeap {
-    next: AtomicUsize,
-}
-
-const HEAP_SIZE: usize = 24 << 20;
+const HEAP_SIZE: usize = 8 << 20;
 #[repr(align(4096))]
 struct Arena(core::cell::UnsafeCell<[u8; HEAP_SIZE]>);
-// SAFETY: the arena is only handed out in disjoint blocks by the allocator.
+// SAFETY: the arena is only reached through the heap, which hands it out in disjoint blocks.
 unsafe impl Sync for Arena {}
 static ARENA: Arena = Arena(core::cell::UnsafeCell::new([0; HEAP_SIZE]));
 
-// SAFETY: blocks are disjoint (the offset only grows, except when the last block is freed) and
-// inside the arena; alignment is honoured by rounding the offset up.
-unsafe impl GlobalAlloc for BumpHeap {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let base = ARENA.0.get() as usize;
-        let mut cur = self.next.load(Ordering::Relaxed);
-        loop {
-            let start = (base + cur).next_multiple_of(layout.align()) - base;
-            let end = start + layout.size();
-            if end > HEAP_SIZE {
-                return core::ptr::null_mut();
-            }
-            match self.next.compare_exchange(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return (base + start) as *mut u8,
-                Err(now) => cur = now,
-            }
-        }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let off = ptr as usize - ARENA.0.get() as usize;
-        let _ = self.next.compare_exchange(off + layout.size(), off, Ordering::Relaxed, Ordering::Relaxed);
-    }
-}
-
+/// The hypervisor's heap: size classes with free lists over a static arena (twostage-rvh).
 #[global_allocator]
-static HEAP: BumpHeap = BumpHeap { next: AtomicUsize::new(0) };
+static HEAP: SizeClassHeap = SizeClassHeap::new();
+
+/// Heap counters, for the statistics.
+pub fn heap_stats() -> twostage_rvh::heap::HeapStats {
+    HEAP.stats()
+}

@@ -76,9 +76,8 @@ global_asm!(
     "2: lbu a0, 5(a0)",
     "DONE",
     ".option pop",
-    // g_mmio_compressed(a0 = UART base, a1 = value): a compressed c.sw to the scratch register
-    // (offset 7, via a0 + 4 + 3 alignment-free form: c.sw needs a 4-byte offset, so offset 4 = MCR),
-    // then a c.lw back; returns what was read.
+    // g_mmio_compressed(a0 = UART base, a1 = value): a compressed c.sw to the UART's MCR
+    // (offset 4: c.sw offsets are multiples of 4), then a c.lw back; returns what was read.
     ".globl g_mmio_compressed",
     "g_mmio_compressed:",
     ".option arch, +c",

@@ -35,7 +35,12 @@ const SNAPSHOT_AFTER: u32 = 100;
 pub fn staged() -> Option<(u64, u64)> {
     // SAFETY: the header page is inside RAM on every virt machine with at least 128 MiB; it
     // holds zeros (or OpenSBI never touches it) unless the loader device wrote it.
-    let (magic, len) = unsafe { (core::ptr::read_volatile(STAGE_HEADER as *const u64), core::ptr::read_volatile((STAGE_HEADER + 8) as *const u64)) };
+    let (magic, len) = unsafe {
+        (
+            core::ptr::read_volatile(STAGE_HEADER as *const u64),
+            core::ptr::read_volatile((STAGE_HEADER + 8) as *const u64),
+        )
+    };
     (magic == STAGE_MAGIC && len > 0 && len <= MAX_FILE).then_some((STAGE_ADDR, len))
 }
 
@@ -53,7 +58,8 @@ fn load(space: &mut Space, file: &[u8]) -> Result<u64, String> {
     };
     if elf::is_elf(file) {
         let mut segs = alloc::vec::Vec::new();
-        let entry = elf::load_segments(file, |s| segs.push(s)).map_err(|e| format!("not a loadable RISC-V ELF64 file: {e}"))?;
+        let entry =
+            elf::load_segments(file, |s| segs.push(s)).map_err(|e| format!("not a loadable RISC-V ELF64 file: {e}"))?;
         for s in segs {
             copy(s.paddr, &file[s.offset as usize..(s.offset + s.filesz) as usize])?;
         }
@@ -93,7 +99,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
             return 2;
         }
     };
-    let tree = fdt::guest_tree(GUEST_RAM, GUEST_RAM_LEN, crate::vm::hart().timebase, "rv64imafdc_zicsr_zifencei", Some(UART_GPA));
+    let tree = fdt::guest_tree(
+        GUEST_RAM,
+        GUEST_RAM_LEN,
+        crate::vm::hart().timebase,
+        "rv64imafdc_zicsr_zifencei",
+        Some(UART_GPA),
+    );
     match space.load_image(GuestPhysAddr::new(GUEST_DTB), &tree) {
         Ok(f) => space.flush_unloaded(f),
         Err(e) => {
@@ -103,9 +115,15 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         }
     }
     let mut vm = Vm::with_space(space, 1);
+    vm.uart.input = true;
     // Delegate the guest's own exceptions to it (Privileged 1.12 §8.2.2): misaligned fetch,
     // breakpoint, U-mode ecall, and its VS-stage page faults.
-    vm.hedeleg = (1 << 0) | (1 << cause::BREAKPOINT) | (1 << 8) | (1 << cause::INSN_PAGE) | (1 << cause::LOAD_PAGE) | (1 << cause::STORE_PAGE);
+    vm.hedeleg = (1 << 0)
+        | (1 << cause::BREAKPOINT)
+        | (1 << 8)
+        | (1 << cause::INSN_PAGE)
+        | (1 << cause::LOAD_PAGE)
+        | (1 << cause::STORE_PAGE);
     println!("guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{GUEST_RAM_LEN:#x}, dtb at {GUEST_DTB:#x}");
     // SAFETY: a fresh VS context: Bare vsatp, FS = Initial, no virtual interrupt pending.
     unsafe {
@@ -124,7 +142,12 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let status = loop {
         match vm.run() {
             Exit::Reset(r) => {
-                println!("\nguest reset: type {} reason {:#x} -> exit status {}", r.reset_type, r.reason, r.exit_status());
+                println!(
+                    "\nguest reset: type {} reason {:#x} -> exit status {}",
+                    r.reset_type,
+                    r.reason,
+                    r.exit_status()
+                );
                 break i32::from(r.exit_status());
             }
             Exit::Budget if snapshot.is_none() => {
@@ -148,7 +171,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
                 break 1;
             }
             Exit::Exception(t) => {
-                println!("\nguest stopped: {} (scause {}) at pc {:#x}, stval {:#x}", cause::name(t.scause), t.scause, t.sepc, t.stval);
+                println!(
+                    "\nguest stopped: {} (scause {}) at pc {:#x}, stval {:#x}",
+                    cause::name(t.scause),
+                    t.scause,
+                    t.sepc,
+                    t.stval
+                );
                 break 1;
             }
         }

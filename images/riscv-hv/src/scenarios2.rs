@@ -9,9 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use twostage_npt::riscv::Hgatp;
-use twostage_npt::{
-    AdClear, FrameAllocator, GuestVirtAddr, MapSize, MappingFlags, PageSize, Sv39x4, TableOptions,
-};
+use twostage_npt::{AdClear, FrameAllocator, GuestVirtAddr, MapSize, MappingFlags, PageSize, Sv39x4, TableOptions};
 use twostage_rvh::access::{self, GuestFaultKind};
 use twostage_rvh::csr::cause;
 use twostage_rvh::fault::{decode_guest_page_fault, TrapCsrs};
@@ -37,7 +35,13 @@ fn pte(gpa: u64) -> u64 {
 /// 0x2000 -> an unmapped GPA, 0x3000 invalid, 0x4000 -> read-only GPA, 0x5000 -> no-execute GPA.
 fn gva_world() -> Result<Vm, String> {
     let mut vm = test_vm(1)?;
-    for (p, fl) in [(PAGE_A, MappingFlags::RWX), (PAGE_B, MappingFlags::RWX), (PAGE_RO, MappingFlags::READ), (PAGE_NX, MappingFlags::RW), (PTE_LIST, MappingFlags::RW)] {
+    for (p, fl) in [
+        (PAGE_A, MappingFlags::RWX),
+        (PAGE_B, MappingFlags::RWX),
+        (PAGE_RO, MappingFlags::READ),
+        (PAGE_NX, MappingFlags::RW),
+        (PTE_LIST, MappingFlags::RW),
+    ] {
         vm.map_new(gpa(p), 4096, fl, PageSize::Size4K).map_err(String::from)?;
     }
     let ptes = [pte(PAGE_B), pte(PAGE_A), pte(NOWHERE), 0, pte(PAGE_RO), pte(PAGE_NX)];
@@ -105,7 +109,9 @@ pub fn recovered_faults() -> Verdict {
     // consults satp instead of vsatp to choose between the two); both are recovered the same way.
     let e = access::copy_from_guest_va(&mut h, GuestVirtAddr::new(0x3000), &mut buf).unwrap_err();
     ensure!(
-        matches!(e.kind, GuestFaultKind::GuestStage1 | GuestFaultKind::AccessFault) && e.gpa.is_none() && e.gva.as_u64() == 0x3000,
+        matches!(e.kind, GuestFaultKind::GuestStage1 | GuestFaultKind::AccessFault)
+            && e.gpa.is_none()
+            && e.gva.as_u64() == 0x3000,
         "{e}"
     );
     println!("# VS-stage invalid PTE via hlv: {e}");
@@ -117,21 +123,37 @@ pub fn recovered_faults() -> Verdict {
     ensure!(e.done == 8 && e.gva.as_u64() == 0x2000 && e.gpa == Some(gpa(NOWHERE)), "{e}");
     // hsv to a read-only GPA.
     let e = access::copy_to_guest_va(&mut h, GuestVirtAddr::new(0x4010), &[1; 8]).unwrap_err();
-    ensure!(e.kind == GuestFaultKind::GuestPage && e.access == twostage_npt::Access::Write && e.gpa == Some(gpa(PAGE_RO + 0x10)), "{e}");
+    ensure!(
+        e.kind == GuestFaultKind::GuestPage
+            && e.access == twostage_npt::Access::Write
+            && e.gpa == Some(gpa(PAGE_RO + 0x10)),
+        "{e}"
+    );
     // hlvx where the nested table maps nothing: a guest-page fault naming the GPA, as an execute.
     let e = access::fetch_guest_instruction(&mut h, GuestVirtAddr::new(0x2010)).unwrap_err();
-    ensure!(e.kind == GuestFaultKind::GuestPage && e.access == twostage_npt::Access::Execute && e.gpa == Some(gpa(NOWHERE + 0x10)), "{e}");
+    ensure!(
+        e.kind == GuestFaultKind::GuestPage
+            && e.access == twostage_npt::Access::Execute
+            && e.gpa == Some(gpa(NOWHERE + 0x10)),
+        "{e}"
+    );
     // hlvx on a GPA mapped without execute: the spec (§8.3.1) requires execute permission at
     // both stages; QEMU 7.2 checks only read at G-stage, so the fetch may succeed there.
     match access::fetch_guest_instruction(&mut h, GuestVirtAddr::new(0x5000)) {
-        Err(e) => ensure!(e.kind == GuestFaultKind::GuestPage && e.access == twostage_npt::Access::Execute && e.gpa == Some(gpa(PAGE_NX)), "{e}"),
+        Err(e) => ensure!(
+            e.kind == GuestFaultKind::GuestPage
+                && e.access == twostage_npt::Access::Execute
+                && e.gpa == Some(gpa(PAGE_NX)),
+            "{e}"
+        ),
         Ok(i) => println!("# hlvx on a G-stage no-execute page was allowed by this emulator (read {:#x})", i.raw),
     }
     // A non-canonical address and an odd pc are errors too, and the hypervisor carries on.
     let e = access::copy_from_guest_va(&mut h, GuestVirtAddr::new(0xdead_beef_0000_0000), &mut buf).unwrap_err();
     println!("# non-canonical GVA: {e}");
     ensure!(access::fetch_guest_instruction(&mut h, GuestVirtAddr::new(0x101)).is_err(), "odd pc fetched");
-    access::copy_from_guest_va(&mut h, GuestVirtAddr::new(0x1000), &mut buf).map_err(|e| format!("after faults: {e}"))?;
+    access::copy_from_guest_va(&mut h, GuestVirtAddr::new(0x1000), &mut buf)
+        .map_err(|e| format!("after faults: {e}"))?;
     drop(vm);
     Ok(())
 }
@@ -155,10 +177,17 @@ pub fn implicit_walk() -> Verdict {
         flt.info.access_flags,
         flt.is_implicit()
     );
-    ensure!(flt.info.fault_guest_paddr.align_down(4096) == gpa(PT_L0), "fault GPA {:?} is not the L0 table", flt.info.fault_guest_paddr);
+    ensure!(
+        flt.info.fault_guest_paddr.align_down(4096) == gpa(PT_L0),
+        "fault GPA {:?} is not the L0 table",
+        flt.info.fault_guest_paddr
+    );
     ensure!(flt.info.fault_guest_paddr.as_u64() & 0xff8 == 8, "PTE index 1 expected");
     // Give it back; the retried load walks and completes.
-    let f = vm.table_mut().map(gpa(PT_L0), l0_frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
+    let f = vm
+        .table_mut()
+        .map(gpa(PT_L0), l0_frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K))
+        .map_err(|e| format!("{e:?}"))?;
     vm.apply(f);
     ensure!(done(vm.run())? == 0x77, "load after restoring the table");
     Ok(())
@@ -183,7 +212,10 @@ pub fn remap() -> Verdict {
     unsafe { (new.as_u64() as *mut u64).write_volatile(0x2222) };
     let f = vm.table_mut().unmap(gpa(p), 4096).map_err(|e| format!("{e:?}"))?;
     vm.apply(f);
-    let f = vm.table_mut().map(gpa(p), new, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?;
+    let f = vm
+        .table_mut()
+        .map(gpa(p), new, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K))
+        .map_err(|e| format!("{e:?}"))?;
     let before = vm.stats.gvma_addr + vm.stats.gvma_vmid;
     vm.apply(f);
     // SAFETY: `old` is unmapped and fenced.
@@ -236,7 +268,9 @@ pub fn ad_bits() -> Verdict {
     vm.map_new(gpa(base), 8 * 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
     let harvest = |vm: &mut Vm, clear: AdClear| {
         let mut seen = Vec::new();
-        let f = vm.table_mut().take_accessed_dirty(gpa(base), 8 * 4096, clear, |l| seen.push(((l.gpa.as_u64() - base) / 4096, l.accessed, l.dirty)));
+        let f = vm.table_mut().take_accessed_dirty(gpa(base), 8 * 4096, clear, |l| {
+            seen.push(((l.gpa.as_u64() - base) / 4096, l.accessed, l.dirty))
+        });
         vm.apply(f);
         seen
     };
@@ -294,7 +328,13 @@ pub fn hostile() -> Verdict {
 }
 
 /// One run of a guest over an address space, resolving its faults through it.
-fn run_space(space: &mut twostage_aspace::AddressSpace<Sv39x4, &'static twostage_rvh::frames::BitmapFrames>, hgatp: Hgatp, regs: &mut VcpuRegs, r: Routine, args: &[u64]) -> Result<u64, String> {
+fn run_space(
+    space: &mut twostage_aspace::AddressSpace<Sv39x4, &'static twostage_rvh::frames::BitmapFrames>,
+    hgatp: Hgatp,
+    regs: &mut VcpuRegs,
+    r: Routine,
+    args: &[u64],
+) -> Result<u64, String> {
     regs.gpr[10..10 + args.len()].copy_from_slice(args);
     let mut pc = CODE + crate::guest::offset(r);
     let vmid = hgatp.vmid();
@@ -311,7 +351,8 @@ fn run_space(space: &mut twostage_aspace::AddressSpace<Sv39x4, &'static twostage
         match t.scause {
             cause::ECALL_VS if regs.gpr[17] == twostage_rvh::sbi::eid::TWOSTAGE_TEST => return Ok(regs.gpr[10]),
             cause::INSN_GUEST_PAGE | cause::LOAD_GUEST_PAGE | cause::STORE_GUEST_PAGE => {
-                let c = TrapCsrs { scause: t.scause, stval: t.stval, htval: t.htval, htinst: t.htinst, gva_valid: true };
+                let c =
+                    TrapCsrs { scause: t.scause, stval: t.stval, htval: t.htval, htinst: t.htinst, gva_valid: true };
                 let f = decode_guest_page_fault(&c).map_err(|e| format!("{e}"))?;
                 match space.handle_fault(f.info) {
                     twostage_aspace::FaultOutcome::Resolved { flush } => space.flush(flush, |inv| {
@@ -331,13 +372,16 @@ pub fn cow_fork() -> Verdict {
     let caps = hart().caps;
     let free0 = frames().free();
     {
-        let mut parent = AddressSpace::<Sv39x4, _>::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
+        let mut parent = AddressSpace::<Sv39x4, _>::new(frames(), TableOptions::for_format::<Sv39x4>())
+            .map_err(|e| format!("{e:?}"))?;
         let ram = twostage_npt::GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
-        let (_, f) = parent.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e:?}"))?;
+        let (_, f) =
+            parent.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e:?}"))?;
         parent.flush_unloaded(f);
         let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{:?}", e.error))?;
         parent.flush_unloaded(f);
-        let hp = Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hp =
+            Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
         // SAFETY: a fresh VS context.
         unsafe { hw::vsatp::write(0) };
         let mut regs = VcpuRegs::new();
@@ -349,14 +393,24 @@ pub fn cow_fork() -> Verdict {
         parent.flush(f, |inv| {
             let _ = twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
         });
-        let hc = Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hc =
+            Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
         let mut cregs = VcpuRegs::new();
-        ensure!(run_space(&mut child, hc, &mut cregs, Routine::Load64, &[x])? == 0x1111, "child reads the parent's page");
+        ensure!(
+            run_space(&mut child, hc, &mut cregs, Routine::Load64, &[x])? == 0x1111,
+            "child reads the parent's page"
+        );
         run_space(&mut child, hc, &mut cregs, Routine::Store64, &[x, 0x2222])?;
         ensure!(run_space(&mut child, hc, &mut cregs, Routine::Load64, &[x])? == 0x2222, "child sees its write");
-        ensure!(run_space(&mut parent, hp, &mut regs, Routine::Load64, &[x])? == 0x1111, "parent isolated from the child's write");
+        ensure!(
+            run_space(&mut parent, hp, &mut regs, Routine::Load64, &[x])? == 0x1111,
+            "parent isolated from the child's write"
+        );
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[y, 0x6666])?;
-        ensure!(run_space(&mut child, hc, &mut cregs, Routine::Load64, &[y])? == 0x5555, "child isolated from the parent's write");
+        ensure!(
+            run_space(&mut child, hc, &mut cregs, Routine::Load64, &[y])? == 0x5555,
+            "child isolated from the parent's write"
+        );
         let (ps, cs) = (parent.stats(), child.stats());
         println!(
             "# fork: parent cow copies {} reuses {}, child cow copies {} reuses {}; frames in use {}",

@@ -9,7 +9,10 @@ use alloc::vec::Vec;
 use twostage_aspace::{Backend, SpaceFlush};
 use twostage_npt::{GpaRange, MappingFlags, Sv39x4, TableOptions};
 
-fn ok_flush<E: core::fmt::Debug>(vm: &mut Vm, r: Result<SpaceFlush<Sv39x4>, twostage_aspace::Failed<E, Sv39x4>>) -> Verdict {
+fn ok_flush<E: core::fmt::Debug>(
+    vm: &mut Vm,
+    r: Result<SpaceFlush<Sv39x4>, twostage_aspace::Failed<E, Sv39x4>>,
+) -> Verdict {
     match r {
         Ok(f) => {
             vm.apply_space(f);
@@ -30,7 +33,8 @@ pub fn space_guest() -> Verdict {
     {
         let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
         let ram = GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
-        let (_, f) = space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
+        let (_, f) =
+            space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
         space.flush_unloaded(f);
         let uart = GpaRange::from_start_len(gpa(UART_GPA), 0x1000).ok_or("range")?;
         let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
@@ -39,6 +43,7 @@ pub fn space_guest() -> Verdict {
         space.flush_unloaded(f);
         let mut vm = Vm::with_space(space, 4);
         vm.uart.echo = false;
+        vm.uart.record = true;
         fresh_vs_context(&vm);
         // Demand-zero through the space.
         done(call(&mut vm, Routine::Store64, &[0x8040_0000, 5]))?;
@@ -79,7 +84,10 @@ pub fn space_guest() -> Verdict {
         let space = vm.space_mut().ok_or("not a space VM")?;
         let stop = space.stop_dirty_log();
         ok_flush(&mut vm, stop)?;
-        println!("# address space ({mode:?}): dirty {first:?} then {second:?}; {} faults resolved by it", vm.stats.space_resolved);
+        println!(
+            "# address space ({mode:?}): dirty {first:?} then {second:?}; {} faults resolved by it",
+            vm.stats.space_resolved
+        );
     }
     ensure!(frames().free() == free0, "{} frames leaked", free0 - frames().free());
     Ok(())
@@ -136,8 +144,12 @@ fn wide_format<F: twostage_npt::riscv::GStageFormat>(high: u64) -> Verdict {
         core::ptr::write_bytes(data.as_u64() as *mut u8, 0, 4096);
     }
     let mut result = (|| -> Verdict {
-        t.map(gpa(CODE), code, code_len, MappingFlags::RWX, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?.ignore();
-        t.map(gpa(high), data, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).map_err(|e| format!("{e:?}"))?.ignore();
+        t.map(gpa(CODE), code, code_len, MappingFlags::RWX, MapSize::Exactly(PageSize::Size4K))
+            .map_err(|e| format!("{e:?}"))?
+            .ignore();
+        t.map(gpa(high), data, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K))
+            .map_err(|e| format!("{e:?}"))?
+            .ignore();
         run_on_table(&t, 5, Routine::Store64, &[high + 0x18, 0x4848])?;
         ensure!(run_on_table(&t, 5, Routine::Load64, &[high + 0x18])? == 0x4848, "load back");
         let (h, _) = t.translate(gpa(high + 0x18)).ok_or("unmapped")?;
@@ -177,5 +189,105 @@ pub fn wide_formats() -> Verdict {
     }
     println!("# wide G-stage formats run: {ran:?}");
     ensure!(!ran.is_empty() || !(caps.sv48x4 || caps.sv57x4), "nothing ran");
+    Ok(())
+}
+
+/// xorshift64* (Marsaglia; Vigna's multiplier): a fixed-seed generator, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Random instruction words and random registers, run in VS-mode: every run must end in an exit
+/// the hypervisor reports (a watchdog ends loops and WFIs), and the hypervisor must carry on.
+pub fn random_guest() -> Verdict {
+    use crate::scenarios::{describe, test_vm};
+    use crate::vm::Exit;
+    use twostage_npt::PageSize;
+    let free0 = frames().free();
+    let mut kinds: [u32; 5] = [0; 5];
+    let mut rng = Rng(0x7477_6f73_7461_6765);
+    const RUNS: u32 = 300;
+    {
+        let mut vm = test_vm(6)?;
+        vm.uart.record = false;
+        let page = 0x8000_a000;
+        vm.map_new(gpa(page), 4096, MappingFlags::RWX, PageSize::Size4K).map_err(String::from)?;
+        let mut steps = 0u32;
+        for run in 0..RUNS {
+            // Mostly well-formed 32-bit encodings of the major opcodes (loads, stores, ALU, jumps,
+            // branches, SYSTEM incl. ecall/CSR/WFI/fences, AMOs), some raw and compressed words.
+            const MAJOR: [u32; 12] = [0x03, 0x23, 0x13, 0x33, 0x37, 0x17, 0x63, 0x6f, 0x67, 0x73, 0x2f, 0x0f];
+            let words: Vec<u8> = (0..1024)
+                .flat_map(|_| {
+                    let r = rng.next();
+                    let w = match r % 16 {
+                        0 | 1 => r as u32 >> 8,
+                        2 | 3 => (r >> 16) as u32 & 0xffff_fffc | 0x1,
+                        4 | 5 => 0x0000_0073, // ecall
+                        6 => 0x1050_0073,     // wfi
+                        _ => (r >> 16) as u32 & !0x7f | MAJOR[(r >> 8) as usize % MAJOR.len()],
+                    };
+                    w.to_le_bytes()
+                })
+                .collect();
+            vm.phys().copy_to_guest(gpa(page), &words).map_err(|e| format!("{e}"))?;
+            for r in vm.regs.gpr.iter_mut().skip(1) {
+                // Half the registers point into the guest's RAM, half are anything.
+                *r = if rng.next() & 1 == 0 { CODE + (rng.next() % (8 << 20)) } else { rng.next() };
+            }
+            // a7/a6: often an SBI extension and function the hypervisor serves.
+            use twostage_rvh::sbi::eid;
+            const EIDS: [u64; 8] = [0, 1, 2, eid::BASE, eid::TIME, eid::DBCN, eid::SRST, eid::TWOSTAGE_TEST];
+            if rng.next() & 1 == 0 {
+                vm.regs.gpr[17] = EIDS[(rng.next() % 8) as usize];
+                vm.regs.gpr[16] = rng.next() % 4;
+            }
+            fresh_vs_context(&vm);
+            vm.pc = page + 4 * (rng.next() % 1024);
+            vm.watchdog = Some(twostage_rvh::hw::rdtime() + 20_000); // 2 ms at 10 MHz
+                                                                     // Skip whatever the guest could not do and let it carry on, up to 16 exits per run.
+            for _ in 0..16 {
+                vm.budget = 64;
+                let exit = vm.run();
+                steps += 1;
+                let k = match exit {
+                    Exit::Fault(..) => 0,
+                    Exit::Exception(..) => 1,
+                    Exit::Budget => 2,
+                    Exit::Reset(_) => 3,
+                    Exit::Test { .. } => 4,
+                };
+                kinds[k] += 1;
+                if run < 2 {
+                    println!("# random run {run}: {}", describe(&exit));
+                }
+                match exit {
+                    Exit::Budget => break,
+                    Exit::Fault(..) | Exit::Exception(..) | Exit::Reset(_) => vm.pc = vm.pc.wrapping_add(4),
+                    Exit::Test { .. } => {}
+                }
+            }
+        }
+        println!(
+            "# {RUNS} random runs, {steps} exits handed back: {} unresolved guest-page faults, {} other exceptions, {} budget/watchdog, {} resets, {} hypercalls; {} pages demand-mapped, {} SBI calls, {} MMIO",
+            kinds[0],
+            kinds[1],
+            kinds[2],
+            kinds[3],
+            kinds[4],
+            vm.stats.demand_zero,
+            vm.stats.sbi_calls,
+            vm.stats.mmio_reads + vm.stats.mmio_writes
+        );
+    }
+    ensure!(kinds[2] <= RUNS, "more budget ends than runs");
+    ensure!(frames().free() == free0, "{} frames leaked", free0 - frames().free());
     Ok(())
 }

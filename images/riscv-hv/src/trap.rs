@@ -22,7 +22,6 @@ impl VcpuRegs {
     }
 }
 
-
 // The VS-mode entry: saves the host's callee-saved registers in `VcpuRegs.host`, points sscratch
 // at the VcpuRegs and stvec at `guest_exit`, loads the guest's registers and SRETs (with
 // hstatus.SPV = 1 and sstatus.SPP = 1 set by the caller, SRET enters VS-mode: Privileged 1.12

@@ -11,11 +11,12 @@ use twostage_npt::{
     PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::csr::{cause, irq};
-use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, HtinstInfo, TrapCsrs};
+use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, TrapCsrs};
 use twostage_rvh::frames::BitmapFrames;
-use twostage_rvh::insn::{self, MemOp};
+use twostage_rvh::hw;
+use twostage_rvh::insn::MemOp;
+use twostage_rvh::mmio::{self, Ns16550};
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
-use twostage_rvh::{access, hw};
 
 /// The nested table type every VM here uses.
 pub type Table = PageTable<Sv39x4, &'static BitmapFrames>;
@@ -118,14 +119,19 @@ pub enum Exit {
     Budget,
 }
 
-/// The emulated UART's state.
+/// The emulated UART: the device model from twostage-rvh plus what this hypervisor does with it.
 #[derive(Default)]
 pub struct Uart {
-    /// Bytes written to THR.
+    /// Register state.
+    pub dev: Ns16550,
+    /// Bytes the guest wrote to its console (UART THR and SBI console calls), when `record` is set.
     pub out: Vec<u8>,
-    /// Echo THR bytes to the console.
+    /// Keep what the guest writes in `out` (the scenarios; a long-running guest would fill the heap).
+    pub record: bool,
+    /// Echo transmitted bytes to the console.
     pub echo: bool,
-    scratch: u64,
+    /// Feed the receiver from the hypervisor's console (SBI console_getchar); off in the scenarios.
+    pub input: bool,
 }
 
 /// One guest.
@@ -152,6 +158,11 @@ pub struct Vm {
     pub hedeleg: u64,
     /// Exits allowed per `run` call.
     pub budget: u32,
+    /// A host time after which `run` gives up with [`Exit::Budget`] even if the guest never
+    /// exits on its own (a loop, a WFI with nothing to wake it).
+    pub watchdog: Option<u64>,
+    /// The guest's own timer deadline (SBI set_timer), pending injection.
+    guest_timer: Option<u64>,
 }
 
 impl Vm {
@@ -185,6 +196,8 @@ impl Vm {
             stats: Stats::default(),
             hedeleg: 0,
             budget: 100_000,
+            watchdog: None,
+            guest_timer: None,
         }
     }
 
@@ -254,7 +267,13 @@ impl Vm {
     }
 
     /// Allocates zeroed frames and maps them at `gpa` with `flags` in pages of `size`.
-    pub fn map_new(&mut self, gpa: GuestPhysAddr, len: u64, flags: MappingFlags, size: PageSize) -> Result<HostPhysAddr, &'static str> {
+    pub fn map_new(
+        &mut self,
+        gpa: GuestPhysAddr,
+        len: u64,
+        flags: MappingFlags,
+        size: PageSize,
+    ) -> Result<HostPhysAddr, &'static str> {
         let frames_n = (len / 4096) as usize;
         let align = (size.bytes() / 4096) as usize;
         let hpa = frames().allocate_frames(frames_n, align).ok_or("out of frames")?;
@@ -297,9 +316,16 @@ impl Vm {
         }
     }
 
+    /// Programs the host timer (SBI set_timer) for the earlier of the guest's deadline and the
+    /// watchdog; the hart's one supervisor timer serves both.
+    fn arm_host_timer(&self) {
+        boot::sbi_set_timer(self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX)));
+    }
+
     /// Runs the guest from `self.pc` until an exit the VM does not handle itself.
     pub fn run(&mut self) -> Exit {
         self.load_csrs();
+        self.arm_host_timer();
         for _ in 0..self.budget {
             // SAFETY: the table maps only frames this VM was given; hgatp is loaded above.
             let t = unsafe { trap::run_guest(&mut self.regs, self.pc) };
@@ -307,11 +333,20 @@ impl Vm {
             if t.scause & cause::INTERRUPT != 0 {
                 self.stats.irq_exits += 1;
                 if t.scause & !cause::INTERRUPT == irq::STI {
-                    // The guest's timer fired: inject VSTIP (§8.2.3 hvip bit 6), quiet the host timer.
-                    // SAFETY: hvip only raises a virtual interrupt for the guest.
-                    unsafe { hw::hvip::set(1 << irq::VSTI) };
-                    boot::sbi_set_timer(u64::MAX);
-                    self.stats.timer_injections += 1;
+                    let now = hw::rdtime();
+                    if self.guest_timer.is_some_and(|d| now >= d) {
+                        // The guest's timer fired: inject VSTIP (§8.2.3 hvip bit 6).
+                        // SAFETY: hvip only raises a virtual interrupt for the guest.
+                        unsafe { hw::hvip::set(1 << irq::VSTI) };
+                        self.guest_timer = None;
+                        self.stats.timer_injections += 1;
+                    }
+                    if self.watchdog.is_some_and(|w| now >= w) {
+                        self.watchdog = None;
+                        self.arm_host_timer();
+                        return Exit::Budget;
+                    }
+                    self.arm_host_timer();
                 }
                 continue;
             }
@@ -327,15 +362,15 @@ impl Vm {
                         SbiOutcome::Return { error, value } => {
                             self.regs.gpr[10] = error as u64;
                             self.regs.gpr[11] = value as u64;
-                            self.pc += 4;
+                            self.pc = self.pc.wrapping_add(4);
                         }
                         SbiOutcome::LegacyReturn { value } => {
                             self.regs.gpr[10] = value as u64;
-                            self.pc += 4;
+                            self.pc = self.pc.wrapping_add(4);
                         }
                         SbiOutcome::Reset(r) => return Exit::Reset(r),
                         SbiOutcome::Test { fid, args } => {
-                            self.pc += 4;
+                            self.pc = self.pc.wrapping_add(4);
                             return Exit::Test { fid, args };
                         }
                     }
@@ -402,46 +437,25 @@ impl Vm {
     /// Decodes the faulting load/store (htinst, or the instruction fetched with HLVX) and emulates
     /// it against the UART. Returns false if it cannot be decoded.
     fn emulate_mmio(&mut self, gpa: GuestPhysAddr, f: &GuestPageFault, t: ExitCsrs) -> bool {
-        let access = match f.htinst {
-            HtinstInfo::Transformed(m) => m,
-            _ => {
-                // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
-                let mut hlv = unsafe { hw::Hlv::new() };
-                let Ok(insn) = access::fetch_guest_instruction(&mut hlv, GuestVirtAddr::new(t.sepc)) else { return false };
-                let Ok(m) = insn::decode_mem_access(insn.raw) else { return false };
-                m
-            }
-        };
-        let off = gpa.as_u64() - UART_GPA;
+        // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
+        let mut hlv = unsafe { hw::Hlv::new() };
+        let Ok(access) = mmio::decode_access(f, GuestVirtAddr::new(t.sepc), &mut hlv) else { return false };
         match access.op {
-            MemOp::Store { rs2 } => {
-                self.stats.mmio_writes += 1;
-                let v = self.regs.gpr[rs2 as usize];
-                match off {
-                    0 => {
-                        self.uart.out.push(v as u8);
-                        if self.uart.echo {
-                            boot::putchar(v as u8);
-                        }
-                    }
-                    4 | 7 => self.uart.scratch = v,
-                    _ => {}
-                }
-            }
-            MemOp::Load { rd, signed } => {
-                self.stats.mmio_reads += 1;
-                // LSR (offset 5): THR empty and transmitter idle (bits 5, 6) (ns16550 datasheet).
-                let v = match off {
-                    5 => 0x60,
-                    4 | 7 => self.uart.scratch,
-                    _ => 0,
-                };
-                if rd != 0 {
-                    self.regs.gpr[rd as usize] = insn::extend_loaded(v, access.width, signed);
-                }
-            }
+            MemOp::Store { .. } => self.stats.mmio_writes += 1,
+            MemOp::Load { .. } => self.stats.mmio_reads += 1,
         }
-        self.pc += u64::from(access.insn_len);
+        let input = self.uart.input;
+        let sent = mmio::emulate_uart(&mut self.uart.dev, gpa.as_u64() - UART_GPA, access, &mut self.regs.gpr, || {
+            if input {
+                boot::getchar()
+            } else {
+                None
+            }
+        });
+        if let Some(c) = sent {
+            self.putchar(c);
+        }
+        self.pc = self.pc.wrapping_add(u64::from(access.insn_len));
         true
     }
 
@@ -476,7 +490,14 @@ impl Vm {
         println!("MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes);
         println!("flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid);
         println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
-        println!("host frames in use={} high water={}", frames().in_use(), frames().high_water());
+        let heap = boot::heap_stats();
+        println!(
+            "host frames in use={} high water={}; heap in use={} KiB of {} KiB carved",
+            frames().in_use(),
+            frames().high_water(),
+            heap.in_use >> 10,
+            heap.carved >> 10
+        );
         if let Some(space) = self.space() {
             let st = space.stats();
             println!(
@@ -489,8 +510,15 @@ impl Vm {
 }
 
 impl SbiBackend for Vm {
+    /// The SBI console and the UART share the guest's console: shown when `uart.echo` is set,
+    /// recorded in `uart.out` when `uart.record` is.
     fn putchar(&mut self, c: u8) {
-        boot::putchar(c);
+        if self.uart.echo {
+            boot::putchar(c);
+        }
+        if self.uart.record {
+            self.uart.out.push(c);
+        }
     }
     fn getchar(&mut self) -> Option<u8> {
         boot::getchar()
@@ -503,9 +531,10 @@ impl SbiBackend for Vm {
         }
     }
     fn set_timer(&mut self, deadline: u64) {
-        // SAFETY: clears the injected virtual timer interrupt (§8.2.3).
+        // SAFETY: clears the injected virtual timer interrupt (§8.2.3), as set_timer must (SBI §6.1).
         unsafe { hw::hvip::clear(1 << irq::VSTI) };
-        boot::sbi_set_timer(deadline);
+        self.guest_timer = Some(deadline);
+        self.arm_host_timer();
     }
 }
 
@@ -557,8 +586,14 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
     let staged = crate::loader::staged();
     // SAFETY: RAM from the device tree, identity-mapped; the image, the device tree and the
     // staged guest are reserved below before any allocation.
-    let fr = unsafe { BitmapFrames::new(HostPhysAddr::new(image_end), image_end as usize, ((ram + ram_len - image_end) / 4096) as usize) }
-        .expect("RAM fits the bitmap");
+    let fr = unsafe {
+        BitmapFrames::new(
+            HostPhysAddr::new(image_end),
+            image_end as usize,
+            ((ram + ram_len - image_end) / 4096) as usize,
+        )
+    }
+    .expect("RAM fits the bitmap");
     let fr = Box::leak(Box::new(fr));
     fr.reserve(HostPhysAddr::new(dtb as u64), HostPhysAddr::new(dtb as u64 + blob.len() as u64));
     if let Some((base, len)) = staged {
@@ -566,7 +601,11 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
     }
     FRAMES.store(fr, Ordering::Release);
     let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("checked above");
-    let isa = fdt.find("cpu@", 2, "riscv,isa").ok().flatten().and_then(|v| core::str::from_utf8(v.strip_suffix(&[0]).unwrap_or(v)).ok());
+    let isa = fdt
+        .find("cpu@", 2, "riscv,isa")
+        .ok()
+        .flatten()
+        .and_then(|v| core::str::from_utf8(v.strip_suffix(&[0]).unwrap_or(v)).ok());
     let timebase = fdt
         .find("cpus", 1, "timebase-frequency")
         .ok()
