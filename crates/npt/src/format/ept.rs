@@ -110,6 +110,18 @@ macro_rules! ept_format {
             fn decode(raw: u64, level: usize) -> Pte {
                 decode(raw, level)
             }
+            #[inline]
+            fn present(raw: u64) -> bool {
+                raw & (EPT_READ | EPT_WRITE | EPT_EXECUTE) != 0
+            }
+            #[inline]
+            fn is_leaf(raw: u64, level: usize) -> bool {
+                level == 0 || ((level == 1 || level == 2) && raw & EPT_LARGE != 0)
+            }
+            #[inline]
+            fn address(raw: u64) -> HostPhysAddr {
+                HostPhysAddr::new_truncate(raw & EPT_ADDR_MASK)
+            }
             fn encode_table(next: HostPhysAddr) -> u64 {
                 encode_table(next)
             }

@@ -78,6 +78,12 @@ pub trait Format: Sized + 'static {
 
     /// Decodes a raw entry found at `level`.
     fn decode(raw: u64, level: usize) -> Pte;
+    /// Whether a raw entry is present: a mask test, for the hot walks that must not decode.
+    fn present(raw: u64) -> bool;
+    /// Whether a present raw entry at `level` maps a page (rather than pointing at a table).
+    fn is_leaf(raw: u64, level: usize) -> bool;
+    /// The address field of a present entry (the next table, or the page).
+    fn address(raw: u64) -> HostPhysAddr;
     /// Encodes a pointer to a next-level table.
     fn encode_table(next: HostPhysAddr) -> u64;
     /// Encodes a leaf at `level` (flags already checked with [`Format::check_flags`]).

@@ -101,6 +101,18 @@ macro_rules! gstage_format {
             fn decode(raw: u64, level: usize) -> Pte {
                 decode(raw, level)
             }
+            #[inline]
+            fn present(raw: u64) -> bool {
+                raw & PTE_V != 0
+            }
+            #[inline]
+            fn is_leaf(raw: u64, _level: usize) -> bool {
+                raw & (PTE_R | PTE_W | PTE_X) != 0
+            }
+            #[inline]
+            fn address(raw: u64) -> HostPhysAddr {
+                ppn_to_hpa(raw)
+            }
             fn encode_table(next: HostPhysAddr) -> u64 {
                 encode_table(next)
             }

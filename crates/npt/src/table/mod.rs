@@ -279,6 +279,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         plan: &mut Plan<'_, F>,
     ) -> Result<(), MapError> {
         let mut off = 0;
+        let mut cursor = None;
         while off < len {
             let (va, pa) = (gpa.as_u64() + off, hpa.as_u64() + off);
             let mut level = match size {
@@ -286,7 +287,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 MapSize::Largest => self.largest_level(va, pa, len - off),
             };
             loop {
-                match self.map_one(va, pa, level, flags, plan) {
+                match self.map_one(va, pa, level, flags, plan, &mut cursor) {
                     Ok(()) => break,
                     Err(Step::Descend) if size == MapSize::Largest && level > 0 => {
                         level = (0..level).rev().find(|&l| self.level_allowed(l)).unwrap_or(0);
@@ -314,6 +315,9 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             .unwrap_or(0)
     }
 
+    /// Maps one page at `level`. `cursor` remembers the last table that held a leaf entry (its
+    /// level, the key of the block it covers, its address), so that a run of pages in one table
+    /// does not walk from the root for each page.
     fn map_one(
         &mut self,
         va: u64,
@@ -321,9 +325,17 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         level: usize,
         flags: MappingFlags,
         plan: &mut Plan<'_, F>,
+        cursor: &mut Option<(usize, u64, HostPhysAddr)>,
     ) -> Result<(), Step> {
+        let key = va >> (12 + 9 * (level + 1));
         let mut table = self.root;
         let mut l = F::LEVELS - 1;
+        if let Some((cl, ck, ct)) = *cursor {
+            if cl == level && ck == key {
+                table = ct;
+                l = level;
+            }
+        }
         while l > level {
             let idx = F::index(va, l);
             let raw = self.entry(table, idx).load(Ordering::Acquire);
@@ -353,6 +365,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             l -= 1;
         }
+        *cursor = Some((level, key, table));
         let idx = F::index(va, level);
         let entry = self.entry(table, idx);
         match F::decode(entry.load(Ordering::Acquire), level) {
@@ -372,24 +385,46 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// The leaf that maps `gpa`, if any.
     pub fn query(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
-        if gpa.as_u64() >> F::GPA_BITS != 0 {
+        let (raw, level) = self.leaf_entry(gpa)?;
+        match F::decode(raw, level) {
+            Pte::Leaf(l) => Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
+            _ => None,
+        }
+    }
+
+    /// The raw leaf entry mapping `gpa` and its level: a walk that tests masks and decodes
+    /// nothing (the hot path of every query, translation and fault).
+    #[inline]
+    fn leaf_entry(&self, gpa: GuestPhysAddr) -> Option<(u64, usize)> {
+        let va = gpa.as_u64();
+        if va >> F::GPA_BITS != 0 {
             return None;
         }
         let mut table = self.root;
-        for level in (0..F::LEVELS).rev() {
-            let raw = self.entry(table, F::index(gpa.as_u64(), level)).load(Ordering::Acquire);
-            match F::decode(raw, level) {
-                Pte::Invalid => return None,
-                Pte::Table(next) => table = next,
-                Pte::Leaf(l) => return Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
+        let mut level = F::LEVELS - 1;
+        loop {
+            let raw = self.entry(table, F::index(va, level)).load(Ordering::Acquire);
+            if !F::present(raw) {
+                return None;
             }
+            if F::is_leaf(raw, level) {
+                return Some((raw, level));
+            }
+            if level == 0 {
+                return None;
+            }
+            table = F::address(raw);
+            level -= 1;
         }
-        None
     }
 
     /// The host address `gpa` maps to, with the rights of its leaf.
     pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
-        self.query(gpa).map(|l| (l.translate(gpa), l.flags))
+        let (raw, level) = self.leaf_entry(gpa)?;
+        match F::decode(raw, level) {
+            Pte::Leaf(l) => Some((l.hpa + gpa.offset_in(level_size(level)), l.flags)),
+            _ => None,
+        }
     }
 
     /// Calls `f` for every leaf that overlaps `gpa..gpa+len`, in address order.

@@ -103,6 +103,14 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         self.walk_range(child, level - 1, b, s, e, op, plan);
                     }
                 }
+                // A whole table inside the range: unlink it with one store, retire its subtree.
+                Pte::Table(child) if matches!(op, Op::Unmap) && s == b && e == b + span => {
+                    if let Plan::Real { flush, .. } = plan {
+                        self.entry(table, i).store(0, Ordering::Release);
+                        self.retire_subtree(child, level - 1);
+                        flush.note_nonleaf();
+                    }
+                }
                 Pte::Table(child) => {
                     let empty = self.walk_range(child, level - 1, b, s, e, op, plan);
                     if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut *plan) {
@@ -119,13 +127,30 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             && (0..F::entries(level)).all(|j| self.entry(table, j).load(Ordering::Relaxed) == 0)
     }
 
+    /// Retires `table` (at `level`) and every table below it.
+    fn retire_subtree(&mut self, table: HostPhysAddr, level: usize) {
+        if level > 0 {
+            for j in 0..F::entries(level) {
+                let raw = self.entry(table, j).load(Ordering::Relaxed);
+                if F::present(raw) && !F::is_leaf(raw, level) {
+                    self.retire_subtree(F::address(raw), level - 1);
+                }
+            }
+        }
+        self.retire(table);
+    }
+
     /// Replaces a leaf entry, keeping A/D bits the hardware may have set since it was read.
     fn store_leaf(&self, table: HostPhysAddr, idx: usize, old: u64, new: u64) {
         let entry = self.entry(table, idx);
+        if new == 0 {
+            entry.store(0, Ordering::Release);
+            return;
+        }
         let ad = F::ACCESSED | F::DIRTY;
         let mut cur = old;
         loop {
-            let want = if new == 0 { 0 } else { new | (cur & ad) };
+            let want = new | (cur & ad);
             match entry.compare_exchange(cur, want, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 // Only the hardware changes an entry behind our back, and only its A/D bits.
@@ -317,7 +342,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         while i < F::entries(level) && base + i as u64 * span < end {
             let b = base + i as u64 * span;
             let entry = self.entry(table, i);
-            match F::decode(entry.load(Ordering::Acquire), level) {
+            let raw = entry.load(Ordering::Acquire);
+            // Leaf tables dominate: a mask test skips clean and empty entries without decoding.
+            if raw & (F::ACCESSED | F::DIRTY) == 0 && (level == 0 || !F::present(raw) || F::is_leaf(raw, level)) {
+                i += 1;
+                continue;
+            }
+            match F::decode(raw, level) {
                 Pte::Invalid => {}
                 Pte::Table(next) => self.ad_walk(next, level - 1, b, start, end, mask, flush, f),
                 Pte::Leaf(l) if l.accessed || l.dirty => {
