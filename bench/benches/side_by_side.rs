@@ -7,6 +7,7 @@ use criterion::Criterion;
 use twostage_bench::{copy, engine, gva, report, space};
 
 fn main() {
+    let started = std::time::SystemTime::now();
     let dir = report::criterion_dir();
     // Criterion and the table read the same directory.
     std::env::set_var("CRITERION_HOME", &dir);
@@ -16,7 +17,8 @@ fn main() {
     // 1 GiB: too slow under a profiler).
     let only = std::env::var("TWOSTAGE_BENCH_GROUPS").ok();
     let want = |group: &str| only.as_deref().is_none_or(|v| v.split(',').any(|p| group.starts_with(p.trim())));
-    let groups: [(&str, fn(&mut Criterion)); 8] = [
+    type Group = (&'static str, fn(&mut Criterion));
+    let groups: [Group; 8] = [
         ("map", engine::map_unmap),
         ("query", engine::query),
         ("faults", space::faults_populate),
@@ -32,7 +34,7 @@ fn main() {
         }
     }
     c.final_summary();
-    match report::write(&dir) {
+    match report::write(&dir, started) {
         Ok(path) => println!("table written to {}", path.display()),
         Err(e) => eprintln!("cannot write the table in {}: {e}", dir.display()),
     }

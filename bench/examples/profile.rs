@@ -1,8 +1,8 @@
 //! One workload of the benchmark at a time, a fixed number of operations, for a profiler:
 //! `valgrind --tool=callgrind target/release/examples/profile WORKLOAD`.
 //!
-//! Workloads: query-ts, query-ax, map4k-ts, map4k-ax, unmap4k-ts, unmap4k-ax, fault-ts,
-//! fault-ax, read64k-ts, write4k-ts, write8-ts, gva-x86-4k, gva-sv39-4k, fork-ts, harvest-ts.
+//! Workloads: query-ts, query-ax, query-lean, map4k-ts, map4k-ax, unmap4k-ts, unmap4k-ax, fault-ts,
+//! fault-ax, harvest-lean, read64k-ts, write4k-ts, write8-ts, gva-x86-4k, gva-sv39-4k, fork-ts, harvest-ts.
 
 use std::hint::black_box;
 
@@ -20,7 +20,9 @@ use twostage_npt::{
 
 fn ts_table(ram: &'static BenchRam, len: u64) -> PageTable<Ept4, &'static BenchRam> {
     let mut t = PageTable::new(ram, ept_options(false)).expect("root");
-    let f = t.map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA_LINEAR), len, MappingFlags::RWX, MapSize::Largest).expect("map");
+    let f = t
+        .map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA_LINEAR), len, MappingFlags::RWX, MapSize::Largest)
+        .expect("map");
     t.flush(f, |_| {});
     t
 }
@@ -36,10 +38,41 @@ fn measured<R>(f: impl FnOnce() -> R) -> R {
 
 fn main() {
     let what = std::env::args().nth(1).expect("workload name");
-    let big = matches!(what.as_str(), "fork-ts" | "harvest-ts" | "map4k-ts" | "map4k-ax" | "unmap4k-ts" | "unmap4k-ax");
+    let big = matches!(
+        what.as_str(),
+        "fork-ts" | "harvest-ts" | "harvest-lean" | "map4k-ts" | "map4k-ax" | "unmap4k-ts" | "unmap4k-ax"
+    );
     let ram = BenchRam::leak(if big { (GIB + 256 * MIB) as usize } else { (320 * MIB) as usize });
     let n = 65536u64;
     match what.as_str() {
+        "query-lean" => {
+            // The same table as query-ts, walked by a minimal EPT walk over its memory: how much
+            // of query-ts is the walk's memory traffic and how much the engine's code.
+            let gpas: Vec<u64> = random_pages(1, n, n as usize).into_iter().map(|p| GPA_BASE + p * 4096).collect();
+            let t = ts_table(ram, 256 * MIB);
+            let root = t.root().as_u64();
+            measured(|| {
+                for &g in &gpas {
+                    let mut table = root;
+                    let mut hpa = 0;
+                    for level in (0..4).rev() {
+                        let idx = (g >> (12 + 9 * level)) & 511;
+                        // SAFETY: an entry of a table frame of `t`, read only.
+                        let e = unsafe { ram.ptr(table + idx * 8).cast::<u64>().read_volatile() };
+                        if e & 7 == 0 {
+                            break;
+                        }
+                        let addr = e & 0x000f_ffff_ffff_f000;
+                        if level == 0 || e & (1 << 7) != 0 {
+                            hpa = addr | (g & ((1 << (12 + 9 * level)) - 1));
+                            break;
+                        }
+                        table = addr;
+                    }
+                    black_box(hpa);
+                }
+            });
+        }
         "query-ts" | "query-ax" => {
             let gpas: Vec<u64> = random_pages(1, n, n as usize).into_iter().map(|p| GPA_BASE + p * 4096).collect();
             if what == "query-ts" {
@@ -51,7 +84,13 @@ fn main() {
                 });
             } else {
                 let mut s = ax_space(ram, false, 4 << 30);
-                s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), (256 * MIB) as usize, axaddrspace::MappingFlags::READ).expect("map");
+                s.map_linear(
+                    ax_gpa(GPA_BASE),
+                    ax_pa(HPA_LINEAR),
+                    (256 * MIB) as usize,
+                    axaddrspace::MappingFlags::READ,
+                )
+                .expect("map");
                 measured(|| {
                     for &g in &gpas {
                         black_box(s.translate(ax_gpa(g)));
@@ -62,7 +101,10 @@ fn main() {
         "map4k-ts" => drop(black_box(measured(|| ts_table(ram, GIB)))),
         "map4k-ax" => {
             let mut s = ax_space(ram, false, 4 << 30);
-            measured(|| s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ).expect("map"));
+            measured(|| {
+                s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ)
+                    .expect("map")
+            });
             std::mem::forget(s);
         }
         "unmap4k-ts" => {
@@ -74,14 +116,17 @@ fn main() {
         }
         "unmap4k-ax" => {
             let mut s = ax_space(ram, false, 4 << 30);
-            s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ).expect("map");
+            s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ)
+                .expect("map");
             measured(|| s.unmap(ax_gpa(GPA_BASE), GIB as usize).expect("unmap"));
         }
         "fault-ts" => {
             let (mut s, _) = ts_space(ram, n * 4096);
             measured(|| {
                 for p in 0..n {
-                    match s.handle_fault(NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write)) {
+                    match s
+                        .handle_fault(NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write))
+                    {
                         FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
                         other => panic!("{other:?}"),
                     }
@@ -132,6 +177,53 @@ fn main() {
                     copy_from_guest_va(&mut mem, &paging, gva, &mut buf).expect("read");
                 }
             });
+        }
+        "harvest-lean" => {
+            // The same populated 1 GiB table and writes as harvest-ts, harvested by a minimal
+            // scan of its leaf entries (mask test, atomic clear of D only where set).
+            let mut s = ts_populated(ram, GIB);
+            let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
+            let (_, f) = s.start_dirty_log(range).map_err(|e| e.error).expect("log");
+            s.flush(f, |_| {});
+            for p in random_pages(4, GIB / 4096, 2621) {
+                cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
+            }
+            let mut leaf_tables = Vec::new();
+            s.table().for_each_leaf(GuestPhysAddr::new(GPA_BASE), GIB, |l| {
+                if l.gpa.as_u64() % (2 * MIB) == 0 {
+                    leaf_tables.push(l.gpa.as_u64());
+                }
+            });
+            // Find each leaf table's frame with the fake CPU's walk (PD entry, bits 51:12).
+            let root = s.root().as_u64();
+            let tables: Vec<u64> = leaf_tables
+                .iter()
+                .map(|&g| {
+                    let mut t = root;
+                    for level in (1..4).rev() {
+                        let idx = (g >> (12 + 9 * level)) & 511;
+                        // SAFETY: an entry of a table frame of the space, read only.
+                        t = unsafe { ram.ptr(t + idx * 8).cast::<u64>().read() } & 0x000f_ffff_ffff_f000;
+                    }
+                    t
+                })
+                .collect();
+            let found = measured(|| {
+                let mut found = 0u64;
+                for &t in &tables {
+                    for i in 0..512u64 {
+                        let p = ram.ptr(t + i * 8).cast::<u64>();
+                        // SAFETY: an 8-byte-aligned entry of a leaf table of the space.
+                        let e = unsafe { std::sync::atomic::AtomicU64::from_ptr(p) };
+                        if e.load(std::sync::atomic::Ordering::Relaxed) & (1 << 9) != 0 {
+                            e.fetch_and(!(1 << 9), std::sync::atomic::Ordering::AcqRel);
+                            found += 1;
+                        }
+                    }
+                }
+                found
+            });
+            assert_eq!(found, 2621);
         }
         "fork-ts" => {
             let mut s = ts_populated(ram, GIB);

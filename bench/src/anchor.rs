@@ -137,6 +137,9 @@ pub struct AxEpt {
     ram: &'static BenchRam,
     /// Whether 2 MiB blocks may be used (the CPU capability); off for the 4 KiB-only rows.
     huge: bool,
+    /// Whether guest data frames are zeroed before use (on for every row but the one that
+    /// shows axaddrspace as shipped).
+    zero: bool,
 }
 
 fn paging(_e: ptg::PagingError) -> AddrSpaceError {
@@ -148,9 +151,9 @@ fn ptg_va(gpa: AxGpa) -> ptg::VirtAddr {
 }
 
 impl AxEpt {
-    /// An empty table whose frames come from `ram`.
-    pub fn new(ram: &'static BenchRam, huge: bool) -> Self {
-        Self { inner: ptg::PageTable::new(AxAlloc(ram)).expect("root frame"), ram, huge }
+    /// An empty table whose frames come from `ram`; data frames zeroed when `zero`.
+    pub fn new(ram: &'static BenchRam, huge: bool, zero: bool) -> Self {
+        Self { inner: ptg::PageTable::new(AxAlloc(ram)).expect("root frame"), ram, huge, zero }
     }
 }
 
@@ -166,9 +169,12 @@ impl NestedPageTableOps for AxEpt {
     fn alloc_frame(&self) -> Option<PhysAddr> {
         // Guest data frames are zeroed before a guest may see them (as twostage's demand-zero
         // regions do), so that both sides do the same work and neither leaks host data.
+        // axaddrspace's alloc backend itself does not zero: `zero = false` shows it as shipped.
         let pa = self.ram.alloc()?;
-        // SAFETY: the frame was just allocated and is not mapped anywhere yet.
-        unsafe { std::ptr::write_bytes(self.ram.ptr(pa), 0, twostage_npt::FRAME_SIZE) };
+        if self.zero {
+            // SAFETY: the frame was just allocated and is not mapped anywhere yet.
+            unsafe { std::ptr::write_bytes(self.ram.ptr(pa), 0, twostage_npt::FRAME_SIZE) };
+        }
         Some(PhysAddr::from_usize(pa as usize))
     }
 
@@ -241,9 +247,15 @@ impl NestedPageTableOps for AxEpt {
     }
 }
 
-/// An axaddrspace address space spanning `size` bytes of guest-physical space from 0.
+/// An axaddrspace address space spanning `size` bytes of guest-physical space from 0, whose
+/// data frames are zeroed.
 pub fn ax_space(ram: &'static BenchRam, huge: bool, size: usize) -> AddrSpace<AxEpt> {
-    AddrSpace::new_empty(AxEpt::new(ram, huge), AxGpa::from(0), size).expect("address space")
+    AddrSpace::new_empty(AxEpt::new(ram, huge, true), AxGpa::from(0), size).expect("address space")
+}
+
+/// The same with data frames not zeroed (axaddrspace's alloc backend as shipped).
+pub fn ax_space_unzeroed(ram: &'static BenchRam, size: usize) -> AddrSpace<AxEpt> {
+    AddrSpace::new_empty(AxEpt::new(ram, true, false), AxGpa::from(0), size).expect("address space")
 }
 
 /// The GPA type of axaddrspace, for the benchmark loops.

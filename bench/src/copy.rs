@@ -38,7 +38,11 @@ impl Dir {
 }
 
 /// Group settings for a copy row.
-pub fn copy_group<'a>(c: &'a mut Criterion, name: &str, size: u64) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+pub fn copy_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    size: u64,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut g = c.benchmark_group(name);
     g.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
     g.throughput(Throughput::Bytes(size));
@@ -46,7 +50,14 @@ pub fn copy_group<'a>(c: &'a mut Criterion, name: &str, size: u64) -> criterion:
 }
 
 /// Plain memcpy between a buffer and a `COPY_SPAN` block at the same offsets: the limit.
-pub fn memcpy_row(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, dir: Dir, label: &str, size: u64, offs: &[u64], ram: &mut [u8]) {
+pub fn memcpy_row(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dir: Dir,
+    label: &str,
+    size: u64,
+    offs: &[u64],
+    ram: &mut [u8],
+) {
     let mut buf = vec![0x5au8; size as usize];
     g.bench_function(BenchmarkId::new("memcpy", label), |b| {
         let mut i = 0;
@@ -68,7 +79,8 @@ pub fn memcpy_row(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::
 pub fn gpa_copies(c: &mut Criterion) {
     let ram = ram();
     let mut space = ts_populated(ram, COPY_SPAN);
-    let vmm: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(GPA_BASE), COPY_SPAN as usize)]).expect("mmap");
+    let vmm: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(GPA_BASE), COPY_SPAN as usize)]).expect("mmap");
     let mut plain = vec![1u8; COPY_SPAN as usize];
     // Touch every page of the vm-memory region so that no side pays first-touch faults.
     for off in (0..COPY_SPAN).step_by(4096) {
@@ -104,7 +116,9 @@ pub fn gpa_copies(c: &mut Criterion) {
                             let v: u64 = vmm.read_obj(addr).expect("read");
                             buf.copy_from_slice(&v.to_ne_bytes());
                         }
-                        (Dir::Write, 8) => vmm.write_obj(u64::from_ne_bytes(buf[..8].try_into().expect("8 bytes")), addr).expect("write"),
+                        (Dir::Write, 8) => vmm
+                            .write_obj(u64::from_ne_bytes(buf[..8].try_into().expect("8 bytes")), addr)
+                            .expect("write"),
                         (Dir::Read, _) => vmm.read_slice(&mut buf, addr).expect("read"),
                         (Dir::Write, _) => vmm.write_slice(&buf, addr).expect("write"),
                     }
@@ -116,4 +130,3 @@ pub fn gpa_copies(c: &mut Criterion) {
         }
     }
 }
-

@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use twostage_npt::{
-    AdClear, Ept4, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, PageSizes, PageTable,
-    TableOptions,
+    AdClear, Ept4, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, PageSizes, PageTable, TableOptions,
 };
 
 use crate::anchor::{ax_gpa, ax_pa, ax_space};
 use crate::ram::BenchRam;
-use crate::{cpu_write, random_pages, ram, GIB, MIB};
+use crate::{cpu_write, ram, random_pages, GIB, MIB};
 
 /// Guest-physical base of the benchmark regions (1 GiB-aligned).
 pub const GPA_BASE: u64 = 0x4000_0000;
@@ -69,10 +68,15 @@ pub fn map_unmap(c: &mut Criterion) {
                 for _ in 0..iters {
                     let mut s = ax_space(ram, huge, 4 * GIB as usize);
                     let start = Instant::now();
-                    s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ
-                        | axaddrspace::MappingFlags::WRITE
-                        | axaddrspace::MappingFlags::EXECUTE)
-                        .expect("map_linear");
+                    s.map_linear(
+                        ax_gpa(GPA_BASE),
+                        ax_pa(HPA_LINEAR),
+                        GIB as usize,
+                        axaddrspace::MappingFlags::READ
+                            | axaddrspace::MappingFlags::WRITE
+                            | axaddrspace::MappingFlags::EXECUTE,
+                    )
+                    .expect("map_linear");
                     total += start.elapsed();
                     black_box(&s);
                 }
@@ -114,17 +118,19 @@ pub fn map_unmap(c: &mut Criterion) {
     }
 }
 
-/// Translate random guest-physical addresses in a 256 MiB region mapped with 4 KiB pages.
+/// Translate random guest-physical addresses in a populated 256 MiB region of 4 KiB pages
+/// (twostage: a demand-zero region after `populate`; axaddrspace: `map_alloc` with populate).
 pub fn query(c: &mut Criterion) {
     let ram = ram();
     let len = 256 * MIB;
-    let gpas: Vec<u64> = random_pages(0x5eed, len / 4096, QUERIES).into_iter().map(|p| GPA_BASE + p * 4096 + 0x123).collect();
+    let gpas: Vec<u64> =
+        random_pages(0x5eed, len / 4096, QUERIES).into_iter().map(|p| GPA_BASE + p * 4096 + 0x123).collect();
     let mut g = c.benchmark_group("query_256m");
     g.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_secs(1));
     g.throughput(Throughput::Elements(QUERIES as u64));
 
-    let mut t = ts_table(ram, false);
-    ts_map(&mut t, len);
+    let space = crate::space::ts_populated(ram, len);
+    let t = space.table();
     g.bench_function("twostage", |b| {
         b.iter(|| {
             let mut acc = 0u64;
@@ -135,10 +141,11 @@ pub fn query(c: &mut Criterion) {
             acc
         })
     });
-    drop(t);
+    drop(space);
 
-    let mut s = ax_space(ram, false, 4 * GIB as usize);
-    s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), len as usize, axaddrspace::MappingFlags::READ).expect("map");
+    let mut s = ax_space(ram, true, 4 * GIB as usize);
+    let rw = axaddrspace::MappingFlags::READ | axaddrspace::MappingFlags::WRITE;
+    s.map_alloc(ax_gpa(GPA_BASE), len as usize, rw, true).expect("map_alloc");
     g.bench_function("axaddrspace", |b| {
         b.iter(|| {
             let mut acc = 0usize;

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// What a row is compared with.
 #[derive(Clone, Copy)]
@@ -58,15 +59,50 @@ const NO_GVA: &str = "none: vm-memory and axaddrspace do not walk guest page tab
 macro_rules! copies {
     ($dir:literal, $mdir:literal, $what:literal, $anchor:expr, $t_small:expr, $t_big:expr) => {
         [
-            copy_row(concat!($what, " 8 B"), concat!($dir, "/twostage/8B"), $anchor, concat!($mdir, "/memcpy/8B"), 8, $t_small),
-            copy_row(concat!($what, " 4 KiB"), concat!($dir, "/twostage/4K"), $anchor, concat!($mdir, "/memcpy/4K"), 4096, $t_big.0),
-            copy_row(concat!($what, " 64 KiB"), concat!($dir, "/twostage/64K"), $anchor, concat!($mdir, "/memcpy/64K"), 65536, $t_big.1),
-            copy_row(concat!($what, " 1 MiB"), concat!($dir, "/twostage/1M"), $anchor, concat!($mdir, "/memcpy/1M"), 1 << 20, $t_big.1),
+            copy_row(
+                concat!($what, " 8 B"),
+                concat!($dir, "/twostage/8B"),
+                $anchor,
+                concat!($mdir, "/memcpy/8B"),
+                8,
+                $t_small,
+            ),
+            copy_row(
+                concat!($what, " 4 KiB"),
+                concat!($dir, "/twostage/4K"),
+                $anchor,
+                concat!($mdir, "/memcpy/4K"),
+                4096,
+                $t_big.0,
+            ),
+            copy_row(
+                concat!($what, " 64 KiB"),
+                concat!($dir, "/twostage/64K"),
+                $anchor,
+                concat!($mdir, "/memcpy/64K"),
+                65536,
+                $t_big.1,
+            ),
+            copy_row(
+                concat!($what, " 1 MiB"),
+                concat!($dir, "/twostage/1M"),
+                $anchor,
+                concat!($mdir, "/memcpy/1M"),
+                1 << 20,
+                $t_big.1,
+            ),
         ]
     };
 }
 
-const fn copy_row(what: &'static str, ts: &'static str, anchor: Anchor, memcpy: &'static str, bytes: u64, target: Target) -> Row {
+const fn copy_row(
+    what: &'static str,
+    ts: &'static str,
+    anchor: Anchor,
+    memcpy: &'static str,
+    bytes: u64,
+    target: Target,
+) -> Row {
     Row { what, ts, anchor, memcpy: Some(memcpy), per: 1, bytes, target }
 }
 
@@ -74,25 +110,94 @@ const fn copy_row(what: &'static str, ts: &'static str, anchor: Anchor, memcpy: 
 pub fn rows() -> Vec<Row> {
     let mut v = vec![
         row("map 1 GiB, 2 MiB pages", "map_1g_2M/twostage", Anchor::Bench(AX, "map_1g_2M/axaddrspace"), Target::None),
-        row("map 1 GiB, 4 KiB pages only", "map_1g_4K/twostage", Anchor::Bench(AX, "map_1g_4K/axaddrspace"), Target::Faster(3.0)),
-        row("unmap 1 GiB, 2 MiB pages", "unmap_1g_2M/twostage", Anchor::Bench(AX, "unmap_1g_2M/axaddrspace"), Target::None),
-        row("unmap 1 GiB, 4 KiB pages", "unmap_1g_4K/twostage", Anchor::Bench(AX, "unmap_1g_4K/axaddrspace"), Target::None),
-        Row { per: 65536, ..row("demand fault (256 MiB, one per 4 KiB page)", "faults_256m/twostage", Anchor::Bench(AX, "faults_256m/axaddrspace"), Target::Faster(3.0)) },
+        row(
+            "map 1 GiB, 4 KiB pages only",
+            "map_1g_4K/twostage",
+            Anchor::Bench(AX, "map_1g_4K/axaddrspace"),
+            Target::Faster(3.0),
+        ),
+        row(
+            "unmap 1 GiB, 2 MiB pages",
+            "unmap_1g_2M/twostage",
+            Anchor::Bench(AX, "unmap_1g_2M/axaddrspace"),
+            Target::None,
+        ),
+        row(
+            "unmap 1 GiB, 4 KiB pages",
+            "unmap_1g_4K/twostage",
+            Anchor::Bench(AX, "unmap_1g_4K/axaddrspace"),
+            Target::None,
+        ),
+        Row {
+            per: 65536,
+            ..row(
+                "demand fault (256 MiB, one per 4 KiB page)",
+                "faults_256m/twostage",
+                Anchor::Bench(AX, "faults_256m/axaddrspace"),
+                Target::Faster(3.0),
+            )
+        },
+        Row {
+            per: 65536,
+            ..row(
+                "  (same, axaddrspace as shipped: frames not zeroed)",
+                "faults_256m/twostage",
+                Anchor::Bench("axaddrspace, no zeroing", "faults_256m/axaddrspace-unzeroed"),
+                Target::None,
+            )
+        },
         row("populate 256 MiB", "populate_256m/twostage", Anchor::Bench(AX, "populate_256m/axaddrspace"), Target::None),
-        Row { per: crate::engine::QUERIES as u64, ..row("query/translate, random GPA in 256 MiB", "query_256m/twostage", Anchor::Bench(AX, "query_256m/axaddrspace"), Target::Faster(3.0)) },
+        Row {
+            per: crate::engine::QUERIES as u64,
+            ..row(
+                "query/translate, random GPA in populated 256 MiB",
+                "query_256m/twostage",
+                Anchor::Bench(AX, "query_256m/axaddrspace"),
+                Target::Faster(3.0),
+            )
+        },
     ];
     let vmm_r = Anchor::Bench("vm-memory", "");
-    v.extend(copies!("gpa_read", "gpa_read", "GPA read", vmm_r, Target::NotSlower, (Target::NotSlower, Target::PctMemcpy(90.0))));
-    v.extend(copies!("gpa_write", "gpa_write", "GPA write", vmm_r, Target::NotSlower, (Target::NotSlower, Target::PctMemcpy(90.0))));
+    v.extend(copies!(
+        "gpa_read",
+        "gpa_read",
+        "GPA read",
+        vmm_r,
+        Target::NotSlower,
+        (Target::NotSlower, Target::PctMemcpy(90.0))
+    ));
+    v.extend(copies!(
+        "gpa_write",
+        "gpa_write",
+        "GPA write",
+        vmm_r,
+        Target::NotSlower,
+        (Target::NotSlower, Target::PctMemcpy(90.0))
+    ));
     let none = Anchor::None(NO_GVA);
     let gva = (Target::PctMemcpyOnly(80.0), Target::PctMemcpyOnly(80.0));
     v.extend(copies!("gva_x86_read", "gpa_read", "GVA read, x86-64 4-level", none, Target::None, gva));
     v.extend(copies!("gva_x86_write", "gpa_write", "GVA write, x86-64 4-level", none, Target::None, gva));
     v.extend(copies!("gva_sv39_read", "gpa_read", "GVA read, Sv39", none, Target::None, gva));
     v.extend(copies!("gva_sv39_write", "gpa_write", "GVA write, Sv39", none, Target::None, gva));
-    v.push(row("fork of a populated 1 GiB space (vs copying 1 GiB)", "fork_1g/twostage", Anchor::Bench("memcpy 1 GiB", "fork_1g/memcpy"), Target::Faster(20.0)));
-    v.push(row("dirty-log harvest of 1 GiB, 1% written", "harvest_1g/twostage", Anchor::None("none: axaddrspace 0.6.0 has no dirty log"), Target::UnderNs(1e6)));
-    v.push(row("  (engine walk alone: take_accessed_dirty)", "harvest_1g/twostage-engine", Anchor::None("none"), Target::UnderNs(1e6)));
+    v.push(row(
+        "fork of a populated 1 GiB space (vs copying 1 GiB)",
+        "fork_1g/twostage",
+        Anchor::Bench("memcpy 1 GiB", "fork_1g/memcpy"),
+        Target::Faster(20.0),
+    ));
+    v.push(row(
+        "dirty-log harvest of 1 GiB, 1% written",
+        "harvest_1g/twostage",
+        Anchor::None("none: axaddrspace 0.6.0 has no dirty log"),
+        Target::UnderNs(1e6),
+    ));
+    v.push(row(
+        "  (engine walk alone: take_accessed_dirty)",
+        "harvest_1g/twostage-engine",
+        Anchor::None("none"),
+        Target::UnderNs(1e6),
+    ));
     v
 }
 
@@ -105,12 +210,21 @@ fn anchor_id(r: &Row) -> Option<String> {
     }
 }
 
-/// Median in nanoseconds of benchmark `id`, from criterion's `new/estimates.json`.
-pub fn median_ns(dir: &Path, id: &str) -> Option<f64> {
-    let text = std::fs::read_to_string(dir.join(id).join("new/estimates.json")).ok()?;
+/// Median in nanoseconds of benchmark `id`, from criterion's `new/estimates.json`, if that was
+/// written at or after `since` (older figures come from an earlier run and are not shown).
+pub fn median_ns(dir: &Path, id: &str, since: SystemTime) -> Option<f64> {
+    let path = dir.join(id).join("new/estimates.json");
+    if std::fs::metadata(&path).and_then(|m| m.modified()).ok()? < since {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
     let after = &text[text.find("\"median\"")?..];
     let pe = &after[after.find("\"point_estimate\"")? + "\"point_estimate\"".len()..];
-    let num: String = pe.trim_start_matches([':', ' ']).chars().take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+')).collect();
+    let num: String = pe
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect();
     num.parse().ok()
 }
 
@@ -137,25 +251,28 @@ fn fmt_value(r: &Row, ns: f64) -> String {
     }
 }
 
-/// The table as Markdown, and how many targets were met and missed.
-pub fn table(dir: &Path) -> (String, u32, u32) {
+/// The table as Markdown from the figures written since `since`, and how many targets were met
+/// and missed.
+pub fn table(dir: &Path, since: SystemTime) -> (String, u32, u32) {
     let mut out = String::new();
     let (mut met, mut missed) = (0, 0);
     out.push_str("| measurement | twostage (median) | anchor | anchor (median) | anchor ÷ twostage | % of memcpy | target | met |\n");
     out.push_str("|---|---|---|---|---|---|---|---|\n");
     for r in rows() {
-        let ts = median_ns(dir, r.ts);
+        let ts = median_ns(dir, r.ts, since);
         let (aname, an) = match r.anchor {
-            Anchor::Bench(name, _) => (name.to_string(), anchor_id(&r).and_then(|id| median_ns(dir, &id))),
+            Anchor::Bench(name, _) => (name.to_string(), anchor_id(&r).and_then(|id| median_ns(dir, &id, since))),
             Anchor::None(why) => (why.to_string(), None),
         };
-        let mc = r.memcpy.and_then(|id| median_ns(dir, id));
+        let mc = r.memcpy.and_then(|id| median_ns(dir, id, since));
         let ratio = ts.zip(an).map(|(t, a)| a / t);
         let pct = ts.zip(mc).map(|(t, m)| m / t * 100.0);
         let (target, ok) = match r.target {
             Target::None => (String::new(), None),
             Target::Faster(x) => (format!("≥ {x}x"), ratio.map(|q| q >= x)),
-            Target::PctMemcpy(p) => (format!("≥ {p}% of memcpy, ≥ 1x"), pct.zip(ratio).map(|(q, k)| q >= p && k >= 1.0)),
+            Target::PctMemcpy(p) => {
+                (format!("≥ {p}% of memcpy, ≥ 1x"), pct.zip(ratio).map(|(q, k)| q >= p && k >= 1.0))
+            }
             Target::NotSlower => ("≥ 1x".to_string(), ratio.map(|q| q >= 1.0)),
             Target::PctMemcpyOnly(p) => (format!("≥ {p}% of memcpy"), pct.map(|q| q >= p)),
             Target::UnderNs(n) => (format!("< {}", fmt_ns(n)), ts.map(|t| t < n)),
@@ -178,7 +295,11 @@ pub fn table(dir: &Path) -> (String, u32, u32) {
             r.what,
             ts.map(|t| fmt_value(&r, t)).unwrap_or_else(|| "not measured".into()),
             aname,
-            an.map(|a| fmt_value(&r, a)).unwrap_or_else(|| if matches!(r.anchor, Anchor::None(_)) { "—".into() } else { "not measured".into() }),
+            an.map(|a| fmt_value(&r, a)).unwrap_or_else(|| if matches!(r.anchor, Anchor::None(_)) {
+                "—".into()
+            } else {
+                "not measured".into()
+            }),
             ratio.map(|q| format!("{q:.2}x")).unwrap_or_else(|| "—".into()),
             pct.map(|p| format!("{p:.0}%")).unwrap_or_else(|| "—".into()),
             target,
@@ -201,9 +322,10 @@ pub fn criterion_dir() -> PathBuf {
 /// File the table is written to, inside the criterion directory.
 pub const TABLE_FILE: &str = "twostage-table.md";
 
-/// Writes the table next to criterion's report and prints it.
-pub fn write(dir: &Path) -> std::io::Result<PathBuf> {
-    let (t, met, missed) = table(dir);
+/// Writes the table of the run that started at `since` next to criterion's report and prints
+/// it. Rows this run did not measure (a group left out) say "not measured".
+pub fn write(dir: &Path, since: SystemTime) -> std::io::Result<PathBuf> {
+    let (t, met, missed) = table(dir, since);
     let path = dir.join(TABLE_FILE);
     let text = format!("{t}\ntargets: {met} met, {missed} missed\n");
     std::fs::write(&path, &text)?;

@@ -7,7 +7,7 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome, RegionId};
 use twostage_npt::{Access, Ept4, GpaRange, GuestPhysAddr, MappingFlags, NestedPageFaultInfo};
 
-use crate::anchor::{ax_gpa, ax_space};
+use crate::anchor::{ax_gpa, ax_space, ax_space_unzeroed};
 use crate::engine::{ept_options, GPA_BASE};
 use crate::ram::BenchRam;
 use crate::{cpu_write, ram, random_pages, GIB, MIB};
@@ -71,22 +71,28 @@ pub fn faults_populate(c: &mut Criterion) {
             total
         })
     });
-    g.bench_function("axaddrspace", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let mut s = ax_space(ram, true, 4 * GIB as usize);
-                s.map_alloc(ax_gpa(GPA_BASE), FAULT_BYTES as usize, ax_rwx(), false).expect("map_alloc");
-                let start = Instant::now();
-                for p in 0..pages {
-                    assert!(s.handle_page_fault(ax_gpa(GPA_BASE + p * 4096), axaddrspace::MappingFlags::WRITE));
+    for (name, zero) in [("axaddrspace", true), ("axaddrspace-unzeroed", false)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let mut s = if zero {
+                        ax_space(ram, true, 4 * GIB as usize)
+                    } else {
+                        ax_space_unzeroed(ram, 4 * GIB as usize)
+                    };
+                    s.map_alloc(ax_gpa(GPA_BASE), FAULT_BYTES as usize, ax_rwx(), false).expect("map_alloc");
+                    let start = Instant::now();
+                    for p in 0..pages {
+                        assert!(s.handle_page_fault(ax_gpa(GPA_BASE + p * 4096), axaddrspace::MappingFlags::WRITE));
+                    }
+                    total += start.elapsed();
+                    black_box(&s);
                 }
-                total += start.elapsed();
-                black_box(&s);
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     g.finish();
 
     let mut g = group(c, "populate_256m");

@@ -43,14 +43,17 @@ fn anchor_demand_fault_maps_a_zeroed_frame() {
     let ram = BenchRam::leak((4 * MIB) as usize);
     // Dirty the RAM so that a missing zeroing shows.
     for f in 0..ram.frames() {
+        // SAFETY: inside the block, no frame allocated yet.
         unsafe { ram.ptr(RAM_BASE + (f * 4096) as u64).write(0xff) };
     }
     let mut s = ax_space(ram, true, 1 << 32);
-    s.map_alloc(ax_gpa(GPA_BASE), (1 * MIB) as usize, AxFlags::READ | AxFlags::WRITE, false).unwrap();
+    s.map_alloc(ax_gpa(GPA_BASE), MIB as usize, AxFlags::READ | AxFlags::WRITE, false).unwrap();
     assert!(s.translate(ax_gpa(GPA_BASE + 0x3000)).is_none());
     assert!(s.handle_page_fault(ax_gpa(GPA_BASE + 0x3008), AxFlags::WRITE));
     let pa = s.translate(ax_gpa(GPA_BASE + 0x3000)).unwrap();
-    assert_eq!(unsafe { ram.ptr(pa.as_usize() as u64).read() }, 0);
+    // SAFETY: the frame the fault mapped, inside the block.
+    let first = unsafe { ram.ptr(pa.as_usize() as u64).read() };
+    assert_eq!(first, 0);
     assert!(!s.handle_page_fault(ax_gpa(GPA_BASE + 2 * MIB), AxFlags::WRITE), "outside the area");
 }
 
@@ -58,7 +61,9 @@ fn anchor_demand_fault_maps_a_zeroed_frame() {
 fn twostage_maps_4k_only_and_the_fake_cpu_dirties_leaves() {
     let ram = BenchRam::leak((4 * MIB) as usize);
     let mut t: PageTable<Ept4, &BenchRam> = PageTable::new(ram, ept_options(false)).unwrap();
-    let f = t.map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA), 16 * MIB, MappingFlags::RW, MapSize::Largest).unwrap();
+    let f = t
+        .map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA), 16 * MIB, MappingFlags::RW, MapSize::Largest)
+        .unwrap();
     t.flush(f, |_| {});
     assert_eq!(t.query(GuestPhysAddr::new(GPA_BASE + 3 * MIB)).unwrap().size, PageSize::Size4K);
     cpu_write(ram, t.root().as_u64(), GPA_BASE + 3 * MIB + 0x10);
@@ -74,11 +79,12 @@ fn twostage_maps_4k_only_and_the_fake_cpu_dirties_leaves() {
 
 #[test]
 fn allocator_reuses_freed_frames_and_aligns() {
-    let ram = BenchRam::new((1 * MIB) as usize);
+    let ram = BenchRam::new(MIB as usize);
     let a = ram.alloc().unwrap();
     let b = ram.alloc_n(4, 4).unwrap();
     assert_eq!((b - RAM_BASE) % (4 * 4096), 0);
     assert_ne!(a, b);
+    // SAFETY: `a` came from `alloc()` and is not used any more.
     unsafe { ram.free_n(a, 1) };
     assert_eq!(ram.alloc(), Some(a));
     assert_eq!(ram.frames_in_use(), 5);

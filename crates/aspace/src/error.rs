@@ -171,3 +171,30 @@ pub enum DirtyLogError {
     /// Splitting a huge page failed.
     Split(SplitError),
 }
+
+/// The one way fault resolution and page population can fail: no frame, for data or for a
+/// table. Every other engine error on those paths would mean this crate passed a range or flags
+/// it had not checked; debug builds assert that it does not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NoFrame;
+
+impl From<MapError> for NoFrame {
+    fn from(e: MapError) -> Self {
+        debug_assert!(matches!(e, MapError::OutOfFrames(_)), "engine refused a checked mapping: {e:?}");
+        NoFrame
+    }
+}
+
+impl From<RangeError> for NoFrame {
+    fn from(e: RangeError) -> Self {
+        debug_assert!(matches!(e, RangeError::OutOfFrames(_)), "engine refused a checked range: {e:?}");
+        NoFrame
+    }
+}
+
+impl From<twostage_npt::RemapError> for NoFrame {
+    fn from(e: twostage_npt::RemapError) -> Self {
+        debug_assert!(false, "engine refused to remap a leaf just queried: {e:?}");
+        NoFrame
+    }
+}

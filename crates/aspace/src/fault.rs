@@ -1,5 +1,6 @@
 //! Nested page fault resolution: one entry point from a fault to a typed outcome.
 
+use crate::error::NoFrame;
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region, RegionId};
 use crate::space::{AddressSpace, PAGE};
@@ -68,8 +69,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// Demand-zero pages are allocated and zeroed; a write to a copy-on-write page copies it (or,
     /// for its last holder, only restores the write right); a write to a page the dirty log
     /// write-protects is logged and the right restored; missing software A/D bits are set; a fault
-    /// on a page that already allows the access (a stale translation) is answered with a flush
-    /// of that page.
+    /// on a page that already allows the access (a stale translation: another vCPU resolved it
+    /// and flushed first) is `Resolved` with nothing to do.
     pub fn handle_fault(&mut self, info: NestedPageFaultInfo) -> FaultOutcome<F> {
         self.resolve(info.fault_guest_paddr, info.access())
     }
@@ -98,24 +99,21 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.faults_resolved += 1;
                 FaultOutcome::Resolved { flush }
             }
-            Err(()) => FaultOutcome::OutOfMemory { gpa },
+            Err(NoFrame) => FaultOutcome::OutOfMemory { gpa },
         }
     }
 
-    fn resolve_linear(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+    fn resolve_linear(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, NoFrame> {
         let Some(leaf) = self.table.query(page) else {
             // A linear page is always mapped; if it is not (a failed split left a hole), map it back.
-            let hpa = r.linear_hpa(page).ok_or(())?;
-            let f = self
-                .table
-                .map(
-                    page,
-                    hpa,
-                    PAGE,
-                    self.effective_flags(r, hpa, page),
-                    twostage_npt::MapSize::Exactly(PageSize::Size4K),
-                )
-                .map_err(|_| ())?;
+            let hpa = r.linear_hpa(page).ok_or(NoFrame)?;
+            let f = self.table.map(
+                page,
+                hpa,
+                PAGE,
+                self.effective_flags(r, hpa, page),
+                twostage_npt::MapSize::Exactly(PageSize::Size4K),
+            )?;
             return Ok(SpaceFlush::from_table(f));
         };
         if leaf.flags.allows(access) {
@@ -131,11 +129,11 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         } else {
             want = self.effective_flags(r, leaf.hpa, page);
         }
-        let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+        let f = self.table.protect(page, PAGE, want)?;
         Ok(SpaceFlush::from_table(f))
     }
 
-    fn resolve_anon(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+    fn resolve_anon(&mut self, r: &Region, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, NoFrame> {
         let Some(leaf) = self.table.query(page) else {
             if access == Access::Write {
                 if let Some(log) = &mut self.dirty {
@@ -149,7 +147,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         if access != Access::Write {
             let want = self.effective_flags(r, leaf.hpa, page);
-            let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+            let f = self.table.protect(page, PAGE, want)?;
             return Ok(SpaceFlush::from_table(f));
         }
         if let Some(log) = &mut self.dirty {
@@ -162,7 +160,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.cow_reuses += 1;
             }
             let want = self.effective_flags(r, leaf.hpa, page);
-            let f = self.table.protect(page, PAGE, want).map_err(|_| ())?;
+            let f = self.table.protect(page, PAGE, want)?;
             Ok(SpaceFlush::from_table(f))
         }
     }
@@ -173,8 +171,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         r: &Region,
         page: GuestPhysAddr,
         old: twostage_npt::HostPhysAddr,
-    ) -> Result<SpaceFlush<F>, ()> {
-        let new = self.alloc.allocate_frame().ok_or(())?;
+    ) -> Result<SpaceFlush<F>, NoFrame> {
+        let new = self.alloc.allocate_frame().ok_or(NoFrame)?;
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
         let flags = self.effective_flags(r, new, page);
@@ -189,7 +187,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.refs.release(new);
                 // SAFETY: `new` came from `allocate_frame` above and was never mapped.
                 unsafe { self.alloc.deallocate_frames(new, 1) };
-                Err(())
+                Err(NoFrame)
             }
         }
     }
@@ -199,7 +197,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// that a flush since carried out has removed (or an EPT violation has: Intel SDM Vol. 3C
     /// 29.4.3.1, an EPT violation invalidates the mappings used for the faulting address);
     /// nothing needs doing.
-    fn touch(&mut self, leaf: &twostage_npt::Leaf, page: GuestPhysAddr, access: Access) -> Result<SpaceFlush<F>, ()> {
+    fn touch(
+        &mut self,
+        leaf: &twostage_npt::Leaf,
+        page: GuestPhysAddr,
+        access: Access,
+    ) -> Result<SpaceFlush<F>, NoFrame> {
         let needs = !leaf.accessed || (access == Access::Write && !leaf.dirty);
         if !needs {
             return Ok(SpaceFlush::none());
@@ -215,9 +218,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Unmaps and maps `leaf` again with the same frame, size and flags.
-    fn remap_same(&mut self, leaf: &twostage_npt::Leaf) -> Result<SpaceFlush<F>, ()> {
+    fn remap_same(&mut self, leaf: &twostage_npt::Leaf) -> Result<SpaceFlush<F>, NoFrame> {
         let size = leaf.size.bytes();
-        let unmapped = self.table.unmap(leaf.gpa, size).map_err(|_| ())?;
+        let unmapped = self.table.unmap(leaf.gpa, size)?;
         match self.table.map(leaf.gpa, leaf.hpa, size, leaf.flags, twostage_npt::MapSize::Exactly(leaf.size)) {
             Ok(f) => Ok(SpaceFlush::from_table(unmapped.merge(f))),
             Err(_) => {
@@ -227,7 +230,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     // Keep the contents; the next touch maps the frame again.
                     self.parked.insert(leaf.gpa, leaf.hpa);
                 }
-                Err(())
+                Err(NoFrame)
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Guest memory by guest-physical address: the consumer trait and the address space's copies.
 
 use crate::error::Failed;
+use crate::error::NoFrame;
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
@@ -270,9 +271,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let oom = GuestMemError::OutOfMemory { gpa: page };
         for _ in 0..3 {
             match self.table.query(page) {
-                None => flush.add(self.map_anon_page(r, page).map_err(|()| oom)?),
+                None => flush.add(self.map_anon_page(r, page).map_err(|NoFrame| oom)?),
                 Some(leaf) if self.refs.count(leaf.hpa) > 1 => {
-                    let copied = self.break_cow(r, page, leaf.hpa).map_err(|()| oom)?;
+                    let copied = self.break_cow(r, page, leaf.hpa).map_err(|NoFrame| oom)?;
                     *flush = core::mem::replace(flush, SpaceFlush::none()).merge(copied);
                 }
                 Some(leaf) => return Ok(leaf.hpa),

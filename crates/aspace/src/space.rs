@@ -1,6 +1,7 @@
 //! The address space: regions over one nested table, and the frames it owns.
 
 use crate::dirty::DirtyLog;
+use crate::error::NoFrame;
 use crate::error::*;
 use crate::flush::SpaceFlush;
 use crate::frames::FrameRefs;
@@ -278,7 +279,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             if !present.contains(&gpa) {
                 match self.map_anon_page(&r, gpa) {
                     Ok(f) => flush.add(f),
-                    Err(()) => return Err(Failed { error: PopulateError::OutOfMemory { gpa }, flush }),
+                    Err(NoFrame) => return Err(Failed { error: PopulateError::OutOfMemory { gpa }, flush }),
                 }
             }
             gpa = gpa + PAGE;
@@ -288,10 +289,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// Maps untouched page `gpa` of anonymous region `r`: its parked frame if it has one, else
     /// a new zeroed frame.
-    pub(crate) fn map_anon_page(&mut self, r: &Region, gpa: GuestPhysAddr) -> Result<twostage_npt::Flush<F>, ()> {
+    pub(crate) fn map_anon_page(&mut self, r: &Region, gpa: GuestPhysAddr) -> Result<twostage_npt::Flush<F>, NoFrame> {
         if let Some(&hpa) = self.parked.get(&gpa) {
             let flags = self.effective_flags(r, hpa, gpa);
-            let f = self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)).map_err(|_| ())?;
+            let f = self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K))?;
             self.parked.remove(&gpa);
             return Ok(f);
         }
@@ -305,8 +306,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         r: &Region,
         gpa: GuestPhysAddr,
         copy_of: Option<HostPhysAddr>,
-    ) -> Result<twostage_npt::Flush<F>, ()> {
-        let hpa = self.alloc.allocate_frame().ok_or(())?;
+    ) -> Result<twostage_npt::Flush<F>, NoFrame> {
+        let hpa = self.alloc.allocate_frame().ok_or(NoFrame)?;
         self.fill_frame(hpa, copy_of);
         self.refs.insert_new(hpa);
         let flags = self.effective_flags(r, hpa, gpa);
@@ -319,7 +320,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.refs.release(hpa);
                 // SAFETY: `hpa` came from `allocate_frame` just above and was never mapped.
                 unsafe { self.alloc.deallocate_frames(hpa, 1) };
-                Err(())
+                Err(NoFrame)
             }
         }
     }

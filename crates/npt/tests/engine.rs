@@ -359,3 +359,20 @@ fn remap_swaps_the_frame_in_place() {
         Err(RemapError::Unaligned { hpa: hpa(TARGET + K4), size: PageSize::Size2M })
     );
 }
+
+#[test]
+fn preset_leaves_stay_dirty_when_they_become_writable() {
+    // RISC-V without hardware A/D updating faults on a store to a D=0 leaf; under Preset nobody
+    // would ever set it, so every writable leaf must carry D, also after protect or remap.
+    let ram = HostRam::new(64);
+    let opts = TableOptions { ad: AdMode::Preset, ..TableOptions::for_format::<Sv39x4>() };
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, opts).unwrap();
+    t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::READ, MapSize::Largest).unwrap().ignore();
+    let q = t.query(gpa(0)).unwrap();
+    assert!(q.accessed && !q.dirty);
+    t.protect(gpa(0), K4, MappingFlags::RW).unwrap().ignore();
+    let q = t.query(gpa(0)).unwrap();
+    assert!(q.accessed && q.dirty);
+    t.remap(gpa(K4), hpa(TARGET + 4 * K4), MappingFlags::RW).unwrap().ignore();
+    assert!(t.query(gpa(K4)).unwrap().dirty);
+}

@@ -23,6 +23,9 @@ pub const IA32_VMX_EXIT_CTLS: u32 = 0x483;
 pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
 /// IA32_VMX_CR0_FIXED0 (A.7).
 pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
+/// IA32_VMX_MISC: bits 4:0 give the VMX-preemption timer rate, the timer counts down by 1
+/// each time TSC bit X changes (Intel SDM Vol. 3C A.6).
+pub const IA32_VMX_MISC: u32 = 0x485;
 /// IA32_VMX_CR0_FIXED1 (A.7).
 pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
 /// IA32_VMX_CR4_FIXED0 (A.8).
@@ -375,6 +378,12 @@ impl VmxCapabilities {
     /// Whether the secondary controls allow VPIDs.
     pub fn has_vpid(&self) -> bool {
         self.proc2.allows(PROC2_VPID) && self.ept_vpid.is_some_and(|c| c.invvpid())
+    }
+
+    /// Whether the pin-based controls allow the VMX-preemption timer (bit 6, Intel SDM Vol. 3C
+    /// 25.6.1, Table 25-5; allowed-1 settings in A.3.1).
+    pub fn has_preemption_timer(&self) -> bool {
+        self.pin.allows(crate::controls::PIN_PREEMPTION_TIMER)
     }
 
     /// Whether the secondary controls allow unrestricted guest (bit 7, Table 25-7).

@@ -4,6 +4,8 @@
 pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 /// Pin-based control bit 3: NMI exiting (Table 25-5).
 pub const PIN_NMI_EXITING: u32 = 1 << 3;
+/// Pin-based control bit 6: activate VMX-preemption timer (Table 25-5).
+pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 
 /// Primary processor-based control bit 7: HLT exiting (Intel SDM Vol. 3C 25.6.2, Table 25-6).
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
@@ -31,6 +33,8 @@ pub const EXIT_HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
 pub const EXIT_SAVE_EFER: u32 = 1 << 20;
 /// VM-exit control bit 21: load IA32_EFER (Table 25-13).
 pub const EXIT_LOAD_EFER: u32 = 1 << 21;
+/// VM-exit control bit 22: save VMX-preemption timer value (Table 25-13).
+pub const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 
 /// VM-entry control bit 2: load debug controls (Intel SDM Vol. 3C 25.8.1, Table 25-15).
 pub const ENTRY_LOAD_DEBUG_CONTROLS: u32 = 1 << 2;

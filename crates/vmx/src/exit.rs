@@ -35,6 +35,80 @@ pub mod reason {
     pub const EPT_VIOLATION: u16 = 48;
     /// EPT misconfiguration.
     pub const EPT_MISCONFIG: u16 = 49;
+    /// VMX-preemption timer expired.
+    pub const PREEMPTION_TIMER: u16 = 52;
+    /// XSETBV.
+    pub const XSETBV: u16 = 55;
+
+    /// The SDM's name for a basic exit reason (Intel SDM Vol. 3C Appendix C, Table C-1), or
+    /// "unknown" for a number the table does not list. Any value is accepted.
+    pub const fn name(reason: u16) -> &'static str {
+        match reason {
+            0 => "exception or NMI",
+            1 => "external interrupt",
+            2 => "triple fault",
+            3 => "INIT",
+            4 => "SIPI",
+            5 => "I/O SMI",
+            6 => "other SMI",
+            7 => "interrupt window",
+            8 => "NMI window",
+            9 => "task switch",
+            10 => "CPUID",
+            11 => "GETSEC",
+            12 => "HLT",
+            13 => "INVD",
+            14 => "INVLPG",
+            15 => "RDPMC",
+            16 => "RDTSC",
+            17 => "RSM",
+            18 => "VMCALL",
+            19 => "VMCLEAR",
+            20 => "VMLAUNCH",
+            21 => "VMPTRLD",
+            22 => "VMPTRST",
+            23 => "VMREAD",
+            24 => "VMRESUME",
+            25 => "VMWRITE",
+            26 => "VMXOFF",
+            27 => "VMXON",
+            28 => "CR access",
+            29 => "MOV DR",
+            30 => "I/O instruction",
+            31 => "RDMSR",
+            32 => "WRMSR",
+            33 => "entry failure: guest state",
+            34 => "entry failure: MSR loading",
+            36 => "MWAIT",
+            37 => "monitor trap flag",
+            39 => "MONITOR",
+            40 => "PAUSE",
+            41 => "entry failure: machine check",
+            43 => "TPR below threshold",
+            44 => "APIC access",
+            45 => "virtualized EOI",
+            46 => "GDTR/IDTR access",
+            47 => "LDTR/TR access",
+            48 => "EPT violation",
+            49 => "EPT misconfiguration",
+            50 => "INVEPT",
+            51 => "RDTSCP",
+            52 => "preemption timer",
+            53 => "INVVPID",
+            54 => "WBINVD",
+            55 => "XSETBV",
+            56 => "APIC write",
+            57 => "RDRAND",
+            58 => "INVPCID",
+            59 => "VMFUNC",
+            60 => "ENCLS",
+            61 => "RDSEED",
+            62 => "page-modification log full",
+            63 => "XSAVES",
+            64 => "XRSTORS",
+            _ => "unknown",
+        }
+    }
 }
 
 /// The exit-reason field (Intel SDM Vol. 3C 25.9.1, Table 25-18): bits 15:0 basic reason,
@@ -138,9 +212,34 @@ impl EptViolation {
 pub struct IoQualification(pub u64);
 
 impl IoQualification {
-    /// Bits 2:0 + 1: access size in bytes (1, 2 or 4).
+    /// Bits 2:0: access size in bytes, 1, 2 or 4 (encodings 0, 1, 3). The other encodings are
+    /// not used by the CPU; they read as 4 so that no caller ever sees another size.
     pub const fn size(self) -> u8 {
-        (self.0 & 7) as u8 + 1
+        match self.0 & 7 {
+            0 => 1,
+            1 => 2,
+            _ => 4,
+        }
+    }
+
+    /// The bits of RAX the access covers, at bit 0.
+    pub const fn mask(self) -> u64 {
+        match self.size() {
+            1 => 0xff,
+            2 => 0xffff,
+            _ => 0xffff_ffff,
+        }
+    }
+
+    /// RAX after an IN of `value`: 8- and 16-bit INs keep the rest of RAX, a 32-bit IN clears
+    /// bits 63:32 (Intel SDM Vol. 1 3.4.1.1; Vol. 2A "IN").
+    pub const fn merge_in(self, rax: u64, value: u64) -> u64 {
+        let m = self.mask();
+        if self.size() == 4 {
+            value & m
+        } else {
+            (rax & !m) | (value & m)
+        }
     }
     /// Bit 3: 1 = IN, 0 = OUT.
     pub const fn is_in(self) -> bool {
@@ -157,6 +256,50 @@ impl IoQualification {
     /// Bits 31:16: the port number.
     pub const fn port(self) -> u16 {
         (self.0 >> 16) as u16
+    }
+}
+
+/// A control-register-access exit qualification (Intel SDM Vol. 3C 28.2.1, Table 28-3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrAccessQualification(pub u64);
+
+/// What a control-register access did, from [`CrAccessQualification::access`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrAccess {
+    /// MOV to CR`cr` from general-purpose register `reg` (0..=15, Table 2-2 order; 4 = RSP).
+    MovTo {
+        /// Control register number (0, 3, 4 or 8).
+        cr: u8,
+        /// Source register.
+        reg: u8,
+    },
+    /// MOV from CR`cr` to register `reg`.
+    MovFrom {
+        /// Control register number (3 or 8).
+        cr: u8,
+        /// Destination register.
+        reg: u8,
+    },
+    /// CLTS.
+    Clts,
+    /// LMSW with its 16-bit source operand.
+    Lmsw {
+        /// Bits 31:16 of the qualification.
+        source: u16,
+    },
+}
+
+impl CrAccessQualification {
+    /// Bits 3:0 control register, 5:4 access type, 11:8 register, 31:16 LMSW source data.
+    pub const fn access(self) -> CrAccess {
+        let cr = (self.0 & 0xf) as u8;
+        let reg = ((self.0 >> 8) & 0xf) as u8;
+        match (self.0 >> 4) & 3 {
+            0 => CrAccess::MovTo { cr, reg },
+            1 => CrAccess::MovFrom { cr, reg },
+            2 => CrAccess::Clts,
+            _ => CrAccess::Lmsw { source: (self.0 >> 16) as u16 },
+        }
     }
 }
 
@@ -192,6 +335,10 @@ pub enum VmExit {
         /// WRMSR when true.
         write: bool,
     },
+    /// Reason 28.
+    CrAccess(CrAccessQualification),
+    /// Reason 52: the VMX-preemption timer counted down to zero (Intel SDM Vol. 3C 26.5.1).
+    PreemptionTimer,
     /// A VM entry that failed after its checks began (exit reason bit 31 set).
     EntryFailed(EntryFailure),
     /// Any other basic reason.
@@ -254,8 +401,39 @@ pub fn decode_exit(exit_reason: u32, qualification: u64, gpa: u64, gla: u64, int
         reason::CPUID => VmExit::Cpuid,
         reason::RDMSR => VmExit::Msr { write: false },
         reason::WRMSR => VmExit::Msr { write: true },
+        reason::CR_ACCESS => VmExit::CrAccess(CrAccessQualification(qualification)),
+        reason::PREEMPTION_TIMER => VmExit::PreemptionTimer,
         other => VmExit::Other { reason: other, qualification },
     }
+}
+
+/// An event whose delivery a VM exit interrupted, to be injected again at the next entry
+/// (Intel SDM Vol. 3C 28.2.4 "Information for VM Exits During Event Delivery", 29.2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reinjection {
+    /// The VM-entry interruption-information value: vector, type, error-code bit, valid bit;
+    /// bits 30:12 cleared, as entry requires (27.2.1.3).
+    pub info: u32,
+    /// The error code to deliver, when bit 11 is set.
+    pub error_code: Option<u32>,
+    /// The VM-entry instruction length, for software interrupts and exceptions (types 4-6).
+    pub instruction_length: Option<u32>,
+}
+
+/// The re-injection an IDT-vectoring information field (0x4408, Table 25-20) calls for, from
+/// it, the IDT-vectoring error code (0x440A) and the VM-exit instruction length (0x440C);
+/// `None` when its valid bit (31) is clear.
+pub const fn reinjection(idt_vectoring_info: u32, error_code: u32, instruction_length: u32) -> Option<Reinjection> {
+    if idt_vectoring_info & (1 << 31) == 0 {
+        return None;
+    }
+    let info = idt_vectoring_info & 0x8000_0fff;
+    let ty = (info >> 8) & 7;
+    Some(Reinjection {
+        info,
+        error_code: if info & (1 << 11) != 0 { Some(error_code & 0xffff) } else { None },
+        instruction_length: if ty >= 4 && ty <= 6 { Some(instruction_length) } else { None },
+    })
 }
 
 /// A VM-instruction error number (Intel SDM Vol. 3C 31.4, Table 31-1).
@@ -354,6 +532,70 @@ mod tests {
         // REP OUTSB.
         let q = IoQualification((0x80 << 16) | (1 << 4) | (1 << 5));
         assert!(q.is_string() && q.is_rep());
+    }
+
+    #[test]
+    fn io_sizes_and_in_merging_survive_undefined_encodings() {
+        // IN AL: keeps RAX 63:8.
+        assert_eq!(IoQualification(8).merge_in(0x1122_3344_5566_7788, 0xffff_ffff), 0x1122_3344_5566_77ff);
+        // IN AX.
+        assert_eq!(IoQualification(8 | 1).merge_in(0x1122_3344_5566_7788, 0xabcd), 0x1122_3344_5566_abcd);
+        // IN EAX zero-extends.
+        assert_eq!(IoQualification(8 | 3).merge_in(u64::MAX, 0x1234_5678), 0x1234_5678);
+        // Encodings 2, 4..7 are not used by the CPU: they must not give a size 3 or 8, whose mask
+        // would be wrong or overflow a shift (1 << 64).
+        for q in [2u64, 4, 5, 6, 7] {
+            let q = IoQualification(q);
+            assert!(matches!(q.size(), 1 | 2 | 4));
+            assert_eq!(q.merge_in(u64::MAX, u64::MAX), 0xffff_ffff);
+        }
+    }
+
+    #[test]
+    fn interrupted_events_are_reinjected_as_they_were() {
+        assert_eq!(reinjection(0x0000_0b0e, 2, 3), None, "valid bit clear");
+        // A #PF with error code 2 interrupted by an EPT violation on the IDT.
+        assert_eq!(
+            reinjection(0x8000_0b0e, 2, 3),
+            Some(Reinjection { info: 0x8000_0b0e, error_code: Some(2), instruction_length: None })
+        );
+        // INT 0x80 (type 4): the instruction length goes with it. Bit 12 (undefined here) and
+        // bits 30:13 are cleared for the entry field.
+        assert_eq!(
+            reinjection(0xffff_f480, 0xdead_beef, 2),
+            Some(Reinjection { info: 0x8000_0480, error_code: None, instruction_length: Some(2) })
+        );
+        // An NMI (type 2).
+        assert_eq!(
+            reinjection(0x8000_0202, 0, 0),
+            Some(Reinjection { info: 0x8000_0202, error_code: None, instruction_length: None })
+        );
+    }
+
+    #[test]
+    fn cr_access_qualification() {
+        // MOV CR4, R9 (Table 28-3: CR 4, type 0, register 9).
+        let e = decode_exit(28, 4 | (9 << 8), 0, 0, 0);
+        assert_eq!(e, VmExit::CrAccess(CrAccessQualification(4 | (9 << 8))));
+        assert_eq!(CrAccessQualification(4 | (9 << 8)).access(), CrAccess::MovTo { cr: 4, reg: 9 });
+        assert_eq!(CrAccessQualification(3 | (1 << 4) | (4 << 8)).access(), CrAccess::MovFrom { cr: 3, reg: 4 });
+        assert_eq!(CrAccessQualification(2 << 4).access(), CrAccess::Clts);
+        assert_eq!(CrAccessQualification((3 << 4) | (0xfff1 << 16)).access(), CrAccess::Lmsw { source: 0xfff1 });
+        // Garbage in the high bits is ignored, never a panic.
+        assert_eq!(CrAccessQualification(u64::MAX).access(), CrAccess::Lmsw { source: 0xffff });
+    }
+
+    #[test]
+    fn every_reason_has_a_name_and_decodes() {
+        assert_eq!(reason::name(48), "EPT violation");
+        assert_eq!(reason::name(52), "preemption timer");
+        assert_eq!(reason::name(35), "unknown");
+        assert_eq!(reason::name(u16::MAX), "unknown");
+        assert_eq!(decode_exit(52, 0, 0, 0, 0), VmExit::PreemptionTimer);
+        for r in 0..=u16::MAX {
+            let _ = decode_exit(u32::from(r), u64::MAX, u64::MAX, u64::MAX, u32::MAX);
+            let _ = decode_exit(u32::from(r) | (1 << 31), u64::MAX, u64::MAX, u64::MAX, u32::MAX);
+        }
     }
 
     #[test]

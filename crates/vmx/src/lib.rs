@@ -10,6 +10,8 @@
 //!   [`VmxVcpu::invalidate`] (INVEPT single-context, or all-context where single is not offered).
 //! - [`caps::VmxCapabilities`]: the capability MSRs, read in an order that never touches an MSR
 //!   the CPU lacks; controls computed as `(wanted | allowed0) & allowed1`.
+//! - [`emulate`]: checks for guest values the exit handlers pass on (EFER, CR3), refused as
+//!   the CPU would refuse them.
 //! - [`decode::decode_mmio`]: the MOV an MMIO exit came from, decoded from the instruction bytes
 //!   (which the hypervisor fetches with `twostage_aspace::fetch_guest_instruction`, the software
 //!   walk of the guest's own page tables through the EPT).
@@ -25,6 +27,7 @@
 pub mod caps;
 pub mod controls;
 pub mod decode;
+pub mod emulate;
 pub mod exit;
 pub mod hw;
 pub mod vcpu;
@@ -34,7 +37,13 @@ pub mod vmcs;
 mod tests;
 
 pub use caps::{EptVpidCaps, VmxCapabilities, VmxUnsupported};
-pub use exit::{EptViolation, EptViolationQualification, IoQualification, VmExit, VmInstructionError};
+pub use exit::{
+    CrAccess, CrAccessQualification, EptViolation, EptViolationQualification, IoQualification, VmExit,
+    VmInstructionError,
+};
 pub use hw::{GuestRegisters, VmxHardware};
-pub use vcpu::{EntryError, GuestEntry, InvalidateError, SetupError, VcpuConfig, VmxOnError, VmxVcpu};
+pub use vcpu::{
+    EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError, VcpuConfig, VmxOnError,
+    VmxVcpu,
+};
 pub use vmcs::VmcsField;

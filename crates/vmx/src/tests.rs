@@ -427,3 +427,77 @@ impl VmxVcpu<&mut FakeCpu, &HostRam> {
         self.hardware_mut().next_exit = Some(x);
     }
 }
+
+#[test]
+fn preemption_timer_follows_the_pin_based_allowed_settings() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        assert!(vcpu.capabilities().has_preemption_timer());
+        assert_eq!(vcpu.set_preemption_timer(Some(5)), Err(PreemptionTimerError::NotSetUp));
+        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.set_preemption_timer(Some(0x1234)).unwrap();
+        assert_ne!(vcpu.vmread(F::PIN_BASED_CONTROLS).unwrap() as u32 & c::PIN_PREEMPTION_TIMER, 0);
+        assert_eq!(vcpu.vmread(F::PREEMPTION_TIMER_VALUE).unwrap(), 0x1234);
+        vcpu.hw_script(ScriptedExit { reason: 52, qualification: 0, gpa: 0 });
+        assert_eq!(vcpu.run(), Ok(VmExit::PreemptionTimer));
+        vcpu.set_preemption_timer(None).unwrap();
+        assert_eq!(vcpu.vmread(F::PIN_BASED_CONTROLS).unwrap() as u32 & c::PIN_PREEMPTION_TIMER, 0);
+    }
+    // A CPU whose pin-based allowed-1 bits lack bit 6.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.msrs.insert(IA32_VMX_TRUE_PINBASED_CTLS, (0x3fu64 << 32) | 0x16);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    assert!(!vcpu.capabilities().has_preemption_timer());
+    assert_eq!(vcpu.set_preemption_timer(Some(1)), Err(PreemptionTimerError::NotOffered));
+    assert_eq!(vcpu.set_preemption_timer(None), Ok(()));
+}
+
+#[test]
+fn exception_injection_is_checked_like_vm_entry_checks_it() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    // #GP(0): vector 13, type 3, error code delivered, valid.
+    vcpu.inject_exception(13, Some(0)).unwrap();
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 13 | (3 << 8) | (1 << 11) | (1 << 31));
+    assert_eq!(vcpu.vmread(F::ENTRY_EXCEPTION_ERROR_CODE).unwrap(), 0);
+    // #UD: no error code.
+    vcpu.inject_exception(6, None).unwrap();
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 6 | (3 << 8) | (1 << 31));
+    // Refused before they could fail an entry.
+    assert_eq!(vcpu.inject_exception(32, None), Err(InjectError::BadVector(32)));
+    assert_eq!(vcpu.inject_exception(255, None), Err(InjectError::BadVector(255)));
+    assert_eq!(vcpu.inject_exception(2, None), Err(InjectError::BadVector(2)));
+    assert_eq!(vcpu.inject_exception(6, Some(0)), Err(InjectError::ErrorCodeMismatch { vector: 6 }));
+    assert_eq!(vcpu.inject_exception(14, None), Err(InjectError::ErrorCodeMismatch { vector: 14 }));
+    assert_eq!(vcpu.inject_exception(13, Some(0x1_0000)), Err(InjectError::BadErrorCode(0x1_0000)));
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 6 | (3 << 8) | (1 << 31), "refusals wrote nothing");
+}
+
+#[test]
+fn an_event_interrupted_by_an_exit_is_queued_again() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    // Nothing was being delivered.
+    assert_eq!(vcpu.reinject_interrupted_event(), Ok(false));
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 0);
+    // A #GP(0x18) whose delivery hit an EPT violation (the fake lets the test write the
+    // read-only exit fields directly).
+    vcpu.hardware_mut().vmcs.insert(F::IDT_VECTORING_INFO.0, 0x8000_0b0d);
+    vcpu.hardware_mut().vmcs.insert(F::IDT_VECTORING_ERROR_CODE.0, 0x18);
+    assert_eq!(vcpu.reinject_interrupted_event(), Ok(true));
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 0x8000_0b0d);
+    assert_eq!(vcpu.vmread(F::ENTRY_EXCEPTION_ERROR_CODE).unwrap(), 0x18);
+    // INT3 (type 6) carries the instruction length.
+    vcpu.hardware_mut().vmcs.insert(F::IDT_VECTORING_INFO.0, 0x8000_0603);
+    vcpu.hardware_mut().vmcs.insert(F::EXIT_INSTRUCTION_LENGTH.0, 1);
+    assert_eq!(vcpu.reinject_interrupted_event(), Ok(true));
+    assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 0x8000_0603);
+    assert_eq!(vcpu.vmread(F::ENTRY_INSTRUCTION_LENGTH).unwrap(), 1);
+}

@@ -114,6 +114,41 @@ pub enum InvalidateError {
     Instruction(VmxInstructionFailure),
 }
 
+/// Why the VMX-preemption timer could not be armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreemptionTimerError {
+    /// The pin-based allowed-1 settings lack bit 6 (Intel SDM Vol. 3C A.3.1).
+    NotOffered,
+    /// [`VmxVcpu::setup`] has not succeeded (the controls are not written yet).
+    NotSetUp,
+    /// A VMREAD or VMWRITE failed.
+    Instruction(VmxInstructionFailure),
+}
+
+/// Why an exception could not be queued for injection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectError {
+    /// Not a hardware-exception vector (0..=31, and not 2, which is NMI; Intel SDM Vol. 3C
+    /// 27.2.1.3).
+    BadVector(u8),
+    /// An error code given for a vector that delivers none, or none for one that does
+    /// (vectors 8, 10-14, 17, 21 deliver one; Intel SDM Vol. 3C 27.2.1.3).
+    ErrorCodeMismatch {
+        /// The vector.
+        vector: u8,
+    },
+    /// Bits 31:16 of the error code must be 0 (Intel SDM Vol. 3C 27.2.1.3).
+    BadErrorCode(u32),
+    /// The VMWRITE failed.
+    Instruction(VmxInstructionFailure),
+}
+
+/// Whether an exception vector pushes an error code (Intel SDM Vol. 3A 7.15, Table 7-1;
+/// the VM-entry check in Vol. 3C 27.2.1.3 lists the same vectors).
+pub const fn exception_has_error_code(vector: u8) -> bool {
+    matches!(vector, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
+}
+
 /// Why entering the guest failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryError {
@@ -545,6 +580,74 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             self.vmwrite(F::ENTRY_CONTROLS, want)?;
         }
         Ok(())
+    }
+
+    /// Arms the VMX-preemption timer with `ticks` (each tick is 2^X TSC cycles, X from
+    /// IA32_VMX_MISC[4:0]), or disarms it with `None`. The value is reloaded at every VM entry
+    /// (the "save" exit control stays off), so it bounds the time between two exits; expiry
+    /// exits with reason 52 (Intel SDM Vol. 3C 26.5.1, 25.6.1 Table 25-5). Call it after
+    /// [`VmxVcpu::setup`], which rewrites the pin-based controls.
+    pub fn set_preemption_timer(&mut self, ticks: Option<u32>) -> Result<(), PreemptionTimerError> {
+        if !self.ready {
+            return Err(PreemptionTimerError::NotSetUp);
+        }
+        if ticks.is_some() && !self.caps.has_preemption_timer() {
+            return Err(PreemptionTimerError::NotOffered);
+        }
+        let pin = self.vmread(F::PIN_BASED_CONTROLS).map_err(PreemptionTimerError::Instruction)?;
+        let bit = u64::from(c::PIN_PREEMPTION_TIMER);
+        // Clearing the bit is allowed only when allowed-0 does not force it; the timer is
+        // never a default-1 control (A.3.1), so this is always the case.
+        let pin = if ticks.is_some() { pin | bit } else { pin & !bit };
+        if let Some(t) = ticks {
+            self.vmwrite(F::PREEMPTION_TIMER_VALUE, u64::from(t)).map_err(PreemptionTimerError::Instruction)?;
+        }
+        self.vmwrite(F::PIN_BASED_CONTROLS, pin).map_err(PreemptionTimerError::Instruction)
+    }
+
+    /// Queues a hardware exception for the next VM entry: interruption type 3, with the error
+    /// code when the vector has one (Intel SDM Vol. 3C 25.8.3, Table 25-17; checks in
+    /// 27.2.1.3, which this mirrors so that a bad request is an error here, not a failed entry).
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), InjectError> {
+        if vector > 31 || vector == 2 {
+            return Err(InjectError::BadVector(vector));
+        }
+        if error_code.is_some() != exception_has_error_code(vector) {
+            return Err(InjectError::ErrorCodeMismatch { vector });
+        }
+        // Bit 31 valid, bits 10:8 type 3 (hardware exception), bit 11 deliver error code.
+        let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(code) = error_code {
+            if code > 0xffff {
+                return Err(InjectError::BadErrorCode(code));
+            }
+            info |= 1 << 11;
+            self.vmwrite(F::ENTRY_EXCEPTION_ERROR_CODE, u64::from(code)).map_err(InjectError::Instruction)?;
+        }
+        self.vmwrite(F::ENTRY_INTERRUPTION_INFO, info).map_err(InjectError::Instruction)
+    }
+
+    /// After an exit that interrupted the delivery of an event (an EPT violation on the guest's
+    /// IDT or stack, say), queues that event again so that resuming the guest does not lose it
+    /// (Intel SDM Vol. 3C 28.2.4, 29.2.3). Call it before resuming at the same instruction;
+    /// returns whether an event was queued.
+    pub fn reinject_interrupted_event(&mut self) -> Result<bool, VmxInstructionFailure> {
+        let info = self.vmread(F::IDT_VECTORING_INFO)? as u32;
+        let Some(r) = crate::exit::reinjection(info, 0, 0) else { return Ok(false) };
+        let r = crate::exit::reinjection(
+            info,
+            if r.error_code.is_some() { self.vmread(F::IDT_VECTORING_ERROR_CODE)? as u32 } else { 0 },
+            if r.instruction_length.is_some() { self.vmread(F::EXIT_INSTRUCTION_LENGTH)? as u32 } else { 0 },
+        )
+        .unwrap_or(r);
+        if let Some(e) = r.error_code {
+            self.vmwrite(F::ENTRY_EXCEPTION_ERROR_CODE, u64::from(e))?;
+        }
+        if let Some(l) = r.instruction_length {
+            self.vmwrite(F::ENTRY_INSTRUCTION_LENGTH, u64::from(l))?;
+        }
+        self.vmwrite(F::ENTRY_INTERRUPTION_INFO, u64::from(r.info))?;
+        Ok(true)
     }
 
     /// The last exit, if it was an EPT violation, as the seed's `NestedPageFaultInfo`.

@@ -116,6 +116,10 @@ impl VmcsField {
     pub const ENTRY_MSR_LOAD_COUNT: Self = Self(0x4014);
     /// VM-entry interruption-information field.
     pub const ENTRY_INTERRUPTION_INFO: Self = Self(0x4016);
+    /// VM-entry exception error code (B.3.1).
+    pub const ENTRY_EXCEPTION_ERROR_CODE: Self = Self(0x4018);
+    /// VM-entry instruction length (B.3.1).
+    pub const ENTRY_INSTRUCTION_LENGTH: Self = Self(0x401A);
     /// Secondary processor-based VM-execution controls.
     pub const SECONDARY_PROCBASED_CONTROLS: Self = Self(0x401E);
     // 32-bit read-only data fields (B.3.2).
@@ -127,6 +131,10 @@ impl VmcsField {
     pub const EXIT_INTERRUPTION_INFO: Self = Self(0x4404);
     /// VM-exit interruption error code.
     pub const EXIT_INTERRUPTION_ERROR_CODE: Self = Self(0x4406);
+    /// IDT-vectoring information (B.3.2).
+    pub const IDT_VECTORING_INFO: Self = Self(0x4408);
+    /// IDT-vectoring error code (B.3.2).
+    pub const IDT_VECTORING_ERROR_CODE: Self = Self(0x440A);
     /// VM-exit instruction length.
     pub const EXIT_INSTRUCTION_LENGTH: Self = Self(0x440C);
     /// VM-exit instruction information.
@@ -174,6 +182,8 @@ impl VmcsField {
     pub const GUEST_ACTIVITY_STATE: Self = Self(0x4826);
     /// Guest IA32_SYSENTER_CS.
     pub const GUEST_SYSENTER_CS: Self = Self(0x482A);
+    /// VMX-preemption timer value (B.3.3).
+    pub const PREEMPTION_TIMER_VALUE: Self = Self(0x482E);
     // 32-bit host-state field (B.3.4).
     /// Host IA32_SYSENTER_CS.
     pub const HOST_SYSENTER_CS: Self = Self(0x4C00);

@@ -248,7 +248,11 @@ impl Hv {
                     let _ = self.vcpu.advance_rip();
                 }
                 VmExit::EptViolation(v) => match on_fault(self, &v) {
-                    FaultAction::Retry => self.stats.faults_resolved += 1,
+                    FaultAction::Retry => {
+                        self.stats.faults_resolved += 1;
+                        // A fault taken while delivering an event: deliver it again.
+                        let _ = self.vcpu.reinject_interrupted_event();
+                    }
                     FaultAction::Mmio => {
                         self.emulate_mmio(&v, dev)?;
                     }

@@ -157,6 +157,9 @@ pub enum RunError {
     MmioFetch(GvaError),
     /// The instruction that touched MMIO at this address is not one the decoder emulates.
     MmioDecode(GuestPhysAddr, DecodeError),
+    /// An EPT violation with no MOV to emulate: a fetch, the guest's own page walk, or bytes
+    /// at RIP that do not match the access.
+    NotEmulable(EptViolation),
     /// The guest stopped with HLT.
     Halted,
     /// Too many exits without progress.
@@ -317,32 +320,51 @@ impl Hv {
 
     /// Emulates the MMIO instruction at the guest's RIP against `dev`, then skips it.
     pub fn emulate_mmio(&mut self, v: &EptViolation, dev: &mut dyn MmioDevice) -> Result<MmioInstruction, RunError> {
+        let q = v.qualification;
+        // Only a data access to the translated address has an instruction to emulate: not a
+        // fetch, not the CPU's walk of the guest's own tables (Intel SDM Vol. 3C 28.2.1, Table 28-7),
+        // not the delivery of an event (28.2.4).
+        let delivering = self.vcpu.vmread(VmcsField::IDT_VECTORING_INFO).unwrap_or(0) & (1 << 31) != 0;
+        if q.fetch() || !q.linear_address_valid() || !q.linear_translation() || delivering {
+            return Err(RunError::NotEmulable(*v));
+        }
         let rip = self.vcpu.vmread(VmcsField::GUEST_RIP).map_err(|_| RunError::MmioFetch(GvaError::Vmcs))?;
         let fetched = self.fetch_guest_instruction(GuestVirtAddr::new_truncate(rip)).map_err(RunError::MmioFetch)?;
         let insn = decode_mmio(fetched.bytes()).map_err(|d| RunError::MmioDecode(v.gpa, d))?;
-        let mask = if insn.size == 8 { u64::MAX } else { (1u64 << (8 * insn.size)) - 1 };
+        if insn.is_store() != q.write() {
+            // The bytes at RIP are not what exited (rewritten since, or a read-modify-write).
+            return Err(RunError::NotEmulable(*v));
+        }
         match insn.op {
             MmioOp::Load { reg } => {
-                let val = dev.read(v.gpa, insn.size) & mask;
-                let old = self.vcpu.regs.gpr(reg).unwrap_or(0);
-                // 32-bit loads zero-extend; 8- and 16-bit loads merge (Intel SDM Vol. 1 3.4.1.1).
-                let new = if insn.size >= 4 { val } else { (old & !mask) | val };
-                if self.vcpu.regs.set_gpr(reg, new).is_err() {
-                    let _ = self.vcpu.vmwrite(VmcsField::GUEST_RSP, new);
-                }
+                let val = dev.read(v.gpa, insn.size) & insn.mask();
+                let old = self.read_gpr(reg.num);
+                self.write_gpr(reg.num, insn.merge_load(old, val));
             }
             MmioOp::StoreReg { reg } => {
-                let val = match self.vcpu.regs.gpr(reg) {
-                    Some(v) => v,
-                    None => self.vcpu.vmread(VmcsField::GUEST_RSP).unwrap_or(0),
-                };
-                dev.write(v.gpa, insn.size, val & mask);
+                let val = insn.store_value(self.read_gpr(reg.num));
+                dev.write(v.gpa, insn.size, val);
             }
-            MmioOp::StoreImm { value } => dev.write(v.gpa, insn.size, value & mask),
+            MmioOp::StoreImm { .. } => dev.write(v.gpa, insn.size, insn.store_value(0)),
         }
         let _ = self.vcpu.vmwrite(VmcsField::GUEST_RIP, rip.wrapping_add(u64::from(insn.len)));
         self.stats.mmio_emulated += 1;
         Ok(insn)
+    }
+
+    /// A guest register by ModRM number, RSP (4) from the VMCS.
+    pub fn read_gpr(&self, n: u8) -> u64 {
+        match self.vcpu.regs.gpr(n) {
+            Some(v) => v,
+            None => self.vcpu.vmread(VmcsField::GUEST_RSP).unwrap_or(0),
+        }
+    }
+
+    /// Writes a guest register by ModRM number, RSP (4) into the VMCS.
+    pub fn write_gpr(&mut self, n: u8, v: u64) {
+        if self.vcpu.regs.set_gpr(n, v).is_err() {
+            let _ = self.vcpu.vmwrite(VmcsField::GUEST_RSP, v);
+        }
     }
 
     /// Counts an exit by kind.
@@ -363,8 +385,8 @@ impl Hv {
         let port = q.port();
         let com1 = (serial::COM1..serial::COM1 + 8).contains(&port);
         if q.is_in() {
-            let v = if com1 { u64::from(serial::inb(port)) } else { 0xff };
-            self.vcpu.regs.rax = (self.vcpu.regs.rax & !0xff) | v;
+            let v = if com1 { 0xffff_ff00 | u64::from(serial::inb(port)) } else { u64::MAX };
+            self.vcpu.regs.rax = q.merge_in(self.vcpu.regs.rax, v);
         } else if com1 {
             let b = self.vcpu.regs.rax as u8;
             if port == serial::COM1 {

@@ -3,7 +3,7 @@
 //!
 //! Key pieces: [`boot`] (multiboot header, long-mode entry), [`serial`] (COM1 console, exit),
 //! [`frames`] (host frame allocator), [`hv`] (vCPU + EPT + exit loop + guest-memory access),
-//! [`guest`] (the bundled 64-bit guest), [`scenarios`] (the suite), [`mbguest`] (running a
+//! [`guest`] (the bundled 64-bit guest), [`scenarios`] (the suite), [`hostile`] (random guests), [`mbguest`] (running a
 //! multiboot guest given as a GRUB module).
 //!
 //! Safety model: the image is single-core with interrupts off; physical memory is reached only
@@ -24,6 +24,10 @@ mod frames;
 mod guest;
 #[cfg(target_os = "none")]
 mod heap;
+#[cfg(target_os = "none")]
+mod hostile;
+#[cfg(target_os = "none")]
+mod hostile_gen;
 #[cfg(target_os = "none")]
 mod hv;
 #[cfg(target_os = "none")]

@@ -11,6 +11,9 @@ use crate::multiboot::Module;
 use crate::{println, serial};
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
+use twostage_vmx::caps::IA32_EFER;
+use twostage_vmx::controls::CR0_PG;
+use twostage_vmx::emulate::efer_write;
 use twostage_vmx::hw::{RealCpu, VmxHardware};
 use twostage_vmx::{GuestEntry, VcpuConfig, VmExit, VmcsField, VmxVcpu};
 
@@ -188,6 +191,8 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                     space.flush(flush, |inv| {
                         let _ = vcpu.invalidate(inv);
                     });
+                    // A fault taken while delivering an event: deliver it again.
+                    let _ = vcpu.reinject_interrupted_event();
                 }
                 other => {
                     println!("guest fault at {:?} ({:?}): {other:?}", v.gpa, v.qualification);
@@ -208,8 +213,9 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 }
                 let com1 = (serial::COM1..serial::COM1 + 8).contains(&port);
                 if q.is_in() {
-                    let v = if com1 { u64::from(serial::inb(port)) } else { 0xff };
-                    vcpu.regs.rax = (vcpu.regs.rax & !0xff) | v;
+                    // COM1 answers a byte; the rest of an IN, and other ports, read as all ones.
+                    let v = if com1 { 0xffff_ff00 | u64::from(serial::inb(port)) } else { u64::MAX };
+                    vcpu.regs.rax = q.merge_in(vcpu.regs.rax, v);
                 } else if port == serial::COM1 {
                     serial::putb(value as u8);
                 }
@@ -223,11 +229,26 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 let _ = vcpu.advance_rip();
             }
             VmExit::Msr { write } => {
-                // IA32_EFER lives in the VMCS; other MSRs read as 0 and ignore writes.
-                let efer = vcpu.regs.rcx as u32 == 0xC000_0080;
+                // IA32_EFER lives in the VMCS; other MSRs read as 0 and ignore writes. A value
+                // the CPU would refuse is #GP here too, so it never reaches the VMCS (where it
+                // would fail the next entry).
+                let efer = vcpu.regs.rcx as u32 == IA32_EFER;
                 if write && efer {
                     let v = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
-                    let _ = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v);
+                    let cur = vcpu.vmread(VmcsField::GUEST_IA32_EFER).unwrap_or(0);
+                    let paging = vcpu.vmread(VmcsField::GUEST_CR0).unwrap_or(0) & CR0_PG != 0;
+                    match efer_write(cur, v, paging) {
+                        Ok(v) => {
+                            let _ = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v);
+                        }
+                        Err(_) => {
+                            // #GP(0), without advancing RIP (Intel SDM Vol. 2B "WRMSR").
+                            if vcpu.inject_exception(13, Some(0)).is_err() {
+                                break FAILED;
+                            }
+                            continue;
+                        }
+                    }
                 } else if !write {
                     let v = if efer { vcpu.vmread(VmcsField::GUEST_IA32_EFER).unwrap_or(0) } else { 0 };
                     vcpu.regs.rax = v & 0xffff_ffff;

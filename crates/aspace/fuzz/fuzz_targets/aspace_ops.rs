@@ -35,6 +35,7 @@ enum Op {
     Write { page: u8, off: u16, len: u16, byte: u8 },
     Read { page: u8, off: u16, len: u16 },
     Fork,
+    Share { idx: u8, dst: u8 },
     Switch,
     DirtyStart { page: u8, len: u8 },
     Harvest,
@@ -111,7 +112,8 @@ fuzz_target!(|input: Input| {
     {
         let mut linear: BTreeMap<u64, u8> = BTreeMap::new();
         let Ok(s) = Space::new(ram.clone(), opts) else { return };
-        let mut sides = vec![Side { s, regions: Vec::new(), anon: BTreeMap::new(), dirty: BTreeSet::new(), dirty_exact: true }];
+        let mut sides =
+            vec![Side { s, regions: Vec::new(), anon: BTreeMap::new(), dirty: BTreeSet::new(), dirty_exact: true }];
         let mut cur = 0usize;
         let mut failing = false;
         for op in input.ops.iter().take(64) {
@@ -273,7 +275,13 @@ fuzz_target!(|input: Input| {
                 Op::Fork => match g.s.fork() {
                     Ok((c, f)) => {
                         g.s.flush_unloaded(f);
-                        let child = Side { s: c, regions: g.regions.clone(), anon: g.anon.clone(), dirty: BTreeSet::new(), dirty_exact: true };
+                        let child = Side {
+                            s: c,
+                            regions: g.regions.clone(),
+                            anon: g.anon.clone(),
+                            dirty: BTreeSet::new(),
+                            dirty_exact: true,
+                        };
                         sides.truncate(1);
                         sides.push(child);
                     }
@@ -282,6 +290,47 @@ fuzz_target!(|input: Input| {
                         g.s.flush_unloaded(e.flush);
                     }
                 },
+                Op::Share { idx, dst } => {
+                    // The other side (same FrameRefs after a fork) takes a copy-on-write share of
+                    // one of this side's regions.
+                    if sides.len() < 2 || sides[cur].regions.is_empty() {
+                        continue;
+                    }
+                    let (a, b) = sides.split_at_mut(1);
+                    let (src, dstside) = if cur == 0 { (&mut a[0], &mut b[0]) } else { (&mut b[0], &mut a[0]) };
+                    let r = src.regions[usize::from(idx) % src.regions.len()].clone();
+                    let at = u64::from(dst) % PAGES * P;
+                    let len = r.end - r.start;
+                    let overlap = dstside.regions.iter().any(|x| x.start < at + len && at < x.end);
+                    match dstside.s.share_from("shared", GuestPhysAddr::new(at), &mut src.s, r.id) {
+                        Ok((id, f, g)) => {
+                            assert!(r.kind == Kind::Anon && !overlap);
+                            dstside.s.flush_unloaded(f);
+                            src.s.flush_unloaded(g);
+                            dstside.anon.retain(|&x, _| !(at..at + len).contains(&x));
+                            for (&x, &v) in src.anon.range(r.start..r.end) {
+                                dstside.anon.insert(at + (x - r.start), v);
+                            }
+                            dstside.regions.push(MRegion {
+                                id,
+                                start: at,
+                                end: at + len,
+                                kind: Kind::Anon,
+                                rights: r.rights,
+                            });
+                        }
+                        Err(e) => {
+                            dstside.s.flush_unloaded(e.flush);
+                            match e.error {
+                                ShareError::NotAnonymous(_) => assert!(r.kind != Kind::Anon),
+                                ShareError::Add(AddRegionError::Overlap { .. }) => assert!(overlap),
+                                ShareError::Add(AddRegionError::OutOfRange { .. }) => {}
+                                ShareError::Map(_) => assert!(failing),
+                                other => panic!("share: {other:?}"),
+                            }
+                        }
+                    }
+                }
                 Op::Switch => cur = (cur + 1) % sides.len(),
                 Op::DirtyStart { page, len } => {
                     let start = u64::from(page) % PAGES * P;

@@ -52,11 +52,15 @@ fuzz_target!(|input: Input| {
             s.flush_unloaded(f);
         }
         let paging = match input.mode {
-            Mode::X86 { cr0, cr3, cr4, efer, user, maxphy, page_1g } => match GuestPaging::x86_64(cr0, cr3, cr4, efer) {
-                Ok(GuestPaging::X86_64(p)) => GuestPaging::X86_64(X86Paging { user, maxphyaddr: maxphy, page_1g, ..p }),
-                Ok(other) => other,
-                Err(_) => return,
-            },
+            Mode::X86 { cr0, cr3, cr4, efer, user, maxphy, page_1g } => {
+                match GuestPaging::x86_64(cr0, cr3, cr4, efer) {
+                    Ok(GuestPaging::X86_64(p)) => {
+                        GuestPaging::X86_64(X86Paging { user, maxphyaddr: maxphy, page_1g, ..p })
+                    }
+                    Ok(other) => other,
+                    Err(_) => return,
+                }
+            }
             Mode::Riscv { vsatp, vsstatus, user, update_ad, svpbmt } => match GuestPaging::riscv(vsatp, vsstatus) {
                 Ok(GuestPaging::Riscv(p)) => GuestPaging::Riscv(RiscvPaging { user, update_ad, svpbmt, ..p }),
                 Ok(other) => other,

@@ -83,7 +83,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     if let Plan::Real { flush, .. } = plan {
                         let new = match op {
                             Op::Unmap => 0,
-                            Op::Protect(flags) => F::encode_leaf(&LeafBits { flags, ..leaf }, level),
+                            Op::Protect(flags) => F::encode_leaf(&self.preset_ad(LeafBits { flags, ..leaf }), level),
                         };
                         if new != raw {
                             self.store_leaf(table, i, raw, new);
@@ -125,6 +125,18 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         matches!(op, Op::Unmap)
             && matches!(plan, Plan::Real { .. })
             && (0..F::entries(level)).all(|j| self.entry(table, j).load(Ordering::Relaxed) == 0)
+    }
+
+    /// Under [`AdMode::Preset`] a leaf keeps A set, and D set whenever it is writable, also when a
+    /// change makes it writable (otherwise RISC-V hardware without A/D updating would fault on
+    /// every store, with nobody to set the bit).
+    fn preset_ad(&self, leaf: LeafBits) -> LeafBits {
+        match self.opts.ad {
+            AdMode::Preset => {
+                LeafBits { accessed: true, dirty: leaf.dirty || leaf.flags.contains(MappingFlags::WRITE), ..leaf }
+            }
+            AdMode::Hardware | AdMode::Software => leaf,
+        }
     }
 
     /// Retires `table` (at `level`) and every table below it.
@@ -210,7 +222,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let level = leaf.size.level();
         let (table, idx) = self.slot_of(gpa.as_u64(), level);
         let raw = self.entry(table, idx).load(Ordering::Acquire);
-        let bits = LeafBits { hpa, flags: stored_flags::<F>(flags), accessed: leaf.accessed, dirty: leaf.dirty };
+        let bits = self.preset_ad(LeafBits {
+            hpa,
+            flags: stored_flags::<F>(flags),
+            accessed: leaf.accessed,
+            dirty: leaf.dirty,
+        });
         let new = F::encode_leaf(&bits, level);
         let mut flush = Flush::new(self.root);
         if new != raw {
