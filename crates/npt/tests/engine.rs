@@ -376,3 +376,29 @@ fn preset_leaves_stay_dirty_when_they_become_writable() {
     t.remap(gpa(K4), hpa(TARGET + 4 * K4), MappingFlags::RW).unwrap().ignore();
     assert!(t.query(gpa(K4)).unwrap().dirty);
 }
+
+#[test]
+fn try_clone_copies_every_mapping_into_new_tables() {
+    let ram = HostRam::new(256);
+    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+    t.map(gpa(G - M2), hpa(TARGET), M2 + G + 3 * K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    t.map(gpa(8 * G), hpa(TARGET), K4, MappingFlags::RX, MapSize::Largest).unwrap().ignore();
+    let used = ram.frames_in_use();
+    let c = t.try_clone().unwrap();
+    assert_ne!(c.root(), t.root());
+    assert_eq!(ram.frames_in_use(), 2 * used, "one new frame per table, nothing else");
+    assert_eq!(
+        c.dump().to_string().lines().skip(1).collect::<Vec<_>>(),
+        t.dump().to_string().lines().skip(1).collect::<Vec<_>>()
+    );
+    // Independent: changing the copy leaves the original alone.
+    let mut c = c;
+    c.protect(gpa(G), G, MappingFlags::READ).unwrap().ignore();
+    assert_eq!(t.query(gpa(G)).unwrap().flags, MappingFlags::RW);
+    // Failing allocations give the frames back.
+    ram.fail_after(2);
+    assert!(t.try_clone().is_err());
+    ram.heal();
+    drop(c);
+    assert_eq!(ram.frames_in_use(), used);
+}

@@ -200,7 +200,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         unsafe { &*base.add(idx) }
     }
 
-    pub(crate) fn new_table(&mut self, plan_pool: &mut Vec<HostPhysAddr>) -> HostPhysAddr {
+    pub(crate) fn new_table(&self, plan_pool: &mut Vec<HostPhysAddr>) -> HostPhysAddr {
         let frame = plan_pool.pop().expect("frames were counted before the change");
         self.zero_frames(frame, 1);
         frame
@@ -445,6 +445,38 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
             }
             i += 1;
+        }
+    }
+
+    /// A copy of the table with every entry as it is now (leaves, rights and A/D bits), in new
+    /// table frames from the same allocator: the first half of a copy-on-write fork, costing
+    /// time in proportion to the tables, not to the memory they map. Nothing is allocated if
+    /// any frame is missing.
+    pub fn try_clone(&self) -> Result<Self, OutOfFrames>
+    where
+        A: Clone,
+    {
+        let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
+        let mut child = Self::new(self.alloc.clone(), self.opts)?;
+        let mut pool = child.fill_pool(live).map_err(|e| OutOfFrames { needed: e.needed + F::ROOT_FRAMES })?;
+        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, &mut pool);
+        debug_assert!(pool.is_empty(), "live table count is off");
+        Ok(child)
+    }
+
+    fn copy_tree(&self, src: &Self, from: HostPhysAddr, to: HostPhysAddr, level: usize, pool: &mut Vec<HostPhysAddr>) {
+        for i in 0..F::entries(level) {
+            let raw = src.entry(from, i).load(Ordering::Acquire);
+            if !F::present(raw) {
+                continue;
+            }
+            if level > 0 && !F::is_leaf(raw, level) {
+                let next = self.new_table(pool);
+                self.copy_tree(src, F::address(raw), next, level - 1, pool);
+                self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
+            } else {
+                self.entry(to, i).store(raw, Ordering::Relaxed);
+            }
         }
     }
 
