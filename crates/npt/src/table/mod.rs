@@ -310,7 +310,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             .rev()
             .find(|&l| {
                 let s = level_size(l);
-                self.level_allowed(l) && va.is_multiple_of(s) && pa.is_multiple_of(s) && remaining >= s
+                self.level_allowed(l) && (va | pa) & (s - 1) == 0 && remaining >= s
             })
             .unwrap_or(0)
     }
@@ -368,19 +368,21 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         *cursor = Some((level, key, table));
         let idx = F::index(va, level);
         let entry = self.entry(table, idx);
-        match F::decode(entry.load(Ordering::Acquire), level) {
-            Pte::Invalid => {
-                if let Plan::Real { flush, .. } = plan {
-                    let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
-                    let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(pa), flags, accessed, dirty };
-                    entry.store(F::encode_leaf(&leaf, level), Ordering::Release);
-                    flush.note_leaf(GuestPhysAddr::new(va), false);
-                }
-                Ok(())
-            }
-            Pte::Leaf(_) => Err(Step::Conflict(GuestPhysAddr::new(va))),
-            Pte::Table(_) => Err(Step::Descend),
+        let raw = entry.load(Ordering::Acquire);
+        if F::present(raw) {
+            return Err(if level == 0 || F::is_leaf(raw, level) {
+                Step::Conflict(GuestPhysAddr::new(va))
+            } else {
+                Step::Descend
+            });
         }
+        if let Plan::Real { flush, .. } = plan {
+            let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
+            let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(pa), flags, accessed, dirty };
+            entry.store(F::encode_leaf(&leaf, level), Ordering::Release);
+            flush.note_leaf(GuestPhysAddr::new(va), false);
+        }
+        Ok(())
     }
 
     /// The leaf that maps `gpa`, if any.
