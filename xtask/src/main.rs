@@ -7,6 +7,7 @@
 //! ```
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
 
+mod bench;
 mod riscv;
 mod util;
 mod x86;
@@ -82,7 +83,7 @@ fn main() -> ExitCode {
             Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
         },
         "test" => test(&args),
-        "bench" => util::bench(),
+        "bench" => bench::bench(),
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     };
     match result {

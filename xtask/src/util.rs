@@ -78,8 +78,3 @@ pub fn parse_tally(output: &str) -> Option<crate::SuiteResult> {
         Some(crate::SuiteResult { passed: p.parse().ok()?, failed: f.parse().ok()? })
     })
 }
-
-/// `cargo xtask bench`: the criterion suite side by side with the anchor crates.
-pub fn bench() -> Result<i32, String> {
-    Err("the benchmark crate does not exist yet (issue 6)".into())
-}

@@ -68,9 +68,6 @@ impl<F: Format, A: FrameAllocator + Clone> fmt::Display for AddressSpace<F, A> {
         if let Some(log) = &self.dirty {
             writeln!(f, "  dirty log on {} ({:?})", log.range(), log.mode)?;
         }
-        if !self.parked.is_empty() {
-            writeln!(f, "  {} parked page(s)", self.parked.len())?;
-        }
         Ok(())
     }
 }

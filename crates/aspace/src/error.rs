@@ -126,11 +126,12 @@ impl<E: fmt::Debug, F: Format> fmt::Debug for Failed<E, F> {
 /// Why [`crate::AddressSpace::fork`] failed (the parent is unchanged, the partial child freed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForkError {
-    /// No frame for the child's root.
+    /// No frames for the child's table (its root and the copy of the parent's tables).
     OutOfFrames(OutOfFrames),
-    /// Mapping into the child's table failed.
+    /// Mapping into the child's table failed (kept for compatibility: the child's table is now
+    /// a copy of the parent's, so `fork` no longer maps page by page).
     Map(MapError),
-    /// Write-protecting the parent's pages failed.
+    /// Write-protecting the parent's or the child's pages failed.
     Protect(RangeError),
 }
 

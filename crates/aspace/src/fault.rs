@@ -153,13 +153,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if let Some(log) = &mut self.dirty {
             log.mark(page);
         }
-        if self.refs.count(leaf.hpa) > 1 {
+        let holders = self.refs.count(leaf.hpa);
+        if holders > 1 {
             self.break_cow(r, page, leaf.hpa)
         } else {
-            if r.backend == Backend::CopyOnWrite && self.refs.count(leaf.hpa) == 1 {
+            if r.backend == Backend::CopyOnWrite && holders == 1 {
                 self.stats.cow_reuses += 1;
             }
-            let want = self.effective_flags(r, leaf.hpa, page);
+            let want = self.flags_for(r, page, false);
             let f = self.table.protect(page, PAGE, want)?;
             Ok(SpaceFlush::from_table(f))
         }
@@ -175,7 +176,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let new = self.alloc.allocate_frame().ok_or(NoFrame)?;
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
-        let flags = self.effective_flags(r, new, page);
+        let flags = self.flags_for(r, page, false);
         // In place (same size, A/D kept, nothing allocated): it cannot fail half way.
         match self.table.remap(page, new, flags) {
             Ok(f) => {
@@ -209,29 +210,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         match self.table.set_accessed_dirty(page, access) {
             Ok(f) => Ok(SpaceFlush::from_table(f)),
-            // Under `AdMode::Preset` a leaf that gained WRITE through `protect` keeps D clear and
-            // the engine will not set it; RISC-V without Svadu faults on it forever. Map the leaf
-            // again: a new leaf gets the preset bits.
-            Err(twostage_npt::AdError::NotTracked) => self.remap_same(leaf),
+            // Not tracked (`AdMode::Preset`: the engine keeps A set, and D set on every
+            // writable leaf, so this leaf already allows the access) or gone: nothing to do.
             Err(_) => Ok(SpaceFlush::none()),
-        }
-    }
-
-    /// Unmaps and maps `leaf` again with the same frame, size and flags.
-    fn remap_same(&mut self, leaf: &twostage_npt::Leaf) -> Result<SpaceFlush<F>, NoFrame> {
-        let size = leaf.size.bytes();
-        let unmapped = self.table.unmap(leaf.gpa, size)?;
-        match self.table.map(leaf.gpa, leaf.hpa, size, leaf.flags, twostage_npt::MapSize::Exactly(leaf.size)) {
-            Ok(f) => Ok(SpaceFlush::from_table(unmapped.merge(f))),
-            Err(_) => {
-                self.defer(unmapped);
-                let owned = self.region_at(leaf.gpa).is_some_and(|r| r.backend.owns_frames());
-                if owned {
-                    // Keep the contents; the next touch maps the frame again.
-                    self.parked.insert(leaf.gpa, leaf.hpa);
-                }
-                Err(NoFrame)
-            }
         }
     }
 }

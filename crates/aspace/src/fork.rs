@@ -2,10 +2,11 @@
 
 use crate::error::{Failed, ForkError, ShareError};
 use crate::flush::SpaceFlush;
-use crate::region::{Backend, Region};
-use crate::space::{AddressSpace, PAGE};
+use crate::region::Backend;
+use crate::space::{AddressSpace, SpaceStats, PAGE};
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use twostage_npt::{Format, FrameAllocator, GpaRange, MapSize, MappingFlags, PageSize};
+use twostage_npt::{Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// A copy-on-write clone of the whole address space (VM fork, snapshot).
@@ -14,8 +15,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// both (they are the caller's memory, not copied); MMIO regions are copied as
     /// descriptions. Every frame of an anonymous region becomes shared: mapped read-only in
     /// both spaces, its count raised; the first write on either side copies it. No byte of
-    /// guest memory is copied here: the cost is one mapping per populated page plus the
-    /// parent's write-protection.
+    /// guest memory is copied here: the child's table is a copy of the parent's, made table by
+    /// table, then both sides' anonymous regions are write-protected with one `protect` each
+    /// and the frames' counts raised.
     ///
     /// The child's table was never loaded, so it needs no flush; the returned flush is the
     /// parent's (its pages lost the write right) and must be carried out before the parent's
@@ -24,63 +26,80 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// the right on their next write fault) and the partial child is freed.
     pub fn fork(&mut self) -> Result<(Self, SpaceFlush<F>), Failed<ForkError, F>> {
         let fail = |error| Failed { error, flush: SpaceFlush::none() };
-        let mut child = Self::with_refs(self.alloc.clone(), self.opts, self.refs.clone())
-            .map_err(|crate::error::NewSpaceError::OutOfFrames(e)| fail(ForkError::OutOfFrames(e)))?;
-        child.next_id = self.next_id;
-        for r in self.regions.values() {
-            match r.backend {
-                Backend::Mmio => {}
-                Backend::Linear { host } => {
-                    child
-                        .table
-                        .map(r.range.start, host, r.range.len(), r.flags, MapSize::Largest)
-                        .map_err(|e| fail(ForkError::Map(e)))?
-                        .ignore(); // The child's table is not loaded anywhere yet.
-                }
-                Backend::DemandZero | Backend::CopyOnWrite => {
-                    child.share_pages(self, r).map_err(|e| fail(ForkError::Map(e)))?;
-                }
-            }
-            let mut cr = r.clone();
-            if cr.backend.owns_frames() {
-                cr.backend = Backend::CopyOnWrite;
-            }
-            child.regions.insert(r.range.start, cr);
+        // The child's table starts as a copy of the parent's, made table by table (time in
+        // proportion to the tables). Its data frames are not counted for the child until the
+        // counts are raised below, and the child gets its regions only then: an early return
+        // drops a child that releases no data frame.
+        let table = self.table.try_clone().map_err(|e| fail(ForkError::OutOfFrames(e)))?;
+        let mut child = Self {
+            table,
+            alloc: self.alloc.clone(),
+            opts: self.opts,
+            regions: BTreeMap::new(),
+            next_id: self.next_id,
+            refs: self.refs.clone(),
+            dirty: None,
+            stats: SpaceStats::default(),
+            deferred: None,
+        };
+        let anon: Vec<(GpaRange, MappingFlags)> = self
+            .regions
+            .values()
+            .filter(|r| r.backend.owns_frames())
+            .map(|r| (r.range, r.flags.difference(MappingFlags::WRITE)))
+            .collect();
+        // Every page of an anonymous region is about to be shared: read-only on both sides
+        // (one `protect` per region; the child's table was never loaded, so no flush).
+        for &(range, ro) in &anon {
+            child.table.protect(range.start, range.len(), ro).map_err(|e| fail(ForkError::Protect(e)))?.ignore();
         }
-        // Every shared frame now has a count above 1: drop the parent's write rights.
+        // The copy carries the parent's dirty-log write protection of linear pages; the child
+        // has no log, so its linear pages get their regions' rights back.
+        if self.dirty.is_some() {
+            // Linear regions own no frame: the child may hold them while this can still fail.
+            for r in self.regions.values().filter(|r| matches!(r.backend, Backend::Linear { .. })) {
+                child.regions.insert(r.range.start, r.clone());
+            }
+            let linear: Vec<GpaRange> = child.regions.values().map(|r| r.range).collect();
+            for range in linear {
+                let f = child.reprotect(range).map_err(|e| fail(ForkError::Protect(e.error)))?;
+                if let Some(t) = f.table {
+                    t.ignore(); // Never loaded.
+                }
+            }
+        }
+        for &(range, _) in &anon {
+            // Runs of frames that follow each other: (first, frames).
+            let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
+            child.table.for_each_leaf(range.start, range.len(), |leaf| {
+                // Anonymous pages are 4 KiB leaves.
+                debug_assert_eq!(leaf.size, PageSize::Size4K);
+                match runs.last_mut() {
+                    Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
+                    _ => runs.push((leaf.hpa, 1)),
+                }
+            });
+            for (first, n) in runs {
+                self.refs.share_run(first, n);
+            }
+        }
+        for r in self.regions.values_mut() {
+            if r.backend.owns_frames() {
+                r.backend = Backend::CopyOnWrite;
+            }
+            child.regions.insert(r.range.start, r.clone());
+        }
+        // Every shared frame now has a count above 1: drop the parent's write rights, one
+        // `protect` per region (all its pages are shared; read-only is also what a dirty log's
+        // write protection asks for).
         let mut flush = SpaceFlush::none();
-        let mut anon: Vec<GpaRange> = Vec::new();
-        for r in self.regions.values_mut().filter(|r| r.backend.owns_frames()) {
-            r.backend = Backend::CopyOnWrite;
-            anon.push(r.range);
-        }
-        for range in anon {
-            match self.reprotect(range) {
-                Ok(f) => flush = flush.merge(f),
-                Err(e) => {
-                    return Err(Failed { error: ForkError::Protect(e.error), flush: flush.merge(e.flush) });
-                }
+        for (range, ro) in anon {
+            match self.table.protect(range.start, range.len(), ro) {
+                Ok(f) => flush.add(f),
+                Err(e) => return Err(Failed { error: ForkError::Protect(e), flush }),
             }
         }
         Ok((child, flush))
-    }
-
-    /// Maps into `self` (a table no CPU has loaded) every frame `src` has in region `r`,
-    /// read-only and shared (the count is raised per page as it is mapped, so a failure leaves
-    /// `self` consistent: its drop releases exactly what it mapped).
-    fn share_pages(&mut self, src: &Self, r: &Region) -> Result<(), twostage_npt::MapError> {
-        let mut leaves = Vec::new();
-        src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push(*leaf));
-        let ro = r.flags.difference(MappingFlags::WRITE);
-        for leaf in leaves {
-            self.table.map(leaf.gpa, leaf.hpa, PAGE, ro, MapSize::Exactly(PageSize::Size4K))?.ignore();
-            self.refs.share(leaf.hpa);
-        }
-        for (&gpa, &hpa) in src.parked.range(r.range.start..r.range.end) {
-            self.table.map(gpa, hpa, PAGE, ro, MapSize::Exactly(PageSize::Size4K))?.ignore();
-            self.refs.share(hpa);
-        }
-        Ok(())
     }
 
     /// Adds to `self` a [`Backend::CopyOnWrite`] region at `dst` made of the frames of anonymous
@@ -115,14 +134,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             self.add_region(name, range, r.flags, Backend::CopyOnWrite).map_err(|e| fail(ShareError::Add(e)))?;
         let mut leaves = Vec::new();
         src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push((leaf.gpa, leaf.hpa)));
-        leaves.extend(src.parked.range(r.range.start..r.range.end).map(|(g, h)| (*g, *h)));
         let ro = r.flags.difference(MappingFlags::WRITE);
         for (gpa, hpa) in leaves {
             let at = dst + (gpa - r.range.start);
             match self.table.map(at, hpa, PAGE, ro, MapSize::Exactly(PageSize::Size4K)) {
                 Ok(f) => {
                     flush.add(f);
-                    self.refs.share(hpa);
+                    self.refs.share_all([hpa]);
                 }
                 Err(e) => {
                     // Take the region out again: its flush releases the references taken so far.

@@ -183,6 +183,9 @@ fn for_host_runs<A: FrameAllocator>(alloc: &A, hpa: HostPhysAddr, len: u64, mut 
     }
 }
 
+/// Spans up to this many bytes (from the first page's start) are walked page by page.
+const SHORT_SPAN: u64 = 8 * PAGE;
+
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// The region containing `gpa` for an access, or the error that access gets.
     fn region_for(&self, gpa: GuestPhysAddr, access: Access, check_rights: bool) -> Result<&Region, GuestMemError> {
@@ -215,6 +218,110 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         Ok(())
     }
 
+    /// Checks the regions of a span up to `end` past its first region (which ends at `r_end`),
+    /// before any byte moves. A span inside one region (the common case) costs nothing more.
+    fn check_rest(
+        &self,
+        r_end: GuestPhysAddr,
+        end: GuestPhysAddr,
+        access: Access,
+        check_rights: bool,
+    ) -> Result<(), GuestMemError> {
+        if end > r_end {
+            self.check_span(r_end, (end - r_end) as usize, access, check_rights)?;
+        }
+        Ok(())
+    }
+
+    /// Visits the host memory behind `gpa..gpa+len`, all inside anonymous region pages, with
+    /// one walk of the nested table: calls `f(host, offset, n)` for each maximal run of `n`
+    /// bytes that is contiguous in the hypervisor's view (`host` is `None` for a run of pages
+    /// never touched, which read as zeros). A mapped page for which `usable` says no, or an
+    /// untouched page when `holes` is false, ends the visit there. Returns the bytes visited.
+    fn anon_runs(
+        &self,
+        gpa: GuestPhysAddr,
+        len: u64,
+        holes: bool,
+        usable: impl Fn(&twostage_npt::Leaf) -> bool,
+        mut f: impl FnMut(Option<*mut u8>, usize, usize),
+    ) -> u64 {
+        let end = gpa + len;
+        // The pending run: (host start or None for zeros, offset in the span, bytes).
+        let mut run: Option<(Option<*mut u8>, u64, u64)> = None;
+        let mut next = gpa;
+        let mut stopped = false;
+        let mut emit = |host: Option<*mut u8>, at: u64, n: u64, run: &mut Option<(Option<*mut u8>, u64, u64)>| {
+            if let Some((h, o, l)) = run {
+                let joins = match (*h, host) {
+                    (None, None) => true,
+                    (Some(p), Some(q)) => p.wrapping_add(*l as usize) == q,
+                    _ => false,
+                };
+                if joins && *o + *l == at {
+                    *l += n;
+                    return;
+                }
+                f(*h, *o as usize, *l as usize);
+            }
+            *run = Some((host, at, n));
+        };
+        // Returns whether the visit goes on.
+        let mut on_leaf = |leaf: &twostage_npt::Leaf| -> bool {
+            if stopped {
+                return false;
+            }
+            if leaf.gpa > next {
+                if !holes {
+                    stopped = true;
+                    return false;
+                }
+                emit(None, next - gpa, leaf.gpa - next, &mut run);
+                next = leaf.gpa;
+            }
+            if !usable(leaf) {
+                stopped = true;
+                return false;
+            }
+            let leaf_end = leaf.gpa.checked_add(leaf.size.bytes()).map_or(end, |e| e.min(end));
+            // One host pointer per frame: frames are contiguous only where the allocator's
+            // view says so.
+            while next < leaf_end {
+                let n = (PAGE - next.offset_in(PAGE)).min(leaf_end - next);
+                let host = self.alloc.phys_to_virt(leaf.translate(next)).as_ptr();
+                emit(Some(host), next - gpa, n, &mut run);
+                next = next + n;
+            }
+            true
+        };
+        // A short span is cheapest as one lean walk per page; a long one as one walk of the
+        // tables it covers.
+        let first = gpa.align_down(PAGE);
+        if end - first <= SHORT_SPAN {
+            let mut page = first;
+            while page < end {
+                if let Some(leaf) = self.table.query(page) {
+                    if !on_leaf(&leaf) {
+                        break;
+                    }
+                }
+                page = page + PAGE;
+            }
+        } else {
+            self.table.for_each_leaf(gpa, len, |leaf| {
+                on_leaf(leaf);
+            });
+        }
+        if !stopped && next < end && holes {
+            emit(None, next - gpa, end - next, &mut run);
+            next = end;
+        }
+        if let Some((h, o, l)) = run {
+            f(h, o as usize, l as usize);
+        }
+        next - gpa
+    }
+
     /// Reads guest memory at `gpa` (the seed's `copy_from_guest`). Pages of a demand-zero region
     /// that were never touched read as zeros and stay untouched: a read does not populate.
     pub fn copy_from_guest(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
@@ -223,39 +330,69 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// [`AddressSpace::copy_from_guest`] as an access of kind `access` (execute for fetches).
     pub fn read_as(&self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
-        self.check_span(gpa, buf.len(), access, true)?;
+        let len = buf.len() as u64;
+        if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
+            // Inside one page, hence one region (regions are page-aligned): one region lookup
+            // and one lean walk (the guest's page-table entries, small objects).
+            let r = self.region_for(gpa, access, true)?;
+            let host = match r.linear_hpa(gpa) {
+                Some(h) => Some(h),
+                None => self.table.translate(gpa).map(|(h, _)| h),
+            };
+            match host {
+                Some(h) => {
+                    let src = self.alloc.phys_to_virt(h).as_ptr();
+                    if let Ok(word) = <&mut [u8; 8]>::try_from(&mut *buf) {
+                        // A page-table entry or a u64: one unaligned load, no memcpy call.
+                        // SAFETY: 8 bytes from `h` stay in one page that this space maps (as
+                        // below).
+                        *word = unsafe { core::ptr::read_unaligned(src.cast::<[u8; 8]>()) };
+                        return Ok(());
+                    }
+                    // SAFETY: `len` bytes from `h` stay in one page, which this space maps (a
+                    // linear region's host memory, or a frame it owns or shares and that stays
+                    // allocated while `&self` is held); `buf` is our own buffer.
+                    unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) }
+                }
+                // An anonymous page never touched reads as zeros.
+                None => buf.fill(0),
+            }
+            return Ok(());
+        }
+        let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
         let mut off = 0usize;
         while off < buf.len() {
             let cur = gpa + off as u64;
             let r = self.region_for(cur, access, true)?;
+            if off == 0 {
+                self.check_rest(r.range.end, end, access, true)?;
+            }
             let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
-            let n = if let Some(hpa) = r.linear_hpa(cur) {
-                let dst = &mut buf[off..off + in_region as usize];
+            let dst = &mut buf[off..off + in_region as usize];
+            if let Some(hpa) = r.linear_hpa(cur) {
                 for_host_runs(&self.alloc, hpa, in_region, |src, o, n| {
                     // SAFETY: `src..src+n` lies in frames the allocator's `phys_to_virt` reaches
                     // (a linear region's host memory must be reachable: see `Backend::Linear`);
                     // `dst` is our own buffer, which guest memory cannot overlap.
                     unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) }
                 });
-                in_region as usize
             } else {
-                let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
-                let page = cur.align_down(PAGE);
-                let frame =
-                    self.table.query(page).map(|l| l.translate(page)).or_else(|| self.parked.get(&page).copied());
-                let dst = &mut buf[off..off + n];
-                match frame {
-                    Some(hpa) => {
-                        let src = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
-                        // SAFETY: the frame is owned or shared by this space (it is mapped or
-                        // parked), so it stays allocated while `&self` is held; `n` stays in it.
-                        unsafe { core::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), n) }
-                    }
-                    None => dst.fill(0),
-                }
-                n
-            };
-            off += n;
+                let done = self.anon_runs(
+                    cur,
+                    in_region,
+                    true,
+                    |_| true,
+                    |src, o, n| match src {
+                        // SAFETY: the frames are mapped in this space (owned or shared), so they stay
+                        // allocated while `&self` is held; the run stays inside frames whose
+                        // `phys_to_virt` views follow each other; `dst` is our own buffer.
+                        Some(src) => unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) },
+                        None => dst[o..o + n].fill(0),
+                    },
+                );
+                debug_assert_eq!(done, in_region);
+            }
+            off += in_region as usize;
         }
         Ok(())
     }
@@ -272,11 +409,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         for _ in 0..3 {
             match self.table.query(page) {
                 None => flush.add(self.map_anon_page(r, page).map_err(|NoFrame| oom)?),
+                // A writable leaf of an anonymous region is private: shared frames are mapped
+                // read-only in every holder.
+                Some(leaf) if leaf.flags.contains(MappingFlags::WRITE) => return Ok(leaf.translate(page)),
                 Some(leaf) if self.refs.count(leaf.hpa) > 1 => {
                     let copied = self.break_cow(r, page, leaf.hpa).map_err(|NoFrame| oom)?;
                     *flush = core::mem::replace(flush, SpaceFlush::none()).merge(copied);
                 }
-                Some(leaf) => return Ok(leaf.hpa),
+                Some(leaf) => return Ok(leaf.translate(page)),
             }
         }
         Err(oom)
@@ -302,9 +442,31 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         check: bool,
     ) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
         let mut flush = SpaceFlush::none();
-        if let Err(error) = self.check_span(gpa, buf.len(), Access::Write, check) {
-            return Err(Failed { error, flush });
+        let len = buf.len() as u64;
+        if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
+            // Inside one page (one region): a page already mapped writable is written at once.
+            let r = match self.region_for(gpa, Access::Write, check) {
+                Ok(r) => r,
+                Err(error) => return Err(Failed { error, flush }),
+            };
+            let host = match r.linear_hpa(gpa) {
+                Some(h) => Some(h),
+                // A writable leaf of an anonymous region is private (shared frames are mapped
+                // read-only in every holder).
+                None => self.table.translate(gpa).filter(|(_, f)| f.contains(MappingFlags::WRITE)).map(|(h, _)| h),
+            };
+            if let Some(h) = host {
+                let dst = self.alloc.phys_to_virt(h).as_ptr();
+                // SAFETY: `len` bytes from `h` stay in one page: a linear region's host memory or
+                // a private frame of this space held by `&mut self`; `buf` is not guest memory.
+                unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
+                self.note_written(gpa, len);
+                return Ok(flush);
+            }
         }
+        let Some(end) = gpa.checked_add(len) else {
+            return Err(Failed { error: GuestMemError::Overflow { gpa, len }, flush });
+        };
         let mut off = 0usize;
         while off < buf.len() {
             let cur = gpa + off as u64;
@@ -312,27 +474,54 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 Ok(r) => r.clone(),
                 Err(error) => return Err(Failed { error, flush }),
             };
+            if off == 0 {
+                if let Err(error) = self.check_rest(r.range.end, end, Access::Write, check) {
+                    return Err(Failed { error, flush });
+                }
+            }
             let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
-            let n = if let Some(hpa) = r.linear_hpa(cur) {
-                let src = &buf[off..off + in_region as usize];
+            let src = &buf[off..off + in_region as usize];
+            if let Some(hpa) = r.linear_hpa(cur) {
                 for_host_runs(&self.alloc, hpa, in_region, |dst, o, n| {
                     // SAFETY: as in `read_as`; `src` is the caller's buffer, not guest memory.
                     unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
                 });
-                in_region as usize
-            } else {
-                let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
-                let page = cur.align_down(PAGE);
-                let hpa = match self.private_frame(&r, page, &mut flush) {
-                    Ok(h) => h,
-                    Err(error) => return Err(Failed { error, flush }),
-                };
-                let dst = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
-                // SAFETY: `hpa` is a private frame of this space (count 1, mapped), held by
-                // `&mut self`; `n` bytes stay inside it; `buf` is not guest memory.
-                unsafe { core::ptr::copy_nonoverlapping(buf[off..].as_ptr(), dst, n) };
-                n
+                self.note_written(cur, in_region);
+                off += in_region as usize;
+                continue;
+            }
+            // Pages mapped writable are private to this space: write them in host runs with
+            // one walk. The first page that is not (untouched, shared, write-protected) goes
+            // the slow way below, then the fast way is tried again from the next page.
+            let fast = self.anon_runs(
+                cur,
+                in_region,
+                false,
+                |leaf| leaf.flags.contains(MappingFlags::WRITE),
+                |dst, o, n| {
+                    if let Some(dst) = dst {
+                        // SAFETY: the frames are mapped writable in this space, hence private
+                        // (count 1) and held by `&mut self`; the run stays inside frames whose
+                        // `phys_to_virt` views follow each other; `src` is not guest memory.
+                        unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
+                    }
+                },
+            );
+            if fast > 0 {
+                self.note_written(cur, fast);
+                off += fast as usize;
+                continue;
+            }
+            let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
+            let page = cur.align_down(PAGE);
+            let hpa = match self.private_frame(&r, page, &mut flush) {
+                Ok(h) => h,
+                Err(error) => return Err(Failed { error, flush }),
             };
+            let dst = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
+            // SAFETY: `hpa` is a private frame of this space (count 1, mapped), held by
+            // `&mut self`; `n` bytes stay inside it; `buf` is not guest memory.
+            unsafe { core::ptr::copy_nonoverlapping(buf[off..].as_ptr(), dst, n) };
             self.note_written(cur, n as u64);
             off += n;
         }

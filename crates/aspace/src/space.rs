@@ -42,10 +42,6 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     pub(crate) refs: FrameRefs,
     pub(crate) dirty: Option<DirtyLog>,
     pub(crate) stats: SpaceStats,
-    /// Anonymous pages whose frame is held but not mapped (a leaf that had to be unmapped and
-    /// mapped again, see `remap_same`, and could not be mapped again for want of a table
-    /// frame): the next touch maps the frame again; reads see it.
-    pub(crate) parked: BTreeMap<GuestPhysAddr, HostPhysAddr>,
     /// A table flush owed by a change that failed part way; carried out with the next flush.
     pub(crate) deferred: Option<twostage_npt::Flush<F>>,
 }
@@ -69,7 +65,6 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             refs,
             dirty: None,
             stats: SpaceStats::default(),
-            parked: BTreeMap::new(),
             deferred: None,
         })
     }
@@ -200,10 +195,6 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         let f = self.table.unmap(range.start, range.len()).map_err(RemoveRegionError::Unmap)?;
         self.regions.remove(&key);
-        let parked: Vec<GuestPhysAddr> = self.parked.range(range.start..range.end).map(|(g, _)| *g).collect();
-        for g in parked {
-            release.extend(self.parked.remove(&g));
-        }
         Ok(SpaceFlush { table: Some(f), release })
     }
 
@@ -229,17 +220,31 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Gives every leaf in `range` (inside one or more regions) the rights it should have.
+    ///
+    /// Consecutive leaves that need the same rights are changed with one `protect` call; the
+    /// region is looked up once per region, not per leaf.
     pub(crate) fn reprotect(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, Failed<RangeError, F>> {
-        let mut leaves = Vec::new();
-        self.table.for_each_leaf(range.start, range.len(), |leaf| leaves.push(*leaf));
-        let mut flush = SpaceFlush::none();
-        for leaf in leaves {
-            let Some(r) = self.region_at(leaf.gpa) else { continue };
+        // Runs of leaves to change: (start, end, rights).
+        let mut runs: Vec<(GuestPhysAddr, GuestPhysAddr, MappingFlags)> = Vec::new();
+        let mut region: Option<Region> = None;
+        self.table.for_each_leaf(range.start, range.len(), |leaf| {
+            if !region.as_ref().is_some_and(|r| r.range.contains(leaf.gpa)) {
+                region = self.region_at(leaf.gpa).cloned();
+            }
+            let Some(r) = &region else { return };
             let want = self.effective_flags(r, leaf.hpa, leaf.gpa);
             if want == leaf.flags {
-                continue;
+                return;
             }
-            match self.table.protect(leaf.gpa, leaf.size.bytes(), want) {
+            let end = leaf.gpa + leaf.size.bytes();
+            match runs.last_mut() {
+                Some((_, e, f)) if *e == leaf.gpa && *f == want => *e = end,
+                _ => runs.push((leaf.gpa, end, want)),
+            }
+        });
+        let mut flush = SpaceFlush::none();
+        for (start, end, want) in runs {
+            match self.table.protect(start, end - start, want) {
                 Ok(f) => flush.add(f),
                 Err(e) => return Err(Failed { error: e, flush }),
             }
@@ -249,8 +254,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// The rights a leaf of region `r` backed by `hpa` should carry now.
     pub(crate) fn effective_flags(&self, r: &Region, hpa: HostPhysAddr, gpa: GuestPhysAddr) -> MappingFlags {
+        self.flags_for(r, gpa, r.backend.owns_frames() && self.refs.count(hpa) > 1)
+    }
+
+    /// The rights a leaf of region `r` at `gpa` should carry, knowing whether its frame is shared.
+    pub(crate) fn flags_for(&self, r: &Region, gpa: GuestPhysAddr, shared: bool) -> MappingFlags {
         let mut flags = r.flags;
-        if r.backend.owns_frames() && self.refs.count(hpa) > 1 {
+        if shared {
             flags.remove(MappingFlags::WRITE);
         }
         if let Some(log) = &self.dirty {
@@ -269,14 +279,15 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if !r.backend.owns_frames() {
             return Err(fail(PopulateError::NotAnonymous(id)));
         }
-        let mut present = alloc::collections::BTreeSet::new();
-        self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| {
-            present.insert(leaf.gpa);
-        });
+        // Leaves come in address order: walk the pages alongside them.
+        let mut present = Vec::new();
+        self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| present.push(leaf.gpa));
+        let mut present = present.into_iter().peekable();
         let mut flush = SpaceFlush::none();
         let mut gpa = r.range.start;
         while gpa < r.range.end {
-            if !present.contains(&gpa) {
+            while present.next_if(|&p| p < gpa).is_some() {}
+            if present.peek() != Some(&gpa) {
                 match self.map_anon_page(&r, gpa) {
                     Ok(f) => flush.add(f),
                     Err(NoFrame) => return Err(Failed { error: PopulateError::OutOfMemory { gpa }, flush }),
@@ -287,15 +298,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         Ok(flush)
     }
 
-    /// Maps untouched page `gpa` of anonymous region `r`: its parked frame if it has one, else
-    /// a new zeroed frame.
+    /// Maps untouched page `gpa` of anonymous region `r` with a new zeroed frame.
     pub(crate) fn map_anon_page(&mut self, r: &Region, gpa: GuestPhysAddr) -> Result<twostage_npt::Flush<F>, NoFrame> {
-        if let Some(&hpa) = self.parked.get(&gpa) {
-            let flags = self.effective_flags(r, hpa, gpa);
-            let f = self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K))?;
-            self.parked.remove(&gpa);
-            return Ok(f);
-        }
         self.map_new_frame(r, gpa, None)
     }
 
@@ -310,7 +314,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let hpa = self.alloc.allocate_frame().ok_or(NoFrame)?;
         self.fill_frame(hpa, copy_of);
         self.refs.insert_new(hpa);
-        let flags = self.effective_flags(r, hpa, gpa);
+        // A new frame has one holder: it is private.
+        let flags = self.flags_for(r, gpa, false);
         match self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
@@ -360,14 +365,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     pub(crate) fn release_frames(&mut self, frames: &[HostPhysAddr]) {
-        for &hpa in frames {
-            if self.refs.release(hpa) {
-                // SAFETY: the frame came from `allocate_frame` on this allocator (or a clone
-                // reaching the same memory), its last holder just dropped it, and the flush
-                // that unmapped it has been carried out.
-                unsafe { self.alloc.deallocate_frames(hpa, 1) };
-            }
-        }
+        let alloc = &self.alloc;
+        self.refs.release_all(frames, |hpa| {
+            // SAFETY: the frame came from `allocate_frame` on this allocator (or a clone
+            // reaching the same memory), its last holder just dropped it, and the flush
+            // that unmapped it has been carried out.
+            unsafe { alloc.deallocate_frames(hpa, 1) };
+        });
     }
 
     /// Keeps a table flush owed by a change that failed, for the next [`AddressSpace::flush`].
@@ -385,7 +389,6 @@ impl<F: Format, A: FrameAllocator + Clone> Drop for AddressSpace<F, A> {
         for r in self.regions.values().filter(|r| r.backend.owns_frames()) {
             self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| owned.push(leaf.hpa));
         }
-        owned.extend(self.parked.values().copied());
         self.release_frames(&owned);
         if let Some(d) = self.deferred.take() {
             d.ignore(); // The table is going away; no CPU may have it loaded.

@@ -344,3 +344,54 @@ fn accessed_bits_are_harvested_for_reclaim() {
     s.flush(f, |_| {});
     assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x2000]);
 }
+
+#[test]
+fn fork_under_a_write_protect_log_gives_the_child_full_rights_and_isolates_both() {
+    use twostage_npt::FrameAllocator;
+    let ram = ram(512);
+    // EPT without A/D bits: the dirty log write-protects.
+    let mut p: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Preset)).unwrap();
+    let host = ram.allocate_frames(4, 1).unwrap();
+    let (_, f) = p.add_region("dev", range(0x10_0000, 0x4000), RW, Backend::Linear { host }).unwrap();
+    p.flush_unloaded(f);
+    let (_, f) = p.add_region("ram", range(0x20_0000, 0x10000), RW, Backend::DemandZero).unwrap();
+    p.flush_unloaded(f);
+    // Several pages in one copy (the multi-page host-run path), then one page (the fast path).
+    let f = p.copy_to_guest(gpa(0x20_0000), &[5u8; 0x3000]).unwrap();
+    p.flush_unloaded(f);
+    let (mode, f) = p.start_dirty_log(range(0x10_0000, 0x20_0000)).unwrap();
+    assert_eq!(mode, DirtyMode::WriteProtect);
+    p.flush_unloaded(f);
+    assert!(!p.table().query(gpa(0x10_0000)).unwrap().flags.contains(MappingFlags::WRITE));
+    let (mut c, f) = p.fork().unwrap();
+    p.flush(f, |_| {});
+    // The child has no log: its linear pages have the region's rights; its anonymous pages are
+    // shared read-only, as the parent's are.
+    assert_eq!(c.table().query(gpa(0x10_0000)).unwrap().flags, RW);
+    for s in [&p, &c] {
+        assert!(!s.table().query(gpa(0x20_1000)).unwrap().flags.contains(MappingFlags::WRITE));
+    }
+    // Hypervisor writes on each side copy the shared page; the other side keeps its bytes.
+    let f = c.copy_to_guest(gpa(0x20_1008), &7u64.to_le_bytes()).unwrap();
+    c.flush_unloaded(f);
+    let f = p.copy_to_guest(gpa(0x20_1000), &[9u8; 0x2000]).unwrap();
+    p.flush_unloaded(f);
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    p.copy_from_guest(gpa(0x20_1000), &mut a).unwrap();
+    c.copy_from_guest(gpa(0x20_1000), &mut b).unwrap();
+    assert_eq!(a, [9u8; 16]);
+    assert_eq!(b[..8], [5u8; 8]);
+    assert_eq!(u64::from_le_bytes(b[8..].try_into().unwrap()), 7);
+    let mut far = [0u8; 4];
+    c.copy_from_guest(gpa(0x20_2ffe), &mut far).unwrap();
+    assert_eq!(far, [5, 5, 0, 0], "the child still sees the bytes from before the fork, then zeros");
+    // The parent's log saw its own writes only.
+    let (bits, f) = p.harvest_dirty().unwrap();
+    p.flush_unloaded(f);
+    assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), [0x20_1000, 0x20_2000]);
+    drop(c);
+    drop(p);
+    // SAFETY: the linear host range came from this allocator and no space maps it any more.
+    unsafe { ram.deallocate_frames(host, 4) };
+    assert_eq!(ram.frames_in_use(), 0, "every frame freed");
+}

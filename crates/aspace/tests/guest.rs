@@ -273,3 +273,56 @@ fn bare_mode_and_shared_space_work_through_the_trait() {
         Err(GuestVaError::NonCanonical { .. })
     ));
 }
+
+/// A multi-page copy (walk cache, merged guest pages) moves the same bytes as page-by-page
+/// translations, and stops at the first page the guest's tables refuse, naming it.
+#[test]
+fn multi_page_va_copies_match_page_by_page_translation() {
+    let ram = ram(512);
+    let mut s = space(&ram);
+    // PT at 0x4000 maps gva 0x40_0000 + i*4K: pages 0..6 present, scattered and partly contiguous
+    // in GPA; page 6 not present. The 2 MiB page at gva 0x20_0000 sits in the same PD.
+    let targets = [0x1_0000u64, 0x1_1000, 0x1_2000, 0x3_0000, 0x2_0000, 0x2_1000];
+    let paging = x86_tables(&mut s);
+    for (i, t) in targets.iter().enumerate() {
+        put(&mut s, 0x4000 + 8 * i as u64, t | P | W);
+    }
+    put(&mut s, 0x4000 + 8 * 6, 0);
+    for (i, t) in targets.iter().enumerate() {
+        let bytes: Vec<u8> = (0..4096u32).map(|b| (b as u8) ^ (i as u8 * 37)).collect();
+        let f = s.copy_to_guest(gpa(*t), &bytes).unwrap();
+        s.flush_unloaded(f);
+    }
+    let start = 0x40_0000 + 0x7f8u64;
+    let len = 5 * 4096;
+    let mut mem = s.memory(|_| {});
+    let mut whole = vec![0u8; len];
+    copy_from_guest_va(&mut mem, &paging, va(start), &mut whole).unwrap();
+    let mut expect = vec![0u8; len];
+    let mut off = 0;
+    while off < len {
+        let t = translate_gva(&mut mem, &paging, va(start + off as u64), Access::Read).unwrap();
+        let n = (t.page_remaining as usize).min(len - off);
+        mem.read(t.gpa, &mut expect[off..off + n]).unwrap();
+        off += n;
+    }
+    assert_eq!(whole, expect);
+    // Write the same span back shifted, then read it page by page.
+    let data: Vec<u8> = (0..len as u32).map(|b| (b * 7) as u8).collect();
+    copy_to_guest_va(&mut mem, &paging, va(start), &data).unwrap();
+    let mut back = vec![0u8; len];
+    copy_from_guest_va(&mut mem, &paging, va(start), &mut back).unwrap();
+    assert_eq!(back, data);
+    // Into the 2 MiB page and past the PT's last present page: the fault names page 6.
+    let mut big = vec![0u8; 7 * 4096];
+    let err = copy_from_guest_va(&mut mem, &paging, va(0x40_0000), &mut big).unwrap_err();
+    assert!(
+        matches!(err, GuestVaError::PageFault { gva, kind: PageFaultKind::NotPresent, .. } if gva == va(0x40_6000)),
+        "{err:?}"
+    );
+    let mut huge = vec![0u8; 3 * 4096];
+    copy_from_guest_va(&mut mem, &paging, va(0x20_1000), &mut huge).unwrap();
+    let mut direct = vec![0u8; 3 * 4096];
+    mem.read(gpa(0x1000), &mut direct).unwrap();
+    assert_eq!(huge, direct, "a 2 MiB guest page maps gva 0x20_1000 to gpa 0x1000");
+}

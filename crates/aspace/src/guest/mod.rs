@@ -175,6 +175,46 @@ pub struct Translation {
     pub page_remaining: u64,
 }
 
+/// The table that held the leaf of the last translation made for one copy, reused by the next
+/// translation of the same copy when it covers the address: a paging-structure cache (Intel
+/// SDM Vol. 3A 4.10.3; RISC-V Privileged §4.3.2 lets an implementation cache non-leaf PTEs
+/// likewise) that lives for one copy only, so consecutive guest pages cost one entry read
+/// each instead of a walk from the root. Only a walk whose entries all allowed the access and
+/// had their A bits set is remembered.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct WalkCache {
+    hit: Option<CachedTable>,
+}
+
+/// See [`WalkCache`].
+#[derive(Clone, Copy)]
+pub(crate) struct CachedTable {
+    /// The address bits above the range the table covers.
+    prefix: u64,
+    /// The table's level (0 = the 4 KiB level).
+    pub(crate) level: u32,
+    /// Guest-physical address of the table.
+    pub(crate) table: GuestPhysAddr,
+    /// Architecture bits folded from the entries above it (x86: RW, US, XD).
+    pub(crate) bits: u64,
+}
+
+impl WalkCache {
+    fn prefix(va: u64, level: u32) -> u64 {
+        va >> (12 + 9 * (level + 1))
+    }
+
+    /// The cached table if it covers `va`.
+    pub(crate) fn hit(&self, va: u64) -> Option<CachedTable> {
+        self.hit.filter(|c| Self::prefix(va, c.level) == c.prefix)
+    }
+
+    /// Remembers the table at `level` that held the leaf for `va`.
+    pub(crate) fn store(&mut self, va: u64, level: u32, table: GuestPhysAddr, bits: u64) {
+        self.hit = Some(CachedTable { prefix: Self::prefix(va, level), level, table, bits });
+    }
+}
+
 /// Translates `gva` for `access` through the guest's paging, updating A/D bits as the
 /// hardware would (x86 always; RISC-V when the mode says the hart updates them).
 pub fn translate_gva<M: GuestMemory + ?Sized>(
@@ -183,13 +223,24 @@ pub fn translate_gva<M: GuestMemory + ?Sized>(
     gva: GuestVirtAddr,
     access: Access,
 ) -> Result<Translation, GuestVaError> {
+    translate_cached(mem, paging, gva, access, &mut WalkCache::default())
+}
+
+/// [`translate_gva`] with a walk cache kept across the translations of one copy.
+fn translate_cached<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    access: Access,
+    cache: &mut WalkCache,
+) -> Result<Translation, GuestVaError> {
     match paging {
         GuestPaging::Bare => {
             let gpa = GuestPhysAddr::try_new(gva.as_u64()).map_err(|_| GuestVaError::NonCanonical { gva, access })?;
             Ok(Translation { gpa, page_remaining: 4096 - gva.offset_in(4096) })
         }
-        GuestPaging::X86_64(p) => x86::translate(mem, p, gva, access),
-        GuestPaging::Riscv(p) => riscv::translate(mem, p, gva, access),
+        GuestPaging::X86_64(p) => x86::translate(mem, p, gva, access, cache),
+        GuestPaging::Riscv(p) => riscv::translate(mem, p, gva, access, cache),
     }
 }
 
@@ -204,19 +255,30 @@ fn for_each_piece<M: GuestMemory + ?Sized>(
     mut f: impl FnMut(&mut M, GuestPhysAddr, usize, usize) -> Result<(), GuestVaError>,
 ) -> Result<(), GuestVaError> {
     // Translate everything first: at most one translation per 4 KiB page is kept on the stack
-    // in small batches, so very long copies do not allocate.
+    // in small batches, so very long copies do not allocate. Guest pages that follow each other
+    // in guest-physical memory make one piece.
     const BATCH: usize = 16;
+    let mut cache = WalkCache::default();
     let mut done = 0usize;
     while done < len {
+        if access == Access::Write {
+            // The previous batch's bytes may have overwritten the guest's own tables.
+            cache = WalkCache::default();
+        }
         let mut pieces = [(GuestPhysAddr::ZERO, 0usize, 0usize); BATCH];
         let mut n = 0;
         let mut off = done;
         while off < len && n < BATCH {
             let va = GuestVirtAddr::new(gva.as_u64().wrapping_add(off as u64));
-            let t = translate_gva(mem, paging, va, access)?;
+            let t = translate_cached(mem, paging, va, access, &mut cache)?;
             let chunk = (t.page_remaining.min((len - off) as u64)) as usize;
-            pieces[n] = (t.gpa, off, chunk);
-            n += 1;
+            match n.checked_sub(1).map(|i| &mut pieces[i]) {
+                Some((g, _, c)) if g.checked_add(*c as u64) == Some(t.gpa) => *c += chunk,
+                _ => {
+                    pieces[n] = (t.gpa, off, chunk);
+                    n += 1;
+                }
+            }
             off += chunk;
         }
         for &(gpa, o, c) in &pieces[..n] {
@@ -225,6 +287,14 @@ fn for_each_piece<M: GuestMemory + ?Sized>(
         done = off;
     }
     Ok(())
+}
+
+/// The guest-virtual address of the byte a failed piece access names: the piece at offset `o`
+/// of a copy from `gva` covers `c` bytes from `gpa` (several guest pages merged).
+fn gva_in_piece(gva: GuestVirtAddr, gpa: GuestPhysAddr, o: usize, c: usize, error: &GuestMemError) -> GuestVirtAddr {
+    let within = error.gpa().as_u64().wrapping_sub(gpa.as_u64());
+    let at = if within < c as u64 { o as u64 + within } else { o as u64 };
+    GuestVirtAddr::new(gva.as_u64().wrapping_add(at))
 }
 
 /// Reads guest memory at a guest-virtual address (the seed's `copy_from_guest_va`).
@@ -247,7 +317,7 @@ fn read_va_as<M: GuestMemory + ?Sized>(
     let len = buf.len();
     for_each_piece(mem, paging, gva, len, access, |m, gpa, o, c| {
         m.read_as(gpa, &mut buf[o..o + c], access).map_err(|error| GuestVaError::Memory {
-            gva: GuestVirtAddr::new(gva.as_u64().wrapping_add(o as u64)),
+            gva: gva_in_piece(gva, gpa, o, c, &error),
             access,
             gpa: error.gpa(),
             error,
@@ -265,7 +335,7 @@ pub fn copy_to_guest_va<M: GuestMemory + ?Sized>(
 ) -> Result<(), GuestVaError> {
     for_each_piece(mem, paging, gva, buf.len(), Access::Write, |m, gpa, o, c| {
         m.write(gpa, &buf[o..o + c]).map_err(|error| GuestVaError::Memory {
-            gva: GuestVirtAddr::new(gva.as_u64().wrapping_add(o as u64)),
+            gva: gva_in_piece(gva, gpa, o, c, &error),
             access: Access::Write,
             gpa: error.gpa(),
             error,

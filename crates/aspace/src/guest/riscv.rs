@@ -1,6 +1,6 @@
 //! RISC-V Sv39/Sv48/Sv57 (the guest's VS-stage), walked in software (RISC-V Privileged §4.3.2).
 
-use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation};
+use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -76,10 +76,11 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
+    cache: &mut WalkCache,
 ) -> Result<Translation, GuestVaError> {
     let mut last = None;
     for _ in 0..4 {
-        match walk_once(mem, p, gva, access)? {
+        match walk_once(mem, p, gva, access, cache)? {
             (t, false) => return Ok(t),
             (t, true) => last = Some(t),
         }
@@ -92,6 +93,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
+    cache: &mut WalkCache,
 ) -> Result<(Translation, bool), GuestVaError> {
     let va = gva.as_u64();
     let levels = u32::from(p.levels.clamp(3, 5));
@@ -109,7 +111,14 @@ fn walk_once<M: GuestMemory + ?Sized>(
     // Step 1: a = satp.ppn × PAGESIZE, i = LEVELS − 1 (§4.3.2). At most LEVELS reads: a cycle
     // in the guest's tables cannot lengthen the walk.
     let mut a = p.root;
-    for i in (0..levels).rev() {
+    let mut top = levels - 1;
+    // The table the last translation of this copy found its leaf in, if it covers `gva` (the
+    // non-leaf entries above it were valid pointers, and carry no rights or A/D bits).
+    if let Some(c) = cache.hit(va) {
+        a = c.table;
+        top = c.level;
+    }
+    for i in (0..=top).rev() {
         let vpn = (va >> (12 + 9 * i)) & 0x1ff;
         // Step 2: pte = the PTE at a + va.vpn[i] × PTESIZE.
         let at = a.checked_add(vpn * 8).ok_or(fault(PageFaultKind::Reserved, i))?;
@@ -170,6 +179,9 @@ fn walk_once<M: GuestMemory + ?Sized>(
         let page = 1u64 << (12 + 9 * i);
         let base = (ppn << 12) & !(page - 1);
         let gpa = GuestPhysAddr::try_new(base | (va & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, i))?;
+        if !raced && i + 1 < levels {
+            cache.store(va, i, a, 0);
+        }
         return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, raced));
     }
     Err(fault(PageFaultKind::NoLeaf, 0))

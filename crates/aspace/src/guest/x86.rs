@@ -1,6 +1,6 @@
 //! x86-64 4-level paging, walked in software (Intel SDM Vol. 3A 4.5, 4.6, 4.8).
 
-use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation};
+use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -103,6 +103,7 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
+    cache: &mut WalkCache,
 ) -> Result<Translation, GuestVaError> {
     let v = gva.as_u64();
     // Canonical: bits 63:47 all equal (SDM Vol. 3A 3.3.7.1).
@@ -113,7 +114,7 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     // A/D updates race with the guest's own CPUs: retry the walk if an entry changed under us.
     let mut last = None;
     for _ in 0..4 {
-        match walk_once(mem, p, gva, access)? {
+        match walk_once(mem, p, gva, access, cache)? {
             Walked::Done(t) => return Ok(t),
             Walked::Raced(t) => last = Some(t),
         }
@@ -132,6 +133,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
+    cache: &mut WalkCache,
 ) -> Result<Walked, GuestVaError> {
     let v = gva.as_u64();
     let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
@@ -146,9 +148,20 @@ fn walk_once<M: GuestMemory + ?Sized>(
     let mut path = [(GuestPhysAddr::ZERO, 0u64); 4];
     let mut n = 0;
     let mut result = None;
+    let mut top = 3usize;
+    // The upper entries of the last translation of this copy, if they cover `gva` (their A
+    // bits are set and their rights are folded into `bits`).
+    if let Some(c) = cache.hit(v) {
+        table = c.table;
+        top = c.level as usize;
+        (rw, us, xd) = (c.bits & RW != 0, c.bits & US != 0, c.bits & XD != 0);
+    }
+    // (table, rights so far) at each level, to remember the walk's upper part.
+    let mut above = [(GuestPhysAddr::ZERO, 0u64); 4];
     // Level 3 = PML4, 2 = PDPT, 1 = PD, 0 = PT. Four reads at most: a cycle in the guest's tables
     // cannot make the walk longer.
-    for level in (0..4usize).rev() {
+    for level in (0..=top).rev() {
+        above[level] = (table, (if rw { RW } else { 0 }) | (if us { US } else { 0 }) | (if xd { XD } else { 0 }));
         let idx = (v >> (12 + 9 * level)) & 0x1ff;
         let at = table.checked_add(idx * 8).ok_or(fault(PageFaultKind::Reserved, level))?;
         let e = read_entry(mem, at, gva, access)?;
@@ -224,5 +237,12 @@ fn walk_once<M: GuestMemory + ?Sized>(
         }
     }
     let t = Translation { gpa, page_remaining };
-    Ok(if raced { Walked::Raced(t) } else { Walked::Done(t) })
+    if raced {
+        return Ok(Walked::Raced(t));
+    }
+    if leaf_level < 3 {
+        let (table, bits) = above[leaf_level];
+        cache.store(v, leaf_level as u32, table, bits);
+    }
+    Ok(Walked::Done(t))
 }
