@@ -297,8 +297,50 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 }
             }
             off += level_size(level);
+            if level == 0 {
+                // The rest of this leaf table takes 4 KiB pages too (no address inside it is
+                // 2 MiB-aligned): fill its entries in a tight loop.
+                // Only when the cursor holds the table of the page just mapped (a dry run that
+                // met a missing table returns before the cursor moves).
+                match cursor {
+                    Some((0, key, table)) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
+                        off = self.fill_run(table, gpa.as_u64(), hpa.as_u64(), off, len, flags, plan);
+                    }
+                    _ => {}
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Writes 4 KiB leaves into `table` from `gpa + off` until the range or the table ends, or an
+    /// entry is present (the page-by-page path then reports the conflict). Returns the new offset.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_run(
+        &self,
+        table: HostPhysAddr,
+        gpa: u64,
+        hpa: u64,
+        mut off: u64,
+        len: u64,
+        flags: MappingFlags,
+        plan: &mut Plan<'_, F>,
+    ) -> u64 {
+        let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
+        while off < len && (gpa + off) & (level_size(1) - 1) != 0 {
+            let va = gpa + off;
+            let entry = self.entry(table, F::index(va, 0));
+            if F::present(entry.load(Ordering::Acquire)) {
+                break;
+            }
+            if let Plan::Real { flush, .. } = plan {
+                let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(hpa + off), flags, accessed, dirty };
+                entry.store(F::encode_leaf(&leaf, 0), Ordering::Release);
+                flush.note_leaf(GuestPhysAddr::new(va), false);
+            }
+            off += PAGE_SIZE_4K;
+        }
+        off
     }
 
     fn level_allowed(&self, level: usize) -> bool {
