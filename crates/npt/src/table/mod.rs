@@ -200,6 +200,14 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         unsafe { &*base.add(idx) }
     }
 
+    /// The 512 entries of a level-0 table owned by this table.
+    fn leaf_table(&self, table: HostPhysAddr) -> &[AtomicU64] {
+        let base = self.alloc.phys_to_virt(table).as_ptr().cast::<AtomicU64>();
+        // SAFETY: as for `entry`: a table frame owned by this PageTable holds 512 aligned
+        // entries, touched only through atomics, valid while the table is borrowed.
+        unsafe { core::slice::from_raw_parts(base, F::entries(0)) }
+    }
+
     pub(crate) fn new_table(&self, plan_pool: &mut Vec<HostPhysAddr>) -> HostPhysAddr {
         let frame = plan_pool.pop().expect("frames were counted before the change");
         self.zero_frames(frame, 1);
@@ -327,9 +335,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         plan: &mut Plan<'_, F>,
     ) -> u64 {
         let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
+        let entries = self.leaf_table(table);
         while off < len && (gpa + off) & (level_size(1) - 1) != 0 {
             let va = gpa + off;
-            let entry = self.entry(table, F::index(va, 0));
+            let entry = &entries[F::index(va, 0)];
             if F::present(entry.load(Ordering::Acquire)) {
                 break;
             }
@@ -483,7 +492,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let mut i = first as usize;
         while i < F::entries(level) && base + i as u64 * span < end {
             let b = base + i as u64 * span;
-            match F::decode(self.entry(table, i).load(Ordering::Acquire), level) {
+            let raw = self.entry(table, i).load(Ordering::Acquire);
+            if !F::present(raw) {
+                i += 1;
+                continue;
+            }
+            match F::decode(raw, level) {
                 Pte::Invalid => {}
                 Pte::Leaf(l) => f(&leaf_at(GuestPhysAddr::new(b), level, &l)),
                 Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
