@@ -133,7 +133,7 @@ fn test(args: &Args) -> Result<i32, String> {
                 }
             }
         }
-        println!("emulator scenarios: {passed} passed, {failed} failed");
+        println!("scenarios: {passed} passed, {failed} failed");
     }
     if failures.is_empty() {
         Ok(0)
