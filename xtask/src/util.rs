@@ -56,9 +56,7 @@ pub fn ensure_apt(probe: &str, packages: &[&str]) -> Result<(), String> {
     if run(Command::new("apt-get").arg("update").envs(env))? != 0 {
         return Err("apt-get update failed".into());
     }
-    if run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(packages).envs(env))?
-        != 0
-    {
+    if run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(packages).envs(env))? != 0 {
         return Err(format!("apt-get install {} failed", packages.join(" ")));
     }
     if have(probe) {

@@ -78,16 +78,7 @@ impl EptCaps {
     /// and 1 GiB pages, A/D, all INVEPT types) with the given MAXPHYADDR.
     pub const fn all(maxphyaddr: u8) -> Self {
         Self::from_msr(
-            1 | 1 << 6
-                | 1 << 7
-                | 1 << 8
-                | 1 << 14
-                | 1 << 16
-                | 1 << 17
-                | 1 << 20
-                | 1 << 21
-                | 1 << 25
-                | 1 << 26,
+            1 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 14 | 1 << 16 | 1 << 17 | 1 << 20 | 1 << 21 | 1 << 25 | 1 << 26,
             maxphyaddr,
         )
     }
@@ -192,20 +183,12 @@ impl Eptp {
         if accessed_dirty && !caps.accessed_dirty {
             return Err(EptpError::AccessedDirtyUnsupported);
         }
-        Ok(Self {
-            memory_type,
-            levels,
-            accessed_dirty,
-            root: Hpa(raw & caps.addr_mask()),
-        })
+        Ok(Self { memory_type, levels, accessed_dirty, root: Hpa(raw & caps.addr_mask()) })
     }
 
     /// Encodes an EPTP (no checks; pair with [`Eptp::decode`]).
     pub const fn encode(&self) -> u64 {
-        self.root.0
-            | ((self.levels as u64 - 1) << 3)
-            | (self.accessed_dirty as u64) << 6
-            | self.memory_type as u64
+        self.root.0 | ((self.levels as u64 - 1) << 3) | (self.accessed_dirty as u64) << 6 | self.memory_type as u64
     }
 
     /// How many guest-physical address bits the walk translates: 48 for 4 levels, 57 for 5.
@@ -233,29 +216,13 @@ pub struct EptAccess {
 
 impl EptAccess {
     /// A data read.
-    pub const READ: Self = Self {
-        read: true,
-        write: false,
-        fetch: false,
-    };
+    pub const READ: Self = Self { read: true, write: false, fetch: false };
     /// A data write.
-    pub const WRITE: Self = Self {
-        read: false,
-        write: true,
-        fetch: false,
-    };
+    pub const WRITE: Self = Self { read: false, write: true, fetch: false };
     /// An instruction fetch.
-    pub const FETCH: Self = Self {
-        read: false,
-        write: false,
-        fetch: true,
-    };
+    pub const FETCH: Self = Self { read: false, write: false, fetch: true };
     /// A read-modify-write (e.g. a guest paging-structure access with EPT A/D enabled).
-    pub const READ_WRITE: Self = Self {
-        read: true,
-        write: true,
-        fetch: false,
-    };
+    pub const READ_WRITE: Self = Self { read: true, write: true, fetch: false };
 
     const fn bits(self) -> u8 {
         self.read as u8 | (self.write as u8) << 1 | (self.fetch as u8) << 2
@@ -286,20 +253,11 @@ pub struct GuestLinear {
 impl GuestLinear {
     /// No guest linear address (e.g. a guest with paging off is still "valid"; use this for
     /// direct guest-physical probes such as the differential tests).
-    pub const NONE: Self = Self {
-        valid: false,
-        translated: false,
-    };
+    pub const NONE: Self = Self { valid: false, translated: false };
     /// The final access of a linear-address translation.
-    pub const TRANSLATION: Self = Self {
-        valid: true,
-        translated: true,
-    };
+    pub const TRANSLATION: Self = Self { valid: true, translated: true };
     /// An access to a guest paging-structure entry.
-    pub const PAGING_STRUCTURE: Self = Self {
-        valid: true,
-        translated: false,
-    };
+    pub const PAGING_STRUCTURE: Self = Self { valid: true, translated: false };
 }
 
 /// Bits of the EPT-violation exit qualification (Intel SDM Vol. 3C Table 28-7).
@@ -439,16 +397,7 @@ pub fn walk<M: PhysMem + ?Sized>(
     gla: GuestLinear,
 ) -> Result<EptWalk, EptExit> {
     let e = Eptp::decode(eptp, caps).map_err(EptExit::InvalidEptp)?;
-    walk_from(
-        mem,
-        &e,
-        caps,
-        gpa,
-        access,
-        gla,
-        WalkStart::root(&e),
-        &mut Vec::new(),
-    )
+    walk_from(mem, &e, caps, gpa, access, gla, WalkStart::root(&e), &mut Vec::new())
 }
 
 /// Where a walk begins: at the root, or below a cached non-leaf entry (the TLB model).
@@ -464,11 +413,7 @@ pub(crate) struct WalkStart {
 
 impl WalkStart {
     pub(crate) fn root(e: &Eptp) -> Self {
-        Self {
-            level: e.levels - 1,
-            table: e.root.0,
-            rights: 0b111,
-        }
+        Self { level: e.levels - 1, table: e.root.0, rights: 0b111 }
     }
 }
 
@@ -560,45 +505,28 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
     loop {
         let shift = level_shift(level);
         let pa = table + ((g >> shift) & 511) * 8;
-        let entry = mem
-            .read_u64(Hpa(pa))
-            .ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
+        let entry = mem.read_u64(Hpa(pa)).ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
         let perm = (entry & 7) as u8;
         if perm == 0 {
             // 29.3.3.2: a not-present entry; bits 3-5 of the qualification are the AND of
             // bits 2:0 of the entries used, which includes this all-zero one.
-            return Err(EptExit::Violation {
-                gpa,
-                qualification: qualification(access, 0, gla),
-            });
+            return Err(EptExit::Violation { gpa, qualification: qualification(access, 0, gla) });
         }
-        let leaf = check_entry(entry, level, caps).map_err(|reason| EptExit::Misconfig {
-            gpa,
-            level,
-            entry,
-            reason,
-        })?;
+        let leaf =
+            check_entry(entry, level, caps).map_err(|reason| EptExit::Misconfig { gpa, level, entry, reason })?;
         rights &= perm;
         used[n_used] = (pa, entry);
         n_used += 1;
         if !leaf {
             let next = entry & addr_mask;
-            seen.push(NonLeafSeen {
-                level,
-                prefix: g >> shift,
-                next,
-                rights,
-            });
+            seen.push(NonLeafSeen { level, prefix: g >> shift, next, rights });
             table = next;
             level -= 1;
             continue;
         }
         // 29.3.3.2: the access must be allowed by the AND of the rights.
         if access.bits() & !rights != 0 {
-            return Err(EptExit::Violation {
-                gpa,
-                qualification: qualification(access, rights, gla),
-            });
+            return Err(EptExit::Violation { gpa, qualification: qualification(access, rights, gla) });
         }
         let mut leaf_entry = entry;
         if e.accessed_dirty {
@@ -609,8 +537,7 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
                     new |= DIRTY;
                 }
                 if new != v {
-                    mem.write_u64(Hpa(pa), new)
-                        .ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
+                    mem.write_u64(Hpa(pa), new).ok_or(EptExit::NoMemory { pa: Hpa(pa) })?;
                 }
                 leaf_entry = new;
             }

@@ -154,16 +154,8 @@ impl Hgatp {
         };
         let vmid = ((raw >> 44) & 0x3fff) as u16;
         let ppn = raw & crate::bits(43, 0);
-        let ppn = if mode == HgatpMode::Bare {
-            ppn
-        } else {
-            ppn & !3
-        };
-        Ok(Self {
-            mode,
-            vmid,
-            root: Hpa(ppn << 12),
-        })
+        let ppn = if mode == HgatpMode::Bare { ppn } else { ppn & !3 };
+        Ok(Self { mode, vmid, root: Hpa(ppn << 12) })
     }
 
     /// Encodes the fields back into a raw value (root must be 16 KiB-aligned for a paged mode).
@@ -292,29 +284,17 @@ pub struct GRequest {
 impl GRequest {
     /// An explicit access by the guest (or the final access of a two-stage translation).
     pub const fn explicit(access: Access) -> Self {
-        Self {
-            check: access,
-            report: access,
-            htinst: 0,
-        }
+        Self { check: access, report: access, htinst: 0 }
     }
 
     /// An implicit read of a VS-level PTE on behalf of an `original` access (RV64 guest).
     pub const fn vs_table_read(original: Access) -> Self {
-        Self {
-            check: Access::Read,
-            report: original,
-            htinst: htinst::READ_64,
-        }
+        Self { check: Access::Read, report: original, htinst: htinst::READ_64 }
     }
 
     /// An implicit A/D update of a VS-level PTE on behalf of an `original` access (RV64 guest).
     pub const fn vs_table_update(original: Access) -> Self {
-        Self {
-            check: Access::Write,
-            report: original,
-            htinst: htinst::WRITE_64,
-        }
+        Self { check: Access::Write, report: original, htinst: htinst::WRITE_64 }
     }
 }
 
@@ -422,10 +402,7 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
         // The root index is VPN[top] widened by 2 bits: 11 bits, a 2048-entry root.
         let index_mask = if level == top { 0x7ff } else { 0x1ff };
         let pa = table + ((gpa.0 >> shift) & index_mask) * 8;
-        let access_fault = GstageFault::Access {
-            cause: cause::access_fault(req.report),
-            pa: Hpa(pa),
-        };
+        let access_fault = GstageFault::Access { cause: cause::access_fault(req.report), pa: Hpa(pa) };
         let pte = mem.read_u64(Hpa(pa)).ok_or(access_fault)?;
         match rvpte::classify(pte, level, cfg.svpbmt) {
             Err(reason) => {
@@ -435,11 +412,7 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
                 return Err(fault(gpa, &req, reason, Some(level)));
             }
             Ok(PteKind::Pointer(next)) => {
-                seen.push(GSeen::Pointer {
-                    level,
-                    prefix: gpa.0 >> shift,
-                    next,
-                });
+                seen.push(GSeen::Pointer { level, prefix: gpa.0 >> shift, next });
                 table = next;
                 level -= 1;
                 continue;
@@ -453,9 +426,7 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
         // Step 8: R/W/X for the checked access (HS-level MXR applies to G-stage).
         let rwx_ok = rwx_allows(pte, req.check, cfg.mxr);
         if pte & A != 0 {
-            seen.push(GSeen::Leaf {
-                walk: gwalk_of(pte, level, hpa),
-            });
+            seen.push(GSeen::Leaf { walk: gwalk_of(pte, level, hpa) });
         }
         if !user_ok {
             return Err(fault(gpa, &req, RvFaultKind::UserBit, Some(level)));
@@ -468,18 +439,12 @@ pub(crate) fn walk_from<M: PhysMem + ?Sized>(
         let mut pte = pte;
         if pte & A == 0 || (store && pte & D == 0) {
             if !cfg.hw_ad_update {
-                let reason = if pte & A == 0 {
-                    RvFaultKind::AccessedClear
-                } else {
-                    RvFaultKind::DirtyClear
-                };
+                let reason = if pte & A == 0 { RvFaultKind::AccessedClear } else { RvFaultKind::DirtyClear };
                 return Err(fault(gpa, &req, reason, Some(level)));
             }
             pte |= A | if store { D } else { 0 };
             mem.write_u64(Hpa(pa), pte).ok_or(access_fault)?;
-            seen.push(GSeen::Leaf {
-                walk: gwalk_of(pte, level, hpa),
-            });
+            seen.push(GSeen::Leaf { walk: gwalk_of(pte, level, hpa) });
         }
         return Ok(gwalk_of(pte, level, hpa));
     }

@@ -46,18 +46,12 @@ pub struct SparseMem {
 impl SparseMem {
     /// Memory covering host-physical addresses `0..limit`.
     pub fn new(limit: u64) -> Self {
-        Self {
-            words: BTreeMap::new(),
-            limit,
-            reads: 0,
-            writes: 0,
-        }
+        Self { words: BTreeMap::new(), limit, reads: 0, writes: 0 }
     }
 
     /// Reads a word without counting it (for test assertions).
     pub fn peek(&self, pa: Hpa) -> Option<u64> {
-        self.exists(pa)
-            .then(|| self.words.get(&pa.0).copied().unwrap_or(0))
+        self.exists(pa).then(|| self.words.get(&pa.0).copied().unwrap_or(0))
     }
 
     /// Writes a word without counting it (for building tables in tests).

@@ -54,11 +54,7 @@ fn x86_map(t: &mut Tables, cr3: u64, gva: u64, leaf_level: u8, leaf: u64) -> u64
 fn x86_entry(t: &Tables, cr3: u64, gva: u64, level: u8) -> u64 {
     let mut table = cr3;
     for l in (level + 1..4).rev() {
-        table = t
-            .mem
-            .peek(Hpa(table + ((gva >> (12 + 9 * l)) & 511) * 8))
-            .unwrap()
-            & 0x000f_ffff_ffff_f000;
+        table = t.mem.peek(Hpa(table + ((gva >> (12 + 9 * l)) & 511) * 8)).unwrap() & 0x000f_ffff_ffff_f000;
     }
     table + ((gva >> (12 + 9 * level)) & 511) * 8
 }
@@ -76,42 +72,15 @@ fn x86_walk_sets_guest_accessed_and_dirty() {
     let cr3 = t.frame(4096);
     let leaf = x86_map(&mut t, cr3, GVA, 0, DATA | XP | XRW | XUS);
     let r = regs(cr3);
-    let w = x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(GVA | 0xabc),
-        Access::Read,
-        Privilege::User,
-    )
-    .unwrap();
-    assert_eq!(
-        (w.gpa, w.hpa, w.page_size),
-        (Gpa(DATA | 0xabc), Hpa(DATA | 0xabc), PageSize::Size4K)
-    );
+    let w = x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(GVA | 0xabc), Access::Read, Privilege::User).unwrap();
+    assert_eq!((w.gpa, w.hpa, w.page_size), (Gpa(DATA | 0xabc), Hpa(DATA | 0xabc), PageSize::Size4K));
     assert!(w.writable && w.user && w.executable);
     for level in 0..4 {
-        assert_ne!(
-            t.mem.peek(Hpa(x86_entry(&t, cr3, GVA, level))).unwrap() & XA,
-            0,
-            "4.8: A at level {level}"
-        );
+        assert_ne!(t.mem.peek(Hpa(x86_entry(&t, cr3, GVA, level))).unwrap() & XA, 0, "4.8: A at level {level}");
     }
     assert_eq!(t.mem.peek(Hpa(leaf)).unwrap() & XD, 0);
-    x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(GVA),
-        Access::Write,
-        Privilege::User,
-    )
-    .unwrap();
-    assert_ne!(
-        t.mem.peek(Hpa(leaf)).unwrap() & XD,
-        0,
-        "4.8: D on the leaf for a write"
-    );
+    x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(GVA), Access::Write, Privilege::User).unwrap();
+    assert_ne!(t.mem.peek(Hpa(leaf)).unwrap() & XD, 0, "4.8: D on the leaf for a write");
 }
 
 #[test]
@@ -122,108 +91,34 @@ fn x86_large_pages_and_reserved_bits() {
     x86_map(&mut t, cr3, 0x20_0000, 1, 0x60_0000 | XP | XRW | XPS);
     let mut r = regs(cr3);
     let sup = Privilege::Supervisor;
-    let w = x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(0x4123_4567),
-        Access::Read,
-        sup,
-    )
-    .unwrap();
+    let w = x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x4123_4567), Access::Read, sup).unwrap();
     assert_eq!((w.gpa, w.page_size), (Gpa(0x8123_4567), PageSize::Size1G));
-    let w = x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(0x2f_fff8),
-        Access::Read,
-        sup,
-    )
-    .unwrap();
+    let w = x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x2f_fff8), Access::Read, sup).unwrap();
     assert_eq!((w.gpa, w.page_size), (Gpa(0x6f_fff8), PageSize::Size2M));
     // 4.5: PS in a PDPTE is reserved without 1-GByte page support.
     r.page_1g = false;
     assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x4000_0000),
-            Access::Read,
-            sup
-        )),
+        pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x4000_0000), Access::Read, sup)),
         ec::P | ec::RSVD
     );
     r.page_1g = true;
     // 2-MByte PDE bits 20:13 reserved.
-    x86_map(
-        &mut t,
-        cr3,
-        0x20_0000,
-        1,
-        0x60_0000 | 1 << 13 | XP | XRW | XPS,
-    );
+    x86_map(&mut t, cr3, 0x20_0000, 1, 0x60_0000 | 1 << 13 | XP | XRW | XPS);
     assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x20_0000),
-            Access::Write,
-            sup
-        )),
+        pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x20_0000), Access::Write, sup)),
         ec::P | ec::W | ec::RSVD
     );
     // Bits 51:MAXPHYADDR; XD without EFER.NXE; PS in a PML4E.
     x86_map(&mut t, cr3, 0x1000, 0, 1 << 47 | XP);
-    assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x1000),
-            Access::Read,
-            sup
-        )),
-        ec::P | ec::RSVD
-    );
+    assert_eq!(pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Read, sup)), ec::P | ec::RSVD);
     x86_map(&mut t, cr3, 0x1000, 0, XNX | 0x5000 | XP);
-    assert!(x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(0x1000),
-        Access::Read,
-        sup
-    )
-    .is_ok());
+    assert!(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Read, sup).is_ok());
     r.efer_nxe = false;
-    assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x1000),
-            Access::Read,
-            sup
-        )),
-        ec::P | ec::RSVD
-    );
+    assert_eq!(pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Read, sup)), ec::P | ec::RSVD);
     r.efer_nxe = true;
     let pml4e = Hpa(cr3);
     t.mem.poke(pml4e, t.mem.peek(pml4e).unwrap() | XPS);
-    assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x1000),
-            Access::Read,
-            sup
-        )),
-        ec::P | ec::RSVD
-    );
+    assert_eq!(pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Read, sup)), ec::P | ec::RSVD);
 }
 
 #[test]
@@ -233,66 +128,23 @@ fn x86_not_present_and_non_canonical() {
     let r = regs(cr3);
     // 4.7: P = 0 for a not-present page; W/R, U/S, I/D describe the access.
     assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x1000),
-            Access::Write,
-            Privilege::User
-        )),
+        pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Write, Privilege::User)),
         ec::W | ec::U
     );
     assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0x1000),
-            Access::Fetch,
-            Privilege::Supervisor
-        )),
+        pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x1000), Access::Fetch, Privilege::Supervisor)),
         ec::ID
     );
-    let r_nonx = X86Regs {
-        efer_nxe: false,
-        ..r
-    };
+    let r_nonx = X86Regs { efer_nxe: false, ..r };
     assert_eq!(
-        pf_code(x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r_nonx,
-            Gva(0x1000),
-            Access::Fetch,
-            Privilege::Supervisor
-        )),
+        pf_code(x86::walk(&mut t.mem, &mut NoStage2, &r_nonx, Gva(0x1000), Access::Fetch, Privilege::Supervisor)),
         0
     );
     // 3.3.7.1: bits 63:47 must be equal.
-    let e = x86::walk(
-        &mut t.mem,
-        &mut NoStage2,
-        &r,
-        Gva(0x0000_8000_0000_0000),
-        Access::Read,
-        Privilege::User,
-    );
-    assert_eq!(
-        e,
-        Err(X86Error::NonCanonical {
-            gva: Gva(0x0000_8000_0000_0000)
-        })
-    );
+    let e = x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0x0000_8000_0000_0000), Access::Read, Privilege::User);
+    assert_eq!(e, Err(X86Error::NonCanonical { gva: Gva(0x0000_8000_0000_0000) }));
     assert!(matches!(
-        x86::walk(
-            &mut t.mem,
-            &mut NoStage2,
-            &r,
-            Gva(0xffff_8000_0000_0000),
-            Access::Read,
-            Privilege::User
-        ),
+        x86::walk(&mut t.mem, &mut NoStage2, &r, Gva(0xffff_8000_0000_0000), Access::Read, Privilege::User),
         Err(X86Error::PageFault(_))
     ));
 }
@@ -319,51 +171,19 @@ fn x86_access_rights() {
         Err(X86Error::PageFault(f)) => Some(f.error_code),
         Err(e) => panic!("{e:?}"),
     };
-    assert_eq!(
-        code(&mut t, &r, 0x1000, Access::Read, u),
-        Some(ec::P | ec::U)
-    );
-    assert_eq!(
-        code(&mut t, &r, 0x2000, Access::Write, u),
-        Some(ec::P | ec::W | ec::U)
-    );
-    assert_eq!(
-        code(&mut t, &r, 0x1000, Access::Write, s),
-        Some(ec::P | ec::W)
-    );
+    assert_eq!(code(&mut t, &r, 0x1000, Access::Read, u), Some(ec::P | ec::U));
+    assert_eq!(code(&mut t, &r, 0x2000, Access::Write, u), Some(ec::P | ec::W | ec::U));
+    assert_eq!(code(&mut t, &r, 0x1000, Access::Write, s), Some(ec::P | ec::W));
     let nowp = X86Regs { cr0_wp: false, ..r };
-    assert_eq!(
-        code(&mut t, &nowp, 0x1000, Access::Write, s),
-        None,
-        "WP = 0: supervisor writes ignore R/W"
-    );
-    assert_eq!(
-        code(&mut t, &r, 0x3000, Access::Fetch, u),
-        Some(ec::P | ec::U | ec::ID)
-    );
+    assert_eq!(code(&mut t, &nowp, 0x1000, Access::Write, s), None, "WP = 0: supervisor writes ignore R/W");
+    assert_eq!(code(&mut t, &r, 0x3000, Access::Fetch, u), Some(ec::P | ec::U | ec::ID));
     assert_eq!(code(&mut t, &r, 0x2000, Access::Fetch, s), None);
-    let smep = X86Regs {
-        cr4_smep: true,
-        ..r
-    };
-    assert_eq!(
-        code(&mut t, &smep, 0x2000, Access::Fetch, s),
-        Some(ec::P | ec::ID)
-    );
-    let smap = X86Regs {
-        cr4_smap: true,
-        ..r
-    };
+    let smep = X86Regs { cr4_smep: true, ..r };
+    assert_eq!(code(&mut t, &smep, 0x2000, Access::Fetch, s), Some(ec::P | ec::ID));
+    let smap = X86Regs { cr4_smap: true, ..r };
     assert_eq!(code(&mut t, &smap, 0x2000, Access::Read, s), Some(ec::P));
-    assert_eq!(
-        code(&mut t, &smap, 0x1000, Access::Read, s),
-        None,
-        "SMAP only guards user pages"
-    );
-    let smap_ac = X86Regs {
-        rflags_ac: true,
-        ..smap
-    };
+    assert_eq!(code(&mut t, &smap, 0x1000, Access::Read, s), None, "SMAP only guards user pages");
+    let smap_ac = X86Regs { rflags_ac: true, ..smap };
     assert_eq!(code(&mut t, &smap_ac, 0x3000, Access::Write, s), None);
 }
 
@@ -385,10 +205,9 @@ fn x86_over_ept() -> (Tables, u64, u64) {
 
 fn ept_violation(r: Result<x86::X86Walk, X86Error<EptExit>>) -> (Gpa, u64, bool) {
     match r {
-        Err(X86Error::Stage2 {
-            fault: EptExit::Violation { gpa, qualification },
-            during_walk,
-        }) => (gpa, qualification, during_walk),
+        Err(X86Error::Stage2 { fault: EptExit::Violation { gpa, qualification }, during_walk }) => {
+            (gpa, qualification, during_walk)
+        }
         other => panic!("expected an EPT violation, got {other:?}"),
     }
 }
@@ -400,15 +219,7 @@ fn x86_over_ept_faults_during_the_walk_and_on_the_final_access() {
     let eptp = ept_root | 3 << 3 | 6;
     let mut s2 = EptStage2 { eptp, caps };
     let r = regs(cr3);
-    let w = x86::walk(
-        &mut t.mem,
-        &mut s2,
-        &r,
-        Gva(GVA | 8),
-        Access::Read,
-        Privilege::User,
-    )
-    .unwrap();
+    let w = x86::walk(&mut t.mem, &mut s2, &r, Gva(GVA | 8), Access::Read, Privilege::User).unwrap();
     assert_eq!((w.gpa, w.hpa), (Gpa(DATA | 8), Hpa(DATA | 8)));
 
     // The guest PDPT page is not present in EPT: a violation on a paging-structure read.
@@ -416,31 +227,11 @@ fn x86_over_ept_faults_during_the_walk_and_on_the_final_access() {
     let ept_pte = t.ept_entry(ept_root, 4, pdpte_gpa, 0);
     let saved = t.mem.peek(ept_pte).unwrap();
     t.mem.poke(ept_pte, 0);
-    let (gpa, q, walk) = ept_violation(x86::walk(
-        &mut t.mem,
-        &mut s2,
-        &r,
-        Gva(GVA),
-        Access::Read,
-        Privilege::User,
-    ));
-    assert_eq!(
-        (gpa, q, walk),
-        (Gpa(pdpte_gpa), qual::READ | qual::GLA_VALID, true)
-    );
+    let (gpa, q, walk) = ept_violation(x86::walk(&mut t.mem, &mut s2, &r, Gva(GVA), Access::Read, Privilege::User));
+    assert_eq!((gpa, q, walk), (Gpa(pdpte_gpa), qual::READ | qual::GLA_VALID, true));
     // With EPT A/D enabled, guest paging-structure accesses are writes: bits 0 and 1 (29.3.5).
-    let mut s2ad = EptStage2 {
-        eptp: eptp | 1 << 6,
-        caps,
-    };
-    let (_, q, _) = ept_violation(x86::walk(
-        &mut t.mem,
-        &mut s2ad,
-        &r,
-        Gva(GVA),
-        Access::Read,
-        Privilege::User,
-    ));
+    let mut s2ad = EptStage2 { eptp: eptp | 1 << 6, caps };
+    let (_, q, _) = ept_violation(x86::walk(&mut t.mem, &mut s2ad, &r, Gva(GVA), Access::Read, Privilege::User));
     assert_eq!(q, qual::READ | qual::WRITE | qual::GLA_VALID);
     t.mem.poke(ept_pte, saved);
 
@@ -449,71 +240,26 @@ fn x86_over_ept_faults_during_the_walk_and_on_the_final_access() {
     let pte_gpa = x86_entry(&t, cr3, GVA, 0);
     let ept_pte = t.ept_entry(ept_root, 4, pte_gpa, 0);
     t.mem.poke(ept_pte, t.mem.peek(ept_pte).unwrap() & !0b110);
-    let (gpa, q, walk) = ept_violation(x86::walk(
-        &mut t.mem,
-        &mut s2,
-        &r,
-        Gva(GVA),
-        Access::Write,
-        Privilege::User,
-    ));
-    assert_eq!(
-        (gpa, q, walk),
-        (
-            Gpa(pte_gpa),
-            qual::WRITE | qual::READABLE | qual::GLA_VALID,
-            true
-        )
-    );
+    let (gpa, q, walk) = ept_violation(x86::walk(&mut t.mem, &mut s2, &r, Gva(GVA), Access::Write, Privilege::User));
+    assert_eq!((gpa, q, walk), (Gpa(pte_gpa), qual::WRITE | qual::READABLE | qual::GLA_VALID, true));
 
     // The data page is not present in EPT: a violation on the translated access (bit 8 set).
     t.mem.poke(t.ept_entry(ept_root, 4, DATA, 0), 0);
-    let (gpa, q, walk) = ept_violation(x86::walk(
-        &mut t.mem,
-        &mut s2,
-        &r,
-        Gva(GVA | 0x10),
-        Access::Read,
-        Privilege::User,
-    ));
-    assert_eq!(
-        (gpa, q, walk),
-        (
-            Gpa(DATA | 0x10),
-            qual::READ | qual::GLA_VALID | qual::GLA_TRANSLATION,
-            false
-        )
-    );
+    let (gpa, q, walk) =
+        ept_violation(x86::walk(&mut t.mem, &mut s2, &r, Gva(GVA | 0x10), Access::Read, Privilege::User));
+    assert_eq!((gpa, q, walk), (Gpa(DATA | 0x10), qual::READ | qual::GLA_VALID | qual::GLA_TRANSLATION, false));
 }
 
 #[test]
 fn x86_over_ept_with_accessed_dirty_marks_guest_tables_dirty() {
     // 29.3.5: with EPT A/D, guest paging-structure accesses are writes and set the EPT dirty flag.
     let (mut t, cr3, ept_root) = x86_over_ept();
-    let mut s2 = EptStage2 {
-        eptp: ept_root | 3 << 3 | 1 << 6 | 6,
-        caps: EptCaps::all(46),
-    };
-    x86::walk(
-        &mut t.mem,
-        &mut s2,
-        &regs(cr3),
-        Gva(GVA),
-        Access::Read,
-        Privilege::User,
-    )
-    .unwrap();
-    let pt_ept = t
-        .mem
-        .peek(t.ept_entry(ept_root, 4, x86_entry(&t, cr3, GVA, 0), 0))
-        .unwrap();
+    let mut s2 = EptStage2 { eptp: ept_root | 3 << 3 | 1 << 6 | 6, caps: EptCaps::all(46) };
+    x86::walk(&mut t.mem, &mut s2, &regs(cr3), Gva(GVA), Access::Read, Privilege::User).unwrap();
+    let pt_ept = t.mem.peek(t.ept_entry(ept_root, 4, x86_entry(&t, cr3, GVA, 0), 0)).unwrap();
     assert_eq!(pt_ept & (ACCESSED | DIRTY), ACCESSED | DIRTY);
     let data_ept = t.mem.peek(t.ept_entry(ept_root, 4, DATA, 0)).unwrap();
-    assert_eq!(
-        data_ept & (ACCESSED | DIRTY),
-        ACCESSED,
-        "the data page was only read"
-    );
+    assert_eq!(data_ept & (ACCESSED | DIRTY), ACCESSED, "the data page was only read");
 }
 
 #[test]
@@ -523,32 +269,12 @@ fn x86_over_ept_through_the_tlb_model() {
     let eptp = ept_root | 3 << 3 | 6;
     let r = regs(cr3);
     for _ in 0..2 {
-        let mut s2 = EptTlbStage2 {
-            tlb: &mut tlb,
-            eptp,
-            caps: EptCaps::all(46),
-        };
-        x86::walk(
-            &mut t.mem,
-            &mut s2,
-            &r,
-            Gva(GVA),
-            Access::Read,
-            Privilege::User,
-        )
-        .unwrap();
+        let mut s2 = EptTlbStage2 { tlb: &mut tlb, eptp, caps: EptCaps::all(46) };
+        x86::walk(&mut t.mem, &mut s2, &r, Gva(GVA), Access::Read, Privilege::User).unwrap();
     }
     // 4 guest table reads + the final access per walk; the second walk sets no A flags, so
     // every stage-2 lookup of the second walk hits.
     let s = tlb.stats();
-    assert_eq!(
-        s.lookups,
-        4 + 4 + 1 + 4 + 1,
-        "first walk: 4 reads, 4 A/D updates, final; second: 4 reads, final"
-    );
-    assert_eq!(
-        s.leaf_hits,
-        s.lookups - 5,
-        "only the 5 distinct guest-physical pages missed"
-    );
+    assert_eq!(s.lookups, 4 + 4 + 1 + 4 + 1, "first walk: 4 reads, 4 A/D updates, final; second: 4 reads, final");
+    assert_eq!(s.leaf_hits, s.lookups - 5, "only the 5 distinct guest-physical pages missed");
 }

@@ -53,8 +53,7 @@ pub trait Stage2 {
     /// What a failed translation reports.
     type Fault;
     /// Translates `req.gpa` for the access `req` describes.
-    fn translate(&mut self, mem: &mut dyn PhysMem, req: &Stage2Request)
-        -> Result<Hpa, Self::Fault>;
+    fn translate(&mut self, mem: &mut dyn PhysMem, req: &Stage2Request) -> Result<Hpa, Self::Fault>;
 }
 
 /// No second stage: guest-physical equals host-physical (for testing stage 1 alone).
@@ -63,11 +62,7 @@ pub struct NoStage2;
 
 impl Stage2 for NoStage2 {
     type Fault = Infallible;
-    fn translate(
-        &mut self,
-        _mem: &mut dyn PhysMem,
-        req: &Stage2Request,
-    ) -> Result<Hpa, Infallible> {
+    fn translate(&mut self, _mem: &mut dyn PhysMem, req: &Stage2Request) -> Result<Hpa, Infallible> {
         Ok(Hpa(req.gpa.0))
     }
 }
@@ -132,11 +127,7 @@ pub struct GstageStage2 {
 
 impl Stage2 for GstageStage2 {
     type Fault = GstageFault;
-    fn translate(
-        &mut self,
-        mem: &mut dyn PhysMem,
-        req: &Stage2Request,
-    ) -> Result<Hpa, GstageFault> {
+    fn translate(&mut self, mem: &mut dyn PhysMem, req: &Stage2Request) -> Result<Hpa, GstageFault> {
         gstage::walk_with(mem, self.hgatp, &self.cfg, req.gpa, gstage_request(req)).map(|w| w.hpa)
     }
 }
@@ -156,9 +147,7 @@ impl Stage2 for EptTlbStage2<'_> {
     type Fault = EptExit;
     fn translate(&mut self, mem: &mut dyn PhysMem, req: &Stage2Request) -> Result<Hpa, EptExit> {
         let (access, gla) = ept_request(self.eptp, req);
-        self.tlb
-            .translate(mem, self.eptp, &self.caps, req.gpa, access, gla)
-            .map(|w| w.hpa)
+        self.tlb.translate(mem, self.eptp, &self.caps, req.gpa, access, gla).map(|w| w.hpa)
     }
 }
 
@@ -175,13 +164,7 @@ pub struct GstageTlbStage2<'a> {
 
 impl Stage2 for GstageTlbStage2<'_> {
     type Fault = GstageFault;
-    fn translate(
-        &mut self,
-        mem: &mut dyn PhysMem,
-        req: &Stage2Request,
-    ) -> Result<Hpa, GstageFault> {
-        self.tlb
-            .translate_with(mem, self.hgatp, &self.cfg, req.gpa, gstage_request(req))
-            .map(|w| w.hpa)
+    fn translate(&mut self, mem: &mut dyn PhysMem, req: &Stage2Request) -> Result<Hpa, GstageFault> {
+        self.tlb.translate_with(mem, self.hgatp, &self.cfg, req.gpa, gstage_request(req)).map(|w| w.hpa)
     }
 }

@@ -125,12 +125,7 @@ pub enum RvError<F> {
 }
 
 fn pf<F>(gva: Gva, access: Access, reason: RvFaultKind, level: Option<u8>) -> RvError<F> {
-    RvError::PageFault(VsPageFault {
-        cause: cause::page_fault(access),
-        stval: gva,
-        reason,
-        level,
-    })
+    RvError::PageFault(VsPageFault { cause: cause::page_fault(access), stval: gva, reason, level })
 }
 
 /// Translates `gva` for `access` at `privilege` through the VS-stage tables named by vsatp,
@@ -150,33 +145,15 @@ pub fn walk<S: Stage2>(
     access: Access,
     privilege: Privilege,
 ) -> Result<RvWalk, RvError<S::Fault>> {
-    let mode = VsMode::from_vsatp(regs.vsatp).ok_or(RvError::InvalidVsatp {
-        mode: (regs.vsatp >> 60) as u8,
-    })?;
+    let mode = VsMode::from_vsatp(regs.vsatp).ok_or(RvError::InvalidVsatp { mode: (regs.vsatp >> 60) as u8 })?;
     let va = gva.0;
     let final_access = |s2: &mut S, mem: &mut dyn PhysMem, gpa: Gpa| {
-        let req = Stage2Request {
-            gpa,
-            gva,
-            original: access,
-            kind: Stage2Kind::Final,
-        };
-        s2.translate(mem, &req).map_err(|fault| RvError::Stage2 {
-            fault,
-            during_walk: false,
-        })
+        let req = Stage2Request { gpa, gva, original: access, kind: Stage2Kind::Final };
+        s2.translate(mem, &req).map_err(|fault| RvError::Stage2 { fault, during_walk: false })
     };
     if mode == VsMode::Bare {
         let hpa = final_access(s2, mem, Gpa(va))?;
-        return Ok(RvWalk {
-            gpa: Gpa(va),
-            hpa,
-            page_size: PageSize::Size4K,
-            r: true,
-            w: true,
-            x: true,
-            u: true,
-        });
+        return Ok(RvWalk { gpa: Gpa(va), hpa, page_size: PageSize::Size4K, r: true, w: true, x: true, u: true });
     }
     let levels = mode.levels();
     // Sv39: "must have bits 63-39 all equal to bit 38, or else a page-fault exception".
@@ -189,20 +166,9 @@ pub fn walk<S: Stage2>(
     let mut level = levels - 1;
     loop {
         let pte_gpa = Gpa(a + ((va >> level_shift(level)) & 511) * 8);
-        let req = Stage2Request {
-            gpa: pte_gpa,
-            gva,
-            original: access,
-            kind: Stage2Kind::TableRead,
-        };
-        let pte_hpa = s2.translate(mem, &req).map_err(|fault| RvError::Stage2 {
-            fault,
-            during_walk: true,
-        })?;
-        let access_fault = RvError::AccessFault {
-            cause: cause::access_fault(access),
-            pa: pte_hpa,
-        };
+        let req = Stage2Request { gpa: pte_gpa, gva, original: access, kind: Stage2Kind::TableRead };
+        let pte_hpa = s2.translate(mem, &req).map_err(|fault| RvError::Stage2 { fault, during_walk: true })?;
+        let access_fault = RvError::AccessFault { cause: cause::access_fault(access), pa: pte_hpa };
         let pte = mem.read_u64(pte_hpa).ok_or(access_fault)?;
         match rvpte::classify(pte, level, regs.svpbmt) {
             Err(reason) => return Err(pf(gva, access, reason, Some(level))),
@@ -236,28 +202,13 @@ pub fn walk<S: Stage2>(
         let store = access == Access::Write;
         if pte & A == 0 || (store && pte & D == 0) {
             if !regs.hw_ad_update {
-                let reason = if pte & A == 0 {
-                    RvFaultKind::AccessedClear
-                } else {
-                    RvFaultKind::DirtyClear
-                };
+                let reason = if pte & A == 0 { RvFaultKind::AccessedClear } else { RvFaultKind::DirtyClear };
                 return Err(pf(gva, access, reason, Some(level)));
             }
             let new = pte | A | if store { D } else { 0 };
-            let req = Stage2Request {
-                gpa: pte_gpa,
-                gva,
-                original: access,
-                kind: Stage2Kind::TableUpdate,
-            };
-            let hpa = s2.translate(mem, &req).map_err(|fault| RvError::Stage2 {
-                fault,
-                during_walk: true,
-            })?;
-            mem.write_u64(hpa, new).ok_or(RvError::AccessFault {
-                cause: cause::access_fault(access),
-                pa: hpa,
-            })?;
+            let req = Stage2Request { gpa: pte_gpa, gva, original: access, kind: Stage2Kind::TableUpdate };
+            let hpa = s2.translate(mem, &req).map_err(|fault| RvError::Stage2 { fault, during_walk: true })?;
+            mem.write_u64(hpa, new).ok_or(RvError::AccessFault { cause: cause::access_fault(access), pa: hpa })?;
         }
         let gpa = Gpa(rvpte::leaf_pa(pte, level, va));
         let hpa = final_access(s2, mem, gpa)?;

@@ -103,10 +103,7 @@ pub enum X86Error<F> {
 }
 
 fn pf<F>(gva: Gva, code: u32) -> X86Error<F> {
-    X86Error::PageFault(PageFault {
-        error_code: code,
-        gva,
-    })
+    X86Error::PageFault(PageFault { error_code: code, gva })
 }
 
 /// Translates `gva` for `access` at `privilege` through the guest's 4-level tables, reading each
@@ -138,11 +135,7 @@ pub fn walk<S: Stage2>(
         Access::Write => error_code::W,
         Access::Fetch if regs.efer_nxe || regs.cr4_smep => error_code::ID,
         _ => 0,
-    } | if privilege == Privilege::User {
-        error_code::U
-    } else {
-        0
-    };
+    } | if privilege == Privilege::User { error_code::U } else { 0 };
 
     let mut table = regs.cr3 & addr_mask;
     let mut used: [(u64, u64); 4] = [(0, 0); 4];
@@ -151,16 +144,8 @@ pub fn walk<S: Stage2>(
     let mut level: u8 = 3;
     let (leaf, leaf_level) = loop {
         let entry_gpa = table + ((va >> level_shift(level)) & 511) * 8;
-        let req = Stage2Request {
-            gpa: Gpa(entry_gpa),
-            gva,
-            original: access,
-            kind: Stage2Kind::TableRead,
-        };
-        let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 {
-            fault,
-            during_walk: true,
-        })?;
+        let req = Stage2Request { gpa: Gpa(entry_gpa), gva, original: access, kind: Stage2Kind::TableRead };
+        let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 { fault, during_walk: true })?;
         let e = mem.read_u64(hpa).ok_or(X86Error::NoMemory { pa: hpa })?;
         if e & P == 0 {
             return Err(pf(gva, base_code));
@@ -200,9 +185,7 @@ pub fn walk<S: Stage2>(
         (Privilege::User, Access::Write) => user && writable,
         (Privilege::User, Access::Fetch) => user && !xd,
         (Privilege::Supervisor, Access::Read) => !(user && smap_blocks),
-        (Privilege::Supervisor, Access::Write) => {
-            !(user && smap_blocks) && (!regs.cr0_wp || writable)
-        }
+        (Privilege::Supervisor, Access::Write) => !(user && smap_blocks) && (!regs.cr0_wp || writable),
         (Privilege::Supervisor, Access::Fetch) => !smep_blocks && !xd,
     };
     if !allowed {
@@ -216,40 +199,16 @@ pub fn walk<S: Stage2>(
             new |= DIRTY;
         }
         if new != e {
-            let req = Stage2Request {
-                gpa: Gpa(entry_gpa),
-                gva,
-                original: access,
-                kind: Stage2Kind::TableUpdate,
-            };
-            let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 {
-                fault,
-                during_walk: true,
-            })?;
-            mem.write_u64(hpa, new)
-                .ok_or(X86Error::NoMemory { pa: hpa })?;
+            let req = Stage2Request { gpa: Gpa(entry_gpa), gva, original: access, kind: Stage2Kind::TableUpdate };
+            let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 { fault, during_walk: true })?;
+            mem.write_u64(hpa, new).ok_or(X86Error::NoMemory { pa: hpa })?;
         }
     }
 
     let page_size = PageSize::from_level(leaf_level).unwrap_or(PageSize::Size4K);
     let offset_mask = page_size.bytes() - 1;
     let gpa = Gpa((leaf & addr_mask & !offset_mask) | (va & offset_mask));
-    let req = Stage2Request {
-        gpa,
-        gva,
-        original: access,
-        kind: Stage2Kind::Final,
-    };
-    let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 {
-        fault,
-        during_walk: false,
-    })?;
-    Ok(X86Walk {
-        gpa,
-        hpa,
-        page_size,
-        writable,
-        user,
-        executable: !xd,
-    })
+    let req = Stage2Request { gpa, gva, original: access, kind: Stage2Kind::Final };
+    let hpa = s2.translate(mem, &req).map_err(|fault| X86Error::Stage2 { fault, during_walk: false })?;
+    Ok(X86Walk { gpa, hpa, page_size, writable, user, executable: !xd })
 }

@@ -13,9 +13,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::ept::{
-    self, qualification, EptAccess, EptCaps, EptExit, EptWalk, Eptp, GuestLinear, WalkStart,
-};
+use crate::ept::{self, qualification, EptAccess, EptCaps, EptExit, EptWalk, Eptp, GuestLinear, WalkStart};
 use crate::{bits, level_shift, Gpa, Hpa, PageSize, PhysMem};
 
 /// Counters for tests.
@@ -119,10 +117,7 @@ impl EptTlb {
                 self.stats.leaf_hits += 1;
                 self.stats.exits += 1;
                 self.forget(tag, g);
-                return Err(EptExit::Violation {
-                    gpa,
-                    qualification: qualification(access, c.rights, gla),
-                });
+                return Err(EptExit::Violation { gpa, qualification: qualification(access, c.rights, gla) });
             }
             if access.write && e.accessed_dirty && !c.walk.dirty {
                 // 29.3.5: the dirty flag must be set in memory: walk.
@@ -136,13 +131,8 @@ impl EptTlb {
 
         let mut start = WalkStart::root(&e);
         for level in 1..e.levels {
-            if let Some(&(next, rights)) = self.partials.get(&(tag, level, g >> level_shift(level)))
-            {
-                start = WalkStart {
-                    level: level - 1,
-                    table: next,
-                    rights,
-                };
+            if let Some(&(next, rights)) = self.partials.get(&(tag, level, g >> level_shift(level))) {
+                start = WalkStart { level: level - 1, table: next, rights };
                 break;
             }
         }
@@ -155,18 +145,14 @@ impl EptTlb {
         match ept::walk_from(mem, &e, caps, gpa, access, gla, start, &mut seen) {
             Ok(w) => {
                 for s in seen {
-                    self.partials
-                        .insert((tag, s.level, s.prefix), (s.next, s.rights));
+                    self.partials.insert((tag, s.level, s.prefix), (s.next, s.rights));
                 }
                 let level = w.page_size.level();
                 let size = w.page_size.bytes();
                 let rights = w.read as u8 | (w.write as u8) << 1 | (w.exec as u8) << 2;
                 let mut base = w;
                 base.hpa = Hpa(w.hpa.0 & !(size - 1));
-                self.leaves.insert(
-                    (tag, level, g & !(size - 1)),
-                    CachedLeaf { walk: base, rights },
-                );
+                self.leaves.insert((tag, level, g & !(size - 1)), CachedLeaf { walk: base, rights });
                 Ok(w)
             }
             Err(exit) => {

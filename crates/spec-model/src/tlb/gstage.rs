@@ -13,8 +13,7 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
 use crate::gstage::{
-    self, cause, GRequest, GSeen, GWalk, GstageConfig, GstageFault, GuestPageFault, Hgatp,
-    HgatpMode, RvFaultKind,
+    self, cause, GRequest, GSeen, GWalk, GstageConfig, GstageFault, GuestPageFault, Hgatp, HgatpMode, RvFaultKind,
 };
 use crate::{level_shift, Access, Gpa, Hpa, PhysMem};
 
@@ -106,10 +105,7 @@ impl GstageTlb {
             }
         }
         (0..=4u8)
-            .find(|&level| {
-                self.invalid
-                    .contains(&(vmid, level, gpa.0 & !((1u64 << level_shift(level)) - 1)))
-            })
+            .find(|&level| self.invalid.contains(&(vmid, level, gpa.0 & !((1u64 << level_shift(level)) - 1))))
             .map(|level| CachedG::Invalid { level })
     }
 
@@ -186,10 +182,7 @@ impl GstageTlb {
 
         let mut start = None;
         for level in 1..=top {
-            if let Some(&next) = self
-                .partials
-                .get(&(vmid, level, gpa.0 >> level_shift(level)))
-            {
+            if let Some(&next) = self.partials.get(&(vmid, level, gpa.0 >> level_shift(level))) {
                 start = Some((level - 1, next));
                 break;
             }
@@ -203,11 +196,7 @@ impl GstageTlb {
         let result = gstage::walk_from(mem, &h, cfg, gpa, req, start, &mut seen);
         for s in seen {
             match s {
-                GSeen::Pointer {
-                    level,
-                    prefix,
-                    next,
-                } => {
+                GSeen::Pointer { level, prefix, next } => {
                     self.partials.insert((vmid, level, prefix), next);
                 }
                 GSeen::Invalid { level } => {
@@ -218,8 +207,7 @@ impl GstageTlb {
                     let size = walk.page_size.bytes();
                     let mut base = walk;
                     base.hpa = Hpa(walk.hpa.0 & !(size - 1));
-                    self.leaves
-                        .insert((vmid, walk.page_size.level(), gpa.0 & !(size - 1)), base);
+                    self.leaves.insert((vmid, walk.page_size.level(), gpa.0 & !(size - 1)), base);
                 }
             }
         }

@@ -34,10 +34,7 @@ pub struct Tables {
 
 impl Tables {
     pub fn new() -> Self {
-        Self {
-            mem: SparseMem::new(MEM),
-            next: 0x0010_0000,
-        }
+        Self { mem: SparseMem::new(MEM), next: 0x0010_0000 }
     }
 
     /// A zeroed frame of `size` bytes aligned to `size` (SparseMem reads unwritten words as 0).
@@ -74,10 +71,7 @@ impl Tables {
     pub fn ept_entry(&self, root: u64, levels: u8, gpa: u64, level: u8) -> Hpa {
         let mut table = root;
         for l in (level + 1..levels).rev() {
-            let e = self
-                .mem
-                .peek(Hpa(table + ((gpa >> (12 + 9 * l)) & 511) * 8))
-                .unwrap();
+            let e = self.mem.peek(Hpa(table + ((gpa >> (12 + 9 * l)) & 511) * 8)).unwrap();
             table = e & 0x000f_ffff_ffff_f000;
         }
         Hpa(table + ((gpa >> (12 + 9 * level)) & 511) * 8)
@@ -87,10 +81,7 @@ impl Tables {
     /// `root_bits` bits: 11 for G-stage, 9 for VS-stage). Table addresses live in the space the
     /// PTEs name; they are written at `addr + to_host`. Returns the leaf PTE's table address
     /// (in that space).
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "a test helper mirroring the PTE fields"
-    )]
+    #[allow(clippy::too_many_arguments, reason = "a test helper mirroring the PTE fields")]
     pub fn rv_map(
         &mut self,
         root: u64,
