@@ -6,17 +6,10 @@ use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
 use twostage_spec_model as model;
-use twostage_spec_model::{Gpa, Hpa, PhysMem};
+use twostage_spec_model::{Gpa, Hpa};
 
-struct Ram<'a>(&'a HostRam);
-impl PhysMem for Ram<'_> {
-    fn read_u64(&mut self, pa: Hpa) -> Option<u64> {
-        self.0.contains(pa.0, 8).then(|| self.0.read_u64(pa.0))
-    }
-    fn write_u64(&mut self, pa: Hpa, v: u64) -> Option<()> {
-        self.0.contains(pa.0, 8).then(|| self.0.write_u64(pa.0, v))
-    }
-}
+mod common;
+use common::Ram;
 
 const CAP: u64 = 0xf0106334141;
 const PAGE: u64 = 0x8000_0000;

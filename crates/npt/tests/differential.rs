@@ -10,7 +10,7 @@ use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
 use twostage_spec_model as model;
-use twostage_spec_model::{Gpa, Hpa, PhysMem};
+use twostage_spec_model::Gpa;
 
 const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
@@ -20,16 +20,8 @@ const TARGET: u64 = 0x100_0000_0000;
 const EPT_CAP: u64 = 0xf0106334141 | 1 << 7;
 const MAXPHYADDR: u8 = 46;
 
-/// The engine's fake RAM as the model sees it.
-struct Ram<'a>(&'a HostRam);
-impl PhysMem for Ram<'_> {
-    fn read_u64(&mut self, pa: Hpa) -> Option<u64> {
-        self.0.contains(pa.0, 8).then(|| self.0.read_u64(pa.0))
-    }
-    fn write_u64(&mut self, pa: Hpa, v: u64) -> Option<()> {
-        self.0.contains(pa.0, 8).then(|| self.0.write_u64(pa.0, v))
-    }
-}
+mod common;
+use common::Ram;
 
 /// What should be mapped: disjoint intervals start -> (end, hpa of start, rights).
 #[derive(Default, Clone, PartialEq, Debug)]
