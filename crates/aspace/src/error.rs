@@ -4,7 +4,7 @@ use crate::flush::SpaceFlush;
 use crate::region::{RegionId, RegionLabel};
 use core::fmt;
 use twostage_npt::format::FlagsError;
-use twostage_npt::{Format, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
+use twostage_npt::{CloneError, Format, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
 
 /// Why [`crate::AddressSpace::new`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,10 +128,10 @@ impl<E: fmt::Debug, F: Format> fmt::Debug for Failed<E, F> {
 pub enum ForkError {
     /// No frames for the child's table (its root and the copy of the parent's tables).
     OutOfFrames(OutOfFrames),
-    /// Mapping into the child's table failed (kept for compatibility: the child's table is now
-    /// a copy of the parent's, so `fork` no longer maps page by page).
-    Map(MapError),
-    /// Write-protecting the parent's or the child's pages failed.
+    /// The engine refused to copy and write-protect the tables (a region edge inside a huge
+    /// page, which anonymous regions never have).
+    Clone(CloneError),
+    /// Giving the child's linear pages their rights back failed.
     Protect(RangeError),
 }
 

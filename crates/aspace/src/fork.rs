@@ -6,7 +6,7 @@ use crate::region::Backend;
 use crate::space::{AddressSpace, SpaceStats, PAGE};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use twostage_npt::{Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
+use twostage_npt::{CloneError, Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// A copy-on-write clone of the whole address space (VM fork, snapshot).
@@ -26,11 +26,36 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// the right on their next write fault) and the partial child is freed.
     pub fn fork(&mut self) -> Result<(Self, SpaceFlush<F>), Failed<ForkError, F>> {
         let fail = |error| Failed { error, flush: SpaceFlush::none() };
-        // The child's table starts as a copy of the parent's, made table by table (time in
-        // proportion to the tables). Its data frames are not counted for the child until the
-        // counts are raised below, and the child gets its regions only then: an early return
-        // drops a child that releases no data frame.
-        let table = self.table.try_clone().map_err(|e| fail(ForkError::OutOfFrames(e)))?;
+        let anon: Vec<(GpaRange, MappingFlags)> = self
+            .regions
+            .values()
+            .filter(|r| r.backend.owns_frames())
+            .map(|r| (r.range, r.flags.difference(MappingFlags::WRITE)))
+            .collect();
+        // One pass over the tables: the child's table is a copy of the parent's (time in
+        // proportion to the tables), and every page of an anonymous region becomes read-only on
+        // both sides as it is copied; the frames met are collected in runs for their counts.
+        // Nothing has changed if this fails.
+        let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
+        let (table, parent_flush) = self
+            .table
+            .try_clone_protected(&anon, |leaf| {
+                // Anonymous pages are 4 KiB leaves.
+                debug_assert_eq!(leaf.size, PageSize::Size4K);
+                match runs.last_mut() {
+                    Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
+                    _ => runs.push((leaf.hpa, 1)),
+                }
+            })
+            .map_err(|e| match e {
+                CloneError::OutOfFrames(e) => fail(ForkError::OutOfFrames(e)),
+                e => fail(ForkError::Clone(e)),
+            })?;
+        for (first, n) in runs {
+            self.refs.share_run(first, n);
+        }
+        let mut flush = SpaceFlush::none();
+        flush.add(parent_flush);
         let mut child = Self {
             table,
             alloc: self.alloc.clone(),
@@ -42,61 +67,33 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             stats: SpaceStats::default(),
             deferred: None,
         };
-        let anon: Vec<(GpaRange, MappingFlags)> = self
-            .regions
-            .values()
-            .filter(|r| r.backend.owns_frames())
-            .map(|r| (r.range, r.flags.difference(MappingFlags::WRITE)))
-            .collect();
-        // Every page of an anonymous region is about to be shared: read-only on both sides
-        // (one `protect` per region; the child's table was never loaded, so no flush).
-        for &(range, ro) in &anon {
-            child.table.protect(range.start, range.len(), ro).map_err(|e| fail(ForkError::Protect(e)))?.ignore();
-        }
-        // The copy carries the parent's dirty-log write protection of linear pages; the child
-        // has no log, so its linear pages get their regions' rights back.
-        if self.dirty.is_some() {
-            // Linear regions own no frame: the child may hold them while this can still fail.
-            for r in self.regions.values().filter(|r| matches!(r.backend, Backend::Linear { .. })) {
-                child.regions.insert(r.range.start, r.clone());
-            }
-            let linear: Vec<GpaRange> = child.regions.values().map(|r| r.range).collect();
-            for range in linear {
-                let f = child.reprotect(range).map_err(|e| fail(ForkError::Protect(e.error)))?;
-                if let Some(t) = f.table {
-                    t.ignore(); // Never loaded.
-                }
-            }
-        }
-        for &(range, _) in &anon {
-            // Runs of frames that follow each other: (first, frames).
-            let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
-            child.table.for_each_leaf(range.start, range.len(), |leaf| {
-                // Anonymous pages are 4 KiB leaves.
-                debug_assert_eq!(leaf.size, PageSize::Size4K);
-                match runs.last_mut() {
-                    Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
-                    _ => runs.push((leaf.hpa, 1)),
-                }
-            });
-            for (first, n) in runs {
-                self.refs.share_run(first, n);
-            }
-        }
         for r in self.regions.values_mut() {
             if r.backend.owns_frames() {
                 r.backend = Backend::CopyOnWrite;
             }
             child.regions.insert(r.range.start, r.clone());
         }
-        // Every shared frame now has a count above 1: drop the parent's write rights, one
-        // `protect` per region (all its pages are shared; read-only is also what a dirty log's
-        // write protection asks for).
-        let mut flush = SpaceFlush::none();
-        for (range, ro) in anon {
-            match self.table.protect(range.start, range.len(), ro) {
-                Ok(f) => flush.add(f),
-                Err(e) => return Err(Failed { error: ForkError::Protect(e), flush }),
+        // The copy carries the parent's dirty-log write protection of linear pages; the child
+        // has no log, so its linear pages get their regions' rights back.
+        if self.dirty.is_some() {
+            let linear: Vec<GpaRange> = child
+                .regions
+                .values()
+                .filter(|r| matches!(r.backend, Backend::Linear { .. }))
+                .map(|r| r.range)
+                .collect();
+            for range in linear {
+                match child.reprotect(range) {
+                    Ok(f) => {
+                        if let Some(t) = f.table {
+                            t.ignore(); // Never loaded.
+                        }
+                    }
+                    // The child (and the counts it holds) is dropped; the parent keeps its
+                    // write-protected pages, which the flush covers and which regain the right
+                    // on their next write fault.
+                    Err(e) => return Err(Failed { error: ForkError::Protect(e.error), flush }),
+                }
             }
         }
         Ok((child, flush))

@@ -46,6 +46,6 @@ pub use format::{Ept4, Ept5, Format, Sv39x4, Sv48x4, Sv57x4};
 pub use frame::{FrameAllocator, FRAME_SIZE};
 
 pub use table::{
-    AdClear, AdError, AdMode, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames, PageSizes,
-    PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
+    AdClear, AdError, AdMode, CloneError, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames,
+    PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
 };

@@ -402,3 +402,42 @@ fn try_clone_copies_every_mapping_into_new_tables() {
     drop(c);
     assert_eq!(ram.frames_in_use(), used);
 }
+
+#[test]
+fn try_clone_protected_copies_and_write_protects_in_one_pass() {
+    let ram = HostRam::new(256);
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    // An anonymous-like area of 4 KiB pages and a "linear" 2 MiB page outside the ranges.
+    t.map(gpa(G), hpa(TARGET + K4), 8 * K4, MappingFlags::RWX, MapSize::Largest).unwrap().ignore();
+    t.map(gpa(2 * G), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    let used = ram.frames_in_use();
+    let range = GpaRange::from_start_len(gpa(G), 8 * K4).unwrap();
+    // A range that cuts the 2 MiB page is refused, and nothing changes.
+    let cut = GpaRange::from_start_len(gpa(2 * G), K4).unwrap();
+    assert_eq!(
+        t.try_clone_protected(&[(cut, MappingFlags::READ)], |_| {}).err(),
+        Some(CloneError::CutsHugePage { gpa: gpa(2 * G), size: PageSize::Size2M })
+    );
+    ram.fail_after(1);
+    assert!(matches!(t.try_clone_protected(&[(range, MappingFlags::RX)], |_| {}), Err(CloneError::OutOfFrames(_))));
+    ram.heal();
+    assert_eq!(ram.frames_in_use(), used);
+    assert_eq!(t.query(gpa(G)).unwrap().flags, MappingFlags::RWX, "a refused clone leaves the parent alone");
+
+    let mut seen = Vec::new();
+    let (c, flush) = t.try_clone_protected(&[(range, MappingFlags::RX)], |l| seen.push((l.gpa, l.flags))).unwrap();
+    assert_eq!(seen.len(), 8);
+    assert!(seen.iter().all(|&(_, f)| f == MappingFlags::RX));
+    assert_eq!(
+        flush.invalidation(),
+        Invalidation::GvmaAddresses { root: t.root(), addrs: &seen.iter().map(|s| s.0).collect::<Vec<_>>() }
+    );
+    flush.ignore();
+    for table in [&t, &c] {
+        assert_eq!(table.translate(gpa(G + 3 * K4)), Some((hpa(TARGET + 4 * K4), MappingFlags::RX)));
+        assert_eq!(table.translate(gpa(2 * G + K4)), Some((hpa(TARGET + K4), MappingFlags::RW)));
+    }
+    assert_eq!(ram.frames_in_use(), 2 * used);
+    drop(c);
+    assert_eq!(ram.frames_in_use(), used);
+}

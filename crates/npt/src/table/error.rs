@@ -119,6 +119,36 @@ pub enum RemapError {
     },
 }
 
+/// `try_clone_protected` failed; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneError {
+    /// A range is not acceptable.
+    BadRange {
+        /// Start of the range.
+        gpa: GuestPhysAddr,
+        /// Its length.
+        len: u64,
+        /// What is wrong with it.
+        problem: RangeProblem,
+    },
+    /// A range's flags cannot be mapped.
+    BadFlags {
+        /// The flags asked for.
+        flags: MappingFlags,
+        /// Why not.
+        reason: FlagsError,
+    },
+    /// A range edge falls inside a huge page.
+    CutsHugePage {
+        /// Base of the huge page.
+        gpa: GuestPhysAddr,
+        /// Its size.
+        size: PageSize,
+    },
+    /// No frame for a table of the copy.
+    OutOfFrames(OutOfFrames),
+}
+
 /// `split` failed; nothing was changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SplitError {
@@ -180,5 +210,5 @@ macro_rules! display_via_debug {
         impl core::error::Error for $t {}
     )*};
 }
-display_via_debug!(MapError, RangeError, RemapError, SplitError, CollapseError, AdError);
+display_via_debug!(CloneError, MapError, RangeError, RemapError, SplitError, CollapseError, AdError);
 impl core::error::Error for OutOfFrames {}

@@ -538,6 +538,98 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
     }
 
+    /// [`PageTable::try_clone`] and a protect in one pass, the whole of a copy-on-write fork of
+    /// the tables: every leaf inside one of `ranges` gets that range's flags (A/D kept) in both
+    /// the copy and `self`, and is reported to `f` (with its new flags) once. Leaves outside the
+    /// ranges are copied as they are. Returns the copy (never loaded: it needs no flush) and the
+    /// flush `self` needs. Nothing changes in `self` if the request is refused or a frame is
+    /// missing; ranges must not cut through a huge page (split it first).
+    pub fn try_clone_protected(
+        &mut self,
+        ranges: &[(GpaRange, MappingFlags)],
+        mut f: impl FnMut(&Leaf),
+    ) -> Result<(Self, Flush<F>), CloneError>
+    where
+        A: Clone,
+    {
+        let mut stored = Vec::with_capacity(ranges.len());
+        for &(r, flags) in ranges {
+            check_range::<F>(r.start, r.len(), PAGE_SIZE_4K).map_err(|problem| CloneError::BadRange {
+                gpa: r.start,
+                len: r.len(),
+                problem,
+            })?;
+            F::check_flags(flags, &self.opts).map_err(|reason| CloneError::BadFlags { flags, reason })?;
+            for edge in [r.start, r.end - PAGE_SIZE_4K] {
+                if let Some(l) = self.query(edge) {
+                    if l.gpa < r.start || l.range().end > r.end {
+                        return Err(CloneError::CutsHugePage { gpa: l.gpa, size: l.size });
+                    }
+                }
+            }
+            stored.push((r, stored_flags::<F>(flags)));
+        }
+        let mut child = self.try_clone_empty().map_err(CloneError::OutOfFrames)?;
+        let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
+        let mut pool = child
+            .fill_pool(live)
+            .map_err(|e| CloneError::OutOfFrames(OutOfFrames { needed: e.needed + F::ROOT_FRAMES }))?;
+        let mut flush = Flush::new(self.root);
+        let mut ctx = CloneCtx { ranges: &stored, hint: 0, flush: &mut flush, f: &mut f };
+        child.copy_tree_protected(self, self.root, child.root, F::LEVELS - 1, 0, &mut pool, &mut ctx);
+        debug_assert!(pool.is_empty(), "live table count is off");
+        Ok((child, flush))
+    }
+
+    fn try_clone_empty(&self) -> Result<Self, OutOfFrames>
+    where
+        A: Clone,
+    {
+        Self::new(self.alloc.clone(), self.opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_tree_protected(
+        &self,
+        src: &Self,
+        from: HostPhysAddr,
+        to: HostPhysAddr,
+        level: usize,
+        base: u64,
+        pool: &mut Vec<HostPhysAddr>,
+        ctx: &mut CloneCtx<'_, F>,
+    ) {
+        let span = level_size(level);
+        for i in 0..F::entries(level) {
+            let entry = src.entry(from, i);
+            let raw = entry.load(Ordering::Acquire);
+            if !F::present(raw) {
+                continue;
+            }
+            let b = base + i as u64 * span;
+            if level > 0 && !F::is_leaf(raw, level) {
+                let next = self.new_table(pool);
+                self.copy_tree_protected(src, F::address(raw), next, level - 1, b, pool, ctx);
+                self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
+                continue;
+            }
+            let new = match (ctx.range_flags(b), F::decode(raw, level)) {
+                (Some(flags), Pte::Leaf(leaf)) => {
+                    let bits = src.preset_ad(LeafBits { flags, ..leaf });
+                    let new = F::encode_leaf(&bits, level);
+                    if new != raw {
+                        src.store_leaf(from, i, raw, new);
+                        ctx.flush.note_leaf(GuestPhysAddr::new(b), true);
+                    }
+                    (ctx.f)(&leaf_at(GuestPhysAddr::new(b), level, &bits));
+                    new
+                }
+                _ => raw,
+            };
+            self.entry(to, i).store(new, Ordering::Relaxed);
+        }
+    }
+
     /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
     /// that may have this table loaded), then frees the table frames that changes retired.
     pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&Invalidation<'_>)) {
@@ -622,5 +714,28 @@ pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -
     match gpa.as_u64().checked_add(len) {
         Some(end) if end <= 1u64 << F::GPA_BITS => Ok(()),
         _ => Err(RangeProblem::OutOfRange),
+    }
+}
+
+struct CloneCtx<'c, F: Format> {
+    ranges: &'c [(GpaRange, MappingFlags)],
+    hint: usize,
+    flush: &'c mut Flush<F>,
+    f: &'c mut dyn FnMut(&Leaf),
+}
+
+impl<F: Format> CloneCtx<'_, F> {
+    /// The flags of the range holding `gpa`, if any (the last match is tried first: leaves come
+    /// in address order).
+    fn range_flags(&mut self, gpa: u64) -> Option<MappingFlags> {
+        let inside = |r: &GpaRange| r.start.as_u64() <= gpa && gpa < r.end.as_u64();
+        if let Some((r, fl)) = self.ranges.get(self.hint) {
+            if inside(r) {
+                return Some(*fl);
+            }
+        }
+        let i = self.ranges.iter().position(|(r, _)| inside(r))?;
+        self.hint = i;
+        Some(self.ranges[i].1)
     }
 }

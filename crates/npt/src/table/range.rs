@@ -133,7 +133,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// Under [`AdMode::Preset`] a leaf keeps A set, and D set whenever it is writable, also when a
     /// change makes it writable (otherwise RISC-V hardware without A/D updating would fault on
     /// every store, with nobody to set the bit).
-    fn preset_ad(&self, leaf: LeafBits) -> LeafBits {
+    pub(crate) fn preset_ad(&self, leaf: LeafBits) -> LeafBits {
         match self.opts.ad {
             AdMode::Preset => {
                 LeafBits { accessed: true, dirty: leaf.dirty || leaf.flags.contains(MappingFlags::WRITE), ..leaf }
@@ -156,7 +156,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     }
 
     /// Replaces a leaf entry, keeping A/D bits the hardware may have set since it was read.
-    fn store_leaf(&self, table: HostPhysAddr, idx: usize, old: u64, new: u64) {
+    pub(crate) fn store_leaf(&self, table: HostPhysAddr, idx: usize, old: u64, new: u64) {
         let entry = self.entry(table, idx);
         if new == 0 {
             entry.store(0, Ordering::Release);
