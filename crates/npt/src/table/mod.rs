@@ -311,7 +311,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 // Only when the cursor holds the table of the page just mapped (a dry run that
                 // met a missing table returns before the cursor moves).
                 match cursor {
-                    Some((0, key, table)) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
+                    // A dry run inside a leaf table that does not exist yet: its other pages are
+                    // free and need no further table; skip to the end of the table.
+                    Some((0, key, None)) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
+                        let table_end = ((gpa.as_u64() + off - PAGE_SIZE_4K) | (level_size(1) - 1)) + 1;
+                        off = (table_end - gpa.as_u64()).min(len);
+                    }
+                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
                         off = self.fill_run(table, gpa.as_u64(), hpa.as_u64(), off, len, flags, plan);
                     }
                     _ => {}
@@ -376,16 +382,20 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         level: usize,
         flags: MappingFlags,
         plan: &mut Plan<'_, F>,
-        cursor: &mut Option<(usize, u64, HostPhysAddr)>,
+        cursor: &mut Option<(usize, u64, Option<HostPhysAddr>)>,
     ) -> Result<(), Step> {
         let key = va >> (12 + 9 * (level + 1));
         let mut table = self.root;
         let mut l = F::LEVELS - 1;
-        if let Some((cl, ck, ct)) = *cursor {
-            if cl == level && ck == key {
+        match *cursor {
+            Some((cl, ck, Some(ct))) if cl == level && ck == key => {
                 table = ct;
                 l = level;
             }
+            // A dry run already counted the missing table that holds this entry: nothing below
+            // it exists, so nothing can conflict and nothing more is needed.
+            Some((cl, ck, None)) if cl == level && ck == key => return Ok(()),
+            _ => {}
         }
         while l > level {
             let idx = F::index(va, l);
@@ -404,6 +414,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                                 *memo = Some(key);
                             }
                         }
+                        // The rest of this (virtual, empty) table needs nothing more.
+                        *cursor = Some((level, key, None));
                         return Ok(());
                     }
                     Plan::Real { pool, .. } => {
@@ -416,7 +428,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             l -= 1;
         }
-        *cursor = Some((level, key, table));
+        *cursor = Some((level, key, Some(table)));
         let idx = F::index(va, level);
         let entry = self.entry(table, idx);
         let raw = entry.load(Ordering::Acquire);
