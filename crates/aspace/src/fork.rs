@@ -15,9 +15,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// both (they are the caller's memory, not copied); MMIO regions are copied as
     /// descriptions. Every frame of an anonymous region becomes shared: mapped read-only in
     /// both spaces, its count raised; the first write on either side copies it. No byte of
-    /// guest memory is copied here: the child's table is a copy of the parent's, made table by
-    /// table, then both sides' anonymous regions are write-protected with one `protect` each
-    /// and the frames' counts raised.
+    /// guest memory is copied here: one pass over the parent's tables
+    /// ([`twostage_npt::PageTable::try_clone_protected`]) copies them table by table and
+    /// write-protects the anonymous regions' pages on both sides; the frames' counts are then
+    /// raised.
     ///
     /// The child's table was never loaded, so it needs no flush; the returned flush is the
     /// parent's (its pages lost the write right) and must be carried out before the parent's
