@@ -12,7 +12,7 @@ use core::fmt;
 pub struct EptCapabilities {
     /// The raw MSR value.
     pub raw: u64,
-    /// MAXPHYADDR from CPUID.80000008H:EAX[7:0] (bounds the EPTP's root address).
+    /// MAXPHYADDR from CPUID.80000008H:EAX bits 7:0 (bounds the EPTP's root address).
     pub max_phys_bits: u8,
 }
 
