@@ -32,18 +32,8 @@ const UBOOT: &str = "/usr/lib/u-boot/qemu-riscv64_smode/uboot.elf";
 
 /// Installs u-boot-qemu when its S-mode image is missing (a package with no program to probe).
 fn ensure_uboot() -> Result<PathBuf, String> {
-    let path = PathBuf::from(UBOOT);
-    if !path.exists() {
-        let env = [("DEBIAN_FRONTEND", "noninteractive")];
-        util::run(Command::new("apt-get").arg("update").envs(env))?;
-        let code = util::run(
-            Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "u-boot-qemu"]).envs(env),
-        )?;
-        if code != 0 || !path.exists() {
-            return Err(format!("{UBOOT} is missing and apt-get install u-boot-qemu did not provide it"));
-        }
-    }
-    Ok(path)
+    util::ensure_file(UBOOT, &["u-boot-qemu"])?;
+    Ok(PathBuf::from(UBOOT))
 }
 
 fn target_dir() -> PathBuf {
@@ -54,20 +44,7 @@ fn target_dir() -> PathBuf {
 fn ensure_tools() -> Result<(), String> {
     util::ensure_target(TARGET)?;
     util::ensure_apt("qemu-system-riscv64", &["qemu-system-misc"])?;
-    let fw = Path::new("/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin");
-    if !fw.exists() {
-        let env = [("DEBIAN_FRONTEND", "noninteractive")];
-        util::run(Command::new("apt-get").arg("update").envs(env))?;
-        let code = util::run(
-            Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "qemu-system-data"]).envs(env),
-        )?;
-        if code != 0 || !fw.exists() {
-            return Err(format!(
-                "OpenSBI firmware {} is missing and qemu-system-data did not provide it",
-                fw.display()
-            ));
-        }
-    }
+    util::ensure_file("/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin", &["qemu-system-data"])?;
     Ok(())
 }
 

@@ -46,24 +46,42 @@ pub fn ensure_target(target: &str) -> Result<(), String> {
     }
 }
 
-/// Installs Debian packages when `probe` (a program name) is missing. Needs root, as on CI.
-pub fn ensure_apt(probe: &str, packages: &[&str]) -> Result<(), String> {
-    if have(probe) {
-        return Ok(());
-    }
-    eprintln!("{probe} is missing: installing {}", packages.join(" "));
+/// `apt-get update` then `apt-get install` of `packages`. Needs root, as on CI.
+fn apt_install(packages: &[&str]) -> Result<(), String> {
     let env = [("DEBIAN_FRONTEND", "noninteractive")];
     if run(Command::new("apt-get").arg("update").envs(env))? != 0 {
         return Err("apt-get update failed".into());
     }
-    if run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(packages).envs(env))? != 0 {
-        return Err(format!("apt-get install {} failed", packages.join(" ")));
+    match run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(packages).envs(env))? {
+        0 => Ok(()),
+        c => Err(format!("apt-get install {} failed ({c})", packages.join(" "))),
     }
-    if have(probe) {
+}
+
+/// Installs Debian `packages` when `present()` says what they provide is missing, and checks that
+/// it is there afterwards; `what` names it in messages.
+fn ensure_installed(what: &str, present: impl Fn() -> bool, packages: &[&str]) -> Result<(), String> {
+    if present() {
+        return Ok(());
+    }
+    eprintln!("{what} is missing: installing {}", packages.join(" "));
+    apt_install(packages)?;
+    if present() {
         Ok(())
     } else {
-        Err(format!("{probe} still missing after installing {}", packages.join(" ")))
+        Err(format!("{what} still missing after installing {}", packages.join(" ")))
     }
+}
+
+/// Installs Debian packages when `probe` (a program name) is missing.
+pub fn ensure_apt(probe: &str, packages: &[&str]) -> Result<(), String> {
+    ensure_installed(probe, || have(probe), packages)
+}
+
+/// Installs Debian packages when `file` (for packages that install no program: firmware, BIOS
+/// images, GRUB modules) is missing.
+pub fn ensure_file(file: &str, packages: &[&str]) -> Result<(), String> {
+    ensure_installed(file, || Path::new(file).exists(), packages)
 }
 
 /// Parses the last `N passed, M failed` line of a suite's console output.

@@ -37,16 +37,8 @@ fn ensure_tools() -> Result<(), String> {
         ("/usr/share/vgabios/vgabios.bin", "vgabios"),
         ("/usr/lib/grub/i386-pc/multiboot.mod", "grub-pc-bin"),
     ];
-    let missing: Vec<&str> = files.iter().filter(|(f, _)| !Path::new(f).exists()).map(|(_, p)| *p).collect();
-    if !missing.is_empty() {
-        let env = [("DEBIAN_FRONTEND", "noninteractive")];
-        util::run(Command::new("apt-get").arg("update").envs(env))?;
-        let code = util::run(
-            Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).envs(env),
-        )?;
-        if code != 0 {
-            return Err(format!("apt-get install {} failed ({code})", missing.join(" ")));
-        }
+    for (file, package) in files {
+        util::ensure_file(file, &[package])?;
     }
     Ok(())
 }

@@ -526,28 +526,30 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     where
         A: Clone,
     {
+        let mut flush = Flush::new(self.root);
+        let copy = self.clone_with(&[], &mut |_| {}, &mut flush)?;
+        debug_assert!(flush.is_empty(), "a plain copy changes nothing in the original");
+        Ok(copy)
+    }
+
+    /// Copies the table; leaves inside one of `ranges` get that range's flags in the copy and in
+    /// `self` (changes noted in `flush`) and are reported to `f`. Allocates everything first.
+    fn clone_with(
+        &self,
+        ranges: &[(GpaRange, MappingFlags)],
+        f: &mut dyn FnMut(&Leaf),
+        flush: &mut Flush<F>,
+    ) -> Result<Self, OutOfFrames>
+    where
+        A: Clone,
+    {
         let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
         let mut child = Self::new(self.alloc.clone(), self.opts)?;
         let mut pool = child.fill_pool(live).map_err(|e| OutOfFrames { needed: e.needed + F::ROOT_FRAMES })?;
-        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, &mut pool);
+        let mut ctx = CloneCtx { ranges, hint: 0, flush, f };
+        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut pool, &mut ctx);
         debug_assert!(pool.is_empty(), "live table count is off");
         Ok(child)
-    }
-
-    fn copy_tree(&self, src: &Self, from: HostPhysAddr, to: HostPhysAddr, level: usize, pool: &mut Vec<HostPhysAddr>) {
-        for i in 0..F::entries(level) {
-            let raw = src.entry(from, i).load(Ordering::Acquire);
-            if !F::present(raw) {
-                continue;
-            }
-            if level > 0 && !F::is_leaf(raw, level) {
-                let next = self.new_table(pool);
-                self.copy_tree(src, F::address(raw), next, level - 1, pool);
-                self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
-            } else {
-                self.entry(to, i).store(raw, Ordering::Relaxed);
-            }
-        }
     }
 
     /// [`PageTable::try_clone`] and a protect in one pass, the whole of a copy-on-write fork of
@@ -581,27 +583,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             stored.push((r, stored_flags::<F>(flags)));
         }
-        let mut child = self.try_clone_empty().map_err(CloneError::OutOfFrames)?;
-        let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
-        let mut pool = child
-            .fill_pool(live)
-            .map_err(|e| CloneError::OutOfFrames(OutOfFrames { needed: e.needed + F::ROOT_FRAMES }))?;
         let mut flush = Flush::new(self.root);
-        let mut ctx = CloneCtx { ranges: &stored, hint: 0, flush: &mut flush, f: &mut f };
-        child.copy_tree_protected(self, self.root, child.root, F::LEVELS - 1, 0, &mut pool, &mut ctx);
-        debug_assert!(pool.is_empty(), "live table count is off");
+        let child = self.clone_with(&stored, &mut f, &mut flush).map_err(CloneError::OutOfFrames)?;
         Ok((child, flush))
     }
 
-    fn try_clone_empty(&self) -> Result<Self, OutOfFrames>
-    where
-        A: Clone,
-    {
-        Self::new(self.alloc.clone(), self.opts)
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn copy_tree_protected(
+    fn copy_tree(
         &self,
         src: &Self,
         from: HostPhysAddr,
@@ -621,7 +609,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             let b = base + i as u64 * span;
             if level > 0 && !F::is_leaf(raw, level) {
                 let next = self.new_table(pool);
-                self.copy_tree_protected(src, F::address(raw), next, level - 1, b, pool, ctx);
+                self.copy_tree(src, F::address(raw), next, level - 1, b, pool, ctx);
                 self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
                 continue;
             }
