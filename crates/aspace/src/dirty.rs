@@ -5,8 +5,8 @@ use crate::flush::SpaceFlush;
 use crate::space::{AddressSpace, PAGE};
 use alloc::vec;
 use alloc::vec::Vec;
-use twostage_npt::format::Family;
 use twostage_npt::{AdClear, AdMode, Format, FrameAllocator, GpaRange, GuestPhysAddr, PageSize};
+use twostage_npt::{Family, FamilyKind};
 
 /// How a dirty log learns of writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +128,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             // RISC-V without Svadu faults on a store to a leaf with D = 0 (Privileged §4.3.2 step
             // 7 as applied to G-stage), and the fault handler sets D: D bits still tell. EPT
             // without A/D enabled neither sets nor checks D, so there only write protection works.
-            AdMode::Software if F::DIRTY != 0 && F::FAMILY == Family::GStage => DirtyMode::DirtyBits,
+            AdMode::Software if F::DIRTY != 0 && <F::Family as Family>::KIND == FamilyKind::GStage => {
+                DirtyMode::DirtyBits
+            }
             _ => DirtyMode::WriteProtect,
         }
     }

@@ -1,7 +1,7 @@
 //! The address space's flush token: a table flush plus the data frames it retires.
 
 use alloc::vec::Vec;
-use twostage_npt::{Flush, Format, HostPhysAddr, Invalidation};
+use twostage_npt::{Family, Flush, Format, HostPhysAddr, InvalidationOf};
 
 /// What must happen after a change to an address space before it can be relied on: the
 /// nested table's invalidation, then the release of the data frames the change unmapped (a
@@ -43,10 +43,10 @@ impl<F: Format> SpaceFlush<F> {
     }
 
     /// The hardware invalidation this token asks for.
-    pub fn invalidation(&self) -> Invalidation<'_> {
+    pub fn invalidation(&self) -> InvalidationOf<'_, F> {
         match &self.table {
             Some(t) => t.invalidation(),
-            None => Invalidation::None,
+            None => <F::Family as Family>::nothing(),
         }
     }
 

@@ -7,7 +7,7 @@ use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, Invalidation, MappingFlags};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, InvalidationOf, MappingFlags};
 
 /// Why a guest-memory access by guest-physical address failed. Each names the first address
 /// that could not be reached and the access.
@@ -566,18 +566,18 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// A [`GuestMemory`] view of this space that carries out each change's flush with
     /// `invalidate` before returning.
-    pub fn memory<I: FnMut(&Invalidation<'_>)>(&mut self, invalidate: I) -> SpaceMemory<'_, F, A, I> {
+    pub fn memory<I: FnMut(&InvalidationOf<'_, F>)>(&mut self, invalidate: I) -> SpaceMemory<'_, F, A, I> {
         SpaceMemory { space: self, invalidate }
     }
 }
 
 /// [`GuestMemory`] over a borrowed [`AddressSpace`]; see [`AddressSpace::memory`].
-pub struct SpaceMemory<'a, F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> {
+pub struct SpaceMemory<'a, F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> {
     space: &'a mut AddressSpace<F, A>,
     invalidate: I,
 }
 
-impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> SpaceMemory<'_, F, A, I> {
+impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> SpaceMemory<'_, F, A, I> {
     fn settle<T>(&mut self, r: Result<(T, SpaceFlush<F>), Failed<GuestMemError, F>>) -> Result<T, GuestMemError> {
         match r {
             Ok((v, flush)) => {
@@ -592,7 +592,7 @@ impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> SpaceMem
     }
 }
 
-impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&Invalidation<'_>)> GuestMemory for SpaceMemory<'_, F, A, I> {
+impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> GuestMemory for SpaceMemory<'_, F, A, I> {
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         self.space.read_as(gpa, buf, access)
     }

@@ -7,11 +7,12 @@ use crate::flush::SpaceFlush;
 use crate::mem::{GuestMemError, GuestMemory};
 use crate::space::AddressSpace;
 use alloc::boxed::Box;
-use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, Invalidation, NestedPageFaultInfo};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, InvalidationOf, NestedPageFaultInfo};
 
-/// The invalidation callback: carries out an [`Invalidation`] on every CPU that may have the
-/// table loaded (INVEPT, HFENCE.GVMA, with shootdowns to the other harts/cores).
-pub type Invalidator = Box<dyn Fn(&Invalidation<'_>) + Send + Sync>;
+/// The invalidation callback for format `F`: carries out an invalidation of `F`'s family on every
+/// CPU that may have the table loaded (INVEPT, HFENCE.GVMA, with shootdowns to the other
+/// harts/cores).
+pub type Invalidator<F> = Box<dyn for<'a> Fn(&InvalidationOf<'a, F>) + Send + Sync>;
 
 /// An [`AddressSpace`] shared by several vCPUs.
 ///
@@ -24,12 +25,12 @@ pub type Invalidator = Box<dyn Fn(&Invalidation<'_>) + Send + Sync>;
 /// mapping. Guest CPUs themselves access memory without the lock, as hardware does.
 pub struct SharedAddressSpace<F: Format, A: FrameAllocator + Clone> {
     inner: spin::RwLock<AddressSpace<F, A>>,
-    invalidate: Invalidator,
+    invalidate: Invalidator<F>,
 }
 
 impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
     /// Wraps `space`; `invalidate` carries out every flush.
-    pub fn new(space: AddressSpace<F, A>, invalidate: Invalidator) -> Self {
+    pub fn new(space: AddressSpace<F, A>, invalidate: Invalidator<F>) -> Self {
         Self { inner: spin::RwLock::new(space), invalidate }
     }
 

@@ -9,7 +9,7 @@ use crate::region::{Backend, Region, RegionId, RegionLabel};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use twostage_npt::{
-    Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, Invalidation, MapSize, MappingFlags, PageSize,
+    Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, InvalidationOf, MapSize, MappingFlags, PageSize,
     PageTable, RangeError, TableOptions, FRAME_SIZE,
 };
 
@@ -347,7 +347,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// Carries out a flush: runs `invalidate` for the table change (on every CPU that may have
     /// the table loaded), then frees the retired table frames and releases the data frames.
-    pub fn flush(&mut self, mut flush: SpaceFlush<F>, invalidate: impl FnOnce(&Invalidation<'_>)) {
+    pub fn flush(&mut self, mut flush: SpaceFlush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
         if let Some(d) = self.deferred.take() {
             flush.add(d);
         }

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use twostage_aspace::*;
 use twostage_npt::testing::HostRam;
 use twostage_npt::{
-    Access, AdMode, Ept4, FrameAllocator, HostPhysAddr, Invalidation, MappingFlags, NestedPageFaultInfo, Sv39x4,
+    Access, AdMode, Ept4, EptInvalidation, FrameAllocator, GvmaInvalidation, HostPhysAddr, InvalidationOf,
+    MappingFlags, NestedPageFaultInfo, Sv39x4,
 };
 use twostage_spec_model as model;
 
@@ -23,7 +24,7 @@ trait TlbCpu: ModelCpu {
         gpa: u64,
         access: Access,
     ) -> Result<u64, String>;
-    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &Invalidation<'_>);
+    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &InvalidationOf<'_, Self>);
 }
 
 fn macc(a: Access) -> model::Access {
@@ -53,16 +54,15 @@ impl TlbCpu for Sv39x4 {
             .map(|w| w.hpa.0)
             .map_err(|e| format!("{e:?}"))
     }
-    fn invalidate(tlb: &mut Self::Tlb, _root: u64, _hw_ad: bool, inv: &Invalidation<'_>) {
+    fn invalidate(tlb: &mut Self::Tlb, _root: u64, _hw_ad: bool, inv: &GvmaInvalidation<'_>) {
         match inv {
-            Invalidation::None => {}
-            Invalidation::GvmaAddresses { addrs, .. } => {
+            GvmaInvalidation::None => {}
+            GvmaInvalidation::Addresses { addrs, .. } => {
                 for a in addrs.iter() {
                     tlb.hfence_gvma(Some(model::Gpa(a.as_u64())), Some(VMID));
                 }
             }
-            Invalidation::GvmaAll { .. } => tlb.hfence_gvma(None, Some(VMID)),
-            other => panic!("EPT invalidation for a G-stage table: {other:?}"),
+            GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(VMID)),
         }
     }
 }
@@ -93,11 +93,10 @@ impl TlbCpu for Ept4 {
         .map(|w| w.hpa.0)
         .map_err(|e| format!("{e:?}"))
     }
-    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &Invalidation<'_>) {
+    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &EptInvalidation) {
         match inv {
-            Invalidation::None => {}
-            Invalidation::InveptSingleContext { .. } => tlb.invept_single_context(eptp(root, hw_ad)),
-            other => panic!("G-stage invalidation for an EPT table: {other:?}"),
+            EptInvalidation::None => {}
+            EptInvalidation::SingleContext { .. } => tlb.invept_single_context(eptp(root, hw_ad)),
         }
     }
 }

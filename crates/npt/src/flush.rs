@@ -1,20 +1,14 @@
 //! Flush tokens: every change to a table names the invalidation it needs.
 
 use crate::addr::{GuestPhysAddr, HostPhysAddr};
-use crate::format::{Family, Format};
+use crate::format::Format;
 use core::fmt;
 use core::marker::PhantomData;
+use sealed::Scope;
 
 /// How many leaf addresses a token records before it widens to the whole context. Past this,
 /// one HFENCE.GVMA by VMID is cheaper than a fence per page.
 pub const FLUSH_ADDRESS_SLOTS: usize = 16;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Scope {
-    Nothing,
-    Leaves { n: u8, addrs: [GuestPhysAddr; FLUSH_ADDRESS_SLOTS] },
-    Context,
-}
 
 /// What must be invalidated after a change to a nested table, on every CPU that may have the
 /// table loaded, before the change can be relied on (and before retired table frames are reused).
@@ -28,30 +22,117 @@ pub struct Flush<F: Format> {
     _format: PhantomData<fn() -> F>,
 }
 
-/// The invalidation a [`Flush`] asks for, in hardware terms.
+/// Which kind of invalidation a family of formats uses (for code that must branch on it, such as
+/// the choice of a dirty-logging method).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Invalidation<'a> {
-    /// Nothing cached can be stale.
+pub enum FamilyKind {
+    /// Intel EPT: invalidated per EPTP with INVEPT; not-present entries are never cached.
+    Ept,
+    /// RISC-V G-stage: invalidated with HFENCE.GVMA by guest-physical address and VMID.
+    GStage,
+}
+
+mod sealed {
+    /// What a token covers (crate-private: reachable only through the sealed trait).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Scope {
+        Nothing,
+        Leaves { n: u8, addrs: [super::GuestPhysAddr; super::FLUSH_ADDRESS_SLOTS] },
+        Context,
+    }
+
+    pub trait Sealed {}
+    impl Sealed for super::EptFamily {}
+    impl Sealed for super::GStageFamily {}
+}
+
+/// A family of formats that share one invalidation instruction. Sealed: the engine knows how each
+/// family caches translations, so no other family can be added from outside.
+pub trait Family: sealed::Sealed + 'static {
+    /// What the family's kind is.
+    const KIND: FamilyKind;
+    /// The invalidation a token of this family asks for: only instructions of this family can be
+    /// named, so an EPT token can never be handed to HFENCE.GVMA, nor the reverse.
+    type Invalidation<'a>: Copy + fmt::Debug + PartialEq + Eq;
+    /// The invalidation that asks for nothing.
+    fn nothing<'a>() -> Self::Invalidation<'a>;
+    #[doc(hidden)]
+    fn invalidation(root: HostPhysAddr, scope: &Scope) -> Self::Invalidation<'_>;
+}
+
+/// Intel EPT ([`crate::Ept4`], [`crate::Ept5`]): invalidated with INVEPT.
+#[derive(Debug)]
+pub enum EptFamily {}
+
+/// RISC-V G-stage ([`crate::Sv39x4`], [`crate::Sv48x4`], [`crate::Sv57x4`]): invalidated with
+/// HFENCE.GVMA.
+#[derive(Debug)]
+pub enum GStageFamily {}
+
+/// The invalidation an EPT token asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EptInvalidation {
+    /// Nothing cached can be stale (only not-present entries became present).
     None,
     /// INVEPT type 1 (single-context) with the EPTP whose root is `root`
-    /// (Intel SDM Vol. 3C §29.4.3.1; INVEPT in Vol. 2A).
-    InveptSingleContext {
+    /// (Intel SDM Vol. 3C §29.4.3.1 "Operations that invalidate cached mappings"; INVEPT in
+    /// Vol. 2A). Where the CPU offers only all-context INVEPT, that one covers it too.
+    SingleContext {
         /// Root of the EPT whose EPTP is to be invalidated.
         root: HostPhysAddr,
     },
-    /// One HFENCE.GVMA per address, rs1 = gpa >> 2, rs2 = the VMID that `root` runs under
-    /// (RISC-V Privileged §9.3.2 "Hypervisor Memory-Management Fence Instructions").
-    GvmaAddresses {
+}
+
+/// The invalidation a G-stage token asks for (RISC-V Privileged spec, "Hypervisor
+/// Memory-Management Fence Instructions").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GvmaInvalidation<'a> {
+    /// Nothing changed.
+    None,
+    /// One HFENCE.GVMA per address, rs1 = gpa >> 2, rs2 = the VMID that `root` runs under.
+    Addresses {
         /// Root of the G-stage table.
         root: HostPhysAddr,
         /// Guest-physical addresses of the leaves that changed.
         addrs: &'a [GuestPhysAddr],
     },
     /// HFENCE.GVMA with rs1 = x0 and rs2 = the VMID: a non-leaf entry changed, or too many leaves.
-    GvmaAll {
+    All {
         /// Root of the G-stage table.
         root: HostPhysAddr,
     },
+}
+
+/// The invalidation type of format `F`'s family: [`EptInvalidation`] or [`GvmaInvalidation`].
+pub type InvalidationOf<'a, F> = <<F as Format>::Family as Family>::Invalidation<'a>;
+
+impl Family for EptFamily {
+    const KIND: FamilyKind = FamilyKind::Ept;
+    type Invalidation<'a> = EptInvalidation;
+    fn nothing<'a>() -> Self::Invalidation<'a> {
+        EptInvalidation::None
+    }
+    fn invalidation(root: HostPhysAddr, scope: &Scope) -> EptInvalidation {
+        match scope {
+            Scope::Nothing => EptInvalidation::None,
+            _ => EptInvalidation::SingleContext { root },
+        }
+    }
+}
+
+impl Family for GStageFamily {
+    const KIND: FamilyKind = FamilyKind::GStage;
+    type Invalidation<'a> = GvmaInvalidation<'a>;
+    fn nothing<'a>() -> GvmaInvalidation<'a> {
+        GvmaInvalidation::None
+    }
+    fn invalidation(root: HostPhysAddr, scope: &Scope) -> GvmaInvalidation<'_> {
+        match scope {
+            Scope::Nothing => GvmaInvalidation::None,
+            Scope::Leaves { n, addrs } => GvmaInvalidation::Addresses { root, addrs: &addrs[..*n as usize] },
+            Scope::Context => GvmaInvalidation::All { root },
+        }
+    }
 }
 
 impl<F: Format> Flush<F> {
@@ -62,15 +143,15 @@ impl<F: Format> Flush<F> {
     /// Records that the leaf at `gpa` changed; `was_present` says whether it could have been
     /// cached before the change.
     pub(crate) fn note_leaf(&mut self, gpa: GuestPhysAddr, was_present: bool) {
-        match F::FAMILY {
+        match <F::Family as Family>::KIND {
             // No EPT-derived translation or paging-structure-cache entry is made from a
             // not-present entry, so making one present needs no INVEPT (Intel SDM Vol. 3C
             // §29.4.2 and §29.4.3.4, as Vol. 3A §4.10.4.3 says for ordinary paging).
-            Family::Ept if !was_present => {}
-            Family::Ept => self.scope = Scope::Context,
+            FamilyKind::Ept if !was_present => {}
+            FamilyKind::Ept => self.scope = Scope::Context,
             // RISC-V may cache invalid entries: even a new mapping needs a fence (this is what the
             // Svvptc extension exists to relax; it is not assumed).
-            Family::GStage => match &mut self.scope {
+            FamilyKind::GStage => match &mut self.scope {
                 Scope::Context => {}
                 Scope::Nothing => {
                     let mut addrs = [GuestPhysAddr::ZERO; FLUSH_ADDRESS_SLOTS];
@@ -105,16 +186,10 @@ impl<F: Format> Flush<F> {
         self.scope == Scope::Nothing
     }
 
-    /// The invalidation to carry out.
-    pub fn invalidation(&self) -> Invalidation<'_> {
-        match (&self.scope, F::FAMILY) {
-            (Scope::Nothing, _) => Invalidation::None,
-            (_, Family::Ept) => Invalidation::InveptSingleContext { root: self.root },
-            (Scope::Leaves { n, addrs }, Family::GStage) => {
-                Invalidation::GvmaAddresses { root: self.root, addrs: &addrs[..*n as usize] }
-            }
-            (Scope::Context, Family::GStage) => Invalidation::GvmaAll { root: self.root },
-        }
+    /// The invalidation to carry out: an [`EptInvalidation`] for EPT formats, a
+    /// [`GvmaInvalidation`] for G-stage formats.
+    pub fn invalidation(&self) -> InvalidationOf<'_, F> {
+        F::Family::invalidation(self.root, &self.scope)
     }
 
     /// One token covering both changes. Both must come from the same table.

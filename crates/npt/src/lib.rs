@@ -6,8 +6,9 @@
 //!   allows, or a size asked for), unmaps, protects, queries, splits and collapses huge pages,
 //!   harvests accessed/dirty bits, and dumps itself as text.
 //! - [`Flush`]: every change returns one, `#[must_use]`, naming exactly the invalidation it
-//!   needs ([`Invalidation`]: INVEPT single-context on this EPTP; HFENCE.GVMA by guest-physical
-//!   address and VMID, or by VMID).
+//!   needs, typed by the format's family ([`EptInvalidation`]: INVEPT single-context on this
+//!   EPTP; [`GvmaInvalidation`]: HFENCE.GVMA by guest-physical address and VMID, or by VMID), so
+//!   an EPT change cannot be handed to a RISC-V fence or the reverse.
 //! - [`ept::EptPointer`] and [`riscv::Hgatp`]: the values that load a table into the hardware,
 //!   checked against the CPU's capabilities ([`ept::EptCapabilities`],
 //!   [`riscv::HgatpCapabilities`]).
@@ -41,8 +42,8 @@ pub mod testing;
 pub use addr::{AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
 pub use fault::NestedPageFaultInfo;
 pub use flags::{Access, MappingFlags};
-pub use flush::{Flush, Invalidation};
-pub use format::{Ept4, Ept5, Format, Sv39x4, Sv48x4, Sv57x4};
+pub use flush::{EptInvalidation, Flush, GvmaInvalidation, InvalidationOf};
+pub use format::{Ept4, Ept5, EptFamily, Family, FamilyKind, Format, GStageFamily, Sv39x4, Sv48x4, Sv57x4};
 pub use frame::{FrameAllocator, FRAME_SIZE};
 
 pub use table::{

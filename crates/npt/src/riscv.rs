@@ -21,7 +21,7 @@ pub enum HgatpMode {
 }
 
 /// Formats hgatp can point at.
-pub trait GStageFormat: Format {
+pub trait GStageFormat: Format<Family = crate::GStageFamily> {
     /// The hgatp mode selecting this format.
     const MODE: HgatpMode;
 }

@@ -32,7 +32,7 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
     assert_eq!(tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).unwrap().hpa, Hpa(FRAME));
 
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
-    assert_eq!(flush.invalidation(), Invalidation::InveptSingleContext { root: t.root() });
+    assert_eq!(flush.invalidation(), EptInvalidation::SingleContext { root: t.root() });
     // Dropped: the tables say "not present", the TLB still translates.
     flush.ignore();
     assert!(model::ept::walk(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
@@ -49,7 +49,7 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     let our_root = t.root();
     t.flush(flush, |inv| match inv {
-        Invalidation::InveptSingleContext { root } => {
+        EptInvalidation::SingleContext { root } => {
             // The token names the table by its root: the EPTP to invalidate is this one.
             assert_eq!(*root, our_root);
             tlb.invept_single_context(eptp)
@@ -80,7 +80,7 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
     assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_ok());
 
     let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::READ).unwrap();
-    let Invalidation::GvmaAddresses { addrs, .. } = flush.invalidation() else {
+    let GvmaInvalidation::Addresses { addrs, .. } = flush.invalidation() else {
         panic!("a leaf change is fenced by address")
     };
     assert_eq!(addrs, &[GuestPhysAddr::new(PAGE)]);
@@ -93,7 +93,7 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
 
     let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX).unwrap();
     t.flush(flush, |inv| {
-        if let Invalidation::GvmaAddresses { addrs, .. } = inv {
+        if let GvmaInvalidation::Addresses { addrs, .. } = inv {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
     });
@@ -121,10 +121,10 @@ fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
     let flush =
         t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::READ, MapSize::Largest).unwrap();
     t.flush(flush, |inv| match inv {
-        Invalidation::GvmaAddresses { addrs, .. } => {
+        GvmaInvalidation::Addresses { addrs, .. } => {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)))
         }
-        Invalidation::GvmaAll { .. } => tlb.hfence_gvma(None, Some(3)),
+        GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(3)),
         other => panic!("{other:?}"),
     });
     assert_eq!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r).unwrap().hpa, Hpa(FRAME + 8));
@@ -142,7 +142,7 @@ fn freed_tables_wait_for_the_flush() {
     let with_tables = ram.frames_in_use();
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     assert_eq!(ram.frames_in_use(), with_tables, "retired, not freed");
-    assert_eq!(flush.invalidation(), Invalidation::GvmaAll { root: t.root() });
+    assert_eq!(flush.invalidation(), GvmaInvalidation::All { root: t.root() });
     t.flush(flush, |_| {});
     assert_eq!(ram.frames_in_use(), 4);
 }

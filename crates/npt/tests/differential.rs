@@ -75,7 +75,7 @@ trait Hw {
     fn walk(&mut self, ram: &HostRam, gpa: u64, access: Access) -> Result<u64, Option<u8>>;
     /// The same through the TLB model.
     fn tlb(&mut self, ram: &HostRam, gpa: u64, access: Access) -> Result<u64, Option<u8>>;
-    fn invalidate(&mut self, inv: &Invalidation<'_>);
+    fn invalidate(&mut self, inv: &InvalidationOf<'_, Self::F>);
 }
 
 fn model_access(a: Access) -> model::Access {
@@ -138,11 +138,10 @@ macro_rules! ept_hw {
                     model::ept::GuestLinear::NONE,
                 ))
             }
-            fn invalidate(&mut self, inv: &Invalidation<'_>) {
+            fn invalidate(&mut self, inv: &EptInvalidation) {
                 match inv {
-                    Invalidation::None => {}
-                    Invalidation::InveptSingleContext { .. } => self.0.tlb.invept_single_context(self.0.eptp),
-                    other => panic!("EPT asked for {other:?}"),
+                    EptInvalidation::None => {}
+                    EptInvalidation::SingleContext { .. } => self.0.tlb.invept_single_context(self.0.eptp),
                 }
             }
         }
@@ -185,16 +184,15 @@ impl<F: GStageFormat> Hw for GHw<F> {
     fn tlb(&mut self, ram: &HostRam, gpa: u64, a: Access) -> Result<u64, Option<u8>> {
         g_result(self.tlb.translate(&mut Ram(ram), self.hgatp, &self.cfg, Gpa(gpa), model_access(a)))
     }
-    fn invalidate(&mut self, inv: &Invalidation<'_>) {
+    fn invalidate(&mut self, inv: &GvmaInvalidation<'_>) {
         match inv {
-            Invalidation::None => {}
-            Invalidation::GvmaAddresses { addrs, .. } => {
+            GvmaInvalidation::None => {}
+            GvmaInvalidation::Addresses { addrs, .. } => {
                 for a in *addrs {
                     self.tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(VMID));
                 }
             }
-            Invalidation::GvmaAll { .. } => self.tlb.hfence_gvma(None, Some(VMID)),
-            other => panic!("G-stage asked for {other:?}"),
+            GvmaInvalidation::All { .. } => self.tlb.hfence_gvma(None, Some(VMID)),
         }
     }
 }
@@ -293,7 +291,7 @@ fn run<H: Hw>(seed: u64, steps: usize) {
                 match t.map(g, HostPhysAddr::new(hpa), len, flags, size) {
                     Ok(f) => {
                         assert_eq!(shadow.first_mapped(start, end), None, "{ctx}: mapped over a mapping");
-                        if <H::F as Format>::FAMILY == format::Family::Ept {
+                        if <<H::F as Format>::Family as Family>::KIND == FamilyKind::Ept {
                             assert!(f.is_empty(), "{ctx}: EPT asked for INVEPT after only adding mappings");
                         }
                         shadow.insert(start, end, hpa, flags);

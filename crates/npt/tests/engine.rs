@@ -280,18 +280,18 @@ fn ept_new_mappings_need_no_invept_but_changes_do() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
     let f = t.map(gpa(0), hpa(TARGET), 3 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::None);
+    assert_eq!(f.invalidation(), EptInvalidation::None);
     f.ignore();
     let root = t.root();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::InveptSingleContext { root });
+    assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root });
     t.flush(f, |_| {});
     // Protecting to the same rights changes nothing and asks for nothing.
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::None);
+    assert_eq!(f.invalidation(), EptInvalidation::None);
     f.ignore();
     let f = t.unmap(gpa(0), K4).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::InveptSingleContext { root });
+    assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root });
     f.ignore();
 }
 
@@ -301,23 +301,23 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
     let root = t.root();
     let f = t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root, addrs: &[gpa(0), gpa(K4)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(0), gpa(K4)] });
     f.ignore();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root, addrs: &[gpa(K4)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
     f.ignore();
     // Unmapping the last leaves frees the tables: a non-leaf change, flushed for the whole VMID.
     let frames = ram.frames_in_use();
     let f = t.unmap(gpa(0), 2 * K4).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAll { root });
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
     assert_eq!(ram.frames_in_use(), frames, "retired tables wait for the flush");
     let mut ran = false;
-    t.flush(f, |inv| ran = matches!(inv, Invalidation::GvmaAll { .. }));
+    t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. }));
     assert!(ran);
     assert_eq!(ram.frames_in_use(), 4, "only the 16 KiB root is left");
     // Many leaves widen to the VMID.
     let f = t.map(gpa(0), hpa(TARGET), 64 * K4, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAll { root });
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
     f.ignore();
 }
 
@@ -344,7 +344,7 @@ fn remap_swaps_the_frame_in_place() {
     ram.fail_after(0);
     let f = t.remap(gpa(K4), hpa(TARGET + 8 * K4), MappingFlags::RW).unwrap();
     ram.heal();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(K4)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(K4)] });
     f.ignore();
     assert_eq!(ram.frames_in_use(), frames);
     assert_eq!(t.translate(gpa(K4 + 5)), Some((hpa(TARGET + 8 * K4 + 5), MappingFlags::RW)));
@@ -430,7 +430,7 @@ fn try_clone_protected_copies_and_write_protects_in_one_pass() {
     assert!(seen.iter().all(|&(_, f)| f == MappingFlags::RX));
     assert_eq!(
         flush.invalidation(),
-        Invalidation::GvmaAddresses { root: t.root(), addrs: &seen.iter().map(|s| s.0).collect::<Vec<_>>() }
+        GvmaInvalidation::Addresses { root: t.root(), addrs: &seen.iter().map(|s| s.0).collect::<Vec<_>>() }
     );
     flush.ignore();
     for table in [&t, &c] {

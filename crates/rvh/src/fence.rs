@@ -1,7 +1,6 @@
 //! Carrying out the engine's invalidations as HFENCE.GVMA, scoped by guest-physical address and VMID.
 
-use core::fmt;
-use twostage_npt::{GuestPhysAddr, Invalidation};
+use twostage_npt::{GuestPhysAddr, GvmaInvalidation};
 
 /// One G-stage fence (Privileged 1.12 §8.3.2: HFENCE.GVMA rs1 = guest-physical address >> 2,
 /// rs2 = VMID; rs1 = x0 orders every address of that VMID).
@@ -31,29 +30,19 @@ impl GvmaFence {
     }
 }
 
-/// An invalidation that cannot be carried out on a RISC-V hart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NotGStage;
-
-impl fmt::Display for NotGStage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an EPT invalidation was handed to the RISC-V fence code")
-    }
-}
-
 /// Calls `fence` for every HFENCE.GVMA that `inv` asks for, for a table running under `vmid`.
-pub fn plan_gvma(inv: &Invalidation<'_>, vmid: u16, mut fence: impl FnMut(GvmaFence)) -> Result<usize, NotGStage> {
+/// Returns how many fences that was.
+pub fn plan_gvma(inv: &GvmaInvalidation<'_>, vmid: u16, mut fence: impl FnMut(GvmaFence)) -> usize {
     match inv {
-        Invalidation::None => Ok(0),
-        Invalidation::GvmaAddresses { addrs, .. } => {
+        GvmaInvalidation::None => 0,
+        GvmaInvalidation::Addresses { addrs, .. } => {
             addrs.iter().for_each(|&gpa| fence(GvmaFence::Address { gpa, vmid }));
-            Ok(addrs.len())
+            addrs.len()
         }
-        Invalidation::GvmaAll { .. } => {
+        GvmaInvalidation::All { .. } => {
             fence(GvmaFence::Vmid { vmid });
-            Ok(1)
+            1
         }
-        Invalidation::InveptSingleContext { .. } => Err(NotGStage),
     }
 }
 
@@ -68,14 +57,13 @@ mod tests {
         let root = HostPhysAddr::new(0x8040_0000);
         let addrs = [GuestPhysAddr::new(0x8000_1000), GuestPhysAddr::new(0x8020_0000)];
         let mut out = Vec::new();
-        let n = plan_gvma(&Invalidation::GvmaAddresses { root, addrs: &addrs }, 3, |f| out.push(f)).unwrap();
+        let n = plan_gvma(&GvmaInvalidation::Addresses { root, addrs: &addrs }, 3, |f| out.push(f));
         assert_eq!(n, 2);
         assert_eq!(out[0], GvmaFence::Address { gpa: addrs[0], vmid: 3 });
         assert_eq!(out[0].rs1(), 0x8000_1000 >> 2);
         out.clear();
-        plan_gvma(&Invalidation::GvmaAll { root }, 3, |f| out.push(f)).unwrap();
+        plan_gvma(&GvmaInvalidation::All { root }, 3, |f| out.push(f));
         assert_eq!(out, [GvmaFence::Vmid { vmid: 3 }]);
-        assert_eq!(plan_gvma(&Invalidation::None, 3, |_| panic!("no fence for None")), Ok(0));
-        assert_eq!(plan_gvma(&Invalidation::InveptSingleContext { root }, 3, |_| {}), Err(NotGStage));
+        assert_eq!(plan_gvma(&GvmaInvalidation::None, 3, |_| panic!("no fence for None")), 0);
     }
 }

@@ -4,7 +4,7 @@
 //! [`twostage_npt::NestedPageFaultInfo`]), [`access::GuestAccessError`] (a recovered fault in an
 //! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
 //! [`gpa::GuestPhys`] (guest-physical copies by software translation through the nested table),
-//! [`fence::GvmaFence`] (the engine's `Invalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
+//! [`fence::GvmaFence`] (the engine's `GvmaInvalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
 //! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
 //! [`fdt::FdtWriter`], [`frames::BitmapFrames`] and [`heap::SizeClassHeap`].
 //!

@@ -9,7 +9,7 @@ use crate::vmcs::VmcsField as F;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use twostage_npt::testing::HostRam;
-use twostage_npt::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, Invalidation, MappingFlags};
+use twostage_npt::{EptInvalidation, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
 
 /// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (PLATFORMS.md).
 const SKYLAKE_EPT_CAP: u64 = 0xf0106334141;
@@ -359,11 +359,10 @@ fn invalidation_uses_single_context_or_falls_back_to_all_context() {
         let root = HostPhysAddr::new(0x5000);
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
         vcpu.setup(root, long_mode()).unwrap();
-        assert_eq!(vcpu.invalidate(&Invalidation::None), Ok(None));
-        assert_eq!(vcpu.invalidate(&Invalidation::InveptSingleContext { root }), Ok(Some(kind)));
+        assert_eq!(vcpu.invalidate(&EptInvalidation::None), Ok(None));
+        assert_eq!(vcpu.invalidate(&EptInvalidation::SingleContext { root }), Ok(Some(kind)));
         // Another table's token does not touch this vCPU's EPTP.
-        assert_eq!(vcpu.invalidate(&Invalidation::InveptSingleContext { root: HostPhysAddr::new(0x9000) }), Ok(None));
-        assert_eq!(vcpu.invalidate(&Invalidation::GvmaAll { root }), Err(InvalidateError::WrongArchitecture));
+        assert_eq!(vcpu.invalidate(&EptInvalidation::SingleContext { root: HostPhysAddr::new(0x9000) }), Ok(None));
         let eptp = vcpu.ept_pointer().unwrap().bits();
         drop(vcpu);
         assert_eq!(cpu.invept.borrow().as_slice(), &[(kind, eptp), (kind, eptp)]);

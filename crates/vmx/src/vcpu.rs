@@ -14,7 +14,7 @@ use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
 use twostage_npt::ept::{EptCapabilities, EptPointer, EptPointerError};
-use twostage_npt::{FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, Invalidation, NestedPageFaultInfo};
+use twostage_npt::{EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo};
 
 /// What the hypervisor wants from the vCPU, before the CPU's capabilities are applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,8 +108,6 @@ pub enum SetupError {
 pub enum InvalidateError {
     /// The CPU offers neither single- nor all-context INVEPT.
     NoInvept,
-    /// The invalidation is for a RISC-V table.
-    WrongArchitecture,
     /// INVEPT failed.
     Instruction(VmxInstructionFailure),
 }
@@ -505,18 +503,15 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
 
     /// Carries out an engine invalidation. Returns the INVEPT type used, or `None` when nothing
     /// was needed (or the table is not the one this vCPU has loaded).
-    pub fn invalidate(&mut self, inv: &Invalidation<'_>) -> Result<Option<InveptKind>, InvalidateError> {
+    pub fn invalidate(&mut self, inv: &EptInvalidation) -> Result<Option<InveptKind>, InvalidateError> {
         match *inv {
-            Invalidation::None => Ok(None),
-            Invalidation::InveptSingleContext { root } => {
+            EptInvalidation::None => Ok(None),
+            EptInvalidation::SingleContext { root } => {
                 if self.eptp.is_some_and(|p| p.root() == root) {
                     self.invept_current().map(Some)
                 } else {
                     Ok(None)
                 }
-            }
-            Invalidation::GvmaAddresses { .. } | Invalidation::GvmaAll { .. } => {
-                Err(InvalidateError::WrongArchitecture)
             }
         }
     }

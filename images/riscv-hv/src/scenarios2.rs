@@ -356,7 +356,7 @@ fn run_space(
                 let f = decode_guest_page_fault(&c).map_err(|e| format!("{e}"))?;
                 match space.handle_fault(f.info) {
                     twostage_aspace::FaultOutcome::Resolved { flush } => space.flush(flush, |inv| {
-                        let _ = twostage_rvh::fence::plan_gvma(inv, vmid, hw::hfence_gvma);
+                        twostage_rvh::fence::plan_gvma(inv, vmid, hw::hfence_gvma);
                     }),
                     other => return Err(format!("fault {:?}: {other:?}", f.info)),
                 }
@@ -391,7 +391,7 @@ pub fn cow_fork() -> Verdict {
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[y, 0x5555])?;
         let (mut child, f) = parent.fork().map_err(|e| format!("fork: {:?}", e.error))?;
         parent.flush(f, |inv| {
-            let _ = twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
+            twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
         });
         let hc =
             Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;

@@ -44,10 +44,10 @@ pub(crate) fn s_misconfig(hv: &mut Hv, _c: &Ctx) -> Res {
     let good = e.load(Ordering::SeqCst);
     // Write without read is a misconfiguration (Intel SDM Vol. 3C 29.3.3.1).
     e.store((good & !0b111) | 0b010, Ordering::SeqCst);
-    let _ = hv.vcpu.invalidate(&twostage_npt::Invalidation::InveptSingleContext { root: hv.ept.root() });
+    let _ = hv.vcpu.invalidate(&twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
     let r = hv.op_plain(Op::Read(MISCONFIG + 0x18));
     e.store(good, Ordering::SeqCst);
-    let _ = hv.vcpu.invalidate(&twostage_npt::Invalidation::InveptSingleContext { root: hv.ept.root() });
+    let _ = hv.vcpu.invalidate(&twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
     let Err(RunError::Unhandled(VmExit::EptMisconfig { gpa })) = r else {
         return Err(alloc::format!("expected an EPT misconfiguration exit, got {r:?}"));
     };

@@ -1,6 +1,6 @@
 //! Intel EPT entries, 4- and 5-level (Intel SDM Vol. 3C §29.3.2, Tables 29-1 to 29-7).
 
-use super::{Family, Format, LeafBits, Pte};
+use super::{EptFamily, Format, LeafBits, Pte};
 use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 
@@ -97,7 +97,7 @@ macro_rules! ept_format {
     ($ty:ty, $name:literal, $levels:literal, $bits:literal) => {
         impl Format for $ty {
             const NAME: &'static str = $name;
-            const FAMILY: Family = Family::Ept;
+            type Family = EptFamily;
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
             const ROOT_FRAMES: usize = 1;

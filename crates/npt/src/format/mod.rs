@@ -10,14 +10,7 @@ use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 use crate::table::{AdMode, TableOptions};
 
-/// Which family a format belongs to; it decides how a change is invalidated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// Intel EPT: invalidated per EPTP with INVEPT; not-present entries are never cached.
-    Ept,
-    /// RISC-V G-stage: invalidated with HFENCE.GVMA by guest-physical address and VMID.
-    GStage,
-}
+pub use crate::flush::{EptFamily, Family, FamilyKind, GStageFamily};
 
 /// One decoded table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +52,10 @@ pub enum FlagsError {
 pub trait Format: Sized + 'static {
     /// Human-readable name, e.g. "EPT 4-level".
     const NAME: &'static str;
-    /// How invalidation works for this format.
-    const FAMILY: Family;
+    /// How invalidation works for this format: [`EptFamily`] (INVEPT) or [`GStageFamily`]
+    /// (HFENCE.GVMA). Its [`Family::Invalidation`] is the only invalidation a token of this
+    /// format can ask for.
+    type Family: Family;
     /// Number of levels; the root is level `LEVELS - 1`, 4 KiB leaves are level 0.
     const LEVELS: usize;
     /// Width of the guest-physical address space the format translates.

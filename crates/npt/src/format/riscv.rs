@@ -2,7 +2,7 @@
 //! extension, "Two-Stage Address Translation" §9.5 in v1.12 / §18.5 in v20240411; PTE format
 //! of Sv39 §4.4.1, Sv48 §4.5, Sv57 §4.6).
 
-use super::{Family, Format, LeafBits, Pte};
+use super::{Format, GStageFamily, LeafBits, Pte};
 use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 
@@ -87,7 +87,7 @@ macro_rules! gstage_format {
     ($ty:ty, $name:literal, $levels:literal, $bits:literal, $leaves:literal) => {
         impl Format for $ty {
             const NAME: &'static str = $name;
-            const FAMILY: Family = Family::GStage;
+            type Family = GStageFamily;
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
             // The x4 root is 16 KiB and 16 KiB-aligned: its index is 2 bits wider (§9.5.1).

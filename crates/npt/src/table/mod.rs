@@ -10,7 +10,7 @@ pub use range::AdClear;
 
 use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
 use crate::flags::MappingFlags;
-use crate::flush::{Flush, Invalidation};
+use crate::flush::{Flush, InvalidationOf};
 use crate::format::{level_size, Format, LeafBits, Pte};
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use alloc::vec::Vec;
@@ -632,7 +632,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
     /// that may have this table loaded), then frees the table frames that changes retired.
-    pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&Invalidation<'_>)) {
+    pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
         assert_eq!(flush.root(), self.root, "flush token of another table");
         invalidate(&flush.invalidation());
         self.free_retired();
