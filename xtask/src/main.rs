@@ -31,6 +31,8 @@ pub struct SuiteResult {
     pub passed: u32,
     /// Scenarios that printed `not ok` (or a suite that never finished counts one).
     pub failed: u32,
+    /// Scenarios skipped because the emulated machine lacks what they need.
+    pub skipped: u32,
 }
 
 struct Args {
@@ -115,13 +117,14 @@ fn test(args: &Args) -> Result<i32, String> {
                 suites.push((name, r));
             }
         }
-        let (mut passed, mut failed) = (0, 0);
+        let (mut passed, mut failed, mut skipped) = (0, 0, 0);
         for (name, r) in suites {
             match r {
                 Ok(s) => {
-                    println!("== suite {name}: {} passed, {} failed", s.passed, s.failed);
+                    println!("== suite {name}: {} passed, {} failed, {} skipped", s.passed, s.failed, s.skipped);
                     passed += s.passed;
                     failed += s.failed;
+                    skipped += s.skipped;
                     if s.failed > 0 || s.passed == 0 {
                         failures.push(format!("suite {name}"));
                     }
@@ -133,7 +136,7 @@ fn test(args: &Args) -> Result<i32, String> {
                 }
             }
         }
-        println!("scenarios: {passed} passed, {failed} failed");
+        println!("scenarios: {passed} passed, {failed} failed, {skipped} skipped");
     }
     if failures.is_empty() {
         Ok(0)

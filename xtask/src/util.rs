@@ -84,13 +84,31 @@ pub fn ensure_file(file: &str, packages: &[&str]) -> Result<(), String> {
     ensure_installed(file, || Path::new(file).exists(), packages)
 }
 
-/// Parses the last `N passed, M failed` line of a suite's console output.
+/// Parses the last `N passed, M failed` line of a suite's console output (the harness adds
+/// `, K skipped`).
 pub fn parse_tally(output: &str) -> Option<crate::SuiteResult> {
     output.lines().rev().find_map(|line| {
         let line = line.trim();
         let (p, rest) = line.split_once(" passed, ")?;
-        let f = rest.strip_suffix(" failed")?;
+        let (f, skipped) = match rest.split_once(" failed, ") {
+            Some((f, s)) => (f, s.strip_suffix(" skipped")?.parse().ok()?),
+            None => (rest.strip_suffix(" failed")?, 0),
+        };
         let p = p.rsplit(' ').next()?;
-        Some(crate::SuiteResult { passed: p.parse().ok()?, failed: f.parse().ok()? })
+        Some(crate::SuiteResult { passed: p.parse().ok()?, failed: f.parse().ok()?, skipped })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tally;
+
+    #[test]
+    fn tally_lines_with_and_without_skips() {
+        let t = parse_tally("ok 1 - a\n3 passed, 1 failed\n").unwrap();
+        assert_eq!((t.passed, t.failed, t.skipped), (3, 1, 0));
+        let t = parse_tally("TAP version 13\n1..9\n7 passed, 0 failed, 2 skipped\ntwostage-exit: 0\n").unwrap();
+        assert_eq!((t.passed, t.failed, t.skipped), (7, 0, 2));
+        assert!(parse_tally("no tally here").is_none());
+    }
 }

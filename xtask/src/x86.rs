@@ -265,7 +265,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
         "{} 1 - x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})",
         if ok { "ok" } else { "not ok" }
     );
-    Ok(crate::SuiteResult { passed: ok as u32, failed: (!ok) as u32 })
+    Ok(crate::SuiteResult { passed: ok as u32, failed: (!ok) as u32, skipped: 0 })
 }
 
 /// The x86 scenario suites under Bochs, one per CPU model, then the x86-hello guest run.
