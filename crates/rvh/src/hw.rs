@@ -245,25 +245,26 @@ pub fn probe_hstatus() -> Result<u64, HwFault> {
     guarded!("csrr {v}, hstatus", v, v = out(reg) v, options(nostack))
 }
 
-/// hgatp as [`crate::probe::HgatpRegister`].
+/// hgatp and HFENCE.GVMA as [`crate::probe::HgatpAccess`].
 pub struct CsrHgatp;
 
-impl crate::probe::HgatpRegister for CsrHgatp {
-    fn write_read(&mut self, value: u64) -> u64 {
-        // SAFETY: probing happens before any guest runs; [`probe`] restores hgatp and fences.
-        unsafe { hgatp::write(value) };
+impl crate::probe::HgatpAccess for CsrHgatp {
+    fn read(&mut self) -> u64 {
         hgatp::read()
+    }
+    fn write(&mut self, value: u64) {
+        // SAFETY: probing happens before any guest runs (V=0, so hgatp translates nothing the
+        // hypervisor does itself); [`crate::probe::probe_hgatp`] restores hgatp and fences.
+        unsafe { hgatp::write(value) }
+    }
+    fn fence_all(&mut self) {
+        hfence_gvma_all();
     }
 }
 
-/// Probes hgatp (modes, VMIDLEN), then restores it and fences every VMID.
+/// Probes hgatp (modes, VMIDLEN) with [`crate::probe::probe_hgatp`], which restores it and fences.
 pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
-    let saved = hgatp::read();
-    let caps = crate::probe::probe_hgatp(&mut CsrHgatp);
-    // SAFETY: restores the value read above.
-    unsafe { hgatp::write(saved) };
-    hfence_gvma_all();
-    caps
+    crate::probe::probe_hgatp(&mut CsrHgatp)
 }
 
 /// The seed design's guest-physical read: vsatp = 0 and HFENCE.VVMA so that guest virtual =
