@@ -46,7 +46,8 @@ pub enum GuestFaultKind {
 pub struct GuestAccessError {
     /// The guest virtual address of the access that faulted.
     pub gva: GuestVirtAddr,
-    /// The guest-physical address, when the fault reported one (guest-page faults).
+    /// The guest-physical address, when the fault reported one (guest-page faults with a
+    /// non-zero htval).
     pub gpa: Option<GuestPhysAddr>,
     /// What the hypervisor was doing.
     pub access: Access,
@@ -68,8 +69,10 @@ impl GuestAccessError {
             cause::LOAD_MISALIGNED | cause::STORE_MISALIGNED => GuestFaultKind::Misaligned,
             other => GuestFaultKind::Other(other),
         };
-        // htval = GPA >> 2 for guest-page faults (Privileged 1.12 §8.2.8); stval keeps the low bits.
-        let gpa = (kind == GuestFaultKind::GuestPage)
+        // htval = GPA >> 2 for guest-page faults, or 0 when the hart does not report it
+        // (Privileged spec, "Hypervisor Trap Value Register (htval)"); stval keeps the low bits.
+        // 0 is "not reported", never GPA 0.
+        let gpa = (kind == GuestFaultKind::GuestPage && f.htval != 0)
             .then(|| GuestPhysAddr::try_new((f.htval << 2) | (f.stval & 3)).ok())
             .flatten();
         Self { gva, gpa, access, kind, done, scause: f.scause }
@@ -307,5 +310,15 @@ pub(crate) mod tests {
             fetch_guest_instruction(&mut g, GuestVirtAddr::new(3)).unwrap_err().kind,
             GuestFaultKind::Misaligned
         );
+    }
+
+    #[test]
+    fn htval_zero_leaves_the_gpa_unknown() {
+        let f = HwFault { scause: cause::LOAD_GUEST_PAGE, stval: 0x4000_1003, htval: 0 };
+        let e = GuestAccessError::from_fault(f, GuestVirtAddr::new(0x4000_1003), Access::Read, 0);
+        assert_eq!((e.kind, e.gpa), (GuestFaultKind::GuestPage, None));
+        let f = HwFault { htval: 0x8000_1000 >> 2, ..f };
+        let e = GuestAccessError::from_fault(f, GuestVirtAddr::new(0x4000_1003), Access::Read, 0);
+        assert_eq!(e.gpa, Some(GuestPhysAddr::new(0x8000_1003)));
     }
 }

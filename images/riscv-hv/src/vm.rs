@@ -11,7 +11,7 @@ use twostage_npt::{
     PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::csr::{cause, irq};
-use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, TrapCsrs};
+use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
 use twostage_rvh::frames::BitmapFrames;
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
@@ -380,7 +380,15 @@ impl Vm {
                         htinst: t.htinst,
                         gva_valid: t.hstatus & twostage_rvh::csr::hstatus::GVA != 0,
                     };
-                    let Ok(f) = decode_guest_page_fault(&csrs) else { return Exit::Exception(t) };
+                    let f = match decode_guest_page_fault(&csrs) {
+                        Ok(f) => f,
+                        // htval 0: find the GPA in the guest's own tables, never take it as 0.
+                        Err(FaultDecodeError::GpaNotReported(u)) => match self.find_unreported_gpa(&u) {
+                            Some(f) => f,
+                            None => return Exit::Exception(t),
+                        },
+                        Err(_) => return Exit::Exception(t),
+                    };
                     if let Some(exit) = self.resolve(f, t) {
                         return exit;
                     }
@@ -389,6 +397,21 @@ impl Vm {
             }
         }
         Exit::Budget
+    }
+
+    /// The guest-page fault the hart reported without a GPA (htval = 0), completed by walking the
+    /// guest's VS-stage tables (vsatp, vsstatus) in software from the GVA in stval: the GPA the
+    /// GVA translates to for an explicit access, the address of the PTE the walk cannot read for
+    /// an implicit one. `None` when the walk does not agree with the trap (the guest changed its
+    /// tables meanwhile, or stval holds no GVA): the caller hands the exit back.
+    fn find_unreported_gpa(&self, u: &UnreportedGpa) -> Option<GuestPageFault> {
+        use twostage_aspace::{translate_gva, GuestPaging, GuestVaError};
+        let paging = GuestPaging::riscv(hw::vsatp::read(), hw::vsstatus::read()).ok()?;
+        match translate_gva(&mut TableReader(self.table()), &paging, u.gva?, u.original) {
+            Ok(t) if !u.is_implicit() => Some(u.with_gpa(t.gpa)),
+            Err(GuestVaError::TableAccess { entry, .. }) if u.is_implicit() => Some(u.with_gpa(entry)),
+            _ => None,
+        }
     }
 
     /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
@@ -513,6 +536,58 @@ impl Vm {
                 st.frames_allocated, st.cow_copies, st.cow_reuses, st.faults_resolved
             );
             print!("{space}");
+        }
+    }
+}
+
+/// Read-only guest-physical memory through a nested table, for software walks of the guest's
+/// tables: a GPA the table does not map (or maps without read) is an error naming it.
+struct TableReader<'a>(&'a Table);
+
+impl twostage_aspace::GuestMemory for TableReader<'_> {
+    fn read_as(
+        &mut self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        access: twostage_npt::Access,
+    ) -> Result<(), twostage_aspace::GuestMemError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = gpa
+                .checked_add(done as u64)
+                .ok_or(twostage_aspace::GuestMemError::Overflow { gpa, len: buf.len() as u64 })?;
+            let (hpa, flags) =
+                self.0.translate(at).ok_or(twostage_aspace::GuestMemError::Unmapped { gpa: at, access })?;
+            if !flags.contains(MappingFlags::READ) {
+                return Err(twostage_aspace::GuestMemError::Forbidden { gpa: at, access, rights: flags });
+            }
+            let n = (4096 - at.offset_in(4096) as usize).min(buf.len() - done);
+            // SAFETY: the table maps `at` to a frame from `frames()` (identity-mapped RAM), and
+            // `n` bytes stay within that 4 KiB frame.
+            unsafe { core::ptr::copy_nonoverlapping(frames().phys_to_virt(hpa).as_ptr(), buf[done..].as_mut_ptr(), n) };
+            done += n;
+        }
+        Ok(())
+    }
+    fn write(&mut self, gpa: GuestPhysAddr, _: &[u8]) -> Result<(), twostage_aspace::GuestMemError> {
+        Err(TableReader::refused(gpa))
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        _: u64,
+        _: u64,
+    ) -> Result<Result<u64, u64>, twostage_aspace::GuestMemError> {
+        Err(TableReader::refused(gpa))
+    }
+}
+
+impl TableReader<'_> {
+    fn refused(gpa: GuestPhysAddr) -> twostage_aspace::GuestMemError {
+        twostage_aspace::GuestMemError::Forbidden {
+            gpa,
+            access: twostage_npt::Access::Write,
+            rights: MappingFlags::READ,
         }
     }
 }
