@@ -1,6 +1,9 @@
-//! Probing what the hart offers: the H extension, hgatp modes and VMIDLEN, by write and read-back.
+//! Probing what the hart offers: the H extension, hgatp modes and VMIDLEN, G-stage A/D updating.
 
+use crate::csr::cause;
 use crate::csr::hgatp::{MODE_SHIFT, VMID_MASK, VMID_SHIFT};
+use crate::extable::HwFault;
+use core::fmt;
 use twostage_npt::riscv::{HgatpCapabilities, HgatpMode};
 
 /// The hgatp CSR and the fence a probe needs, as a trait so that host tests can fake the hart.
@@ -63,6 +66,61 @@ pub fn isa_has_h(isa: &str) -> bool {
     // "rv64imafdch_zicsr_..." : single-letter extensions come before the first '_'.
     let base = isa.split('_').next().unwrap_or("");
     base.len() > 4 && base.starts_with("rv") && base[4..].contains('h')
+}
+
+/// How the hart treats the A and D bits of G-stage leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GStageAd {
+    /// The hart sets A on an access, and D on a store, itself (Svadu with menvcfg.ADUE = 1;
+    /// QEMU 7.2 always does): tables may start with A = D = 0 ([`twostage_npt::AdMode::Hardware`]).
+    Hardware,
+    /// An access through a leaf with A = 0, or a store through one with D = 0, is a guest-page
+    /// fault (Svade behaviour; Privileged spec, "Svade" and "Svadu" extension chapters): tables
+    /// must preset them ([`twostage_npt::AdMode::Preset`]) or the fault handler must set them
+    /// ([`twostage_npt::AdMode::Software`]).
+    Faults,
+}
+
+/// The A/D probe ended in a way neither behaviour explains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdProbeError {
+    /// The load completed but A stayed clear.
+    NeitherSetNorFaulted,
+    /// The load took a fault other than a load guest-page fault.
+    UnexpectedFault(HwFault),
+}
+
+impl fmt::Display for AdProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NeitherSetNorFaulted => f.write_str("the load through an A=0 leaf neither set A nor faulted"),
+            Self::UnexpectedFault(h) => {
+                write!(f, "the load through an A=0 leaf took scause {} ({})", h.scause, cause::name(h.scause))
+            }
+        }
+    }
+}
+
+impl core::error::Error for AdProbeError {}
+
+/// Reads the A/D probe: an HLV load through a G-stage leaf that allows it but has A = 0 either
+/// completed with A now set ([`GStageAd::Hardware`]) or took a load guest-page fault (scause 21)
+/// with A still clear ([`GStageAd::Faults`]).
+pub fn classify_ad_probe(load: Result<(), HwFault>, accessed_after: bool) -> Result<GStageAd, AdProbeError> {
+    match load {
+        Ok(()) if accessed_after => Ok(GStageAd::Hardware),
+        Ok(()) => Err(AdProbeError::NeitherSetNorFaulted),
+        Err(f) if f.scause == cause::LOAD_GUEST_PAGE && !accessed_after => Ok(GStageAd::Faults),
+        Err(f) => Err(AdProbeError::UnexpectedFault(f)),
+    }
+}
+
+/// Whether a device tree's ISA description names extension `ext` (lower case, e.g. "svadu"):
+/// `value` is a `riscv,isa` string ("rv64imafdch_zicsr_svadu", multi-letter extensions after
+/// underscores) or a `riscv,isa-extensions` string list ("i\0m\0...\0svadu\0"). Only a hint: QEMU
+/// 7.2 updates A/D bits without listing Svadu, so the image decides by [`classify_ad_probe`].
+pub fn isa_lists(value: &[u8], ext: &str) -> bool {
+    value.split(|&b| b == 0 || b == b'_').any(|name| name.eq_ignore_ascii_case(ext.as_bytes()))
 }
 
 #[cfg(test)]
@@ -175,5 +233,25 @@ mod tests {
         assert!(!isa_has_h("rv64imafdc_zihintpause"));
         assert!(!isa_has_h("rv64imafdc_h"), "h after '_' is not the H extension letter");
         assert!(!isa_has_h(""));
+    }
+
+    #[test]
+    fn ad_probe_outcomes() {
+        assert_eq!(classify_ad_probe(Ok(()), true), Ok(GStageAd::Hardware));
+        let gpf = HwFault { scause: cause::LOAD_GUEST_PAGE, stval: 0x8000_0000, htval: 0x8000_0000 >> 2 };
+        assert_eq!(classify_ad_probe(Err(gpf), false), Ok(GStageAd::Faults));
+        assert_eq!(classify_ad_probe(Ok(()), false), Err(AdProbeError::NeitherSetNorFaulted));
+        let access = HwFault { scause: cause::LOAD_ACCESS, ..gpf };
+        assert_eq!(classify_ad_probe(Err(access), false), Err(AdProbeError::UnexpectedFault(access)));
+        assert!(std::format!("{}", AdProbeError::UnexpectedFault(access)).contains("load-access"));
+    }
+
+    #[test]
+    fn svadu_in_either_device_tree_property() {
+        assert!(isa_lists(b"rv64imafdch_zicsr_svadu_sstc\0", "svadu"));
+        assert!(isa_lists(b"i\0m\0a\0svade\0svadu\0", "svadu"));
+        assert!(!isa_lists(b"rv64imafdch_zicsr_svade\0", "svadu"));
+        assert!(!isa_lists(b"rv64imafdch_svadux\0", "svadu"));
+        assert!(!isa_lists(b"", "svadu"));
     }
 }

@@ -5,10 +5,10 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpMode};
+use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
-    Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
-    PageTable, Sv39x4, TableOptions,
+    AdMode, Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
+    PageSize, PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
@@ -16,6 +16,7 @@ use twostage_rvh::frames::BitmapFrames;
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
 use twostage_rvh::mmio::{self, Ns16550};
+use twostage_rvh::probe::GStageAd;
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
@@ -58,6 +59,41 @@ pub struct HartInfo {
     pub caps: HgatpCapabilities,
     /// Timebase frequency from the device tree.
     pub timebase: u32,
+    /// Whether the hart sets G-stage A/D bits itself (probed at boot).
+    pub ad: GStageAd,
+}
+
+/// What a scenario needs of the hart beyond the H extension, so that one the hart cannot run
+/// is skipped with the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The hart sets G-stage A/D bits itself.
+    HardwareAd,
+}
+
+impl HartInfo {
+    /// Why this hart cannot run a scenario that needs `need`, or `None` if it can.
+    pub fn lacks(&self, need: Need) -> Option<&'static str> {
+        match need {
+            Need::HardwareAd if self.ad != GStageAd::Hardware => {
+                Some("this hart does not update G-stage A/D bits (no Svadu, or menvcfg.ADUE = 0)")
+            }
+            Need::HardwareAd => None,
+        }
+    }
+}
+
+/// Table options for a G-stage table of format `F` on this hart: A/D bits kept by the hart where
+/// it updates them ([`AdMode::Hardware`]); otherwise by software ([`AdMode::Software`]) when
+/// `ad_faults_resolved` (the guest's faults go to an address space's fault handler, which sets
+/// A/D on the fault), else preset ([`AdMode::Preset`]) so that no access faults on them.
+pub fn g_stage_options<F: GStageFormat>(ad_faults_resolved: bool) -> TableOptions {
+    let ad = match (hart().ad, ad_faults_resolved) {
+        (GStageAd::Hardware, _) => AdMode::Hardware,
+        (GStageAd::Faults, true) => AdMode::Software,
+        (GStageAd::Faults, false) => AdMode::Preset,
+    };
+    TableOptions { ad, ..TableOptions::for_format::<F>() }
 }
 
 static HART: AtomicPtr<HartInfo> = AtomicPtr::new(core::ptr::null_mut());
@@ -168,7 +204,10 @@ pub struct Vm {
 impl Vm {
     /// A VM with an empty Sv39x4 table and `vmid`.
     pub fn new(vmid: u16) -> Self {
-        let table = PageTable::new(frames(), TableOptions::for_format::<Sv39x4>()).expect("frames for the root");
+        // The run loop leaves a table VM's faults to its owner (and the hypervisor's own hlv/hsv
+        // accesses do not retry), so nothing would set A/D bits on a fault: preset where the
+        // hart does not set them.
+        let table = PageTable::new(frames(), g_stage_options::<Sv39x4>(false)).expect("frames for the root");
         Self::with_memory(Memory::Table(table), vmid)
     }
 
@@ -640,6 +679,39 @@ impl Drop for Vm {
     }
 }
 
+/// Whether the hart sets G-stage A/D bits: an HLV.D through a one-leaf Sv39x4 table whose leaf
+/// allows the read but has A = 0 (vsatp Bare, so the GVA is the GPA) either sets A or takes a
+/// load guest-page fault ([`twostage_rvh::probe::classify_ad_probe`]). Leaves hgatp Bare.
+fn probe_gstage_ad(caps: &HgatpCapabilities) -> Result<GStageAd, twostage_rvh::probe::AdProbeError> {
+    use twostage_rvh::access::GuestMemOps;
+    let probe = GuestPhysAddr::new(0x8000_0000);
+    let opts = TableOptions { ad: AdMode::Hardware, ..TableOptions::for_format::<Sv39x4>() };
+    let mut table = Table::new(frames(), opts).expect("frames for the probe table");
+    let frame = frames().allocate_frame().expect("a frame for the probe page");
+    // SAFETY: a fresh frame, identity-mapped in HS-mode.
+    unsafe { core::ptr::write_bytes(frames().phys_to_virt(frame).as_ptr(), 0, 4096) };
+    table.map(probe, frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).expect("probe map").ignore();
+    let hgatp = Hgatp::for_table(&table, 0, caps).expect("Sv39x4 is offered");
+    // SAFETY: no guest runs; the probe table maps one zeroed frame; hgatp is restored to Bare
+    // and fenced below; vsatp Bare makes the HLV's GVA its GPA.
+    unsafe {
+        hw::hgatp::write(hgatp.bits());
+        hw::vsatp::write(0);
+    }
+    hw::hfence_gvma_all();
+    hw::hfence_vvma_all();
+    // SAFETY: hgatp and vsatp are set just above; the trap handler applies the exception table.
+    let load = unsafe { hw::Hlv::new() }.load_u64(GuestVirtAddr::new(probe.as_u64())).map(|_| ());
+    // SAFETY: leaves no table loaded.
+    unsafe { hw::hgatp::write(0) };
+    hw::hfence_gvma_all();
+    let accessed = table.query(probe).is_some_and(|l| l.accessed);
+    drop(table);
+    // SAFETY: the table that mapped it is gone and fenced.
+    unsafe { frames().deallocate_frames(frame, 1) };
+    twostage_rvh::probe::classify_ad_probe(load, accessed)
+}
+
 /// Host RAM description after boot.
 fn parse_dtb(dtb: usize) -> (u64, u64, &'static [u8]) {
     // SAFETY: OpenSBI passes a device tree in RAM; the header says how long it is.
@@ -697,8 +769,23 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
         .map(u32::from_be_bytes)
         .unwrap_or(10_000_000);
     let h_csrs = hw::probe_hstatus().is_ok();
-    let info = HartInfo { h_csrs, isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h), caps: hw::probe(), timebase };
+    let caps = if h_csrs {
+        hw::probe()
+    } else {
+        HgatpCapabilities { sv39x4: false, sv48x4: false, sv57x4: false, vmid_bits: 0 }
+    };
+    let ad = if caps.sv39x4 { probe_gstage_ad(&caps) } else { Ok(GStageAd::Faults) };
+    let info = HartInfo {
+        h_csrs,
+        isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h),
+        caps,
+        timebase,
+        ad: *ad.as_ref().unwrap_or(&GStageAd::Faults),
+    };
     HART.store(Box::leak(Box::new(info)), Ordering::Release);
+    let dt_svadu = ["riscv,isa", "riscv,isa-extensions"]
+        .iter()
+        .any(|p| fdt.find("cpu@", 2, p).ok().flatten().is_some_and(|v| twostage_rvh::probe::isa_lists(v, "svadu")));
     println!(
         "twostage riscv-hv: hart {hartid}, RAM {:#x}+{:#x}, image {:#x}..{:#x}, dtb {:#x}, {} free frames",
         ram,
@@ -709,6 +796,16 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
         fr.free()
     );
     println!("isa {}", isa.unwrap_or("?"));
+    let dt = if dt_svadu { "lists" } else { "does not list" };
+    match ad {
+        Ok(GStageAd::Hardware) => {
+            println!("G-stage A/D: hardware (the probe load set A; the device tree {dt} svadu): tables start with A=D=0")
+        }
+        Ok(GStageAd::Faults) => println!(
+            "G-stage A/D: software (the probe load faulted on A=0; the device tree {dt} svadu): A/D set on fault, preset where nothing handles faults"
+        ),
+        Err(e) => println!("G-stage A/D: probe failed ({e}); assuming the hart faults: software A/D"),
+    }
     if !h_csrs {
         println!("no H extension: hstatus is not readable");
         return 3;
