@@ -79,6 +79,34 @@ impl GuestAccessError {
     }
 }
 
+impl GuestAccessError {
+    /// The cause to reflect into the guest for this fault: an HLVX fetch made on the guest's
+    /// behalf ([`Access::Execute`]) reports its faults with load causes (Privileged spec,
+    /// "Hypervisor Virtual-Machine Load and Store Instructions": HLVX is a load that needs
+    /// execute permission), while the guest's own fetch would have taken the instruction cause;
+    /// see [`fetch_cause`]. Reads and writes keep the cause they took.
+    pub fn guest_cause(&self) -> u64 {
+        match self.access {
+            Access::Execute => fetch_cause(self.scause),
+            Access::Read | Access::Write => self.scause,
+        }
+    }
+}
+
+/// The instruction-fetch cause matching a load cause taken by an HLVX (Privileged spec, "Supervisor
+/// Cause Register (scause)" and "Trap Cause Codes"): load page fault 13 -> instruction page fault
+/// 12, load access fault 5 -> instruction access fault 1, load guest-page fault 21 -> instruction
+/// guest-page fault 20. Any other cause (already an instruction cause, a misaligned address)
+/// is returned unchanged.
+pub const fn fetch_cause(scause: u64) -> u64 {
+    match scause {
+        cause::LOAD_PAGE => cause::INSN_PAGE,
+        cause::LOAD_ACCESS => cause::INSN_ACCESS,
+        cause::LOAD_GUEST_PAGE => cause::INSN_GUEST_PAGE,
+        other => other,
+    }
+}
+
 impl fmt::Display for GuestAccessError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest {} at {}", self.access, self.gva)?;
@@ -320,5 +348,26 @@ pub(crate) mod tests {
         let f = HwFault { htval: 0x8000_1000 >> 2, ..f };
         let e = GuestAccessError::from_fault(f, GuestVirtAddr::new(0x4000_1003), Access::Read, 0);
         assert_eq!(e.gpa, Some(GuestPhysAddr::new(0x8000_1003)));
+    }
+
+    #[test]
+    fn hlvx_faults_reflect_as_instruction_causes() {
+        let at = GuestVirtAddr::new(0x1000);
+        for (taken, reflected) in [
+            (cause::LOAD_PAGE, cause::INSN_PAGE),
+            (cause::LOAD_ACCESS, cause::INSN_ACCESS),
+            (cause::LOAD_GUEST_PAGE, cause::INSN_GUEST_PAGE),
+            (cause::INSN_PAGE, cause::INSN_PAGE),
+        ] {
+            let f = HwFault { scause: taken, stval: 0x1000, htval: 0x8000_1000 >> 2 };
+            assert_eq!(GuestAccessError::from_fault(f, at, Access::Execute, 0).guest_cause(), reflected);
+            assert_eq!(GuestAccessError::from_fault(f, at, Access::Read, 0).guest_cause(), taken);
+        }
+        // Through the fetch itself: the fake's no-execute page faults with a load cause.
+        let mut g = FakeGuest::new(1);
+        g.noexec_page = Some(0);
+        let e = fetch_guest_instruction(&mut g, GuestVirtAddr::new(0x10)).unwrap_err();
+        assert_eq!((e.scause, e.guest_cause()), (cause::LOAD_GUEST_PAGE, cause::INSN_GUEST_PAGE));
+        assert_eq!(fetch_cause(cause::STORE_PAGE), cause::STORE_PAGE);
     }
 }
