@@ -117,6 +117,8 @@ impl fmt::Display for GuestAccessError {
     }
 }
 
+impl core::error::Error for GuestAccessError {}
+
 fn gva_at(base: GuestVirtAddr, off: usize) -> GuestVirtAddr {
     GuestVirtAddr::new(base.as_u64().wrapping_add(off as u64))
 }
@@ -128,7 +130,7 @@ pub fn split_copy(addr: u64, len: usize) -> (usize, usize, usize) {
     (head, words, len - head - words * 8)
 }
 
-/// Reads `buf.len()` bytes of guest virtual memory at `gva` (seed name `copy_from_guest_va`).
+/// Reads `buf.len()` bytes of guest virtual memory at `gva`.
 pub fn copy_from_guest_va(
     ops: &mut impl GuestMemOps,
     gva: GuestVirtAddr,
@@ -153,7 +155,7 @@ pub fn copy_from_guest_va(
     Ok(())
 }
 
-/// Writes `data` to guest virtual memory at `gva` (seed name `copy_to_guest_va`). On a fault the
+/// Writes `data` to guest virtual memory at `gva`. On a fault the
 /// bytes before it have been written.
 pub fn copy_to_guest_va(ops: &mut impl GuestMemOps, gva: GuestVirtAddr, data: &[u8]) -> Result<(), GuestAccessError> {
     let (head, words, _) = split_copy(gva.as_u64(), data.len());

@@ -162,6 +162,8 @@ impl fmt::Display for FaultDecodeError {
     }
 }
 
+impl core::error::Error for FaultDecodeError {}
+
 /// Decodes a guest-page fault (scause 20, 21, 23; Privileged spec, "Guest-Page Faults" and
 /// "Trap Cause Codes").
 ///

@@ -1,9 +1,10 @@
 //! The instruction wrappers: CSRs, HFENCE, HLV/HSV/HLVX with exception-table recovery (riscv64 only).
 //!
 //! Everything here executes H-extension instructions and is compiled only for
-//! `target_arch = "riscv64"`; the logic that decides what to execute lives in the portable
-//! modules ([`crate::access`], [`crate::fence`], [`crate::probe`]) and is tested on the host.
-//! The gate is complementary: callers of this module (the QEMU image) are riscv64-only too.
+//! `all(target_arch = "riscv64", target_os = "none")`; the logic that decides what to execute
+//! lives in the portable modules ([`crate::access`], [`crate::fence`], [`crate::probe`]) and is
+//! tested on the host. The gate is complementary: every other target gets `hw_host.rs`, the same
+//! API with each function panicking with a clear message.
 //!
 //! The hypervisor runs in HS-mode with satp = Bare, so host-physical = host-virtual.
 
@@ -39,7 +40,7 @@ macro_rules! csr {
             /// Sets bits (CSRRS).
             ///
             /// # Safety
-            /// As for [`write`].
+            /// As for [`write()`].
             #[inline]
             pub unsafe fn set(bits: u64) {
                 // SAFETY: the caller's promise.
@@ -48,7 +49,7 @@ macro_rules! csr {
             /// Clears bits (CSRRC).
             ///
             /// # Safety
-            /// As for [`write`].
+            /// As for [`write()`].
             #[inline]
             pub unsafe fn clear(bits: u64) {
                 // SAFETY: the caller's promise.
@@ -267,7 +268,7 @@ pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
     crate::probe::probe_hgatp(&mut CsrHgatp)
 }
 
-/// The seed design's guest-physical read: vsatp = 0 and HFENCE.VVMA so that guest virtual =
+/// Guest-physical read by swapping vsatp: vsatp = 0 and HFENCE.VVMA so that guest virtual =
 /// guest physical, hlv copies, then vsatp restored and fenced again. Kept for comparison with
 /// [`crate::gpa::GuestPhys`] (two TLB flushes per copy, and it needs the guest's VMID loaded).
 ///
@@ -287,7 +288,7 @@ pub unsafe fn copy_from_guest_swap(gpa: GuestPhysAddr, buf: &mut [u8]) -> Result
     r
 }
 
-/// The seed design's guest-physical write (see [`copy_from_guest_swap`]).
+/// Guest-physical write by swapping vsatp (see [`copy_from_guest_swap`]).
 ///
 /// # Safety
 /// As for [`copy_from_guest_swap`].

@@ -364,7 +364,7 @@ fn gpa_copies() -> Verdict {
     let mut back = [0u8; 64];
     vm.phys().copy_from_guest(gpa(a + 4096 - 24), &mut back).map_err(|e| format!("copy_from_guest: {e}"))?;
     ensure!(back[..] == data[..], "software copy round trip");
-    // The seed's vsatp-swap approach reads the same bytes.
+    // The vsatp-swap approach (hw::copy_from_guest_swap) reads the same bytes.
     let mut swap = [0u8; 64];
     // SAFETY: this VM's hgatp is loaded and the trap handler applies the exception table.
     unsafe { hw::copy_from_guest_swap(gpa(a + 4096 - 24), &mut swap) }.map_err(|e| format!("swap copy: {e}"))?;
