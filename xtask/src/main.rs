@@ -110,7 +110,7 @@ fn test(args: &Args) -> Result<i32, String> {
     if !args.host_only {
         let mut suites: Vec<(&str, Result<SuiteResult, String>)> = Vec::new();
         if args.arch != Some(Arch::X86_64) {
-            suites.push(("riscv64 (QEMU)", riscv::test_suite()));
+            suites.extend(riscv::test_suites());
         }
         if args.arch != Some(Arch::Riscv64) {
             for (name, r) in x86::test_suites() {

@@ -8,6 +8,12 @@
 //! A guest file is staged by QEMU's generic loader device: the file itself at host-physical
 //! 0x88000000 (`force-raw=on`, so an ELF is copied as bytes and parsed by the hypervisor), and two
 //! 8-byte values at 0x87fff000: the magic `TSGUEST!` and the file's size.
+//!
+//! `cargo xtask test` runs the suite twice: on Debian's QEMU 7.2, whose harts set G-stage A/D
+//! bits themselves, and on QEMU 10 from Debian's bookworm-backports with `svadu=false,svade=true`,
+//! a hart that faults on A=0/D=0 instead. QEMU 10 is unpacked into [`QEMU10_DIR`] beside the
+//! system's QEMU (which it would replace if installed as a package), using apt with a private
+//! sources list derived from the machine's own.
 
 use crate::util;
 use std::io::{Read, Write};
@@ -27,6 +33,126 @@ const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
 const MAX_GUEST: u64 = 32 << 20;
 /// The exit status the suite's own riscv-hello run is built with, to prove it propagates.
 const HELLO_TEST_STATUS: u32 = 7;
+/// Where QEMU 10 (and the OpenSBI it boots) is unpacked.
+const QEMU10_DIR: &str = "/var/cache/twostage/qemu10";
+/// The packages unpacked there, from bookworm-backports.
+const QEMU10_PACKAGES: [&str; 4] = ["qemu-system-riscv", "qemu-system-common", "qemu-system-data", "opensbi"];
+
+/// One QEMU to run the hypervisor on.
+pub struct Qemu {
+    /// The qemu-system-riscv64 program.
+    program: PathBuf,
+    /// The `-cpu` value.
+    cpu: &'static str,
+    /// Its own module and data directories, for a QEMU unpacked beside the system's.
+    dirs: Option<(PathBuf, PathBuf)>,
+}
+
+impl Qemu {
+    /// Debian's default QEMU (7.2 on Debian 12), whose harts update G-stage A/D bits.
+    fn system() -> Self {
+        Self { program: PathBuf::from("qemu-system-riscv64"), cpu: "rv64,h=true", dirs: None }
+    }
+
+    /// QEMU 10 from bookworm-backports, with hardware A/D updating turned off (Svadu off, Svade on).
+    fn qemu10_no_hw_ad() -> Result<Self, String> {
+        let root = ensure_qemu10()?;
+        Ok(Self {
+            program: root.join("usr/bin/qemu-system-riscv64"),
+            cpu: "rv64,h=true,svadu=false,svade=true",
+            dirs: Some((root.join("usr/lib/x86_64-linux-gnu/qemu"), root.join("usr/share/qemu"))),
+        })
+    }
+}
+
+/// The machine's main Debian archive stanza in deb822 form (URIs and Signed-By of the entry whose
+/// suites include the release itself), from /etc/apt/sources.list.d/debian.sources or, failing
+/// that, /etc/apt/sources.list; nothing about the archive is written into this repository.
+fn debian_archive() -> Result<(String, Option<String>), String> {
+    if let Ok(text) = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources") {
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim_start_matches(':').trim().to_string()))
+            };
+            let suites = field("Suites").unwrap_or_default();
+            if suites.split_whitespace().any(|s| s == "bookworm") {
+                let uri = field("URIs").ok_or("debian.sources: a bookworm stanza without URIs")?;
+                let uri = uri.split_whitespace().next().unwrap_or_default().to_string();
+                return Ok((uri, field("Signed-By")));
+            }
+        }
+    }
+    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    list.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.len() >= 3 && w[0] == "deb" && w[2] == "bookworm")
+        .map(|w| (w[1].to_string(), None))
+        .ok_or_else(|| "no Debian bookworm archive in apt's sources to take bookworm-backports from".into())
+}
+
+/// Unpacks QEMU 10 and OpenSBI from bookworm-backports into [`QEMU10_DIR`] when not there yet
+/// (apt-get download with a private sources list and lists directory, then dpkg -x: the system's
+/// QEMU and apt configuration stay as they are); returns the unpacked root.
+fn ensure_qemu10() -> Result<PathBuf, String> {
+    let dir = Path::new(QEMU10_DIR);
+    let root = dir.join("root");
+    let ready = |r: &Path| {
+        r.join("usr/bin/qemu-system-riscv64").exists()
+            && r.join("usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin").exists()
+    };
+    if ready(&root) {
+        return Ok(root);
+    }
+    eprintln!("QEMU 10 is missing: unpacking {} from bookworm-backports into {QEMU10_DIR}", QEMU10_PACKAGES.join(" "));
+    let (uri, signed_by) = debian_archive()?;
+    let apt = dir.join("apt");
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(apt.join("lists/partial")).map_err(|e| format!("{}: {e}", apt.display()))?;
+    std::fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    let sources = apt.join("backports.sources");
+    let mut stanza = format!("Types: deb\nURIs: {uri}\nSuites: bookworm-backports\nComponents: main\n");
+    if let Some(key) = signed_by {
+        stanza.push_str(&format!("Signed-By: {key}\n"));
+    }
+    std::fs::write(&sources, stanza).map_err(|e| format!("{}: {e}", sources.display()))?;
+    let opts = [
+        format!("Dir::Etc::SourceList={}", sources.display()),
+        "Dir::Etc::SourceParts=/nonexistent".to_string(),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+    ];
+    let apt_get = |args: &[&str]| -> Result<i32, String> {
+        let mut cmd = Command::new("apt-get");
+        for o in &opts {
+            cmd.arg("-o").arg(o);
+        }
+        util::run(cmd.args(args).current_dir(&debs).env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if apt_get(&["update"])? != 0 {
+        return Err("apt-get update of bookworm-backports failed".into());
+    }
+    let mut download = vec!["download"];
+    download.extend(QEMU10_PACKAGES);
+    if apt_get(&download)? != 0 {
+        return Err(format!("apt-get download {} failed", QEMU10_PACKAGES.join(" ")));
+    }
+    let staging = dir.join("root.new");
+    let _ = std::fs::remove_dir_all(&staging);
+    for entry in std::fs::read_dir(&debs).map_err(|e| format!("{}: {e}", debs.display()))? {
+        let deb = entry.map_err(|e| e.to_string())?.path();
+        let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let wanted = name.ends_with(".deb") && QEMU10_PACKAGES.iter().any(|p| name.starts_with(&format!("{p}_")));
+        if wanted && util::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&staging))? != 0 {
+            return Err(format!("dpkg -x {} failed", deb.display()));
+        }
+    }
+    if !ready(&staging) {
+        return Err(format!("the unpacked packages in {} lack QEMU or OpenSBI", staging.display()));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&staging, &root).map_err(|e| format!("{}: {e}", root.display()))?;
+    Ok(root)
+}
+
 /// A guest nobody here built: Debian's S-mode U-Boot for QEMU virt (package u-boot-qemu).
 const UBOOT: &str = "/usr/lib/u-boot/qemu-riscv64_smode/uboot.elf";
 
@@ -78,10 +204,14 @@ fn build_hello(status: u32) -> Result<PathBuf, String> {
     Ok(dir.join(TARGET).join("release").join("riscv-hello"))
 }
 
-/// The QEMU command line for `image`, with `guest` staged when given.
-fn qemu_command(image: &Path, guest: Option<&Path>) -> Result<Command, String> {
-    let mut cmd = Command::new("qemu-system-riscv64");
-    cmd.args(["-machine", "virt", "-cpu", "rv64,h=true", "-nographic", "-bios", "default", "-m", "256M", "-kernel"])
+/// The QEMU command line for `image` on `qemu`, with `guest` staged when given.
+fn qemu_command(qemu: &Qemu, image: &Path, guest: Option<&Path>) -> Result<Command, String> {
+    let mut cmd = Command::new(&qemu.program);
+    if let Some((modules, data)) = &qemu.dirs {
+        // Its own modules (not the system QEMU's) and its own firmware directory for `-bios default`.
+        cmd.env("QEMU_MODULE_DIR", modules).arg("-L").arg(data);
+    }
+    cmd.args(["-machine", "virt", "-cpu", qemu.cpu, "-nographic", "-bios", "default", "-m", "256M", "-kernel"])
         .arg(image);
     if let Some(g) = guest {
         let len = std::fs::metadata(g).map_err(|e| format!("guest file {}: {e}", g.display()))?.len();
@@ -114,7 +244,7 @@ fn run_qemu_scripted(mut cmd: Command, script: &[(&str, &str)]) -> Result<(i32, 
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("cannot start qemu-system-riscv64: {e}"))?;
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
     let mut stdin = child.stdin.take();
     let script: Vec<(String, String)> = script.iter().map(|(t, i)| (t.to_string(), i.to_string())).collect();
@@ -173,23 +303,47 @@ pub fn run(guest: Option<&Path>) -> Result<i32, String> {
         Some(g) => g.to_path_buf(),
         None => build_hello(0)?,
     };
-    let (code, _) = run_qemu(qemu_command(&image, Some(&guest))?)?;
+    let (code, _) = run_qemu(qemu_command(&Qemu::system(), &image, Some(&guest))?)?;
     Ok(code)
 }
 
-/// The RISC-V scenario suite under QEMU, plus one scenario of xtask's own: the separately built
-/// riscv-hello guest, given as a guest file, must end QEMU with the status it was built with.
-pub fn test_suite() -> Result<crate::SuiteResult, String> {
-    ensure_tools()?;
-    let image = build_image()?;
-    let (code, out) = run_qemu(qemu_command(&image, None)?)?;
+/// The RISC-V suites: on Debian's QEMU (hardware A/D updating) and on QEMU 10 with it turned off.
+pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> {
+    let image = ensure_tools().and_then(|()| build_image());
+    let mut out = Vec::new();
+    for (name, qemu) in
+        [("riscv64 (QEMU)", Ok(Qemu::system())), ("riscv64 (QEMU 10, no hardware A/D)", Qemu::qemu10_no_hw_ad())]
+    {
+        let r = match (&image, qemu) {
+            (Ok(image), Ok(qemu)) => {
+                println!("== {name}: {} -cpu {}", qemu.program.display(), qemu.cpu);
+                test_suite(&qemu, image)
+            }
+            (Err(e), _) => Err(e.clone()),
+            (_, Err(e)) => Err(e),
+        };
+        out.push((name, r));
+    }
+    out
+}
+
+/// The RISC-V scenario suite under `qemu`, plus xtask's own scenarios: the separately built
+/// riscv-hello guest, given as a guest file, must end QEMU with the status it was built with;
+/// U-Boot must boot to its prompt and power off. Scenarios the hart cannot run are listed as
+/// skipped (the image prints `# SKIP` and the reason).
+fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
+    let image = image.to_path_buf();
+    let (code, out) = run_qemu(qemu_command(qemu, &image, None)?)?;
     let mut tally = util::parse_tally(&out).ok_or_else(|| format!("the suite printed no tally (QEMU exit {code})"))?;
+    for skip in out.lines().filter(|l| l.contains(" # SKIP ")) {
+        println!("skipped: {}", skip.trim());
+    }
     if code != 0 && tally.failed == 0 {
         println!("not ok - the hypervisor exited with {code} although every scenario passed");
         tally.failed += 1;
     }
     let hello = build_hello(HELLO_TEST_STATUS)?;
-    let (hcode, hout) = run_qemu(qemu_command(&image, Some(&hello))?)?;
+    let (hcode, hout) = run_qemu(qemu_command(qemu, &image, Some(&hello))?)?;
     let said_hello = hout.contains("riscv-hello: exiting through SRST");
     if hcode == HELLO_TEST_STATUS as i32 && said_hello {
         println!("ok - riscv-hello guest file ran and its SRST status {HELLO_TEST_STATUS} became QEMU's exit status");
@@ -202,7 +356,7 @@ pub fn test_suite() -> Result<crate::SuiteResult, String> {
     // console (the hypervisor feeds the UART's RBR from it) ends in SBI SRST, status 0.
     let uboot = ensure_uboot().and_then(|u| {
         run_qemu_scripted(
-            qemu_command(&image, Some(&u))?,
+            qemu_command(qemu, &image, Some(&u))?,
             &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")],
         )
     });

@@ -46,7 +46,8 @@ pub enum GuestFaultKind {
 pub struct GuestAccessError {
     /// The guest virtual address of the access that faulted.
     pub gva: GuestVirtAddr,
-    /// The guest-physical address, when the fault reported one (guest-page faults).
+    /// The guest-physical address, when the fault reported one (guest-page faults with a
+    /// non-zero htval).
     pub gpa: Option<GuestPhysAddr>,
     /// What the hypervisor was doing.
     pub access: Access,
@@ -68,11 +69,41 @@ impl GuestAccessError {
             cause::LOAD_MISALIGNED | cause::STORE_MISALIGNED => GuestFaultKind::Misaligned,
             other => GuestFaultKind::Other(other),
         };
-        // htval = GPA >> 2 for guest-page faults (Privileged 1.12 §8.2.8); stval keeps the low bits.
-        let gpa = (kind == GuestFaultKind::GuestPage)
+        // htval = GPA >> 2 for guest-page faults, or 0 when the hart does not report it
+        // (Privileged spec, "Hypervisor Trap Value Register (htval)"); stval keeps the low bits.
+        // 0 is "not reported", never GPA 0.
+        let gpa = (kind == GuestFaultKind::GuestPage && f.htval != 0)
             .then(|| GuestPhysAddr::try_new((f.htval << 2) | (f.stval & 3)).ok())
             .flatten();
         Self { gva, gpa, access, kind, done, scause: f.scause }
+    }
+}
+
+impl GuestAccessError {
+    /// The cause to reflect into the guest for this fault: an HLVX fetch made on the guest's
+    /// behalf ([`Access::Execute`]) reports its faults with load causes (Privileged spec,
+    /// "Hypervisor Virtual-Machine Load and Store Instructions": HLVX is a load that needs
+    /// execute permission), while the guest's own fetch would have taken the instruction cause;
+    /// see [`fetch_cause`]. Reads and writes keep the cause they took.
+    pub fn guest_cause(&self) -> u64 {
+        match self.access {
+            Access::Execute => fetch_cause(self.scause),
+            Access::Read | Access::Write => self.scause,
+        }
+    }
+}
+
+/// The instruction-fetch cause matching a load cause taken by an HLVX (Privileged spec, "Supervisor
+/// Cause Register (scause)" and "Trap Cause Codes"): load page fault 13 -> instruction page fault
+/// 12, load access fault 5 -> instruction access fault 1, load guest-page fault 21 -> instruction
+/// guest-page fault 20. Any other cause (already an instruction cause, a misaligned address)
+/// is returned unchanged.
+pub const fn fetch_cause(scause: u64) -> u64 {
+    match scause {
+        cause::LOAD_PAGE => cause::INSN_PAGE,
+        cause::LOAD_ACCESS => cause::INSN_ACCESS,
+        cause::LOAD_GUEST_PAGE => cause::INSN_GUEST_PAGE,
+        other => other,
     }
 }
 
@@ -86,6 +117,8 @@ impl fmt::Display for GuestAccessError {
     }
 }
 
+impl core::error::Error for GuestAccessError {}
+
 fn gva_at(base: GuestVirtAddr, off: usize) -> GuestVirtAddr {
     GuestVirtAddr::new(base.as_u64().wrapping_add(off as u64))
 }
@@ -97,7 +130,7 @@ pub fn split_copy(addr: u64, len: usize) -> (usize, usize, usize) {
     (head, words, len - head - words * 8)
 }
 
-/// Reads `buf.len()` bytes of guest virtual memory at `gva` (seed name `copy_from_guest_va`).
+/// Reads `buf.len()` bytes of guest virtual memory at `gva`.
 pub fn copy_from_guest_va(
     ops: &mut impl GuestMemOps,
     gva: GuestVirtAddr,
@@ -122,7 +155,7 @@ pub fn copy_from_guest_va(
     Ok(())
 }
 
-/// Writes `data` to guest virtual memory at `gva` (seed name `copy_to_guest_va`). On a fault the
+/// Writes `data` to guest virtual memory at `gva`. On a fault the
 /// bytes before it have been written.
 pub fn copy_to_guest_va(ops: &mut impl GuestMemOps, gva: GuestVirtAddr, data: &[u8]) -> Result<(), GuestAccessError> {
     let (head, words, _) = split_copy(gva.as_u64(), data.len());
@@ -307,5 +340,36 @@ pub(crate) mod tests {
             fetch_guest_instruction(&mut g, GuestVirtAddr::new(3)).unwrap_err().kind,
             GuestFaultKind::Misaligned
         );
+    }
+
+    #[test]
+    fn htval_zero_leaves_the_gpa_unknown() {
+        let f = HwFault { scause: cause::LOAD_GUEST_PAGE, stval: 0x4000_1003, htval: 0 };
+        let e = GuestAccessError::from_fault(f, GuestVirtAddr::new(0x4000_1003), Access::Read, 0);
+        assert_eq!((e.kind, e.gpa), (GuestFaultKind::GuestPage, None));
+        let f = HwFault { htval: 0x8000_1000 >> 2, ..f };
+        let e = GuestAccessError::from_fault(f, GuestVirtAddr::new(0x4000_1003), Access::Read, 0);
+        assert_eq!(e.gpa, Some(GuestPhysAddr::new(0x8000_1003)));
+    }
+
+    #[test]
+    fn hlvx_faults_reflect_as_instruction_causes() {
+        let at = GuestVirtAddr::new(0x1000);
+        for (taken, reflected) in [
+            (cause::LOAD_PAGE, cause::INSN_PAGE),
+            (cause::LOAD_ACCESS, cause::INSN_ACCESS),
+            (cause::LOAD_GUEST_PAGE, cause::INSN_GUEST_PAGE),
+            (cause::INSN_PAGE, cause::INSN_PAGE),
+        ] {
+            let f = HwFault { scause: taken, stval: 0x1000, htval: 0x8000_1000 >> 2 };
+            assert_eq!(GuestAccessError::from_fault(f, at, Access::Execute, 0).guest_cause(), reflected);
+            assert_eq!(GuestAccessError::from_fault(f, at, Access::Read, 0).guest_cause(), taken);
+        }
+        // Through the fetch itself: the fake's no-execute page faults with a load cause.
+        let mut g = FakeGuest::new(1);
+        g.noexec_page = Some(0);
+        let e = fetch_guest_instruction(&mut g, GuestVirtAddr::new(0x10)).unwrap_err();
+        assert_eq!((e.scause, e.guest_cause()), (cause::LOAD_GUEST_PAGE, cause::INSN_GUEST_PAGE));
+        assert_eq!(fetch_cause(cause::STORE_PAGE), cause::STORE_PAGE);
     }
 }

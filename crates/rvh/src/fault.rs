@@ -102,6 +102,48 @@ pub enum FaultDecodeError {
         /// The htval value.
         htval: u64,
     },
+    /// htval is 0: the hart did not report the guest-physical address (the spec allows htval to
+    /// be written with zero for any guest-page fault), which is not the same as GPA 0. The caller
+    /// finds the GPA by walking the guest's own tables from stval and completes the fault with
+    /// [`UnreportedGpa::with_gpa`], or gives up; it must never act on GPA 0.
+    GpaNotReported(UnreportedGpa),
+}
+
+/// A guest-page fault whose guest-physical address the hart did not report (htval = 0):
+/// everything else the trap said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnreportedGpa {
+    /// The guest virtual address of the original access, when hstatus.GVA says stval holds one:
+    /// where a software walk of the guest's VS-stage tables starts.
+    pub gva: Option<GuestVirtAddr>,
+    /// The original access type (from scause): what to walk for.
+    pub original: Access,
+    /// What htinst told us (an implicit access means the fault is on a VS-stage PTE, whose
+    /// address the walk finds as the entry it cannot read).
+    pub htinst: HtinstInfo,
+}
+
+impl UnreportedGpa {
+    /// Whether the fault came from the guest's own page-table walk (htinst's pseudo-instruction).
+    pub fn is_implicit(&self) -> bool {
+        matches!(self.htinst, HtinstInfo::Implicit(_))
+    }
+
+    /// The fault with the guest-physical address found by software: for an explicit access the
+    /// address the guest's tables translate the GVA to, for an implicit one the address of the
+    /// VS-stage PTE the walk could not reach.
+    pub fn with_gpa(self, gpa: GuestPhysAddr) -> GuestPageFault {
+        let access = match self.htinst {
+            HtinstInfo::Implicit(imp) => imp.access(),
+            _ => self.original,
+        };
+        GuestPageFault {
+            info: NestedPageFaultInfo { fault_guest_paddr: gpa, access_flags: MappingFlags::from(access) },
+            gva: self.gva,
+            original: self.original,
+            htinst: self.htinst,
+        }
+    }
 }
 
 impl fmt::Display for FaultDecodeError {
@@ -109,15 +151,27 @@ impl fmt::Display for FaultDecodeError {
         match self {
             Self::NotGuestPageFault { scause } => write!(f, "scause {scause} is not a guest-page fault"),
             Self::GpaOutOfRange { htval } => write!(f, "htval {htval:#x} gives an out-of-range GPA"),
+            Self::GpaNotReported(u) => {
+                write!(f, "guest-page fault on a guest {} with no GPA reported (htval 0)", u.original)?;
+                match u.gva {
+                    Some(gva) => write!(f, " at {gva}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
 
-/// Decodes a guest-page fault (scause 20, 21, 23; Privileged 1.12 §8.5.2, §8.6.1).
+impl core::error::Error for FaultDecodeError {}
+
+/// Decodes a guest-page fault (scause 20, 21, 23; Privileged spec, "Guest-Page Faults" and
+/// "Trap Cause Codes").
 ///
-/// The faulting GPA is `htval << 2` (§8.2.8) plus, for an explicit access, the low two bits of
-/// the virtual address in stval, which htval does not carry. For an implicit access the GPA is
-/// the PTE's own address and stval's low bits do not apply.
+/// The faulting GPA is `htval << 2` (Privileged spec, "Hypervisor Trap Value Register (htval)")
+/// plus, for an explicit access, the low two bits of the virtual address in stval, which htval
+/// does not carry. For an implicit access the GPA is the PTE's own address and stval's low bits
+/// do not apply. htval may also be 0, "GPA not reported": that is
+/// [`FaultDecodeError::GpaNotReported`], never GPA 0.
 pub fn decode_guest_page_fault(t: &TrapCsrs) -> Result<GuestPageFault, FaultDecodeError> {
     let original = match t.scause {
         cause::INSN_GUEST_PAGE => Access::Execute,
@@ -134,6 +188,13 @@ pub fn decode_guest_page_fault(t: &TrapCsrs) -> Result<GuestPageFault, FaultDeco
     } else {
         HtinstInfo::Other(t.htinst)
     };
+    if t.htval == 0 {
+        return Err(FaultDecodeError::GpaNotReported(UnreportedGpa {
+            gva: t.gva_valid.then(|| GuestVirtAddr::new(t.stval)),
+            original,
+            htinst,
+        }));
+    }
     let base = t
         .htval
         .checked_shl(2)
@@ -205,5 +266,29 @@ mod tests {
         );
         let t = TrapCsrs { scause: 21, htval: u64::MAX >> 1, ..Default::default() };
         assert!(matches!(decode_guest_page_fault(&t), Err(FaultDecodeError::GpaOutOfRange { .. })));
+    }
+
+    #[test]
+    fn htval_zero_is_gpa_not_reported_not_gpa_zero() {
+        // A store from GVA 0x4000_1003 whose GPA the hart did not report.
+        let t = TrapCsrs { scause: 23, stval: 0x4000_1003, htval: 0, htinst: 0, gva_valid: true };
+        let Err(FaultDecodeError::GpaNotReported(u)) = decode_guest_page_fault(&t) else {
+            panic!("htval 0 decoded as a GPA: {:?}", decode_guest_page_fault(&t));
+        };
+        assert_eq!(u.gva, Some(GuestVirtAddr::new(0x4000_1003)));
+        assert_eq!(u.original, Access::Write);
+        assert!(!u.is_implicit());
+        // The walk found GPA 0x8123_4003: the fault completes as if htval had said so.
+        let f = u.with_gpa(GuestPhysAddr::new(0x8123_4003));
+        let reported = TrapCsrs { htval: 0x8123_4003 >> 2, ..t };
+        assert_eq!(Ok(f), decode_guest_page_fault(&reported));
+        // An implicit PTE write (A/D update) with no GPA: the walk's entry address, as a write.
+        let t = TrapCsrs { scause: 21, stval: 0x4000_0000, htval: 0, htinst: 0x3020, gva_valid: true };
+        let Err(FaultDecodeError::GpaNotReported(u)) = decode_guest_page_fault(&t) else { panic!("implicit") };
+        assert!(u.is_implicit());
+        let f = u.with_gpa(GuestPhysAddr::new(0x8020_0ff8));
+        assert_eq!(f.info.access_flags, MappingFlags::WRITE);
+        assert_eq!(f.original, Access::Read);
+        std::println!("{}", FaultDecodeError::GpaNotReported(u));
     }
 }

@@ -32,9 +32,15 @@ pub enum FdtError {
 
 impl fmt::Display for FdtError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Self::BadMagic(m) => write!(f, "not a device tree: magic {m:#010x}, expected {MAGIC:#010x}"),
+            Self::Truncated { at } => write!(f, "device tree truncated or malformed at offset {at:#x}"),
+            Self::BadToken { token, at } => write!(f, "device tree: unknown structure token {token} at offset {at:#x}"),
+        }
     }
 }
+
+impl core::error::Error for FdtError {}
 
 fn be32(b: &[u8], at: usize) -> Result<u32, FdtError> {
     let s = b.get(at..at + 4).ok_or(FdtError::Truncated { at })?;

@@ -36,6 +36,17 @@ pub enum FramesError {
     },
 }
 
+impl core::fmt::Display for FramesError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Misaligned(base) => write!(f, "frame range base {base} is not 4 KiB-aligned"),
+            Self::TooLarge { frames } => write!(f, "{frames} frames asked for; the bitmap holds at most {MAX_FRAMES}"),
+        }
+    }
+}
+
+impl core::error::Error for FramesError {}
+
 impl BitmapFrames {
     /// An allocator over `frames` frames at `base`, all free.
     ///

@@ -1,9 +1,10 @@
 //! The instruction wrappers: CSRs, HFENCE, HLV/HSV/HLVX with exception-table recovery (riscv64 only).
 //!
 //! Everything here executes H-extension instructions and is compiled only for
-//! `target_arch = "riscv64"`; the logic that decides what to execute lives in the portable
-//! modules ([`crate::access`], [`crate::fence`], [`crate::probe`]) and is tested on the host.
-//! The gate is complementary: callers of this module (the QEMU image) are riscv64-only too.
+//! `all(target_arch = "riscv64", target_os = "none")`; the logic that decides what to execute
+//! lives in the portable modules ([`crate::access`], [`crate::fence`], [`crate::probe`]) and is
+//! tested on the host. The gate is complementary: every other target gets `hw_host.rs`, the same
+//! API with each function panicking with a clear message.
 //!
 //! The hypervisor runs in HS-mode with satp = Bare, so host-physical = host-virtual.
 
@@ -39,7 +40,7 @@ macro_rules! csr {
             /// Sets bits (CSRRS).
             ///
             /// # Safety
-            /// As for [`write`].
+            /// As for [`write()`].
             #[inline]
             pub unsafe fn set(bits: u64) {
                 // SAFETY: the caller's promise.
@@ -48,7 +49,7 @@ macro_rules! csr {
             /// Clears bits (CSRRC).
             ///
             /// # Safety
-            /// As for [`write`].
+            /// As for [`write()`].
             #[inline]
             pub unsafe fn clear(bits: u64) {
                 // SAFETY: the caller's promise.
@@ -245,28 +246,29 @@ pub fn probe_hstatus() -> Result<u64, HwFault> {
     guarded!("csrr {v}, hstatus", v, v = out(reg) v, options(nostack))
 }
 
-/// hgatp as [`crate::probe::HgatpRegister`].
+/// hgatp and HFENCE.GVMA as [`crate::probe::HgatpAccess`].
 pub struct CsrHgatp;
 
-impl crate::probe::HgatpRegister for CsrHgatp {
-    fn write_read(&mut self, value: u64) -> u64 {
-        // SAFETY: probing happens before any guest runs; [`probe`] restores hgatp and fences.
-        unsafe { hgatp::write(value) };
+impl crate::probe::HgatpAccess for CsrHgatp {
+    fn read(&mut self) -> u64 {
         hgatp::read()
+    }
+    fn write(&mut self, value: u64) {
+        // SAFETY: probing happens before any guest runs (V=0, so hgatp translates nothing the
+        // hypervisor does itself); [`crate::probe::probe_hgatp`] restores hgatp and fences.
+        unsafe { hgatp::write(value) }
+    }
+    fn fence_all(&mut self) {
+        hfence_gvma_all();
     }
 }
 
-/// Probes hgatp (modes, VMIDLEN), then restores it and fences every VMID.
+/// Probes hgatp (modes, VMIDLEN) with [`crate::probe::probe_hgatp`], which restores it and fences.
 pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
-    let saved = hgatp::read();
-    let caps = crate::probe::probe_hgatp(&mut CsrHgatp);
-    // SAFETY: restores the value read above.
-    unsafe { hgatp::write(saved) };
-    hfence_gvma_all();
-    caps
+    crate::probe::probe_hgatp(&mut CsrHgatp)
 }
 
-/// The seed design's guest-physical read: vsatp = 0 and HFENCE.VVMA so that guest virtual =
+/// Guest-physical read by swapping vsatp: vsatp = 0 and HFENCE.VVMA so that guest virtual =
 /// guest physical, hlv copies, then vsatp restored and fenced again. Kept for comparison with
 /// [`crate::gpa::GuestPhys`] (two TLB flushes per copy, and it needs the guest's VMID loaded).
 ///
@@ -286,7 +288,7 @@ pub unsafe fn copy_from_guest_swap(gpa: GuestPhysAddr, buf: &mut [u8]) -> Result
     r
 }
 
-/// The seed design's guest-physical write (see [`copy_from_guest_swap`]).
+/// Guest-physical write by swapping vsatp (see [`copy_from_guest_swap`]).
 ///
 /// # Safety
 /// As for [`copy_from_guest_swap`].

@@ -48,6 +48,8 @@ impl fmt::Display for InsnError {
     }
 }
 
+impl core::error::Error for InsnError {}
+
 /// Length in bytes of the instruction whose first 16-bit parcel is `parcel`: 4 when its low two
 /// bits are 0b11, else 2 (Unprivileged ISA 20191213 §1.5, Figure 1.1; only 16/32-bit encodings exist
 /// in RV64GC).

@@ -8,8 +8,9 @@
 //! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
 //! [`fdt::FdtWriter`], [`frames::BitmapFrames`] and [`heap::SizeClassHeap`].
 //!
-//! Safety model: only `hw` executes privileged instructions and it is compiled for riscv64
-//! alone; every decision (what to fence, how to split a copy, how to read a fault, how to serve
+//! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
+//! bare metal alone (every other target gets a stand-in with the same API that panics with a
+//! clear message); every decision (what to fence, how to split a copy, how to read a fault, how to serve
 //! an SBI call) is portable code with host tests. Guest-controlled values (addresses, lengths,
 //! instruction bits, device-tree and ELF bytes) produce typed errors, never panics. Faults in
 //! hypervisor accesses to guest memory are recovered through an exception table
@@ -38,5 +39,8 @@ pub mod mmio;
 pub mod probe;
 pub mod sbi;
 
-#[cfg(target_arch = "riscv64")]
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod hw;
+#[cfg(not(all(target_arch = "riscv64", target_os = "none")))]
+#[path = "hw_host.rs"]
 pub mod hw;

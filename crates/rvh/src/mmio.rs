@@ -27,6 +27,16 @@ impl fmt::Display for MmioDecodeError {
     }
 }
 
+impl core::error::Error for MmioDecodeError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Implicit => None,
+            Self::Fetch(e) => Some(e),
+            Self::Insn(e) => Some(e),
+        }
+    }
+}
+
 /// The load or store behind a guest-page fault: htinst's transformed instruction when the hart
 /// gave one (Privileged 1.12 §8.6.3), else the instruction at `pc` fetched with HLVX (QEMU 7.2
 /// writes htinst = 0 for explicit accesses).

@@ -199,6 +199,8 @@ impl fmt::Display for BadGuestBuffer {
     }
 }
 
+impl core::error::Error for BadGuestBuffer {}
+
 /// What an SBI server needs from the hypervisor.
 pub trait SbiBackend {
     /// Writes a console byte.

@@ -7,7 +7,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use twostage_aspace::{Backend, SpaceFlush};
-use twostage_npt::{GpaRange, MappingFlags, Sv39x4, TableOptions};
+use twostage_npt::{GpaRange, MappingFlags, Sv39x4};
 
 fn ok_flush<E: core::fmt::Debug>(
     vm: &mut Vm,
@@ -31,7 +31,8 @@ fn ok_flush<E: core::fmt::Debug>(
 pub fn space_guest() -> Verdict {
     let free0 = frames().free();
     {
-        let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
+        let mut space =
+            Space::new(frames(), crate::vm::g_stage_options::<Sv39x4>(true)).map_err(|e| format!("{e:?}"))?;
         let ram = GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
         let (_, f) =
             space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
@@ -132,7 +133,8 @@ fn run_on_table<F: twostage_npt::riscv::GStageFormat>(
 /// format `F`, runs a store and a load there, checks the value through the table, frees all.
 fn wide_format<F: twostage_npt::riscv::GStageFormat>(high: u64) -> Verdict {
     use twostage_npt::{FrameAllocator, MapSize, PageSize, PageTable};
-    let mut t = PageTable::<F, _>::new(frames(), TableOptions::for_format::<F>()).map_err(|e| format!("{e:?}"))?;
+    let mut t =
+        PageTable::<F, _>::new(frames(), crate::vm::g_stage_options::<F>(false)).map_err(|e| format!("{e:?}"))?;
     let blob = guest::blob();
     let code_len = (blob.len() as u64).next_multiple_of(4096);
     let code = frames().allocate_frames((code_len / 4096) as usize, 1).ok_or("no frames")?;

@@ -5,17 +5,18 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpMode};
+use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
-    Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
-    PageTable, Sv39x4, TableOptions,
+    AdMode, Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
+    PageSize, PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::csr::{cause, irq};
-use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, TrapCsrs};
+use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
 use twostage_rvh::frames::BitmapFrames;
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
 use twostage_rvh::mmio::{self, Ns16550};
+use twostage_rvh::probe::GStageAd;
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
@@ -58,6 +59,41 @@ pub struct HartInfo {
     pub caps: HgatpCapabilities,
     /// Timebase frequency from the device tree.
     pub timebase: u32,
+    /// Whether the hart sets G-stage A/D bits itself (probed at boot).
+    pub ad: GStageAd,
+}
+
+/// What a scenario needs of the hart beyond the H extension, so that one the hart cannot run
+/// is skipped with the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The hart sets G-stage A/D bits itself.
+    HardwareAd,
+}
+
+impl HartInfo {
+    /// Why this hart cannot run a scenario that needs `need`, or `None` if it can.
+    pub fn lacks(&self, need: Need) -> Option<&'static str> {
+        match need {
+            Need::HardwareAd if self.ad != GStageAd::Hardware => {
+                Some("this hart does not update G-stage A/D bits (no Svadu, or menvcfg.ADUE = 0)")
+            }
+            Need::HardwareAd => None,
+        }
+    }
+}
+
+/// Table options for a G-stage table of format `F` on this hart: A/D bits kept by the hart where
+/// it updates them ([`AdMode::Hardware`]); otherwise by software ([`AdMode::Software`]) when
+/// `ad_faults_resolved` (the guest's faults go to an address space's fault handler, which sets
+/// A/D on the fault), else preset ([`AdMode::Preset`]) so that no access faults on them.
+pub fn g_stage_options<F: GStageFormat>(ad_faults_resolved: bool) -> TableOptions {
+    let ad = match (hart().ad, ad_faults_resolved) {
+        (GStageAd::Hardware, _) => AdMode::Hardware,
+        (GStageAd::Faults, true) => AdMode::Software,
+        (GStageAd::Faults, false) => AdMode::Preset,
+    };
+    TableOptions { ad, ..TableOptions::for_format::<F>() }
 }
 
 static HART: AtomicPtr<HartInfo> = AtomicPtr::new(core::ptr::null_mut());
@@ -168,7 +204,10 @@ pub struct Vm {
 impl Vm {
     /// A VM with an empty Sv39x4 table and `vmid`.
     pub fn new(vmid: u16) -> Self {
-        let table = PageTable::new(frames(), TableOptions::for_format::<Sv39x4>()).expect("frames for the root");
+        // The run loop leaves a table VM's faults to its owner (and the hypervisor's own hlv/hsv
+        // accesses do not retry), so nothing would set A/D bits on a fault: preset where the
+        // hart does not set them.
+        let table = PageTable::new(frames(), g_stage_options::<Sv39x4>(false)).expect("frames for the root");
         Self::with_memory(Memory::Table(table), vmid)
     }
 
@@ -380,7 +419,15 @@ impl Vm {
                         htinst: t.htinst,
                         gva_valid: t.hstatus & twostage_rvh::csr::hstatus::GVA != 0,
                     };
-                    let Ok(f) = decode_guest_page_fault(&csrs) else { return Exit::Exception(t) };
+                    let f = match decode_guest_page_fault(&csrs) {
+                        Ok(f) => f,
+                        // htval 0: find the GPA in the guest's own tables, never take it as 0.
+                        Err(FaultDecodeError::GpaNotReported(u)) => match self.find_unreported_gpa(&u) {
+                            Some(f) => f,
+                            None => return Exit::Exception(t),
+                        },
+                        Err(_) => return Exit::Exception(t),
+                    };
                     if let Some(exit) = self.resolve(f, t) {
                         return exit;
                     }
@@ -389,6 +436,21 @@ impl Vm {
             }
         }
         Exit::Budget
+    }
+
+    /// The guest-page fault the hart reported without a GPA (htval = 0), completed by walking the
+    /// guest's VS-stage tables (vsatp, vsstatus) in software from the GVA in stval: the GPA the
+    /// GVA translates to for an explicit access, the address of the PTE the walk cannot read for
+    /// an implicit one. `None` when the walk does not agree with the trap (the guest changed its
+    /// tables meanwhile, or stval holds no GVA): the caller hands the exit back.
+    fn find_unreported_gpa(&self, u: &UnreportedGpa) -> Option<GuestPageFault> {
+        use twostage_aspace::{translate_gva, GuestPaging, GuestVaError};
+        let paging = GuestPaging::riscv(hw::vsatp::read(), hw::vsstatus::read()).ok()?;
+        match translate_gva(&mut TableReader(self.table()), &paging, u.gva?, u.original) {
+            Ok(t) if !u.is_implicit() => Some(u.with_gpa(t.gpa)),
+            Err(GuestVaError::TableAccess { entry, .. }) if u.is_implicit() => Some(u.with_gpa(entry)),
+            _ => None,
+        }
     }
 
     /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
@@ -517,6 +579,58 @@ impl Vm {
     }
 }
 
+/// Read-only guest-physical memory through a nested table, for software walks of the guest's
+/// tables: a GPA the table does not map (or maps without read) is an error naming it.
+struct TableReader<'a>(&'a Table);
+
+impl twostage_aspace::GuestMemory for TableReader<'_> {
+    fn read_as(
+        &mut self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        access: twostage_npt::Access,
+    ) -> Result<(), twostage_aspace::GuestMemError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = gpa
+                .checked_add(done as u64)
+                .ok_or(twostage_aspace::GuestMemError::Overflow { gpa, len: buf.len() as u64 })?;
+            let (hpa, flags) =
+                self.0.translate(at).ok_or(twostage_aspace::GuestMemError::Unmapped { gpa: at, access })?;
+            if !flags.contains(MappingFlags::READ) {
+                return Err(twostage_aspace::GuestMemError::Forbidden { gpa: at, access, rights: flags });
+            }
+            let n = (4096 - at.offset_in(4096) as usize).min(buf.len() - done);
+            // SAFETY: the table maps `at` to a frame from `frames()` (identity-mapped RAM), and
+            // `n` bytes stay within that 4 KiB frame.
+            unsafe { core::ptr::copy_nonoverlapping(frames().phys_to_virt(hpa).as_ptr(), buf[done..].as_mut_ptr(), n) };
+            done += n;
+        }
+        Ok(())
+    }
+    fn write(&mut self, gpa: GuestPhysAddr, _: &[u8]) -> Result<(), twostage_aspace::GuestMemError> {
+        Err(TableReader::refused(gpa))
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        _: u64,
+        _: u64,
+    ) -> Result<Result<u64, u64>, twostage_aspace::GuestMemError> {
+        Err(TableReader::refused(gpa))
+    }
+}
+
+impl TableReader<'_> {
+    fn refused(gpa: GuestPhysAddr) -> twostage_aspace::GuestMemError {
+        twostage_aspace::GuestMemError::Forbidden {
+            gpa,
+            access: twostage_npt::Access::Write,
+            rights: MappingFlags::READ,
+        }
+    }
+}
+
 impl SbiBackend for Vm {
     /// The SBI console and the UART share the guest's console: shown when `uart.echo` is set,
     /// recorded in `uart.out` when `uart.record` is.
@@ -563,6 +677,39 @@ impl Drop for Vm {
         unsafe { hw::hgatp::write(0) };
         hw::hfence_gvma_all();
     }
+}
+
+/// Whether the hart sets G-stage A/D bits: an HLV.D through a one-leaf Sv39x4 table whose leaf
+/// allows the read but has A = 0 (vsatp Bare, so the GVA is the GPA) either sets A or takes a
+/// load guest-page fault ([`twostage_rvh::probe::classify_ad_probe`]). Leaves hgatp Bare.
+fn probe_gstage_ad(caps: &HgatpCapabilities) -> Result<GStageAd, twostage_rvh::probe::AdProbeError> {
+    use twostage_rvh::access::GuestMemOps;
+    let probe = GuestPhysAddr::new(0x8000_0000);
+    let opts = TableOptions { ad: AdMode::Hardware, ..TableOptions::for_format::<Sv39x4>() };
+    let mut table = Table::new(frames(), opts).expect("frames for the probe table");
+    let frame = frames().allocate_frame().expect("a frame for the probe page");
+    // SAFETY: a fresh frame, identity-mapped in HS-mode.
+    unsafe { core::ptr::write_bytes(frames().phys_to_virt(frame).as_ptr(), 0, 4096) };
+    table.map(probe, frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).expect("probe map").ignore();
+    let hgatp = Hgatp::for_table(&table, 0, caps).expect("Sv39x4 is offered");
+    // SAFETY: no guest runs; the probe table maps one zeroed frame; hgatp is restored to Bare
+    // and fenced below; vsatp Bare makes the HLV's GVA its GPA.
+    unsafe {
+        hw::hgatp::write(hgatp.bits());
+        hw::vsatp::write(0);
+    }
+    hw::hfence_gvma_all();
+    hw::hfence_vvma_all();
+    // SAFETY: hgatp and vsatp are set just above; the trap handler applies the exception table.
+    let load = unsafe { hw::Hlv::new() }.load_u64(GuestVirtAddr::new(probe.as_u64())).map(|_| ());
+    // SAFETY: leaves no table loaded.
+    unsafe { hw::hgatp::write(0) };
+    hw::hfence_gvma_all();
+    let accessed = table.query(probe).is_some_and(|l| l.accessed);
+    drop(table);
+    // SAFETY: the table that mapped it is gone and fenced.
+    unsafe { frames().deallocate_frames(frame, 1) };
+    twostage_rvh::probe::classify_ad_probe(load, accessed)
 }
 
 /// Host RAM description after boot.
@@ -622,8 +769,23 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
         .map(u32::from_be_bytes)
         .unwrap_or(10_000_000);
     let h_csrs = hw::probe_hstatus().is_ok();
-    let info = HartInfo { h_csrs, isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h), caps: hw::probe(), timebase };
+    let caps = if h_csrs {
+        hw::probe()
+    } else {
+        HgatpCapabilities { sv39x4: false, sv48x4: false, sv57x4: false, vmid_bits: 0 }
+    };
+    let ad = if caps.sv39x4 { probe_gstage_ad(&caps) } else { Ok(GStageAd::Faults) };
+    let info = HartInfo {
+        h_csrs,
+        isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h),
+        caps,
+        timebase,
+        ad: *ad.as_ref().unwrap_or(&GStageAd::Faults),
+    };
     HART.store(Box::leak(Box::new(info)), Ordering::Release);
+    let dt_svadu = ["riscv,isa", "riscv,isa-extensions"]
+        .iter()
+        .any(|p| fdt.find("cpu@", 2, p).ok().flatten().is_some_and(|v| twostage_rvh::probe::isa_lists(v, "svadu")));
     println!(
         "twostage riscv-hv: hart {hartid}, RAM {:#x}+{:#x}, image {:#x}..{:#x}, dtb {:#x}, {} free frames",
         ram,
@@ -634,6 +796,16 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
         fr.free()
     );
     println!("isa {}", isa.unwrap_or("?"));
+    let dt = if dt_svadu { "lists" } else { "does not list" };
+    match ad {
+        Ok(GStageAd::Hardware) => {
+            println!("G-stage A/D: hardware (the probe load set A; the device tree {dt} svadu): tables start with A=D=0")
+        }
+        Ok(GStageAd::Faults) => println!(
+            "G-stage A/D: software (the probe load faulted on A=0; the device tree {dt} svadu): A/D set on fault, preset where nothing handles faults"
+        ),
+        Err(e) => println!("G-stage A/D: probe failed ({e}); assuming the hart faults: software A/D"),
+    }
     if !h_csrs {
         println!("no H extension: hstatus is not readable");
         return 3;
