@@ -61,17 +61,17 @@ fn hgatp_mode_and_vmidlen_detection() {
                     let hart = HgatpCsr::new(modes, vmidlen, unsupported, bare);
                     let what = format!("{modes:?} {unsupported:?} {bare:?} VMIDLEN {vmidlen}");
                     let paged = [8u64, 9, 10][modes.iter().position(|&m| m).unwrap()];
-                    let exact = probe(&mut hart.clone(), paged);
+                    let exact = probe(&mut { hart }, paged);
                     assert_eq!([exact.sv39x4, exact.sv48x4, exact.sv57x4], modes, "{what}");
                     assert_eq!(exact.vmid_bits, vmidlen, "{what}: VMIDLEN probed with a paged mode");
-                    let bare_probe = probe(&mut hart.clone(), 0);
+                    let bare_probe = probe(&mut { hart }, 0);
                     let want = if bare == BareFields::Kept { vmidlen } else { 0 };
                     assert_eq!(bare_probe.vmid_bits, want, "{what}: VMIDLEN probed with Bare");
                     for mode in [HgatpMode::Sv39x4, HgatpMode::Sv48x4, HgatpMode::Sv57x4] {
                         let vmid = ((1u32 << vmidlen) - 1) as u16;
                         match Hgatp::new(mode, vmid, hpa(0x8040_4000), &exact) {
                             Ok(h) => {
-                                let mut csr = hart.clone();
+                                let mut csr = hart;
                                 csr.write(h.bits());
                                 assert_eq!(csr.read(), h.bits(), "{what}: {h:?} survives the write");
                             }
