@@ -17,6 +17,10 @@
 //!   vsatp) whose own table reads and A/D updates go through a [`stage1::Stage2`] translation; the
 //!   adapters [`stage1::EptStage2`], [`stage1::GstageStage2`], [`stage1::EptTlbStage2`],
 //!   [`stage1::GstageTlbStage2`] and [`stage1::NoStage2`] plug the second stage in.
+//! - [`memtype::effective`]: the memory type of an access through an EPT leaf (its type and
+//!   ignore-PAT bit) combined with the guest's PAT type (SDM Vol. 3C 29.3.7.2, Vol. 3A
+//!   Table 11-7); [`tlb::operands`]: which INVEPT / INVVPID operands fail (Vol. 2A);
+//!   [`hgatp_csr::HgatpCsr`]: hgatp as a WARL register, for probing modes and VMIDLEN.
 //! - [`tlb::EptTlb`] and [`tlb::GstageTlb`]: translation caches that cache as much as the
 //!   architecture allows (leaf translations and partial walks) and forget only on a modelled
 //!   INVEPT or HFENCE.GVMA, so that a missing or too narrow invalidation becomes visible.
@@ -83,7 +87,9 @@ extern crate std;
 
 pub mod ept;
 pub mod gstage;
+pub mod hgatp_csr;
 mod mem;
+pub mod memtype;
 mod rvpte;
 pub mod stage1;
 pub mod tlb;

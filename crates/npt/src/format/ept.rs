@@ -67,8 +67,11 @@ fn encode_leaf(leaf: &LeafBits, level: usize) -> u64 {
     if f.contains(MappingFlags::EXECUTE) {
         raw |= EPT_EXECUTE;
     }
-    // Device memory is UC whatever the guest's PAT says; "uncached" is UC but lets the guest's PAT
-    // take part (§29.3.7.2: with IPAT clear, EPT UC combined with any PAT type is UC).
+    // Device memory: UC with ignore-PAT, so the access is UC whatever the guest's PAT says
+    // (Intel SDM Vol. 3C §29.3.7.2: with IPAT set the PAT type is ignored). "Uncached": UC with
+    // IPAT clear, so the guest's PAT takes part through Vol. 3A Table 11-7 (§11.5.2.2), the EPT
+    // type standing in for the MTRR type: UC for every PAT type except WC, which stays WC (the
+    // guest may write-combine, e.g. a frame buffer; never cached either way).
     raw |= if f.contains(MappingFlags::DEVICE) {
         (MEMTYPE_UC << EPT_MEMTYPE_SHIFT) | EPT_IGNORE_PAT
     } else if f.contains(MappingFlags::UNCACHED) {

@@ -9,6 +9,7 @@
 
 mod ept;
 mod gstage;
+pub mod operands;
 
 pub use ept::{EptTlb, EptTlbStats};
 pub use gstage::{CachedG, GstageTlb, GstageTlbStats};
