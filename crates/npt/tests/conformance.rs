@@ -192,7 +192,7 @@ fn ept_access_test_force_2m_page() {
     let w = walk(&ram, eptp, &caps, GPA, EptAccess::READ).unwrap();
     assert_eq!((w.hpa, w.page_size), (Hpa(TARGET), model::PageSize::Size2M));
     let f = t.protect(gpa(GPA), m2.bytes(), MappingFlags::READ).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::InveptSingleContext { root: t.root() });
+    assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root: t.root() });
     t.flush(f, |_| {});
     assert_eq!(t.query(gpa(GPA)).unwrap().size, m2, "protecting the whole page keeps it 2 MiB");
     match walk(&ram, eptp, &caps, GPA, EptAccess::WRITE) {
@@ -258,7 +258,7 @@ fn the_engines_invept_is_a_valid_operand() {
         let (mut t, eptp, caps) = table(&ram, cap, ad);
         t.map(gpa(GPA), hpa(TARGET), 4096, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
         let f = t.protect(gpa(GPA), 4096, MappingFlags::READ).unwrap();
-        let Invalidation::InveptSingleContext { root } = f.invalidation() else { panic!("{f:?}") };
+        let EptInvalidation::SingleContext { root } = f.invalidation() else { panic!("{f:?}") };
         assert_eq!(root, t.root());
         assert_eq!(eptp & 0x000f_ffff_ffff_f000, root.as_u64(), "the token names this EPTP's root");
         assert_eq!(invept(invept_type::SINGLE_CONTEXT, eptp, &caps), Ok(()));
@@ -289,7 +289,7 @@ fn ept_basic_framework_remap_and_accessed_dirty() {
         let f = t.remap(gpa(GPA), hpa(page1), MappingFlags::RWX).unwrap();
         assert_eq!(go(&mut tlb, EptAccess::READ), Ok(page2), "stale until the INVEPT");
         t.flush(f, |inv| match inv {
-            Invalidation::InveptSingleContext { root } => {
+            EptInvalidation::SingleContext { root } => {
                 assert_eq!(root.as_u64(), eptp & 0x000f_ffff_ffff_f000);
                 tlb.invept_single_context(eptp);
             }
@@ -326,8 +326,8 @@ fn mmio_ept_violation_read_then_write() {
     };
     assert_eq!(q(go(&mut tlb, EptAccess::READ)), qual::READ | LA);
     let f = t.map(gpa(GPA), hpa(TARGET), 4096, MappingFlags::READ | MappingFlags::DEVICE, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::None);
-    t.flush(f, |inv| assert_eq!(*inv, Invalidation::None, "no INVEPT for a new mapping"));
+    assert_eq!(f.invalidation(), EptInvalidation::None);
+    t.flush(f, |inv| assert_eq!(*inv, EptInvalidation::None, "no INVEPT for a new mapping"));
     assert!(go(&mut tlb, EptAccess::READ).is_ok());
     assert_eq!(q(go(&mut tlb, EptAccess::WRITE)), qual::WRITE | qual::READABLE | LA);
     let f = t.protect(gpa(GPA), 4096, MappingFlags::RW | MappingFlags::DEVICE).unwrap();

@@ -96,14 +96,13 @@ fn sv39(ram: &HostRam, ad: AdMode) -> (PageTable<Sv39x4, &HostRam>, u64, GstageC
     (t, h, GstageConfig { hw_ad_update: ad == AdMode::Hardware, ..Default::default() })
 }
 
-fn fence(tlb: &mut GstageTlb, inv: &Invalidation<'_>) {
+fn fence(tlb: &mut GstageTlb, inv: &GvmaInvalidation<'_>) {
     match inv {
-        Invalidation::None => {}
-        Invalidation::GvmaAddresses { addrs, .. } => {
+        GvmaInvalidation::None => {}
+        GvmaInvalidation::Addresses { addrs, .. } => {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(VMID)))
         }
-        Invalidation::GvmaAll { .. } => tlb.hfence_gvma(None, Some(VMID)),
-        other => panic!("{other:?}"),
+        GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(VMID)),
     }
 }
 
@@ -167,7 +166,7 @@ fn managed_accessed_dirty_software_and_hardware() {
         }
         let a = if access == model::Access::Write { Access::Write } else { Access::Read };
         let f = t.set_accessed_dirty(gpa(G + 8), a).unwrap();
-        assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(G)] });
+        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
         t.flush(f, |inv| fence(&mut tlb, inv));
         assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(G + 8), access).is_ok());
         let l = t.query(gpa(G)).unwrap();
@@ -179,7 +178,7 @@ fn managed_accessed_dirty_software_and_hardware() {
     let mut seen = Vec::new();
     let f = t.take_accessed_dirty(gpa(G), M2, AdClear::Dirty, |l| seen.push((l.gpa, l.accessed, l.dirty)));
     assert_eq!(seen, vec![(gpa(G), true, true)]);
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(G)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
     t.flush(f, |_| {});
 }
 
@@ -197,7 +196,7 @@ fn hfence_on_map_and_unmap() {
     let go = |tlb: &mut GstageTlb, at: u64| tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(at), r);
     assert!(go(&mut tlb, G + 0x1f_f000).is_err(), "the guest touches the region before it is mapped");
     let f = t.map(gpa(G), hpa(TARGET), M2, MappingFlags::RWX, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(G)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
     assert!(go(&mut tlb, G + 0x1f_f000).is_err(), "stale invalid entry until the fence");
     t.flush(f, |inv| fence(&mut tlb, inv));
     assert_eq!(go(&mut tlb, G + 0x1f_f000).unwrap().hpa, Hpa(TARGET + 0x1f_f000));
@@ -208,7 +207,7 @@ fn hfence_on_map_and_unmap() {
     // 4 KiB pages in a table of their own: unmapping all of them frees the table.
     t.map(gpa(G), hpa(TARGET), 3 * 4096, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
     let f = t.unmap(gpa(G), M2).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAll { root: t.root() });
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
     t.flush(f, |_| {});
 }
 
@@ -236,7 +235,7 @@ fn write_protect_dirty_logging_and_split_on_the_write_fault() {
     let f = t.split(gpa(G + 0x3008)).unwrap();
     // The entry that was the 2 MiB leaf now points at a table: fenced by the huge page's address,
     // as KVM fences the huge page's range after kvm_riscv_gstage_split_huge.
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(G)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
     t.flush(f, |inv| fence(&mut tlb, inv));
     let f = t.protect(gpa(G + 0x3000), 4096, MappingFlags::RW).unwrap();
     t.flush(f, |inv| fence(&mut tlb, inv));
@@ -263,7 +262,7 @@ fn huge_page_split_keeps_translations() {
         tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa((1 << 30) + off), model::Access::Read).unwrap();
     }
     let f = t.split(gpa(1 << 30)).unwrap();
-    assert_eq!(f.invalidation(), Invalidation::GvmaAddresses { root: t.root(), addrs: &[gpa(1 << 30)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(1 << 30)] });
     t.flush(f, |inv| fence(&mut tlb, inv));
     assert!(tlb.cached(VMID, Gpa((1 << 30) + 0x1234_5678)).is_none(), "the gigapage is forgotten");
     let f = t.split(gpa((1 << 30) + M2)).unwrap();
