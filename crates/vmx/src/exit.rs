@@ -489,6 +489,8 @@ impl fmt::Display for VmInstructionError {
     }
 }
 
+impl core::error::Error for VmInstructionError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,14 +36,17 @@ pub mod vmcs;
 #[cfg(test)]
 mod tests;
 
-pub use caps::{EptVpidCaps, VmxCapabilities, VmxUnsupported};
+pub use caps::{EptCapsSummary, VmxCapabilities, VmxUnsupported};
 pub use exit::{
     CrAccess, CrAccessQualification, EptViolation, EptViolationQualification, IoQualification, VmExit,
     VmInstructionError,
 };
 pub use hw::{GuestRegisters, VmxHardware};
+/// The EPT and VPID capabilities (IA32_VMX_EPT_VPID_CAP, Intel SDM Vol. 3D Appendix A.10): one
+/// type, the engine's, which the EPT pointer is checked against.
+pub use twostage_npt::ept::{EptCapabilities, EptPointer};
 pub use vcpu::{
-    EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError, VcpuConfig, VmxOnError,
-    VmxVcpu,
+    invept_kind, invvpid_kind, EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError,
+    VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,
 };
 pub use vmcs::VmcsField;

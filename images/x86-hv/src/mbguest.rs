@@ -168,7 +168,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
             }
         }
     }
-    if let Err(e) = vcpu.setup(space.root(), GuestEntry::Protected32 { eip: entry as u32, esp: 0 }) {
+    if let Err(e) = vcpu.setup(space.table(), GuestEntry::Protected32 { eip: entry as u32, esp: 0 }) {
         println!("VMCS setup: {e:?}");
         return FAILED;
     }
@@ -189,7 +189,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 FaultOutcome::Resolved { flush } => {
                     faults += 1;
                     space.flush(flush, |inv| {
-                        let _ = vcpu.invalidate(inv);
+                        crate::hv::invept(&mut vcpu, inv);
                     });
                     // A fault taken while delivering an event: deliver it again.
                     let _ = vcpu.reinject_interrupted_event();
