@@ -592,3 +592,30 @@ fn vpids_without_a_usable_invvpid_type_are_refused_before_the_vmcs_is_touched() 
     let e: &dyn std::error::Error = &SetupError::Invalidate(InvalidateError::NoInveptType);
     assert!(e.source().is_some_and(|s| s.to_string().contains("INVEPT")));
 }
+
+#[test]
+fn an_ept_violation_during_iret_restores_blocking_by_nmi() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    // IRET from an NMI handler reads its stack frame from an unmapped page: qualification
+    // bit 12 "NMI unblocking due to IRET" (Intel SDM Vol. 3C 28.2.1, Table 28-7). NMI
+    // exiting and virtual NMIs are both 0 here, so the bit is defined.
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181 | (1 << 12), gpa: 0x7000 });
+    let VmExit::EptViolation(v) = vcpu.run().unwrap() else { panic!("not an EPT violation") };
+    assert!(v.qualification.nmi_unblocking());
+    // Blocking by NMI (interruptibility bit 3, Vol. 3C 25.4.2, Table 25-3) is set again, so
+    // the re-executed IRET finds NMIs blocked as they were.
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap() & (1 << 3), 1 << 3);
+    // Without bit 12 nothing changes.
+    vcpu.vmwrite(F::GUEST_INTERRUPTIBILITY, 0).unwrap();
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181, gpa: 0x7000 });
+    vcpu.run().unwrap();
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
+    // Bit 12 is undefined when the exit interrupted event delivery (IDT-vectoring valid).
+    vcpu.hardware_mut().vmcs.insert(F::IDT_VECTORING_INFO.0, 0x8000_0b0e);
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181 | (1 << 12), gpa: 0x7000 });
+    vcpu.run().unwrap();
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
+}

@@ -11,7 +11,7 @@ use crate::caps::{
     enable_feature_control, ControlField, ControlUnsupported, VmxCapabilities, VmxUnsupported, CR4_VMXE,
 };
 use crate::controls::{self as c, access_rights as ar};
-use crate::exit::{decode_exit, VmExit, VmInstructionError};
+use crate::exit::{decode_exit, restores_nmi_blocking, VmExit, VmInstructionError, INTERRUPTIBILITY_BLOCKING_BY_NMI};
 use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
@@ -775,6 +775,19 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             read(F::GUEST_LINEAR_ADDRESS)?,
             read(F::EXIT_INTERRUPTION_INFO)? as u32,
         );
+        if let VmExit::EptViolation(v) = exit {
+            // An IRET stopped by this EPT violation had already unblocked NMIs: block them again
+            // so that the IRET, executed again on resume, starts as it did (Intel SDM Vol. 3C
+            // 28.2.3; see `restores_nmi_blocking`).
+            let idt = read(F::IDT_VECTORING_INFO)? as u32;
+            let pin = read(F::PIN_BASED_CONTROLS)? as u32;
+            if restores_nmi_blocking(v.qualification, idt, pin) {
+                let state = read(F::GUEST_INTERRUPTIBILITY)?;
+                self.hw
+                    .vmwrite(F::GUEST_INTERRUPTIBILITY, state | INTERRUPTIBILITY_BLOCKING_BY_NMI)
+                    .map_err(|f| EntryError::ExitFields(fail(&self.hw, "VMWRITE", f)))?;
+            }
+        }
         // A successful VMLAUNCH makes the VMCS launched (Intel SDM Vol. 3C 31.3, VMLAUNCH/VMRESUME);
         // after a failed entry (27.8) the state is kept as it was, and the fallback above covers
         // a processor that launched it anyway.
