@@ -26,6 +26,7 @@
 
 pub mod caps;
 pub mod controls;
+pub mod cpuid;
 pub mod decode;
 pub mod emulate;
 pub mod exit;

@@ -38,6 +38,7 @@ struct FakeCpu {
     next_exit: Option<ScriptedExit>,
     entry_error: Option<u64>,
     cpuid_ecx: u32,
+    phys_bits: u32,
 }
 
 impl FakeCpu {
@@ -70,6 +71,7 @@ impl FakeCpu {
             next_exit: None,
             entry_error: None,
             cpuid_ecx: CPUID_1_ECX_VMX,
+            phys_bits: 40,
         }
     }
 }
@@ -79,7 +81,7 @@ impl VmxHardware for &mut FakeCpu {
         match leaf {
             1 => CpuidResult { ecx: self.cpuid_ecx, ..Default::default() },
             0x8000_0000 => CpuidResult { eax: 0x8000_0008, ..Default::default() },
-            0x8000_0008 => CpuidResult { eax: 40, ..Default::default() },
+            0x8000_0008 => CpuidResult { eax: (48 << 8) | self.phys_bits, ..Default::default() },
             _ => CpuidResult::default(),
         }
     }
@@ -618,4 +620,17 @@ fn an_ept_violation_during_iret_restores_blocking_by_nmi() {
     vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181 | (1 << 12), gpa: 0x7000 });
     vcpu.run().unwrap();
     assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
+}
+
+#[test]
+fn guest_cpuid_reports_the_physical_address_bits_the_ept_walk_covers() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.phys_bits = 52;
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    assert_eq!(vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff, 48, "before an EPT is loaded: 4-level");
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    assert_eq!(vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff, 48, "guest-physical bits above 47 would alias");
+    assert_eq!(vcpu.hardware().cpuid(0x8000_0008, 0).eax & 0xff, 52);
+    assert_eq!(vcpu.guest_cpuid(1, 0).ecx & CPUID_1_ECX_VMX, 0, "no VMX in the guest");
 }

@@ -894,6 +894,14 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         }
     }
 
+    /// What the guest's CPUID of `leaf`/`subleaf` returns: the host's answer filtered by
+    /// [`crate::cpuid::filter`] for the EPT in use (a 4-level walk is assumed before one is
+    /// loaded, the smaller of the two). Handlers of CPUID exits (reason 10) use this.
+    pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
+        let walk_length = self.eptp.map_or(4, |p| p.walk_length());
+        crate::cpuid::filter_for_walk(leaf, self.hw.cpuid(leaf, subleaf), walk_length)
+    }
+
     /// The VM-instruction error of the last failed VMX instruction (Intel SDM Vol. 3C 31.4).
     pub fn vm_instruction_error(&self) -> Option<VmInstructionError> {
         self.hw.vmread(F::VM_INSTRUCTION_ERROR).ok().map(|e| VmInstructionError(e as u32))

@@ -160,9 +160,10 @@ fn hostile_inner(hv: &mut Hv, c: &Ctx) -> Result<String, String> {
         "   seed {SEED:#x}; {RUNS} runs of at most {MAX_EXITS} exits; preemption timer {}",
         if timer { format!("{TIMER_TICKS} ticks of 2^{rate} TSC cycles") } else { String::from("not offered") }
     );
-    // MAXPHYADDR bounds what MOV to CR3 may load (Intel SDM Vol. 3A 4.1.4; CPUID.80000008H:EAX[7:0]).
+    // MAXPHYADDR bounds what MOV to CR3 may load (Intel SDM Vol. 3A 4.1.4; CPUID.80000008H:EAX[7:0]),
+    // as the guest's CPUID reports it.
     let maxphys = if hv.vcpu.hardware().cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
-        hv.vcpu.hardware().cpuid(0x8000_0008, 0).eax & 0xff
+        hv.vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff
     } else {
         36
     };
@@ -420,15 +421,13 @@ fn handle(
             }
         }
         VmExit::Cpuid => {
-            let leaf = hv.vcpu.regs.rax as u32;
-            let r = hv.vcpu.hardware().cpuid(leaf, hv.vcpu.regs.rcx as u32);
+            // The host's answer, filtered for the guest (VMX hidden, MAXPHYADDR within the EPT
+            // walk): twostage_vmx::cpuid::filter.
+            let r = hv.vcpu.guest_cpuid(hv.vcpu.regs.rax as u32, hv.vcpu.regs.rcx as u32);
             let regs = &mut hv.vcpu.regs;
             regs.rax = u64::from(r.eax);
             regs.rbx = u64::from(r.ebx);
-            // Leaf 1: hide VMX (ECX bit 5), say "hypervisor" (ECX bit 31) (Intel SDM Vol. 2A
-            // CPUID, Table 3-10).
-            let ecx = if leaf == 1 { (r.ecx & !(1 << 5)) | (1 << 31) } else { r.ecx };
-            regs.rcx = u64::from(ecx);
+            regs.rcx = u64::from(r.ecx);
             regs.rdx = u64::from(r.edx);
             advance(hv)
         }
