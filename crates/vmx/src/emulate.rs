@@ -17,6 +17,17 @@ pub enum EferWriteError {
     LmeWithPaging,
 }
 
+impl core::fmt::Display for EferWriteError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Reserved(bits) => write!(f, "WRMSR to IA32_EFER sets reserved bits {bits:#x}"),
+            Self::LmeWithPaging => f.write_str("WRMSR to IA32_EFER changes LME while paging is on"),
+        }
+    }
+}
+
+impl core::error::Error for EferWriteError {}
+
 /// The EFER value a guest's WRMSR of `requested` leaves, given the `current` value and whether
 /// the guest has paging on. LMA is read-only: it keeps its current value whatever is written.
 pub fn efer_write(current: u64, requested: u64, paging: bool) -> Result<u64, EferWriteError> {

@@ -28,6 +28,17 @@ pub enum VmFail {
     Valid,
 }
 
+impl core::fmt::Display for VmFail {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Invalid => "VMfailInvalid (CF = 1: no current VMCS to hold an error number)",
+            Self::Valid => "VMfailValid (ZF = 1: the VM-instruction error field says why)",
+        })
+    }
+}
+
+impl core::error::Error for VmFail {}
+
 /// INVEPT types (Intel SDM Vol. 2A "INVEPT"; Vol. 3C 29.4.3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InveptKind {
@@ -136,6 +147,17 @@ impl GuestRegisters {
 /// A register number that is not a general-purpose register kept in [`GuestRegisters`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadRegister(pub u8);
+
+impl core::fmt::Display for BadRegister {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            4 => f.write_str("register 4 is RSP, which lives in the VMCS (GUEST_RSP)"),
+            n => write!(f, "register number {n} names no general-purpose register"),
+        }
+    }
+}
+
+impl core::error::Error for BadRegister {}
 
 /// The host state a VM exit returns to, read once from the running CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

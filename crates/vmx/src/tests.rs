@@ -634,3 +634,45 @@ fn guest_cpuid_reports_the_physical_address_bits_the_ept_walk_covers() {
     assert_eq!(vcpu.hardware().cpuid(0x8000_0008, 0).eax & 0xff, 52);
     assert_eq!(vcpu.guest_cpuid(1, 0).ecx & CPUID_1_ECX_VMX, 0, "no VMX in the guest");
 }
+
+#[test]
+fn every_public_error_says_what_went_wrong() {
+    use crate::decode::DecodeError;
+    use crate::emulate::EferWriteError;
+    use crate::exit::VmInstructionError;
+    use std::error::Error;
+    let failure = VmxInstructionFailure { instruction: "INVEPT", error: Some(VmInstructionError(28)) };
+    let errors: Vec<Box<dyn Error>> = vec![
+        Box::new(VmxOnError::Unsupported(VmxUnsupported::NoEpt)),
+        Box::new(VmxOnError::OutOfFrames),
+        Box::new(VmxOnError::from(failure)),
+        Box::new(SetupError::from(ControlUnsupported { field: ControlField::Entry, missing: 1 << 9 })),
+        Box::new(SetupError::NeedsUnrestrictedGuest),
+        Box::new(SetupError::from(InvalidateError::from(failure))),
+        Box::new(PreemptionTimerError::NotOffered),
+        Box::new(PreemptionTimerError::NotSetUp),
+        Box::new(InjectError::BadVector(2)),
+        Box::new(InjectError::ErrorCodeMismatch { vector: 14 }),
+        Box::new(InjectError::ErrorCodeMismatch { vector: 6 }),
+        Box::new(InjectError::BadErrorCode(0x1_0000)),
+        Box::new(EntryError::NotSetUp),
+        Box::new(EntryError::from(failure)),
+        Box::new(BadRegister(4)),
+        Box::new(DecodeError::TooLong),
+        Box::new(EferWriteError::LmeWithPaging),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for e in &errors {
+        let m = e.to_string();
+        assert!(m.len() > 20 && !m.contains("Instruction(") && seen.insert(m.clone()), "{m}");
+    }
+    // `?` carries an instruction failure into every operation error, and the chain keeps it.
+    fn setup_like() -> Result<(), SetupError> {
+        Err(VmxInstructionFailure { instruction: "VMWRITE", error: None })?
+    }
+    let e = setup_like().unwrap_err();
+    assert_eq!(e.source().map(|s| s.to_string()), Some("VMWRITE failed: VMfailInvalid".into()));
+    let chained = SetupError::from(InvalidateError::from(failure));
+    let inner = chained.source().and_then(|s| s.source()).and_then(|s| s.source()).unwrap();
+    assert!(inner.to_string().contains("invalid operand to INVEPT/INVVPID"));
+}
