@@ -1,7 +1,8 @@
 //! The hardware seam: every VMX instruction and privileged register access, behind a trait.
 //!
-//! [`VmxHardware`] is implemented by `RealCpu` on bare metal (`target_os = "none"`) and by fakes
-//! in tests. Methods take `&self`/`&mut self` so a test injects and inspects its own instance.
+//! [`VmxHardware`] is implemented by [`RealCpu`] and by fakes in tests. `RealCpu` runs the
+//! instructions on bare-metal x86-64 (`all(target_arch = "x86_64", target_os = "none")`); on
+//! every other target it is a type that cannot be made (its constructor panics). Methods take `&self`/`&mut self` so a test injects and inspects its own instance.
 
 use crate::vmcs::VmcsField;
 use twostage_npt::HostPhysAddr;
@@ -221,7 +222,13 @@ pub trait VmxHardware {
     fn vm_enter(&mut self, regs: &mut GuestRegisters, resume: bool) -> Result<(), VmFail>;
 }
 
-#[cfg(target_os = "none")]
+// Complementary gates: every target gets exactly one `RealCpu`, the instruction wrappers on
+// bare-metal x86-64 and, everywhere else, a type that cannot be made (its constructor panics).
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+mod host;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
 mod real;
-#[cfg(target_os = "none")]
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+pub use host::RealCpu;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
 pub use real::RealCpu;

@@ -18,9 +18,12 @@
 //!
 //! ## Safety model
 //! Every privileged instruction sits behind the [`hw::VmxHardware`] trait. Its only real
-//! implementation, `hw::RealCpu`, exists on bare metal (`target_os = "none"`) and is created
-//! with an `unsafe` constructor whose caller promises ring 0 and a single owner. Everything else
-//! in this crate is safe, portable code tested on the host against a fake CPU.
+//! implementation, [`hw::RealCpu`], runs the instructions on bare-metal x86-64
+//! (`all(target_arch = "x86_64", target_os = "none")`) and is created with an `unsafe`
+//! constructor whose caller promises ring 0 and a single owner; on every other target the same
+//! type exists but cannot be made (its constructor panics), so each target gets exactly one of
+//! the two. Everything else in this crate is safe, portable code tested on the host against a
+//! fake CPU.
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
