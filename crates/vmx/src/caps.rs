@@ -332,7 +332,7 @@ impl VmxCapabilities {
     }
 }
 
-/// MAXPHYADDR: CPUID.80000008H:EAX[7:0] where the leaf exists, 36 otherwise (Intel SDM Vol. 3A
+/// MAXPHYADDR: CPUID.80000008H:EAX\[7:0\] where the leaf exists, 36 otherwise (Intel SDM Vol. 3A
 /// 4.1.4).
 pub fn max_phys_bits(hw: &impl VmxHardware) -> u8 {
     if hw.cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {

@@ -8,7 +8,7 @@ pub const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 31: unused by processors (Table 3-10), set by hypervisors to say that the
 /// software runs in a virtual machine.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// The extended leaf whose EAX[7:0] is MAXPHYADDR (physical-address bits) and EAX[15:8] the
+/// The extended leaf whose EAX bits 7:0 is MAXPHYADDR (physical-address bits) and EAX bits 15:8 the
 /// linear-address bits (Intel SDM Vol. 2A "CPUID", Table 3-8; Vol. 3A 4.1.4).
 pub const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
 
@@ -24,7 +24,7 @@ pub const fn ept_gpa_bits(walk_length: u8) -> u8 {
 /// and the guest runs on the EPT `eptp`:
 /// - leaf 1: VMX hidden (ECX bit 5 clear: VMX instructions in the guest would only exit), and
 ///   the hypervisor bit (ECX bit 31) set;
-/// - leaf 80000008H: MAXPHYADDR (EAX[7:0]) lowered to what the EPT walk covers
+/// - leaf 80000008H: MAXPHYADDR (EAX bits 7:0) lowered to what the EPT walk covers
 ///   ([`ept_gpa_bits`]), so a guest never places memory or page tables at guest-physical bits
 ///   the walk ignores;
 /// - every other leaf as the host answered.

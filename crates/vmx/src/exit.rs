@@ -207,7 +207,8 @@ pub struct EptViolation {
 }
 
 impl EptViolation {
-    /// The seed's view of the fault, for the address space.
+    /// The fault as the address space takes it (`AddressSpace::handle_fault`): guest-physical
+    /// address and access.
     pub fn nested_page_fault_info(&self) -> NestedPageFaultInfo {
         NestedPageFaultInfo { fault_guest_paddr: self.gpa, access_flags: self.qualification.access_flags() }
     }

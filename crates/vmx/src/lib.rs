@@ -1,15 +1,19 @@
 //! # twostage-vmx: Intel VMX glue for twostage's EPT tables
 //!
 //! Key types:
-//! - [`VmxVcpu`]: VMXON with capability checks, a VMCS set up with EPT (and VPID, and
-//!   unrestricted guest for guests that start with paging off), VM entry, and exits decoded into
-//!   [`VmExit`]. The seed's flow: [`VmxVcpu::set_ept_root`], [`VmxVcpu::setup`],
-//!   [`VmxVcpu::setup_vmcs`], [`VmxVcpu::setup_vmcs_control`], [`VmxVcpu::set_ept_pointer`]; an EPT
-//!   violation becomes a [`twostage_npt::NestedPageFaultInfo`] through
-//!   [`exit::EptViolation::nested_page_fault_info`]; the engine's flush tokens are carried out by
-//!   [`VmxVcpu::invalidate`] (INVEPT single-context, or all-context where single is not offered).
+//! - [`VmxVcpu`]: VMXON with capability checks ([`VmxVcpu::new`]), a VMCS set up for one EPT
+//!   table and an entry state ([`VmxVcpu::setup`]: EPT, and VPID, and unrestricted guest for
+//!   guests that start with paging off), VM entry with exits decoded into [`VmExit`]
+//!   ([`VmxVcpu::run`]), another table loaded with [`VmxVcpu::load_ept`]. The EPT pointer is
+//!   derived from the table ([`EptPointer::for_table`]: walk length from the format, A/D flags
+//!   from the table's A/D mode), never assembled beside it. An EPT violation becomes a
+//!   [`twostage_npt::NestedPageFaultInfo`] through [`exit::EptViolation::nested_page_fault_info`];
+//!   the engine's flush tokens are carried out by [`VmxVcpu::invalidate`] (INVEPT of a type the
+//!   CPU offers, [`invept_kind`]); CPUID exits are answered with [`VmxVcpu::guest_cpuid`]
+//!   ([`cpuid::filter`]).
 //! - [`caps::VmxCapabilities`]: the capability MSRs, read in an order that never touches an MSR
-//!   the CPU lacks; controls computed as `(wanted | allowed0) & allowed1`.
+//!   the CPU lacks; controls computed as `(wanted | allowed0) & allowed1`. The EPT and VPID
+//!   capabilities are the engine's [`EptCapabilities`], re-exported here.
 //! - [`emulate`]: checks for guest values the exit handlers pass on (EFER, CR3), refused as
 //!   the CPU would refuse them.
 //! - [`decode::decode_mmio`]: the MOV an MMIO exit came from, decoded from the instruction bytes

@@ -819,7 +819,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     }
 
     /// Arms the VMX-preemption timer with `ticks` (each tick is 2^X TSC cycles, X from
-    /// IA32_VMX_MISC[4:0]), or disarms it with `None`. The value is reloaded at every VM entry
+    /// IA32_VMX_MISC bits 4:0), or disarms it with `None`. The value is reloaded at every VM entry
     /// (the "save" exit control stays off), so it bounds the time between two exits; expiry
     /// exits with reason 52 (Intel SDM Vol. 3C 26.5.1, 25.6.1 Table 25-5). Call it after
     /// [`VmxVcpu::setup`], which rewrites the pin-based controls.
