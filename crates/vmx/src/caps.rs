@@ -2,6 +2,7 @@
 
 use crate::hw::VmxHardware;
 use core::fmt;
+pub use twostage_npt::ept::EptCapabilities;
 
 /// IA32_FEATURE_CONTROL (Intel SDM Vol. 3C 24.7; Vol. 4 Table 2-2, MSR 3AH).
 pub const IA32_FEATURE_CONTROL: u32 = 0x3A;
@@ -11,7 +12,7 @@ pub const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
 pub const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 /// IA32_EFER (Vol. 4 Table 2-2, MSR C0000080H).
 pub const IA32_EFER: u32 = 0xC000_0080;
-/// IA32_VMX_BASIC (Intel SDM Vol. 3C A.1).
+/// IA32_VMX_BASIC (Intel SDM Vol. 3D Appendix A.1).
 pub const IA32_VMX_BASIC: u32 = 0x480;
 /// IA32_VMX_PINBASED_CTLS (A.3.1).
 pub const IA32_VMX_PINBASED_CTLS: u32 = 0x481;
@@ -24,7 +25,7 @@ pub const IA32_VMX_ENTRY_CTLS: u32 = 0x484;
 /// IA32_VMX_CR0_FIXED0 (A.7).
 pub const IA32_VMX_CR0_FIXED0: u32 = 0x486;
 /// IA32_VMX_MISC: bits 4:0 give the VMX-preemption timer rate, the timer counts down by 1
-/// each time TSC bit X changes (Intel SDM Vol. 3C A.6).
+/// each time TSC bit X changes (Intel SDM Vol. 3D Appendix A.6).
 pub const IA32_VMX_MISC: u32 = 0x485;
 /// IA32_VMX_CR0_FIXED1 (A.7).
 pub const IA32_VMX_CR0_FIXED1: u32 = 0x487;
@@ -34,7 +35,8 @@ pub const IA32_VMX_CR4_FIXED0: u32 = 0x488;
 pub const IA32_VMX_CR4_FIXED1: u32 = 0x489;
 /// IA32_VMX_PROCBASED_CTLS2 (A.3.3); exists only if primary allowed-1 bit 31 is set.
 pub const IA32_VMX_PROCBASED_CTLS2: u32 = 0x48B;
-/// IA32_VMX_EPT_VPID_CAP (A.10); exists only if secondary allowed-1 has EPT or VPID.
+/// IA32_VMX_EPT_VPID_CAP (Intel SDM Vol. 3D Appendix A.10); exists only if secondary allowed-1
+/// has EPT or VPID. Its bits are decoded by [`EptCapabilities`], the one type for them.
 pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48C;
 /// IA32_VMX_TRUE_PINBASED_CTLS (A.3.1); exists only if IA32_VMX_BASIC bit 55 is set.
 pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
@@ -50,7 +52,7 @@ pub const CPUID_1_ECX_VMX: u32 = 1 << 5;
 /// CR4 bit 13: VMXE (Intel SDM Vol. 3A 2.5).
 pub const CR4_VMXE: u64 = 1 << 13;
 
-/// IA32_VMX_BASIC, decoded (Intel SDM Vol. 3C A.1).
+/// IA32_VMX_BASIC, decoded (Intel SDM Vol. 3D Appendix A.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmxBasic {
     /// Bits 30:0: the VMCS revision identifier to write into VMXON and VMCS regions.
@@ -81,8 +83,8 @@ impl VmxBasic {
     }
 }
 
-/// One VMX control capability MSR: which bits may be 0 and which may be 1 (Intel SDM Vol. 3C
-/// A.3.1: bits 31:0 are the allowed-0 settings — a 1 there means the control must be 1 — and
+/// One VMX control capability MSR: which bits may be 0 and which may be 1 (Intel SDM Vol. 3D
+/// Appendix A.3.1: bits 31:0 are the allowed-0 settings — a 1 there means the control must be 1 — and
 /// bits 63:32 the allowed-1 settings — a 0 there means the control must be 0).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowedBits {
@@ -133,7 +135,7 @@ impl AllowedBits {
         bits & !self.allowed1 == 0
     }
 
-    /// The value to write: `(wanted | allowed0) & allowed1` (Intel SDM Vol. 3C A.3.1), or an
+    /// The value to write: `(wanted | allowed0) & allowed1` (Intel SDM Vol. 3D Appendix A.3.1), or an
     /// error naming the wanted bits the CPU refuses.
     pub fn compute(&self, field: ControlField, wanted: u32) -> Result<u32, ControlUnsupported> {
         let missing = wanted & !self.allowed1;
@@ -144,7 +146,7 @@ impl AllowedBits {
     }
 }
 
-/// A fixed-bits pair for CR0 or CR4 in VMX operation (Intel SDM Vol. 3C A.7, A.8): bits set in
+/// A fixed-bits pair for CR0 or CR4 in VMX operation (Intel SDM Vol. 3D Appendix A.7, A.8): bits set in
 /// FIXED0 must be 1, bits clear in FIXED1 must be 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FixedBits {
@@ -161,102 +163,35 @@ impl FixedBits {
     }
 }
 
-/// IA32_VMX_EPT_VPID_CAP, the bits twostage uses (Intel SDM Vol. 3C A.10). The EPT pointer's
-/// own validation uses `twostage_npt::ept::EptCapabilities` built from the same raw value.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EptVpidCaps {
-    /// The raw MSR value.
-    pub raw: u64,
-}
+/// A one-line summary of the EPT and VPID capabilities (IA32_VMX_EPT_VPID_CAP, Intel SDM Vol. 3D
+/// Appendix A.10) for logs: `println!("{}", EptCapsSummary(&caps))`.
+#[derive(Clone, Copy, Debug)]
+pub struct EptCapsSummary<'a>(pub &'a EptCapabilities);
 
-impl EptVpidCaps {
-    /// Bit 0: execute-only EPT translations.
-    pub const fn execute_only(&self) -> bool {
-        self.raw & (1 << 0) != 0
-    }
-    /// Bit 6: 4-level page walk.
-    pub const fn walk_4(&self) -> bool {
-        self.raw & (1 << 6) != 0
-    }
-    /// Bit 7: 5-level page walk.
-    pub const fn walk_5(&self) -> bool {
-        self.raw & (1 << 7) != 0
-    }
-    /// Bit 8: uncacheable EPT paging structures.
-    pub const fn memtype_uc(&self) -> bool {
-        self.raw & (1 << 8) != 0
-    }
-    /// Bit 14: write-back EPT paging structures.
-    pub const fn memtype_wb(&self) -> bool {
-        self.raw & (1 << 14) != 0
-    }
-    /// Bit 16: 2 MiB EPT pages (a PDE may map a page).
-    pub const fn pages_2m(&self) -> bool {
-        self.raw & (1 << 16) != 0
-    }
-    /// Bit 17: 1 GiB EPT pages (a PDPTE may map a page).
-    pub const fn pages_1g(&self) -> bool {
-        self.raw & (1 << 17) != 0
-    }
-    /// Bit 20: INVEPT is supported.
-    pub const fn invept(&self) -> bool {
-        self.raw & (1 << 20) != 0
-    }
-    /// Bit 21: accessed and dirty flags for EPT.
-    pub const fn accessed_dirty(&self) -> bool {
-        self.raw & (1 << 21) != 0
-    }
-    /// Bit 22: advanced VM-exit information for EPT violations.
-    pub const fn advanced_exit_info(&self) -> bool {
-        self.raw & (1 << 22) != 0
-    }
-    /// Bit 25: single-context INVEPT.
-    pub const fn invept_single(&self) -> bool {
-        self.raw & (1 << 25) != 0
-    }
-    /// Bit 26: all-context INVEPT.
-    pub const fn invept_all(&self) -> bool {
-        self.raw & (1 << 26) != 0
-    }
-    /// Bit 32: INVVPID is supported.
-    pub const fn invvpid(&self) -> bool {
-        self.raw & (1 << 32) != 0
-    }
-    /// Bit 40: individual-address INVVPID.
-    pub const fn invvpid_address(&self) -> bool {
-        self.raw & (1 << 40) != 0
-    }
-    /// Bit 41: single-context INVVPID.
-    pub const fn invvpid_single(&self) -> bool {
-        self.raw & (1 << 41) != 0
-    }
-    /// Bit 42: all-context INVVPID.
-    pub const fn invvpid_all(&self) -> bool {
-        self.raw & (1 << 42) != 0
-    }
-}
-
-impl fmt::Display for EptVpidCaps {
+impl fmt::Display for EptCapsSummary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = self.0;
         let yn = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "raw {:#x}: walk4 {} walk5 {} wb {} 2M {} 1G {} exec-only {} A/D {} invept single {} all {} \
-             invvpid {} (addr {} single {} all {})",
-            self.raw,
-            yn(self.walk_4()),
-            yn(self.walk_5()),
-            yn(self.memtype_wb()),
-            yn(self.pages_2m()),
-            yn(self.pages_1g()),
-            yn(self.execute_only()),
-            yn(self.accessed_dirty()),
-            yn(self.invept_single()),
-            yn(self.invept_all()),
-            yn(self.invvpid()),
-            yn(self.invvpid_address()),
-            yn(self.invvpid_single()),
-            yn(self.invvpid_all()),
+            "raw {:#x}, MAXPHYADDR {}: walk4 {} walk5 {} wb {} 2M {} 1G {} exec-only {} A/D {} invept {} \
+             (single {} all {}) invvpid {} (addr {} single {} all {})",
+            c.raw,
+            c.max_phys_bits,
+            yn(c.walk_length_4()),
+            yn(c.walk_length_5()),
+            yn(c.memtype_wb()),
+            yn(c.pages_2m()),
+            yn(c.pages_1g()),
+            yn(c.execute_only()),
+            yn(c.accessed_dirty()),
+            yn(c.invept()),
+            yn(c.invept_single_context()),
+            yn(c.invept_all_context()),
+            yn(c.invvpid()),
+            yn(c.invvpid_individual_address()),
+            yn(c.invvpid_single_context()),
+            yn(c.invvpid_all_context()),
         )
     }
 }
@@ -280,8 +215,9 @@ pub struct VmxCapabilities {
     pub cr0: FixedBits,
     /// CR4 fixed bits.
     pub cr4: FixedBits,
-    /// EPT/VPID capabilities, when the secondary controls allow EPT or VPID.
-    pub ept_vpid: Option<EptVpidCaps>,
+    /// EPT/VPID capabilities (IA32_VMX_EPT_VPID_CAP with MAXPHYADDR), when the secondary
+    /// controls allow EPT or VPID.
+    pub ept_vpid: Option<EptCapabilities>,
 }
 
 /// Why VMX cannot be used on this CPU. Every case is found before anything could fault.
@@ -303,6 +239,10 @@ pub enum VmxUnsupported {
     /// The secondary controls do not allow EPT (bit 1).
     NoEpt,
 }
+
+impl core::error::Error for ControlUnsupported {}
+
+impl core::error::Error for VmxUnsupported {}
 
 impl fmt::Display for VmxUnsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -330,7 +270,7 @@ impl VmxCapabilities {
     /// Reads the capability MSRs in the order that guarantees each one exists: CPUID first, then
     /// IA32_VMX_BASIC, the TRUE_* MSRs only if BASIC bit 55 says so, PROCBASED_CTLS2 only if the
     /// primary allowed-1 bit 31 is set, EPT_VPID_CAP only if EPT or VPID may be enabled
-    /// (Intel SDM Vol. 3C A.3.3, A.10).
+    /// (Intel SDM Vol. 3D Appendix A.3.3, A.10).
     pub fn probe(hw: &impl VmxHardware) -> Result<Self, VmxUnsupported> {
         if hw.cpuid(1, 0).ecx & CPUID_1_ECX_VMX == 0 {
             return Err(VmxUnsupported::NoVmx);
@@ -355,7 +295,7 @@ impl VmxCapabilities {
             AllowedBits::default()
         };
         let ept_vpid = if proc2.allowed1 & (PROC2_EPT | PROC2_VPID) != 0 {
-            Some(EptVpidCaps { raw: hw.read_msr(IA32_VMX_EPT_VPID_CAP) })
+            Some(EptCapabilities::new(hw.read_msr(IA32_VMX_EPT_VPID_CAP), max_phys_bits(hw)))
         } else {
             None
         };
@@ -365,7 +305,7 @@ impl VmxCapabilities {
     }
 
     /// Whether EPT can be enabled; the image refuses to run without it.
-    pub fn require_ept(&self) -> Result<EptVpidCaps, VmxUnsupported> {
+    pub fn require_ept(&self) -> Result<EptCapabilities, VmxUnsupported> {
         if !self.proc1.allows(PROC1_SECONDARY) {
             return Err(VmxUnsupported::NoSecondaryControls);
         }
@@ -389,6 +329,16 @@ impl VmxCapabilities {
     /// Whether the secondary controls allow unrestricted guest (bit 7, Table 25-7).
     pub fn has_unrestricted_guest(&self) -> bool {
         self.proc2.allows(1 << 7)
+    }
+}
+
+/// MAXPHYADDR: CPUID.80000008H:EAX\[7:0\] where the leaf exists, 36 otherwise (Intel SDM Vol. 3A
+/// 4.1.4).
+pub fn max_phys_bits(hw: &impl VmxHardware) -> u8 {
+    if hw.cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
+        hw.cpuid(0x8000_0008, 0).eax as u8
+    } else {
+        36
     }
 }
 

@@ -4,6 +4,8 @@
 pub const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
 /// Pin-based control bit 3: NMI exiting (Table 25-5).
 pub const PIN_NMI_EXITING: u32 = 1 << 3;
+/// Pin-based control bit 5: virtual NMIs (Table 25-5).
+pub const PIN_VIRTUAL_NMIS: u32 = 1 << 5;
 /// Pin-based control bit 6: activate VMX-preemption timer (Table 25-5).
 pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 

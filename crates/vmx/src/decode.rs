@@ -109,6 +109,20 @@ pub enum DecodeError {
     UnsupportedForm,
 }
 
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated { needed } => write!(f, "the instruction bytes end early: {needed} needed at least"),
+            Self::TooLong => f.write_str("the instruction is longer than 15 bytes"),
+            Self::UnsupportedOpcode(op) => write!(f, "opcode {op:#04x} is not a MOV the MMIO emulation handles"),
+            Self::RegisterOperand => f.write_str("the instruction has a register operand, not a memory one"),
+            Self::UnsupportedForm => f.write_str("a form of MOV the MMIO emulation leaves out"),
+        }
+    }
+}
+
+impl core::error::Error for DecodeError {}
+
 /// Decodes one instruction of 64-bit code (default operand size 32, address size 64).
 pub fn decode_mmio(bytes: &[u8]) -> Result<MmioInstruction, DecodeError> {
     let at = |i: usize| {

@@ -17,6 +17,17 @@ pub enum EferWriteError {
     LmeWithPaging,
 }
 
+impl core::fmt::Display for EferWriteError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Reserved(bits) => write!(f, "WRMSR to IA32_EFER sets reserved bits {bits:#x}"),
+            Self::LmeWithPaging => f.write_str("WRMSR to IA32_EFER changes LME while paging is on"),
+        }
+    }
+}
+
+impl core::error::Error for EferWriteError {}
+
 /// The EFER value a guest's WRMSR of `requested` leaves, given the `current` value and whether
 /// the guest has paging on. LMA is read-only: it keeps its current value whatever is written.
 pub fn efer_write(current: u64, requested: u64, paging: bool) -> Result<u64, EferWriteError> {
@@ -32,7 +43,7 @@ pub fn efer_write(current: u64, requested: u64, paging: bool) -> Result<u64, Efe
 
 /// Whether MOV to CR3 of `value` is allowed with CR4.PCIDE = 0: bits 63:MAXPHYADDR must be 0
 /// (Intel SDM Vol. 3A 4.5.2, Vol. 2A "MOV to/from control registers"); the VM-entry check of
-/// guest CR3 is the same (Vol. 3C 27.3.1.1). `maxphyaddr` comes from CPUID.80000008H:EAX[7:0];
+/// guest CR3 is the same (Vol. 3C 27.3.1.1). `maxphyaddr` comes from CPUID.80000008H:EAX bits 7:0;
 /// any number is accepted.
 pub const fn cr3_load_allowed(value: u64, maxphyaddr: u32) -> bool {
     maxphyaddr >= 64 || value >> maxphyaddr == 0

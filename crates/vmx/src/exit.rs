@@ -162,7 +162,10 @@ impl EptViolationQualification {
     pub const fn linear_translation(self) -> bool {
         self.0 & (1 << 8) != 0
     }
-    /// Bit 12: NMI unblocking due to IRET.
+    /// Bit 12: NMI unblocking due to IRET — the access was part of an IRET that had already
+    /// unblocked NMIs (or virtual NMIs) when the EPT violation stopped it. Undefined when the
+    /// exit interrupted event delivery, or with "NMI exiting" 1 and "virtual NMIs" 0: use
+    /// [`restores_nmi_blocking`], which checks both.
     pub const fn nmi_unblocking(self) -> bool {
         self.0 & (1 << 12) != 0
     }
@@ -185,6 +188,9 @@ impl fmt::Debug for EptViolationQualification {
         } else {
             f.write_str(", no linear address")?;
         }
+        if self.nmi_unblocking() {
+            f.write_str(", NMI unblocking due to IRET")?;
+        }
         f.write_str(")")
     }
 }
@@ -201,10 +207,38 @@ pub struct EptViolation {
 }
 
 impl EptViolation {
-    /// The seed's view of the fault, for the address space.
+    /// The fault as the address space takes it (`AddressSpace::handle_fault`): guest-physical
+    /// address and access.
     pub fn nested_page_fault_info(&self) -> NestedPageFaultInfo {
         NestedPageFaultInfo { fault_guest_paddr: self.gpa, access_flags: self.qualification.access_flags() }
     }
+}
+
+/// Guest interruptibility state bit 3: blocking by NMI, or virtual-NMI blocking when the "virtual
+/// NMIs" control is 1 (Intel SDM Vol. 3C 25.4.2, Table 25-3).
+pub const INTERRUPTIBILITY_BLOCKING_BY_NMI: u64 = 1 << 3;
+
+/// Whether the VMM must set blocking by NMI ([`INTERRUPTIBILITY_BLOCKING_BY_NMI`]) in the guest
+/// interruptibility state before the next VM entry, after an exit with this EPT-violation
+/// `qualification`, this IDT-vectoring information (VMCS 0x4408) and these pin-based controls.
+///
+/// An IRET that started with NMIs blocked unblocks them even if an EPT violation stops it, so
+/// the state saved by the exit says "not blocked"; resuming the guest re-executes the IRET with
+/// NMIs open, and an NMI arriving then would nest inside the handler that is still returning
+/// (Intel SDM Vol. 3C 28.2.3 "Information About NMI Unblocking Due to IRET"). Qualification bit
+/// 12 records that unblocking (Table 28-7); it is undefined, so this answers false, when the
+/// exit set the IDT-vectoring valid bit (28.2.4), or when "NMI exiting" (pin-based bit 3) is 1
+/// and "virtual NMIs" (bit 5) is 0 (Table 25-5).
+pub const fn restores_nmi_blocking(
+    qualification: EptViolationQualification,
+    idt_vectoring_info: u32,
+    pin_based_controls: u32,
+) -> bool {
+    let nmi_exiting = pin_based_controls & crate::controls::PIN_NMI_EXITING != 0;
+    let virtual_nmis = pin_based_controls & crate::controls::PIN_VIRTUAL_NMIS != 0;
+    // Bit 12 is defined unless NMI exiting is on without virtual NMIs.
+    let bit12_defined = !nmi_exiting || virtual_nmis;
+    qualification.nmi_unblocking() && idt_vectoring_info & (1 << 31) == 0 && bit12_defined
 }
 
 /// An I/O-instruction exit qualification (Intel SDM Vol. 3C 28.2.1, Table 28-5).
@@ -489,6 +523,8 @@ impl fmt::Display for VmInstructionError {
     }
 }
 
+impl core::error::Error for VmInstructionError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +555,19 @@ mod tests {
         let VmExit::EptViolation(v) = decode_exit(48, 0x4, 0x1000, 0xdead, 0) else { panic!() };
         assert_eq!(v.gva, None);
         assert_eq!(v.nested_page_fault_info().access_flags, MappingFlags::EXECUTE);
+    }
+
+    #[test]
+    fn nmi_blocking_is_restored_only_where_bit_12_is_defined() {
+        let q = EptViolationQualification(0x181 | (1 << 12));
+        assert!(format!("{q:?}").contains("NMI unblocking due to IRET"));
+        assert!(restores_nmi_blocking(q, 0, 0));
+        assert!(!restores_nmi_blocking(EptViolationQualification(0x181), 0, 0));
+        // The exit interrupted the delivery of a #PF: bit 12 is undefined.
+        assert!(!restores_nmi_blocking(q, 0x8000_0b0e, 0));
+        // NMI exiting without virtual NMIs: undefined; with virtual NMIs: virtual-NMI blocking.
+        assert!(!restores_nmi_blocking(q, 0, 1 << 3));
+        assert!(restores_nmi_blocking(q, 0, (1 << 3) | (1 << 5)));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The hardware seam: every VMX instruction and privileged register access, behind a trait.
 //!
-//! [`VmxHardware`] is implemented by `RealCpu` on bare metal (`target_os = "none"`) and by fakes
-//! in tests. Methods take `&self`/`&mut self` so a test injects and inspects its own instance.
+//! [`VmxHardware`] is implemented by [`RealCpu`] and by fakes in tests. `RealCpu` runs the
+//! instructions on bare-metal x86-64 (`all(target_arch = "x86_64", target_os = "none")`); on
+//! every other target it is a type that cannot be made (its constructor panics). Methods take `&self`/`&mut self` so a test injects and inspects its own instance.
 
 use crate::vmcs::VmcsField;
 use twostage_npt::HostPhysAddr;
@@ -27,6 +28,17 @@ pub enum VmFail {
     /// VMfailValid: ZF = 1, the VM-instruction error field of the current VMCS says why.
     Valid,
 }
+
+impl core::fmt::Display for VmFail {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Invalid => "VMfailInvalid (CF = 1: no current VMCS to hold an error number)",
+            Self::Valid => "VMfailValid (ZF = 1: the VM-instruction error field says why)",
+        })
+    }
+}
+
+impl core::error::Error for VmFail {}
 
 /// INVEPT types (Intel SDM Vol. 2A "INVEPT"; Vol. 3C 29.4.3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +149,17 @@ impl GuestRegisters {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadRegister(pub u8);
 
+impl core::fmt::Display for BadRegister {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            4 => f.write_str("register 4 is RSP, which lives in the VMCS (GUEST_RSP)"),
+            n => write!(f, "register number {n} names no general-purpose register"),
+        }
+    }
+}
+
+impl core::error::Error for BadRegister {}
+
 /// The host state a VM exit returns to, read once from the running CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostState {
@@ -199,7 +222,13 @@ pub trait VmxHardware {
     fn vm_enter(&mut self, regs: &mut GuestRegisters, resume: bool) -> Result<(), VmFail>;
 }
 
-#[cfg(target_os = "none")]
+// Complementary gates: every target gets exactly one `RealCpu`, the instruction wrappers on
+// bare-metal x86-64 and, everywhere else, a type that cannot be made (its constructor panics).
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+mod host;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
 mod real;
-#[cfg(target_os = "none")]
+#[cfg(not(all(target_arch = "x86_64", target_os = "none")))]
+pub use host::RealCpu;
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
 pub use real::RealCpu;

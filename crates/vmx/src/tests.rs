@@ -8,8 +8,9 @@ use crate::vcpu::*;
 use crate::vmcs::VmcsField as F;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use twostage_npt::ept::EptCapabilities;
 use twostage_npt::testing::HostRam;
-use twostage_npt::{EptInvalidation, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
+use twostage_npt::{Ept4, EptInvalidation, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags, PageTable};
 
 /// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (PLATFORMS.md).
 const SKYLAKE_EPT_CAP: u64 = 0xf0106334141;
@@ -37,6 +38,7 @@ struct FakeCpu {
     next_exit: Option<ScriptedExit>,
     entry_error: Option<u64>,
     cpuid_ecx: u32,
+    phys_bits: u32,
 }
 
 impl FakeCpu {
@@ -69,6 +71,7 @@ impl FakeCpu {
             next_exit: None,
             entry_error: None,
             cpuid_ecx: CPUID_1_ECX_VMX,
+            phys_bits: 40,
         }
     }
 }
@@ -78,7 +81,7 @@ impl VmxHardware for &mut FakeCpu {
         match leaf {
             1 => CpuidResult { ecx: self.cpuid_ecx, ..Default::default() },
             0x8000_0000 => CpuidResult { eax: 0x8000_0008, ..Default::default() },
-            0x8000_0008 => CpuidResult { eax: 40, ..Default::default() },
+            0x8000_0008 => CpuidResult { eax: (48 << 8) | self.phys_bits, ..Default::default() },
             _ => CpuidResult::default(),
         }
     }
@@ -159,6 +162,12 @@ impl VmxHardware for &mut FakeCpu {
         regs.rax += 1;
         Ok(())
     }
+}
+
+/// A 4-level EPT in `ram` with the table options a CPU with IA32_VMX_EPT_VPID_CAP = `cap` gives
+/// (hardware A/D exactly when bit 21 is set).
+fn ept(ram: &HostRam, cap: u64) -> PageTable<Ept4, &HostRam> {
+    PageTable::new(ram, EptCapabilities::new(cap, 40).table_options(true)).unwrap()
 }
 
 fn long_mode() -> GuestEntry {
@@ -256,15 +265,15 @@ fn setup_enables_ept_with_ad_on_skylake_and_without_on_sandy_bridge() {
     for (cap, ad) in [(SKYLAKE_EPT_CAP, true), (SANDY_EPT_CAP, false)] {
         let ram = HostRam::new(16);
         let mut cpu = FakeCpu::skylake(cap);
-        let root = HostPhysAddr::new(0x5000);
+        let table = ept(&ram, cap);
         {
             let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-            vcpu.setup(root, long_mode()).unwrap();
+            vcpu.setup(&table, long_mode()).unwrap();
             assert_eq!(vcpu.ept_ad_enabled(), ad);
         }
         let eptp = cpu.vmcs[&F::EPT_POINTER.0];
         // Write-back (6), walk length 4 (3 << 3), A/D bit 6 only when offered.
-        assert_eq!(eptp, 0x5000 | 6 | (3 << 3) | if ad { 1 << 6 } else { 0 });
+        assert_eq!(eptp, table.root().as_u64() | 6 | (3 << 3) | if ad { 1 << 6 } else { 0 });
         assert_eq!(cpu.invept.borrow().as_slice(), &[(InveptKind::SingleContext, eptp)]);
         let proc2 = cpu.vmcs[&F::SECONDARY_PROCBASED_CONTROLS.0] as u32;
         assert_ne!(proc2 & c::PROC2_ENABLE_EPT, 0);
@@ -290,7 +299,7 @@ fn multiboot_entry_uses_unrestricted_guest() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-        vcpu.setup(HostPhysAddr::new(0x5000), GuestEntry::Protected32 { eip: 0x10_000c, esp: 0 }).unwrap();
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), GuestEntry::Protected32 { eip: 0x10_000c, esp: 0 }).unwrap();
     }
     let proc2 = cpu.vmcs[&F::SECONDARY_PROCBASED_CONTROLS.0] as u32;
     assert_ne!(proc2 & c::PROC2_UNRESTRICTED_GUEST, 0);
@@ -304,9 +313,9 @@ fn ept_pointer_needs_a_root_and_a_supported_walk() {
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP & !(1 << 6));
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    assert_eq!(vcpu.set_ept_pointer().err(), Some(SetupError::NoEptRoot));
-    vcpu.set_ept_root(HostPhysAddr::new(0x5000));
-    assert!(matches!(vcpu.set_ept_pointer(), Err(SetupError::EptPointer(_))));
+    let table = ept(&ram, SKYLAKE_EPT_CAP);
+    assert!(matches!(vcpu.load_ept(&table), Err(SetupError::EptPointer(_))));
+    assert!(matches!(vcpu.setup(&table, long_mode()), Err(SetupError::EptPointer(_))));
     assert_eq!(vcpu.run().err(), Some(EntryError::NotSetUp));
 }
 
@@ -316,7 +325,7 @@ fn run_decodes_an_ept_violation_and_resumes_after_launch() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     cpu.next_exit = Some(ScriptedExit { reason: 48, qualification: 0x182, gpa: 0x40_1008 });
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     let exit = vcpu.run().unwrap();
     let VmExit::EptViolation(v) = exit else { panic!("{exit:?}") };
     assert_eq!(v.gpa, GuestPhysAddr::new(0x40_1008));
@@ -333,7 +342,7 @@ fn failed_launch_names_the_vm_instruction_error() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     cpu.entry_error = Some(7);
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     let Err(EntryError::Instruction(f)) = vcpu.run() else { panic!("launch should fail") };
     assert_eq!(f.instruction, "VMLAUNCH");
     assert_eq!(f.error.and_then(|e| e.name()), Some("VM entry with invalid control field(s)"));
@@ -345,7 +354,7 @@ fn failed_entry_exit_is_decoded_and_not_resumed() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     cpu.next_exit = Some(ScriptedExit { reason: (1 << 31) | 33, qualification: 0, gpa: 0 });
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     assert_eq!(vcpu.run(), Ok(VmExit::EntryFailed(EntryFailure::InvalidGuestState { qualification: 0 })));
 }
 
@@ -356,9 +365,10 @@ fn invalidation_uses_single_context_or_falls_back_to_all_context() {
     {
         let ram = HostRam::new(16);
         let mut cpu = FakeCpu::skylake(cap);
-        let root = HostPhysAddr::new(0x5000);
+        let table = ept(&ram, cap);
+        let root = table.root();
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-        vcpu.setup(root, long_mode()).unwrap();
+        vcpu.setup(&table, long_mode()).unwrap();
         assert_eq!(vcpu.invalidate(&EptInvalidation::None), Ok(None));
         assert_eq!(vcpu.invalidate(&EptInvalidation::SingleContext { root }), Ok(Some(kind)));
         // Another table's token does not touch this vCPU's EPTP.
@@ -370,7 +380,10 @@ fn invalidation_uses_single_context_or_falls_back_to_all_context() {
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP & !(3 << 25));
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    assert!(matches!(vcpu.setup(HostPhysAddr::new(0x5000), long_mode()), Err(SetupError::Instruction(_))));
+    assert_eq!(
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()),
+        Err(SetupError::Invalidate(InvalidateError::NoInveptType))
+    );
 }
 
 #[test]
@@ -400,10 +413,10 @@ fn set_up_again_still_resumes_and_a_non_clear_launch_falls_back_to_resume() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
         vcpu.hw_script(ScriptedExit { reason: 12, qualification: 0, gpa: 0 });
         assert_eq!(vcpu.run(), Ok(VmExit::Hlt));
-        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
         vcpu.hw_script(ScriptedExit { reason: 18, qualification: 0, gpa: 0 });
         assert_eq!(vcpu.run(), Ok(VmExit::Vmcall));
     }
@@ -414,7 +427,7 @@ fn set_up_again_still_resumes_and_a_non_clear_launch_falls_back_to_resume() {
     cpu.next_exit = Some(ScriptedExit { reason: 12, qualification: 0, gpa: 0 });
     {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
         assert_eq!(vcpu.run(), Ok(VmExit::Hlt));
     }
     assert_eq!(cpu.entries, vec![false, true]);
@@ -435,7 +448,7 @@ fn preemption_timer_follows_the_pin_based_allowed_settings() {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
         assert!(vcpu.capabilities().has_preemption_timer());
         assert_eq!(vcpu.set_preemption_timer(Some(5)), Err(PreemptionTimerError::NotSetUp));
-        vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+        vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
         vcpu.set_preemption_timer(Some(0x1234)).unwrap();
         assert_ne!(vcpu.vmread(F::PIN_BASED_CONTROLS).unwrap() as u32 & c::PIN_PREEMPTION_TIMER, 0);
         assert_eq!(vcpu.vmread(F::PREEMPTION_TIMER_VALUE).unwrap(), 0x1234);
@@ -448,7 +461,7 @@ fn preemption_timer_follows_the_pin_based_allowed_settings() {
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     cpu.msrs.insert(IA32_VMX_TRUE_PINBASED_CTLS, (0x3fu64 << 32) | 0x16);
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     assert!(!vcpu.capabilities().has_preemption_timer());
     assert_eq!(vcpu.set_preemption_timer(Some(1)), Err(PreemptionTimerError::NotOffered));
     assert_eq!(vcpu.set_preemption_timer(None), Ok(()));
@@ -459,7 +472,7 @@ fn exception_injection_is_checked_like_vm_entry_checks_it() {
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     // #GP(0): vector 13, type 3, error code delivered, valid.
     vcpu.inject_exception(13, Some(0)).unwrap();
     assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 13 | (3 << 8) | (1 << 11) | (1 << 31));
@@ -482,7 +495,7 @@ fn an_event_interrupted_by_an_exit_is_queued_again() {
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    vcpu.setup(HostPhysAddr::new(0x5000), long_mode()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     // Nothing was being delivered.
     assert_eq!(vcpu.reinject_interrupted_event(), Ok(false));
     assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 0);
@@ -499,4 +512,167 @@ fn an_event_interrupted_by_an_exit_is_queued_again() {
     assert_eq!(vcpu.reinject_interrupted_event(), Ok(true));
     assert_eq!(vcpu.vmread(F::ENTRY_INTERRUPTION_INFO).unwrap(), 0x8000_0603);
     assert_eq!(vcpu.vmread(F::ENTRY_INSTRUCTION_LENGTH).unwrap(), 1);
+}
+
+#[test]
+fn eptp_of_a_five_level_table_has_walk_length_five() {
+    use twostage_npt::{Ept5, PageTable, TableOptions};
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP | (1 << 7));
+    let table = PageTable::<Ept5, _>::new(&ram, TableOptions::for_format::<Ept5>()).unwrap();
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(&table, long_mode()).unwrap();
+    }
+    // Bits 5:3 hold the walk length minus one (Intel SDM Vol. 3C 25.6.11, Table 25-9).
+    assert_eq!((cpu.vmcs[&F::EPT_POINTER.0] >> 3) & 7, 4, "a 5-level table needs a 5-level walk");
+}
+
+#[test]
+fn eptp_of_a_table_with_hardware_ad_enables_ad() {
+    use twostage_npt::{AdMode, Ept4, PageTable, TableOptions};
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let opts = TableOptions { ad: AdMode::Hardware, ..TableOptions::for_format::<Ept4>() };
+    let table = PageTable::<Ept4, _>::new(&ram, opts).unwrap();
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        vcpu.setup(&table, long_mode()).unwrap();
+        let eptp = vcpu.hardware().vmcs[&F::EPT_POINTER.0];
+        assert_ne!(eptp & (1 << 6), 0, "a table whose A/D the CPU keeps needs EPTP bit 6");
+        assert!(vcpu.ept_ad_enabled());
+        // A table without hardware A/D on the same CPU gets A/D off: no wish can disagree.
+        let preset = TableOptions { ad: AdMode::Preset, ..opts };
+        let plain = PageTable::<Ept4, _>::new(&ram, preset).unwrap();
+        let eptp = vcpu.load_ept(&plain).unwrap();
+        assert!(!eptp.accessed_dirty() && !vcpu.ept_ad_enabled());
+        // A table with hardware A/D on a CPU without them is refused, not run with A/D off.
+        let mut sandy = FakeCpu::skylake(SANDY_EPT_CAP);
+        let mut vcpu = VmxVcpu::new(&mut sandy, &ram, VcpuConfig::default()).unwrap();
+        assert_eq!(
+            vcpu.setup(&table, long_mode()),
+            Err(SetupError::EptPointer(twostage_npt::ept::EptPointerError::AccessedDirtyUnsupported))
+        );
+    }
+}
+
+#[test]
+fn invalidation_types_the_cpu_does_not_offer_are_never_issued() {
+    let caps = |raw| EptCapabilities::new(raw, 40);
+    // INVEPT: bit 20 (the instruction), 25 (single-context), 26 (all-context).
+    assert_eq!(invept_kind(&caps(SKYLAKE_EPT_CAP)), Ok(InveptKind::SingleContext));
+    assert_eq!(invept_kind(&caps(SKYLAKE_EPT_CAP & !(1 << 25))), Ok(InveptKind::AllContext));
+    assert_eq!(invept_kind(&caps(SKYLAKE_EPT_CAP & !(3 << 25))), Err(InvalidateError::NoInveptType));
+    assert_eq!(invept_kind(&caps(SKYLAKE_EPT_CAP & !(1 << 20))), Err(InvalidateError::NoInveptType));
+    // INVVPID: bit 32 (the instruction), 41 (single-context), 42 (all-context); 40
+    // (individual-address) cannot flush a whole VPID.
+    assert_eq!(invvpid_kind(&caps(SKYLAKE_EPT_CAP)), Ok(InvvpidKind::SingleContext));
+    assert_eq!(invvpid_kind(&caps(SKYLAKE_EPT_CAP & !(1 << 41))), Ok(InvvpidKind::AllContext));
+    assert_eq!(invvpid_kind(&caps(SKYLAKE_EPT_CAP & !(3 << 41))), Err(InvalidateError::NoInvvpidType));
+    assert_eq!(invvpid_kind(&caps(SKYLAKE_EPT_CAP & !(1 << 32))), Err(InvalidateError::NoInvvpidType));
+}
+
+#[test]
+fn vpids_without_a_usable_invvpid_type_are_refused_before_the_vmcs_is_touched() {
+    let ram = HostRam::new(16);
+    // INVVPID with individual-address only (bit 40): VPID 1 could never be flushed whole.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP & !(3 << 41));
+    {
+        let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+        let r = vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode());
+        assert_eq!(r, Err(SetupError::Invalidate(InvalidateError::NoInvvpidType)));
+        assert_eq!(vcpu.run(), Err(EntryError::NotSetUp));
+    }
+    assert!(cpu.invvpid.is_empty() && cpu.vmcs.is_empty(), "nothing issued, nothing written");
+    // Without VPIDs the same CPU runs guests.
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig { vpid: None }).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    assert_eq!(vcpu.vpid(), None);
+    // Every error has a message of its own.
+    let msg = SetupError::Invalidate(InvalidateError::NoInvvpidType).to_string();
+    assert!(msg.contains("INVVPID") && msg.contains("41"), "{msg}");
+    let e: &dyn std::error::Error = &SetupError::Invalidate(InvalidateError::NoInveptType);
+    assert!(e.source().is_some_and(|s| s.to_string().contains("INVEPT")));
+}
+
+#[test]
+fn an_ept_violation_during_iret_restores_blocking_by_nmi() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    // IRET from an NMI handler reads its stack frame from an unmapped page: qualification
+    // bit 12 "NMI unblocking due to IRET" (Intel SDM Vol. 3C 28.2.1, Table 28-7). NMI
+    // exiting and virtual NMIs are both 0 here, so the bit is defined.
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181 | (1 << 12), gpa: 0x7000 });
+    let VmExit::EptViolation(v) = vcpu.run().unwrap() else { panic!("not an EPT violation") };
+    assert!(v.qualification.nmi_unblocking());
+    // Blocking by NMI (interruptibility bit 3, Vol. 3C 25.4.2, Table 25-3) is set again, so
+    // the re-executed IRET finds NMIs blocked as they were.
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap() & (1 << 3), 1 << 3);
+    // Without bit 12 nothing changes.
+    vcpu.vmwrite(F::GUEST_INTERRUPTIBILITY, 0).unwrap();
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181, gpa: 0x7000 });
+    vcpu.run().unwrap();
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
+    // Bit 12 is undefined when the exit interrupted event delivery (IDT-vectoring valid).
+    vcpu.hardware_mut().vmcs.insert(F::IDT_VECTORING_INFO.0, 0x8000_0b0e);
+    vcpu.hw_script(ScriptedExit { reason: 48, qualification: 0x181 | (1 << 12), gpa: 0x7000 });
+    vcpu.run().unwrap();
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
+}
+
+#[test]
+fn guest_cpuid_reports_the_physical_address_bits_the_ept_walk_covers() {
+    let ram = HostRam::new(16);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    cpu.phys_bits = 52;
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
+    assert_eq!(vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff, 48, "before an EPT is loaded: 4-level");
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    assert_eq!(vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff, 48, "guest-physical bits above 47 would alias");
+    assert_eq!(vcpu.hardware().cpuid(0x8000_0008, 0).eax & 0xff, 52);
+    assert_eq!(vcpu.guest_cpuid(1, 0).ecx & CPUID_1_ECX_VMX, 0, "no VMX in the guest");
+}
+
+#[test]
+fn every_public_error_says_what_went_wrong() {
+    use crate::decode::DecodeError;
+    use crate::emulate::EferWriteError;
+    use crate::exit::VmInstructionError;
+    use std::error::Error;
+    let failure = VmxInstructionFailure { instruction: "INVEPT", error: Some(VmInstructionError(28)) };
+    let errors: Vec<Box<dyn Error>> = vec![
+        Box::new(VmxOnError::Unsupported(VmxUnsupported::NoEpt)),
+        Box::new(VmxOnError::OutOfFrames),
+        Box::new(VmxOnError::from(failure)),
+        Box::new(SetupError::from(ControlUnsupported { field: ControlField::Entry, missing: 1 << 9 })),
+        Box::new(SetupError::NeedsUnrestrictedGuest),
+        Box::new(SetupError::from(InvalidateError::from(failure))),
+        Box::new(PreemptionTimerError::NotOffered),
+        Box::new(PreemptionTimerError::NotSetUp),
+        Box::new(InjectError::BadVector(2)),
+        Box::new(InjectError::ErrorCodeMismatch { vector: 14 }),
+        Box::new(InjectError::ErrorCodeMismatch { vector: 6 }),
+        Box::new(InjectError::BadErrorCode(0x1_0000)),
+        Box::new(EntryError::NotSetUp),
+        Box::new(EntryError::from(failure)),
+        Box::new(BadRegister(4)),
+        Box::new(DecodeError::TooLong),
+        Box::new(EferWriteError::LmeWithPaging),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for e in &errors {
+        let m = e.to_string();
+        assert!(m.len() > 20 && !m.contains("Instruction(") && seen.insert(m.clone()), "{m}");
+    }
+    // `?` carries an instruction failure into every operation error, and the chain keeps it.
+    fn setup_like() -> Result<(), SetupError> {
+        Err(VmxInstructionFailure { instruction: "VMWRITE", error: None })?
+    }
+    let e = setup_like().unwrap_err();
+    assert_eq!(e.source().map(|s| s.to_string()), Some("VMWRITE failed: VMfailInvalid".into()));
+    let chained = SetupError::from(InvalidateError::from(failure));
+    let inner = chained.source().and_then(|s| s.source()).and_then(|s| s.source()).unwrap();
+    assert!(inner.to_string().contains("invalid operand to INVEPT/INVVPID"));
 }

@@ -1,33 +1,37 @@
 //! `VmxVcpu`: VMXON, the VMCS with EPT (and VPID, unrestricted guest), entering the guest,
 //! decoding its exits, and carrying out the engine's invalidations.
 //!
-//! The flow and names are the seed design's: [`VmxVcpu::setup`] (ept_root, entry) ->
-//! [`VmxVcpu::setup_vmcs`] -> [`VmxVcpu::setup_vmcs_control`] (EPT on in the secondary controls)
-//! -> [`VmxVcpu::set_ept_pointer`] (EPTP checked against the capabilities, written, INVEPT).
+//! The flow: [`VmxVcpu::new`] (capability checks, VMXON, a fresh current VMCS) ->
+//! [`VmxVcpu::setup`] (the EPT table and the entry state: host state, guest state, controls, then
+//! the EPT pointer derived from the table) -> [`VmxVcpu::run`] (entry, exit decoded) ->
+//! [`VmxVcpu::invalidate`] for each flush token of the table; [`VmxVcpu::load_ept`] moves the
+//! vCPU to another table.
 
 use crate::caps::{
     enable_feature_control, ControlField, ControlUnsupported, VmxCapabilities, VmxUnsupported, CR4_VMXE,
 };
 use crate::controls::{self as c, access_rights as ar};
-use crate::exit::{decode_exit, VmExit, VmInstructionError};
+use crate::exit::{decode_exit, restores_nmi_blocking, VmExit, VmInstructionError, INTERRUPTIBILITY_BLOCKING_BY_NMI};
 use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
-use twostage_npt::ept::{EptCapabilities, EptPointer, EptPointerError};
-use twostage_npt::{EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo};
+use twostage_npt::ept::{EptCapabilities, EptFormat, EptPointer, EptPointerError};
+use twostage_npt::{
+    EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo, PageTable,
+};
 
-/// What the hypervisor wants from the vCPU, before the CPU's capabilities are applied.
+/// What the hypervisor wants from the vCPU, before the CPU's capabilities are applied. Whether
+/// EPT accessed/dirty flags are on is not a wish here: it follows the table (its
+/// [`twostage_npt::AdMode`]), so that the EPTP always matches the table it points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VcpuConfig {
-    /// Use EPT accessed/dirty flags when the CPU offers them (EPTP bit 6).
-    pub want_ept_ad: bool,
     /// Tag the guest's TLB entries with this VPID (non-zero) when the CPU offers VPIDs.
     pub vpid: Option<u16>,
 }
 
 impl Default for VcpuConfig {
     fn default() -> Self {
-        Self { want_ept_ad: true, vpid: Some(1) }
+        Self { vpid: Some(1) }
     }
 }
 
@@ -77,6 +81,12 @@ impl fmt::Display for VmxInstructionFailure {
     }
 }
 
+impl core::error::Error for VmxInstructionFailure {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        self.error.as_ref().map(|e| e as _)
+    }
+}
+
 /// Why VMX operation could not be entered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmxOnError {
@@ -93,23 +103,61 @@ pub enum VmxOnError {
 pub enum SetupError {
     /// A control twostage needs is not allowed to be 1.
     Control(ControlUnsupported),
-    /// [`VmxVcpu::set_ept_root`] was never called.
-    NoEptRoot,
-    /// The EPT pointer does not fit the CPU's capabilities.
+    /// The table's EPT pointer does not fit the CPU's capabilities (a walk length, A/D flags or
+    /// a memory type it does not offer, or a root above MAXPHYADDR).
     EptPointer(EptPointerError),
     /// The entry state needs unrestricted guest, which the CPU lacks.
     NeedsUnrestrictedGuest,
-    /// A VMWRITE or an invalidation failed.
+    /// The INVEPT or INVVPID the setup needs cannot be issued, or failed.
+    Invalidate(InvalidateError),
+    /// A VMWRITE failed.
     Instruction(VmxInstructionFailure),
 }
 
 /// Why an invalidation could not be carried out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InvalidateError {
-    /// The CPU offers neither single- nor all-context INVEPT.
-    NoInvept,
-    /// INVEPT failed.
+    /// IA32_VMX_EPT_VPID_CAP offers no INVEPT type twostage can use: neither single-context
+    /// (bits 20 and 25) nor all-context (bits 20 and 26) (Intel SDM Vol. 3D Appendix A.10). An
+    /// INVEPT of a type not offered fails (Vol. 2A "INVEPT"), so none is issued.
+    NoInveptType,
+    /// VPIDs are in use and IA32_VMX_EPT_VPID_CAP offers no INVVPID type that covers a whole
+    /// VPID: neither single-context (bits 32 and 41) nor all-context (bits 32 and 42) (Intel
+    /// SDM Vol. 3D Appendix A.10).
+    NoInvvpidType,
+    /// INVEPT or INVVPID failed.
     Instruction(VmxInstructionFailure),
+}
+
+/// The INVEPT type that invalidates the mappings of one EPTP on this CPU: single-context where
+/// offered, else all-context (which covers it too), else an error: a type the CPU does not
+/// offer is never issued (Intel SDM Vol. 3D Appendix A.10, bits 20, 25, 26; Vol. 3C 29.4.3.1).
+pub fn invept_kind(caps: &EptCapabilities) -> Result<InveptKind, InvalidateError> {
+    if !caps.invept() {
+        Err(InvalidateError::NoInveptType)
+    } else if caps.invept_single_context() {
+        Ok(InveptKind::SingleContext)
+    } else if caps.invept_all_context() {
+        Ok(InveptKind::AllContext)
+    } else {
+        Err(InvalidateError::NoInveptType)
+    }
+}
+
+/// The INVVPID type that invalidates every mapping of one VPID on this CPU: single-context where
+/// offered, else all-context, else an error (Intel SDM Vol. 3D Appendix A.10, bits 32, 41, 42;
+/// Vol. 3C 29.4.3.3). Individual-address (bit 40) covers one linear address only, so it is not a
+/// substitute.
+pub fn invvpid_kind(caps: &EptCapabilities) -> Result<InvvpidKind, InvalidateError> {
+    if !caps.invvpid() {
+        Err(InvalidateError::NoInvvpidType)
+    } else if caps.invvpid_single_context() {
+        Ok(InvvpidKind::SingleContext)
+    } else if caps.invvpid_all_context() {
+        Ok(InvvpidKind::AllContext)
+    } else {
+        Err(InvalidateError::NoInvvpidType)
+    }
 }
 
 /// Why the VMX-preemption timer could not be armed.
@@ -155,8 +203,203 @@ pub enum EntryError {
     /// VMLAUNCH/VMRESUME itself failed (its checks of controls and host state, Intel SDM
     /// Vol. 3C 27.1-27.2), with the VM-instruction error.
     Instruction(VmxInstructionFailure),
-    /// A VMREAD of an exit field failed.
+    /// A VMREAD of an exit field failed, or the VMWRITE of guest state that the exit calls
+    /// for (blocking by NMI restored after an IRET, see [`crate::exit::restores_nmi_blocking`]).
     ExitFields(VmxInstructionFailure),
+}
+
+impl fmt::Display for VmxOnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unsupported(e) => write!(f, "VMX cannot be used on this CPU: {e}"),
+            Self::OutOfFrames => f.write_str("no free frame for the VMXON region or the VMCS"),
+            Self::Instruction(e) => write!(f, "entering VMX operation: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for VmxOnError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Unsupported(e) => Some(e),
+            Self::OutOfFrames => None,
+            Self::Instruction(e) => Some(e),
+        }
+    }
+}
+
+impl From<VmxUnsupported> for VmxOnError {
+    fn from(e: VmxUnsupported) -> Self {
+        Self::Unsupported(e)
+    }
+}
+
+impl From<VmxInstructionFailure> for VmxOnError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Control(e) => write!(f, "VMCS setup: {e}"),
+            Self::EptPointer(e) => write!(f, "VMCS setup: the table's EPT pointer does not fit this CPU: {e}"),
+            Self::NeedsUnrestrictedGuest => {
+                f.write_str("VMCS setup: the guest starts with paging off and the CPU lacks unrestricted guest")
+            }
+            Self::Invalidate(e) => write!(f, "VMCS setup: {e}"),
+            Self::Instruction(e) => write!(f, "VMCS setup: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Control(e) => Some(e),
+            Self::EptPointer(e) => Some(e),
+            Self::NeedsUnrestrictedGuest => None,
+            Self::Invalidate(e) => Some(e),
+            Self::Instruction(e) => Some(e),
+        }
+    }
+}
+
+impl From<ControlUnsupported> for SetupError {
+    fn from(e: ControlUnsupported) -> Self {
+        Self::Control(e)
+    }
+}
+
+impl From<EptPointerError> for SetupError {
+    fn from(e: EptPointerError) -> Self {
+        Self::EptPointer(e)
+    }
+}
+
+impl From<InvalidateError> for SetupError {
+    fn from(e: InvalidateError) -> Self {
+        Self::Invalidate(e)
+    }
+}
+
+impl From<VmxInstructionFailure> for SetupError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl fmt::Display for InvalidateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoInveptType => f.write_str(
+                "the CPU offers no usable INVEPT type (IA32_VMX_EPT_VPID_CAP bits 20, 25, 26): \
+                 cached EPT translations cannot be invalidated",
+            ),
+            Self::NoInvvpidType => f.write_str(
+                "VPIDs are in use and the CPU offers no single- or all-context INVVPID \
+                 (IA32_VMX_EPT_VPID_CAP bits 32, 41, 42)",
+            ),
+            Self::Instruction(e) => write!(f, "invalidation: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for InvalidateError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Instruction(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<VmxInstructionFailure> for InvalidateError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl fmt::Display for PreemptionTimerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotOffered => f.write_str("the CPU does not offer the VMX-preemption timer (pin-based bit 6)"),
+            Self::NotSetUp => f.write_str("the preemption timer needs a VMCS set up first"),
+            Self::Instruction(e) => write!(f, "preemption timer: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for PreemptionTimerError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Instruction(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<VmxInstructionFailure> for PreemptionTimerError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl fmt::Display for InjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadVector(v) => write!(f, "vector {v} is not a hardware exception that can be injected"),
+            Self::ErrorCodeMismatch { vector } if exception_has_error_code(*vector) => {
+                write!(f, "exception {vector} delivers an error code and none was given")
+            }
+            Self::ErrorCodeMismatch { vector } => {
+                write!(f, "exception {vector} delivers no error code and one was given")
+            }
+            Self::BadErrorCode(c) => write!(f, "error code {c:#x} does not fit in 16 bits"),
+            Self::Instruction(e) => write!(f, "exception injection: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for InjectError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::Instruction(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<VmxInstructionFailure> for InjectError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotSetUp => f.write_str("VM entry before the VMCS was set up"),
+            Self::Instruction(e) => write!(f, "VM entry: {e}"),
+            Self::ExitFields(e) => write!(f, "after the VM exit: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for EntryError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Self::NotSetUp => None,
+            Self::Instruction(e) | Self::ExitFields(e) => Some(e),
+        }
+    }
+}
+
+impl From<VmxInstructionFailure> for EntryError {
+    fn from(e: VmxInstructionFailure) -> Self {
+        Self::Instruction(e)
+    }
 }
 
 /// One virtual CPU in VMX operation, owning its VMXON region and VMCS.
@@ -168,7 +411,6 @@ pub struct VmxVcpu<H: VmxHardware, A: FrameAllocator> {
     config: VcpuConfig,
     vmxon_region: HostPhysAddr,
     vmcs: HostPhysAddr,
-    ept_root: Option<HostPhysAddr>,
     eptp: Option<EptPointer>,
     vpid: Option<u16>,
     unrestricted: bool,
@@ -192,11 +434,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     /// executes VMXON, and makes a fresh VMCS current (Intel SDM Vol. 3C 24.7, 25.11.3).
     pub fn new(mut hw: H, alloc: A, config: VcpuConfig) -> Result<Self, VmxOnError> {
         let caps = VmxCapabilities::probe(&hw).map_err(VmxOnError::Unsupported)?;
-        let ev = caps.require_ept().map_err(VmxOnError::Unsupported)?;
-        // MAXPHYADDR: CPUID.80000008H:EAX[7:0] (Intel SDM Vol. 3A 4.1.4).
-        let max_phys =
-            if hw.cpuid(0x8000_0000, 0).eax >= 0x8000_0008 { hw.cpuid(0x8000_0008, 0).eax as u8 } else { 36 };
-        let ept_caps = EptCapabilities::new(ev.raw, max_phys);
+        let ept_caps = caps.require_ept().map_err(VmxOnError::Unsupported)?;
         enable_feature_control(&mut hw).map_err(VmxOnError::Unsupported)?;
         let cr0 = hw.read_cr0();
         hw.write_cr0(caps.cr0.apply(cr0));
@@ -225,7 +463,6 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             config,
             vmxon_region,
             vmcs,
-            ept_root: None,
             eptp: None,
             vpid: None,
             unrestricted: false,
@@ -275,35 +512,60 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.vpid
     }
 
-    /// Receives the root of the EPT the guest will run on (from the address space).
-    pub fn set_ept_root(&mut self, root: HostPhysAddr) {
-        self.ept_root = Some(root);
-    }
-
-    /// Sets up the VMCS for a guest starting at `entry` on the EPT rooted at `ept_root`.
-    pub fn setup(&mut self, ept_root: HostPhysAddr, entry: GuestEntry) -> Result<(), SetupError> {
-        self.set_ept_root(ept_root);
-        self.setup_vmcs(entry)
-    }
-
-    fn write(&mut self, field: F, value: u64) -> Result<(), SetupError> {
-        self.hw.vmwrite(field, value).map_err(|f| SetupError::Instruction(fail(&self.hw, "VMWRITE", f)))
-    }
-
-    /// Host state, guest state, controls, then the EPT pointer.
-    pub fn setup_vmcs(&mut self, entry: GuestEntry) -> Result<(), SetupError> {
+    /// Sets up the VMCS for a guest starting at `entry` on the EPT `ept`: host state, guest
+    /// state, controls, then the EPT pointer derived from the table (as [`VmxVcpu::load_ept`]).
+    /// What the CPU cannot do (the table's walk length or A/D flags, unrestricted guest, an
+    /// INVEPT or INVVPID type) is refused before the VMCS is touched.
+    pub fn setup<F: EptFormat, B: FrameAllocator>(
+        &mut self,
+        ept: &PageTable<F, B>,
+        entry: GuestEntry,
+    ) -> Result<(), SetupError> {
         self.ready = false;
-        self.unrestricted = matches!(entry, GuestEntry::Protected32 { .. });
-        if self.unrestricted && !self.caps.has_unrestricted_guest() {
+        let eptp = EptPointer::for_table(ept, &self.ept_caps)?;
+        invept_kind(&self.ept_caps)?;
+        let unrestricted = matches!(entry, GuestEntry::Protected32 { .. });
+        if unrestricted && !self.caps.has_unrestricted_guest() {
             return Err(SetupError::NeedsUnrestrictedGuest);
         }
+        let vpid = match self.config.vpid {
+            Some(v) if v != 0 && self.caps.has_vpid() => Some((v, invvpid_kind(&self.ept_caps)?)),
+            _ => None,
+        };
+        self.unrestricted = unrestricted;
         self.setup_vmcs_host()?;
         self.setup_vmcs_guest(entry)?;
-        self.setup_vmcs_control(matches!(entry, GuestEntry::LongMode { .. }))?;
-        self.set_ept_pointer()?;
+        self.setup_controls(matches!(entry, GuestEntry::LongMode { .. }), vpid)?;
+        self.load_eptp(eptp)?;
         // The launch state is left alone: only VMCLEAR makes a VMCS clear again
         // (Intel SDM Vol. 3C 25.11.3), so a VMCS set up again is still resumed.
         self.ready = true;
+        Ok(())
+    }
+
+    /// Moves the vCPU to the EPT `ept` (another address space, or back to its own): the EPT
+    /// pointer is derived from the table — walk length from its format ([`EptFormat`]), A/D flags
+    /// exactly when the table's A/D bits are hardware-managed, write-back paging structures —
+    /// checked against the capabilities ([`EptPointer::for_table`]), written into the VMCS, and
+    /// followed by INVEPT for it, so nothing cached from an earlier use of that EPTP survives.
+    pub fn load_ept<F: EptFormat, B: FrameAllocator>(
+        &mut self,
+        ept: &PageTable<F, B>,
+    ) -> Result<EptPointer, SetupError> {
+        let eptp = EptPointer::for_table(ept, &self.ept_caps)?;
+        self.load_eptp(eptp)?;
+        Ok(eptp)
+    }
+
+    fn write(&mut self, field: F, value: u64) -> Result<(), SetupError> {
+        Ok(self.vmwrite(field, value)?)
+    }
+
+    fn load_eptp(&mut self, eptp: EptPointer) -> Result<(), SetupError> {
+        let kind = invept_kind(&self.ept_caps)?;
+        self.write(F::EPT_POINTER, eptp.bits())?;
+        self.eptp = Some(eptp);
+        self.hw.invept(kind, eptp.bits()).map_err(|f| InvalidateError::Instruction(fail(&self.hw, "INVEPT", f)))?;
         Ok(())
     }
 
@@ -413,8 +675,9 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     }
 
     /// The VM-execution, exit and entry controls: HLT and every I/O instruction exit, EPT on,
-    /// VPID and unrestricted guest when wanted and offered; 64-bit host; EFER saved and loaded.
-    pub fn setup_vmcs_control(&mut self, long_mode_guest: bool) -> Result<(), SetupError> {
+    /// VPID (with the INVVPID type to flush it) and unrestricted guest when wanted and offered;
+    /// 64-bit host; EFER saved and loaded.
+    fn setup_controls(&mut self, long_mode_guest: bool, vpid: Option<(u16, InvvpidKind)>) -> Result<(), SetupError> {
         let caps = self.caps;
         let pin = caps.pin.compute(ControlField::PinBased, 0).map_err(SetupError::Control)?;
         let proc1 = caps
@@ -425,13 +688,10 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             )
             .map_err(SetupError::Control)?;
         let mut want2 = c::PROC2_ENABLE_EPT;
-        self.vpid = match self.config.vpid {
-            Some(v) if v != 0 && caps.has_vpid() => {
-                want2 |= c::PROC2_ENABLE_VPID;
-                Some(v)
-            }
-            _ => None,
-        };
+        self.vpid = vpid.map(|(v, _)| v);
+        if vpid.is_some() {
+            want2 |= c::PROC2_ENABLE_VPID;
+        }
         if self.unrestricted {
             want2 |= c::PROC2_UNRESTRICTED_GUEST;
         }
@@ -458,61 +718,29 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.write(F::EXIT_MSR_LOAD_COUNT, 0)?;
         self.write(F::ENTRY_MSR_LOAD_COUNT, 0)?;
         self.write(F::ENTRY_INTERRUPTION_INFO, 0)?;
-        if let Some(v) = self.vpid {
+        if let Some((v, kind)) = vpid {
             self.write(F::VPID, u64::from(v))?;
             // Drop anything cached under this VPID before first use (Intel SDM Vol. 3C 29.4.3.3).
-            let kind = if self.ept_caps.invvpid_single_context() {
-                InvvpidKind::SingleContext
-            } else {
-                InvvpidKind::AllContext
-            };
-            self.hw.invvpid(kind, v, 0).map_err(|f| SetupError::Instruction(fail(&self.hw, "INVVPID", f)))?;
+            self.hw.invvpid(kind, v, 0).map_err(|f| InvalidateError::Instruction(fail(&self.hw, "INVVPID", f)))?;
         }
         Ok(())
     }
 
-    /// Builds the EPT pointer (write-back, 4-level walk, A/D when wanted and offered), checks it
-    /// against the capabilities, writes it into the VMCS and runs INVEPT for it.
-    pub fn set_ept_pointer(&mut self) -> Result<EptPointer, SetupError> {
-        let root = self.ept_root.ok_or(SetupError::NoEptRoot)?;
-        let ad = self.config.want_ept_ad && self.ept_caps.accessed_dirty();
-        let eptp = EptPointer::new(root, 4, ad, &self.ept_caps).map_err(SetupError::EptPointer)?;
-        self.write(F::EPT_POINTER, eptp.bits())?;
-        self.eptp = Some(eptp);
-        self.invept_current().map_err(|e| match e {
-            InvalidateError::Instruction(f) => SetupError::Instruction(f),
-            _ => SetupError::Instruction(VmxInstructionFailure { instruction: "INVEPT (not offered)", error: None }),
-        })?;
-        Ok(eptp)
-    }
-
-    /// INVEPT for the current EPTP: single-context where offered, else all-context
-    /// (Intel SDM Vol. 3C 29.4.3.1).
-    fn invept_current(&mut self) -> Result<InveptKind, InvalidateError> {
-        let Some(eptp) = self.eptp else { return Ok(InveptKind::SingleContext) };
-        let kind = if self.ept_caps.invept_single_context() {
-            InveptKind::SingleContext
-        } else if self.ept_caps.invept_all_context() {
-            InveptKind::AllContext
-        } else {
-            return Err(InvalidateError::NoInvept);
-        };
-        self.hw.invept(kind, eptp.bits()).map_err(|f| InvalidateError::Instruction(fail(&self.hw, "INVEPT", f)))?;
-        Ok(kind)
-    }
-
-    /// Carries out an engine invalidation. Returns the INVEPT type used, or `None` when nothing
-    /// was needed (or the table is not the one this vCPU has loaded).
+    /// Carries out an engine invalidation: INVEPT of the type [`invept_kind`] picks. Returns the
+    /// type used, or `None` when nothing was needed (or the table is not the one this vCPU has
+    /// loaded).
     pub fn invalidate(&mut self, inv: &EptInvalidation) -> Result<Option<InveptKind>, InvalidateError> {
         match *inv {
             EptInvalidation::None => Ok(None),
-            EptInvalidation::SingleContext { root } => {
-                if self.eptp.is_some_and(|p| p.root() == root) {
-                    self.invept_current().map(Some)
-                } else {
-                    Ok(None)
+            EptInvalidation::SingleContext { root } => match self.eptp {
+                Some(eptp) if eptp.root() == root => {
+                    let kind = invept_kind(&self.ept_caps)?;
+                    self.hw.invept(kind, eptp.bits()).map_err(|f| fail(&self.hw, "INVEPT", f))?;
+                    Ok(Some(kind))
                 }
-            }
+                // Not loaded here: [`VmxVcpu::load_ept`] runs INVEPT when it is loaded again.
+                _ => Ok(None),
+            },
         }
     }
 
@@ -547,6 +775,19 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             read(F::GUEST_LINEAR_ADDRESS)?,
             read(F::EXIT_INTERRUPTION_INFO)? as u32,
         );
+        if let VmExit::EptViolation(v) = exit {
+            // An IRET stopped by this EPT violation had already unblocked NMIs: block them again
+            // so that the IRET, executed again on resume, starts as it did (Intel SDM Vol. 3C
+            // 28.2.3; see `restores_nmi_blocking`).
+            let idt = read(F::IDT_VECTORING_INFO)? as u32;
+            let pin = read(F::PIN_BASED_CONTROLS)? as u32;
+            if restores_nmi_blocking(v.qualification, idt, pin) {
+                let state = read(F::GUEST_INTERRUPTIBILITY)?;
+                self.hw
+                    .vmwrite(F::GUEST_INTERRUPTIBILITY, state | INTERRUPTIBILITY_BLOCKING_BY_NMI)
+                    .map_err(|f| EntryError::ExitFields(fail(&self.hw, "VMWRITE", f)))?;
+            }
+        }
         // A successful VMLAUNCH makes the VMCS launched (Intel SDM Vol. 3C 31.3, VMLAUNCH/VMRESUME);
         // after a failed entry (27.8) the state is kept as it was, and the fallback above covers
         // a processor that launched it anyway.
@@ -578,7 +819,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     }
 
     /// Arms the VMX-preemption timer with `ticks` (each tick is 2^X TSC cycles, X from
-    /// IA32_VMX_MISC[4:0]), or disarms it with `None`. The value is reloaded at every VM entry
+    /// IA32_VMX_MISC bits 4:0), or disarms it with `None`. The value is reloaded at every VM entry
     /// (the "save" exit control stays off), so it bounds the time between two exits; expiry
     /// exits with reason 52 (Intel SDM Vol. 3C 26.5.1, 25.6.1 Table 25-5). Call it after
     /// [`VmxVcpu::setup`], which rewrites the pin-based controls.
@@ -645,12 +886,20 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         Ok(true)
     }
 
-    /// The last exit, if it was an EPT violation, as the seed's `NestedPageFaultInfo`.
+    /// The last exit, if it was an EPT violation, as the address space's `NestedPageFaultInfo`.
     pub fn nested_page_fault_info(&self) -> Option<NestedPageFaultInfo> {
         match self.last_exit {
             Some(VmExit::EptViolation(v)) => Some(v.nested_page_fault_info()),
             _ => None,
         }
+    }
+
+    /// What the guest's CPUID of `leaf`/`subleaf` returns: the host's answer filtered by
+    /// [`crate::cpuid::filter`] for the EPT in use (a 4-level walk is assumed before one is
+    /// loaded, the smaller of the two). Handlers of CPUID exits (reason 10) use this.
+    pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
+        let walk_length = self.eptp.map_or(4, |p| p.walk_length());
+        crate::cpuid::filter_for_walk(leaf, self.hw.cpuid(leaf, subleaf), walk_length)
     }
 
     /// The VM-instruction error of the last failed VMX instruction (Intel SDM Vol. 3C 31.4).

@@ -142,8 +142,7 @@ pub(crate) fn s_hostile(hv: &mut Hv, c: &Ctx) -> Res {
     let before = hv.frames.stats().in_use;
     let r = hostile_inner(hv, c);
     // Whatever happened, the bundled guest goes back to its own EPT and entry state.
-    let root = hv.ept.root();
-    ctx(hv.vcpu.setup(root, guest::entry()), "setup of the bundled guest")?;
+    ctx(hv.vcpu.setup(&hv.ept, guest::entry()), "setup of the bundled guest")?;
     let after = hv.frames.stats().in_use;
     let detail = r?;
     ensure!(after == before, "host frames in use {before} before, {after} after the hostile runs");
@@ -161,9 +160,10 @@ fn hostile_inner(hv: &mut Hv, c: &Ctx) -> Result<String, String> {
         "   seed {SEED:#x}; {RUNS} runs of at most {MAX_EXITS} exits; preemption timer {}",
         if timer { format!("{TIMER_TICKS} ticks of 2^{rate} TSC cycles") } else { String::from("not offered") }
     );
-    // MAXPHYADDR bounds what MOV to CR3 may load (Intel SDM Vol. 3A 4.1.4; CPUID.80000008H:EAX[7:0]).
+    // MAXPHYADDR bounds what MOV to CR3 may load (Intel SDM Vol. 3A 4.1.4; CPUID.80000008H:EAX[7:0]),
+    // as the guest's CPUID reports it.
     let maxphys = if hv.vcpu.hardware().cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
-        hv.vcpu.hardware().cpuid(0x8000_0008, 0).eax & 0xff
+        hv.vcpu.guest_cpuid(0x8000_0008, 0).eax & 0xff
     } else {
         36
     };
@@ -201,9 +201,7 @@ fn hostile_inner(hv: &mut Hv, c: &Ctx) -> Result<String, String> {
             );
         }
         // Leave this space: the vCPU must not keep its EPTP loaded once it is gone.
-        let root = hv.ept.root();
-        hv.vcpu.set_ept_root(root);
-        ctx(hv.vcpu.set_ept_pointer(), "EPTP back to the bundled guest")?;
+        ctx(hv.vcpu.load_ept(&hv.ept), "EPTP back to the bundled guest")?;
         drop(space);
         let in_use = hv.frames.stats().in_use;
         ensure!(
@@ -258,7 +256,7 @@ fn one_run(
     for (gpa, bytes) in [(g::PML4, &tables[..]), (g::CODE, &code[..])] {
         let f = space.load_image(GuestPhysAddr::new(gpa), bytes).map_err(|e| format!("load_image: {:?}", e.error))?;
         space.flush(f, |inv| {
-            let _ = hv.vcpu.invalidate(inv);
+            crate::hv::invept(&mut hv.vcpu, inv);
         });
     }
     let rip = g::CODE + if rng.below(4) == 0 { rng.below(4096) } else { 0 };
@@ -267,7 +265,7 @@ fn one_run(
         rsp: GuestVirtAddr::new(0x8000),
         cr3: GuestPhysAddr::new(g::PML4),
     };
-    ctx(hv.vcpu.setup(space.root(), entry), "setup")?;
+    ctx(hv.vcpu.setup(space.table(), entry), "setup")?;
     let r = &mut hv.vcpu.regs;
     for reg in [
         &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rbp, &mut r.r8, &mut r.r9,
@@ -376,7 +374,7 @@ fn handle(
         VmExit::EptViolation(v) => match space.handle_fault(v.nested_page_fault_info()) {
             FaultOutcome::Resolved { flush } => {
                 space.flush(flush, |inv| {
-                    let _ = hv.vcpu.invalidate(inv);
+                    crate::hv::invept(&mut hv.vcpu, inv);
                 });
                 // A fault taken while delivering an event: deliver it again.
                 match hv.vcpu.reinject_interrupted_event() {
@@ -423,15 +421,13 @@ fn handle(
             }
         }
         VmExit::Cpuid => {
-            let leaf = hv.vcpu.regs.rax as u32;
-            let r = hv.vcpu.hardware().cpuid(leaf, hv.vcpu.regs.rcx as u32);
+            // The host's answer, filtered for the guest (VMX hidden, MAXPHYADDR within the EPT
+            // walk): twostage_vmx::cpuid::filter.
+            let r = hv.vcpu.guest_cpuid(hv.vcpu.regs.rax as u32, hv.vcpu.regs.rcx as u32);
             let regs = &mut hv.vcpu.regs;
             regs.rax = u64::from(r.eax);
             regs.rbx = u64::from(r.ebx);
-            // Leaf 1: hide VMX (ECX bit 5), say "hypervisor" (ECX bit 31) (Intel SDM Vol. 2A
-            // CPUID, Table 3-10).
-            let ecx = if leaf == 1 { (r.ecx & !(1 << 5)) | (1 << 31) } else { r.ecx };
-            regs.rcx = u64::from(ecx);
+            regs.rcx = u64::from(r.ecx);
             regs.rdx = u64::from(r.edx);
             advance(hv)
         }
@@ -535,7 +531,7 @@ fn emulate(hv: &mut Hv, space: &mut Space, t: &mut Tally, v: &EptViolation, dev:
     let fetched = {
         let vcpu = &mut hv.vcpu;
         let mut mem = space.memory(|inv| {
-            let _ = vcpu.invalidate(inv);
+            crate::hv::invept(vcpu, inv);
         });
         fetch_guest_instruction(&mut mem, &paging, GuestVirtAddr::new(rip), Isa::X86)
     };

@@ -11,17 +11,31 @@ use twostage_aspace::{
     GuestPaging, GuestVaError, Instruction, Isa,
 };
 use twostage_npt::{
-    Access, Ept4, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapError, MapSize, MappingFlags,
-    PageTable, RangeError, FRAME_SIZE,
+    Access, Ept4, EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapError, MapSize,
+    MappingFlags, PageTable, RangeError, FRAME_SIZE,
 };
 use twostage_vmx::decode::{decode_mmio, DecodeError, MmioInstruction, MmioOp};
-use twostage_vmx::hw::RealCpu;
+use twostage_vmx::hw::{InveptKind, RealCpu};
 use twostage_vmx::{EntryError, EptViolation, IoQualification, VmExit, VmcsField, VmxVcpu};
 
 /// The vCPU type of this image.
 pub type Vcpu = VmxVcpu<RealCpu, &'static Frames>;
 /// The EPT type of this image.
 pub type Ept = PageTable<Ept4, &'static Frames>;
+
+/// Carries out the INVEPT an EPT flush token asks for on `vcpu`; returns the type used, or
+/// `None` when nothing was needed.
+///
+/// A failure stops the image with a message naming the token and the reason: the engine frees
+/// the table frames the change retired as soon as the token has been carried out, and a CPU
+/// that kept the old translations (a missed INVEPT) could still reach them and the pages they
+/// mapped. No guest may run on after that, so nothing is returned to carry on with.
+pub fn invept(vcpu: &mut Vcpu, inv: &EptInvalidation) -> Option<InveptKind> {
+    match vcpu.invalidate(inv) {
+        Ok(kind) => kind,
+        Err(e) => panic!("stale EPT translation: {inv:?} could not be carried out: {e}; stopping every guest"),
+    }
+}
 
 /// What the memory subsystem and the exit loop did.
 #[derive(Clone, Copy, Debug, Default)]
@@ -197,13 +211,14 @@ pub struct Hv {
 }
 
 impl Hv {
-    /// Carries out a flush token: INVEPT when the change needs one, then frees retired frames.
+    /// Carries out a flush token: INVEPT when the change needs one (see [`invept`]: a failure
+    /// stops the image), then frees retired frames.
     pub fn flush(&mut self, f: twostage_npt::Flush<Ept4>) {
         let Hv { vcpu, ept, stats, .. } = self;
-        ept.flush(f, |inv| match vcpu.invalidate(inv) {
-            Ok(Some(_)) => stats.invepts += 1,
-            Ok(None) => {}
-            Err(e) => crate::println!("  INVEPT failed: {e:?}"),
+        ept.flush(f, |inv| {
+            if invept(vcpu, inv).is_some() {
+                stats.invepts += 1;
+            }
         });
     }
 

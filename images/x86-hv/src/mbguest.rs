@@ -14,7 +14,7 @@ use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
 use twostage_vmx::caps::IA32_EFER;
 use twostage_vmx::controls::CR0_PG;
 use twostage_vmx::emulate::efer_write;
-use twostage_vmx::hw::{RealCpu, VmxHardware};
+use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, VcpuConfig, VmExit, VmcsField, VmxVcpu};
 
 /// Guest RAM size.
@@ -168,7 +168,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
             }
         }
     }
-    if let Err(e) = vcpu.setup(space.root(), GuestEntry::Protected32 { eip: entry as u32, esp: 0 }) {
+    if let Err(e) = vcpu.setup(space.table(), GuestEntry::Protected32 { eip: entry as u32, esp: 0 }) {
         println!("VMCS setup: {e:?}");
         return FAILED;
     }
@@ -189,7 +189,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 FaultOutcome::Resolved { flush } => {
                     faults += 1;
                     space.flush(flush, |inv| {
-                        let _ = vcpu.invalidate(inv);
+                        crate::hv::invept(&mut vcpu, inv);
                     });
                     // A fault taken while delivering an event: deliver it again.
                     let _ = vcpu.reinject_interrupted_event();
@@ -221,7 +221,8 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 }
             }
             VmExit::Cpuid => {
-                let r = vcpu.hardware().cpuid(vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
+                // The host's answer, filtered for the guest (twostage_vmx::cpuid::filter).
+                let r = vcpu.guest_cpuid(vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
                 vcpu.regs.rax = u64::from(r.eax);
                 vcpu.regs.rbx = u64::from(r.ebx);
                 vcpu.regs.rcx = u64::from(r.ecx);

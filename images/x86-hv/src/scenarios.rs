@@ -15,7 +15,7 @@ use twostage_npt::{
 };
 use twostage_vmx::exit::EptViolation;
 use twostage_vmx::hw::RealCpu;
-use twostage_vmx::{EptVpidCaps, VcpuConfig, VmxVcpu};
+use twostage_vmx::{EptCapsSummary, VcpuConfig, VmxVcpu};
 
 /// What one scenario concluded.
 pub enum Outcome {
@@ -86,10 +86,8 @@ pub const CODE_1234: [u8; 6] = [0xb8, 0x34, 0x12, 0x00, 0x00, 0xc3];
 
 /// What the scenarios share.
 pub struct Ctx {
-    /// EPT capabilities.
+    /// EPT and VPID capabilities.
     pub ept: EptCapabilities,
-    /// The same, decoded by the glue.
-    pub caps: EptVpidCaps,
 }
 
 /// Runs the suite; returns the exit status (0 when every scenario passed).
@@ -106,7 +104,6 @@ pub fn run(frames: &'static Frames) -> u32 {
         }
     };
     let ept_caps = *vcpu.ept_capabilities();
-    let caps = vcpu.capabilities().ept_vpid.unwrap_or_default();
     let ept = match PageTable::<Ept4, _>::new(frames, ept_caps.table_options(true)) {
         Ok(t) => t,
         Err(e) => {
@@ -115,17 +112,15 @@ pub fn run(frames: &'static Frames) -> u32 {
         }
     };
     let mut hv = Hv { vcpu, ept, frames, stats: Stats::default() };
-    let setup = guest::build(&mut hv).map_err(String::from).and_then(|entry| {
-        let root = hv.ept.root();
-        ctx(hv.vcpu.setup(root, entry), "VMCS setup")
-    });
+    let setup =
+        guest::build(&mut hv).map_err(String::from).and_then(|entry| ctx(hv.vcpu.setup(&hv.ept, entry), "VMCS setup"));
     if let Err(e) = setup {
         println!("guest setup failed: {e}");
         println!("not ok 1 - capabilities");
         println!("0 passed, 1 failed");
         return 1;
     }
-    let c = Ctx { ept: ept_caps, caps };
+    let c = Ctx { ept: ept_caps };
     let list: [Scenario; 23] = [
         ("capabilities", s_capabilities),
         ("long-mode guest with its own page tables: hypercalls and forwarded COM1", s_guest_runs),
@@ -153,10 +148,10 @@ pub fn run(frames: &'static Frames) -> u32 {
     ];
     println!(
         "# twostage x86 suite on this CPU: EPT A/D {}, execute-only {}, 2M pages {}, 1G pages {}",
-        c.caps.accessed_dirty(),
-        c.caps.execute_only(),
-        c.caps.pages_2m(),
-        c.caps.pages_1g()
+        c.ept.accessed_dirty(),
+        c.ept.execute_only(),
+        c.ept.pages_2m(),
+        c.ept.pages_1g()
     );
     println!("# depends: 4 needs 2 MiB EPT pages; 7 needs execute-only EPT; 15 needs EPT A/D (SKIP without);");
     println!(
@@ -205,7 +200,7 @@ fn s_capabilities(hv: &mut Hv, c: &Ctx) -> Res {
         vc.has_vpid(),
         hv.vcpu.vpid()
     );
-    println!("   EPT/VPID: {}", c.caps);
+    println!("   EPT/VPID: {}", EptCapsSummary(&c.ept));
     println!("   EPTP: {:?}", hv.vcpu.ept_pointer());
     let o = hv.ept.options();
     println!(
@@ -215,13 +210,13 @@ fn s_capabilities(hv: &mut Hv, c: &Ctx) -> Res {
         o.ad,
         o.execute_only
     );
-    ensure!(c.caps.walk_4() && c.caps.memtype_wb(), "EPT lacks a 4-level write-back walk");
+    ensure!(c.ept.walk_length_4() && c.ept.memtype_wb(), "EPT lacks a 4-level write-back walk");
     let eptp = hv.vcpu.ept_pointer().ok_or("no EPTP")?;
     ensure!(
-        eptp.accessed_dirty() == c.caps.accessed_dirty(),
+        eptp.accessed_dirty() == c.ept.accessed_dirty(),
         "EPTP A/D bit {} but CPU A/D {}",
         eptp.accessed_dirty(),
-        c.caps.accessed_dirty()
+        c.ept.accessed_dirty()
     );
     Ok(Outcome::Pass)
 }
@@ -283,7 +278,7 @@ fn s_demand_zero(hv: &mut Hv, _c: &Ctx) -> Res {
 }
 
 fn s_huge_pages(hv: &mut Hv, c: &Ctx) -> Res {
-    if !c.caps.pages_2m() {
+    if !c.ept.pages_2m() {
         return Ok(Outcome::Skip("no 2 MiB EPT pages on this CPU".into()));
     }
     let hpa = hv.frames.allocate_frames(512, 512).ok_or("no 2 MiB of contiguous host memory")?;
@@ -377,7 +372,7 @@ fn s_exec_nx(hv: &mut Hv, _c: &Ctx) -> Res {
 }
 
 fn s_exec_only(hv: &mut Hv, c: &Ctx) -> Res {
-    if !c.caps.execute_only() {
+    if !c.ept.execute_only() {
         return Ok(Outcome::Skip("no execute-only EPT translations on this CPU (EPT_VPID_CAP bit 0)".into()));
     }
     map_frame_with(hv, gpa::XO, &CODE_1234, MappingFlags::EXECUTE)?;

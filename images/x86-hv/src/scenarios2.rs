@@ -24,7 +24,7 @@ fn op_on(hv: &mut Hv, space: &mut Space, op: Op) -> Result<u64, alloc::string::S
     let mut handler = |hv: &mut Hv, v: &EptViolation| match space.handle_fault(v.nested_page_fault_info()) {
         FaultOutcome::Resolved { flush } => {
             space.flush(flush, |inv| {
-                let _ = hv.vcpu.invalidate(inv);
+                crate::hv::invept(&mut hv.vcpu, inv);
             });
             FaultAction::Retry
         }
@@ -33,16 +33,15 @@ fn op_on(hv: &mut Hv, space: &mut Space, op: Op) -> Result<u64, alloc::string::S
     ctx(hv.op(op, &mut handler, &mut Unassigned), "guest op")
 }
 
-fn load_eptp(hv: &mut Hv, root: twostage_npt::HostPhysAddr) -> Result<(), alloc::string::String> {
-    hv.vcpu.set_ept_root(root);
-    ctx(hv.vcpu.set_ept_pointer(), "EPTP").map(drop)
+fn load_eptp(vcpu: &mut crate::hv::Vcpu, table: &crate::hv::Ept) -> Result<(), alloc::string::String> {
+    ctx(vcpu.load_ept(table), "EPTP").map(drop)
 }
 
 pub(crate) fn s_fork(hv: &mut Hv, c: &Ctx) -> Res {
     let before = hv.frames.stats().in_use;
     let r = fork_inner(hv, c);
     // Whatever happened, the bundled guest goes back to its own EPT.
-    load_eptp(hv, hv.ept.root())?;
+    load_eptp(&mut hv.vcpu, &hv.ept)?;
     let after = hv.frames.stats().in_use;
     r?;
     ensure!(after == before, "frames in use {before} before, {after} after both spaces were dropped");
@@ -75,25 +74,25 @@ fn guest_space(
 
 fn fork_inner(hv: &mut Hv, c: &Ctx) -> Result<(), alloc::string::String> {
     let (mut space, _) = guest_space(hv, c, gpa::FORK_DATA, 0x10000)?;
-    load_eptp(hv, space.root())?;
+    load_eptp(&mut hv.vcpu, space.table())?;
     op_on(hv, &mut space, Op::Write(gpa::FORK_DATA + 8, 0xFA7E))?;
     let (mut child, f) = space.fork().map_err(|e| alloc::format!("fork: {:?}", e.error))?;
     space.flush(f, |inv| {
-        let _ = hv.vcpu.invalidate(inv);
+        crate::hv::invept(&mut hv.vcpu, inv);
     });
-    load_eptp(hv, child.root())?;
+    load_eptp(&mut hv.vcpu, child.table())?;
     let seen = op_on(hv, &mut child, Op::Read(gpa::FORK_DATA + 8))?;
     ensure!(seen == 0xFA7E, "child reads {seen:#x} before writing");
     op_on(hv, &mut child, Op::Write(gpa::FORK_DATA + 8, 0xC41D))?;
     let child_sees = op_on(hv, &mut child, Op::Read(gpa::FORK_DATA + 8))?;
-    load_eptp(hv, space.root())?;
+    load_eptp(&mut hv.vcpu, space.table())?;
     let parent_sees = op_on(hv, &mut space, Op::Read(gpa::FORK_DATA + 8))?;
     let (ps, cs) = (space.stats(), child.stats());
     println!("   parent: {ps:?}");
     println!("   child:  {cs:?}");
     ensure!(child_sees == 0xC41D && parent_sees == 0xFA7E, "child sees {child_sees:#x}, parent {parent_sees:#x}");
     ensure!(cs.cow_copies + ps.cow_copies + cs.cow_reuses + ps.cow_reuses >= 1, "no copy-on-write happened");
-    load_eptp(hv, hv.ept.root())?;
+    load_eptp(&mut hv.vcpu, &hv.ept)?;
     drop(child);
     drop(space);
     Ok(())
@@ -366,7 +365,7 @@ pub(crate) fn s_recovered(hv: &mut Hv, _c: &Ctx) -> Res {
 fn with_space_accounting(hv: &mut Hv, f: impl FnOnce(&mut Hv) -> Result<(), alloc::string::String>) -> Res {
     let before = hv.frames.stats().in_use;
     let r = f(hv);
-    load_eptp(hv, hv.ept.root())?;
+    load_eptp(&mut hv.vcpu, &hv.ept)?;
     let after = hv.frames.stats().in_use;
     r?;
     ensure!(after == before, "frames in use {before} before, {after} after the space was dropped");
@@ -379,11 +378,11 @@ pub(crate) fn s_dirty_aspace(hv: &mut Hv, c: &Ctx) -> Res {
         let (mut space, data) = guest_space(hv, c, base, 16 * 0x1000)?;
         let f = space.populate(data).map_err(|e| alloc::format!("populate: {:?}", e.error))?;
         space.flush_unloaded(f);
-        load_eptp(hv, space.root())?;
+        load_eptp(&mut hv.vcpu, space.table())?;
         let range = GpaRange::from_start_len(GuestPhysAddr::new(base), 16 * 0x1000).ok_or("range")?;
         let (mode, f) = space.start_dirty_log(range).map_err(|e| alloc::format!("start_dirty_log: {:?}", e.error))?;
         space.flush(f, |inv| {
-            let _ = hv.vcpu.invalidate(inv);
+            crate::hv::invept(&mut hv.vcpu, inv);
         });
         for p in [2u64, 5, 5] {
             op_on(hv, &mut space, Op::Write(base + p * 0x1000 + 16, p))?;
@@ -392,7 +391,7 @@ pub(crate) fn s_dirty_aspace(hv: &mut Hv, c: &Ctx) -> Res {
         let harvest = |hv: &mut Hv, space: &mut Space| -> Result<Vec<u64>, alloc::string::String> {
             let (bits, f) = space.harvest_dirty().map_err(|e| alloc::format!("harvest: {:?}", e.error))?;
             space.flush(f, |inv| {
-                let _ = hv.vcpu.invalidate(inv);
+                crate::hv::invept(&mut hv.vcpu, inv);
             });
             Ok(bits.iter().map(|g| (g.as_u64() - base) / 0x1000).collect())
         };

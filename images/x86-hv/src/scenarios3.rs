@@ -44,10 +44,10 @@ pub(crate) fn s_misconfig(hv: &mut Hv, _c: &Ctx) -> Res {
     let good = e.load(Ordering::SeqCst);
     // Write without read is a misconfiguration (Intel SDM Vol. 3C 29.3.3.1).
     e.store((good & !0b111) | 0b010, Ordering::SeqCst);
-    let _ = hv.vcpu.invalidate(&twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
+    crate::hv::invept(&mut hv.vcpu, &twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
     let r = hv.op_plain(Op::Read(MISCONFIG + 0x18));
     e.store(good, Ordering::SeqCst);
-    let _ = hv.vcpu.invalidate(&twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
+    crate::hv::invept(&mut hv.vcpu, &twostage_npt::EptInvalidation::SingleContext { root: hv.ept.root() });
     let Err(RunError::Unhandled(VmExit::EptMisconfig { gpa })) = r else {
         return Err(alloc::format!("expected an EPT misconfiguration exit, got {r:?}"));
     };
@@ -92,8 +92,7 @@ pub(crate) fn s_triple_fault(hv: &mut Hv, _c: &Ctx) -> Res {
         return Err(alloc::format!("expected a triple fault, got {r:?}"));
     };
     // The hypervisor survives; the guest is started again from its entry point.
-    let root = hv.ept.root();
-    ctx(hv.vcpu.setup(root, guest::entry()), "setup again")?;
+    ctx(hv.vcpu.setup(&hv.ept, guest::entry()), "setup again")?;
     let v = ctx(hv.op_plain(Op::Read(guest::CODE)), "guest after restart")?;
     ensure!(v != 0, "guest code reads {v:#x}");
     println!("   triple fault reported as exit 2; guest restarted on the same VMCS (VMRESUME)");

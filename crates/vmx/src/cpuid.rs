@@ -1,0 +1,83 @@
+//! CPUID as the guest sees it: the host's answer, filtered to what the guest really has.
+
+use crate::hw::CpuidResult;
+use twostage_npt::ept::EptPointer;
+
+/// CPUID.1:ECX bit 5: VMX (Intel SDM Vol. 2A "CPUID", Table 3-10). The guest has no VMX.
+pub const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// CPUID.1:ECX bit 31: unused by processors (Table 3-10), set by hypervisors to say that the
+/// software runs in a virtual machine.
+pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// The extended leaf whose EAX bits 7:0 is MAXPHYADDR (physical-address bits) and EAX bits 15:8 the
+/// linear-address bits (Intel SDM Vol. 2A "CPUID", Table 3-8; Vol. 3A 4.1.4).
+pub const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
+
+/// The guest-physical address bits an EPT walk of `walk_length` levels translates: 12 bits of
+/// page offset and 9 per level, 48 for a 4-level walk and 57 for a 5-level one (Intel SDM
+/// Vol. 3C 29.3.2). Bits above them are not translated, so a guest that used them would alias
+/// lower addresses.
+pub const fn ept_gpa_bits(walk_length: u8) -> u8 {
+    12 + 9 * walk_length
+}
+
+/// The CPUID result the guest gets for `leaf` (any subleaf) when the host's CPUID returned `raw`
+/// and the guest runs on the EPT `eptp`:
+/// - leaf 1: VMX hidden (ECX bit 5 clear: VMX instructions in the guest would only exit), and
+///   the hypervisor bit (ECX bit 31) set;
+/// - leaf 80000008H: MAXPHYADDR (EAX bits 7:0) lowered to what the EPT walk covers
+///   ([`ept_gpa_bits`]), so a guest never places memory or page tables at guest-physical bits
+///   the walk ignores;
+/// - every other leaf as the host answered.
+pub fn filter(leaf: u32, raw: CpuidResult, eptp: &EptPointer) -> CpuidResult {
+    filter_for_walk(leaf, raw, eptp.walk_length())
+}
+
+/// [`filter`] for an EPT walk of `walk_length` levels (before an EPT pointer exists).
+pub(crate) fn filter_for_walk(leaf: u32, raw: CpuidResult, walk_length: u8) -> CpuidResult {
+    let mut r = raw;
+    match leaf {
+        1 => r.ecx = (r.ecx & !LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR,
+        LEAF_ADDRESS_SIZES => {
+            let phys = (r.eax & 0xff).min(u32::from(ept_gpa_bits(walk_length)));
+            r.eax = (r.eax & !0xff) | phys;
+        }
+        _ => {}
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twostage_npt::ept::EptCapabilities;
+    use twostage_npt::HostPhysAddr;
+
+    fn eptp(walk: u8) -> EptPointer {
+        // 4- and 5-level walks, write-back (Intel SDM Vol. 3D Appendix A.10 bits 6, 7, 14).
+        let caps = EptCapabilities::new((1 << 6) | (1 << 7) | (1 << 14), 52);
+        EptPointer::new(HostPhysAddr::new(0x5000), walk, false, &caps).unwrap()
+    }
+
+    #[test]
+    fn maxphyaddr_is_clamped_to_the_ept_walk() {
+        // 52 physical and 57 linear address bits on the host.
+        let raw = CpuidResult { eax: (57 << 8) | 52, ebx: 7, ecx: 8, edx: 9 };
+        let four = filter(LEAF_ADDRESS_SIZES, raw, &eptp(4));
+        assert_eq!(four, CpuidResult { eax: (57 << 8) | 48, ..raw }, "a 4-level walk covers 48 bits");
+        assert_eq!(filter(LEAF_ADDRESS_SIZES, raw, &eptp(5)), raw, "52 bits fit a 5-level walk");
+        // A host with fewer bits than the walk keeps its own.
+        let small = CpuidResult { eax: (48 << 8) | 40, ..raw };
+        assert_eq!(filter(LEAF_ADDRESS_SIZES, small, &eptp(4)), small);
+    }
+
+    #[test]
+    fn vmx_is_hidden_and_the_hypervisor_bit_set() {
+        let raw = CpuidResult { eax: 0x906ea, ebx: 0, ecx: 0x7ffa_f3bf, edx: 0xbfeb_fbff };
+        let r = filter(1, raw, &eptp(4));
+        assert_eq!(r.ecx, (raw.ecx & !LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR);
+        assert_eq!((r.eax, r.ebx, r.edx), (raw.eax, raw.ebx, raw.edx));
+        // Other leaves pass through.
+        assert_eq!(filter(0x8000_0001, raw, &eptp(4)), raw);
+        assert_eq!(filter(7, raw, &eptp(4)), raw);
+    }
+}
