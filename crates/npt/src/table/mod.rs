@@ -133,6 +133,7 @@ pub struct PageTable<F: Format, A: FrameAllocator> {
     opts: TableOptions,
     frames: usize,
     retired: Vec<HostPhysAddr>,
+    folds: Vec<range::Fold>,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -158,7 +159,15 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let opts = TableOptions { leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1), ..opts };
         let root =
             alloc.allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES).ok_or(OutOfFrames { needed: F::ROOT_FRAMES })?;
-        let table = Self { alloc, root, opts, frames: F::ROOT_FRAMES, retired: Vec::new(), _format: PhantomData };
+        let table = Self {
+            alloc,
+            root,
+            opts,
+            frames: F::ROOT_FRAMES,
+            retired: Vec::new(),
+            folds: Vec::new(),
+            _format: PhantomData,
+        };
         table.zero_frames(root, F::ROOT_FRAMES);
         Ok(table)
     }
@@ -483,6 +492,24 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
     }
 
+    /// The leaf entry mapping `gpa`, if any.
+    pub(crate) fn leaf_slot(&self, gpa: GuestPhysAddr) -> Option<&AtomicU64> {
+        let va = gpa.as_u64();
+        let mut table = self.root;
+        for level in (0..F::LEVELS).rev() {
+            let entry = self.entry(table, F::index(va, level));
+            let raw = entry.load(Ordering::Acquire);
+            if !F::present(raw) {
+                return None;
+            }
+            if F::is_leaf(raw, level) {
+                return Some(entry);
+            }
+            table = F::address(raw);
+        }
+        None
+    }
+
     /// The host address `gpa` maps to, with the rights of its leaf.
     pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
         let (raw, level) = self.leaf_entry(gpa)?;
@@ -635,6 +662,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
         assert_eq!(flush.root(), self.root, "flush token of another table");
         invalidate(&flush.invalidation());
+        self.fold_late_accessed_dirty();
         self.free_retired();
     }
 
@@ -672,6 +700,7 @@ impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
     /// Frees every table frame. The owner must have stopped every CPU from using the table
     /// (unloaded the EPTP / hgatp and invalidated) before dropping it.
     fn drop(&mut self) {
+        self.folds.clear();
         self.free_retired();
         self.free_subtree(self.root, F::LEVELS - 1);
         // SAFETY: the root was allocated as ROOT_FRAMES frames in `new`.

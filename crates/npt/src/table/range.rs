@@ -189,17 +189,31 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     ) -> HostPhysAddr {
         let child = self.new_table(pool);
         let entry = self.entry(table, idx);
-        // Take the A/D bits as they are now, so that none set by the hardware is lost.
-        let now = match F::decode(entry.load(Ordering::Acquire), level) {
-            Pte::Leaf(l) => l,
-            _ => *leaf,
-        };
-        let sub = level_size(level - 1);
-        for j in 0..512u64 {
-            let l = LeafBits { hpa: now.hpa + j * sub, ..now };
-            self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+        // The hardware may set A/D in the huge leaf at any moment until the table pointer
+        // replaces it, with a locked read-modify-write (Intel SDM Vol. 3C §29.3.5; RISC-V
+        // Privileged spec, "Virtual Address Translation Process": the A/D update is atomic with
+        // the check of the PTE). So the pointer goes in with a compare-exchange over the exact leaf
+        // value the children were built from: if the bits changed meanwhile the exchange fails and
+        // the children are rebuilt from the new value. Once the pointer is in, a walk reaches the
+        // children and sets the bits there. Nothing but the hardware changes the entry (we hold
+        // `&mut self`), and only its A/D bits.
+        let mut cur = entry.load(Ordering::Acquire);
+        loop {
+            let now = match F::decode(cur, level) {
+                Pte::Leaf(l) => l,
+                _ => *leaf,
+            };
+            let sub = level_size(level - 1);
+            for j in 0..512u64 {
+                let l = LeafBits { hpa: now.hpa + j * sub, ..now };
+                self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+            }
+            // Release: the children are visible before the pointer to them.
+            match entry.compare_exchange(cur, F::encode_table(child), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(seen) => cur = seen,
+            }
         }
-        entry.store(F::encode_table(child), Ordering::Release);
         // The huge leaf may be cached: invalidate it (a leaf change at its address).
         flush.note_leaf(GuestPhysAddr::new(b), true);
         child
@@ -293,12 +307,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
         }
         let idx = F::index(base.as_u64(), level);
-        let Pte::Table(child) = F::decode(self.entry(table, idx).load(Ordering::Acquire), level) else {
+        let pointer = self.entry(table, idx).load(Ordering::Acquire);
+        let Pte::Table(child) = F::decode(pointer, level) else {
             return Err(not(NotCollapsible::NotATable));
         };
         let sub = level_size(level - 1);
         let mut first: Option<LeafBits> = None;
-        let (mut accessed, mut dirty) = (false, false);
         for j in 0..512u64 {
             let Pte::Leaf(l) = F::decode(self.entry(child, j as usize).load(Ordering::Acquire), level - 1) else {
                 return Err(not(NotCollapsible::NotAllLeaves));
@@ -310,13 +324,39 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             if l.flags != f.flags {
                 return Err(not(NotCollapsible::MixedFlags));
             }
-            accessed |= l.accessed;
-            dirty |= l.dirty;
         }
         let f = first.expect("512 leaves were read");
-        let leaf = LeafBits { accessed, dirty, ..f };
-        self.entry(table, idx).store(F::encode_leaf(&leaf, level), Ordering::Release);
+        // The collapse cannot fail from here on. With hardware-managed bits, a walk that began
+        // before the new leaf is in (or a paging-structure cache that still points at the old
+        // table) may set A/D in the children until the invalidation has run: the hardware sets
+        // them with locked read-modify-writes (Intel SDM Vol. 3C §29.3.5; RISC-V Privileged spec,
+        // "Virtual Address Translation Process"). So each child's bits are *taken* with
+        // `fetch_and` (read and cleared in one atomic step: none set before it is missed, none
+        // is counted twice), and what the children gain after that is folded into the leaf that
+        // maps them once the flush has run (`fold_late_accessed_dirty`), when no walk can reach
+        // them any more. A write is thus reported by the next harvest at the latest, never lost.
+        // Clearing the bits of a live child is harmless: a CPU holding a translation with D set
+        // keeps writing without setting it again, and that D is already in the new leaf.
+        let ad = F::ACCESSED | F::DIRTY;
+        let hardware = self.opts.ad == AdMode::Hardware;
+        let mut bits = 0;
+        for j in 0..512 {
+            let e = self.entry(child, j);
+            bits |= if hardware { e.fetch_and(!ad, Ordering::AcqRel) } else { e.load(Ordering::Acquire) } & ad;
+        }
+        let leaf = LeafBits { accessed: bits & F::ACCESSED != 0, dirty: bits & F::DIRTY != 0, ..f };
+        let new = F::encode_leaf(&leaf, level);
+        let entry = self.entry(table, idx);
+        let mut cur = pointer;
+        // The EPT hardware may set the accessed flag of the non-leaf entry meanwhile (§29.3.5);
+        // nothing else changes it.
+        while let Err(seen) = entry.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+            cur = seen;
+        }
         self.retire(child);
+        if hardware {
+            self.folds.push(Fold { table: child, level: level - 1, gpa: base.as_u64() });
+        }
         let mut flush = Flush::new(self.root);
         flush.note_nonleaf();
         Ok(flush)
@@ -407,6 +447,39 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             flush.note_leaf(leaf.gpa, true);
         }
         Ok(flush)
+    }
+}
+
+/// A table unlinked by `collapse` whose leaves the hardware may still mark accessed or dirty
+/// until the flush; their bits are then folded into the leaves that map the same addresses.
+pub(crate) struct Fold {
+    table: HostPhysAddr,
+    /// Level of the leaves in `table`.
+    level: usize,
+    /// Guest-physical address of the first.
+    gpa: u64,
+}
+
+impl<F: Format, A: FrameAllocator> PageTable<F, A> {
+    /// Called by `flush` once the invalidation has run (so no walk reaches a retired table any
+    /// more) and before retired frames are freed: ORs the A/D bits that the hardware set in the
+    /// leaves of collapsed tables after `collapse` took them into the leaf mapping each address
+    /// now. Over-reporting is harmless; a page remapped or unmapped since keeps or loses the bits
+    /// as its change did.
+    pub(crate) fn fold_late_accessed_dirty(&mut self) {
+        let ad = F::ACCESSED | F::DIRTY;
+        for fold in core::mem::take(&mut self.folds) {
+            let span = level_size(fold.level);
+            for j in 0..512 {
+                let bits = self.entry(fold.table, j).load(Ordering::Acquire) & ad;
+                if bits == 0 {
+                    continue;
+                }
+                if let Some(entry) = self.leaf_slot(GuestPhysAddr::new(fold.gpa + j as u64 * span)) {
+                    entry.fetch_or(bits, Ordering::AcqRel);
+                }
+            }
+        }
     }
 }
 
