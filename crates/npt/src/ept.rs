@@ -76,7 +76,12 @@ impl EptCapabilities {
             sizes = sizes.with(PageSize::Size1G);
         }
         let ad = if want_accessed_dirty && self.accessed_dirty() { AdMode::Hardware } else { AdMode::Preset };
-        TableOptions { leaf_sizes: sizes, ad, execute_only: self.execute_only() }
+        TableOptions {
+            leaf_sizes: sizes,
+            ad,
+            execute_only: self.execute_only(),
+            max_phys_bits: self.max_phys_bits.min(<Ept4 as Format>::MAX_PHYS_BITS),
+        }
     }
 }
 

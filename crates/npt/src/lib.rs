@@ -47,6 +47,6 @@ pub use format::{Ept4, Ept5, EptFamily, Family, FamilyKind, Format, GStageFamily
 pub use frame::{FrameAllocator, FRAME_SIZE};
 
 pub use table::{
-    AdClear, AdError, AdMode, CloneError, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames,
-    PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
+    AdClear, AdError, AdMode, BeyondMaxPhys, CloneError, CollapseError, Leaf, MapError, MapSize, NotCollapsible,
+    OutOfFrames, PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
 };

@@ -1,6 +1,7 @@
 //! Engine behaviour every format shares: sizes chosen, errors refused without change, splits,
 //! collapses, flush tokens, and frame accounting (including allocation failing half way).
 
+use twostage_npt::ept::EptCapabilities;
 use twostage_npt::testing::{HostRam, HOST_RAM_BASE};
 use twostage_npt::*;
 
@@ -440,4 +441,37 @@ fn try_clone_protected_copies_and_write_protects_in_one_pass() {
     assert_eq!(ram.frames_in_use(), 2 * used);
     drop(c);
     assert_eq!(ram.frames_in_use(), used);
+}
+
+#[test]
+fn host_addresses_above_maxphyaddr_are_refused() {
+    // Intel SDM Vol. 3C §29.3.2, §29.3.3.1: address bits above MAXPHYADDR in an EPT entry are
+    // reserved (an EPT misconfiguration at run time); bit 52 and up do not even fit the field.
+    let ram = HostRam::new(64);
+    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+    let wide = (1 << 52) | 0x5000;
+    let r = t.map(gpa(0), hpa(wide), K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(t.query(gpa(0)), None, "nothing was mapped (it used to map HPA 0x5000)");
+    assert_eq!(r.unwrap_err(), MapError::BeyondMaxPhys(BeyondMaxPhys { hpa: hpa(wide), max_phys_bits: 52 }));
+
+    // A CPU with MAXPHYADDR 39 (Skylake in Bochs): 2^40 is reserved, in map and in remap.
+    let caps = EptCapabilities::new(0xf0106334141, 39);
+    let mut t = PageTable::<Ept4, _>::new(&ram, caps.table_options(true)).unwrap();
+    let limit = BeyondMaxPhys { hpa: hpa(1 << 40), max_phys_bits: 39 };
+    assert_eq!(t.map(gpa(0), hpa(1 << 40), K4, MappingFlags::RW, MapSize::Largest).unwrap_err(), limit.into());
+    let top = BeyondMaxPhys { hpa: hpa(1 << 39), max_phys_bits: 39 };
+    let r = t.map(gpa(0), hpa((1 << 39) - K4), 2 * K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(r.unwrap_err(), top.into(), "the range's end counts too");
+    assert_eq!(t.query(gpa(0)), None);
+    t.map(gpa(0), hpa((1 << 39) - K4), K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    assert_eq!(t.remap(gpa(0), hpa(1 << 40), MappingFlags::RW).unwrap_err(), limit.into());
+    assert_eq!(t.query(gpa(0)).unwrap().hpa, hpa((1 << 39) - K4));
+
+    // G-stage: the PPN is 44 bits (56-bit addresses), narrowed by the options.
+    let opts = TableOptions { max_phys_bits: 40, ..TableOptions::for_format::<Sv39x4>() };
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, opts).unwrap();
+    let r = t.map(gpa(0), hpa(1 << 40), K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(r.unwrap_err(), MapError::BeyondMaxPhys(BeyondMaxPhys { hpa: hpa(1 << 40), max_phys_bits: 40 }));
+    assert_eq!(TableOptions::for_format::<Sv39x4>().max_phys_bits, 56);
+    assert_eq!(TableOptions::for_format::<Ept5>().max_phys_bits, 52);
 }

@@ -100,6 +100,7 @@ macro_rules! ept_format {
             type Family = EptFamily;
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
+            const MAX_PHYS_BITS: u8 = 52;
             const ROOT_FRAMES: usize = 1;
             // 4 KiB PTEs, 2 MiB PDEs and 1 GiB PDPTEs may map pages; a PML4E or PML5E may not.
             const LEAF_LEVELS: u8 = 0b111;

@@ -60,6 +60,10 @@ pub trait Format: Sized + 'static {
     const LEVELS: usize;
     /// Width of the guest-physical address space the format translates.
     const GPA_BITS: u32;
+    /// Widest host-physical address the entry's address field can hold: 52 for EPT (bits 51:12,
+    /// Intel SDM Vol. 3C §29.3.2), 56 for the G-stage formats (a 44-bit PPN). A CPU may offer
+    /// fewer (MAXPHYADDR): see [`crate::TableOptions::max_phys_bits`].
+    const MAX_PHYS_BITS: u8;
     /// Frames in the root table (4 for the RISC-V x4 formats: 16 KiB, 16 KiB-aligned).
     const ROOT_FRAMES: usize;
     /// Bit `L` set when a leaf may sit at level `L`.

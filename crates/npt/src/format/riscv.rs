@@ -91,6 +91,7 @@ macro_rules! gstage_format {
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
             // The x4 root is 16 KiB and 16 KiB-aligned: its index is 2 bits wider (§9.5.1).
+            const MAX_PHYS_BITS: u8 = 56;
             const ROOT_FRAMES: usize = 4;
             const LEAF_LEVELS: u8 = $leaves;
             // Memory types come from PMAs (and Svpbmt, not used here): DEVICE/UNCACHED are not stored.

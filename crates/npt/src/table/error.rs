@@ -18,6 +18,28 @@ impl fmt::Display for OutOfFrames {
     }
 }
 
+/// A host-physical address at or above the CPU's MAXPHYADDR (the table's
+/// [`crate::TableOptions::max_phys_bits`]): the hardware would find reserved bits set in the entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BeyondMaxPhys {
+    /// The first host address of the request that is out of reach.
+    pub hpa: HostPhysAddr,
+    /// MAXPHYADDR, in bits.
+    pub max_phys_bits: u8,
+}
+
+impl fmt::Display for BeyondMaxPhys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "host-physical address {:#x} is beyond MAXPHYADDR ({} bits): the bits above are reserved",
+            self.hpa.as_u64(),
+            self.max_phys_bits
+        )
+    }
+}
+impl core::error::Error for BeyondMaxPhys {}
+
 /// Why a range was refused before anything was touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RangeProblem {
@@ -50,6 +72,8 @@ pub enum MapError {
         /// What is wrong with it.
         problem: RangeProblem,
     },
+    /// The host range reaches beyond MAXPHYADDR.
+    BeyondMaxPhys(BeyondMaxPhys),
     /// The flags cannot be mapped.
     BadFlags {
         /// The flags asked for.
@@ -110,6 +134,8 @@ pub enum RemapError {
         /// Size of the leaf.
         size: PageSize,
     },
+    /// The new host page reaches beyond MAXPHYADDR.
+    BeyondMaxPhys(BeyondMaxPhys),
     /// The new flags cannot be mapped.
     BadFlags {
         /// The flags asked for.
@@ -212,3 +238,14 @@ macro_rules! display_via_debug {
 }
 display_via_debug!(CloneError, MapError, RangeError, RemapError, SplitError, CollapseError, AdError);
 impl core::error::Error for OutOfFrames {}
+
+impl From<BeyondMaxPhys> for MapError {
+    fn from(e: BeyondMaxPhys) -> Self {
+        Self::BeyondMaxPhys(e)
+    }
+}
+impl From<BeyondMaxPhys> for RemapError {
+    fn from(e: BeyondMaxPhys) -> Self {
+        Self::BeyondMaxPhys(e)
+    }
+}

@@ -71,12 +71,22 @@ pub struct TableOptions {
     pub ad: AdMode,
     /// Whether execute-only leaves may be made (always on RISC-V; EPT needs the capability).
     pub execute_only: bool,
+    /// MAXPHYADDR: host-physical addresses must lie below `2^max_phys_bits`. Bits above it in an
+    /// EPT entry are reserved and make the walk fail with an EPT misconfiguration (Intel SDM
+    /// Vol. 3C §29.3.3.1). Narrowed to [`Format::MAX_PHYS_BITS`] by [`PageTable::new`].
+    pub max_phys_bits: u8,
 }
 
 impl TableOptions {
-    /// Everything the format allows, hardware A/D, execute-only allowed.
+    /// Everything the format allows: every leaf size, hardware A/D, execute-only, host addresses
+    /// as wide as the entry's address field.
     pub fn for_format<F: Format>() -> Self {
-        Self { leaf_sizes: PageSizes(F::LEAF_LEVELS), ad: AdMode::Hardware, execute_only: true }
+        Self {
+            leaf_sizes: PageSizes(F::LEAF_LEVELS),
+            ad: AdMode::Hardware,
+            execute_only: true,
+            max_phys_bits: F::MAX_PHYS_BITS,
+        }
     }
 }
 
@@ -156,9 +166,14 @@ pub(crate) enum Step {
 impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// An empty table. The root is `F::ROOT_FRAMES` frames, aligned to its size.
     pub fn new(alloc: A, opts: TableOptions) -> Result<Self, OutOfFrames> {
-        let opts = TableOptions { leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1), ..opts };
+        let opts = TableOptions {
+            leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1),
+            max_phys_bits: opts.max_phys_bits.min(F::MAX_PHYS_BITS),
+            ..opts
+        };
         let root =
             alloc.allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES).ok_or(OutOfFrames { needed: F::ROOT_FRAMES })?;
+        check_frame(root, F::ROOT_FRAMES, opts.max_phys_bits);
         let table = Self {
             alloc,
             root,
@@ -228,7 +243,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let mut pool = Vec::with_capacity(needed);
         for _ in 0..needed {
             match self.alloc.allocate_frame() {
-                Some(f) => pool.push(f),
+                Some(f) => {
+                    check_frame(f, 1, self.opts.max_phys_bits);
+                    pool.push(f)
+                }
                 None => {
                     for f in pool {
                         // SAFETY: allocated just above as one frame, never linked or shared.
@@ -273,6 +291,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             let problem = if hpa.is_aligned(align) { RangeProblem::OutOfRange } else { RangeProblem::Unaligned };
             return Err(MapError::BadHostRange { hpa, len, problem });
         }
+        self.check_host(hpa, len)?;
         F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
         let flags = stored_flags::<F>(flags);
 
@@ -284,6 +303,16 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let done = self.map_pages(gpa, hpa, len, flags, size, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
         debug_assert!(done.is_ok() && pool.is_empty(), "the dry run and the real run disagree");
         Ok(flush)
+    }
+
+    /// Whether `hpa..hpa+len` lies below MAXPHYADDR.
+    pub(crate) fn check_host(&self, hpa: HostPhysAddr, len: u64) -> Result<(), BeyondMaxPhys> {
+        let limit = 1u64 << self.opts.max_phys_bits;
+        if hpa.as_u64() >= limit || limit - hpa.as_u64() < len {
+            let first = HostPhysAddr::new_truncate(hpa.as_u64().max(limit));
+            return Err(BeyondMaxPhys { hpa: first, max_phys_bits: self.opts.max_phys_bits });
+        }
+        Ok(())
     }
 
     fn map_pages(
@@ -731,6 +760,18 @@ pub(crate) fn stored_flags<F: Format>(flags: MappingFlags) -> MappingFlags {
         }
     }
     f
+}
+
+/// A table frame above MAXPHYADDR breaks the [`FrameAllocator`] contract: the hardware would
+/// fail the walk with a misconfiguration. It is a bug in the allocator, not a condition to
+/// recover from (and cheap to check: once per frame, outside every loop over entries).
+#[track_caller]
+fn check_frame(frame: HostPhysAddr, count: usize, max_phys_bits: u8) {
+    let end = frame.as_u64() + (count * FRAME_SIZE) as u64;
+    assert!(
+        end <= 1u64 << max_phys_bits,
+        "FrameAllocator contract broken: frame {frame:?} lies beyond MAXPHYADDR ({max_phys_bits} bits)"
+    );
 }
 
 pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), RangeProblem> {

@@ -236,6 +236,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         if !hpa.is_aligned(leaf.size.bytes()) {
             return Err(RemapError::Unaligned { hpa, size: leaf.size });
         }
+        self.check_host(hpa, leaf.size.bytes())?;
         let level = leaf.size.level();
         let (table, idx) = self.slot_of(gpa.as_u64(), level);
         let raw = self.entry(table, idx).load(Ordering::Acquire);
