@@ -176,6 +176,21 @@ impl<F: Format> Flush<F> {
         self.scope = Scope::Context;
     }
 
+    /// Records that a new table was linked into an entry that was not present.
+    ///
+    /// EPT: nothing is cached from a not-present entry (Intel SDM Vol. 3C §29.4.2), so nothing
+    /// is needed. G-stage: this is a change to a non-leaf entry, and an HFENCE.GVMA with an
+    /// address covers only leaf entries (RISC-V Privileged spec, "Supervisor Memory-Management
+    /// Fence Instruction" commentary, which "Hypervisor Memory-Management Fence Instructions"
+    /// follows: after modifying a non-leaf PTE, fence with rs1 = x0), while the hart may have
+    /// cached the invalid entry: the whole VMID is fenced.
+    pub(crate) fn note_table_linked(&mut self) {
+        match <F::Family as Family>::KIND {
+            FamilyKind::Ept => {}
+            FamilyKind::GStage => self.scope = Scope::Context,
+        }
+    }
+
     /// Root of the table the token belongs to.
     pub fn root(&self) -> HostPhysAddr {
         self.root

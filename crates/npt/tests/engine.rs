@@ -301,8 +301,12 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
     let root = t.root();
-    let f = t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(0), gpa(K4)] });
+    // The first mapping links new tables: a non-leaf change (see the tests below).
+    let f = t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
+    f.ignore();
+    let f = t.map(gpa(K4), hpa(TARGET + K4), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
     f.ignore();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
@@ -474,4 +478,77 @@ fn host_addresses_above_maxphyaddr_are_refused() {
     assert_eq!(r.unwrap_err(), MapError::BeyondMaxPhys(BeyondMaxPhys { hpa: hpa(1 << 40), max_phys_bits: 40 }));
     assert_eq!(TableOptions::for_format::<Sv39x4>().max_phys_bits, 56);
     assert_eq!(TableOptions::for_format::<Ept5>().max_phys_bits, 52);
+}
+
+/// RISC-V: an HFENCE.GVMA with an address covers leaf entries only; after a change to a non-leaf
+/// entry the fence must have rs1 = x0 (RISC-V Privileged spec, "Supervisor Memory-Management
+/// Fence Instruction" commentary, followed by "Hypervisor Memory-Management Fence
+/// Instructions"). Every path that links a new intermediate table must therefore ask for
+/// `GvmaInvalidation::All`; EPT caches nothing from a not-present entry, so a new table linked
+/// into one needs no INVEPT.
+mod nonleaf_changes_fence_the_whole_vmid {
+    use super::*;
+
+    fn gstage(ram: &HostRam) -> PageTable<Sv39x4, &HostRam> {
+        PageTable::new(ram, TableOptions::for_format::<Sv39x4>()).unwrap()
+    }
+
+    #[test]
+    fn map_into_an_empty_region() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        // 4 KiB page: a level-1 and a level-0 table are linked.
+        let f = t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        // 2 MiB page in another 1 GiB block: one level-1 table is linked.
+        let f = t.map(gpa(4 * G), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        // A leaf table that exists already: leaves only, fenced by address.
+        let f = t.map(gpa(G + K4), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G + K4)] });
+        f.ignore();
+        // A 1 GiB page in the root needs no new table: by address.
+        let f = t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(8 * G)] });
+        f.ignore();
+    }
+
+    #[test]
+    fn split() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.split(gpa(8 * G)).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+    }
+
+    #[test]
+    fn protect_and_unmap_that_split_an_edge() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        t.map(gpa(0), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.protect(gpa(0), K4, MappingFlags::READ).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        t.map(gpa(4 * M2), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.unmap(gpa(4 * M2), K4).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+    }
+
+    #[test]
+    fn ept_links_new_tables_without_invept() {
+        let ram = HostRam::new(64);
+        let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+        let f = t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), EptInvalidation::None);
+        f.ignore();
+        t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.split(gpa(8 * G)).unwrap();
+        assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root: t.root() });
+        f.ignore();
+    }
 }

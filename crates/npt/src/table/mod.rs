@@ -456,10 +456,11 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         *cursor = Some((level, key, None));
                         return Ok(());
                     }
-                    Plan::Real { pool, .. } => {
+                    Plan::Real { pool, flush } => {
                         let new = self.new_table(pool);
                         // Release: the zeroed table is visible before the pointer to it.
                         self.entry(table, idx).store(F::encode_table(new), Ordering::Release);
+                        flush.note_table_linked();
                         table = new;
                     }
                 },

@@ -97,7 +97,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                             *needed += split_tables(level, b, s, e);
                             None
                         }
-                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, b, &leaf, pool, flush)),
+                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, &leaf, pool, flush)),
                     };
                     if let Some(child) = child {
                         self.walk_range(child, level - 1, b, s, e, op, plan);
@@ -174,7 +174,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
     }
 
-    /// Replaces the leaf at `table[idx]` (level `level`, base `b`) by a table of 512 leaves one
+    /// Replaces the leaf at `table[idx]` (level `level`) by a table of 512 leaves one
     /// level down that map the same memory with the same bits. Returns the new table.
     #[allow(clippy::too_many_arguments)]
     fn split_leaf(
@@ -182,7 +182,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         table: HostPhysAddr,
         idx: usize,
         level: usize,
-        b: u64,
         leaf: &LeafBits,
         pool: &mut Vec<HostPhysAddr>,
         flush: &mut Flush<F>,
@@ -214,8 +213,11 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 Err(seen) => cur = seen,
             }
         }
-        // The huge leaf may be cached: invalidate it (a leaf change at its address).
-        flush.note_leaf(GuestPhysAddr::new(b), true);
+        // A leaf became a pointer to a table: a non-leaf change. EPT: the huge leaf may be cached
+        // (INVEPT, as for any change of a present entry). G-stage: a fence by address covers leaf
+        // entries only (RISC-V Privileged spec, "Supervisor Memory-Management Fence Instruction"
+        // commentary: after modifying a non-leaf PTE, use rs1 = x0): fence the whole VMID.
+        flush.note_nonleaf();
         child
     }
 
@@ -270,7 +272,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let mut pool = self.fill_pool(1).map_err(SplitError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
         let bits = LeafBits { hpa: leaf.hpa, flags: leaf.flags, accessed: leaf.accessed, dirty: leaf.dirty };
-        self.split_leaf(table, idx, level, leaf.gpa.as_u64(), &bits, &mut pool, &mut flush);
+        self.split_leaf(table, idx, level, &bits, &mut pool, &mut flush);
         Ok(flush)
     }
 
