@@ -105,6 +105,17 @@ pub enum EptPointerError {
     AccessedDirtyUnsupported,
     /// The root is not 4 KiB-aligned or lies above MAXPHYADDR.
     BadRoot(HostPhysAddr),
+    /// The table may hold leaves of a size the CPU does not offer (its options allow them).
+    PageSizeUnsupported(PageSize),
+    /// The table may hold execute-only leaves and the CPU does not offer them.
+    ExecuteOnlyUnsupported,
+    /// The table may hold host addresses wider than the CPU's MAXPHYADDR.
+    MaxPhysTooWide {
+        /// The table's `max_phys_bits`.
+        table: u8,
+        /// The CPU's MAXPHYADDR.
+        cpu: u8,
+    },
 }
 
 impl fmt::Display for EptPointerError {
@@ -185,11 +196,28 @@ impl EptPointer {
     }
 
     /// The EPTP for `table`, with A/D flags exactly when the table has them hardware-managed.
+    ///
+    /// Refuses a table whose options allow what the CPU lacks (a leaf size, execute-only
+    /// leaves, host addresses above MAXPHYADDR, hardware A/D): the CPU would meet an EPT
+    /// misconfiguration on the first such entry (Intel SDM Vol. 3C §29.3.3.1). A table made with
+    /// [`EptCapabilities::table_options`] of the same capabilities always passes.
     pub fn for_table<F: EptFormat, A: FrameAllocator>(
         table: &PageTable<F, A>,
         caps: &EptCapabilities,
     ) -> Result<Self, EptPointerError> {
-        Self::new(table.root(), F::WALK_LENGTH, table.options().ad == AdMode::Hardware, caps)
+        let opts = table.options();
+        for (size, offered) in [(PageSize::Size2M, caps.pages_2m()), (PageSize::Size1G, caps.pages_1g())] {
+            if opts.leaf_sizes.contains(size) && !offered {
+                return Err(EptPointerError::PageSizeUnsupported(size));
+            }
+        }
+        if opts.execute_only && !caps.execute_only() {
+            return Err(EptPointerError::ExecuteOnlyUnsupported);
+        }
+        if opts.max_phys_bits > caps.max_phys_bits {
+            return Err(EptPointerError::MaxPhysTooWide { table: opts.max_phys_bits, cpu: caps.max_phys_bits });
+        }
+        Self::new(table.root(), F::WALK_LENGTH, opts.ad == AdMode::Hardware, caps)
     }
 
     /// The value to write into the VMCS.

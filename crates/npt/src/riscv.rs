@@ -86,6 +86,15 @@ pub enum HgatpError {
         /// VMIDLEN.
         vmid_bits: u8,
     },
+    /// MODE is Bare and the VMID or the root is not zero: with Bare the other fields must be
+    /// zero (RISC-V Privileged spec, "Hypervisor Guest Address Translation and Protection
+    /// Register (hgatp)"), and a nonzero one is no "table" that could be loaded.
+    BareWithFields {
+        /// The VMID asked for.
+        vmid: u16,
+        /// The root asked for.
+        root: HostPhysAddr,
+    },
     /// The root is not 16 KiB-aligned (its PPN's two low bits must be zero, §9.2.10) or is
     /// beyond the 44-bit PPN.
     BadRoot(HostPhysAddr),
@@ -109,10 +118,14 @@ impl Hgatp {
     pub const VMID_MASK: u64 = (1 << 14) - 1;
     const PPN_MASK: u64 = (1 << 44) - 1;
 
-    /// hgatp for a G-stage root in `mode` with `vmid`.
+    /// hgatp for a G-stage root in `mode` with `vmid`. For [`HgatpMode::Bare`] (no G-stage
+    /// translation) `vmid` and `root` must be zero.
     pub fn new(mode: HgatpMode, vmid: u16, root: HostPhysAddr, caps: &HgatpCapabilities) -> Result<Self, HgatpError> {
         if !caps.offers(mode) {
             return Err(HgatpError::ModeUnsupported(mode));
+        }
+        if mode == HgatpMode::Bare && (vmid != 0 || root != HostPhysAddr::ZERO) {
+            return Err(HgatpError::BareWithFields { vmid, root });
         }
         if u32::from(vmid) >> caps.vmid_bits != 0 {
             return Err(HgatpError::VmidTooWide { vmid, vmid_bits: caps.vmid_bits });

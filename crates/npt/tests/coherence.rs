@@ -18,8 +18,8 @@ const FRAME: u64 = 0x10_0000_0000;
 #[test]
 fn ept_unmap_without_invept_leaves_a_stale_translation() {
     let ram = HostRam::new(64);
-    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
     let caps = EptCapabilities::new(CAP, 46);
+    let mut t = PageTable::<Ept4, _>::new(&ram, caps.table_options(true)).unwrap();
     let eptp = EptPointer::for_table(&t, &caps).unwrap().bits();
     let mcaps = model::ept::EptCaps::from_msr(CAP, 46);
     let mut tlb = model::tlb::EptTlb::new();
