@@ -230,6 +230,49 @@ impl<F: Format> Flush<F> {
     pub fn ignore(self) {}
 }
 
+/// A flush token handed to [`crate::PageTable::flush`] of a table it does not belong to. Nothing
+/// was invalidated and no frame was freed; the token is inside, to be carried out on its own
+/// table ([`ForeignFlush::into_token`]).
+#[must_use = "the token inside still needs carrying out on its own table"]
+pub struct ForeignFlush<F: Format> {
+    token: Flush<F>,
+    table: HostPhysAddr,
+}
+
+impl<F: Format> ForeignFlush<F> {
+    pub(crate) fn new(token: Flush<F>, table: HostPhysAddr) -> Self {
+        Self { token, table }
+    }
+    /// Root of the table the token was handed to.
+    pub fn table_root(&self) -> HostPhysAddr {
+        self.table
+    }
+    /// The token, given back whole.
+    pub fn into_token(self) -> Flush<F> {
+        self.token
+    }
+}
+
+impl<F: Format> fmt::Debug for ForeignFlush<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForeignFlush").field("token", &self.token).field("table", &self.table).finish()
+    }
+}
+
+impl<F: Format> fmt::Display for ForeignFlush<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} flush token of the table rooted at {:#x} handed to the table rooted at {:#x}: nothing was invalidated",
+            F::NAME,
+            self.token.root().as_u64(),
+            self.table.as_u64()
+        )
+    }
+}
+
+impl<F: Format> core::error::Error for ForeignFlush<F> {}
+
 impl<F: Format> PartialEq for Flush<F> {
     fn eq(&self, other: &Self) -> bool {
         self.root == other.root && self.scope == other.scope

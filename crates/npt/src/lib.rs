@@ -42,8 +42,8 @@ pub mod testing;
 pub use addr::{AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
 pub use fault::NestedPageFaultInfo;
 pub use flags::{Access, MappingFlags};
-pub use flush::{EptInvalidation, Flush, GvmaInvalidation, InvalidationOf};
-pub use format::{Ept4, Ept5, EptFamily, Family, FamilyKind, Format, GStageFamily, Sv39x4, Sv48x4, Sv57x4};
+pub use flush::{EptInvalidation, Flush, ForeignFlush, GvmaInvalidation, InvalidationOf};
+pub use format::{Ept4, Ept5, EptFamily, Family, FamilyKind, FlagsError, Format, GStageFamily, Sv39x4, Sv48x4, Sv57x4};
 pub use frame::{FrameAllocator, FRAME_SIZE};
 
 pub use table::{

@@ -83,7 +83,7 @@ fn split_race<F: Format>() -> (u64, u64) {
             barrier.wait();
             let f = t.split(GuestPhysAddr::new(M2)).unwrap();
             let landed = hw.join().unwrap();
-            t.flush(f, |_| {});
+            t.flush(f, |_| {}).unwrap();
             landed
         });
         let q = t.query(GuestPhysAddr::new(x)).unwrap();
@@ -122,7 +122,7 @@ fn collapse_race<F: Format>() -> (u64, u64) {
             let f = t.collapse(GuestPhysAddr::new(M2), PageSize::Size2M).unwrap();
             // The invalidation completes only once no walk can still reach the old table.
             let landed = hw.join().unwrap();
-            t.flush(f, |_| {});
+            t.flush(f, |_| {}).unwrap();
             landed
         });
         let q = t.query(GuestPhysAddr::new(x)).unwrap();

@@ -55,7 +55,8 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
             tlb.invept_single_context(eptp)
         }
         other => panic!("{other:?}"),
-    });
+    })
+    .unwrap();
     assert!(tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
 }
 
@@ -96,7 +97,8 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
         if let GvmaInvalidation::Addresses { addrs, .. } = inv {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
-    });
+    })
+    .unwrap();
     assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_err());
 }
 
@@ -126,7 +128,8 @@ fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
         }
         GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(3)),
         other => panic!("{other:?}"),
-    });
+    })
+    .unwrap();
     assert_eq!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r).unwrap().hpa, Hpa(FRAME + 8));
 }
 
@@ -143,6 +146,6 @@ fn freed_tables_wait_for_the_flush() {
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     assert_eq!(ram.frames_in_use(), with_tables, "retired, not freed");
     assert_eq!(flush.invalidation(), GvmaInvalidation::All { root: t.root() });
-    t.flush(flush, |_| {});
+    t.flush(flush, |_| {}).unwrap();
     assert_eq!(ram.frames_in_use(), 4);
 }

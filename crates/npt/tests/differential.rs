@@ -349,7 +349,7 @@ fn run<H: Hw>(seed: u64, steps: usize) {
         };
         ram.heal();
         match flush {
-            Some(f) => t.flush(f, |inv| hw.invalidate(inv)),
+            Some(f) => t.flush(f, |inv| hw.invalidate(inv)).unwrap(),
             None => assert_eq!(ram.frames_in_use(), frames_before, "{ctx}: a refused change kept frames"),
         }
         // Probe the edges of this range, a few random addresses, and recent probes (which the

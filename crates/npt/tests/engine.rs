@@ -158,14 +158,14 @@ macro_rules! engine_tests {
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size1G);
                 let f = t.unmap(gpa(G + M2 + K4), K4).unwrap();
                 assert!(!f.is_empty());
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.query(gpa(G + M2 + K4)), None);
                 assert_eq!(t.query(gpa(G + M2)).unwrap().size, PageSize::Size4K);
                 assert_eq!(t.query(gpa(G + M2 + 2 * K4)).unwrap().hpa, hpa(TARGET + M2 + 2 * K4));
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size2M);
                 assert_eq!(t.query(gpa(2 * G - 1)).unwrap().size, PageSize::Size2M);
                 let f = t.protect(gpa(G + 4 * M2), M2 + K4, MappingFlags::READ).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(
                     t.query(gpa(G + 4 * M2)).unwrap(),
                     Leaf {
@@ -182,7 +182,7 @@ macro_rules! engine_tests {
                 assert_eq!(t.query(gpa(G + 5 * M2 + K4)).unwrap().flags, MappingFlags::RWX);
                 // Unmapping everything frees every table but the root, once flushed.
                 let f = t.unmap(gpa(0), 4 * G).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.table_frames(), <F as Format>::ROOT_FRAMES);
                 assert_eq!(ram.frames_in_use(), <F as Format>::ROOT_FRAMES);
             }
@@ -198,7 +198,7 @@ macro_rules! engine_tests {
                 assert_eq!(t.split(gpa(M2 * 3)), Err(SplitError::AlreadySmallest(gpa(M2 * 3))));
                 assert_eq!(t.split(gpa(0)), Err(SplitError::NotMapped(gpa(0))));
                 let f = t.collapse(gpa(M2 * 3 + K4), PageSize::Size2M).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.query(gpa(M2 * 3)).unwrap(), big);
                 // Mixed rights cannot collapse.
                 t.split(gpa(M2 * 3)).unwrap().ignore();
@@ -286,7 +286,7 @@ fn ept_new_mappings_need_no_invept_but_changes_do() {
     let root = t.root();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
     // Protecting to the same rights changes nothing and asks for nothing.
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::None);
@@ -317,7 +317,7 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
     assert_eq!(ram.frames_in_use(), frames, "retired tables wait for the flush");
     let mut ran = false;
-    t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. }));
+    t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. })).unwrap();
     assert!(ran);
     assert_eq!(ram.frames_in_use(), 4, "only the 16 KiB root is left");
     // Many leaves widen to the VMID.
@@ -552,3 +552,28 @@ mod nonleaf_changes_fence_the_whole_vmid {
         f.ignore();
     }
 }
+
+#[test]
+fn a_token_of_another_table_is_refused_and_handed_back() {
+    let ram = HostRam::new(64);
+    let mut a = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    let mut b = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    let f = a.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    let mut ran = false;
+    let err = b.flush(f, |_| ran = true).unwrap_err();
+    assert!(!ran, "nothing is invalidated for a foreign token");
+    assert_eq!(err.table_root(), b.root());
+    assert!(err.to_string().contains("handed to the table rooted at"), "{err}");
+    let f = err.into_token();
+    assert_eq!(f.root(), a.root());
+    a.flush(f, |_| ran = true).unwrap();
+    assert!(ran);
+    // `?` carries it into a caller's error type.
+    fn run(b: &mut PageTable<Sv39x4, &HostRam>, f: Flush<Sv39x4>) -> Result<(), Box<dyn std::error::Error>> {
+        b.flush(f, |_| {})?;
+        Ok(())
+    }
+    let f = a.map(gpa(K4), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert!(run(&mut b, f).is_err());
+}
+

@@ -249,7 +249,7 @@ impl Vm {
     pub fn apply(&mut self, f: Flush<Sv39x4>) {
         let (vmid, stats) = (self.vmid, &mut self.stats);
         match &mut self.mem {
-            Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)),
+            Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)).expect("token of this VM's table"),
             Memory::Space(_) => panic!("an address-space VM's flushes are SpaceFlush tokens"),
         }
     }

@@ -204,7 +204,8 @@ impl Hv {
             Ok(Some(_)) => stats.invepts += 1,
             Ok(None) => {}
             Err(e) => crate::println!("  INVEPT failed: {e:?}"),
-        });
+        })
+        .expect("token of this EPT");
     }
 
     /// Maps and flushes, counting pages by size.

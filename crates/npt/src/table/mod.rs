@@ -10,7 +10,7 @@ pub use range::AdClear;
 
 use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
 use crate::flags::MappingFlags;
-use crate::flush::{Flush, InvalidationOf};
+use crate::flush::{Flush, ForeignFlush, InvalidationOf};
 use crate::format::{level_size, Format, LeafBits, Pte};
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use alloc::vec::Vec;
@@ -689,11 +689,21 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
     /// that may have this table loaded), then frees the table frames that changes retired.
-    pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
-        assert_eq!(flush.root(), self.root, "flush token of another table");
+    ///
+    /// A token of another table is refused before anything runs, and handed back inside the
+    /// error ([`ForeignFlush::into_token`]).
+    pub fn flush(
+        &mut self,
+        flush: Flush<F>,
+        invalidate: impl FnOnce(&InvalidationOf<'_, F>),
+    ) -> Result<(), ForeignFlush<F>> {
+        if flush.root() != self.root {
+            return Err(ForeignFlush::new(flush, self.root));
+        }
         invalidate(&flush.invalidation());
         self.fold_late_accessed_dirty();
         self.free_retired();
+        Ok(())
     }
 
     fn free_retired(&mut self) {
