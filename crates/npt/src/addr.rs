@@ -17,6 +17,7 @@ impl fmt::Display for AddrOutOfRange {
         write!(f, "address {:#x} does not fit in {} bits", self.value, self.bits)
     }
 }
+impl core::error::Error for AddrOutOfRange {}
 
 macro_rules! address {
     ($(#[$doc:meta])* $name:ident, $short:literal, $bits:expr) => {

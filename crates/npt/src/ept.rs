@@ -120,7 +120,25 @@ pub enum EptPointerError {
 
 impl fmt::Display for EptPointerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Self::WalkLengthUnsupported(n) => write!(f, "the CPU does not offer an EPT page-walk length of {n}"),
+            Self::MemoryTypeUnsupported(t) => {
+                write!(f, "the CPU does not offer memory type {t:?} for the EPT paging structures")
+            }
+            Self::AccessedDirtyUnsupported => f.write_str("the CPU does not offer EPT accessed and dirty flags"),
+            Self::BadRoot(root) => {
+                write!(f, "EPT root {:#x} is not 4 KiB-aligned or lies above MAXPHYADDR", root.as_u64())
+            }
+            Self::PageSizeUnsupported(size) => {
+                write!(f, "the table may hold {size} pages, which the CPU does not offer")
+            }
+            Self::ExecuteOnlyUnsupported => {
+                f.write_str("the table may hold execute-only pages, which the CPU does not offer")
+            }
+            Self::MaxPhysTooWide { table, cpu } => {
+                write!(f, "the table may hold host addresses of {table} bits, beyond the CPU's MAXPHYADDR of {cpu}")
+            }
+        }
     }
 }
 impl core::error::Error for EptPointerError {}

@@ -102,7 +102,18 @@ pub enum HgatpError {
 
 impl fmt::Display for HgatpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Self::ModeUnsupported(mode) => write!(f, "the hart does not offer hgatp mode {mode:?}"),
+            Self::VmidTooWide { vmid, vmid_bits } => {
+                write!(f, "VMID {vmid} does not fit in the hart's {vmid_bits} VMID bits")
+            }
+            Self::BareWithFields { vmid, root } => {
+                write!(f, "hgatp mode Bare needs VMID and root zero (got VMID {vmid}, root {:#x})", root.as_u64())
+            }
+            Self::BadRoot(root) => {
+                write!(f, "G-stage root {:#x} is not 16 KiB-aligned or does not fit the 44-bit PPN", root.as_u64())
+            }
+        }
     }
 }
 impl core::error::Error for HgatpError {}

@@ -577,3 +577,67 @@ fn a_token_of_another_table_is_refused_and_handed_back() {
     assert!(run(&mut b, f).is_err());
 }
 
+#[test]
+fn errors_have_messages_and_travel_with_question_mark() {
+    use std::error::Error;
+    let ram = HostRam::new(16);
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+
+    // Into a Box<dyn Error>: the message names the address.
+    fn boxed(t: &mut PageTable<Sv39x4, &HostRam>) -> Result<(), Box<dyn Error + Send + Sync>> {
+        t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest)?.ignore();
+        t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest)?.ignore();
+        Ok(())
+    }
+    let e = boxed(&mut t).unwrap_err();
+    assert_eq!(e.to_string(), "cannot map: guest address 0x0 is already mapped");
+
+    // Into a caller's enum through From, and the wrapped cause stays reachable.
+    #[derive(Debug)]
+    enum Caller {
+        Frames(OutOfFrames),
+        Flags(FlagsError),
+    }
+    impl From<OutOfFrames> for Caller {
+        fn from(e: OutOfFrames) -> Self {
+            Caller::Frames(e)
+        }
+    }
+    fn grow(ram: &HostRam) -> Result<PageTable<Ept4, &HostRam>, Caller> {
+        Ok(PageTable::new(ram, TableOptions::for_format::<Ept4>())?)
+    }
+    ram.fail_after(0);
+    assert!(matches!(grow(&ram), Err(Caller::Frames(OutOfFrames { needed: 1 }))));
+    ram.heal();
+    let e = t.protect(gpa(0), K4, MappingFlags::WRITE).unwrap_err();
+    let RangeError::BadFlags { reason, .. } = e else { panic!("{e}") };
+    assert!(matches!(Caller::Flags(reason), Caller::Flags(FlagsError::WriteWithoutRead)));
+    assert_eq!(e.source().unwrap().to_string(), "write without read is a reserved encoding");
+    assert_eq!(e.to_string(), "cannot protect to rights -w-: write without read is a reserved encoding");
+
+    // OutOfFrames converts into every error that wraps it.
+    let oof = OutOfFrames { needed: 2 };
+    for e in [
+        MapError::from(oof).to_string(),
+        RangeError::from(oof).to_string(),
+        SplitError::from(oof).to_string(),
+        CloneError::from(oof).to_string(),
+    ] {
+        assert!(e.contains("needed 2 table frame(s)"), "{e}");
+    }
+    // Every error type has a real message, not its Debug form.
+    let messages: Vec<String> = vec![
+        Box::new(RemapError::NotMapped(gpa(K4))) as Box<dyn Error>,
+        Box::new(SplitError::AlreadySmallest(gpa(0))),
+        Box::new(CollapseError::NotCollapsible { gpa: gpa(0), reason: NotCollapsible::MixedFlags }),
+        Box::new(AdError::NotTracked),
+        Box::new(GuestPhysAddr::try_new(1 << 60).unwrap_err()),
+        Box::new(CloneError::CutsHugePage { gpa: gpa(0), size: PageSize::Size2M }),
+    ]
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    for m in &messages {
+        assert!(!m.contains('{') && !m.contains("NotMapped") && !m.contains("Size2M"), "{m}");
+    }
+}

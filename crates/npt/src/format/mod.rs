@@ -47,6 +47,17 @@ pub enum FlagsError {
     ExecuteOnlyUnsupported,
 }
 
+impl core::fmt::Display for FlagsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NoRights => "no right at all is an unmapped page (use unmap)",
+            Self::WriteWithoutRead => "write without read is a reserved encoding",
+            Self::ExecuteOnlyUnsupported => "execute-only pages are not offered (EPT: IA32_VMX_EPT_VPID_CAP bit 0)",
+        })
+    }
+}
+impl core::error::Error for FlagsError {}
+
 /// A nested paging format: an uninhabited marker type with the format's constants and its entry
 /// encoding. The engine ([`crate::PageTable`]) is generic over it.
 pub trait Format: Sized + 'static {
