@@ -235,13 +235,14 @@ impl<F: Format> Flush<F> {
 /// table ([`ForeignFlush::into_token`]).
 #[must_use = "the token inside still needs carrying out on its own table"]
 pub struct ForeignFlush<F: Format> {
-    token: Flush<F>,
+    // Boxed so that `Result<(), ForeignFlush<F>>` stays two words on the path that succeeds.
+    token: alloc::boxed::Box<Flush<F>>,
     table: HostPhysAddr,
 }
 
 impl<F: Format> ForeignFlush<F> {
     pub(crate) fn new(token: Flush<F>, table: HostPhysAddr) -> Self {
-        Self { token, table }
+        Self { token: alloc::boxed::Box::new(token), table }
     }
     /// Root of the table the token was handed to.
     pub fn table_root(&self) -> HostPhysAddr {
@@ -249,7 +250,7 @@ impl<F: Format> ForeignFlush<F> {
     }
     /// The token, given back whole.
     pub fn into_token(self) -> Flush<F> {
-        self.token
+        *self.token
     }
 }
 

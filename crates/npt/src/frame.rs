@@ -1,10 +1,11 @@
 //! Host memory, injected: where table frames come from and how the engine reaches them.
 
-use crate::addr::HostPhysAddr;
+use crate::addr::{HostPhysAddr, PageSize};
 use core::ptr::NonNull;
 
-/// Bytes in one frame.
-pub const FRAME_SIZE: usize = 4096;
+/// Bytes in one frame: the 4 KiB page ([`PageSize::Size4K`]`.bytes()`), as a `usize` for
+/// pointer arithmetic. The crate's one name for that size besides `PageSize::Size4K`.
+pub const FRAME_SIZE: usize = PageSize::Size4K.bytes() as usize;
 
 /// A source of host-physical frames, and the window through which their bytes are reached.
 ///

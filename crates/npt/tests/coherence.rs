@@ -1,10 +1,10 @@
 //! Coherence: a flush token that is dropped leaves a stale translation that the spec model's TLB
 //! still serves; carrying it out removes it. This is what makes the tokens worth their types.
 
-use twostage_npt::ept::{EptCapabilities, EptPointer};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptPointer};
+use twostage_npt::{Hgatp, HgatpCapabilities};
 use twostage_spec_model as model;
 use twostage_spec_model::{Gpa, Hpa};
 

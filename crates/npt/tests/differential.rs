@@ -5,10 +5,10 @@
 //! mapped, and with the engine's own query. Allocation failures are injected along the way.
 
 use std::collections::BTreeMap;
-use twostage_npt::ept::{EptCapabilities, EptPointer};
-use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptPointer};
+use twostage_npt::{GStageFormat, Hgatp, HgatpCapabilities};
 use twostage_spec_model as model;
 use twostage_spec_model::Gpa;
 

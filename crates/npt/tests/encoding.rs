@@ -1,9 +1,9 @@
 //! Entry, EPTP and hgatp encodings checked bit by bit against the specs' tables.
 
-use twostage_npt::ept::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
-use twostage_npt::format::{LeafBits, Pte};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
+use twostage_npt::{Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
+use twostage_npt::{LeafBits, Pte};
 
 fn leaf(hpa: u64, flags: MappingFlags) -> LeafBits {
     LeafBits { hpa: HostPhysAddr::new(hpa), flags, accessed: false, dirty: false }

@@ -1,8 +1,8 @@
 //! Engine behaviour every format shares: sizes chosen, errors refused without change, splits,
 //! collapses, flush tokens, and frame accounting (including allocation failing half way).
 
-use twostage_npt::ept::EptCapabilities;
 use twostage_npt::testing::{HostRam, HOST_RAM_BASE};
+use twostage_npt::EptCapabilities;
 use twostage_npt::*;
 
 const G: u64 = 1 << 30;
@@ -333,7 +333,7 @@ fn execute_only_needs_the_option() {
     let mut t = PageTable::<Ept4, _>::new(&ram, opts).unwrap();
     assert!(matches!(
         t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest),
-        Err(MapError::BadFlags { reason: format::FlagsError::ExecuteOnlyUnsupported, .. })
+        Err(MapError::BadFlags { reason: FlagsError::ExecuteOnlyUnsupported, .. })
     ));
     let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
     t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest).unwrap().ignore();
@@ -626,7 +626,7 @@ fn errors_have_messages_and_travel_with_question_mark() {
         assert!(e.contains("needed 2 table frame(s)"), "{e}");
     }
     // Every error type has a real message, not its Debug form.
-    let messages: Vec<String> = vec![
+    let messages: Vec<String> = [
         Box::new(RemapError::NotMapped(gpa(K4))) as Box<dyn Error>,
         Box::new(SplitError::AlreadySmallest(gpa(0))),
         Box::new(CollapseError::NotCollapsible { gpa: gpa(0), reason: NotCollapsible::MixedFlags }),

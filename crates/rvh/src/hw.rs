@@ -257,7 +257,7 @@ impl crate::probe::HgatpRegister for CsrHgatp {
 }
 
 /// Probes hgatp (modes, VMIDLEN), then restores it and fences every VMID.
-pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
+pub fn probe() -> twostage_npt::HgatpCapabilities {
     let saved = hgatp::read();
     let caps = crate::probe::probe_hgatp(&mut CsrHgatp);
     // SAFETY: restores the value read above.

@@ -1,6 +1,6 @@
 //! Probing what the hart offers: the H extension, hgatp modes and VMIDLEN, by write and read-back.
 
-use twostage_npt::riscv::{HgatpCapabilities, HgatpMode};
+use twostage_npt::{HgatpCapabilities, HgatpMode};
 
 /// The hgatp CSR as a probe needs it: write a value, read what stuck (WARL, Privileged 1.12 §8.2.10).
 pub trait HgatpRegister {

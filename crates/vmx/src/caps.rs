@@ -162,7 +162,7 @@ impl FixedBits {
 }
 
 /// IA32_VMX_EPT_VPID_CAP, the bits twostage uses (Intel SDM Vol. 3C A.10). The EPT pointer's
-/// own validation uses `twostage_npt::ept::EptCapabilities` built from the same raw value.
+/// own validation uses `twostage_npt::EptCapabilities` built from the same raw value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EptVpidCaps {
     /// The raw MSR value.

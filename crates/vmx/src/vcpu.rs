@@ -13,7 +13,7 @@ use crate::exit::{decode_exit, VmExit, VmInstructionError};
 use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
-use twostage_npt::ept::{EptCapabilities, EptPointer, EptPointerError};
+use twostage_npt::{EptCapabilities, EptPointer, EptPointerError};
 use twostage_npt::{EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo};
 
 /// What the hypervisor wants from the vCPU, before the CPU's capabilities are applied.

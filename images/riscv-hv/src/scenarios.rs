@@ -6,7 +6,7 @@ use crate::vm::{self, frames, Exit, Vm, UART_GPA};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use twostage_npt::riscv::{Hgatp, HgatpMode};
+use twostage_npt::{Hgatp, HgatpMode};
 use twostage_npt::{FrameAllocator, GpaRange, GuestPhysAddr, MappingFlags, PageSize};
 use twostage_rvh::fault::GuestPageFault;
 use twostage_rvh::gpa::GpaAccessError;

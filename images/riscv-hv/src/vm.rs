@@ -5,7 +5,7 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpMode};
+use twostage_npt::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
     Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
     PageTable, Sv39x4, TableOptions,

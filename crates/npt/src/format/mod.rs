@@ -1,7 +1,7 @@
 //! The format trait: how one kind of nested table lays out its entries.
 
-pub mod ept;
-pub mod riscv;
+mod ept;
+mod riscv;
 
 pub use ept::{Ept4, Ept5};
 pub use riscv::{Sv39x4, Sv48x4, Sv57x4};
@@ -10,7 +10,18 @@ use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 use crate::table::{AdMode, TableOptions};
 
-pub use crate::flush::{EptFamily, Family, FamilyKind, GStageFamily};
+pub(crate) use crate::flush::{EptFamily, GStageFamily};
+
+pub(crate) mod sealed {
+    /// Implemented by the crate's own formats only: the engine's correctness rests on each
+    /// format's encoding and caching rules, which it knows.
+    pub trait Sealed {}
+    impl Sealed for super::Ept4 {}
+    impl Sealed for super::Ept5 {}
+    impl Sealed for super::Sv39x4 {}
+    impl Sealed for super::Sv48x4 {}
+    impl Sealed for super::Sv57x4 {}
+}
 
 /// One decoded table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,13 +71,15 @@ impl core::error::Error for FlagsError {}
 
 /// A nested paging format: an uninhabited marker type with the format's constants and its entry
 /// encoding. The engine ([`crate::PageTable`]) is generic over it.
-pub trait Format: Sized + 'static {
+///
+/// Sealed: only [`Ept4`], [`Ept5`], [`Sv39x4`], [`Sv48x4`] and [`Sv57x4`] implement it.
+pub trait Format: sealed::Sealed + Sized + 'static {
     /// Human-readable name, e.g. "EPT 4-level".
     const NAME: &'static str;
-    /// How invalidation works for this format: [`EptFamily`] (INVEPT) or [`GStageFamily`]
-    /// (HFENCE.GVMA). Its [`Family::Invalidation`] is the only invalidation a token of this
+    /// How invalidation works for this format: [`crate::EptFamily`] (INVEPT) or [`crate::GStageFamily`]
+    /// (HFENCE.GVMA). Its [`crate::Family::Invalidation`] is the only invalidation a token of this
     /// format can ask for.
-    type Family: Family;
+    type Family: crate::flush::Family;
     /// Number of levels; the root is level `LEVELS - 1`, 4 KiB leaves are level 0.
     const LEVELS: usize;
     /// Width of the guest-physical address space the format translates.
@@ -138,6 +151,6 @@ pub trait Format: Sized + 'static {
 }
 
 /// Bytes covered by one entry at `level`.
-pub const fn level_size(level: usize) -> u64 {
+pub(crate) const fn level_size(level: usize) -> u64 {
     1u64 << (12 + 9 * level)
 }

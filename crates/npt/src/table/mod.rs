@@ -8,7 +8,7 @@ pub use dump::TableDump;
 pub use error::*;
 pub use range::AdClear;
 
-use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::MappingFlags;
 use crate::flush::{Flush, ForeignFlush, InvalidationOf};
 use crate::format::{level_size, Format, LeafBits, Pte};
@@ -62,7 +62,7 @@ impl PageSizes {
 }
 
 /// What a table may use, decided by the CPU's capabilities (see
-/// [`crate::ept::EptCapabilities::table_options`]) and the hypervisor's choices.
+/// [`crate::EptCapabilities::table_options`]) and the hypervisor's choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableOptions {
     /// Leaf sizes the CPU offers (intersected with the format's).
@@ -154,6 +154,15 @@ pub(crate) enum Plan<'p, F: Format> {
     Dry { needed: usize, virt: [Option<u64>; 6] },
     /// Make the change with frames from `pool`, recording what to invalidate in `flush`.
     Real { pool: &'p mut Vec<HostPhysAddr>, flush: &'p mut Flush<F> },
+}
+
+/// A mapping request being carried out: `gpa..gpa+len` to `hpa..hpa+len` with `flags`.
+#[derive(Clone, Copy)]
+struct Run {
+    gpa: u64,
+    hpa: u64,
+    len: u64,
+    flags: MappingFlags,
 }
 
 pub(crate) enum Step {
@@ -278,7 +287,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         size: MapSize,
     ) -> Result<Flush<F>, MapError> {
         let align = match size {
-            MapSize::Largest => PAGE_SIZE_4K,
+            MapSize::Largest => PageSize::Size4K.bytes(),
             MapSize::Exactly(s) => {
                 if !self.opts.leaf_sizes.contains(s) {
                     return Err(MapError::UnsupportedPageSize(s));
@@ -351,12 +360,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 match cursor {
                     // A dry run inside a leaf table that does not exist yet: its other pages are
                     // free and need no further table; skip to the end of the table.
-                    Some((0, key, None)) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
-                        let table_end = ((gpa.as_u64() + off - PAGE_SIZE_4K) | (level_size(1) - 1)) + 1;
+                    Some((0, key, None)) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
+                        let table_end = ((gpa.as_u64() + off - PageSize::Size4K.bytes()) | (level_size(1) - 1)) + 1;
                         off = (table_end - gpa.as_u64()).min(len);
                     }
-                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
-                        off = self.fill_run(table, gpa.as_u64(), hpa.as_u64(), off, len, flags, plan);
+                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
+                        let run = Run { gpa: gpa.as_u64(), hpa: hpa.as_u64(), len, flags };
+                        off = self.fill_run(table, &run, off, plan);
                     }
                     _ => {}
                 }
@@ -367,17 +377,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Writes 4 KiB leaves into `table` from `gpa + off` until the range or the table ends, or an
     /// entry is present (the page-by-page path then reports the conflict). Returns the new offset.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_run(
-        &self,
-        table: HostPhysAddr,
-        gpa: u64,
-        hpa: u64,
-        mut off: u64,
-        len: u64,
-        flags: MappingFlags,
-        plan: &mut Plan<'_, F>,
-    ) -> u64 {
+    fn fill_run(&self, table: HostPhysAddr, run: &Run, mut off: u64, plan: &mut Plan<'_, F>) -> u64 {
+        let Run { gpa, hpa, len, flags } = *run;
         let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
         let entries = self.leaf_table(table);
         while off < len && (gpa + off) & (level_size(1) - 1) != 0 {
@@ -391,7 +392,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 entry.store(F::encode_leaf(&leaf, 0), Ordering::Release);
                 flush.note_leaf(GuestPhysAddr::new(va), false);
             }
-            off += PAGE_SIZE_4K;
+            off += PageSize::Size4K.bytes();
         }
         off
     }
@@ -603,8 +604,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
         let mut child = Self::new(self.alloc.clone(), self.opts)?;
         let mut pool = child.fill_pool(live).map_err(|e| OutOfFrames { needed: e.needed + F::ROOT_FRAMES })?;
-        let mut ctx = CloneCtx { ranges, hint: 0, flush, f };
-        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut pool, &mut ctx);
+        let mut ctx = CloneCtx { ranges, hint: 0, flush, f, pool: &mut pool };
+        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut ctx);
         debug_assert!(pool.is_empty(), "live table count is off");
         Ok(child)
     }
@@ -625,13 +626,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     {
         let mut stored = Vec::with_capacity(ranges.len());
         for &(r, flags) in ranges {
-            check_range::<F>(r.start, r.len(), PAGE_SIZE_4K).map_err(|problem| CloneError::BadRange {
+            check_range::<F>(r.start, r.len(), PageSize::Size4K.bytes()).map_err(|problem| CloneError::BadRange {
                 gpa: r.start,
                 len: r.len(),
                 problem,
             })?;
             F::check_flags(flags, &self.opts).map_err(|reason| CloneError::BadFlags { flags, reason })?;
-            for edge in [r.start, r.end - PAGE_SIZE_4K] {
+            for edge in [r.start, r.end - PageSize::Size4K.bytes()] {
                 if let Some(l) = self.query(edge) {
                     if l.gpa < r.start || l.range().end > r.end {
                         return Err(CloneError::CutsHugePage { gpa: l.gpa, size: l.size });
@@ -645,7 +646,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         Ok((child, flush))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Copies the table `from` of `src` (level `level`, first address `base`) into `to`.
     fn copy_tree(
         &self,
         src: &Self,
@@ -653,7 +654,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         to: HostPhysAddr,
         level: usize,
         base: u64,
-        pool: &mut Vec<HostPhysAddr>,
         ctx: &mut CloneCtx<'_, F>,
     ) {
         let span = level_size(level);
@@ -665,8 +665,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             let b = base + i as u64 * span;
             if level > 0 && !F::is_leaf(raw, level) {
-                let next = self.new_table(pool);
-                self.copy_tree(src, F::address(raw), next, level - 1, b, pool, ctx);
+                let next = self.new_table(ctx.pool);
+                self.copy_tree(src, F::address(raw), next, level - 1, b, ctx);
                 self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
                 continue;
             }
@@ -803,6 +803,8 @@ struct CloneCtx<'c, F: Format> {
     hint: usize,
     flush: &'c mut Flush<F>,
     f: &'c mut dyn FnMut(&Leaf),
+    /// Frames for the copy's tables, allocated before anything was copied.
+    pool: &'c mut Vec<HostPhysAddr>,
 }
 
 impl<F: Format> CloneCtx<'_, F> {

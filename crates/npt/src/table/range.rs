@@ -2,7 +2,7 @@
 
 use super::{check_range, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
 use super::{AdError, AdMode, CollapseError, NotCollapsible, RemapError, SplitError};
-use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::{Access, MappingFlags};
 use crate::flush::Flush;
 use crate::format::{level_size, Format, LeafBits, Pte};
@@ -15,6 +15,25 @@ use core::sync::atomic::Ordering;
 enum Op {
     Unmap,
     Protect(MappingFlags),
+}
+
+/// A range walk: what to do to `[start, end)`, and where its frames come from. (Children see the
+/// same bounds: each level clamps them to the entries it covers.)
+struct RangeWalk<'p, F: Format> {
+    start: u64,
+    end: u64,
+    op: Op,
+    plan: Plan<'p, F>,
+}
+
+/// An accessed/dirty walk over `[start, end)`: the bits to clear, the flush the clearing needs,
+/// and where the leaves are reported.
+struct AdWalk<'w, F: Format> {
+    start: u64,
+    end: u64,
+    mask: u64,
+    flush: &'w mut Flush<F>,
+    f: &'w mut dyn FnMut(&Leaf),
 }
 
 /// Which accessed/dirty bits `take_accessed_dirty` clears in the leaves it reports.
@@ -45,32 +64,28 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     }
 
     fn range_op(&mut self, gpa: GuestPhysAddr, len: u64, op: Op) -> Result<Flush<F>, RangeError> {
-        check_range::<F>(gpa, len, PAGE_SIZE_4K).map_err(|problem| RangeError::BadRange { gpa, len, problem })?;
+        check_range::<F>(gpa, len, PageSize::Size4K.bytes()).map_err(|problem| RangeError::BadRange {
+            gpa,
+            len,
+            problem,
+        })?;
         let (start, end) = (gpa.as_u64(), gpa.as_u64() + len);
         let top = F::LEVELS - 1;
-        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
-        self.walk_range(self.root, top, 0, start, end, op, &mut dry);
-        let Plan::Dry { needed, .. } = dry else { unreachable!() };
+        let mut dry = RangeWalk { start, end, op, plan: Plan::Dry { needed: 0, virt: [None; 6] } };
+        self.walk_range(self.root, top, 0, &mut dry);
+        let Plan::Dry { needed, .. } = dry.plan else { unreachable!() };
         let mut pool = self.fill_pool(needed).map_err(RangeError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
-        self.walk_range(self.root, top, 0, start, end, op, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
+        let plan = Plan::Real { pool: &mut pool, flush: &mut flush };
+        self.walk_range(self.root, top, 0, &mut RangeWalk { start, end, op, plan });
         debug_assert!(pool.is_empty(), "split frames were miscounted");
         Ok(flush)
     }
 
-    /// Applies `op` to `[start, end)` within the table at `table` (level `level`, first address
-    /// `base`). Returns whether the table is left with no valid entry.
-    #[allow(clippy::too_many_arguments)]
-    fn walk_range(
-        &mut self,
-        table: HostPhysAddr,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        op: Op,
-        plan: &mut Plan<'_, F>,
-    ) -> bool {
+    /// Applies `w.op` to `[w.start, w.end)` within the table at `table` (level `level`, first
+    /// address `base`). Returns whether the table is left with no valid entry.
+    fn walk_range(&mut self, table: HostPhysAddr, level: usize, base: u64, w: &mut RangeWalk<'_, F>) -> bool {
+        let (start, end, op) = (w.start, w.end, w.op);
         let span = level_size(level);
         let mut i = ((start.max(base) - base) / span) as usize;
         while i < F::entries(level) && base + i as u64 * span < end {
@@ -80,7 +95,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             match F::decode(raw, level) {
                 Pte::Invalid => {}
                 Pte::Leaf(leaf) if s == b && e == b + span => {
-                    if let Plan::Real { flush, .. } = plan {
+                    if let Plan::Real { flush, .. } = &mut w.plan {
                         let new = match op {
                             Op::Unmap => 0,
                             Op::Protect(flags) => F::encode_leaf(&self.preset_ad(LeafBits { flags, ..leaf }), level),
@@ -92,7 +107,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     }
                 }
                 Pte::Leaf(leaf) => {
-                    let child = match plan {
+                    let child = match &mut w.plan {
                         Plan::Dry { needed, .. } => {
                             *needed += split_tables(level, b, s, e);
                             None
@@ -100,12 +115,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, &leaf, pool, flush)),
                     };
                     if let Some(child) = child {
-                        self.walk_range(child, level - 1, b, s, e, op, plan);
+                        self.walk_range(child, level - 1, b, w);
                     }
                 }
                 // A whole table inside the range: unlink it with one store, retire its subtree.
                 Pte::Table(child) if matches!(op, Op::Unmap) && s == b && e == b + span => {
-                    if let Plan::Real { flush, .. } = plan {
+                    if let Plan::Real { flush, .. } = &mut w.plan {
                         self.entry(table, i).store(0, Ordering::Release);
                         self.retire_subtree(child, level - 1);
                         flush.note_nonleaf();
@@ -113,10 +128,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 }
                 // A table wholly inside the range holds no leaf that straddles an edge: the dry
                 // run (which only counts split frames) has nothing to find there.
-                Pte::Table(_) if matches!(plan, Plan::Dry { .. }) && s == b && e == b + span => {}
+                Pte::Table(_) if matches!(w.plan, Plan::Dry { .. }) && s == b && e == b + span => {}
                 Pte::Table(child) => {
-                    let empty = self.walk_range(child, level - 1, b, s, e, op, plan);
-                    if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut *plan) {
+                    let empty = self.walk_range(child, level - 1, b, w);
+                    if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut w.plan) {
                         self.entry(table, i).store(0, Ordering::Release);
                         self.retire(child);
                         flush.note_nonleaf();
@@ -126,7 +141,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             i += 1;
         }
         matches!(op, Op::Unmap)
-            && matches!(plan, Plan::Real { .. })
+            && matches!(w.plan, Plan::Real { .. })
             && (0..F::entries(level)).all(|j| self.entry(table, j).load(Ordering::Relaxed) == 0)
     }
 
@@ -176,7 +191,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Replaces the leaf at `table[idx]` (level `level`) by a table of 512 leaves one
     /// level down that map the same memory with the same bits. Returns the new table.
-    #[allow(clippy::too_many_arguments)]
     fn split_leaf(
         &mut self,
         table: HostPhysAddr,
@@ -384,22 +398,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         };
         let mut flush = Flush::new(self.root);
         let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
-        self.ad_walk(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, mask, &mut flush, &mut f);
+        let mut w = AdWalk { start: gpa.as_u64(), end, mask, flush: &mut flush, f: &mut f };
+        self.ad_walk(self.root, F::LEVELS - 1, 0, &mut w);
         flush
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn ad_walk(
-        &self,
-        table: HostPhysAddr,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        mask: u64,
-        flush: &mut Flush<F>,
-        f: &mut dyn FnMut(&Leaf),
-    ) {
+    fn ad_walk(&self, table: HostPhysAddr, level: usize, base: u64, w: &mut AdWalk<'_, F>) {
+        let (start, end, mask) = (w.start, w.end, w.mask);
         let span = level_size(level);
         let mut i = ((start.max(base) - base) / span) as usize;
         while i < F::entries(level) && base + i as u64 * span < end {
@@ -413,7 +418,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             match F::decode(raw, level) {
                 Pte::Invalid => {}
-                Pte::Table(next) => self.ad_walk(next, level - 1, b, start, end, mask, flush, f),
+                Pte::Table(next) => self.ad_walk(next, level - 1, b, w),
                 Pte::Leaf(l) if l.accessed || l.dirty => {
                     let old = if mask != 0 {
                         entry.fetch_and(!mask, Ordering::AcqRel)
@@ -421,11 +426,11 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         entry.load(Ordering::Acquire)
                     };
                     if let Pte::Leaf(l) = F::decode(old, level) {
-                        f(&leaf_at(GuestPhysAddr::new(b), level, &l));
+                        (w.f)(&leaf_at(GuestPhysAddr::new(b), level, &l));
                     }
                     if old & mask != 0 {
                         // A cached translation still says "dirty": the CPU would not set D again.
-                        flush.note_leaf(GuestPhysAddr::new(b), true);
+                        w.flush.note_leaf(GuestPhysAddr::new(b), true);
                     }
                 }
                 Pte::Leaf(_) => {}

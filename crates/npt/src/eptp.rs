@@ -149,7 +149,7 @@ impl core::error::Error for EptPointerError {}
 pub struct EptPointer(u64);
 
 /// Formats an EPTP can point at, with their page-walk length.
-pub trait EptFormat: Format<Family = crate::EptFamily> {
+pub trait EptFormat: Format<Family = crate::flush::EptFamily> {
     /// Page-walk length (4 or 5).
     const WALK_LENGTH: u8;
 }

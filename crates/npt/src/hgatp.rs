@@ -21,7 +21,7 @@ pub enum HgatpMode {
 }
 
 /// Formats hgatp can point at.
-pub trait GStageFormat: Format<Family = crate::GStageFamily> {
+pub trait GStageFormat: Format<Family = crate::flush::GStageFamily> {
     /// The hgatp mode selecting this format.
     const MODE: HgatpMode;
 }
