@@ -437,12 +437,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             _ => {}
         }
         while l > level {
-            let idx = F::index(va, l);
-            let raw = self.entry(table, idx).load(Ordering::Acquire);
-            match F::decode(raw, l) {
-                Pte::Table(next) => table = next,
-                Pte::Leaf(_) => return Err(Step::Conflict(GuestPhysAddr::new(va))),
-                Pte::Invalid => match plan {
+            match self.next_table(table, va, l) {
+                Ok(next) => table = next,
+                Err(Stop::Leaf { .. }) => return Err(Step::Conflict(GuestPhysAddr::new(va))),
+                Err(Stop::Empty) => match plan {
                     Plan::Dry { needed, virt } => {
                         // Tables at levels l-1 ..= level are missing; one table at level m covers
                         // level_size(m + 1). Addresses only grow, so one memo per level suffices.
@@ -457,13 +455,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         *cursor = Some((level, key, None));
                         return Ok(());
                     }
-                    Plan::Real { pool, flush } => {
-                        let new = self.new_table(pool);
-                        // Release: the zeroed table is visible before the pointer to it.
-                        self.entry(table, idx).store(F::encode_table(new), Ordering::Release);
-                        flush.note_table_linked();
-                        table = new;
-                    }
+                    Plan::Real { pool, flush } => table = self.create_next_table(table, va, l, pool, flush),
                 },
             }
             l -= 1;
@@ -490,60 +482,85 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// The leaf that maps `gpa`, if any.
     pub fn query(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
-        let (raw, level) = self.leaf_entry(gpa)?;
+        let (_, raw, level) = self.leaf_walk(gpa)?;
         match F::decode(raw, level) {
             Pte::Leaf(l) => Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
             _ => None,
         }
     }
 
-    /// The raw leaf entry mapping `gpa` and its level: a walk that tests masks and decodes
-    /// nothing (the hot path of every query, translation and fault).
+    /// The leaf entry mapping `gpa`, its raw value and its level: a walk that tests masks and
+    /// decodes nothing (the hot path of every query, translation and fault).
     #[inline]
-    fn leaf_entry(&self, gpa: GuestPhysAddr) -> Option<(u64, usize)> {
+    pub(crate) fn leaf_walk(&self, gpa: GuestPhysAddr) -> Option<(&AtomicU64, u64, usize)> {
         let va = gpa.as_u64();
         if va >> F::GPA_BITS != 0 {
             return None;
         }
         let mut table = self.root;
-        let mut level = F::LEVELS - 1;
-        loop {
-            let raw = self.entry(table, F::index(va, level)).load(Ordering::Acquire);
-            if !F::present(raw) {
-                return None;
-            }
-            if F::is_leaf(raw, level) {
-                return Some((raw, level));
-            }
-            if level == 0 {
-                return None;
-            }
-            table = F::address(raw);
-            level -= 1;
-        }
-    }
-
-    /// The leaf entry mapping `gpa`, if any.
-    pub(crate) fn leaf_slot(&self, gpa: GuestPhysAddr) -> Option<&AtomicU64> {
-        let va = gpa.as_u64();
-        let mut table = self.root;
         for level in (0..F::LEVELS).rev() {
-            let entry = self.entry(table, F::index(va, level));
-            let raw = entry.load(Ordering::Acquire);
-            if !F::present(raw) {
-                return None;
+            match self.next_table(table, va, level) {
+                Ok(next) => table = next,
+                Err(Stop::Leaf { entry, raw }) => return Some((entry, raw, level)),
+                Err(Stop::Empty) => return None,
             }
-            if F::is_leaf(raw, level) {
-                return Some(entry);
-            }
-            table = F::address(raw);
         }
         None
     }
 
+    // The walker: every descent through the levels (map, query and translation, remap, split,
+    // collapse, A/D updates) goes through `next_table`, `create_next_table` and `table_at`; the
+    // range walks (unmap, protect, harvest, copy, leaf listing, free) visit the entries of one
+    // table at a time with `covered`, and descend with the pointer they have just read.
+
+    /// One step down: the table that `table`'s entry for `va` (at `level`) points at, or why
+    /// there is none.
+    #[inline]
+    pub(crate) fn next_table(&self, table: HostPhysAddr, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
+        let entry = self.entry(table, F::index(va, level));
+        let raw = entry.load(Ordering::Acquire);
+        if !F::present(raw) {
+            return Err(Stop::Empty);
+        }
+        if F::is_leaf(raw, level) {
+            return Err(Stop::Leaf { entry, raw });
+        }
+        if level == 0 {
+            // A pointer below the last level (reserved; the engine never writes one).
+            return Err(Stop::Empty);
+        }
+        Ok(F::address(raw))
+    }
+
+    /// Links a new, zeroed table (from `pool`) into `table`'s empty entry for `va` at `level`, and
+    /// returns it.
+    pub(crate) fn create_next_table(
+        &self,
+        table: HostPhysAddr,
+        va: u64,
+        level: usize,
+        pool: &mut Vec<HostPhysAddr>,
+        flush: &mut Flush<F>,
+    ) -> HostPhysAddr {
+        let new = self.new_table(pool);
+        // Release: the zeroed table is visible before the pointer to it.
+        self.entry(table, F::index(va, level)).store(F::encode_table(new), Ordering::Release);
+        flush.note_table_linked();
+        new
+    }
+
+    /// The table that holds the entry at `level` for `va`, walking down from the root.
+    pub(crate) fn table_at(&self, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
+        let mut table = self.root;
+        for l in (level + 1..F::LEVELS).rev() {
+            table = self.next_table(table, va, l)?;
+        }
+        Ok(table)
+    }
+
     /// The host address `gpa` maps to, with the rights of its leaf.
     pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
-        let (raw, level) = self.leaf_entry(gpa)?;
+        let (_, raw, level) = self.leaf_walk(gpa)?;
         match F::decode(raw, level) {
             Pte::Leaf(l) => Some((l.hpa + gpa.offset_in(level_size(level)), l.flags)),
             _ => None,
@@ -558,13 +575,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     fn leaves_in(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&Leaf)) {
         let span = level_size(level);
-        let first = (start.max(base) - base) / span;
-        let mut i = first as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let raw = self.entry(table, i).load(Ordering::Acquire);
             if !F::present(raw) {
-                i += 1;
                 continue;
             }
             match F::decode(raw, level) {
@@ -572,7 +586,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 Pte::Leaf(l) => f(&leaf_at(GuestPhysAddr::new(b), level, &l)),
                 Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
             }
-            i += 1;
         }
     }
 
@@ -748,6 +761,29 @@ impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
         self.frames -= F::ROOT_FRAMES;
         debug_assert_eq!(self.frames, 0, "table frame accounting is off");
     }
+}
+
+/// Why a walk stopped above the level it was heading for.
+pub(crate) enum Stop<'t> {
+    /// The entry is not present.
+    Empty,
+    /// The entry maps a page.
+    Leaf {
+        /// The entry itself.
+        entry: &'t AtomicU64,
+        /// Its value when read.
+        raw: u64,
+    },
+}
+
+/// The indices of the entries of a table at `level` whose first address is `base` that overlap
+/// `[start, end)` (which must overlap the table).
+#[inline]
+pub(crate) fn covered<F: Format>(level: usize, base: u64, start: u64, end: u64) -> core::ops::Range<usize> {
+    let span = level_size(level);
+    let first = ((start.max(base) - base) / span) as usize;
+    let last = (end - base).div_ceil(span).min(F::entries(level) as u64) as usize;
+    first..last
 }
 
 pub(crate) fn leaf_at(gpa: GuestPhysAddr, level: usize, l: &LeafBits) -> Leaf {

@@ -1,6 +1,6 @@
 //! Range operations: unmap, protect, split, collapse, and accessed/dirty bits.
 
-use super::{check_range, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
+use super::{check_range, covered, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
 use super::{AdError, AdMode, CollapseError, NotCollapsible, RemapError, SplitError};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::{Access, MappingFlags};
@@ -87,8 +87,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     fn walk_range(&mut self, table: HostPhysAddr, level: usize, base: u64, w: &mut RangeWalk<'_, F>) -> bool {
         let (start, end, op) = (w.start, w.end, w.op);
         let span = level_size(level);
-        let mut i = ((start.max(base) - base) / span) as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let (s, e) = (start.max(b), end.min(b + span));
             let raw = self.entry(table, i).load(Ordering::Acquire);
@@ -138,7 +137,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     }
                 }
             }
-            i += 1;
         }
         matches!(op, Op::Unmap)
             && matches!(w.plan, Plan::Real { .. })
@@ -292,14 +290,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// The table and index holding the entry at `level` for `va` (the path must exist).
     fn slot_of(&self, va: u64, level: usize) -> (HostPhysAddr, usize) {
-        let mut table = self.root;
-        for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(self.entry(table, F::index(va, l)).load(Ordering::Acquire), l) {
-                Pte::Table(next) => table = next,
-                _ => unreachable!("slot_of follows a path that query found"),
-            }
+        match self.table_at(va, level) {
+            Ok(table) => (table, F::index(va, level)),
+            Err(_) => unreachable!("slot_of follows a path that query found"),
         }
-        (table, F::index(va, level))
     }
 
     /// Replaces the table under the `size`-sized entry covering `gpa` by one `size` leaf, when all
@@ -315,14 +309,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
         let base = gpa.align_down(size.bytes());
         let not = |reason| CollapseError::NotCollapsible { gpa: base, reason };
-        // Find the entry at `level`.
-        let mut table = self.root;
-        for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(self.entry(table, F::index(base.as_u64(), l)).load(Ordering::Acquire), l) {
-                Pte::Table(next) => table = next,
-                _ => return Err(not(NotCollapsible::NotATable)),
-            }
-        }
+        let table = self.table_at(base.as_u64(), level).map_err(|_| not(NotCollapsible::NotATable))?;
         let idx = F::index(base.as_u64(), level);
         let pointer = self.entry(table, idx).load(Ordering::Acquire);
         let Pte::Table(child) = F::decode(pointer, level) else {
@@ -406,14 +393,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     fn ad_walk(&self, table: HostPhysAddr, level: usize, base: u64, w: &mut AdWalk<'_, F>) {
         let (start, end, mask) = (w.start, w.end, w.mask);
         let span = level_size(level);
-        let mut i = ((start.max(base) - base) / span) as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let entry = self.entry(table, i);
             let raw = entry.load(Ordering::Acquire);
             // Leaf tables dominate: a mask test skips clean and empty entries without decoding.
             if raw & (F::ACCESSED | F::DIRTY) == 0 && (level == 0 || !F::present(raw) || F::is_leaf(raw, level)) {
-                i += 1;
                 continue;
             }
             match F::decode(raw, level) {
@@ -435,7 +420,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 }
                 Pte::Leaf(_) => {}
             }
-            i += 1;
         }
     }
 
@@ -483,7 +467,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 if bits == 0 {
                     continue;
                 }
-                if let Some(entry) = self.leaf_slot(GuestPhysAddr::new(fold.gpa + j as u64 * span)) {
+                if let Some((entry, _, _)) = self.leaf_walk(GuestPhysAddr::new(fold.gpa + j as u64 * span)) {
                     entry.fetch_or(bits, Ordering::AcqRel);
                 }
             }
