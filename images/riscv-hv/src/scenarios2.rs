@@ -380,8 +380,7 @@ pub fn cow_fork() -> Verdict {
         parent.flush_unloaded(f);
         let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{:?}", e.error))?;
         parent.flush_unloaded(f);
-        let hp =
-            Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hp = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
         // SAFETY: a fresh VS context.
         unsafe { hw::vsatp::write(0) };
         let mut regs = VcpuRegs::new();
@@ -393,8 +392,7 @@ pub fn cow_fork() -> Verdict {
         parent.flush(f, |inv| {
             twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
         });
-        let hc =
-            Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hc = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
         let mut cregs = VcpuRegs::new();
         ensure!(
             run_space(&mut child, hc, &mut cregs, Routine::Load64, &[x])? == 0x1111,

@@ -5,11 +5,11 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
     Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
     PageTable, Sv39x4, TableOptions,
 };
+use twostage_npt::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, GuestPageFault, TrapCsrs};
 use twostage_rvh::frames::BitmapFrames;
