@@ -23,7 +23,7 @@ fn ts_table(ram: &'static BenchRam, len: u64) -> PageTable<Ept4, &'static BenchR
     let f = t
         .map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA_LINEAR), len, MappingFlags::RWX, MapSize::Largest)
         .expect("map");
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).expect("token of this table");
     t
 }
 
@@ -111,7 +111,7 @@ fn main() {
             let mut t = ts_table(ram, GIB);
             measured(|| {
                 let f = t.unmap(GuestPhysAddr::new(GPA_BASE), GIB).expect("unmap");
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).expect("token of this table");
             });
         }
         "unmap4k-ax" => {

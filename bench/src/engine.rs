@@ -33,7 +33,7 @@ fn ts_map(t: &mut PageTable<Ept4, &'static BenchRam>, len: u64) {
     let f = t
         .map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA_LINEAR), len, MappingFlags::RWX, MapSize::Largest)
         .expect("map");
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).expect("token of this table");
 }
 
 fn big_group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
@@ -94,7 +94,7 @@ pub fn map_unmap(c: &mut Criterion) {
                     ts_map(&mut t, GIB);
                     let start = Instant::now();
                     let f = t.unmap(GuestPhysAddr::new(GPA_BASE), GIB).expect("unmap");
-                    t.flush(f, |_| {});
+                    t.flush(f, |_| {}).expect("token of this table");
                     total += start.elapsed();
                 }
                 total
@@ -182,7 +182,7 @@ pub fn harvest_engine(c: &mut Criterion) {
                         bitmap[(i / 64) as usize] |= 1 << (i % 64);
                     }
                 });
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).expect("token of this table");
                 total += start.elapsed();
                 black_box(&bitmap);
             }

@@ -64,7 +64,7 @@ fn twostage_maps_4k_only_and_the_fake_cpu_dirties_leaves() {
     let f = t
         .map(GuestPhysAddr::new(GPA_BASE), HostPhysAddr::new(HPA), 16 * MIB, MappingFlags::RW, MapSize::Largest)
         .unwrap();
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
     assert_eq!(t.query(GuestPhysAddr::new(GPA_BASE + 3 * MIB)).unwrap().size, PageSize::Size4K);
     cpu_write(ram, t.root().as_u64(), GPA_BASE + 3 * MIB + 0x10);
     let mut seen = Vec::new();
@@ -73,7 +73,7 @@ fn twostage_maps_4k_only_and_the_fake_cpu_dirties_leaves() {
             seen.push(l.gpa.as_u64())
         }
     });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
     assert_eq!(seen, vec![GPA_BASE + 3 * MIB]);
 }
 

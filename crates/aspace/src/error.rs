@@ -3,7 +3,7 @@
 use crate::flush::SpaceFlush;
 use crate::region::{RegionId, RegionLabel};
 use core::fmt;
-use twostage_npt::format::FlagsError;
+use twostage_npt::FlagsError;
 use twostage_npt::{CloneError, Format, GpaRange, HostPhysAddr, MapError, OutOfFrames, RangeError, SplitError};
 
 /// Why [`crate::AddressSpace::new`] failed.

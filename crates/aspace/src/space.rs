@@ -352,7 +352,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             flush.add(d);
         }
         if let Some(t) = flush.table {
-            self.table.flush(t, invalidate);
+            self.table.flush(t, invalidate).expect("flush token of another address space");
         }
         self.release_frames(&flush.release);
     }

@@ -17,6 +17,7 @@ impl fmt::Display for AddrOutOfRange {
         write!(f, "address {:#x} does not fit in {} bits", self.value, self.bits)
     }
 }
+impl core::error::Error for AddrOutOfRange {}
 
 macro_rules! address {
     ($(#[$doc:meta])* $name:ident, $short:literal, $bits:expr) => {
@@ -219,7 +220,7 @@ impl fmt::Display for GpaRange {
 }
 
 /// The page (leaf) sizes a nested table can map. Which of them a table may use depends on its
-/// format and on the CPU (see [`crate::format::Format::LEAF_LEVELS`] and the table's options).
+/// format and on the CPU (see [`crate::Format::LEAF_LEVELS`] and the table's options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PageSize {
     /// 4 KiB, a level-0 leaf.
@@ -273,9 +274,6 @@ impl fmt::Display for PageSize {
         })
     }
 }
-
-/// Bytes in a 4 KiB page.
-pub const PAGE_SIZE_4K: u64 = 4096;
 
 #[cfg(test)]
 mod tests {

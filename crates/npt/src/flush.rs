@@ -176,6 +176,21 @@ impl<F: Format> Flush<F> {
         self.scope = Scope::Context;
     }
 
+    /// Records that a new table was linked into an entry that was not present.
+    ///
+    /// EPT: nothing is cached from a not-present entry (Intel SDM Vol. 3C §29.4.2), so nothing
+    /// is needed. G-stage: this is a change to a non-leaf entry, and an HFENCE.GVMA with an
+    /// address covers only leaf entries (RISC-V Privileged spec, "Supervisor Memory-Management
+    /// Fence Instruction" commentary, which "Hypervisor Memory-Management Fence Instructions"
+    /// follows: after modifying a non-leaf PTE, fence with rs1 = x0), while the hart may have
+    /// cached the invalid entry: the whole VMID is fenced.
+    pub(crate) fn note_table_linked(&mut self) {
+        match <F::Family as Family>::KIND {
+            FamilyKind::Ept => {}
+            FamilyKind::GStage => self.scope = Scope::Context,
+        }
+    }
+
     /// Root of the table the token belongs to.
     pub fn root(&self) -> HostPhysAddr {
         self.root
@@ -214,6 +229,50 @@ impl<F: Format> Flush<F> {
     /// every CPU has since invalidated the whole context).
     pub fn ignore(self) {}
 }
+
+/// A flush token handed to [`crate::PageTable::flush`] of a table it does not belong to. Nothing
+/// was invalidated and no frame was freed; the token is inside, to be carried out on its own
+/// table ([`ForeignFlush::into_token`]).
+#[must_use = "the token inside still needs carrying out on its own table"]
+pub struct ForeignFlush<F: Format> {
+    // Boxed so that `Result<(), ForeignFlush<F>>` stays two words on the path that succeeds.
+    token: alloc::boxed::Box<Flush<F>>,
+    table: HostPhysAddr,
+}
+
+impl<F: Format> ForeignFlush<F> {
+    pub(crate) fn new(token: Flush<F>, table: HostPhysAddr) -> Self {
+        Self { token: alloc::boxed::Box::new(token), table }
+    }
+    /// Root of the table the token was handed to.
+    pub fn table_root(&self) -> HostPhysAddr {
+        self.table
+    }
+    /// The token, given back whole.
+    pub fn into_token(self) -> Flush<F> {
+        *self.token
+    }
+}
+
+impl<F: Format> fmt::Debug for ForeignFlush<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForeignFlush").field("token", &self.token).field("table", &self.table).finish()
+    }
+}
+
+impl<F: Format> fmt::Display for ForeignFlush<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} flush token of the table rooted at {:#x} handed to the table rooted at {:#x}: nothing was invalidated",
+            F::NAME,
+            self.token.root().as_u64(),
+            self.table.as_u64()
+        )
+    }
+}
+
+impl<F: Format> core::error::Error for ForeignFlush<F> {}
 
 impl<F: Format> PartialEq for Flush<F> {
     fn eq(&self, other: &Self) -> bool {

@@ -1,10 +1,11 @@
 //! Host memory, injected: where table frames come from and how the engine reaches them.
 
-use crate::addr::HostPhysAddr;
+use crate::addr::{HostPhysAddr, PageSize};
 use core::ptr::NonNull;
 
-/// Bytes in one frame.
-pub const FRAME_SIZE: usize = 4096;
+/// Bytes in one frame: the 4 KiB page ([`PageSize::Size4K`]`.bytes()`), as a `usize` for
+/// pointer arithmetic. The crate's one name for that size besides `PageSize::Size4K`.
+pub const FRAME_SIZE: usize = PageSize::Size4K.bytes() as usize;
 
 /// A source of host-physical frames, and the window through which their bytes are reached.
 ///
@@ -19,7 +20,11 @@ pub const FRAME_SIZE: usize = 4096;
 /// - `phys_to_virt(pa)` returns a pointer to the byte at `pa`, valid for reads and writes for as
 ///   long as the frame containing `pa` is allocated, and which no Rust reference aliases; for an
 ///   allocation of `n` frames, `phys_to_virt(base)` reaches all `n` frames contiguously;
-/// - the host-physical address is what the hardware will see in a table entry.
+/// - the host-physical address is what the hardware will see in a table entry, and lies below
+///   the MAXPHYADDR of every CPU that will walk the table (the table's
+///   [`crate::TableOptions::max_phys_bits`]). The engine checks this for every frame it takes and
+///   panics on a frame beyond it: such a frame is an allocator bug, which no caller can recover
+///   from, and linking it would make the hardware fail the walk with a misconfiguration.
 pub unsafe trait FrameAllocator {
     /// `count` contiguous frames aligned to `align_frames` frames (a power of two), or `None`.
     fn allocate_frames(&self, count: usize, align_frames: usize) -> Option<HostPhysAddr>;

@@ -9,9 +9,8 @@
 //!   needs, typed by the format's family ([`EptInvalidation`]: INVEPT single-context on this
 //!   EPTP; [`GvmaInvalidation`]: HFENCE.GVMA by guest-physical address and VMID, or by VMID), so
 //!   an EPT change cannot be handed to a RISC-V fence or the reverse.
-//! - [`ept::EptPointer`] and [`riscv::Hgatp`]: the values that load a table into the hardware,
-//!   checked against the CPU's capabilities ([`ept::EptCapabilities`],
-//!   [`riscv::HgatpCapabilities`]).
+//! - [`EptPointer`] and [`Hgatp`]: the values that load a table into the hardware, checked
+//!   against the CPU's capabilities ([`EptCapabilities`], [`HgatpCapabilities`]).
 //! - Address newtypes [`GuestPhysAddr`], [`GuestVirtAddr`], [`HostPhysAddr`]; [`MappingFlags`];
 //!   [`Access`]; [`NestedPageFaultInfo`].
 //!
@@ -27,26 +26,31 @@
 
 extern crate alloc;
 
-pub mod addr;
-pub mod ept;
-pub mod fault;
-pub mod flags;
-pub mod flush;
-pub mod format;
-pub mod frame;
-pub mod riscv;
-pub mod table;
+mod addr;
+mod eptp;
+mod fault;
+mod flags;
+mod flush;
+mod format;
+mod frame;
+mod hgatp;
+mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use addr::{AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+// Every public type has exactly one path: here, at the crate root.
+pub use addr::{AddrOutOfRange, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, PageSize};
+pub use eptp::{EptCapabilities, EptFormat, EptMemoryType, EptPointer, EptPointerError};
 pub use fault::NestedPageFaultInfo;
 pub use flags::{Access, MappingFlags};
-pub use flush::{EptInvalidation, Flush, GvmaInvalidation, InvalidationOf};
-pub use format::{Ept4, Ept5, EptFamily, Family, FamilyKind, Format, GStageFamily, Sv39x4, Sv48x4, Sv57x4};
+pub use flush::{
+    EptFamily, EptInvalidation, Family, FamilyKind, Flush, ForeignFlush, GStageFamily, GvmaInvalidation,
+    InvalidationOf, FLUSH_ADDRESS_SLOTS,
+};
+pub use format::{Ept4, Ept5, FlagsError, Format, LeafBits, Pte, Sv39x4, Sv48x4, Sv57x4};
 pub use frame::{FrameAllocator, FRAME_SIZE};
-
+pub use hgatp::{GStageFormat, Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
 pub use table::{
-    AdClear, AdError, AdMode, CloneError, CollapseError, Leaf, MapError, MapSize, NotCollapsible, OutOfFrames,
-    PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
+    AdClear, AdError, AdMode, BeyondMaxPhys, CloneError, CollapseError, Leaf, MapError, MapSize, NotCollapsible,
+    OutOfFrames, PageSizes, PageTable, RangeError, RangeProblem, RemapError, SplitError, TableDump, TableOptions,
 };

@@ -99,6 +99,15 @@ impl HostRam {
         // SAFETY: in bounds (checked) and aligned.
         unsafe { self.mem.as_ptr().add(off / 8).write_volatile(v) }
     }
+    /// The aligned 64-bit word at `pa` as an atomic: what a test acting as the hardware uses to
+    /// set accessed/dirty bits with locked read-modify-writes while the engine runs.
+    pub fn atomic_u64(&self, pa: u64) -> &core::sync::atomic::AtomicU64 {
+        assert_eq!(pa % 8, 0);
+        let off = self.offset(pa, 8);
+        // SAFETY: in bounds (checked) and 8-byte aligned; the block lives as long as `self`, and
+        // the engine itself only touches table entries through atomics of the same size.
+        unsafe { &*self.mem.as_ptr().add(off / 8).cast::<core::sync::atomic::AtomicU64>() }
+    }
     /// Copies bytes out of RAM.
     pub fn read_bytes(&self, pa: u64, buf: &mut [u8]) {
         let off = self.offset(pa, buf.len());

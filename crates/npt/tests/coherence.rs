@@ -1,10 +1,10 @@
 //! Coherence: a flush token that is dropped leaves a stale translation that the spec model's TLB
 //! still serves; carrying it out removes it. This is what makes the tokens worth their types.
 
-use twostage_npt::ept::{EptCapabilities, EptPointer};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptPointer};
+use twostage_npt::{Hgatp, HgatpCapabilities};
 use twostage_spec_model as model;
 use twostage_spec_model::{Gpa, Hpa};
 
@@ -18,8 +18,8 @@ const FRAME: u64 = 0x10_0000_0000;
 #[test]
 fn ept_unmap_without_invept_leaves_a_stale_translation() {
     let ram = HostRam::new(64);
-    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
     let caps = EptCapabilities::new(CAP, 46);
+    let mut t = PageTable::<Ept4, _>::new(&ram, caps.table_options(true)).unwrap();
     let eptp = EptPointer::for_table(&t, &caps).unwrap().bits();
     let mcaps = model::ept::EptCaps::from_msr(CAP, 46);
     let mut tlb = model::tlb::EptTlb::new();
@@ -55,7 +55,8 @@ fn ept_unmap_without_invept_leaves_a_stale_translation() {
             tlb.invept_single_context(eptp)
         }
         other => panic!("{other:?}"),
-    });
+    })
+    .unwrap();
     assert!(tlb.translate(&mut Ram(&ram), eptp, &mcaps, Gpa(PAGE), read, gla).is_err());
 }
 
@@ -96,7 +97,8 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
         if let GvmaInvalidation::Addresses { addrs, .. } = inv {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
-    });
+    })
+    .unwrap();
     assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE), w).is_err());
 }
 
@@ -126,7 +128,8 @@ fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
         }
         GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(3)),
         other => panic!("{other:?}"),
-    });
+    })
+    .unwrap();
     assert_eq!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r).unwrap().hpa, Hpa(FRAME + 8));
 }
 
@@ -143,6 +146,6 @@ fn freed_tables_wait_for_the_flush() {
     let flush = t.unmap(GuestPhysAddr::new(PAGE), 4096).unwrap();
     assert_eq!(ram.frames_in_use(), with_tables, "retired, not freed");
     assert_eq!(flush.invalidation(), GvmaInvalidation::All { root: t.root() });
-    t.flush(flush, |_| {});
+    t.flush(flush, |_| {}).unwrap();
     assert_eq!(ram.frames_in_use(), 4);
 }

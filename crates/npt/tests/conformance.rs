@@ -5,10 +5,10 @@
 mod common;
 
 use common::Ram;
-use twostage_npt::ept::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
-use twostage_npt::format::FlagsError;
 use twostage_npt::testing::HostRam;
+use twostage_npt::FlagsError;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
 use twostage_spec_model as model;
 use twostage_spec_model::ept::{qual, EptAccess, EptCaps, EptExit, EptMemType, GuestLinear};
 use twostage_spec_model::memtype::{self, MemoryType, PatType};
@@ -193,7 +193,7 @@ fn ept_access_test_force_2m_page() {
     assert_eq!((w.hpa, w.page_size), (Hpa(TARGET), model::PageSize::Size2M));
     let f = t.protect(gpa(GPA), m2.bytes(), MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root: t.root() });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
     assert_eq!(t.query(gpa(GPA)).unwrap().size, m2, "protecting the whole page keeps it 2 MiB");
     match walk(&ram, eptp, &caps, GPA, EptAccess::WRITE) {
         Err(EptExit::Violation { qualification, .. }) => assert_eq!(qualification, qual::WRITE | qual::READABLE | LA),
@@ -262,7 +262,7 @@ fn the_engines_invept_is_a_valid_operand() {
         assert_eq!(root, t.root());
         assert_eq!(eptp & 0x000f_ffff_ffff_f000, root.as_u64(), "the token names this EPTP's root");
         assert_eq!(invept(invept_type::SINGLE_CONTEXT, eptp, &caps), Ok(()));
-        t.flush(f, |_| {});
+        t.flush(f, |_| {}).unwrap();
     }
 }
 
@@ -294,7 +294,8 @@ fn ept_basic_framework_remap_and_accessed_dirty() {
                 tlb.invept_single_context(eptp);
             }
             other => panic!("{other:?}"),
-        });
+        })
+        .unwrap();
         assert_eq!(go(&mut tlb, EptAccess::READ), Ok(page1));
         if ad {
             let mut seen = 0;
@@ -304,7 +305,7 @@ fn ept_basic_framework_remap_and_accessed_dirty() {
             });
             assert_eq!(seen, 1);
             assert!(!f.is_empty(), "cleared A/D must be flushed, or the CPU never sets them again");
-            t.flush(f, |_| tlb.invept_all_context());
+            t.flush(f, |_| tlb.invept_all_context()).unwrap();
         }
     }
 }
@@ -327,11 +328,11 @@ fn mmio_ept_violation_read_then_write() {
     assert_eq!(q(go(&mut tlb, EptAccess::READ)), qual::READ | LA);
     let f = t.map(gpa(GPA), hpa(TARGET), 4096, MappingFlags::READ | MappingFlags::DEVICE, MapSize::Largest).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::None);
-    t.flush(f, |inv| assert_eq!(*inv, EptInvalidation::None, "no INVEPT for a new mapping"));
+    t.flush(f, |inv| assert_eq!(*inv, EptInvalidation::None, "no INVEPT for a new mapping")).unwrap();
     assert!(go(&mut tlb, EptAccess::READ).is_ok());
     assert_eq!(q(go(&mut tlb, EptAccess::WRITE)), qual::WRITE | qual::READABLE | LA);
     let f = t.protect(gpa(GPA), 4096, MappingFlags::RW | MappingFlags::DEVICE).unwrap();
-    t.flush(f, |_| tlb.invept_all_context());
+    t.flush(f, |_| tlb.invept_all_context()).unwrap();
     assert!(go(&mut tlb, EptAccess::WRITE).is_ok());
 }
 

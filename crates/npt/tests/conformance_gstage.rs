@@ -6,9 +6,9 @@
 mod common;
 
 use common::Ram;
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_spec_model as model;
 use twostage_spec_model::gstage::{cause, GstageConfig, GstageFault, RvFaultKind};
 use twostage_spec_model::hgatp_csr::{BareFields, HgatpCsr, UnsupportedMode};
@@ -167,7 +167,7 @@ fn managed_accessed_dirty_software_and_hardware() {
         let a = if access == model::Access::Write { Access::Write } else { Access::Read };
         let f = t.set_accessed_dirty(gpa(G + 8), a).unwrap();
         assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
-        t.flush(f, |inv| fence(&mut tlb, inv));
+        t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
         assert!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(G + 8), access).is_ok());
         let l = t.query(gpa(G)).unwrap();
         assert_eq!((l.accessed, l.dirty), bits);
@@ -179,14 +179,16 @@ fn managed_accessed_dirty_software_and_hardware() {
     let f = t.take_accessed_dirty(gpa(G), M2, AdClear::Dirty, |l| seen.push((l.gpa, l.accessed, l.dirty)));
     assert_eq!(seen, vec![(gpa(G), true, true)]);
     assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
 }
 
 /// kvm_riscv_gstage_set_pte fences a new leaf unless it replaced an invalid entry on a hart with
-/// Svvptc; kvm_riscv_gstage_unmap_range fences what it cleared. twostage assumes no Svvptc: a
-/// new 2 MiB leaf is fenced by its address, after which an invalid PTE the TLB cached for any
-/// address inside it is gone; unmapping it is fenced the same way; tables it frees widen the
-/// fence to the whole VMID.
+/// Svvptc; kvm_riscv_gstage_unmap_range fences what it cleared. twostage assumes no Svvptc and
+/// goes further than KVM where a table is linked: a map that creates an intermediate table changes
+/// a non-leaf entry, and the Privileged spec ("Supervisor Memory-Management Fence Instruction":
+/// after modifying a non-leaf PTE, fence with rs1 = x0) asks for the whole VMID there, where KVM
+/// fences only the leaf's range. A leaf-only change is fenced by its address; tables freed widen
+/// the fence to the whole VMID.
 #[test]
 fn hfence_on_map_and_unmap() {
     let ram = HostRam::new(32);
@@ -196,19 +198,19 @@ fn hfence_on_map_and_unmap() {
     let go = |tlb: &mut GstageTlb, at: u64| tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(at), r);
     assert!(go(&mut tlb, G + 0x1f_f000).is_err(), "the guest touches the region before it is mapped");
     let f = t.map(gpa(G), hpa(TARGET), M2, MappingFlags::RWX, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() }, "a table was linked");
     assert!(go(&mut tlb, G + 0x1f_f000).is_err(), "stale invalid entry until the fence");
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     assert_eq!(go(&mut tlb, G + 0x1f_f000).unwrap().hpa, Hpa(TARGET + 0x1f_f000));
     let f = t.unmap(gpa(G), M2).unwrap();
     assert!(go(&mut tlb, G + 0x10_0000).is_ok(), "stale translation until the fence");
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     assert!(go(&mut tlb, G + 0x10_0000).is_err());
     // 4 KiB pages in a table of their own: unmapping all of them frees the table.
     t.map(gpa(G), hpa(TARGET), 3 * 4096, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
     let f = t.unmap(gpa(G), M2).unwrap();
     assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
 }
 
 /// kvm_riscv_gstage_wp_range clears W in the leaves of a logged range, huge ones included, and
@@ -225,7 +227,7 @@ fn write_protect_dirty_logging_and_split_on_the_write_fault() {
     let go = |tlb: &mut GstageTlb, at: u64| tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(at), w);
     assert!(go(&mut tlb, G + 0x3008).is_ok());
     let f = t.protect(gpa(G), M2, MappingFlags::READ).unwrap();
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     match go(&mut tlb, G + 0x3008) {
         Err(GstageFault::GuestPage(f)) => {
             assert_eq!((f.cause, f.gpa), (cause::STORE_GUEST_PAGE_FAULT, Gpa(G + 0x3008)))
@@ -233,12 +235,12 @@ fn write_protect_dirty_logging_and_split_on_the_write_fault() {
         other => panic!("{other:?}"),
     }
     let f = t.split(gpa(G + 0x3008)).unwrap();
-    // The entry that was the 2 MiB leaf now points at a table: fenced by the huge page's address,
-    // as KVM fences the huge page's range after kvm_riscv_gstage_split_huge.
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G)] });
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    // The entry that was the 2 MiB leaf now points at a table: a non-leaf change, so the whole
+    // VMID is fenced (KVM fences the huge page's range after kvm_riscv_gstage_split_huge).
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     let f = t.protect(gpa(G + 0x3000), 4096, MappingFlags::RW).unwrap();
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     assert!(go(&mut tlb, G + 0x3008).is_ok());
     for other in [G, G + 0x2000, G + 0x4000, G + M2 - 4096] {
         assert!(go(&mut tlb, other).is_err(), "{other:#x} is still write-protected");
@@ -262,11 +264,11 @@ fn huge_page_split_keeps_translations() {
         tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa((1 << 30) + off), model::Access::Read).unwrap();
     }
     let f = t.split(gpa(1 << 30)).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(1 << 30)] });
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() }, "a table replaced the leaf");
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     assert!(tlb.cached(VMID, Gpa((1 << 30) + 0x1234_5678)).is_none(), "the gigapage is forgotten");
     let f = t.split(gpa((1 << 30) + M2)).unwrap();
-    t.flush(f, |inv| fence(&mut tlb, inv));
+    t.flush(f, |inv| fence(&mut tlb, inv)).unwrap();
     for off in offsets {
         let at = (1 << 30) + off;
         let l = t.query(gpa(at)).unwrap();

@@ -6,9 +6,9 @@
 mod common;
 
 use common::Ram;
-use twostage_npt::ept::{EptCapabilities, EptPointer};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptPointer};
 use twostage_spec_model::ept::{qual, EptCaps, EptExit};
 use twostage_spec_model::stage1::x86::{self, X86Error, X86Regs};
 use twostage_spec_model::stage1::{EptStage2, Privilege};
@@ -110,7 +110,7 @@ fn paddr_read_only_and_read_execute_through_engine_tables() {
                     let ram = HostRam::new(64);
                     let mut g = Guest::new(&ram, ad, pte_ad);
                     let f = g.table.protect(GuestPhysAddr::new(PT), 4096, flags).unwrap();
-                    g.table.flush(f, |_| {});
+                    g.table.flush(f, |_| {}).unwrap();
                     let needs_update = pte_ad & PT_A == 0 || (access == Access::Write && pte_ad & PT_D == 0);
                     let r = g.run(access, privilege);
                     let what = format!("{flags:?} A/D {ad} pte_ad {pte_ad:#x} {access:?} {privilege:?}");
@@ -133,7 +133,7 @@ fn paddr_not_present_through_engine_tables() {
             let ram = HostRam::new(64);
             let mut g = Guest::new(&ram, ad, PT_A | PT_D);
             let f = g.table.unmap(GuestPhysAddr::new(PT), 4096).unwrap();
-            g.table.flush(f, |_| {});
+            g.table.flush(f, |_| {}).unwrap();
             let want = qual::READ | if ad { qual::WRITE } else { 0 } | qual::GLA_VALID;
             assert_eq!(violation(g.run(access, privilege)), want, "A/D {ad} {access:?}");
         }
@@ -151,9 +151,9 @@ fn paddr_read_write_through_engine_tables_and_what_a_dirty_log_sees() {
                 let ram = HostRam::new(64);
                 let mut g = Guest::new(&ram, ad, 0);
                 let f = g.table.protect(GuestPhysAddr::new(PT), 4096, flags).unwrap();
-                g.table.flush(f, |_| {});
+                g.table.flush(f, |_| {}).unwrap();
                 let f = g.table.take_accessed_dirty(GuestPhysAddr::new(0), 1 << 40, AdClear::Both, |_| {});
-                g.table.flush(f, |_| {});
+                g.table.flush(f, |_| {}).unwrap();
                 assert!(g.run(access, privilege).is_ok(), "{flags:?} A/D {ad} {access:?}");
                 let pte = g.ram.read_u64(g.pt_frame);
                 assert_ne!(pte & PT_A, 0);
@@ -162,7 +162,7 @@ fn paddr_read_write_through_engine_tables_and_what_a_dirty_log_sees() {
                 let f = g.table.take_accessed_dirty(GuestPhysAddr::new(PT), 4096, AdClear::None, |l| {
                     pt_seen = Some((l.accessed, l.dirty));
                 });
-                g.table.flush(f, |_| {});
+                g.table.flush(f, |_| {}).unwrap();
                 assert_eq!(pt_seen, ad.then_some((true, true)), "{flags:?} A/D {ad} {access:?}");
             }
         }

@@ -5,10 +5,10 @@
 //! mapped, and with the engine's own query. Allocation failures are injected along the way.
 
 use std::collections::BTreeMap;
-use twostage_npt::ept::{EptCapabilities, EptPointer};
-use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities};
 use twostage_npt::testing::HostRam;
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptPointer};
+use twostage_npt::{GStageFormat, Hgatp, HgatpCapabilities};
 use twostage_spec_model as model;
 use twostage_spec_model::Gpa;
 
@@ -349,7 +349,7 @@ fn run<H: Hw>(seed: u64, steps: usize) {
         };
         ram.heal();
         match flush {
-            Some(f) => t.flush(f, |inv| hw.invalidate(inv)),
+            Some(f) => t.flush(f, |inv| hw.invalidate(inv)).unwrap(),
             None => assert_eq!(ram.frames_in_use(), frames_before, "{ctx}: a refused change kept frames"),
         }
         // Probe the edges of this range, a few random addresses, and recent probes (which the

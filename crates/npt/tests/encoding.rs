@@ -1,9 +1,9 @@
 //! Entry, EPTP and hgatp encodings checked bit by bit against the specs' tables.
 
-use twostage_npt::ept::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
-use twostage_npt::format::{LeafBits, Pte};
-use twostage_npt::riscv::{Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
 use twostage_npt::*;
+use twostage_npt::{EptCapabilities, EptMemoryType, EptPointer, EptPointerError};
+use twostage_npt::{Hgatp, HgatpCapabilities, HgatpError, HgatpMode};
+use twostage_npt::{LeafBits, Pte};
 
 fn leaf(hpa: u64, flags: MappingFlags) -> LeafBits {
     LeafBits { hpa: HostPhysAddr::new(hpa), flags, accessed: false, dirty: false }
@@ -125,4 +125,40 @@ fn hgatp_is_checked_against_the_probe() {
     // The root must be 16 KiB-aligned (the x4 root is 16 KiB).
     let r = HostPhysAddr::new(0x8040_1000);
     assert_eq!(Hgatp::new(HgatpMode::Sv39x4, 1, r, &caps), Err(HgatpError::BadRoot(r)));
+}
+
+#[test]
+fn hgatp_bare_has_no_vmid_and_no_root() {
+    // RISC-V Privileged spec, "Hypervisor Guest Address Translation and Protection Register
+    // (hgatp)": with MODE = Bare the remaining fields must be zero.
+    let caps = HgatpCapabilities { sv39x4: true, sv48x4: false, sv57x4: false, vmid_bits: 7 };
+    let root = HostPhysAddr::new(0x8040_4000);
+    assert_eq!(Hgatp::new(HgatpMode::Bare, 0, HostPhysAddr::ZERO, &caps).unwrap().bits(), 0);
+    assert_eq!(
+        Hgatp::new(HgatpMode::Bare, 3, HostPhysAddr::ZERO, &caps),
+        Err(HgatpError::BareWithFields { vmid: 3, root: HostPhysAddr::ZERO })
+    );
+    assert_eq!(Hgatp::new(HgatpMode::Bare, 0, root, &caps), Err(HgatpError::BareWithFields { vmid: 0, root }));
+}
+
+#[test]
+fn ept_pointer_for_table_refuses_options_the_cpu_lacks() {
+    let ram = twostage_npt::testing::HostRam::new(16);
+    let caps = EptCapabilities::new(SKYLAKE_X, 39);
+    // Options taken from the same capabilities always pass.
+    let t = PageTable::<Ept4, _>::new(&ram, caps.table_options(true)).unwrap();
+    assert!(EptPointer::for_table(&t, &caps).unwrap().accessed_dirty());
+    drop(t);
+    // `for_format` allows everything the format has: 1 GiB pages, execute-only, 52-bit addresses.
+    let no_1g = EptCapabilities::new(SKYLAKE_X & !(1 << 17), 52);
+    let t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+    assert_eq!(EptPointer::for_table(&t, &no_1g), Err(EptPointerError::PageSizeUnsupported(PageSize::Size1G)));
+    let no_2m = EptCapabilities::new(SKYLAKE_X & !(1 << 16), 52);
+    assert_eq!(EptPointer::for_table(&t, &no_2m), Err(EptPointerError::PageSizeUnsupported(PageSize::Size2M)));
+    let no_xo = EptCapabilities::new(SKYLAKE_X & !1, 52);
+    assert_eq!(EptPointer::for_table(&t, &no_xo), Err(EptPointerError::ExecuteOnlyUnsupported));
+    assert_eq!(EptPointer::for_table(&t, &caps), Err(EptPointerError::MaxPhysTooWide { table: 52, cpu: 39 }));
+    let no_ad = EptCapabilities::new(SKYLAKE_X & !(1 << 21), 52);
+    assert_eq!(EptPointer::for_table(&t, &no_ad), Err(EptPointerError::AccessedDirtyUnsupported));
+    assert!(EptPointer::for_table(&t, &EptCapabilities::new(SKYLAKE_X, 52)).is_ok());
 }

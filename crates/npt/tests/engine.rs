@@ -2,6 +2,7 @@
 //! collapses, flush tokens, and frame accounting (including allocation failing half way).
 
 use twostage_npt::testing::{HostRam, HOST_RAM_BASE};
+use twostage_npt::EptCapabilities;
 use twostage_npt::*;
 
 const G: u64 = 1 << 30;
@@ -157,14 +158,14 @@ macro_rules! engine_tests {
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size1G);
                 let f = t.unmap(gpa(G + M2 + K4), K4).unwrap();
                 assert!(!f.is_empty());
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.query(gpa(G + M2 + K4)), None);
                 assert_eq!(t.query(gpa(G + M2)).unwrap().size, PageSize::Size4K);
                 assert_eq!(t.query(gpa(G + M2 + 2 * K4)).unwrap().hpa, hpa(TARGET + M2 + 2 * K4));
                 assert_eq!(t.query(gpa(G)).unwrap().size, PageSize::Size2M);
                 assert_eq!(t.query(gpa(2 * G - 1)).unwrap().size, PageSize::Size2M);
                 let f = t.protect(gpa(G + 4 * M2), M2 + K4, MappingFlags::READ).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(
                     t.query(gpa(G + 4 * M2)).unwrap(),
                     Leaf {
@@ -181,7 +182,7 @@ macro_rules! engine_tests {
                 assert_eq!(t.query(gpa(G + 5 * M2 + K4)).unwrap().flags, MappingFlags::RWX);
                 // Unmapping everything frees every table but the root, once flushed.
                 let f = t.unmap(gpa(0), 4 * G).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.table_frames(), <F as Format>::ROOT_FRAMES);
                 assert_eq!(ram.frames_in_use(), <F as Format>::ROOT_FRAMES);
             }
@@ -197,7 +198,7 @@ macro_rules! engine_tests {
                 assert_eq!(t.split(gpa(M2 * 3)), Err(SplitError::AlreadySmallest(gpa(M2 * 3))));
                 assert_eq!(t.split(gpa(0)), Err(SplitError::NotMapped(gpa(0))));
                 let f = t.collapse(gpa(M2 * 3 + K4), PageSize::Size2M).unwrap();
-                t.flush(f, |_| {});
+                t.flush(f, |_| {}).unwrap();
                 assert_eq!(t.query(gpa(M2 * 3)).unwrap(), big);
                 // Mixed rights cannot collapse.
                 t.split(gpa(M2 * 3)).unwrap().ignore();
@@ -285,7 +286,7 @@ fn ept_new_mappings_need_no_invept_but_changes_do() {
     let root = t.root();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root });
-    t.flush(f, |_| {});
+    t.flush(f, |_| {}).unwrap();
     // Protecting to the same rights changes nothing and asks for nothing.
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), EptInvalidation::None);
@@ -300,8 +301,12 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
     let root = t.root();
-    let f = t.map(gpa(0), hpa(TARGET), 2 * K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(0), gpa(K4)] });
+    // The first mapping links new tables: a non-leaf change (see the tests below).
+    let f = t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
+    f.ignore();
+    let f = t.map(gpa(K4), hpa(TARGET + K4), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
     f.ignore();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
@@ -312,7 +317,7 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
     assert_eq!(ram.frames_in_use(), frames, "retired tables wait for the flush");
     let mut ran = false;
-    t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. }));
+    t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. })).unwrap();
     assert!(ran);
     assert_eq!(ram.frames_in_use(), 4, "only the 16 KiB root is left");
     // Many leaves widen to the VMID.
@@ -328,7 +333,7 @@ fn execute_only_needs_the_option() {
     let mut t = PageTable::<Ept4, _>::new(&ram, opts).unwrap();
     assert!(matches!(
         t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest),
-        Err(MapError::BadFlags { reason: format::FlagsError::ExecuteOnlyUnsupported, .. })
+        Err(MapError::BadFlags { reason: FlagsError::ExecuteOnlyUnsupported, .. })
     ));
     let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
     t.map(gpa(0), hpa(TARGET), K4, MappingFlags::EXECUTE, MapSize::Largest).unwrap().ignore();
@@ -440,4 +445,199 @@ fn try_clone_protected_copies_and_write_protects_in_one_pass() {
     assert_eq!(ram.frames_in_use(), 2 * used);
     drop(c);
     assert_eq!(ram.frames_in_use(), used);
+}
+
+#[test]
+fn host_addresses_above_maxphyaddr_are_refused() {
+    // Intel SDM Vol. 3C §29.3.2, §29.3.3.1: address bits above MAXPHYADDR in an EPT entry are
+    // reserved (an EPT misconfiguration at run time); bit 52 and up do not even fit the field.
+    let ram = HostRam::new(64);
+    let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+    let wide = (1 << 52) | 0x5000;
+    let r = t.map(gpa(0), hpa(wide), K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(t.query(gpa(0)), None, "nothing was mapped (it used to map HPA 0x5000)");
+    assert_eq!(r.unwrap_err(), MapError::BeyondMaxPhys(BeyondMaxPhys { hpa: hpa(wide), max_phys_bits: 52 }));
+
+    // A CPU with MAXPHYADDR 39 (Skylake in Bochs): 2^40 is reserved, in map and in remap.
+    let caps = EptCapabilities::new(0xf0106334141, 39);
+    let mut t = PageTable::<Ept4, _>::new(&ram, caps.table_options(true)).unwrap();
+    let limit = BeyondMaxPhys { hpa: hpa(1 << 40), max_phys_bits: 39 };
+    assert_eq!(t.map(gpa(0), hpa(1 << 40), K4, MappingFlags::RW, MapSize::Largest).unwrap_err(), limit.into());
+    let top = BeyondMaxPhys { hpa: hpa(1 << 39), max_phys_bits: 39 };
+    let r = t.map(gpa(0), hpa((1 << 39) - K4), 2 * K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(r.unwrap_err(), top.into(), "the range's end counts too");
+    assert_eq!(t.query(gpa(0)), None);
+    t.map(gpa(0), hpa((1 << 39) - K4), K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    assert_eq!(t.remap(gpa(0), hpa(1 << 40), MappingFlags::RW).unwrap_err(), limit.into());
+    assert_eq!(t.query(gpa(0)).unwrap().hpa, hpa((1 << 39) - K4));
+
+    // G-stage: the PPN is 44 bits (56-bit addresses), narrowed by the options.
+    let opts = TableOptions { max_phys_bits: 40, ..TableOptions::for_format::<Sv39x4>() };
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, opts).unwrap();
+    let r = t.map(gpa(0), hpa(1 << 40), K4, MappingFlags::RW, MapSize::Largest);
+    assert_eq!(r.unwrap_err(), MapError::BeyondMaxPhys(BeyondMaxPhys { hpa: hpa(1 << 40), max_phys_bits: 40 }));
+    assert_eq!(TableOptions::for_format::<Sv39x4>().max_phys_bits, 56);
+    assert_eq!(TableOptions::for_format::<Ept5>().max_phys_bits, 52);
+}
+
+/// RISC-V: an HFENCE.GVMA with an address covers leaf entries only; after a change to a non-leaf
+/// entry the fence must have rs1 = x0 (RISC-V Privileged spec, "Supervisor Memory-Management
+/// Fence Instruction" commentary, followed by "Hypervisor Memory-Management Fence
+/// Instructions"). Every path that links a new intermediate table must therefore ask for
+/// `GvmaInvalidation::All`; EPT caches nothing from a not-present entry, so a new table linked
+/// into one needs no INVEPT.
+mod nonleaf_changes_fence_the_whole_vmid {
+    use super::*;
+
+    fn gstage(ram: &HostRam) -> PageTable<Sv39x4, &HostRam> {
+        PageTable::new(ram, TableOptions::for_format::<Sv39x4>()).unwrap()
+    }
+
+    #[test]
+    fn map_into_an_empty_region() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        // 4 KiB page: a level-1 and a level-0 table are linked.
+        let f = t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        // 2 MiB page in another 1 GiB block: one level-1 table is linked.
+        let f = t.map(gpa(4 * G), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        // A leaf table that exists already: leaves only, fenced by address.
+        let f = t.map(gpa(G + K4), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G + K4)] });
+        f.ignore();
+        // A 1 GiB page in the root needs no new table: by address.
+        let f = t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(8 * G)] });
+        f.ignore();
+    }
+
+    #[test]
+    fn split() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.split(gpa(8 * G)).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+    }
+
+    #[test]
+    fn protect_and_unmap_that_split_an_edge() {
+        let ram = HostRam::new(64);
+        let mut t = gstage(&ram);
+        t.map(gpa(0), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.protect(gpa(0), K4, MappingFlags::READ).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+        t.map(gpa(4 * M2), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.unmap(gpa(4 * M2), K4).unwrap();
+        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        f.ignore();
+    }
+
+    #[test]
+    fn ept_links_new_tables_without_invept() {
+        let ram = HostRam::new(64);
+        let mut t = PageTable::<Ept4, _>::new(&ram, TableOptions::for_format::<Ept4>()).unwrap();
+        let f = t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+        assert_eq!(f.invalidation(), EptInvalidation::None);
+        f.ignore();
+        t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+        let f = t.split(gpa(8 * G)).unwrap();
+        assert_eq!(f.invalidation(), EptInvalidation::SingleContext { root: t.root() });
+        f.ignore();
+    }
+}
+
+#[test]
+fn a_token_of_another_table_is_refused_and_handed_back() {
+    let ram = HostRam::new(64);
+    let mut a = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    let mut b = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    let f = a.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    let mut ran = false;
+    let err = b.flush(f, |_| ran = true).unwrap_err();
+    assert!(!ran, "nothing is invalidated for a foreign token");
+    assert_eq!(err.table_root(), b.root());
+    assert!(err.to_string().contains("handed to the table rooted at"), "{err}");
+    let f = err.into_token();
+    assert_eq!(f.root(), a.root());
+    a.flush(f, |_| ran = true).unwrap();
+    assert!(ran);
+    // `?` carries it into a caller's error type.
+    fn run(b: &mut PageTable<Sv39x4, &HostRam>, f: Flush<Sv39x4>) -> Result<(), Box<dyn std::error::Error>> {
+        b.flush(f, |_| {})?;
+        Ok(())
+    }
+    let f = a.map(gpa(K4), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert!(run(&mut b, f).is_err());
+}
+
+#[test]
+fn errors_have_messages_and_travel_with_question_mark() {
+    use std::error::Error;
+    let ram = HostRam::new(16);
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+
+    // Into a Box<dyn Error>: the message names the address.
+    fn boxed(t: &mut PageTable<Sv39x4, &HostRam>) -> Result<(), Box<dyn Error + Send + Sync>> {
+        t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest)?.ignore();
+        t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest)?.ignore();
+        Ok(())
+    }
+    let e = boxed(&mut t).unwrap_err();
+    assert_eq!(e.to_string(), "cannot map: guest address 0x0 is already mapped");
+
+    // Into a caller's enum through From, and the wrapped cause stays reachable.
+    #[derive(Debug)]
+    enum Caller {
+        Frames(OutOfFrames),
+        Flags(FlagsError),
+    }
+    impl From<OutOfFrames> for Caller {
+        fn from(e: OutOfFrames) -> Self {
+            Caller::Frames(e)
+        }
+    }
+    fn grow(ram: &HostRam) -> Result<PageTable<Ept4, &HostRam>, Caller> {
+        Ok(PageTable::new(ram, TableOptions::for_format::<Ept4>())?)
+    }
+    ram.fail_after(0);
+    assert!(matches!(grow(&ram), Err(Caller::Frames(OutOfFrames { needed: 1 }))));
+    ram.heal();
+    let e = t.protect(gpa(0), K4, MappingFlags::WRITE).unwrap_err();
+    let RangeError::BadFlags { reason, .. } = e else { panic!("{e}") };
+    assert!(matches!(Caller::Flags(reason), Caller::Flags(FlagsError::WriteWithoutRead)));
+    assert_eq!(e.source().unwrap().to_string(), "write without read is a reserved encoding");
+    assert_eq!(e.to_string(), "cannot protect to rights -w-: write without read is a reserved encoding");
+
+    // OutOfFrames converts into every error that wraps it.
+    let oof = OutOfFrames { needed: 2 };
+    for e in [
+        MapError::from(oof).to_string(),
+        RangeError::from(oof).to_string(),
+        SplitError::from(oof).to_string(),
+        CloneError::from(oof).to_string(),
+    ] {
+        assert!(e.contains("needed 2 table frame(s)"), "{e}");
+    }
+    // Every error type has a real message, not its Debug form.
+    let messages: Vec<String> = [
+        Box::new(RemapError::NotMapped(gpa(K4))) as Box<dyn Error>,
+        Box::new(SplitError::AlreadySmallest(gpa(0))),
+        Box::new(CollapseError::NotCollapsible { gpa: gpa(0), reason: NotCollapsible::MixedFlags }),
+        Box::new(AdError::NotTracked),
+        Box::new(GuestPhysAddr::try_new(1 << 60).unwrap_err()),
+        Box::new(CloneError::CutsHugePage { gpa: gpa(0), size: PageSize::Size2M }),
+    ]
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    for m in &messages {
+        assert!(!m.contains('{') && !m.contains("NotMapped") && !m.contains("Size2M"), "{m}");
+    }
 }

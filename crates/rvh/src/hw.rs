@@ -264,7 +264,7 @@ impl crate::probe::HgatpAccess for CsrHgatp {
 }
 
 /// Probes hgatp (modes, VMIDLEN) with [`crate::probe::probe_hgatp`], which restores it and fences.
-pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
+pub fn probe() -> twostage_npt::HgatpCapabilities {
     crate::probe::probe_hgatp(&mut CsrHgatp)
 }
 

@@ -181,7 +181,7 @@ impl crate::probe::HgatpAccess for CsrHgatp {
 
 /// Probes hgatp (panics off riscv64 bare metal; host code calls
 /// [`crate::probe::probe_hgatp`] with a fake).
-pub fn probe() -> twostage_npt::riscv::HgatpCapabilities {
+pub fn probe() -> twostage_npt::HgatpCapabilities {
     unavailable("the hgatp probe")
 }
 

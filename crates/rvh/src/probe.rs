@@ -4,7 +4,7 @@ use crate::csr::cause;
 use crate::csr::hgatp::{MODE_SHIFT, VMID_MASK, VMID_SHIFT};
 use crate::extable::HwFault;
 use core::fmt;
-use twostage_npt::riscv::{HgatpCapabilities, HgatpMode};
+use twostage_npt::{HgatpCapabilities, HgatpMode};
 
 /// The hgatp CSR and the fence a probe needs, as a trait so that host tests can fake the hart.
 ///

@@ -2,7 +2,7 @@
 
 use crate::hw::VmxHardware;
 use core::fmt;
-pub use twostage_npt::ept::EptCapabilities;
+pub use twostage_npt::EptCapabilities;
 
 /// IA32_FEATURE_CONTROL (Intel SDM Vol. 3C 24.7; Vol. 4 Table 2-2, MSR 3AH).
 pub const IA32_FEATURE_CONTROL: u32 = 0x3A;

@@ -1,7 +1,7 @@
 //! CPUID as the guest sees it: the host's answer, filtered to what the guest really has.
 
 use crate::hw::CpuidResult;
-use twostage_npt::ept::EptPointer;
+use twostage_npt::EptPointer;
 
 /// CPUID.1:ECX bit 5: VMX (Intel SDM Vol. 2A "CPUID", Table 3-10). The guest has no VMX.
 pub const LEAF1_ECX_VMX: u32 = 1 << 5;
@@ -49,7 +49,7 @@ pub(crate) fn filter_for_walk(leaf: u32, raw: CpuidResult, walk_length: u8) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twostage_npt::ept::EptCapabilities;
+    use twostage_npt::EptCapabilities;
     use twostage_npt::HostPhysAddr;
 
     fn eptp(walk: u8) -> EptPointer {

@@ -52,7 +52,7 @@ pub use exit::{
 pub use hw::{GuestRegisters, VmxHardware};
 /// The EPT and VPID capabilities (IA32_VMX_EPT_VPID_CAP, Intel SDM Vol. 3D Appendix A.10): one
 /// type, the engine's, which the EPT pointer is checked against.
-pub use twostage_npt::ept::{EptCapabilities, EptPointer};
+pub use twostage_npt::{EptCapabilities, EptPointer};
 pub use vcpu::{
     invept_kind, invvpid_kind, EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError,
     VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,

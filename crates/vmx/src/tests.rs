@@ -8,8 +8,8 @@ use crate::vcpu::*;
 use crate::vmcs::VmcsField as F;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use twostage_npt::ept::EptCapabilities;
 use twostage_npt::testing::HostRam;
+use twostage_npt::EptCapabilities;
 use twostage_npt::{Ept4, EptInvalidation, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags, PageTable};
 
 /// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (PLATFORMS.md).
@@ -519,7 +519,9 @@ fn eptp_of_a_five_level_table_has_walk_length_five() {
     use twostage_npt::{Ept5, PageTable, TableOptions};
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP | (1 << 7));
-    let table = PageTable::<Ept5, _>::new(&ram, TableOptions::for_format::<Ept5>()).unwrap();
+    // The fake CPU's MAXPHYADDR is 40: the table must not allow wider host addresses.
+    let opts = TableOptions { max_phys_bits: 40, ..TableOptions::for_format::<Ept5>() };
+    let table = PageTable::<Ept5, _>::new(&ram, opts).unwrap();
     {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
         vcpu.setup(&table, long_mode()).unwrap();
@@ -533,7 +535,7 @@ fn eptp_of_a_table_with_hardware_ad_enables_ad() {
     use twostage_npt::{AdMode, Ept4, PageTable, TableOptions};
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
-    let opts = TableOptions { ad: AdMode::Hardware, ..TableOptions::for_format::<Ept4>() };
+    let opts = TableOptions { ad: AdMode::Hardware, max_phys_bits: 40, ..TableOptions::for_format::<Ept4>() };
     let table = PageTable::<Ept4, _>::new(&ram, opts).unwrap();
     {
         let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
@@ -551,7 +553,7 @@ fn eptp_of_a_table_with_hardware_ad_enables_ad() {
         let mut vcpu = VmxVcpu::new(&mut sandy, &ram, VcpuConfig::default()).unwrap();
         assert_eq!(
             vcpu.setup(&table, long_mode()),
-            Err(SetupError::EptPointer(twostage_npt::ept::EptPointerError::AccessedDirtyUnsupported))
+            Err(SetupError::EptPointer(twostage_npt::EptPointerError::AccessedDirtyUnsupported))
         );
     }
 }

@@ -15,7 +15,7 @@ use crate::exit::{decode_exit, restores_nmi_blocking, VmExit, VmInstructionError
 use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
-use twostage_npt::ept::{EptCapabilities, EptFormat, EptPointer, EptPointerError};
+use twostage_npt::{EptCapabilities, EptFormat, EptPointer, EptPointerError};
 use twostage_npt::{
     EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo, PageTable,
 };

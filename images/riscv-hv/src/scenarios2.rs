@@ -8,7 +8,7 @@ use crate::vm::{frames, hart, Exit, Vm};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use twostage_npt::riscv::Hgatp;
+use twostage_npt::Hgatp;
 use twostage_npt::{AdClear, FrameAllocator, GuestVirtAddr, MapSize, MappingFlags, PageSize, Sv39x4};
 use twostage_rvh::access::{self, GuestFaultKind};
 use twostage_rvh::csr::cause;
@@ -388,8 +388,7 @@ pub fn cow_fork() -> Verdict {
         parent.flush_unloaded(f);
         let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{:?}", e.error))?;
         parent.flush_unloaded(f);
-        let hp =
-            Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hp = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
         // SAFETY: a fresh VS context.
         unsafe { hw::vsatp::write(0) };
         let mut regs = VcpuRegs::new();
@@ -401,8 +400,7 @@ pub fn cow_fork() -> Verdict {
         parent.flush(f, |inv| {
             twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
         });
-        let hc =
-            Hgatp::new(twostage_npt::riscv::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
+        let hc = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
         let mut cregs = VcpuRegs::new();
         ensure!(
             run_space(&mut child, hc, &mut cregs, Routine::Load64, &[x])? == 0x1111,

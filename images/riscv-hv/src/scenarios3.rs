@@ -96,7 +96,7 @@ pub fn space_guest() -> Verdict {
 
 /// Runs the test guest's `r` on a bare nested table of format `F` (no VM around it) until the
 /// done hypercall; any other exit is an error.
-fn run_on_table<F: twostage_npt::riscv::GStageFormat>(
+fn run_on_table<F: twostage_npt::GStageFormat>(
     table: &twostage_npt::PageTable<F, &'static twostage_rvh::frames::BitmapFrames>,
     vmid: u16,
     r: Routine,
@@ -106,7 +106,7 @@ fn run_on_table<F: twostage_npt::riscv::GStageFormat>(
     use twostage_rvh::csr::cause;
     use twostage_rvh::hw;
     let caps = crate::vm::hart().caps;
-    let hgatp = twostage_npt::riscv::Hgatp::for_table(table, vmid, &caps).map_err(|e| format!("{e}"))?;
+    let hgatp = twostage_npt::Hgatp::for_table(table, vmid, &caps).map_err(|e| format!("{e}"))?;
     // SAFETY: the table maps only frames allocated for this scenario; fresh VS context.
     unsafe {
         hw::hgatp::write(hgatp.bits());
@@ -131,7 +131,7 @@ fn run_on_table<F: twostage_npt::riscv::GStageFormat>(
 
 /// Maps the guest code and one data page at `high` (beyond Sv39x4's 41-bit range) in a table of
 /// format `F`, runs a store and a load there, checks the value through the table, frees all.
-fn wide_format<F: twostage_npt::riscv::GStageFormat>(high: u64) -> Verdict {
+fn wide_format<F: twostage_npt::GStageFormat>(high: u64) -> Verdict {
     use twostage_npt::{FrameAllocator, MapSize, PageSize, PageTable};
     let mut t =
         PageTable::<F, _>::new(frames(), crate::vm::g_stage_options::<F>(false)).map_err(|e| format!("{e:?}"))?;

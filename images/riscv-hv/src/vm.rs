@@ -5,11 +5,11 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
-use twostage_npt::riscv::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_npt::{
     AdMode, Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
     PageSize, PageTable, Sv39x4, TableOptions,
 };
+use twostage_npt::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
 use twostage_rvh::frames::BitmapFrames;
@@ -288,7 +288,7 @@ impl Vm {
     pub fn apply(&mut self, f: Flush<Sv39x4>) {
         let (vmid, stats) = (self.vmid, &mut self.stats);
         match &mut self.mem {
-            Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)),
+            Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)).expect("token of this VM's table"),
             Memory::Space(_) => panic!("an address-space VM's flushes are SpaceFlush tokens"),
         }
     }

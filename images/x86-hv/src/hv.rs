@@ -219,7 +219,8 @@ impl Hv {
             if invept(vcpu, inv).is_some() {
                 stats.invepts += 1;
             }
-        });
+        })
+        .expect("token of this EPT");
     }
 
     /// Maps and flushes, counting pages by size.

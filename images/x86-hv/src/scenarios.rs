@@ -9,7 +9,7 @@ use crate::println;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use twostage_npt::ept::EptCapabilities;
+use twostage_npt::EptCapabilities;
 use twostage_npt::{
     Ept4, FrameAllocator, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, PageTable, FRAME_SIZE,
 };

@@ -5,28 +5,28 @@ use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 
 /// Read access (Intel SDM Vol. 3C §29.3.2, Table 29-1 ff., bit 0).
-pub const EPT_READ: u64 = 1 << 0;
+const EPT_READ: u64 = 1 << 0;
 /// Write access (bit 1).
-pub const EPT_WRITE: u64 = 1 << 1;
+const EPT_WRITE: u64 = 1 << 1;
 /// Execute access (bit 2; supervisor-mode execute when mode-based execute control is on).
-pub const EPT_EXECUTE: u64 = 1 << 2;
+const EPT_EXECUTE: u64 = 1 << 2;
 /// Leaf memory type, bits 5:3 (Table 29-4/29-6; types from §29.3.7: 0 UC, 1 WC, 4 WT, 5 WP, 6 WB).
-pub const EPT_MEMTYPE_SHIFT: u32 = 3;
+const EPT_MEMTYPE_SHIFT: u32 = 3;
 /// Ignore PAT memory type (bit 6 of a leaf).
-pub const EPT_IGNORE_PAT: u64 = 1 << 6;
+const EPT_IGNORE_PAT: u64 = 1 << 6;
 /// Maps a page (bit 7 of a PDPTE or PDE; reserved in PML5E/PML4E, ignored in a PTE).
-pub const EPT_LARGE: u64 = 1 << 7;
+const EPT_LARGE: u64 = 1 << 7;
 /// Accessed (bit 8; used only when EPTP bit 6 enables A/D, §29.3.5).
-pub const EPT_ACCESSED: u64 = 1 << 8;
+const EPT_ACCESSED: u64 = 1 << 8;
 /// Dirty (bit 9 of a leaf; same condition).
-pub const EPT_DIRTY: u64 = 1 << 9;
+const EPT_DIRTY: u64 = 1 << 9;
 /// Physical-address field, bits 51:12.
-pub const EPT_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const EPT_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// EPT memory type UC (Intel SDM Vol. 3C §29.3.7).
-pub const MEMTYPE_UC: u64 = 0;
+const MEMTYPE_UC: u64 = 0;
 /// EPT memory type WB.
-pub const MEMTYPE_WB: u64 = 6;
+const MEMTYPE_WB: u64 = 6;
 
 /// Intel EPT with a 4-level walk (48-bit guest-physical addresses).
 pub enum Ept4 {}
@@ -103,6 +103,7 @@ macro_rules! ept_format {
             type Family = EptFamily;
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
+            const MAX_PHYS_BITS: u8 = 52;
             const ROOT_FRAMES: usize = 1;
             // 4 KiB PTEs, 2 MiB PDEs and 1 GiB PDPTEs may map pages; a PML4E or PML5E may not.
             const LEAF_LEVELS: u8 = 0b111;

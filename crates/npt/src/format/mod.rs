@@ -1,7 +1,7 @@
 //! The format trait: how one kind of nested table lays out its entries.
 
-pub mod ept;
-pub mod riscv;
+mod ept;
+mod riscv;
 
 pub use ept::{Ept4, Ept5};
 pub use riscv::{Sv39x4, Sv48x4, Sv57x4};
@@ -10,7 +10,18 @@ use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 use crate::table::{AdMode, TableOptions};
 
-pub use crate::flush::{EptFamily, Family, FamilyKind, GStageFamily};
+pub(crate) use crate::flush::{EptFamily, GStageFamily};
+
+pub(crate) mod sealed {
+    /// Implemented by the crate's own formats only: the engine's correctness rests on each
+    /// format's encoding and caching rules, which it knows.
+    pub trait Sealed {}
+    impl Sealed for super::Ept4 {}
+    impl Sealed for super::Ept5 {}
+    impl Sealed for super::Sv39x4 {}
+    impl Sealed for super::Sv48x4 {}
+    impl Sealed for super::Sv57x4 {}
+}
 
 /// One decoded table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,19 +58,36 @@ pub enum FlagsError {
     ExecuteOnlyUnsupported,
 }
 
+impl core::fmt::Display for FlagsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NoRights => "no right at all is an unmapped page (use unmap)",
+            Self::WriteWithoutRead => "write without read is a reserved encoding",
+            Self::ExecuteOnlyUnsupported => "execute-only pages are not offered (EPT: IA32_VMX_EPT_VPID_CAP bit 0)",
+        })
+    }
+}
+impl core::error::Error for FlagsError {}
+
 /// A nested paging format: an uninhabited marker type with the format's constants and its entry
 /// encoding. The engine ([`crate::PageTable`]) is generic over it.
-pub trait Format: Sized + 'static {
+///
+/// Sealed: only [`Ept4`], [`Ept5`], [`Sv39x4`], [`Sv48x4`] and [`Sv57x4`] implement it.
+pub trait Format: sealed::Sealed + Sized + 'static {
     /// Human-readable name, e.g. "EPT 4-level".
     const NAME: &'static str;
-    /// How invalidation works for this format: [`EptFamily`] (INVEPT) or [`GStageFamily`]
-    /// (HFENCE.GVMA). Its [`Family::Invalidation`] is the only invalidation a token of this
+    /// How invalidation works for this format: [`crate::EptFamily`] (INVEPT) or [`crate::GStageFamily`]
+    /// (HFENCE.GVMA). Its [`crate::Family::Invalidation`] is the only invalidation a token of this
     /// format can ask for.
-    type Family: Family;
+    type Family: crate::flush::Family;
     /// Number of levels; the root is level `LEVELS - 1`, 4 KiB leaves are level 0.
     const LEVELS: usize;
     /// Width of the guest-physical address space the format translates.
     const GPA_BITS: u32;
+    /// Widest host-physical address the entry's address field can hold: 52 for EPT (bits 51:12,
+    /// Intel SDM Vol. 3C §29.3.2), 56 for the G-stage formats (a 44-bit PPN). A CPU may offer
+    /// fewer (MAXPHYADDR): see [`crate::TableOptions::max_phys_bits`].
+    const MAX_PHYS_BITS: u8;
     /// Frames in the root table (4 for the RISC-V x4 formats: 16 KiB, 16 KiB-aligned).
     const ROOT_FRAMES: usize;
     /// Bit `L` set when a leaf may sit at level `L`.
@@ -123,6 +151,6 @@ pub trait Format: Sized + 'static {
 }
 
 /// Bytes covered by one entry at `level`.
-pub const fn level_size(level: usize) -> u64 {
+pub(crate) const fn level_size(level: usize) -> u64 {
     1u64 << (12 + 9 * level)
 }

@@ -7,25 +7,24 @@ use crate::addr::HostPhysAddr;
 use crate::flags::MappingFlags;
 
 /// Valid (Privileged spec §4.4.1, PTE bit 0).
-pub const PTE_V: u64 = 1 << 0;
+const PTE_V: u64 = 1 << 0;
 /// Readable (bit 1).
-pub const PTE_R: u64 = 1 << 1;
+const PTE_R: u64 = 1 << 1;
 /// Writable (bit 2).
-pub const PTE_W: u64 = 1 << 2;
+const PTE_W: u64 = 1 << 2;
 /// Executable (bit 3).
-pub const PTE_X: u64 = 1 << 3;
+const PTE_X: u64 = 1 << 3;
 /// User (bit 4). G-stage accesses count as U-mode, so every G-stage leaf needs U=1 (§9.5.1).
-pub const PTE_U: u64 = 1 << 4;
-/// Global (bit 5); not used by G-stage tables.
-pub const PTE_G: u64 = 1 << 5;
+const PTE_U: u64 = 1 << 4;
+// Bit 5 (G, global) is not used by G-stage tables.
 /// Accessed (bit 6).
-pub const PTE_A: u64 = 1 << 6;
+const PTE_A: u64 = 1 << 6;
 /// Dirty (bit 7).
-pub const PTE_D: u64 = 1 << 7;
+const PTE_D: u64 = 1 << 7;
 /// PPN field position (bits 53:10).
-pub const PTE_PPN_SHIFT: u32 = 10;
+const PTE_PPN_SHIFT: u32 = 10;
 /// PPN field mask once shifted down (44 bits).
-pub const PTE_PPN_MASK: u64 = (1 << 44) - 1;
+const PTE_PPN_MASK: u64 = (1 << 44) - 1;
 
 /// Sv39x4: 3 levels, 41-bit guest-physical addresses, 16 KiB root (hgatp MODE 8).
 pub enum Sv39x4 {}
@@ -91,6 +90,7 @@ macro_rules! gstage_format {
             const LEVELS: usize = $levels;
             const GPA_BITS: u32 = $bits;
             // The x4 root is 16 KiB and 16 KiB-aligned: its index is 2 bits wider (§9.5.1).
+            const MAX_PHYS_BITS: u8 = 56;
             const ROOT_FRAMES: usize = 4;
             const LEAF_LEVELS: u8 = $leaves;
             // Memory types come from PMAs (and Svpbmt, not used here): DEVICE/UNCACHED are not stored.

@@ -8,9 +8,9 @@ pub use dump::TableDump;
 pub use error::*;
 pub use range::AdClear;
 
-use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::MappingFlags;
-use crate::flush::{Flush, InvalidationOf};
+use crate::flush::{Flush, ForeignFlush, InvalidationOf};
 use crate::format::{level_size, Format, LeafBits, Pte};
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use alloc::vec::Vec;
@@ -62,7 +62,7 @@ impl PageSizes {
 }
 
 /// What a table may use, decided by the CPU's capabilities (see
-/// [`crate::ept::EptCapabilities::table_options`]) and the hypervisor's choices.
+/// [`crate::EptCapabilities::table_options`]) and the hypervisor's choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableOptions {
     /// Leaf sizes the CPU offers (intersected with the format's).
@@ -71,12 +71,22 @@ pub struct TableOptions {
     pub ad: AdMode,
     /// Whether execute-only leaves may be made (always on RISC-V; EPT needs the capability).
     pub execute_only: bool,
+    /// MAXPHYADDR: host-physical addresses must lie below `2^max_phys_bits`. Bits above it in an
+    /// EPT entry are reserved and make the walk fail with an EPT misconfiguration (Intel SDM
+    /// Vol. 3C §29.3.3.1). Narrowed to [`Format::MAX_PHYS_BITS`] by [`PageTable::new`].
+    pub max_phys_bits: u8,
 }
 
 impl TableOptions {
-    /// Everything the format allows, hardware A/D, execute-only allowed.
+    /// Everything the format allows: every leaf size, hardware A/D, execute-only, host addresses
+    /// as wide as the entry's address field.
     pub fn for_format<F: Format>() -> Self {
-        Self { leaf_sizes: PageSizes(F::LEAF_LEVELS), ad: AdMode::Hardware, execute_only: true }
+        Self {
+            leaf_sizes: PageSizes(F::LEAF_LEVELS),
+            ad: AdMode::Hardware,
+            execute_only: true,
+            max_phys_bits: F::MAX_PHYS_BITS,
+        }
     }
 }
 
@@ -133,6 +143,7 @@ pub struct PageTable<F: Format, A: FrameAllocator> {
     opts: TableOptions,
     frames: usize,
     retired: Vec<HostPhysAddr>,
+    folds: Vec<range::Fold>,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -145,6 +156,15 @@ pub(crate) enum Plan<'p, F: Format> {
     Real { pool: &'p mut Vec<HostPhysAddr>, flush: &'p mut Flush<F> },
 }
 
+/// A mapping request being carried out: `gpa..gpa+len` to `hpa..hpa+len` with `flags`.
+#[derive(Clone, Copy)]
+struct Run {
+    gpa: u64,
+    hpa: u64,
+    len: u64,
+    flags: MappingFlags,
+}
+
 pub(crate) enum Step {
     /// A table sits where the leaf should go: try a smaller page.
     Descend,
@@ -155,10 +175,23 @@ pub(crate) enum Step {
 impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// An empty table. The root is `F::ROOT_FRAMES` frames, aligned to its size.
     pub fn new(alloc: A, opts: TableOptions) -> Result<Self, OutOfFrames> {
-        let opts = TableOptions { leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1), ..opts };
+        let opts = TableOptions {
+            leaf_sizes: PageSizes(opts.leaf_sizes.bits() & F::LEAF_LEVELS | 1),
+            max_phys_bits: opts.max_phys_bits.min(F::MAX_PHYS_BITS),
+            ..opts
+        };
         let root =
             alloc.allocate_frames(F::ROOT_FRAMES, F::ROOT_FRAMES).ok_or(OutOfFrames { needed: F::ROOT_FRAMES })?;
-        let table = Self { alloc, root, opts, frames: F::ROOT_FRAMES, retired: Vec::new(), _format: PhantomData };
+        check_frame(root, F::ROOT_FRAMES, opts.max_phys_bits);
+        let table = Self {
+            alloc,
+            root,
+            opts,
+            frames: F::ROOT_FRAMES,
+            retired: Vec::new(),
+            folds: Vec::new(),
+            _format: PhantomData,
+        };
         table.zero_frames(root, F::ROOT_FRAMES);
         Ok(table)
     }
@@ -219,7 +252,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let mut pool = Vec::with_capacity(needed);
         for _ in 0..needed {
             match self.alloc.allocate_frame() {
-                Some(f) => pool.push(f),
+                Some(f) => {
+                    check_frame(f, 1, self.opts.max_phys_bits);
+                    pool.push(f)
+                }
                 None => {
                     for f in pool {
                         // SAFETY: allocated just above as one frame, never linked or shared.
@@ -251,7 +287,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         size: MapSize,
     ) -> Result<Flush<F>, MapError> {
         let align = match size {
-            MapSize::Largest => PAGE_SIZE_4K,
+            MapSize::Largest => PageSize::Size4K.bytes(),
             MapSize::Exactly(s) => {
                 if !self.opts.leaf_sizes.contains(s) {
                     return Err(MapError::UnsupportedPageSize(s));
@@ -264,6 +300,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             let problem = if hpa.is_aligned(align) { RangeProblem::OutOfRange } else { RangeProblem::Unaligned };
             return Err(MapError::BadHostRange { hpa, len, problem });
         }
+        self.check_host(hpa, len)?;
         F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
         let flags = stored_flags::<F>(flags);
 
@@ -275,6 +312,16 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let done = self.map_pages(gpa, hpa, len, flags, size, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
         debug_assert!(done.is_ok() && pool.is_empty(), "the dry run and the real run disagree");
         Ok(flush)
+    }
+
+    /// Whether `hpa..hpa+len` lies below MAXPHYADDR.
+    pub(crate) fn check_host(&self, hpa: HostPhysAddr, len: u64) -> Result<(), BeyondMaxPhys> {
+        let limit = 1u64 << self.opts.max_phys_bits;
+        if hpa.as_u64() >= limit || limit - hpa.as_u64() < len {
+            let first = HostPhysAddr::new_truncate(hpa.as_u64().max(limit));
+            return Err(BeyondMaxPhys { hpa: first, max_phys_bits: self.opts.max_phys_bits });
+        }
+        Ok(())
     }
 
     fn map_pages(
@@ -313,12 +360,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 match cursor {
                     // A dry run inside a leaf table that does not exist yet: its other pages are
                     // free and need no further table; skip to the end of the table.
-                    Some((0, key, None)) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
-                        let table_end = ((gpa.as_u64() + off - PAGE_SIZE_4K) | (level_size(1) - 1)) + 1;
+                    Some((0, key, None)) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
+                        let table_end = ((gpa.as_u64() + off - PageSize::Size4K.bytes()) | (level_size(1) - 1)) + 1;
                         off = (table_end - gpa.as_u64()).min(len);
                     }
-                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PAGE_SIZE_4K) >> 21 => {
-                        off = self.fill_run(table, gpa.as_u64(), hpa.as_u64(), off, len, flags, plan);
+                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
+                        let run = Run { gpa: gpa.as_u64(), hpa: hpa.as_u64(), len, flags };
+                        off = self.fill_run(table, &run, off, plan);
                     }
                     _ => {}
                 }
@@ -329,17 +377,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Writes 4 KiB leaves into `table` from `gpa + off` until the range or the table ends, or an
     /// entry is present (the page-by-page path then reports the conflict). Returns the new offset.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_run(
-        &self,
-        table: HostPhysAddr,
-        gpa: u64,
-        hpa: u64,
-        mut off: u64,
-        len: u64,
-        flags: MappingFlags,
-        plan: &mut Plan<'_, F>,
-    ) -> u64 {
+    fn fill_run(&self, table: HostPhysAddr, run: &Run, mut off: u64, plan: &mut Plan<'_, F>) -> u64 {
+        let Run { gpa, hpa, len, flags } = *run;
         let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
         let entries = self.leaf_table(table);
         while off < len && (gpa + off) & (level_size(1) - 1) != 0 {
@@ -353,7 +392,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 entry.store(F::encode_leaf(&leaf, 0), Ordering::Release);
                 flush.note_leaf(GuestPhysAddr::new(va), false);
             }
-            off += PAGE_SIZE_4K;
+            off += PageSize::Size4K.bytes();
         }
         off
     }
@@ -398,12 +437,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             _ => {}
         }
         while l > level {
-            let idx = F::index(va, l);
-            let raw = self.entry(table, idx).load(Ordering::Acquire);
-            match F::decode(raw, l) {
-                Pte::Table(next) => table = next,
-                Pte::Leaf(_) => return Err(Step::Conflict(GuestPhysAddr::new(va))),
-                Pte::Invalid => match plan {
+            match self.next_table(table, va, l) {
+                Ok(next) => table = next,
+                Err(Stop::Leaf { .. }) => return Err(Step::Conflict(GuestPhysAddr::new(va))),
+                Err(Stop::Empty) => match plan {
                     Plan::Dry { needed, virt } => {
                         // Tables at levels l-1 ..= level are missing; one table at level m covers
                         // level_size(m + 1). Addresses only grow, so one memo per level suffices.
@@ -418,12 +455,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         *cursor = Some((level, key, None));
                         return Ok(());
                     }
-                    Plan::Real { pool, .. } => {
-                        let new = self.new_table(pool);
-                        // Release: the zeroed table is visible before the pointer to it.
-                        self.entry(table, idx).store(F::encode_table(new), Ordering::Release);
-                        table = new;
-                    }
+                    Plan::Real { pool, flush } => table = self.create_next_table(table, va, l, pool, flush),
                 },
             }
             l -= 1;
@@ -450,42 +482,85 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// The leaf that maps `gpa`, if any.
     pub fn query(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
-        let (raw, level) = self.leaf_entry(gpa)?;
+        let (_, raw, level) = self.leaf_walk(gpa)?;
         match F::decode(raw, level) {
             Pte::Leaf(l) => Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
             _ => None,
         }
     }
 
-    /// The raw leaf entry mapping `gpa` and its level: a walk that tests masks and decodes
-    /// nothing (the hot path of every query, translation and fault).
+    /// The leaf entry mapping `gpa`, its raw value and its level: a walk that tests masks and
+    /// decodes nothing (the hot path of every query, translation and fault).
     #[inline]
-    fn leaf_entry(&self, gpa: GuestPhysAddr) -> Option<(u64, usize)> {
+    pub(crate) fn leaf_walk(&self, gpa: GuestPhysAddr) -> Option<(&AtomicU64, u64, usize)> {
         let va = gpa.as_u64();
         if va >> F::GPA_BITS != 0 {
             return None;
         }
         let mut table = self.root;
-        let mut level = F::LEVELS - 1;
-        loop {
-            let raw = self.entry(table, F::index(va, level)).load(Ordering::Acquire);
-            if !F::present(raw) {
-                return None;
+        for level in (0..F::LEVELS).rev() {
+            match self.next_table(table, va, level) {
+                Ok(next) => table = next,
+                Err(Stop::Leaf { entry, raw }) => return Some((entry, raw, level)),
+                Err(Stop::Empty) => return None,
             }
-            if F::is_leaf(raw, level) {
-                return Some((raw, level));
-            }
-            if level == 0 {
-                return None;
-            }
-            table = F::address(raw);
-            level -= 1;
         }
+        None
+    }
+
+    // The walker: every descent through the levels (map, query and translation, remap, split,
+    // collapse, A/D updates) goes through `next_table`, `create_next_table` and `table_at`; the
+    // range walks (unmap, protect, harvest, copy, leaf listing, free) visit the entries of one
+    // table at a time with `covered`, and descend with the pointer they have just read.
+
+    /// One step down: the table that `table`'s entry for `va` (at `level`) points at, or why
+    /// there is none.
+    #[inline]
+    pub(crate) fn next_table(&self, table: HostPhysAddr, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
+        let entry = self.entry(table, F::index(va, level));
+        let raw = entry.load(Ordering::Acquire);
+        if !F::present(raw) {
+            return Err(Stop::Empty);
+        }
+        if F::is_leaf(raw, level) {
+            return Err(Stop::Leaf { entry, raw });
+        }
+        if level == 0 {
+            // A pointer below the last level (reserved; the engine never writes one).
+            return Err(Stop::Empty);
+        }
+        Ok(F::address(raw))
+    }
+
+    /// Links a new, zeroed table (from `pool`) into `table`'s empty entry for `va` at `level`, and
+    /// returns it.
+    pub(crate) fn create_next_table(
+        &self,
+        table: HostPhysAddr,
+        va: u64,
+        level: usize,
+        pool: &mut Vec<HostPhysAddr>,
+        flush: &mut Flush<F>,
+    ) -> HostPhysAddr {
+        let new = self.new_table(pool);
+        // Release: the zeroed table is visible before the pointer to it.
+        self.entry(table, F::index(va, level)).store(F::encode_table(new), Ordering::Release);
+        flush.note_table_linked();
+        new
+    }
+
+    /// The table that holds the entry at `level` for `va`, walking down from the root.
+    pub(crate) fn table_at(&self, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
+        let mut table = self.root;
+        for l in (level + 1..F::LEVELS).rev() {
+            table = self.next_table(table, va, l)?;
+        }
+        Ok(table)
     }
 
     /// The host address `gpa` maps to, with the rights of its leaf.
     pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
-        let (raw, level) = self.leaf_entry(gpa)?;
+        let (_, raw, level) = self.leaf_walk(gpa)?;
         match F::decode(raw, level) {
             Pte::Leaf(l) => Some((l.hpa + gpa.offset_in(level_size(level)), l.flags)),
             _ => None,
@@ -500,13 +575,10 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     fn leaves_in(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&Leaf)) {
         let span = level_size(level);
-        let first = (start.max(base) - base) / span;
-        let mut i = first as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let raw = self.entry(table, i).load(Ordering::Acquire);
             if !F::present(raw) {
-                i += 1;
                 continue;
             }
             match F::decode(raw, level) {
@@ -514,7 +586,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 Pte::Leaf(l) => f(&leaf_at(GuestPhysAddr::new(b), level, &l)),
                 Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
             }
-            i += 1;
         }
     }
 
@@ -546,8 +617,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
         let mut child = Self::new(self.alloc.clone(), self.opts)?;
         let mut pool = child.fill_pool(live).map_err(|e| OutOfFrames { needed: e.needed + F::ROOT_FRAMES })?;
-        let mut ctx = CloneCtx { ranges, hint: 0, flush, f };
-        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut pool, &mut ctx);
+        let mut ctx = CloneCtx { ranges, hint: 0, flush, f, pool: &mut pool };
+        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut ctx);
         debug_assert!(pool.is_empty(), "live table count is off");
         Ok(child)
     }
@@ -568,13 +639,13 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     {
         let mut stored = Vec::with_capacity(ranges.len());
         for &(r, flags) in ranges {
-            check_range::<F>(r.start, r.len(), PAGE_SIZE_4K).map_err(|problem| CloneError::BadRange {
+            check_range::<F>(r.start, r.len(), PageSize::Size4K.bytes()).map_err(|problem| CloneError::BadRange {
                 gpa: r.start,
                 len: r.len(),
                 problem,
             })?;
             F::check_flags(flags, &self.opts).map_err(|reason| CloneError::BadFlags { flags, reason })?;
-            for edge in [r.start, r.end - PAGE_SIZE_4K] {
+            for edge in [r.start, r.end - PageSize::Size4K.bytes()] {
                 if let Some(l) = self.query(edge) {
                     if l.gpa < r.start || l.range().end > r.end {
                         return Err(CloneError::CutsHugePage { gpa: l.gpa, size: l.size });
@@ -588,7 +659,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         Ok((child, flush))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Copies the table `from` of `src` (level `level`, first address `base`) into `to`.
     fn copy_tree(
         &self,
         src: &Self,
@@ -596,7 +667,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         to: HostPhysAddr,
         level: usize,
         base: u64,
-        pool: &mut Vec<HostPhysAddr>,
         ctx: &mut CloneCtx<'_, F>,
     ) {
         let span = level_size(level);
@@ -608,8 +678,8 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             }
             let b = base + i as u64 * span;
             if level > 0 && !F::is_leaf(raw, level) {
-                let next = self.new_table(pool);
-                self.copy_tree(src, F::address(raw), next, level - 1, b, pool, ctx);
+                let next = self.new_table(ctx.pool);
+                self.copy_tree(src, F::address(raw), next, level - 1, b, ctx);
                 self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
                 continue;
             }
@@ -632,10 +702,21 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
 
     /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
     /// that may have this table loaded), then frees the table frames that changes retired.
-    pub fn flush(&mut self, flush: Flush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
-        assert_eq!(flush.root(), self.root, "flush token of another table");
+    ///
+    /// A token of another table is refused before anything runs, and handed back inside the
+    /// error ([`ForeignFlush::into_token`]).
+    pub fn flush(
+        &mut self,
+        flush: Flush<F>,
+        invalidate: impl FnOnce(&InvalidationOf<'_, F>),
+    ) -> Result<(), ForeignFlush<F>> {
+        if flush.root() != self.root {
+            return Err(ForeignFlush::new(flush, self.root));
+        }
         invalidate(&flush.invalidation());
+        self.fold_late_accessed_dirty();
         self.free_retired();
+        Ok(())
     }
 
     fn free_retired(&mut self) {
@@ -672,6 +753,7 @@ impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
     /// Frees every table frame. The owner must have stopped every CPU from using the table
     /// (unloaded the EPTP / hgatp and invalidated) before dropping it.
     fn drop(&mut self) {
+        self.folds.clear();
         self.free_retired();
         self.free_subtree(self.root, F::LEVELS - 1);
         // SAFETY: the root was allocated as ROOT_FRAMES frames in `new`.
@@ -679,6 +761,29 @@ impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
         self.frames -= F::ROOT_FRAMES;
         debug_assert_eq!(self.frames, 0, "table frame accounting is off");
     }
+}
+
+/// Why a walk stopped above the level it was heading for.
+pub(crate) enum Stop<'t> {
+    /// The entry is not present.
+    Empty,
+    /// The entry maps a page.
+    Leaf {
+        /// The entry itself.
+        entry: &'t AtomicU64,
+        /// Its value when read.
+        raw: u64,
+    },
+}
+
+/// The indices of the entries of a table at `level` whose first address is `base` that overlap
+/// `[start, end)` (which must overlap the table).
+#[inline]
+pub(crate) fn covered<F: Format>(level: usize, base: u64, start: u64, end: u64) -> core::ops::Range<usize> {
+    let span = level_size(level);
+    let first = ((start.max(base) - base) / span) as usize;
+    let last = (end - base).div_ceil(span).min(F::entries(level) as u64) as usize;
+    first..last
 }
 
 pub(crate) fn leaf_at(gpa: GuestPhysAddr, level: usize, l: &LeafBits) -> Leaf {
@@ -704,6 +809,18 @@ pub(crate) fn stored_flags<F: Format>(flags: MappingFlags) -> MappingFlags {
     f
 }
 
+/// A table frame above MAXPHYADDR breaks the [`FrameAllocator`] contract: the hardware would
+/// fail the walk with a misconfiguration. It is a bug in the allocator, not a condition to
+/// recover from (and cheap to check: once per frame, outside every loop over entries).
+#[track_caller]
+fn check_frame(frame: HostPhysAddr, count: usize, max_phys_bits: u8) {
+    let end = frame.as_u64() + (count * FRAME_SIZE) as u64;
+    assert!(
+        end <= 1u64 << max_phys_bits,
+        "FrameAllocator contract broken: frame {frame:?} lies beyond MAXPHYADDR ({max_phys_bits} bits)"
+    );
+}
+
 pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -> Result<(), RangeProblem> {
     if len == 0 {
         return Err(RangeProblem::Empty);
@@ -722,6 +839,8 @@ struct CloneCtx<'c, F: Format> {
     hint: usize,
     flush: &'c mut Flush<F>,
     f: &'c mut dyn FnMut(&Leaf),
+    /// Frames for the copy's tables, allocated before anything was copied.
+    pool: &'c mut Vec<HostPhysAddr>,
 }
 
 impl<F: Format> CloneCtx<'_, F> {

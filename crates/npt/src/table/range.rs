@@ -1,8 +1,8 @@
 //! Range operations: unmap, protect, split, collapse, and accessed/dirty bits.
 
-use super::{check_range, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
+use super::{check_range, covered, leaf_at, stored_flags, Leaf, PageTable, Plan, RangeError};
 use super::{AdError, AdMode, CollapseError, NotCollapsible, RemapError, SplitError};
-use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize, PAGE_SIZE_4K};
+use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::{Access, MappingFlags};
 use crate::flush::Flush;
 use crate::format::{level_size, Format, LeafBits, Pte};
@@ -15,6 +15,25 @@ use core::sync::atomic::Ordering;
 enum Op {
     Unmap,
     Protect(MappingFlags),
+}
+
+/// A range walk: what to do to `[start, end)`, and where its frames come from. (Children see the
+/// same bounds: each level clamps them to the entries it covers.)
+struct RangeWalk<'p, F: Format> {
+    start: u64,
+    end: u64,
+    op: Op,
+    plan: Plan<'p, F>,
+}
+
+/// An accessed/dirty walk over `[start, end)`: the bits to clear, the flush the clearing needs,
+/// and where the leaves are reported.
+struct AdWalk<'w, F: Format> {
+    start: u64,
+    end: u64,
+    mask: u64,
+    flush: &'w mut Flush<F>,
+    f: &'w mut dyn FnMut(&Leaf),
 }
 
 /// Which accessed/dirty bits `take_accessed_dirty` clears in the leaves it reports.
@@ -45,42 +64,37 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     }
 
     fn range_op(&mut self, gpa: GuestPhysAddr, len: u64, op: Op) -> Result<Flush<F>, RangeError> {
-        check_range::<F>(gpa, len, PAGE_SIZE_4K).map_err(|problem| RangeError::BadRange { gpa, len, problem })?;
+        check_range::<F>(gpa, len, PageSize::Size4K.bytes()).map_err(|problem| RangeError::BadRange {
+            gpa,
+            len,
+            problem,
+        })?;
         let (start, end) = (gpa.as_u64(), gpa.as_u64() + len);
         let top = F::LEVELS - 1;
-        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
-        self.walk_range(self.root, top, 0, start, end, op, &mut dry);
-        let Plan::Dry { needed, .. } = dry else { unreachable!() };
+        let mut dry = RangeWalk { start, end, op, plan: Plan::Dry { needed: 0, virt: [None; 6] } };
+        self.walk_range(self.root, top, 0, &mut dry);
+        let Plan::Dry { needed, .. } = dry.plan else { unreachable!() };
         let mut pool = self.fill_pool(needed).map_err(RangeError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
-        self.walk_range(self.root, top, 0, start, end, op, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
+        let plan = Plan::Real { pool: &mut pool, flush: &mut flush };
+        self.walk_range(self.root, top, 0, &mut RangeWalk { start, end, op, plan });
         debug_assert!(pool.is_empty(), "split frames were miscounted");
         Ok(flush)
     }
 
-    /// Applies `op` to `[start, end)` within the table at `table` (level `level`, first address
-    /// `base`). Returns whether the table is left with no valid entry.
-    #[allow(clippy::too_many_arguments)]
-    fn walk_range(
-        &mut self,
-        table: HostPhysAddr,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        op: Op,
-        plan: &mut Plan<'_, F>,
-    ) -> bool {
+    /// Applies `w.op` to `[w.start, w.end)` within the table at `table` (level `level`, first
+    /// address `base`). Returns whether the table is left with no valid entry.
+    fn walk_range(&mut self, table: HostPhysAddr, level: usize, base: u64, w: &mut RangeWalk<'_, F>) -> bool {
+        let (start, end, op) = (w.start, w.end, w.op);
         let span = level_size(level);
-        let mut i = ((start.max(base) - base) / span) as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let (s, e) = (start.max(b), end.min(b + span));
             let raw = self.entry(table, i).load(Ordering::Acquire);
             match F::decode(raw, level) {
                 Pte::Invalid => {}
                 Pte::Leaf(leaf) if s == b && e == b + span => {
-                    if let Plan::Real { flush, .. } = plan {
+                    if let Plan::Real { flush, .. } = &mut w.plan {
                         let new = match op {
                             Op::Unmap => 0,
                             Op::Protect(flags) => F::encode_leaf(&self.preset_ad(LeafBits { flags, ..leaf }), level),
@@ -92,20 +106,20 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                     }
                 }
                 Pte::Leaf(leaf) => {
-                    let child = match plan {
+                    let child = match &mut w.plan {
                         Plan::Dry { needed, .. } => {
                             *needed += split_tables(level, b, s, e);
                             None
                         }
-                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, b, &leaf, pool, flush)),
+                        Plan::Real { pool, flush } => Some(self.split_leaf(table, i, level, &leaf, pool, flush)),
                     };
                     if let Some(child) = child {
-                        self.walk_range(child, level - 1, b, s, e, op, plan);
+                        self.walk_range(child, level - 1, b, w);
                     }
                 }
                 // A whole table inside the range: unlink it with one store, retire its subtree.
                 Pte::Table(child) if matches!(op, Op::Unmap) && s == b && e == b + span => {
-                    if let Plan::Real { flush, .. } = plan {
+                    if let Plan::Real { flush, .. } = &mut w.plan {
                         self.entry(table, i).store(0, Ordering::Release);
                         self.retire_subtree(child, level - 1);
                         flush.note_nonleaf();
@@ -113,20 +127,19 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 }
                 // A table wholly inside the range holds no leaf that straddles an edge: the dry
                 // run (which only counts split frames) has nothing to find there.
-                Pte::Table(_) if matches!(plan, Plan::Dry { .. }) && s == b && e == b + span => {}
+                Pte::Table(_) if matches!(w.plan, Plan::Dry { .. }) && s == b && e == b + span => {}
                 Pte::Table(child) => {
-                    let empty = self.walk_range(child, level - 1, b, s, e, op, plan);
-                    if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut *plan) {
+                    let empty = self.walk_range(child, level - 1, b, w);
+                    if let (Op::Unmap, true, Plan::Real { flush, .. }) = (op, empty, &mut w.plan) {
                         self.entry(table, i).store(0, Ordering::Release);
                         self.retire(child);
                         flush.note_nonleaf();
                     }
                 }
             }
-            i += 1;
         }
         matches!(op, Op::Unmap)
-            && matches!(plan, Plan::Real { .. })
+            && matches!(w.plan, Plan::Real { .. })
             && (0..F::entries(level)).all(|j| self.entry(table, j).load(Ordering::Relaxed) == 0)
     }
 
@@ -174,34 +187,49 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
     }
 
-    /// Replaces the leaf at `table[idx]` (level `level`, base `b`) by a table of 512 leaves one
+    /// Replaces the leaf at `table[idx]` (level `level`) by a table of 512 leaves one
     /// level down that map the same memory with the same bits. Returns the new table.
-    #[allow(clippy::too_many_arguments)]
     fn split_leaf(
         &mut self,
         table: HostPhysAddr,
         idx: usize,
         level: usize,
-        b: u64,
         leaf: &LeafBits,
         pool: &mut Vec<HostPhysAddr>,
         flush: &mut Flush<F>,
     ) -> HostPhysAddr {
         let child = self.new_table(pool);
         let entry = self.entry(table, idx);
-        // Take the A/D bits as they are now, so that none set by the hardware is lost.
-        let now = match F::decode(entry.load(Ordering::Acquire), level) {
-            Pte::Leaf(l) => l,
-            _ => *leaf,
-        };
-        let sub = level_size(level - 1);
-        for j in 0..512u64 {
-            let l = LeafBits { hpa: now.hpa + j * sub, ..now };
-            self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+        // The hardware may set A/D in the huge leaf at any moment until the table pointer
+        // replaces it, with a locked read-modify-write (Intel SDM Vol. 3C §29.3.5; RISC-V
+        // Privileged spec, "Virtual Address Translation Process": the A/D update is atomic with
+        // the check of the PTE). So the pointer goes in with a compare-exchange over the exact leaf
+        // value the children were built from: if the bits changed meanwhile the exchange fails and
+        // the children are rebuilt from the new value. Once the pointer is in, a walk reaches the
+        // children and sets the bits there. Nothing but the hardware changes the entry (we hold
+        // `&mut self`), and only its A/D bits.
+        let mut cur = entry.load(Ordering::Acquire);
+        loop {
+            let now = match F::decode(cur, level) {
+                Pte::Leaf(l) => l,
+                _ => *leaf,
+            };
+            let sub = level_size(level - 1);
+            for j in 0..512u64 {
+                let l = LeafBits { hpa: now.hpa + j * sub, ..now };
+                self.entry(child, j as usize).store(F::encode_leaf(&l, level - 1), Ordering::Relaxed);
+            }
+            // Release: the children are visible before the pointer to them.
+            match entry.compare_exchange(cur, F::encode_table(child), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(seen) => cur = seen,
+            }
         }
-        entry.store(F::encode_table(child), Ordering::Release);
-        // The huge leaf may be cached: invalidate it (a leaf change at its address).
-        flush.note_leaf(GuestPhysAddr::new(b), true);
+        // A leaf became a pointer to a table: a non-leaf change. EPT: the huge leaf may be cached
+        // (INVEPT, as for any change of a present entry). G-stage: a fence by address covers leaf
+        // entries only (RISC-V Privileged spec, "Supervisor Memory-Management Fence Instruction"
+        // commentary: after modifying a non-leaf PTE, use rs1 = x0): fence the whole VMID.
+        flush.note_nonleaf();
         child
     }
 
@@ -222,6 +250,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         if !hpa.is_aligned(leaf.size.bytes()) {
             return Err(RemapError::Unaligned { hpa, size: leaf.size });
         }
+        self.check_host(hpa, leaf.size.bytes())?;
         let level = leaf.size.level();
         let (table, idx) = self.slot_of(gpa.as_u64(), level);
         let raw = self.entry(table, idx).load(Ordering::Acquire);
@@ -255,20 +284,16 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let mut pool = self.fill_pool(1).map_err(SplitError::OutOfFrames)?;
         let mut flush = Flush::new(self.root);
         let bits = LeafBits { hpa: leaf.hpa, flags: leaf.flags, accessed: leaf.accessed, dirty: leaf.dirty };
-        self.split_leaf(table, idx, level, leaf.gpa.as_u64(), &bits, &mut pool, &mut flush);
+        self.split_leaf(table, idx, level, &bits, &mut pool, &mut flush);
         Ok(flush)
     }
 
     /// The table and index holding the entry at `level` for `va` (the path must exist).
     fn slot_of(&self, va: u64, level: usize) -> (HostPhysAddr, usize) {
-        let mut table = self.root;
-        for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(self.entry(table, F::index(va, l)).load(Ordering::Acquire), l) {
-                Pte::Table(next) => table = next,
-                _ => unreachable!("slot_of follows a path that query found"),
-            }
+        match self.table_at(va, level) {
+            Ok(table) => (table, F::index(va, level)),
+            Err(_) => unreachable!("slot_of follows a path that query found"),
         }
-        (table, F::index(va, level))
     }
 
     /// Replaces the table under the `size`-sized entry covering `gpa` by one `size` leaf, when all
@@ -284,21 +309,14 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         }
         let base = gpa.align_down(size.bytes());
         let not = |reason| CollapseError::NotCollapsible { gpa: base, reason };
-        // Find the entry at `level`.
-        let mut table = self.root;
-        for l in (level + 1..F::LEVELS).rev() {
-            match F::decode(self.entry(table, F::index(base.as_u64(), l)).load(Ordering::Acquire), l) {
-                Pte::Table(next) => table = next,
-                _ => return Err(not(NotCollapsible::NotATable)),
-            }
-        }
+        let table = self.table_at(base.as_u64(), level).map_err(|_| not(NotCollapsible::NotATable))?;
         let idx = F::index(base.as_u64(), level);
-        let Pte::Table(child) = F::decode(self.entry(table, idx).load(Ordering::Acquire), level) else {
+        let pointer = self.entry(table, idx).load(Ordering::Acquire);
+        let Pte::Table(child) = F::decode(pointer, level) else {
             return Err(not(NotCollapsible::NotATable));
         };
         let sub = level_size(level - 1);
         let mut first: Option<LeafBits> = None;
-        let (mut accessed, mut dirty) = (false, false);
         for j in 0..512u64 {
             let Pte::Leaf(l) = F::decode(self.entry(child, j as usize).load(Ordering::Acquire), level - 1) else {
                 return Err(not(NotCollapsible::NotAllLeaves));
@@ -310,13 +328,39 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             if l.flags != f.flags {
                 return Err(not(NotCollapsible::MixedFlags));
             }
-            accessed |= l.accessed;
-            dirty |= l.dirty;
         }
         let f = first.expect("512 leaves were read");
-        let leaf = LeafBits { accessed, dirty, ..f };
-        self.entry(table, idx).store(F::encode_leaf(&leaf, level), Ordering::Release);
+        // The collapse cannot fail from here on. With hardware-managed bits, a walk that began
+        // before the new leaf is in (or a paging-structure cache that still points at the old
+        // table) may set A/D in the children until the invalidation has run: the hardware sets
+        // them with locked read-modify-writes (Intel SDM Vol. 3C §29.3.5; RISC-V Privileged spec,
+        // "Virtual Address Translation Process"). So each child's bits are *taken* with
+        // `fetch_and` (read and cleared in one atomic step: none set before it is missed, none
+        // is counted twice), and what the children gain after that is folded into the leaf that
+        // maps them once the flush has run (`fold_late_accessed_dirty`), when no walk can reach
+        // them any more. A write is thus reported by the next harvest at the latest, never lost.
+        // Clearing the bits of a live child is harmless: a CPU holding a translation with D set
+        // keeps writing without setting it again, and that D is already in the new leaf.
+        let ad = F::ACCESSED | F::DIRTY;
+        let hardware = self.opts.ad == AdMode::Hardware;
+        let mut bits = 0;
+        for j in 0..512 {
+            let e = self.entry(child, j);
+            bits |= if hardware { e.fetch_and(!ad, Ordering::AcqRel) } else { e.load(Ordering::Acquire) } & ad;
+        }
+        let leaf = LeafBits { accessed: bits & F::ACCESSED != 0, dirty: bits & F::DIRTY != 0, ..f };
+        let new = F::encode_leaf(&leaf, level);
+        let entry = self.entry(table, idx);
+        let mut cur = pointer;
+        // The EPT hardware may set the accessed flag of the non-leaf entry meanwhile (§29.3.5);
+        // nothing else changes it.
+        while let Err(seen) = entry.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+            cur = seen;
+        }
         self.retire(child);
+        if hardware {
+            self.folds.push(Fold { table: child, level: level - 1, gpa: base.as_u64() });
+        }
         let mut flush = Flush::new(self.root);
         flush.note_nonleaf();
         Ok(flush)
@@ -341,36 +385,25 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         };
         let mut flush = Flush::new(self.root);
         let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
-        self.ad_walk(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, mask, &mut flush, &mut f);
+        let mut w = AdWalk { start: gpa.as_u64(), end, mask, flush: &mut flush, f: &mut f };
+        self.ad_walk(self.root, F::LEVELS - 1, 0, &mut w);
         flush
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn ad_walk(
-        &self,
-        table: HostPhysAddr,
-        level: usize,
-        base: u64,
-        start: u64,
-        end: u64,
-        mask: u64,
-        flush: &mut Flush<F>,
-        f: &mut dyn FnMut(&Leaf),
-    ) {
+    fn ad_walk(&self, table: HostPhysAddr, level: usize, base: u64, w: &mut AdWalk<'_, F>) {
+        let (start, end, mask) = (w.start, w.end, w.mask);
         let span = level_size(level);
-        let mut i = ((start.max(base) - base) / span) as usize;
-        while i < F::entries(level) && base + i as u64 * span < end {
+        for i in covered::<F>(level, base, start, end) {
             let b = base + i as u64 * span;
             let entry = self.entry(table, i);
             let raw = entry.load(Ordering::Acquire);
             // Leaf tables dominate: a mask test skips clean and empty entries without decoding.
             if raw & (F::ACCESSED | F::DIRTY) == 0 && (level == 0 || !F::present(raw) || F::is_leaf(raw, level)) {
-                i += 1;
                 continue;
             }
             match F::decode(raw, level) {
                 Pte::Invalid => {}
-                Pte::Table(next) => self.ad_walk(next, level - 1, b, start, end, mask, flush, f),
+                Pte::Table(next) => self.ad_walk(next, level - 1, b, w),
                 Pte::Leaf(l) if l.accessed || l.dirty => {
                     let old = if mask != 0 {
                         entry.fetch_and(!mask, Ordering::AcqRel)
@@ -378,16 +411,15 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                         entry.load(Ordering::Acquire)
                     };
                     if let Pte::Leaf(l) = F::decode(old, level) {
-                        f(&leaf_at(GuestPhysAddr::new(b), level, &l));
+                        (w.f)(&leaf_at(GuestPhysAddr::new(b), level, &l));
                     }
                     if old & mask != 0 {
                         // A cached translation still says "dirty": the CPU would not set D again.
-                        flush.note_leaf(GuestPhysAddr::new(b), true);
+                        w.flush.note_leaf(GuestPhysAddr::new(b), true);
                     }
                 }
                 Pte::Leaf(_) => {}
             }
-            i += 1;
         }
     }
 
@@ -407,6 +439,39 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             flush.note_leaf(leaf.gpa, true);
         }
         Ok(flush)
+    }
+}
+
+/// A table unlinked by `collapse` whose leaves the hardware may still mark accessed or dirty
+/// until the flush; their bits are then folded into the leaves that map the same addresses.
+pub(crate) struct Fold {
+    table: HostPhysAddr,
+    /// Level of the leaves in `table`.
+    level: usize,
+    /// Guest-physical address of the first.
+    gpa: u64,
+}
+
+impl<F: Format, A: FrameAllocator> PageTable<F, A> {
+    /// Called by `flush` once the invalidation has run (so no walk reaches a retired table any
+    /// more) and before retired frames are freed: ORs the A/D bits that the hardware set in the
+    /// leaves of collapsed tables after `collapse` took them into the leaf mapping each address
+    /// now. Over-reporting is harmless; a page remapped or unmapped since keeps or loses the bits
+    /// as its change did.
+    pub(crate) fn fold_late_accessed_dirty(&mut self) {
+        let ad = F::ACCESSED | F::DIRTY;
+        for fold in core::mem::take(&mut self.folds) {
+            let span = level_size(fold.level);
+            for j in 0..512 {
+                let bits = self.entry(fold.table, j).load(Ordering::Acquire) & ad;
+                if bits == 0 {
+                    continue;
+                }
+                if let Some((entry, _, _)) = self.leaf_walk(GuestPhysAddr::new(fold.gpa + j as u64 * span)) {
+                    entry.fetch_or(bits, Ordering::AcqRel);
+                }
+            }
+        }
     }
 }
 

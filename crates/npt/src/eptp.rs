@@ -76,7 +76,12 @@ impl EptCapabilities {
             sizes = sizes.with(PageSize::Size1G);
         }
         let ad = if want_accessed_dirty && self.accessed_dirty() { AdMode::Hardware } else { AdMode::Preset };
-        TableOptions { leaf_sizes: sizes, ad, execute_only: self.execute_only() }
+        TableOptions {
+            leaf_sizes: sizes,
+            ad,
+            execute_only: self.execute_only(),
+            max_phys_bits: self.max_phys_bits.min(<Ept4 as Format>::MAX_PHYS_BITS),
+        }
     }
 }
 
@@ -100,11 +105,40 @@ pub enum EptPointerError {
     AccessedDirtyUnsupported,
     /// The root is not 4 KiB-aligned or lies above MAXPHYADDR.
     BadRoot(HostPhysAddr),
+    /// The table may hold leaves of a size the CPU does not offer (its options allow them).
+    PageSizeUnsupported(PageSize),
+    /// The table may hold execute-only leaves and the CPU does not offer them.
+    ExecuteOnlyUnsupported,
+    /// The table may hold host addresses wider than the CPU's MAXPHYADDR.
+    MaxPhysTooWide {
+        /// The table's `max_phys_bits`.
+        table: u8,
+        /// The CPU's MAXPHYADDR.
+        cpu: u8,
+    },
 }
 
 impl fmt::Display for EptPointerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Self::WalkLengthUnsupported(n) => write!(f, "the CPU does not offer an EPT page-walk length of {n}"),
+            Self::MemoryTypeUnsupported(t) => {
+                write!(f, "the CPU does not offer memory type {t:?} for the EPT paging structures")
+            }
+            Self::AccessedDirtyUnsupported => f.write_str("the CPU does not offer EPT accessed and dirty flags"),
+            Self::BadRoot(root) => {
+                write!(f, "EPT root {:#x} is not 4 KiB-aligned or lies above MAXPHYADDR", root.as_u64())
+            }
+            Self::PageSizeUnsupported(size) => {
+                write!(f, "the table may hold {size} pages, which the CPU does not offer")
+            }
+            Self::ExecuteOnlyUnsupported => {
+                f.write_str("the table may hold execute-only pages, which the CPU does not offer")
+            }
+            Self::MaxPhysTooWide { table, cpu } => {
+                write!(f, "the table may hold host addresses of {table} bits, beyond the CPU's MAXPHYADDR of {cpu}")
+            }
+        }
     }
 }
 impl core::error::Error for EptPointerError {}
@@ -115,7 +149,7 @@ impl core::error::Error for EptPointerError {}
 pub struct EptPointer(u64);
 
 /// Formats an EPTP can point at, with their page-walk length.
-pub trait EptFormat: Format<Family = crate::EptFamily> {
+pub trait EptFormat: Format<Family = crate::flush::EptFamily> {
     /// Page-walk length (4 or 5).
     const WALK_LENGTH: u8;
 }
@@ -180,11 +214,28 @@ impl EptPointer {
     }
 
     /// The EPTP for `table`, with A/D flags exactly when the table has them hardware-managed.
+    ///
+    /// Refuses a table whose options allow what the CPU lacks (a leaf size, execute-only
+    /// leaves, host addresses above MAXPHYADDR, hardware A/D): the CPU would meet an EPT
+    /// misconfiguration on the first such entry (Intel SDM Vol. 3C §29.3.3.1). A table made with
+    /// [`EptCapabilities::table_options`] of the same capabilities always passes.
     pub fn for_table<F: EptFormat, A: FrameAllocator>(
         table: &PageTable<F, A>,
         caps: &EptCapabilities,
     ) -> Result<Self, EptPointerError> {
-        Self::new(table.root(), F::WALK_LENGTH, table.options().ad == AdMode::Hardware, caps)
+        let opts = table.options();
+        for (size, offered) in [(PageSize::Size2M, caps.pages_2m()), (PageSize::Size1G, caps.pages_1g())] {
+            if opts.leaf_sizes.contains(size) && !offered {
+                return Err(EptPointerError::PageSizeUnsupported(size));
+            }
+        }
+        if opts.execute_only && !caps.execute_only() {
+            return Err(EptPointerError::ExecuteOnlyUnsupported);
+        }
+        if opts.max_phys_bits > caps.max_phys_bits {
+            return Err(EptPointerError::MaxPhysTooWide { table: opts.max_phys_bits, cpu: caps.max_phys_bits });
+        }
+        Self::new(table.root(), F::WALK_LENGTH, opts.ad == AdMode::Hardware, caps)
     }
 
     /// The value to write into the VMCS.

@@ -21,7 +21,7 @@ pub enum HgatpMode {
 }
 
 /// Formats hgatp can point at.
-pub trait GStageFormat: Format<Family = crate::GStageFamily> {
+pub trait GStageFormat: Format<Family = crate::flush::GStageFamily> {
     /// The hgatp mode selecting this format.
     const MODE: HgatpMode;
 }
@@ -86,6 +86,15 @@ pub enum HgatpError {
         /// VMIDLEN.
         vmid_bits: u8,
     },
+    /// MODE is Bare and the VMID or the root is not zero: with Bare the other fields must be
+    /// zero (RISC-V Privileged spec, "Hypervisor Guest Address Translation and Protection
+    /// Register (hgatp)"), and a nonzero one is no "table" that could be loaded.
+    BareWithFields {
+        /// The VMID asked for.
+        vmid: u16,
+        /// The root asked for.
+        root: HostPhysAddr,
+    },
     /// The root is not 16 KiB-aligned (its PPN's two low bits must be zero, §9.2.10) or is
     /// beyond the 44-bit PPN.
     BadRoot(HostPhysAddr),
@@ -93,7 +102,18 @@ pub enum HgatpError {
 
 impl fmt::Display for HgatpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        match self {
+            Self::ModeUnsupported(mode) => write!(f, "the hart does not offer hgatp mode {mode:?}"),
+            Self::VmidTooWide { vmid, vmid_bits } => {
+                write!(f, "VMID {vmid} does not fit in the hart's {vmid_bits} VMID bits")
+            }
+            Self::BareWithFields { vmid, root } => {
+                write!(f, "hgatp mode Bare needs VMID and root zero (got VMID {vmid}, root {:#x})", root.as_u64())
+            }
+            Self::BadRoot(root) => {
+                write!(f, "G-stage root {:#x} is not 16 KiB-aligned or does not fit the 44-bit PPN", root.as_u64())
+            }
+        }
     }
 }
 impl core::error::Error for HgatpError {}
@@ -109,10 +129,14 @@ impl Hgatp {
     pub const VMID_MASK: u64 = (1 << 14) - 1;
     const PPN_MASK: u64 = (1 << 44) - 1;
 
-    /// hgatp for a G-stage root in `mode` with `vmid`.
+    /// hgatp for a G-stage root in `mode` with `vmid`. For [`HgatpMode::Bare`] (no G-stage
+    /// translation) `vmid` and `root` must be zero.
     pub fn new(mode: HgatpMode, vmid: u16, root: HostPhysAddr, caps: &HgatpCapabilities) -> Result<Self, HgatpError> {
         if !caps.offers(mode) {
             return Err(HgatpError::ModeUnsupported(mode));
+        }
+        if mode == HgatpMode::Bare && (vmid != 0 || root != HostPhysAddr::ZERO) {
+            return Err(HgatpError::BareWithFields { vmid, root });
         }
         if u32::from(vmid) >> caps.vmid_bits != 0 {
             return Err(HgatpError::VmidTooWide { vmid, vmid_bits: caps.vmid_bits });
