@@ -1,6 +1,7 @@
-//! Multiboot (v1) for a hypervisor that loads multiboot guests: the header check, the boot
-//! information it gives the guest, and the kernel command line it is given (Multiboot
-//! Specification 0.6.96).
+//! Multiboot (v1) for a hypervisor that loads multiboot guests: the guest's loading plan
+//! ([`plan_guest`]: the ELF checks of [`crate::elf`], the header check, a place for the boot
+//! information), the boot information it gives the guest, and the kernel command line the
+//! hypervisor itself is given (Multiboot Specification 0.6.96).
 //!
 //! A multiboot file carries a header in its first 8192 bytes, 4-byte aligned: the magic
 //! 0x1BADB002, flags, and a checksum that makes the three sum to zero (3.1.1, 3.1.2). Flags 0-15
@@ -10,6 +11,7 @@
 //! addresses in the header instead of the ELF's program headers, the "a.out kludge"), which it
 //! does not implement: it would load the file differently from GRUB.
 
+use crate::elf::{self, LoadError, LoadPlan, Machine, Place};
 use core::fmt;
 
 /// The header's magic (3.1.2).
@@ -173,4 +175,59 @@ pub fn cmdline_arg<'a>(cmdline: &'a [u8], key: &str) -> Option<&'a [u8]> {
         [b'=', v @ ..] => Some(v),
         _ => None,
     })
+}
+
+/// Why a multiboot guest file is refused: its ELF, or its multiboot header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestError {
+    /// The ELF file (or where the boot information would go).
+    Load(LoadError),
+    /// The multiboot header.
+    Header(HeaderError),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestError::Load(e) => e.fmt(f),
+            GuestError::Header(e) => e.fmt(f),
+        }
+    }
+}
+
+impl core::error::Error for GuestError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            GuestError::Load(e) => Some(e),
+            GuestError::Header(e) => Some(e),
+        }
+    }
+}
+
+/// A multiboot guest that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestPlan<'a> {
+    /// Its segments and (32-bit) entry point.
+    pub load: LoadPlan<'a>,
+    /// Its multiboot header.
+    pub header: Header,
+    /// Where [`guest_information`] goes: where no segment is, in conventional memory above the
+    /// first page if there is room, else above 1 MiB.
+    pub info_at: u32,
+}
+
+/// The loading plan of a multiboot ELF guest (x86: ELF32 i386 or ELF64 x86-64) in `ram` bytes
+/// of guest RAM from address 0 (at most 4 GiB: the guest starts in 32-bit mode): the ELF checks
+/// of [`elf::plan_elf`], then the multiboot header, then a place for the boot information.
+pub fn plan_guest(file: &[u8], ram: u64) -> Result<GuestPlan<'_>, GuestError> {
+    let ram = ram.min(1 << 32);
+    let load = elf::plan_elf(file, Machine::X86, 0..ram).map_err(GuestError::Load)?;
+    let header = find_header(file).map_err(GuestError::Header)?;
+    let size = GUEST_INFO_LEN as u64;
+    let info_at = load
+        .free_slot(0x1000..0x9_fc00, size, 8, Place::Lowest)
+        .or_else(|| load.free_slot(0x10_0000..ram, size, 8, Place::Lowest))
+        .and_then(|at| u32::try_from(at).ok())
+        .ok_or(GuestError::Load(LoadError::NoRoomFor { what: "multiboot information", size }))?;
+    Ok(GuestPlan { load, header, info_at })
 }

@@ -1,7 +1,11 @@
 //! The multiboot header check, the guest's boot information and the command line.
 
+mod common;
+use common::*;
+use twostage_baremetal::elf::{LoadError, Machine};
 use twostage_baremetal::multiboot::{
-    cmdline_arg, find_header, guest_information, Header, HeaderError, GUEST_INFO_LEN, HEADER_MAGIC,
+    cmdline_arg, find_header, guest_information, plan_guest, GuestError, Header, HeaderError, GUEST_INFO_LEN,
+    HEADER_MAGIC,
 };
 
 /// `len` bytes with a header (magic, `flags`, `checksum`) at `at`.
@@ -96,4 +100,68 @@ fn command_line_words() {
     assert_eq!(cmdline_arg(c, "gues"), None);
     assert_eq!(cmdline_arg(b"", "guest"), None);
     assert_eq!(cmdline_arg(b"xguest=1", "guest"), None);
+}
+
+const RAM: u64 = 16 << 20;
+
+/// An ELF32 i386 multiboot guest: code at 1 MiB from file offset 0x100, starting with a header
+/// with `flags`, plus the segments `more`.
+fn guest(flags: u32, more: &[Ph]) -> Vec<u8> {
+    let mut phs = vec![load(0x10_0000, 0x100, 0x100, 0x1000)];
+    phs.extend_from_slice(more);
+    let mut e = Elf::new(EM_386, 0x10_000c, &phs);
+    e.class64 = false;
+    let mut f = e.build();
+    f[0x100..0x10c].copy_from_slice(&good(12, 0, flags));
+    f
+}
+
+#[test]
+fn a_multiboot_guest_plans_with_its_information_where_no_segment_is() {
+    let f = guest(3, &[]);
+    let plan = plan_guest(&f, RAM).unwrap();
+    assert_eq!((plan.load.entry, plan.header, plan.info_at), (0x10_000c, Header { offset: 0x100, flags: 3 }, 0x1000));
+    // Guest data where the information used to go (0x9000) is left alone: it goes below.
+    let f = guest(3, &[load(0x9000, 0x200, 0x200, 0x200)]);
+    assert_eq!(plan_guest(&f, RAM).unwrap().info_at, 0x1000);
+    // Conventional memory taken: above the guest's segments past 1 MiB.
+    let f = guest(3, &[load(0, 0x200, 0x10, 0xa_0000)]);
+    assert_eq!(plan_guest(&f, RAM).unwrap().info_at, 0x10_1000);
+    let f = guest(3, &[load(0x1000, 0x200, 0x10, 0x9_f000)]);
+    assert_eq!(plan_guest(&f, RAM).unwrap().info_at, 0x10_1000);
+    // Nowhere: refused.
+    let f = guest(3, &[load(0, 0x200, 0x10, 0x10_0000), load(0x10_1000, 0x200, 0x10, RAM - 0x10_1000)]);
+    let err = plan_guest(&f, RAM).unwrap_err();
+    assert_eq!(err, GuestError::Load(LoadError::NoRoomFor { what: "multiboot information", size: 128 }));
+    assert!(err.to_string().starts_with("no room for the multiboot information (0x80 bytes)"));
+}
+
+#[test]
+fn a_multiboot_guest_is_refused_for_its_elf_first_then_its_header() {
+    let mut f = guest(3, &[]);
+    f[18..20].copy_from_slice(&EM_RISCV.to_le_bytes());
+    let err = plan_guest(&f, RAM).unwrap_err();
+    assert_eq!(err, GuestError::Load(LoadError::WrongMachine { found: EM_RISCV, expected: Machine::X86 }));
+    assert_eq!(
+        err.to_string(),
+        "the file is for RISC-V (e_machine 243), but this hypervisor runs x86 (ELF32 with e_machine 3 or ELF64 with \
+         e_machine 62) guests"
+    );
+    assert_eq!(plan_guest(&[], RAM), Err(GuestError::Load(LoadError::Empty)));
+    let mut f = guest(3, &[]);
+    f[0x100..0x104].fill(0);
+    let err = plan_guest(&f, RAM).unwrap_err();
+    assert_eq!(err, GuestError::Header(HeaderError::NotFound { searched: 0x1000 }));
+    let mut f = guest(3, &[]);
+    f[0x108] ^= 1;
+    assert!(matches!(plan_guest(&f, RAM), Err(GuestError::Header(HeaderError::BadChecksum { offset: 0x100, .. }))));
+    let f = guest(3 | 1 << 16, &[]);
+    assert!(matches!(plan_guest(&f, RAM), Err(GuestError::Header(HeaderError::UnsupportedFlags { .. }))));
+    // Segments past guest RAM, and overlapping ones, as for any ELF.
+    let f = guest(3, &[load(RAM - 0x1000, 0x200, 0x10, 0x2000)]);
+    assert!(matches!(plan_guest(&f, RAM), Err(GuestError::Load(LoadError::SegmentOutsideRam { index: 1, .. }))));
+    let f = guest(3, &[load(0x10_0800, 0x200, 0x10, 0x10)]);
+    assert!(matches!(plan_guest(&f, RAM), Err(GuestError::Load(LoadError::Overlap { first: 0, second: 1, .. }))));
+    let e: &dyn std::error::Error = &err;
+    assert!(e.source().is_some());
 }
