@@ -8,6 +8,7 @@
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
 
 mod bench;
+mod hostile;
 mod riscv;
 mod util;
 mod x86;

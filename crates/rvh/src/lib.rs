@@ -11,7 +11,7 @@
 //! Safety model: only `hw` executes privileged instructions and it is compiled for riscv64
 //! alone; every decision (what to fence, how to split a copy, how to read a fault, how to serve
 //! an SBI call) is portable code with host tests. Guest-controlled values (addresses, lengths,
-//! instruction bits, device-tree and ELF bytes) produce typed errors, never panics. Faults in
+//! instruction bits, device-tree bytes) produce typed errors, never panics. Faults in
 //! hypervisor accesses to guest memory are recovered through an exception table
 //! ([`extable`]): the image's trap handler looks sepc up and resumes at the fixup.
 //!
@@ -25,7 +25,6 @@ extern crate std;
 
 pub mod access;
 pub mod csr;
-pub mod elf;
 pub mod extable;
 pub mod fault;
 pub mod fdt;
