@@ -98,23 +98,27 @@ pub fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// The RISC-V files every refusal check uses, for guest RAM at 0x80000000: (name, contents).
-pub fn riscv_refused() -> Vec<(&'static str, Vec<u8>)> {
-    let code = [0x13u8, 0, 0, 0].repeat(4); // nops
+/// ELF64 files for `machine` that every hypervisor refuses, with code at `base` in guest RAM:
+/// no loadable segment, two overlapping segments, a segment with 1 TiB of zero-fill.
+fn refused(machine: u16, base: u64) -> Vec<(&'static str, Vec<u8>)> {
+    let code = [0x13u8, 0, 0, 0].repeat(4);
     let note = Seg { p_type: PT_NOTE, paddr: 0, bytes: b"note", memsz: 0 };
+    let overlap = [load(base, &code, 0x2000), load(base + 0x1000, &code, 0x1000)];
     vec![
-        ("no-segment.elf", build_elf(true, EM_RISCV, 0x8020_0000, &[note])),
-        (
-            "overlap.elf",
-            build_elf(
-                true,
-                EM_RISCV,
-                0x8020_0000,
-                &[load(0x8020_0000, &code, 0x2000), load(0x8020_1000, &code, 0x1000)],
-            ),
-        ),
-        ("huge-memsz.elf", build_elf(true, EM_RISCV, 0x8020_0000, &[load(0x8020_0000, &code, 1 << 40)])),
+        ("no-segment.elf", build_elf(true, machine, base, &[note])),
+        ("overlap.elf", build_elf(true, machine, base, &overlap)),
+        ("huge-memsz.elf", build_elf(true, machine, base, &[load(base, &code, 1 << 40)])),
     ]
+}
+
+/// [`refused`] for the RISC-V hypervisor (guest RAM from 0x80000000).
+pub fn riscv_refused() -> Vec<(&'static str, Vec<u8>)> {
+    refused(EM_RISCV, 0x8020_0000)
+}
+
+/// [`refused`] for the x86 hypervisor (guest RAM from 0).
+pub fn x86_refused() -> Vec<(&'static str, Vec<u8>)> {
+    refused(EM_X86_64, 0x10_0000)
 }
 
 /// What the probe guests find when nothing overwrote their data.
@@ -239,6 +243,9 @@ mod tests {
         assert_eq!((plan.load.entry, plan.info_at), (0x10_000c, 0x1000));
         for (name, f) in riscv_refused() {
             assert!(plan_elf(&f, Machine::Riscv64, ram.clone()).is_err(), "{name}");
+        }
+        for (name, f) in x86_refused() {
+            assert!(plan_guest(&f, 16 << 20).is_err(), "{name}");
         }
     }
 
