@@ -6,8 +6,22 @@
 //! cargo xtask bench
 //! ```
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
+//!
+//! Exit status of `run --guest FILE`:
+//!
+//! | status | meaning |
+//! | --- | --- |
+//! | the guest's | RISC-V: the guest's SBI SRST status; x86: the value it wrote to port 0xf4 |
+//! | 126 | the file was refused (`twostage_baremetal::elf::EXIT_REFUSED`): by xtask before booting, or by the hypervisor; nothing of it ran; a `guest file ... refused:` line names the problem |
+//! | 125 | the guest ran and the hypervisor stopped it (`EXIT_GUEST_STOPPED`): an unresolved fault, an exception or exit it cannot serve, an x86 halt without a status |
+//! | 101 | the hypervisor panicked |
+//! | 3 | the machine cannot run a guest (no H extension, VMX refused, no memory for the guest) |
+//! | 1 | xtask itself failed (a build, an emulator that did not finish) |
+//!
+//! Only the console tells these apart from a guest that itself exits with 1, 3, 101, 125 or 126.
 
 mod bench;
+mod hostile;
 mod riscv;
 mod util;
 mod x86;

@@ -15,12 +15,16 @@
 //! system's QEMU (which it would replace if installed as a package), using apt with a private
 //! sources list derived from the machine's own.
 
-use crate::util;
+use crate::{hostile, util};
+use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::ops::Range;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use twostage_baremetal::elf::{self, LoadError, Machine, Place, EXIT_REFUSED};
 
 const TARGET: &str = "riscv64gc-unknown-none-elf";
 /// Wall-clock limit of one QEMU run (a full suite takes about a second).
@@ -29,8 +33,16 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(120);
 const STAGE_ADDR: u64 = 0x8800_0000;
 /// The staging header: magic at +0, size at +8.
 const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
-/// The largest guest file the hypervisor accepts.
+/// The largest guest file the hypervisor accepts (images/riscv-hv/src/loader.rs: MAX_FILE).
 const MAX_GUEST: u64 = 32 << 20;
+/// The guest's RAM (images/riscv-hv/src/loader.rs: GUEST_RAM, GUEST_RAM_LEN).
+const GUEST_RAM: Range<u64> = 0x8000_0000..0x8400_0000;
+/// Where a raw image goes (images/riscv-hv/src/loader.rs: RAW_LOAD).
+const RAW_LOAD: u64 = 0x8020_0000;
+/// The device tree's alignments, tried in turn at the top of guest RAM (loader.rs: DTB_ALIGNS).
+const DTB_ALIGNS: [u64; 3] = [1 << 20, 0x1000, 8];
+/// At least the size of the guest's device tree (about 1.3 KiB), for the check before booting.
+const DTB_SIZE: u64 = 0x800;
 /// The exit status the suite's own riscv-hello run is built with, to prove it propagates.
 const HELLO_TEST_STATUS: u32 = 7;
 /// Where QEMU 10 (and the OpenSBI it boots) is unpacked.
@@ -204,8 +216,32 @@ fn build_hello(status: u32) -> Result<PathBuf, String> {
     Ok(dir.join(TARGET).join("release").join("riscv-hello"))
 }
 
-/// The QEMU command line for `image` on `qemu`, with `guest` staged when given.
-fn qemu_command(qemu: &Qemu, image: &Path, guest: Option<&Path>) -> Result<Command, String> {
+/// What xtask stages for the hypervisor.
+enum Stage<'a> {
+    /// Nothing: the hypervisor runs its scenario suite.
+    Nothing,
+    /// A guest file (of 1 to [`MAX_GUEST`] bytes).
+    File(&'a Path),
+    /// Only the staging header, saying `len` bytes: what the hypervisor sees of an empty or an
+    /// oversized file when it is booted without xtask.
+    HeaderOnly(u64),
+}
+
+/// `path` as one QEMU option value: each comma doubled, so a comma in a file name cannot end the
+/// value (`-device loader,file=a,,b` names the file `a,b`).
+fn qemu_value(path: &Path) -> OsString {
+    let mut v = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        v.push(b);
+        if b == b',' {
+            v.push(b',');
+        }
+    }
+    OsString::from_vec(v)
+}
+
+/// The QEMU command line for `image` on `qemu`, with `stage` staged.
+fn qemu_command(qemu: &Qemu, image: &Path, stage: Stage<'_>) -> Result<Command, String> {
     let mut cmd = Command::new(&qemu.program);
     if let Some((modules, data)) = &qemu.dirs {
         // Its own modules (not the system QEMU's) and its own firmware directory for `-bios default`.
@@ -213,21 +249,57 @@ fn qemu_command(qemu: &Qemu, image: &Path, guest: Option<&Path>) -> Result<Comma
     }
     cmd.args(["-machine", "virt", "-cpu", qemu.cpu, "-nographic", "-bios", "default", "-m", "256M", "-kernel"])
         .arg(image);
-    if let Some(g) = guest {
-        let len = std::fs::metadata(g).map_err(|e| format!("guest file {}: {e}", g.display()))?.len();
-        if len == 0 || len > MAX_GUEST {
-            return Err(format!("guest file {} is {len} bytes; 1 to {MAX_GUEST} are accepted", g.display()));
+    let len = match stage {
+        Stage::Nothing => return Ok(cmd),
+        Stage::HeaderOnly(len) => len,
+        Stage::File(g) => {
+            let len = std::fs::metadata(g).map_err(|e| format!("guest file {}: {e}", g.display()))?.len();
+            if len == 0 || len > MAX_GUEST {
+                return Err(format!("guest file {} is {len} bytes; 1 to {MAX_GUEST} can be staged", g.display()));
+            }
+            let file = g.canonicalize().map_err(|e| format!("guest file {}: {e}", g.display()))?;
+            let mut device = OsString::from("loader,file=");
+            device.push(qemu_value(&file));
+            device.push(format!(",addr={STAGE_ADDR:#x},force-raw=on"));
+            cmd.arg("-device").arg(device);
+            len
         }
-        let file = g.canonicalize().map_err(|e| format!("guest file {}: {e}", g.display()))?;
-        let magic = u64::from_le_bytes(*b"TSGUEST!");
-        cmd.arg("-device")
-            .arg(format!("loader,file={},addr={STAGE_ADDR:#x},force-raw=on", file.display()))
-            .arg("-device")
-            .arg(format!("loader,addr={STAGE_HEADER:#x},data={magic:#x},data-len=8"))
-            .arg("-device")
-            .arg(format!("loader,addr={:#x},data={len},data-len=8", STAGE_HEADER + 8));
-    }
+    };
+    let magic = u64::from_le_bytes(*b"TSGUEST!");
+    cmd.arg("-device")
+        .arg(format!("loader,addr={STAGE_HEADER:#x},data={magic:#x},data-len=8"))
+        .arg("-device")
+        .arg(format!("loader,addr={:#x},data={len},data-len=8", STAGE_HEADER + 8));
     Ok(cmd)
+}
+
+/// The hypervisor's checks on a guest file (images/riscv-hv/src/loader.rs), run before booting:
+/// `Ok(Some(message))` when the file would be refused, `Ok(None)` when it would run, `Err` when
+/// it cannot be read.
+pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
+    let len = std::fs::metadata(path).map_err(|e| format!("guest file {}: {e}", path.display()))?.len();
+    if len > MAX_GUEST {
+        return Ok(Some(format!(
+            "the file is {len} bytes: the hypervisor's staging area holds at most {MAX_GUEST} ({} MiB)",
+            MAX_GUEST >> 20
+        )));
+    }
+    let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
+    let checked = elf::plan_elf_or_raw(&file, Machine::Riscv64, GUEST_RAM, RAW_LOAD)
+        .and_then(|plan| plan.place("device tree", GUEST_RAM, DTB_SIZE, &DTB_ALIGNS, Place::Highest).map(drop));
+    Ok(checked.err().map(|e: LoadError| e.to_string()))
+}
+
+/// Checks `guest` as the hypervisor would, then boots it (typing `script` on the console): the
+/// exit status and the console output. A refused file does not boot: the status is
+/// [`EXIT_REFUSED`] and the output the refusal.
+fn run_guest(qemu: &Qemu, image: &Path, guest: &Path, script: &[(&str, &str)]) -> Result<(i32, String), String> {
+    if let Some(why) = guest_refusal(guest)? {
+        let msg = format!("xtask: guest file {} refused: {why}", guest.display());
+        eprintln!("{msg}");
+        return Ok((i32::from(EXIT_REFUSED), msg));
+    }
+    run_qemu_scripted(qemu_command(qemu, image, Stage::File(guest))?, script)
 }
 
 /// Runs QEMU with a timeout, echoing its console to stdout; returns the exit code and the output.
@@ -295,15 +367,23 @@ fn run_qemu_scripted(mut cmd: Command, script: &[(&str, &str)]) -> Result<(i32, 
 
 /// `cargo xtask run --arch riscv64 [--guest FILE]`: boots the hypervisor with FILE (an S-mode
 /// ELF, or a raw binary for 0x80200000), or with the bundled demo guest (guests/riscv-hello)
-/// when no file is given; the exit status is the guest's.
+/// when no file is given; the exit status is the guest's, or [`EXIT_REFUSED`] for a file that
+/// xtask or the hypervisor refused.
 pub fn run(guest: Option<&Path>) -> Result<i32, String> {
+    if let Some(g) = guest {
+        // Refuse before building anything.
+        if let Some(why) = guest_refusal(g)? {
+            eprintln!("xtask: guest file {} refused: {why}", g.display());
+            return Ok(i32::from(EXIT_REFUSED));
+        }
+    }
     ensure_tools()?;
     let image = build_image()?;
     let guest = match guest {
         Some(g) => g.to_path_buf(),
         None => build_hello(0)?,
     };
-    let (code, _) = run_qemu(qemu_command(&Qemu::system(), &image, Some(&guest))?)?;
+    let (code, _) = run_guest(&Qemu::system(), &image, &guest, &[])?;
     Ok(code)
 }
 
@@ -333,7 +413,7 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
 /// skipped (the image prints `# SKIP` and the reason).
 fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
     let image = image.to_path_buf();
-    let (code, out) = run_qemu(qemu_command(qemu, &image, None)?)?;
+    let (code, out) = run_qemu(qemu_command(qemu, &image, Stage::Nothing)?)?;
     let mut tally = util::parse_tally(&out).ok_or_else(|| format!("the suite printed no tally (QEMU exit {code})"))?;
     for skip in out.lines().filter(|l| l.contains(" # SKIP ")) {
         println!("skipped: {}", skip.trim());
@@ -343,7 +423,7 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         tally.failed += 1;
     }
     let hello = build_hello(HELLO_TEST_STATUS)?;
-    let (hcode, hout) = run_qemu(qemu_command(qemu, &image, Some(&hello))?)?;
+    let (hcode, hout) = run_guest(qemu, &image, &hello, &[])?;
     let said_hello = hout.contains("riscv-hello: exiting through SRST");
     if hcode == HELLO_TEST_STATUS as i32 && said_hello {
         println!("ok - riscv-hello guest file ran and its SRST status {HELLO_TEST_STATUS} became QEMU's exit status");
@@ -354,12 +434,8 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
     }
     // U-Boot: its banner through the emulated ns16550, its prompt, then `poweroff` typed on the
     // console (the hypervisor feeds the UART's RBR from it) ends in SBI SRST, status 0.
-    let uboot = ensure_uboot().and_then(|u| {
-        run_qemu_scripted(
-            qemu_command(qemu, &image, Some(&u))?,
-            &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")],
-        )
-    });
+    let uboot = ensure_uboot()
+        .and_then(|u| run_guest(qemu, &image, &u, &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")]));
     match uboot {
         Ok((0, out)) if out.contains("U-Boot 20") && out.contains("guest reset: type 0 reason 0x0") => {
             println!("ok - U-Boot (Debian u-boot-qemu, S-mode) booted to its prompt and powered off through SRST");
@@ -374,5 +450,95 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
             tally.failed += 1;
         }
     }
+    // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
+    if qemu.dirs.is_none() {
+        let hostile = hostile_checks(qemu, &image, &hello)?;
+        tally.passed += hostile.passed;
+        tally.failed += hostile.failed;
+    }
+    Ok(tally)
+}
+
+/// Prints one `ok` / `not ok` line and counts it.
+fn check(tally: &mut crate::SuiteResult, ok: bool, what: &str) {
+    println!("{} - {what}", if ok { "ok" } else { "not ok" });
+    if ok {
+        tally.passed += 1;
+    } else {
+        tally.failed += 1;
+    }
+}
+
+/// Hostile guest files, written to the target directory: a file name with commas runs as
+/// written; every other file is refused by xtask before booting and, booted without xtask's
+/// check, by the hypervisor itself, with the same message and [`EXIT_REFUSED`]; a guest with
+/// data where the device tree used to go finds its data and a device tree at a1.
+fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::SuiteResult, String> {
+    let mut tally = crate::SuiteResult::default();
+    let dir = target_dir().join("hostile").join("riscv");
+    let _ = std::fs::remove_dir_all(&dir);
+    let hello_bytes = std::fs::read(hello).map_err(|e| format!("read {}: {e}", hello.display()))?;
+
+    let commas = hostile::write(&dir, "riscv-hello,copy,addr=0x0", &hello_bytes)?;
+    let (code, out) = run_guest(qemu, image, &commas, &[])?;
+    check(
+        &mut tally,
+        code == HELLO_TEST_STATUS as i32 && out.contains("riscv-hello: exiting through SRST"),
+        &format!(
+            "a guest file named {:?} runs as written (exit status {code})",
+            commas.file_name().unwrap_or_default()
+        ),
+    );
+
+    let probe = hostile::write(&dir, "dtb-spot.elf", &hostile::riscv_probe())?;
+    let (code, _) = run_guest(qemu, image, &probe, &[])?;
+    check(
+        &mut tally,
+        code == hostile::PROBE_OK,
+        &format!(
+            "a guest with data where the device tree used to go keeps it and gets a device tree at a1 (exit status \
+             {code}, expected {})",
+            hostile::PROBE_OK
+        ),
+    );
+
+    let mut refused = vec![
+        ("wrong-machine.elf", hostile::relabel(hello_bytes.clone(), hostile::EM_X86_64), "x86-64 (e_machine 62)"),
+        ("empty", Vec::new(), "the file is empty"),
+    ];
+    refused.extend(hostile::riscv_refused().into_iter().map(|(name, bytes)| {
+        let expect = match name {
+            "no-segment.elf" => "no loadable segment",
+            "overlap.elf" => "overlap in guest memory",
+            _ => "lies outside guest RAM",
+        };
+        (name, bytes, expect)
+    }));
+    for (name, bytes, expect) in refused {
+        let path = hostile::write(&dir, name, &bytes)?;
+        let why = guest_refusal(&path)?.unwrap_or_default();
+        let (code, _) = run_guest(qemu, image, &path, &[])?;
+        check(
+            &mut tally,
+            why.contains(expect) && code == i32::from(EXIT_REFUSED),
+            &format!("xtask refuses {name} before booting, exit status {code}: {why}"),
+        );
+        // The hypervisor on its own: staged without xtask's check.
+        let stage = if bytes.is_empty() { Stage::HeaderOnly(0) } else { Stage::File(&path) };
+        let (code, out) = run_qemu(qemu_command(qemu, image, stage)?)?;
+        let said = format!("guest file refused: {why}");
+        check(
+            &mut tally,
+            !why.is_empty() && code == i32::from(EXIT_REFUSED) && out.contains(&said),
+            &format!("the hypervisor refuses {name} on its own with the same message, exit status {code}"),
+        );
+    }
+    // Too large to stage: the hypervisor sees the header's size and refuses it.
+    let (code, out) = run_qemu(qemu_command(qemu, image, Stage::HeaderOnly(MAX_GUEST + 1))?)?;
+    check(
+        &mut tally,
+        code == i32::from(EXIT_REFUSED) && out.contains("guest file refused: the staged size"),
+        &format!("the hypervisor refuses a staged size over {} MiB, exit status {code}", MAX_GUEST >> 20),
+    );
     Ok(tally)
 }

@@ -4,12 +4,22 @@
 //! El Torito ISO, together with an optional guest as a multiboot module. Bochs runs headless
 //! (rfb display with `timeout=0`); the hypervisor reports on COM1 (a file) and ends the run with
 //! a `twostage-exit: N` line followed by a magic breakpoint, which the rc file answers with `quit`.
+//!
+//! When a guest is given, GRUB's kernel command line says so (`guest=/boot/guest.elf`): if GRUB
+//! cannot load the module (a file larger than the machine's free memory is dropped), the
+//! hypervisor refuses to run rather than run its scenario suite instead. Before building the ISO,
+//! xtask runs the hypervisor's own checks on the file (`twostage_baremetal::multiboot::plan_guest`
+//! with the guest RAM of `images/x86-hv/src/mbguest.rs`) and refuses a file that would not fit the
+//! Bochs machine's memory; a refusal, by xtask or by the hypervisor, names the problem and ends
+//! with [`EXIT_REFUSED`].
 
-use crate::util;
+use crate::{hostile, util};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use twostage_baremetal::elf::EXIT_REFUSED;
+use twostage_baremetal::multiboot::{self, find_header};
 
 /// The Bochs CPU models the suite runs on: one with EPT A/D bits, one without.
 const SUITE_CPUS: [(&str, &str); 2] =
@@ -20,6 +30,15 @@ const DEFAULT_CPU: &str = "corei7_skylake_x";
 const BOCHS_TIMEOUT: Duration = Duration::from_secs(300);
 /// The line the hypervisor prints just before it stops Bochs.
 const EXIT_PREFIX: &str = "twostage-exit: ";
+/// The Bochs machine's memory, in MiB.
+const BOCHS_MEGS: u64 = 128;
+/// The largest guest file accepted: GRUB must load it beside the hypervisor (a few MiB from 1 MiB
+/// up) and leave the hypervisor enough frames for the guest's RAM and tables.
+const MAX_GUEST: u64 = 64 << 20;
+/// The guest's RAM (images/x86-hv/src/mbguest.rs: RAM).
+const GUEST_RAM: u64 = 16 << 20;
+/// Where GRUB puts the guest module on the ISO, also named on the kernel command line.
+const GUEST_ON_ISO: &str = "/boot/guest.elf";
 
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| util::root().join("target"))
@@ -85,8 +104,20 @@ pub fn build_hello() -> Result<PathBuf, String> {
     Ok(dir.join("x86_64-unknown-none/release/x86-hello"))
 }
 
-/// Makes a GRUB El Torito ISO in `work` holding the hypervisor and, if given, a guest module.
-fn build_iso(work: &Path, hv: &Path, guest: Option<&Path>) -> Result<PathBuf, String> {
+/// The guest module an ISO carries.
+#[derive(Clone, Copy)]
+enum IsoGuest<'a> {
+    /// None: the hypervisor runs its scenario suite.
+    Nothing,
+    /// This file, as a multiboot module, with `guest=` on the kernel command line.
+    File(&'a Path),
+    /// A `module` line for a file the ISO does not hold, with `guest=` on the kernel command line:
+    /// what the hypervisor sees when GRUB cannot load the file (one larger than free memory).
+    Missing,
+}
+
+/// Makes a GRUB El Torito ISO in `work` holding the hypervisor and `guest`.
+fn build_iso(work: &Path, hv: &Path, guest: IsoGuest<'_>) -> Result<PathBuf, String> {
     let root = work.join("iso_root");
     let boot = root.join("boot");
     std::fs::create_dir_all(&boot).map_err(|e| format!("mkdir {}: {e}", boot.display()))?;
@@ -94,12 +125,17 @@ fn build_iso(work: &Path, hv: &Path, guest: Option<&Path>) -> Result<PathBuf, St
         std::fs::copy(from, to).map(drop).map_err(|e| format!("copy {} -> {}: {e}", from.display(), to.display()))
     };
     copy(hv, &boot.join("hv.elf"))?;
-    let mut cfg = String::from("set timeout=0\nmultiboot /boot/hv.elf\n");
-    let guest_file = boot.join("guest.elf");
+    let guest_file = root.join(GUEST_ON_ISO.trim_start_matches('/'));
     let _ = std::fs::remove_file(&guest_file);
-    if let Some(g) = guest {
-        copy(g, &guest_file)?;
-        cfg.push_str("module /boot/guest.elf guest\n");
+    let mut cfg = String::from("set timeout=0\n");
+    match guest {
+        IsoGuest::Nothing => cfg.push_str("multiboot /boot/hv.elf\n"),
+        IsoGuest::File(_) | IsoGuest::Missing => {
+            if let IsoGuest::File(g) = guest {
+                copy(g, &guest_file)?;
+            }
+            cfg.push_str(&format!("multiboot /boot/hv.elf guest={GUEST_ON_ISO}\nmodule {GUEST_ON_ISO} guest\n"));
+        }
     }
     cfg.push_str("boot\n");
     let early = work.join("early.cfg");
@@ -149,7 +185,7 @@ fn run_bochs(work: &Path, iso: &Path, model: &str, echo: bool) -> Result<BochsRu
     let _ = std::fs::remove_file(&serial);
     std::fs::write(&rc, "c\nquit\n").map_err(|e| format!("write {}: {e}", rc.display()))?;
     let bochsrc = format!(
-        "megs: 128\n\
+        "megs: {BOCHS_MEGS}\n\
          display_library: rfb, options=\"timeout=0\"\n\
          sound: driver=dummy\n\
          speaker: enabled=0\n\
@@ -230,16 +266,48 @@ fn work_dir(name: &str) -> Result<PathBuf, String> {
     Ok(w)
 }
 
+/// The hypervisor's checks on a guest file (images/x86-hv/src/mbguest.rs), run before building
+/// the ISO, plus the size GRUB can load in the Bochs machine: `Ok(Some(message))` when the file
+/// would be refused, `Ok(None)` when it would run, `Err` when it cannot be read.
+pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
+    let len = std::fs::metadata(path).map_err(|e| format!("guest file {}: {e}", path.display()))?.len();
+    if len > MAX_GUEST {
+        return Ok(Some(format!(
+            "the file is {len} bytes ({} MiB): GRUB must load it into the Bochs machine's {BOCHS_MEGS} MiB beside \
+             the hypervisor and the frames it needs, so at most {} MiB is accepted",
+            len >> 20,
+            MAX_GUEST >> 20
+        )));
+    }
+    let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
+    Ok(multiboot::plan_guest(&file, GUEST_RAM).err().map(|e| e.to_string()))
+}
+
+/// Boots `iso` on the default CPU model: the hypervisor's exit status and the serial log.
+fn boot(work: &Path, iso: &Path, echo: bool) -> Result<(Option<i32>, String), String> {
+    let r = run_bochs(work, iso, DEFAULT_CPU, echo)?;
+    if r.timed_out {
+        return Err(format!("bochs did not finish within {}s", BOCHS_TIMEOUT.as_secs()));
+    }
+    Ok((exit_status(&r.serial), r.serial))
+}
+
 /// `cargo xtask run --arch x86_64 [--guest FILE] [--cpu MODEL]`.
 ///
 /// Without a guest the hypervisor runs its bundled guest and prints what the memory subsystem
 /// did; with one, the guest's COM1 output appears on stdout and the exit status is the value the
-/// guest wrote to I/O port 0xf4.
+/// guest wrote to I/O port 0xf4, or [`EXIT_REFUSED`] for a file xtask or the hypervisor refused.
 pub fn run(guest: Option<&Path>, cpu: Option<&str>) -> Result<i32, String> {
+    if let Some(g) = guest {
+        if let Some(why) = guest_refusal(g)? {
+            eprintln!("xtask: guest file {} refused: {why}", g.display());
+            return Ok(i32::from(EXIT_REFUSED));
+        }
+    }
     ensure_tools()?;
     let hv = build_hv()?;
     let work = work_dir(if guest.is_some() { "guest" } else { "bundled" })?;
-    let iso = build_iso(&work, &hv, guest)?;
+    let iso = build_iso(&work, &hv, guest.map_or(IsoGuest::Nothing, IsoGuest::File))?;
     let model = cpu.unwrap_or(DEFAULT_CPU);
     let r = run_bochs(&work, &iso, model, true)?;
     if r.timed_out {
@@ -251,21 +319,140 @@ pub fn run(guest: Option<&Path>, cpu: Option<&str>) -> Result<i32, String> {
     }
 }
 
+/// Prints the end of a serial log, after a failed check.
+fn print_tail(serial: &str) {
+    let lines: Vec<&str> = serial.lines().collect();
+    for l in &lines[lines.len().saturating_sub(6)..] {
+        println!("    | {l}");
+    }
+}
+
+/// Prints one `ok` / `not ok` line and counts it.
+fn check(tally: &mut crate::SuiteResult, ok: bool, what: &str) {
+    println!("{} - {what}", if ok { "ok" } else { "not ok" });
+    if ok {
+        tally.passed += 1;
+    } else {
+        tally.failed += 1;
+    }
+}
+
 /// Runs guests/x86-hello through [`run`]'s path and checks its exit status (it exits with 0x31
-/// after reading a non-empty memory map).
+/// after reading a non-empty memory map); then the hostile guest files, written to the target
+/// directory. xtask refuses each before booting (no emulator time); a few are also booted without
+/// xtask's check, which the hypervisor must refuse on its own with the same message and
+/// [`EXIT_REFUSED`]: a module GRUB did not load, an empty module, x86 code labelled RISC-V, a file
+/// without a multiboot header. A probe guest with data where the multiboot information used to go
+/// must find it intact.
 fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     const HELLO_STATUS: i32 = 0x31;
+    let mut tally = crate::SuiteResult::default();
     let hello = build_hello()?;
     let work = work_dir("hello")?;
-    let iso = build_iso(&work, hv, Some(&hello))?;
-    let r = run_bochs(&work, &iso, DEFAULT_CPU, false)?;
-    let status = exit_status(&r.serial);
-    let ok = status == Some(HELLO_STATUS) && r.serial.contains("x86-hello:");
-    println!(
-        "{} 1 - x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})",
-        if ok { "ok" } else { "not ok" }
+    let iso = build_iso(&work, hv, IsoGuest::File(&hello))?;
+    let (status, serial) = boot(&work, &iso, false)?;
+    let ok = status == Some(HELLO_STATUS) && serial.contains("x86-hello:");
+    check(&mut tally, ok, &format!("x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})"));
+
+    let dir = target_dir().join("hostile").join("x86");
+    let _ = std::fs::remove_dir_all(&dir);
+    let hello_bytes = std::fs::read(&hello).map_err(|e| format!("read {}: {e}", hello.display()))?;
+    let header = find_header(&hello_bytes).map_err(|e| format!("x86-hello: {e}"))?.offset;
+    let no_header = {
+        let mut f = hello_bytes.clone();
+        f[header..header + 4].fill(0);
+        f
+    };
+    let bad_checksum = {
+        let mut f = hello_bytes.clone();
+        f[header + 8] ^= 1;
+        f
+    };
+    // 200 MiB: sparse, so writing it costs nothing.
+    let huge = dir.join("huge-200MiB.elf");
+    hostile::write(&dir, "huge-200MiB.elf", &hello_bytes)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&huge)
+        .and_then(|f| f.set_len(200 << 20))
+        .map_err(|e| format!("{}: {e}", huge.display()))?;
+    let mut files: Vec<(&str, Option<Vec<u8>>, &str)> = vec![
+        ("huge-200MiB.elf", None, "at most 64 MiB is accepted"),
+        (
+            "labelled-riscv.elf",
+            Some(hostile::relabel(hello_bytes.clone(), hostile::EM_RISCV)),
+            "RISC-V (e_machine 243)",
+        ),
+        (
+            "labelled-arm.elf",
+            Some(hostile::relabel(hello_bytes.clone(), hostile::EM_ARM)),
+            "ARM (32-bit) (e_machine 40)",
+        ),
+        ("empty", Some(Vec::new()), "the file is empty"),
+        ("no-multiboot-header.elf", Some(no_header), "no multiboot header"),
+        ("bad-checksum.elf", Some(bad_checksum), "has a bad checksum"),
+    ];
+    for (name, bytes) in hostile::x86_refused() {
+        let expect = match name {
+            "no-segment.elf" => "no loadable segment",
+            "overlap.elf" => "overlap in guest memory",
+            _ => "lies outside guest RAM",
+        };
+        files.push((name, Some(bytes), expect));
+    }
+    let mut whys = std::collections::HashMap::new();
+    for (name, bytes, expect) in files {
+        let path = match bytes {
+            Some(b) => hostile::write(&dir, name, &b)?,
+            None => huge.clone(),
+        };
+        let why = guest_refusal(&path)?.unwrap_or_default();
+        check(&mut tally, why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
+        whys.insert(name, (path, why));
+    }
+    // The hypervisor on its own.
+    let work = work_dir("hostile")?;
+    let missing = format!("GRUB was asked to load {GUEST_ON_ISO} as the guest");
+    let boots: [(&str, IsoGuest<'_>, String); 4] = [
+        ("a guest module GRUB did not load", IsoGuest::Missing, missing),
+        ("an empty guest module", IsoGuest::File(&whys["empty"].0), whys["empty"].1.clone()),
+        (
+            "x86 code labelled RISC-V",
+            IsoGuest::File(&whys["labelled-riscv.elf"].0),
+            whys["labelled-riscv.elf"].1.clone(),
+        ),
+        (
+            "a file without a multiboot header",
+            IsoGuest::File(&whys["no-multiboot-header.elf"].0),
+            whys["no-multiboot-header.elf"].1.clone(),
+        ),
+    ];
+    for (what, guest, why) in boots {
+        let iso = build_iso(&work, hv, guest)?;
+        let (status, serial) = boot(&work, &iso, false)?;
+        let said = format!("guest file refused: {why}");
+        let ok = status == Some(i32::from(EXIT_REFUSED)) && !why.is_empty() && serial.contains(&said);
+        check(&mut tally, ok, &format!("the hypervisor refuses {what} on its own, exit status {status:?}"));
+        if !ok {
+            print_tail(&serial);
+        }
+    }
+    let probe = hostile::write(&dir, "info-spot.elf", &hostile::x86_probe())?;
+    let iso = build_iso(&work, hv, IsoGuest::File(&probe))?;
+    let (status, serial) = boot(&work, &iso, false)?;
+    if status != Some(hostile::PROBE_OK) {
+        print_tail(&serial);
+    }
+    check(
+        &mut tally,
+        status == Some(hostile::PROBE_OK),
+        &format!(
+            "a guest with data where the multiboot information used to go keeps it (exit status {status:?}, expected \
+             {})",
+            hostile::PROBE_OK
+        ),
     );
-    Ok(crate::SuiteResult { passed: ok as u32, failed: (!ok) as u32, skipped: 0 })
+    Ok(tally)
 }
 
 /// The x86 scenario suites under Bochs, one per CPU model, then the x86-hello guest run.
@@ -273,7 +460,7 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
     let hv = ensure_tools().and_then(|()| build_hv());
     let iso = hv.clone().and_then(|hv| {
         let work = work_dir("suite")?;
-        Ok((work.clone(), build_iso(&work, &hv, None)?))
+        Ok((work.clone(), build_iso(&work, &hv, IsoGuest::Nothing)?))
     });
     let mut out = Vec::new();
     for (name, model) in SUITE_CPUS {
@@ -287,7 +474,7 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
         });
         out.push((name, r));
     }
-    out.push(("x86_64 multiboot guest (Bochs)", hv.and_then(|hv| hello_check(&hv))));
+    out.push(("x86_64 multiboot guests (Bochs)", hv.and_then(|hv| hello_check(&hv))));
     out
 }
 

@@ -12,7 +12,7 @@
 //! bare metal alone (every other target gets a stand-in with the same API that panics with a
 //! clear message); every decision (what to fence, how to split a copy, how to read a fault, how to serve
 //! an SBI call) is portable code with host tests. Guest-controlled values (addresses, lengths,
-//! instruction bits, device-tree and ELF bytes) produce typed errors, never panics. Faults in
+//! instruction bits, device-tree bytes) produce typed errors, never panics. Faults in
 //! hypervisor accesses to guest memory are recovered through an exception table
 //! ([`extable`]): the image's trap handler looks sepc up and resumes at the fixup.
 //!
@@ -26,7 +26,6 @@ extern crate std;
 
 pub mod access;
 pub mod csr;
-pub mod elf;
 pub mod extable;
 pub mod fault;
 pub mod fdt;

@@ -60,6 +60,15 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         println!("not started by a multiboot loader");
         serial::exit(2)
     };
+    // Read before any frame is handed out: GRUB's structures may lie in the RAM the frames
+    // come from. The heap is a static arena, not frames.
+    let asked = boot
+        .cmdline()
+        .and_then(|c| twostage_baremetal::multiboot::cmdline_arg(c, "guest"))
+        .map(|g| alloc::string::String::from_utf8_lossy(g).into_owned());
+    let mut modules = boot.modules();
+    let first_module = modules.next();
+    let more_modules = modules.count();
     let image_end = &raw const __image_end as u64;
     let modules_end = boot.modules().map(|m| m.end).max().unwrap_or(0);
     let low = image_end.max(modules_end).max(0x20_0000);
@@ -76,9 +85,19 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let s = FRAMES.stats();
     println!("host frames: {} from {:#x} (multiboot memory map, image and modules left out)", s.frames, s.base);
     cpu::init();
-    let status = match boot.modules().next() {
-        Some(m) => mbguest::run(&FRAMES, m),
-        None => scenarios::run(&FRAMES),
+    // A guest asked for on the command line (`guest=FILE`, as xtask's GRUB configuration says)
+    // but not passed as a module was not loaded by GRUB: refuse, rather than run the suite.
+    let status = match (first_module, asked) {
+        (Some(_), _) if more_modules > 0 => mbguest::refuse(format_args!(
+            "GRUB passed {} modules; the hypervisor runs one guest, the only module",
+            more_modules + 1
+        )),
+        (Some(m), _) => mbguest::run(&FRAMES, m),
+        (None, Some(name)) => mbguest::refuse(format_args!(
+            "GRUB was asked to load {name} as the guest (guest={name} on the kernel command line) but passed no \
+             module: it could not load the file (GRUB drops a file larger than the machine's free memory)"
+        )),
+        (None, None) => scenarios::run(&FRAMES),
     };
     serial::exit(status)
 }

@@ -1,7 +1,9 @@
 //! Reading the multiboot (v1) information GRUB passes (Multiboot Specification 0.6.96, 3.3).
 
-/// The multiboot magic in EAX at entry.
-pub const BOOTLOADER_MAGIC: u32 = 0x2BAD_B002;
+pub use twostage_baremetal::multiboot::BOOTLOADER_MAGIC;
+
+/// The longest kernel command line read.
+const CMDLINE_MAX: u64 = 4096;
 
 /// One memory-map entry.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +28,12 @@ pub struct Module {
 /// The parts of the information structure the image uses.
 pub struct BootInfo {
     info: u64,
+}
+
+fn rd8(a: u64) -> u8 {
+    // SAFETY: GRUB's information structures and strings lie in low memory, which the boot
+    // identity map covers; they are only read.
+    unsafe { (a as *const u8).read() }
 }
 
 fn rd32(a: u64) -> u32 {
@@ -67,6 +75,22 @@ impl BootInfo {
             at += size + 4;
             Some(r)
         })
+    }
+
+    /// The kernel command line (flags bit 2: cmdline at 16, a NUL-terminated string), up to
+    /// its first [`CMDLINE_MAX`] bytes.
+    pub fn cmdline(&self) -> Option<&'static [u8]> {
+        if self.flags() & (1 << 2) == 0 {
+            return None;
+        }
+        let at = u64::from(rd32(self.info + 16));
+        if at == 0 {
+            return None;
+        }
+        let len = (0..CMDLINE_MAX).find(|&i| rd8(at + i) == 0).unwrap_or(CMDLINE_MAX);
+        // SAFETY: `len` bytes from `at`, each just read through the identity map; GRUB's
+        // command line is not written again while the image runs.
+        Some(unsafe { core::slice::from_raw_parts(at as *const u8, len as usize) })
     }
 
     /// The modules (flags bit 3: mods_count at 20, mods_addr at 24; 16-byte entries).

@@ -1,0 +1,17 @@
+//! twostage-baremetal: the bare-metal support that is not specific to one architecture, shared by
+//! the hypervisor images (`images/riscv-hv`, `images/x86-hv`) and tested on the host.
+//!
+//! Today it holds the guest-file checks: [`elf`] turns a guest file into a checked loading plan
+//! (or a typed refusal naming the problem), and [`multiboot`] checks a multiboot (v1) header.
+//! `cargo xtask` runs the same checks before it boots an emulator, so a file is refused with the
+//! same message by xtask and by the image.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod elf;
+pub mod multiboot;
