@@ -1,12 +1,16 @@
 //! twostage-baremetal: the bare-metal support that is not specific to one architecture, shared by
 //! the hypervisor images (`images/riscv-hv`, `images/x86-hv`) and tested on the host.
 //!
-//! Today it holds the guest-file checks: [`elf`] turns a guest file into a checked loading plan
-//! (or a typed refusal naming the problem), and [`multiboot`] checks a multiboot (v1) header.
-//! `cargo xtask` runs the same checks before it boots an emulator, so a file is refused with the
-//! same message by xtask and by the image.
+//! - [`elf`] turns a guest file into a checked loading plan (or a typed refusal naming the
+//!   problem), and [`multiboot`] checks a multiboot (v1) header. `cargo xtask` runs the same
+//!   checks before it boots an emulator, so a file is refused with the same message by xtask and
+//!   by the image.
+//! - [`frames::Frames`]: the host frame allocator (a two-level bitmap: constant-bounded searches).
+//! - [`heap`]: the images' global heap (the `talc` crate over a static arena).
+//!
+//! Unsafe code is denied except in `frames` and `heap`, which implement the allocator traits.
 #![no_std]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
@@ -14,4 +18,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod elf;
+#[allow(unsafe_code)]
+pub mod frames;
+#[allow(unsafe_code)]
+pub mod heap;
 pub mod multiboot;

@@ -6,7 +6,7 @@
 //! [`gpa::GuestPhys`] (guest-physical copies by software translation through the nested table),
 //! [`fence::GvmaFence`] (the engine's `GvmaInvalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
 //! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
-//! [`fdt::FdtWriter`], [`frames::BitmapFrames`] and [`heap::SizeClassHeap`].
+//! and [`fdt::FdtWriter`].
 //!
 //! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
 //! bare metal alone (every other target gets a stand-in with the same API that panics with a
@@ -30,9 +30,7 @@ pub mod extable;
 pub mod fault;
 pub mod fdt;
 pub mod fence;
-pub mod frames;
 pub mod gpa;
-pub mod heap;
 pub mod insn;
 pub mod mmio;
 pub mod probe;

@@ -2,7 +2,6 @@
 
 use core::arch::{asm, global_asm};
 use core::fmt::{self, Write};
-use twostage_rvh::heap::SizeClassHeap;
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -25,8 +24,6 @@ global_asm!(
 
 /// The first Rust code: sets up traps, then runs the suite or a staged guest.
 extern "C" fn rust_main(hartid: usize, dtb: usize) -> ! {
-    // SAFETY: the arena is this image's own static, used by nothing but the heap; first thing.
-    unsafe { HEAP.init(ARENA.0.get() as usize, HEAP_SIZE) };
     crate::trap::init();
     let code = crate::vm::start(hartid, dtb);
     exit(code)
@@ -100,18 +97,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     exit(101)
 }
 
-const HEAP_SIZE: usize = 8 << 20;
-#[repr(align(4096))]
-struct Arena(core::cell::UnsafeCell<[u8; HEAP_SIZE]>);
-// SAFETY: the arena is only reached through the heap, which hands it out in disjoint blocks.
-unsafe impl Sync for Arena {}
-static ARENA: Arena = Arena(core::cell::UnsafeCell::new([0; HEAP_SIZE]));
-
-/// The hypervisor's heap: size classes with free lists over a static arena (twostage-rvh).
-#[global_allocator]
-static HEAP: SizeClassHeap = SizeClassHeap::new();
+// The hypervisor's heap: 8 MiB for the engine's bookkeeping (twostage-baremetal's talc heap).
+twostage_baremetal::global_heap!(HEAP, 8 << 20);
 
 /// Heap counters, for the statistics.
-pub fn heap_stats() -> twostage_rvh::heap::HeapStats {
-    HEAP.stats()
+pub fn heap_stats() -> twostage_baremetal::heap::HeapStats {
+    twostage_baremetal::heap::stats(&HEAP)
 }

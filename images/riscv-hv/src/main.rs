@@ -7,7 +7,7 @@
 //! staged by QEMU's loader device).
 //!
 //! Safety model: the hypervisor runs in HS-mode with satp = Bare on one hart, so host-physical
-//! addresses are usable as pointers; frames come from [`twostage_rvh::frames::BitmapFrames`]
+//! addresses are usable as pointers; frames come from [`twostage_baremetal::frames::Frames`]
 //! over the RAM the device tree reports, minus the image, the device tree and the staged guest.
 //! Everything a guest controls reaches this code as a value to check, never as a pointer to trust.
 //!

@@ -337,7 +337,7 @@ pub fn hostile() -> Verdict {
 
 /// One run of a guest over an address space, resolving its faults through it.
 fn run_space(
-    space: &mut twostage_aspace::AddressSpace<Sv39x4, &'static twostage_rvh::frames::BitmapFrames>,
+    space: &mut twostage_aspace::AddressSpace<Sv39x4, &'static twostage_baremetal::frames::Frames>,
     hgatp: Hgatp,
     regs: &mut VcpuRegs,
     r: Routine,

@@ -97,7 +97,7 @@ pub fn space_guest() -> Verdict {
 /// Runs the test guest's `r` on a bare nested table of format `F` (no VM around it) until the
 /// done hypercall; any other exit is an error.
 fn run_on_table<F: twostage_npt::GStageFormat>(
-    table: &twostage_npt::PageTable<F, &'static twostage_rvh::frames::BitmapFrames>,
+    table: &twostage_npt::PageTable<F, &'static twostage_baremetal::frames::Frames>,
     vmid: u16,
     r: Routine,
     args: &[u64],

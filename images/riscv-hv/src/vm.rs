@@ -5,6 +5,7 @@ use crate::trap::{self, ExitCsrs, VcpuRegs};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicPtr, Ordering};
+use twostage_baremetal::frames::Frames;
 use twostage_npt::{
     AdMode, Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
     PageSize, PageTable, Sv39x4, TableOptions,
@@ -12,7 +13,6 @@ use twostage_npt::{
 use twostage_npt::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
-use twostage_rvh::frames::BitmapFrames;
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
 use twostage_rvh::mmio::{self, Ns16550};
@@ -20,9 +20,9 @@ use twostage_rvh::probe::GStageAd;
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
-pub type Table = PageTable<Sv39x4, &'static BitmapFrames>;
+pub type Table = PageTable<Sv39x4, &'static Frames>;
 /// The address space type (regions, demand-zero, copy-on-write, MMIO) over such a table.
-pub type Space = twostage_aspace::AddressSpace<Sv39x4, &'static BitmapFrames>;
+pub type Space = twostage_aspace::AddressSpace<Sv39x4, &'static Frames>;
 
 /// What stands behind a VM's guest-physical memory.
 pub enum Memory {
@@ -38,14 +38,11 @@ pub enum Memory {
 pub const UART_GPA: u64 = 0x1000_0000;
 const UART_LEN: u64 = 0x100;
 
-static FRAMES: AtomicPtr<BitmapFrames> = AtomicPtr::new(core::ptr::null_mut());
+static FRAMES: Frames = Frames::empty();
 
-/// The frame allocator over the RAM the device tree reported.
-pub fn frames() -> &'static BitmapFrames {
-    let p = FRAMES.load(Ordering::Acquire);
-    assert!(!p.is_null(), "frame allocator used before boot set it up");
-    // SAFETY: set once in `start` from a leaked Box, never freed.
-    unsafe { &*p }
+/// The frame allocator over the RAM the device tree reported (given its range in `start`).
+pub fn frames() -> &'static Frames {
+    &FRAMES
 }
 
 /// What the hart offers, probed at boot.
@@ -329,7 +326,7 @@ impl Vm {
     }
 
     /// Guest-physical memory through the table (software translation).
-    pub fn phys(&self) -> twostage_rvh::gpa::GuestPhys<'_, Table, BitmapFrames> {
+    pub fn phys(&self) -> twostage_rvh::gpa::GuestPhys<'_, Table, Frames> {
         // SAFETY: every leaf of a VM's table maps frames from `frames()` (identity-mapped RAM).
         unsafe { twostage_rvh::gpa::GuestPhys::new(self.table(), frames()) }
     }
@@ -561,12 +558,15 @@ impl Vm {
         );
         println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
         let heap = boot::heap_stats();
+        let fs = frames().stats();
         println!(
-            "host frames in use={} high water={}; heap in use={} KiB of {} KiB carved",
-            frames().in_use(),
-            frames().high_water(),
+            "host frames in use={} high water={} ({} allocations, {:.1} bitmap words searched each); heap in use={} KiB of {} KiB claimed",
+            fs.in_use,
+            fs.high_water,
+            fs.allocations,
+            fs.words_searched as f64 / fs.allocations.max(1) as f64,
             heap.in_use >> 10,
-            heap.carved >> 10
+            heap.claimed >> 10
         );
         if let Some(space) = self.space() {
             let st = space.stats();
@@ -741,20 +741,15 @@ pub fn start(hartid: usize, dtb: usize) -> i32 {
     let staged = crate::loader::staged();
     // SAFETY: RAM from the device tree, identity-mapped; the image, the device tree and the
     // staged guest are reserved below before any allocation.
-    let fr = unsafe {
-        BitmapFrames::new(
-            HostPhysAddr::new(image_end),
-            image_end as usize,
-            ((ram + ram_len - image_end) / 4096) as usize,
-        )
+    unsafe {
+        FRAMES.init(HostPhysAddr::new(image_end), image_end as usize, ((ram + ram_len - image_end) / 4096) as usize)
     }
     .expect("RAM fits the bitmap");
-    let fr = Box::leak(Box::new(fr));
+    let fr = &FRAMES;
     fr.reserve(HostPhysAddr::new(dtb as u64), HostPhysAddr::new(dtb as u64 + blob.len() as u64));
     if let Some((base, len)) = staged {
         fr.reserve(HostPhysAddr::new(base - 4096), HostPhysAddr::new(base + len));
     }
-    FRAMES.store(fr, Ordering::Release);
     let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("checked above");
     let isa = fdt
         .find("cpu@", 2, "riscv,isa")

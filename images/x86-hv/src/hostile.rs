@@ -3,7 +3,6 @@
 //! every run must end (exit budget, triple fault, or the VMX-preemption timer as watchdog), and
 //! afterwards the EPT must map only what the address space owns, with the frame count exact.
 
-use crate::frames::Frames;
 use crate::guest::{self, Op};
 use crate::hostile_gen::{self as g, Rng};
 use crate::hv::Hv;
@@ -12,6 +11,7 @@ use crate::{ensure, println};
 use alloc::format;
 use alloc::string::String;
 use twostage_aspace::{fetch_guest_instruction, AddressSpace, Backend, FaultOutcome, GuestPaging, Isa};
+use twostage_baremetal::frames::Frames;
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, MappingFlags, FRAME_SIZE};
 use twostage_vmx::caps::{IA32_EFER, IA32_VMX_MISC};
 use twostage_vmx::decode::{decode_mmio, MmioOp};

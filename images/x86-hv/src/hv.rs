@@ -1,7 +1,6 @@
 //! The hypervisor core: one vCPU on one EPT, the exit loop, statistics, and guest-memory access
 //! (by GPA through the EPT, by GVA through the guest's own tables walked in software).
 
-use crate::frames::Frames;
 use crate::serial;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +9,7 @@ use twostage_aspace::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestMemError, GuestMemory,
     GuestPaging, GuestVaError, Instruction, Isa,
 };
+use twostage_baremetal::frames::Frames;
 use twostage_npt::{
     Access, Ept4, EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapError, MapSize,
     MappingFlags, PageTable, RangeError, FRAME_SIZE,
@@ -444,13 +444,14 @@ impl Hv {
             s.invepts as f64 / (s.faults_resolved.max(1) as f64)
         );
         crate::println!(
-            "   host frames (from {:#x}): {} in use of {}, {} allocations, {} frees; heap {} KiB",
+            "   host frames (from {:#x}): {} in use of {}, {} allocations ({:.1} bitmap words searched each), {} frees; heap {} KiB",
             f.base,
             f.in_use,
             f.frames,
             f.allocations,
+            f.words_searched as f64 / f.allocations.max(1) as f64,
             f.frees,
-            crate::heap::used() / 1024
+            crate::heap_in_use() / 1024
         );
     }
 }

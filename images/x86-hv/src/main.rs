@@ -19,11 +19,7 @@ mod boot;
 #[cfg(target_os = "none")]
 mod cpu;
 #[cfg(target_os = "none")]
-mod frames;
-#[cfg(target_os = "none")]
 mod guest;
-#[cfg(target_os = "none")]
-mod heap;
 #[cfg(target_os = "none")]
 mod hostile;
 #[cfg(target_os = "none")]
@@ -44,7 +40,11 @@ mod scenarios3;
 mod serial;
 
 #[cfg(target_os = "none")]
-static FRAMES: frames::Frames = frames::Frames::empty();
+static FRAMES: twostage_baremetal::frames::Frames = twostage_baremetal::frames::Frames::empty();
+
+// The hypervisor's heap: 4 MiB for the engine's bookkeeping (twostage-baremetal's talc heap).
+#[cfg(target_os = "none")]
+twostage_baremetal::global_heap!(HEAP, 4 << 20);
 
 #[cfg(target_os = "none")]
 extern "C" {
@@ -81,7 +81,14 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         println!("no usable RAM in the multiboot memory map");
         serial::exit(2)
     };
-    FRAMES.init(start, end);
+    let frames = ((end - start) / twostage_npt::FRAME_SIZE as u64) as usize;
+    let frames = frames.min(twostage_baremetal::frames::MAX_FRAMES);
+    // SAFETY: RAM from the multiboot memory map above the image and the modules, identity-mapped
+    // at boot, used by nothing else.
+    if let Err(e) = unsafe { FRAMES.init(twostage_npt::HostPhysAddr::new(start), start as usize, frames) } {
+        println!("host frames: {e}");
+        serial::exit(2)
+    }
     let s = FRAMES.stats();
     println!("host frames: {} from {:#x} (multiboot memory map, image and modules left out)", s.frames, s.base);
     cpu::init();
@@ -112,3 +119,9 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 /// On the host this image is only type-checked; it runs under Bochs.
 #[cfg(not(target_os = "none"))]
 fn main() {}
+
+/// Bytes in live heap allocations, for the run summary.
+#[cfg(target_os = "none")]
+pub fn heap_in_use() -> usize {
+    twostage_baremetal::heap::stats(&HEAP).in_use
+}

@@ -15,12 +15,12 @@
 //! unresolved fault, an exit it cannot serve, a halt without a status) ends it with
 //! `EXIT_GUEST_STOPPED` (125).
 
-use crate::frames::Frames;
 use crate::multiboot::Module;
 use crate::{println, serial};
 use core::fmt::Display;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{LoadError, EXIT_GUEST_STOPPED, EXIT_REFUSED};
+use twostage_baremetal::frames::Frames;
 use twostage_baremetal::multiboot::{guest_information, plan_guest};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
 use twostage_vmx::caps::IA32_EFER;

@@ -2,13 +2,13 @@
 //! and twostage did, printing `ok N - name` (or `# SKIP reason` when the CPU lacks the feature)
 //! or `not ok N - name`, then `N passed, M failed`.
 
-use crate::frames::Frames;
 use crate::guest::{self, Op, Unassigned};
 use crate::hv::{FaultAction, Hv, Stats};
 use crate::println;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use twostage_baremetal::frames::Frames;
 use twostage_npt::EptCapabilities;
 use twostage_npt::{
     Ept4, FrameAllocator, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, PageTable, FRAME_SIZE,

@@ -17,7 +17,7 @@ use twostage_npt::{
 };
 use twostage_vmx::exit::EptViolation;
 
-type Space = AddressSpace<Ept4, &'static crate::frames::Frames>;
+type Space = AddressSpace<Ept4, &'static twostage_baremetal::frames::Frames>;
 
 /// Runs `op` with the vCPU on `space`'s EPT, faults resolved by the address space.
 fn op_on(hv: &mut Hv, space: &mut Space, op: Op) -> Result<u64, alloc::string::String> {
