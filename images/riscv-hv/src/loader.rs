@@ -47,11 +47,8 @@ pub fn staged() -> Option<(u64, u64)> {
 fn load(space: &mut Space, file: &[u8]) -> Result<u64, String> {
     let mut copy = |at: u64, bytes: &[u8]| -> Result<(), String> {
         let at = GuestPhysAddr::try_new(at).map_err(|e| format!("load address: {e}"))?;
-        let f = space.load_image(at, bytes).map_err(|e| {
-            let msg = format!("loading {} bytes at {at:?}: {}", bytes.len(), e.error);
-            space.flush_unloaded(e.flush);
-            msg
-        })?;
+        // On failure the partial load's flush stays pending in the space.
+        let f = space.load_image(at, bytes).map_err(|e| format!("loading {} bytes at {at:?}: {e}", bytes.len()))?;
         // The table is not loaded on any hart yet.
         space.flush_unloaded(f);
         Ok(())
@@ -109,8 +106,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     match space.load_image(GuestPhysAddr::new(GUEST_DTB), &tree) {
         Ok(f) => space.flush_unloaded(f),
         Err(e) => {
-            println!("cannot place the guest's device tree: {}", e.error);
-            space.flush_unloaded(e.flush);
+            println!("cannot place the guest's device tree: {e}");
             return 2;
         }
     }
@@ -159,8 +155,9 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
                             snapshot = Some(child);
                         }
                         Err(e) => {
-                            println!("snapshot failed: {:?}", e.error);
-                            vm.apply_space(e.flush);
+                            println!("snapshot failed: {e}");
+                            // The partial fork's flush is pending in the space.
+                            vm.apply_space(twostage_aspace::SpaceFlush::none());
                         }
                     }
                 }

@@ -163,7 +163,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
         match space.load_image(GuestPhysAddr::new(gpa), bytes) {
             Ok(f) => space.flush_unloaded(f),
             Err(e) => {
-                println!("multiboot info: {:?}", e.error);
+                println!("multiboot info: {e:?}");
                 return FAILED;
             }
         }
