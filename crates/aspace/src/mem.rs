@@ -104,6 +104,14 @@ unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
 /// code (instruction emulation, virtio, loaders) sees. Region and page crossings are handled
 /// inside; an access either completes or returns an error naming the first unreachable address
 /// (a failed read leaves `buf` partly filled; a failed write may have written a prefix).
+///
+/// One name per operation: [`GuestMemory::read`] and [`GuestMemory::write`] move bytes,
+/// [`GuestMemory::read_as`] reads as a given access (execute for instruction fetch),
+/// [`GuestMemory::read_obj`] and [`GuestMemory::write_obj`] move one plain-old-data value,
+/// [`GuestMemory::compare_exchange_u64`] updates a word atomically. By guest-virtual address the
+/// same memory is reached with [`crate::copy_from_guest_va`] and [`crate::copy_to_guest_va`].
+/// Implemented by [`AddressSpace`], `&`[`crate::SharedAddressSpace`] and
+/// [`crate::TableMemory`] (and by `&mut M` for any implementation `M`).
 pub trait GuestMemory {
     /// Reads `buf.len()` bytes at `gpa` as an access of kind `access` (read, or execute for
     /// instruction fetch), checked against the region's rights.
