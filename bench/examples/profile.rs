@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use twostage_aspace::guest::copy_from_guest_va;
-use twostage_aspace::FaultOutcome;
+use twostage_aspace::{FaultOutcome, GuestMemory};
 use twostage_bench::anchor::{ax_gpa, ax_pa, ax_space};
 use twostage_bench::engine::{ept_options, GPA_BASE, HPA_LINEAR};
 use twostage_bench::ram::BenchRam;
@@ -157,10 +157,10 @@ fn main() {
                 for off in offs {
                     let gpa = GuestPhysAddr::new(GPA_BASE + off);
                     if what == "read64k-ts" {
-                        s.copy_from_guest(gpa, &mut buf).expect("read");
+                        s.read(gpa, &mut buf).expect("read");
                     } else {
-                        let f = s.copy_to_guest(gpa, &buf).map_err(|e| e.error).expect("write");
-                        s.flush(f, |_| {});
+                        s.write(gpa, &buf).expect("write");
+                        s.flush_pending(|_| {});
                     }
                 }
             });
@@ -168,7 +168,7 @@ fn main() {
         "gva-x86-4k" | "gva-sv39-4k" => {
             let mut s = ts_populated(ram, 256 * MIB + 2 * MIB);
             let paging = twostage_bench::gva::install(&mut s, what == "gva-x86-4k");
-            let mut mem = s.memory(|_| {});
+            let mut mem = &mut s;
             let mut buf = vec![0u8; 4096];
             let offs = random_offsets(3, 256 * MIB, 4096, 4096);
             measured(|| {
@@ -183,7 +183,7 @@ fn main() {
             // scan of its leaf entries (mask test, atomic clear of D only where set).
             let mut s = ts_populated(ram, GIB);
             let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
-            let (_, f) = s.start_dirty_log(range).map_err(|e| e.error).expect("log");
+            let (_, f) = s.start_dirty_log(range).expect("log");
             s.flush(f, |_| {});
             for p in random_pages(4, GIB / 4096, 2621) {
                 cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
@@ -228,7 +228,7 @@ fn main() {
         "fork-ts" => {
             let mut s = ts_populated(ram, GIB);
             let child = measured(|| {
-                let (child, f) = s.fork().map_err(|e| e.error).expect("fork");
+                let (child, f) = s.fork().expect("fork");
                 s.flush(f, |_| {});
                 child
             });
@@ -237,13 +237,13 @@ fn main() {
         "harvest-ts" => {
             let mut s = ts_populated(ram, GIB);
             let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
-            let (_, f) = s.start_dirty_log(range).map_err(|e| e.error).expect("log");
+            let (_, f) = s.start_dirty_log(range).expect("log");
             s.flush(f, |_| {});
             for p in random_pages(4, GIB / 4096, 2621) {
                 cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
             }
             let bits = measured(|| {
-                let (bits, f) = s.harvest_dirty().map_err(|e| e.error).expect("harvest");
+                let (bits, f) = s.harvest_dirty().expect("harvest");
                 s.flush(f, |_| {});
                 bits
             });

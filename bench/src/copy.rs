@@ -4,6 +4,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use twostage_aspace::GuestMemory;
 use twostage_npt::GuestPhysAddr;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -97,10 +98,10 @@ pub fn gpa_copies(c: &mut Criterion) {
                     let gpa = GuestPhysAddr::new(GPA_BASE + black_box(offs[i % OFFSETS]));
                     i += 1;
                     match dir {
-                        Dir::Read => space.copy_from_guest(gpa, &mut buf).expect("read"),
+                        Dir::Read => space.read(gpa, &mut buf).expect("read"),
                         Dir::Write => {
-                            let f = space.copy_to_guest(gpa, &buf).map_err(|e| e.error).expect("write");
-                            space.flush(f, |_| {});
+                            space.write(gpa, &buf).expect("write");
+                            space.flush_pending(|_| {});
                         }
                     }
                     black_box(&buf);

@@ -4,6 +4,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
 use twostage_aspace::guest::{copy_from_guest_va, copy_to_guest_va, GuestPaging};
+use twostage_aspace::GuestMemory;
 use twostage_npt::{GuestPhysAddr, GuestVirtAddr};
 
 use crate::copy::{copy_group, Dir, COPY_SPAN, SIZES};
@@ -81,8 +82,8 @@ fn build_tables(space: &mut Space, guest: Guest) -> u64 {
     };
     let put = |space: &mut Space, gpa: u64, entries: &[u64; 512]| {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        let f = space.copy_to_guest(GuestPhysAddr::new(gpa), &bytes).map_err(|e| e.error).expect("table write");
-        space.flush(f, |_| {});
+        space.write(GuestPhysAddr::new(gpa), &bytes).expect("table write");
+        space.flush_pending(|_| {});
     };
     let root = alloc();
     // Single-entry tables down to the one that holds the page-directory entries.
@@ -133,7 +134,7 @@ pub fn gva_copies(c: &mut Criterion) {
                 let mut buf = vec![0x5au8; size as usize];
                 g.bench_function(BenchmarkId::new("twostage", label), |b| {
                     let mut i = 0;
-                    let mut mem = space.memory(|_| {});
+                    let mut mem = &mut space;
                     b.iter(|| {
                         let gva = GuestVirtAddr::new(GVA_BASE + black_box(offs[i % OFFSETS]));
                         i += 1;

@@ -34,7 +34,7 @@ pub fn ts_space(ram: &'static BenchRam, len: u64) -> (Space, RegionId) {
 /// The same, with every page populated.
 pub fn ts_populated(ram: &'static BenchRam, len: u64) -> Space {
     let (mut s, id) = ts_space(ram, len);
-    let f = s.populate(id).map_err(|e| e.error).expect("populate");
+    let f = s.populate(id).expect("populate");
     s.flush_unloaded(f);
     s
 }
@@ -134,7 +134,7 @@ pub fn fork(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let (child, f) = parent.fork().map_err(|e| e.error).expect("fork");
+                let (child, f) = parent.fork().expect("fork");
                 parent.flush(f, |_| {});
                 total += start.elapsed();
                 drop(child);
@@ -158,7 +158,7 @@ pub fn harvest(c: &mut Criterion) {
     let written = random_pages(0xd1e7, pages, (pages / 100) as usize);
     let mut s = ts_populated(ram, GIB);
     let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
-    let (_mode, f) = s.start_dirty_log(range).map_err(|e| e.error).expect("dirty log");
+    let (_mode, f) = s.start_dirty_log(range).expect("dirty log");
     s.flush(f, |_| {});
     let mut g = group(c, "harvest_1g");
     g.bench_function("twostage", |b| {
@@ -169,7 +169,7 @@ pub fn harvest(c: &mut Criterion) {
                     cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
                 }
                 let start = Instant::now();
-                let (bits, f) = s.harvest_dirty().map_err(|e| e.error).expect("harvest");
+                let (bits, f) = s.harvest_dirty().expect("harvest");
                 s.flush(f, |_| {});
                 total += start.elapsed();
                 assert_eq!(bits.count(), written.len() as u64, "the harvest saw every written page");

@@ -1,6 +1,7 @@
 //! Dirty logging (hardware or software D bits, or write protection) and accessed-bit harvesting.
+#![forbid(unsafe_code)]
 
-use crate::error::{DirtyLogError, Failed};
+use crate::error::{BitmapAllocError, DirtyLogError};
 use crate::flush::SpaceFlush;
 use crate::space::{AddressSpace, PAGE};
 use alloc::vec;
@@ -30,9 +31,24 @@ pub struct PageBitmap {
 
 impl PageBitmap {
     /// All clear, covering `range` (page-aligned).
+    ///
+    /// # Panics
+    /// If the bitmap cannot be allocated (one bit per 4 KiB page); see [`PageBitmap::try_new`].
     pub fn new(range: GpaRange) -> Self {
         let pages = range.len() / PAGE;
         Self { start: range.start, pages, words: vec![0; pages.div_ceil(64) as usize] }
+    }
+
+    /// All clear, covering `range` (page-aligned), or the error if the bitmap (one bit per 4 KiB
+    /// page: 32 KiB per GiB) cannot be allocated.
+    pub fn try_new(range: GpaRange) -> Result<Self, BitmapAllocError> {
+        let pages = range.len() / PAGE;
+        // Past `usize` the reservation reports the capacity overflow itself.
+        let n = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).map_err(|source| BitmapAllocError { range, source })?;
+        words.resize(n, 0);
+        Ok(Self { start: range.start, pages, words })
     }
 
     /// The range covered.
@@ -86,7 +102,8 @@ impl PageBitmap {
         &self.words
     }
 
-    pub(crate) fn clear(&mut self) {
+    #[cfg(test)]
+    fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
 }
@@ -142,25 +159,29 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// Starts logging writes to `range` (page-aligned). Pages written from now on are reported
     /// by [`AddressSpace::harvest_dirty`].
-    pub fn start_dirty_log(&mut self, range: GpaRange) -> Result<(DirtyMode, SpaceFlush<F>), Failed<DirtyLogError, F>> {
-        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+    ///
+    /// The log keeps a bitmap of the range (32 KiB per GiB); if it cannot be allocated the
+    /// result is [`DirtyLogError::Bitmap`] and nothing changes. If arming fails part way the log
+    /// stays on (pages already armed need it to be disarmed on their next write; stop it with
+    /// [`AddressSpace::stop_dirty_log`]) and the partial change's invalidation is left pending.
+    pub fn start_dirty_log(&mut self, range: GpaRange) -> Result<(DirtyMode, SpaceFlush<F>), DirtyLogError> {
         if let Some(log) = &self.dirty {
-            return Err(fail(DirtyLogError::AlreadyLogging { range: log.range() }));
+            return Err(DirtyLogError::AlreadyLogging { range: log.range() });
         }
         if range.is_empty() || !range.start.is_aligned(PAGE) || !range.end.is_aligned(PAGE) {
-            return Err(fail(DirtyLogError::Misaligned { range }));
+            return Err(DirtyLogError::Misaligned { range });
         }
+        let soft = PageBitmap::try_new(range)?;
         let mode = self.dirty_mode();
-        self.dirty = Some(DirtyLog { mode, soft: PageBitmap::new(range) });
-        // On failure the log stays on: pages already armed need it to be disarmed on their next
-        // write (write protection), and `stop_dirty_log` turns it off.
+        self.dirty = Some(DirtyLog { mode, soft });
         let flush = self.arm_dirty_log(range)?;
         Ok((mode, flush))
     }
 
     /// Arms the running log on `range` (inside the log's range): splits huge pages and clears D
-    /// bits, or write-protects. Also used when a region is added while a log runs.
-    pub(crate) fn arm_dirty_log(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, Failed<DirtyLogError, F>> {
+    /// bits, or write-protects. Also used when a region is added while a log runs. On failure
+    /// the partial change is left pending.
+    pub(crate) fn arm_dirty_log(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, DirtyLogError> {
         let Some(mode) = self.dirty.as_ref().map(|l| l.mode) else {
             return Ok(SpaceFlush::none());
         };
@@ -168,16 +189,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         match mode {
             DirtyMode::DirtyBits => {
                 if let Err(e) = self.split_to_4k(range, &mut flush) {
-                    return Err(Failed { error: e, flush });
+                    self.defer(flush);
+                    return Err(e);
                 }
                 flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |_| {}));
             }
-            DirtyMode::WriteProtect => match self.reprotect(range) {
-                Ok(f) => flush = flush.merge(f),
-                Err(failed) => {
-                    return Err(Failed { error: DirtyLogError::Table(failed.error), flush: flush.merge(failed.flush) });
-                }
-            },
+            DirtyMode::WriteProtect => flush = flush.merge(self.reprotect(range)?),
         }
         Ok(flush)
     }
@@ -204,13 +221,15 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Returns the pages written since the log started or since the last harvest, and re-arms
-    /// the log (clears D bits or write-protects the pages again).
-    pub fn harvest_dirty(&mut self) -> Result<(PageBitmap, SpaceFlush<F>), Failed<DirtyLogError, F>> {
+    /// the log (clears D bits or write-protects the pages again). If re-protecting fails part
+    /// way, the partial change is left pending and the pages not re-protected are reported
+    /// again by the next harvest.
+    pub fn harvest_dirty(&mut self) -> Result<(PageBitmap, SpaceFlush<F>), DirtyLogError> {
         let Some(log) = self.dirty.as_mut() else {
-            return Err(Failed { error: DirtyLogError::NotLogging, flush: SpaceFlush::none() });
+            return Err(DirtyLogError::NotLogging);
         };
-        let mut bits = log.soft.clone();
-        log.soft.clear();
+        let mut bits = PageBitmap::try_new(log.range())?;
+        core::mem::swap(&mut bits, &mut log.soft);
         let (mode, range) = (log.mode, log.range());
         let mut flush = SpaceFlush::none();
         match mode {
@@ -231,7 +250,16 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     }
                     match self.table.protect(gpa, PAGE, want) {
                         Ok(f) => flush.add(f),
-                        Err(e) => return Err(Failed { error: DirtyLogError::Table(e), flush }),
+                        Err(e) => {
+                            self.defer(flush);
+                            // Not re-protected: report them again next time.
+                            if let Some(log) = &mut self.dirty {
+                                for p in bits.iter().filter(|&p| p >= gpa) {
+                                    log.mark(p);
+                                }
+                            }
+                            return Err(DirtyLogError::Table(e));
+                        }
                     }
                 }
             }
@@ -239,28 +267,29 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         Ok((bits, flush))
     }
 
-    /// Stops logging; write-protected pages get their rights back.
-    pub fn stop_dirty_log(&mut self) -> Result<SpaceFlush<F>, Failed<DirtyLogError, F>> {
+    /// Stops logging; write-protected pages get their rights back (those not reached when
+    /// this fails get it on their next write fault; the partial change is left pending).
+    pub fn stop_dirty_log(&mut self) -> Result<SpaceFlush<F>, DirtyLogError> {
         let Some(log) = self.dirty.take() else {
-            return Err(Failed { error: DirtyLogError::NotLogging, flush: SpaceFlush::none() });
+            return Err(DirtyLogError::NotLogging);
         };
         if log.mode == DirtyMode::DirtyBits {
             return Ok(SpaceFlush::none());
         }
-        self.reprotect(log.range()).map_err(|f| Failed { error: DirtyLogError::Table(f.error), flush: f.flush })
+        Ok(self.reprotect(log.range())?)
     }
 
     /// Reports the pages of `range` accessed since the last call (from the table's A bits) and
     /// clears their A bits, for reclaim. A huge leaf reports all its pages. Needs A bits kept by
     /// the CPU or by the fault handler (not [`AdMode::Preset`]).
-    pub fn harvest_accessed(&mut self, range: GpaRange) -> (PageBitmap, SpaceFlush<F>) {
-        let mut bits = PageBitmap::new(range);
+    pub fn harvest_accessed(&mut self, range: GpaRange) -> Result<(PageBitmap, SpaceFlush<F>), BitmapAllocError> {
+        let mut bits = PageBitmap::try_new(range)?;
         let f = self.table.take_accessed_dirty(range.start, range.len(), AdClear::Accessed, |leaf| {
             if leaf.accessed {
                 bits.set_range(leaf.gpa, leaf.size.bytes());
             }
         });
-        (bits, SpaceFlush::from_table(f))
+        Ok((bits, SpaceFlush::from_table(f)))
     }
 
     /// Records a write the hypervisor made on the guest's behalf.

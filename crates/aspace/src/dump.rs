@@ -1,4 +1,5 @@
 //! A readable map of an address space: regions, backends, and the pages that back them.
+#![forbid(unsafe_code)]
 
 use crate::region::Backend;
 use crate::space::AddressSpace;

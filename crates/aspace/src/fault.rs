@@ -182,7 +182,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
                 self.stats.cow_copies += 1;
-                Ok(SpaceFlush { table: Some(f), release: alloc::vec![old] })
+                self.retire(page, old);
+                Ok(SpaceFlush::from_table(f))
             }
             Err(_) => {
                 self.refs.release(new);

@@ -1,28 +1,34 @@
-//! The address space's flush token: a table flush plus the data frames it retires.
+//! The address space's flush token, and the pending list of what changes still owe.
 
 use alloc::vec::Vec;
-use twostage_npt::{Family, Flush, Format, HostPhysAddr, InvalidationOf};
+use core::any::TypeId;
+use twostage_npt::{Family, FamilyKind, Flush, Format, GStageFamily, GuestPhysAddr, GvmaInvalidation};
+use twostage_npt::{HostPhysAddr, InvalidationOf};
 
-/// What must happen after a change to an address space before it can be relied on: the
-/// nested table's invalidation, then the release of the data frames the change unmapped (a
-/// frame is handed back, or its copy-on-write count lowered, only once no translation to it can
-/// survive).
+/// What must be invalidated after a change to an address space before the change can be relied
+/// on: the nested table's invalidation (INVEPT or HFENCE.GVMA, named by
+/// [`SpaceFlush::invalidation`]).
 ///
-/// Carry it out with [`crate::AddressSpace::flush`].
+/// Carry it out with [`crate::AddressSpace::flush`]. The token only says what to invalidate: the
+/// data frames a change unmapped wait in the space's pending list and are released (freed, or
+/// their copy-on-write count lowered) by the first flush carried out whose invalidation covers
+/// the page they were mapped at, by a whole-context invalidation, or when the space is dropped.
+/// So a dropped token leaks nothing, but until something covers them the guest may still reach
+/// the unmapped pages through a stale translation: dropping a token is a coherence bug, not a
+/// memory-safety one.
 #[must_use = "a changed address space must be flushed: pass the token to AddressSpace::flush"]
 pub struct SpaceFlush<F: Format> {
     pub(crate) table: Option<Flush<F>>,
-    pub(crate) release: Vec<HostPhysAddr>,
 }
 
 impl<F: Format> SpaceFlush<F> {
     /// A token that asks for nothing.
     pub fn none() -> Self {
-        Self { table: None, release: Vec::new() }
+        Self { table: None }
     }
 
     pub(crate) fn from_table(f: Flush<F>) -> Self {
-        Self { table: Some(f), release: Vec::new() }
+        Self { table: Some(f) }
     }
 
     /// Adds a table flush.
@@ -38,7 +44,6 @@ impl<F: Format> SpaceFlush<F> {
         if let Some(t) = other.table.take() {
             self.add(t);
         }
-        self.release.append(&mut other.release);
         self
     }
 
@@ -50,19 +55,84 @@ impl<F: Format> SpaceFlush<F> {
         }
     }
 
-    /// Whether nothing needs invalidating and nothing is released.
+    /// Whether nothing needs invalidating.
     pub fn is_empty(&self) -> bool {
-        self.release.is_empty() && self.table.as_ref().is_none_or(|t| t.is_empty())
-    }
-
-    /// Data frames (or copy-on-write references) released when the token is carried out.
-    pub fn released_frames(&self) -> &[HostPhysAddr] {
-        &self.release
+        self.table.as_ref().is_none_or(|t| t.is_empty())
     }
 }
 
 impl<F: Format> core::fmt::Debug for SpaceFlush<F> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "SpaceFlush({:?}, {} frames released)", self.invalidation(), self.release.len())
+        write!(f, "SpaceFlush({:?})", self.invalidation())
+    }
+}
+
+/// What the space's changes still owe: the table invalidation of changes whose token the space
+/// kept (failed operations, [`crate::GuestMemory`] writes), and the data frames unmapped but not
+/// yet released.
+pub(crate) struct Pending<F: Format> {
+    /// Table flush of changes whose token the caller never got.
+    pub(crate) table: Option<Flush<F>>,
+    /// Data frames unmapped from a page (guest-physical address, frame): released once an
+    /// invalidation covering that page has been carried out.
+    pub(crate) release: Vec<(GuestPhysAddr, HostPhysAddr)>,
+}
+
+impl<F: Format> Pending<F> {
+    pub(crate) fn new() -> Self {
+        Self { table: None, release: Vec::new() }
+    }
+
+    /// Whether anything is owed.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.release.is_empty() && self.table.as_ref().is_none_or(|t| t.is_empty())
+    }
+
+    /// Takes out the frames whose page `inv` (just carried out) covers.
+    pub(crate) fn take_covered(&mut self, inv: &InvalidationOf<'_, F>) -> Vec<HostPhysAddr> {
+        let mut out = Vec::new();
+        match coverage::<F>(inv) {
+            Coverage::Nothing => {}
+            Coverage::All => out.extend(self.release.drain(..).map(|(_, h)| h)),
+            Coverage::Pages(pages) => self.release.retain(|&(gpa, hpa)| {
+                let covered = pages.contains(&gpa);
+                if covered {
+                    out.push(hpa);
+                }
+                !covered
+            }),
+        }
+        out
+    }
+}
+
+/// Which pages an invalidation of the table drops every cached translation of.
+enum Coverage<'a> {
+    Nothing,
+    Pages(&'a [GuestPhysAddr]),
+    All,
+}
+
+fn coverage<'r, 'a: 'r, F: Format>(inv: &'r InvalidationOf<'a, F>) -> Coverage<'r> {
+    if *inv == <F::Family as Family>::nothing() {
+        return Coverage::Nothing;
+    }
+    match <F::Family as Family>::KIND {
+        // An EPT invalidation other than "none" is INVEPT single-context on this EPTP.
+        FamilyKind::Ept => Coverage::All,
+        FamilyKind::GStage => {
+            if TypeId::of::<F::Family>() != TypeId::of::<GStageFamily>() {
+                return Coverage::Nothing; // Unreachable: the family trait is sealed.
+            }
+            // SAFETY: `F::Family` is `GStageFamily` (checked just above), whose
+            // `Invalidation<'a>` is `GvmaInvalidation<'a>`: the pointer is to a value of exactly
+            // that type, borrowed for `'r`.
+            let g: &'r GvmaInvalidation<'a> = unsafe { &*(inv as *const InvalidationOf<'a, F>).cast() };
+            match *g {
+                GvmaInvalidation::None => Coverage::Nothing,
+                GvmaInvalidation::Addresses { addrs, .. } => Coverage::Pages(addrs),
+                GvmaInvalidation::All { .. } => Coverage::All,
+            }
+        }
     }
 }

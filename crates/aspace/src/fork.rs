@@ -1,12 +1,14 @@
 //! Copy-on-write fork of a whole address space, and copy-on-write sharing of one region.
+#![forbid(unsafe_code)]
 
-use crate::error::{Failed, ForkError, ShareError};
+use crate::error::{ForkError, ShareError};
+use crate::flush::Pending;
 use crate::flush::SpaceFlush;
 use crate::region::Backend;
 use crate::space::{AddressSpace, SpaceStats, PAGE};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use twostage_npt::{CloneError, Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
+use twostage_npt::{Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// A copy-on-write clone of the whole address space (VM fork, snapshot).
@@ -23,10 +25,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// The child's table was never loaded, so it needs no flush; the returned flush is the
     /// parent's (its pages lost the write right) and must be carried out before the parent's
     /// guest writes again. The child has no dirty log. On failure the parent is unchanged
-    /// except for pages already write-protected (covered by the flush in the error; they regain
-    /// the right on their next write fault) and the partial child is freed.
-    pub fn fork(&mut self) -> Result<(Self, SpaceFlush<F>), Failed<ForkError, F>> {
-        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+    /// except for pages already write-protected (they regain the right on their next write
+    /// fault; their invalidation is left pending, see [`AddressSpace::flush_pending`]) and the
+    /// partial child is freed.
+    pub fn fork(&mut self) -> Result<(Self, SpaceFlush<F>), ForkError> {
         let anon: Vec<(GpaRange, MappingFlags)> = self
             .regions
             .values()
@@ -38,20 +40,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         // both sides as it is copied; the frames met are collected in runs for their counts.
         // Nothing has changed if this fails.
         let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
-        let (table, parent_flush) = self
-            .table
-            .try_clone_protected(&anon, |leaf| {
-                // Anonymous pages are 4 KiB leaves.
-                debug_assert_eq!(leaf.size, PageSize::Size4K);
-                match runs.last_mut() {
-                    Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
-                    _ => runs.push((leaf.hpa, 1)),
-                }
-            })
-            .map_err(|e| match e {
-                CloneError::OutOfFrames(e) => fail(ForkError::OutOfFrames(e)),
-                e => fail(ForkError::Clone(e)),
-            })?;
+        let (table, parent_flush) = self.table.try_clone_protected(&anon, |leaf| {
+            // Anonymous pages are 4 KiB leaves.
+            debug_assert_eq!(leaf.size, PageSize::Size4K);
+            match runs.last_mut() {
+                Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
+                _ => runs.push((leaf.hpa, 1)),
+            }
+        })?;
         for (first, n) in runs {
             self.refs.share_run(first, n);
         }
@@ -66,7 +62,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             refs: self.refs.clone(),
             dirty: None,
             stats: SpaceStats::default(),
-            deferred: None,
+            pending: Pending::new(),
         };
         for r in self.regions.values_mut() {
             if r.backend.owns_frames() {
@@ -85,15 +81,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 .collect();
             for range in linear {
                 match child.reprotect(range) {
-                    Ok(f) => {
-                        if let Some(t) = f.table {
-                            t.ignore(); // Never loaded.
-                        }
-                    }
+                    Ok(f) => child.flush_unloaded(f), // Never loaded.
                     // The child (and the counts it holds) is dropped; the parent keeps its
                     // write-protected pages, which the flush covers and which regain the right
                     // on their next write fault.
-                    Err(e) => return Err(Failed { error: ForkError::Protect(e.error), flush }),
+                    Err(e) => {
+                        self.defer(flush);
+                        return Err(ForkError::Protect(e));
+                    }
                 }
             }
         }
@@ -108,7 +103,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     ///
     /// Returns the new region and two flushes: `self`'s (new mappings) and `src`'s (its pages
     /// lost the write right); carry out both before either guest runs again. On failure `self`
-    /// gets no region (the error's flush covers the partial mapping) and `src` is unchanged.
+    /// gets no region (the partial mapping's invalidation is left pending in `self`, see
+    /// [`AddressSpace::flush_pending`]) and `src` keeps its rights.
     #[allow(clippy::type_complexity)]
     pub fn share_from(
         &mut self,
@@ -116,20 +112,17 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         dst: twostage_npt::GuestPhysAddr,
         src: &mut Self,
         src_region: crate::RegionId,
-    ) -> Result<(crate::RegionId, SpaceFlush<F>, SpaceFlush<F>), Failed<ShareError, F>> {
-        let fail = |error| Failed { error, flush: SpaceFlush::none() };
+    ) -> Result<(crate::RegionId, SpaceFlush<F>, SpaceFlush<F>), ShareError> {
         if !self.refs.same_table(&src.refs) {
-            return Err(fail(ShareError::DifferentFrameRefs));
+            return Err(ShareError::DifferentFrameRefs);
         }
-        let r = src.region(src_region).cloned().ok_or(fail(ShareError::NoSuchRegion(src_region)))?;
+        let r = src.region(src_region).cloned().ok_or(ShareError::NoSuchRegion(src_region))?;
         if !r.backend.owns_frames() {
-            return Err(fail(ShareError::NotAnonymous(src_region)));
+            return Err(ShareError::NotAnonymous(src_region));
         }
-        let range = GpaRange::from_start_len(dst, r.range.len()).ok_or(fail(ShareError::Add(
-            crate::AddRegionError::OutOfRange { range: r.range, gpa_bits: F::GPA_BITS },
-        )))?;
-        let (id, mut flush) =
-            self.add_region(name, range, r.flags, Backend::CopyOnWrite).map_err(|e| fail(ShareError::Add(e)))?;
+        let range = GpaRange::from_start_len(dst, r.range.len())
+            .ok_or(ShareError::Add(crate::AddRegionError::OutOfRange { range: r.range, gpa_bits: F::GPA_BITS }))?;
+        let (id, mut flush) = self.add_region(name, range, r.flags, Backend::CopyOnWrite)?;
         let mut leaves = Vec::new();
         src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push((leaf.gpa, leaf.hpa)));
         let ro = r.flags.difference(MappingFlags::WRITE);
@@ -145,7 +138,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     if let Ok(f) = self.remove_region(id) {
                         flush = flush.merge(f);
                     }
-                    return Err(Failed { error: ShareError::Map(e), flush });
+                    self.defer(flush);
+                    return Err(ShareError::Map(e));
                 }
             }
         }
@@ -156,14 +150,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         // whole 4 KiB leaves allocates nothing; should it fail anyway, undo the sharing.
         match src.reprotect(r.range) {
             Ok(src_flush) => Ok((id, flush, src_flush)),
+            // `reprotect` left `src`'s partial change pending in `src`.
             Err(e) => {
-                if let Some(t) = e.flush.table {
-                    src.defer(t);
-                }
                 if let Ok(f) = self.remove_region(id) {
                     flush = flush.merge(f);
                 }
-                Err(Failed { error: ShareError::Protect(e.error), flush })
+                self.defer(flush);
+                Err(ShareError::Protect(e))
             }
         }
     }

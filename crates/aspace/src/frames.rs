@@ -1,4 +1,5 @@
 //! Reference counts of the data frames that address spaces own or share (copy-on-write).
+#![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;

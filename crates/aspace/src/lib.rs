@@ -7,79 +7,88 @@
 //!   ([`AddressSpace::handle_fault`] → [`FaultOutcome`]), copy-on-write [`AddressSpace::fork`],
 //!   dirty logging ([`AddressSpace::start_dirty_log`], [`AddressSpace::harvest_dirty`]) and a
 //!   text dump (`impl Display`).
-//! - [`SpaceFlush`]: every change returns one (`#[must_use]`): the table invalidation plus the
-//!   data frames to release after it. Carry it out with [`AddressSpace::flush`].
+//! - [`SpaceFlush`]: every change returns one (`#[must_use]`): the table invalidation it needs.
+//!   Carry it out with [`AddressSpace::flush`]. The data frames a change unmapped wait in the
+//!   space's pending list until an invalidation covering them has run, so a dropped token
+//!   leaks nothing.
+//! - Errors: one enum per operation, each with a message per variant, implementing
+//!   [`core::error::Error`], so `?` works. An operation that fails part way leaves the flush of
+//!   what it had changed in the space's pending list (carried out by
+//!   [`AddressSpace::flush_pending`] or any later flush): an error never carries a flush, and
+//!   none can be dropped with it.
 //! - [`GuestMemory`]: the small consumer trait through which hypervisor code reads and writes
-//!   guest memory by guest-physical address; [`SharedAddressSpace`] implements it for several
-//!   vCPUs at once. [`guest`] walks the guest's own page tables ([`GuestPaging`]) for
+//!   guest memory by guest-physical address: [`GuestMemory::read`], [`GuestMemory::read_as`],
+//!   [`GuestMemory::write`], [`GuestMemory::read_obj`], [`GuestMemory::write_obj`],
+//!   [`GuestMemory::compare_exchange_u64`]. It is implemented by [`AddressSpace`] itself (a
+//!   write that populates a page or breaks copy-on-write leaves its flush pending: carry it out
+//!   before resuming a vCPU), by `&SharedAddressSpace` for several vCPUs, and by
+//!   [`TableMemory`] for hypervisors that use a bare [`twostage_npt::PageTable`].
+//!   [`AddressSpace::load_image`] writes ignoring the regions' rights (firmware into a
+//!   read-only region). [`guest`] walks the guest's own page tables ([`GuestPaging`]) for
 //!   [`copy_from_guest_va`], [`copy_to_guest_va`] and [`fetch_guest_instruction`].
 //!
 //! ## Safety model
 //! Host memory comes from the `unsafe trait` [`twostage_npt::FrameAllocator`], whose promise
 //! (unique frames, `phys_to_virt` reaches them) the copies and frame fills rely on. A data frame
-//! is freed (or its copy-on-write count lowered) only when the flush that unmapped it is carried
-//! out, so no stale translation can reach a reused frame. Guest-controlled values (addresses,
-//! lengths, the guest's page tables) give typed errors naming the address and the access; they
-//! never panic.
+//! is freed (or its copy-on-write count lowered) only once an invalidation covering the page it
+//! was mapped at has been carried out (or the table is unloaded or dropped), so no stale
+//! translation can reach a reused frame. Guest-controlled values (addresses, lengths, the
+//! guest's page tables) give typed errors naming the address and the access; they never panic.
 //!
-//! ## Example
+//! ## Guest memory, fork and dirty logging
 //! ```
 //! use std::sync::Arc;
 //! use twostage_aspace::{AddressSpace, Backend, FaultOutcome, GuestMemory};
 //! use twostage_npt::testing::HostRam; // fake host RAM; a hypervisor passes its own allocator
 //! use twostage_npt::{Access, GpaRange, GuestPhysAddr, MappingFlags, NestedPageFaultInfo, Sv39x4, TableOptions};
 //!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let ram = Arc::new(HostRam::new(256));
-//! let mut vm = AddressSpace::<Sv39x4, _>::new(ram.clone(), TableOptions::for_format::<Sv39x4>()).unwrap();
+//! let mut vm = AddressSpace::<Sv39x4, _>::new(ram.clone(), TableOptions::for_format::<Sv39x4>())?;
 //! let gpa = GuestPhysAddr::new;
 //! let ram_range = GpaRange::from_start_len(gpa(0x8000_0000), 1 << 20).unwrap();
-//! let (_, f) = vm.add_region("ram", ram_range, MappingFlags::RWX, Backend::DemandZero).unwrap();
+//! let (_, f) = vm.add_region("ram", ram_range, MappingFlags::RWX, Backend::DemandZero)?;
 //! vm.flush_unloaded(f); // no CPU has the table loaded yet
-//! let uart = GpaRange::from_start_len(gpa(0x1000_0000), 0x1000).unwrap();
-//! let (_, f) = vm.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).unwrap();
-//! vm.flush_unloaded(f);
 //!
-//! // Load the guest, then run it with vm.root() in hgatp (or an EPTP). On each nested fault:
-//! let f = vm.copy_to_guest(gpa(0x8000_0000), &[0x13, 0, 0, 0]).unwrap(); // `nop`
-//! vm.flush_unloaded(f);
+//! // Load the guest (this populates the page: its flush is left pending).
+//! vm.write(gpa(0x8000_0000), &[0x13, 0, 0, 0])?; // `nop`
+//! vm.flush_pending(|_| {}); // before the guest runs: HFENCE.GVMA or INVEPT, `inv` says which
+//! // Run it with vm.root() in hgatp (or an EPTP). On each nested fault:
 //! match vm.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_1000), Access::Write)) {
-//!     FaultOutcome::Resolved { flush } => vm.flush(flush, |inv| { /* HFENCE.GVMA or INVEPT: `inv` says which */ }),
-//!     FaultOutcome::Mmio { gpa, access, .. } => { /* hand to the device model */ }
+//!     FaultOutcome::Resolved { flush } => vm.flush(flush, |_inv| { /* HFENCE.GVMA or INVEPT */ }),
+//!     FaultOutcome::Mmio { .. } => { /* hand to the device model */ }
 //!     other => panic!("{other:?}"),
 //! }
 //!
 //! // Fork: copy-on-write, no guest byte copied; each side then sees only its own writes.
-//! let (mut child, f) = vm.fork().unwrap();
+//! let (mut child, f) = vm.fork()?;
 //! vm.flush(f, |_| {});
-//! let mut mem = child.memory(|_| {});
-//! mem.write_obj(gpa(0x8000_0000), &0xdead_beefu32).unwrap();
-//! assert_eq!(mem.read_obj::<u32>(gpa(0x8000_0000)).unwrap(), 0xdead_beef);
-//! assert_eq!(vm.memory(|_| {}).read_obj::<u32>(gpa(0x8000_0000)).unwrap(), 0x13);
+//! child.write_obj(gpa(0x8000_0000), &0xdead_beefu32)?;
+//! child.flush_pending(|_| {}); // the write broke copy-on-write
+//! assert_eq!(child.read_obj::<u32>(gpa(0x8000_0000))?, 0xdead_beef);
+//! assert_eq!(vm.read_obj::<u32>(gpa(0x8000_0000))?, 0x13);
 //!
 //! // Dirty logging: pages written since the last harvest.
-//! let (_mode, f) = vm.start_dirty_log(ram_range).unwrap();
+//! let (_mode, f) = vm.start_dirty_log(ram_range)?;
 //! vm.flush(f, |_| {});
-//! let f = vm.copy_to_guest(gpa(0x8000_3008), b"hello").unwrap();
-//! vm.flush(f, |_| {});
-//! let (dirty, f) = vm.harvest_dirty().unwrap();
-//! vm.flush(f, |_| {});
+//! vm.write(gpa(0x8000_3008), b"hello")?;
+//! let (dirty, f) = vm.harvest_dirty()?;
+//! vm.flush(f, |_| {}); // also carries out the write's pending flush
 //! assert_eq!(dirty.iter().collect::<Vec<_>>(), [gpa(0x8000_3000)]);
 //! println!("{vm}"); // regions, backends, page sizes
+//! # Ok(()) }
 //! ```
 //!
 //! ## Locking model
-//! [`AddressSpace`] is a plain single-owner value: every change takes `&mut self`, reads of
-//! guest memory take `&self`. For several vCPUs, [`SharedAddressSpace`] wraps it in a
-//! reader-writer spin lock: guest-memory reads take the read lock; faults, writes (which may
-//! populate a page or break copy-on-write), fork, dirty harvest and region changes take the
-//! write lock, and carry out their flush before releasing it. The frame reference counts shared
-//! by forks sit behind their own mutex, taken briefly inside either lock.
+//! [`AddressSpace`] is a plain single-owner value: every change takes `&mut self`; reads of
+//! guest memory can take `&self` ([`AddressSpace::read`], [`AddressSpace::read_as`]). For
+//! several vCPUs, [`SharedAddressSpace`] wraps it in a fair reader-writer spin lock:
+//! guest-memory reads take the read lock; faults, writes (which may populate a page or break
+//! copy-on-write), fork, dirty harvest and region changes take the write lock, and carry out
+//! their flush before releasing it. The frame reference counts shared by forks sit behind their
+//! own mutex, taken briefly inside either lock.
 #![no_std]
 #![warn(missing_docs)]
-#![allow(
-    clippy::result_large_err,
-    reason = "errors of changing operations carry the flush of the partial change (as large as the Ok value, which carries one too)"
-)]
 
 extern crate alloc;
 
@@ -91,10 +100,12 @@ mod flush;
 mod fork;
 mod frames;
 pub mod guest;
+mod lock;
 mod mem;
 mod region;
 mod shared;
 mod space;
+mod table_mem;
 
 pub use dirty::{DirtyMode, PageBitmap};
 pub use error::*;
@@ -105,8 +116,15 @@ pub use guest::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError,
     Instruction, Isa,
 };
-pub use mem::{GuestMemError, GuestMemory, Pod, SpaceMemory};
+pub use mem::{GuestMemError, GuestMemory, Pod};
 pub use region::{Backend, Region, RegionId, RegionLabel};
-pub use shared::{Invalidator, SharedAddressSpace};
+pub use shared::{Invalidator, SharedAddressSpace, MAX_CPUS};
 pub use space::{AddressSpace, SpaceStats, PAGE};
+pub use table_mem::TableMemory;
 pub use twostage_npt::NestedPageFaultInfo;
+
+/// The project README's code, compiled and run by `cargo test` as doctests (the README's examples
+/// use this crate and twostage-npt, with npt's `testing` allocator standing in for host RAM).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

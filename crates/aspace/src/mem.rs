@@ -1,13 +1,12 @@
 //! Guest memory by guest-physical address: the consumer trait and the address space's copies.
 
-use crate::error::Failed;
 use crate::error::NoFrame;
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, InvalidationOf, MappingFlags};
+use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, MappingFlags};
 
 /// Why a guest-memory access by guest-physical address failed. Each names the first address
 /// that could not be reached and the access.
@@ -72,7 +71,7 @@ impl GuestMemError {
 impl fmt::Display for GuestMemError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unmapped { gpa, access } => write!(f, "{access} at {gpa}: no region"),
+            Self::Unmapped { gpa, access } => write!(f, "{access} at {gpa}: nothing mapped there"),
             Self::Mmio { gpa, access } => write!(f, "{access} at {gpa}: MMIO"),
             Self::Forbidden { gpa, access, rights } => write!(f, "{access} at {gpa}: region allows only {rights}"),
             Self::OutOfMemory { gpa } => write!(f, "no frame to back {gpa}"),
@@ -81,6 +80,8 @@ impl fmt::Display for GuestMemError {
         }
     }
 }
+
+impl core::error::Error for GuestMemError {}
 
 /// Plain old data: a type for which every bit pattern is a valid value.
 ///
@@ -103,6 +104,14 @@ unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
 /// code (instruction emulation, virtio, loaders) sees. Region and page crossings are handled
 /// inside; an access either completes or returns an error naming the first unreachable address
 /// (a failed read leaves `buf` partly filled; a failed write may have written a prefix).
+///
+/// One name per operation: [`GuestMemory::read`] and [`GuestMemory::write`] move bytes,
+/// [`GuestMemory::read_as`] reads as a given access (execute for instruction fetch),
+/// [`GuestMemory::read_obj`] and [`GuestMemory::write_obj`] move one plain-old-data value,
+/// [`GuestMemory::compare_exchange_u64`] updates a word atomically. By guest-virtual address the
+/// same memory is reached with [`crate::copy_from_guest_va`] and [`crate::copy_to_guest_va`].
+/// Implemented by [`AddressSpace`], `&`[`crate::SharedAddressSpace`] and
+/// [`crate::TableMemory`] (and by `&mut M` for any implementation `M`).
 pub trait GuestMemory {
     /// Reads `buf.len()` bytes at `gpa` as an access of kind `access` (read, or execute for
     /// instruction fetch), checked against the region's rights.
@@ -149,15 +158,24 @@ pub trait GuestMemory {
         let bytes = unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), core::mem::size_of::<T>()) };
         self.write(gpa, bytes)
     }
+}
 
-    /// The seed design's name for [`GuestMemory::read`].
-    fn copy_from_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
-        self.read(gpa, buf)
+/// A mutable borrow of guest memory is guest memory (so `copy_from_guest_va(&mut &mut vm, ..)`
+/// and generic code holding `&mut M` work).
+impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
+    fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
+        (**self).read_as(gpa, buf, access)
     }
-
-    /// The seed design's name for [`GuestMemory::write`].
-    fn copy_to_guest(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        self.write(gpa, buf)
+    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
+        (**self).write(gpa, buf)
+    }
+    fn compare_exchange_u64(
+        &mut self,
+        gpa: GuestPhysAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, GuestMemError> {
+        (**self).compare_exchange_u64(gpa, current, new)
     }
 }
 
@@ -322,13 +340,17 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         next - gpa
     }
 
-    /// Reads guest memory at `gpa` (the seed's `copy_from_guest`). Pages of a demand-zero region
-    /// that were never touched read as zeros and stay untouched: a read does not populate.
-    pub fn copy_from_guest(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
+    /// Reads guest memory at `gpa`: [`GuestMemory::read`] with a shared borrow (see
+    /// [`AddressSpace::read_as`]).
+    pub fn read(&self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
         self.read_as(gpa, buf, Access::Read)
     }
 
-    /// [`AddressSpace::copy_from_guest`] as an access of kind `access` (execute for fetches).
+    /// Reads guest memory at `gpa` as an access of kind `access` (read, or execute for fetches),
+    /// checked against the regions' rights: [`GuestMemory::read_as`] with a shared borrow, for
+    /// readers that hold only `&AddressSpace` (such as [`crate::SharedAddressSpace::with`]).
+    /// Pages of a demand-zero region that were never touched read as zeros and stay untouched:
+    /// a read does not populate.
     pub fn read_as(&self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         let len = buf.len() as u64;
         if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
@@ -422,33 +444,35 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         Err(oom)
     }
 
-    /// Writes guest memory at `gpa` (the seed's `copy_to_guest`), as the guest would: the
-    /// regions must allow writing. Untouched demand-zero pages are populated (it is the guest's
-    /// memory), shared copy-on-write pages are copied first, and the dirty log records the pages.
-    pub fn copy_to_guest(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
-        self.write_inner(gpa, buf, true)
+    /// Writes `buf` at `gpa` ignoring the regions' rights (MMIO still refused): for loading
+    /// firmware or code into a read-only or execute-only region. Otherwise as
+    /// [`GuestMemory::write`] on the space, but the flush comes back (a failed load may have
+    /// written a prefix; its flush is left pending, see [`AddressSpace::flush_pending`]).
+    pub fn load_image(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<SpaceFlush<F>, GuestMemError> {
+        let mut flush = SpaceFlush::none();
+        match self.write_inner(gpa, buf, false, &mut flush) {
+            Ok(()) => Ok(flush),
+            Err(e) => {
+                self.defer(flush);
+                Err(e)
+            }
+        }
     }
 
-    /// Like [`AddressSpace::copy_to_guest`] but ignoring the regions' rights (MMIO still refused):
-    /// for loading firmware or code into a read-only or execute-only region.
-    pub fn load_image(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
-        self.write_inner(gpa, buf, false)
-    }
-
+    /// Writes `buf` at `gpa`; `check` says whether the regions' rights apply. Untouched
+    /// demand-zero pages are populated (it is the guest's memory), shared copy-on-write pages
+    /// are copied first, and the dirty log records the pages. `flush` collects the changes.
     fn write_inner(
         &mut self,
         gpa: GuestPhysAddr,
         buf: &[u8],
         check: bool,
-    ) -> Result<SpaceFlush<F>, Failed<GuestMemError, F>> {
-        let mut flush = SpaceFlush::none();
+        flush: &mut SpaceFlush<F>,
+    ) -> Result<(), GuestMemError> {
         let len = buf.len() as u64;
         if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
             // Inside one page (one region): a page already mapped writable is written at once.
-            let r = match self.region_for(gpa, Access::Write, check) {
-                Ok(r) => r,
-                Err(error) => return Err(Failed { error, flush }),
-            };
+            let r = self.region_for(gpa, Access::Write, check)?;
             let host = match r.linear_hpa(gpa) {
                 Some(h) => Some(h),
                 // A writable leaf of an anonymous region is private (shared frames are mapped
@@ -461,23 +485,16 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 // a private frame of this space held by `&mut self`; `buf` is not guest memory.
                 unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
                 self.note_written(gpa, len);
-                return Ok(flush);
+                return Ok(());
             }
         }
-        let Some(end) = gpa.checked_add(len) else {
-            return Err(Failed { error: GuestMemError::Overflow { gpa, len }, flush });
-        };
+        let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
         let mut off = 0usize;
         while off < buf.len() {
             let cur = gpa + off as u64;
-            let r = match self.region_for(cur, Access::Write, check) {
-                Ok(r) => r.clone(),
-                Err(error) => return Err(Failed { error, flush }),
-            };
+            let r = self.region_for(cur, Access::Write, check)?.clone();
             if off == 0 {
-                if let Err(error) = self.check_rest(r.range.end, end, Access::Write, check) {
-                    return Err(Failed { error, flush });
-                }
+                self.check_rest(r.range.end, end, Access::Write, check)?;
             }
             let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
             let src = &buf[off..off + in_region as usize];
@@ -514,10 +531,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             }
             let n = (PAGE - cur.offset_in(PAGE)).min(in_region) as usize;
             let page = cur.align_down(PAGE);
-            let hpa = match self.private_frame(&r, page, &mut flush) {
-                Ok(h) => h,
-                Err(error) => return Err(Failed { error, flush }),
-            };
+            let hpa = self.private_frame(&r, page, flush)?;
             let dst = self.alloc.phys_to_virt(hpa + cur.offset_in(PAGE)).as_ptr();
             // SAFETY: `hpa` is a private frame of this space (count 1, mapped), held by
             // `&mut self`; `n` bytes stay inside it; `buf` is not guest memory.
@@ -525,32 +539,25 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             self.note_written(cur, n as u64);
             off += n;
         }
-        Ok(flush)
+        Ok(())
     }
 
     /// Atomic compare-and-exchange of the aligned 64-bit word at `gpa` (populating or copying
-    /// its page first, like a write). Returns the value found.
-    #[allow(clippy::type_complexity)]
-    pub fn compare_exchange_u64(
+    /// its page first, like a write). `flush` collects the changes.
+    fn compare_exchange_inner(
         &mut self,
         gpa: GuestPhysAddr,
         current: u64,
         new: u64,
-    ) -> Result<(Result<u64, u64>, SpaceFlush<F>), Failed<GuestMemError, F>> {
-        let mut flush = SpaceFlush::none();
+        flush: &mut SpaceFlush<F>,
+    ) -> Result<Result<u64, u64>, GuestMemError> {
         if !gpa.is_aligned(8) {
-            return Err(Failed { error: GuestMemError::Misaligned { gpa }, flush });
+            return Err(GuestMemError::Misaligned { gpa });
         }
-        let r = match self.region_for(gpa, Access::Write, true) {
-            Ok(r) => r.clone(),
-            Err(error) => return Err(Failed { error, flush }),
-        };
+        let r = self.region_for(gpa, Access::Write, true)?.clone();
         let hpa = match r.linear_hpa(gpa) {
             Some(h) => h,
-            None => match self.private_frame(&r, gpa.align_down(PAGE), &mut flush) {
-                Ok(h) => h + gpa.offset_in(PAGE),
-                Err(error) => return Err(Failed { error, flush }),
-            },
+            None => self.private_frame(&r, gpa.align_down(PAGE), flush)? + gpa.offset_in(PAGE),
         };
         let p = self.alloc.phys_to_virt(hpa).as_ptr().cast::<u64>();
         // SAFETY: `p` is 8-byte aligned (gpa is, and frames are page-aligned in both views), in
@@ -561,52 +568,41 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if res.is_ok() && current != new {
             self.note_written(gpa, 8);
         }
-        Ok((res, flush))
-    }
-
-    /// A [`GuestMemory`] view of this space that carries out each change's flush with
-    /// `invalidate` before returning.
-    pub fn memory<I: FnMut(&InvalidationOf<'_, F>)>(&mut self, invalidate: I) -> SpaceMemory<'_, F, A, I> {
-        SpaceMemory { space: self, invalidate }
+        Ok(res)
     }
 }
 
-/// [`GuestMemory`] over a borrowed [`AddressSpace`]; see [`AddressSpace::memory`].
-pub struct SpaceMemory<'a, F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> {
-    space: &'a mut AddressSpace<F, A>,
-    invalidate: I,
-}
-
-impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> SpaceMemory<'_, F, A, I> {
-    fn settle<T>(&mut self, r: Result<(T, SpaceFlush<F>), Failed<GuestMemError, F>>) -> Result<T, GuestMemError> {
-        match r {
-            Ok((v, flush)) => {
-                self.space.flush(flush, &mut self.invalidate);
-                Ok(v)
-            }
-            Err(Failed { error, flush }) => {
-                self.space.flush(flush, &mut self.invalidate);
-                Err(error)
-            }
-        }
-    }
-}
-
-impl<F: Format, A: FrameAllocator + Clone, I: FnMut(&InvalidationOf<'_, F>)> GuestMemory for SpaceMemory<'_, F, A, I> {
+/// The address space as guest memory, accessed as the guest would: reads and writes are
+/// checked against the regions' rights (MMIO refused, see [`AddressSpace::load_image`] to load
+/// into a read-only region).
+///
+/// A write (or compare-exchange) may back an untouched demand-zero page or give a
+/// copy-on-write page a private copy; the trait has no room for the flush that needs, so it is
+/// left in the space's pending list. **Carry it out with [`AddressSpace::flush_pending`] (or any
+/// later [`AddressSpace::flush`]) before resuming a vCPU of this space**: until then a vCPU may
+/// still reach the old shared frame through a stale translation. A write into pages already
+/// private and writable needs nothing. Reads never change the space.
+impl<F: Format, A: FrameAllocator + Clone> GuestMemory for AddressSpace<F, A> {
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
-        self.space.read_as(gpa, buf, access)
+        AddressSpace::read_as(self, gpa, buf, access)
     }
+
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        let r = self.space.copy_to_guest(gpa, buf).map(|f| ((), f));
-        self.settle(r)
+        let mut flush = SpaceFlush::none();
+        let r = self.write_inner(gpa, buf, true, &mut flush);
+        self.defer(flush);
+        r
     }
+
     fn compare_exchange_u64(
         &mut self,
         gpa: GuestPhysAddr,
         current: u64,
         new: u64,
     ) -> Result<Result<u64, u64>, GuestMemError> {
-        let r = self.space.compare_exchange_u64(gpa, current, new);
-        self.settle(r)
+        let mut flush = SpaceFlush::none();
+        let r = self.compare_exchange_inner(gpa, current, new, &mut flush);
+        self.defer(flush);
+        r
     }
 }

@@ -1,4 +1,5 @@
 //! Regions of a guest-physical address space and the backends that give them memory.
+#![forbid(unsafe_code)]
 
 use core::fmt;
 use twostage_npt::{GpaRange, GuestPhysAddr, HostPhysAddr, MappingFlags};

@@ -3,7 +3,7 @@
 use crate::dirty::DirtyLog;
 use crate::error::NoFrame;
 use crate::error::*;
-use crate::flush::SpaceFlush;
+use crate::flush::{Pending, SpaceFlush};
 use crate::frames::FrameRefs;
 use crate::region::{Backend, Region, RegionId, RegionLabel};
 use alloc::collections::BTreeMap;
@@ -42,8 +42,9 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     pub(crate) refs: FrameRefs,
     pub(crate) dirty: Option<DirtyLog>,
     pub(crate) stats: SpaceStats,
-    /// A table flush owed by a change that failed part way; carried out with the next flush.
-    pub(crate) deferred: Option<twostage_npt::Flush<F>>,
+    /// What changes still owe: the table flush of changes whose token the space kept (failed
+    /// operations, guest-memory writes) and the data frames awaiting an invalidation.
+    pub(crate) pending: Pending<F>,
 }
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
@@ -55,7 +56,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// An empty address space whose frames are counted in `refs`, so that it can share frames
     /// with the other spaces counting in the same table (see [`AddressSpace::share_from`]).
     pub fn with_refs(alloc: A, opts: TableOptions, refs: FrameRefs) -> Result<Self, NewSpaceError> {
-        let table = PageTable::new(alloc.clone(), opts).map_err(NewSpaceError::OutOfFrames)?;
+        let table = PageTable::new(alloc.clone(), opts)?;
         Ok(Self {
             table,
             alloc,
@@ -65,7 +66,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             refs,
             dirty: None,
             stats: SpaceStats::default(),
-            deferred: None,
+            pending: Pending::new(),
         })
     }
 
@@ -134,7 +135,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if F::GPA_BITS < 64 && range.end.as_u64() > (1u64 << F::GPA_BITS) {
             return Err(AddRegionError::OutOfRange { range, gpa_bits: F::GPA_BITS });
         }
-        F::check_flags(flags, &self.opts).map_err(AddRegionError::Flags)?;
+        F::check_flags(flags, &self.opts)?;
         if let Some(existing) = self.overlapping(range) {
             return Err(AddRegionError::Overlap { name, range, existing });
         }
@@ -143,8 +144,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             if !host.is_aligned(PAGE) || host.checked_add(range.len()).is_none() {
                 return Err(AddRegionError::BadHost { host });
             }
-            let f =
-                self.table.map(range.start, host, range.len(), flags, MapSize::Largest).map_err(AddRegionError::Map)?;
+            let f = self.table.map(range.start, host, range.len(), flags, MapSize::Largest)?;
             flush.add(f);
         }
         let id = RegionId(self.next_id);
@@ -156,19 +156,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 let r = GpaRange { start: range.start.max(log_range.start), end: range.end.min(log_range.end) };
                 match self.arm_dirty_log(r) {
                     Ok(f) => flush = flush.merge(f),
-                    Err(failed) => {
-                        // Could not arm (no frame to split): take the region back out.
-                        flush = flush.merge(failed.flush);
+                    Err(e) => {
+                        // Could not arm (no frame to split): take the region back out. What was
+                        // mapped and unmapped is invalidated with the next flush of this space.
                         if let Ok(f) = self.remove_region(id) {
                             flush = flush.merge(f);
                         }
-                        // A linear region releases no frame; its unmapping is invalidated with
-                        // the next flush of this space.
-                        debug_assert!(flush.release.is_empty());
-                        if let Some(t) = flush.table {
-                            self.defer(t);
-                        }
-                        return Err(AddRegionError::DirtyLog(failed.error));
+                        self.defer(flush);
+                        return Err(AddRegionError::DirtyLog(e));
                     }
                 }
             }
@@ -191,39 +186,39 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let (range, owns) = (r.range, r.backend.owns_frames());
         let mut release = Vec::new();
         if owns {
-            self.table.for_each_leaf(range.start, range.len(), |leaf| release.push(leaf.hpa));
+            self.table.for_each_leaf(range.start, range.len(), |leaf| release.push((leaf.gpa, leaf.hpa)));
         }
-        let f = self.table.unmap(range.start, range.len()).map_err(RemoveRegionError::Unmap)?;
+        let f = self.table.unmap(range.start, range.len())?;
         self.regions.remove(&key);
-        Ok(SpaceFlush { table: Some(f), release })
+        self.pending.release.append(&mut release);
+        Ok(SpaceFlush::from_table(f))
     }
 
     /// Changes the rights of a region and of every page mapped in it. Pages shared
     /// copy-on-write, and pages the dirty log write-protects, stay read-only until written.
-    pub fn protect_region(
-        &mut self,
-        id: RegionId,
-        flags: MappingFlags,
-    ) -> Result<SpaceFlush<F>, Failed<ProtectRegionError, F>> {
-        let fail = |error| Failed { error, flush: SpaceFlush::none() };
-        let key = self.key_of(id).ok_or(fail(ProtectRegionError::NoSuchRegion(id)))?;
-        F::check_flags(flags, &self.opts).map_err(|e| fail(ProtectRegionError::Flags(e)))?;
-        let region = self.regions.get_mut(&key).ok_or(fail(ProtectRegionError::NoSuchRegion(id)))?;
+    ///
+    /// On failure the region keeps its old rights record; leaves already changed stay changed,
+    /// their invalidation left pending (see [`AddressSpace::flush_pending`]).
+    pub fn protect_region(&mut self, id: RegionId, flags: MappingFlags) -> Result<SpaceFlush<F>, ProtectRegionError> {
+        let key = self.key_of(id).ok_or(ProtectRegionError::NoSuchRegion(id))?;
+        F::check_flags(flags, &self.opts)?;
+        let region = self.regions.get_mut(&key).ok_or(ProtectRegionError::NoSuchRegion(id))?;
         let (old, range) = (region.flags, region.range);
         region.flags = flags;
-        self.reprotect(range).map_err(|failed| {
+        self.reprotect(range).map_err(|e| {
             if let Some(r) = self.regions.get_mut(&key) {
                 r.flags = old;
             }
-            Failed { error: ProtectRegionError::Protect(failed.error), flush: failed.flush }
+            ProtectRegionError::Protect(e)
         })
     }
 
     /// Gives every leaf in `range` (inside one or more regions) the rights it should have.
     ///
     /// Consecutive leaves that need the same rights are changed with one `protect` call; the
-    /// region is looked up once per region, not per leaf.
-    pub(crate) fn reprotect(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, Failed<RangeError, F>> {
+    /// region is looked up once per region, not per leaf. On failure the leaves already changed
+    /// are left to the pending flush.
+    pub(crate) fn reprotect(&mut self, range: GpaRange) -> Result<SpaceFlush<F>, RangeError> {
         // Runs of leaves to change: (start, end, rights).
         let mut runs: Vec<(GuestPhysAddr, GuestPhysAddr, MappingFlags)> = Vec::new();
         let mut region: Option<Region> = None;
@@ -246,7 +241,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         for (start, end, want) in runs {
             match self.table.protect(start, end - start, want) {
                 Ok(f) => flush.add(f),
-                Err(e) => return Err(Failed { error: e, flush }),
+                Err(e) => {
+                    self.defer(flush);
+                    return Err(e);
+                }
             }
         }
         Ok(flush)
@@ -271,13 +269,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         flags
     }
 
-    /// Backs every untouched page of an anonymous region with a zeroed frame now.
-    pub fn populate(&mut self, id: RegionId) -> Result<SpaceFlush<F>, Failed<PopulateError, F>> {
-        let fail = |error| Failed { error, flush: SpaceFlush::none() };
-        let key = self.key_of(id).ok_or(fail(PopulateError::NoSuchRegion(id)))?;
+    /// Backs every untouched page of an anonymous region with a zeroed frame now. If it stops
+    /// (no frame), the pages backed so far stay, their invalidation left pending.
+    pub fn populate(&mut self, id: RegionId) -> Result<SpaceFlush<F>, PopulateError> {
+        let key = self.key_of(id).ok_or(PopulateError::NoSuchRegion(id))?;
         let r = self.regions[&key].clone();
         if !r.backend.owns_frames() {
-            return Err(fail(PopulateError::NotAnonymous(id)));
+            return Err(PopulateError::NotAnonymous(id));
         }
         // Leaves come in address order: walk the pages alongside them.
         let mut present = Vec::new();
@@ -290,7 +288,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             if present.peek() != Some(&gpa) {
                 match self.map_anon_page(&r, gpa) {
                     Ok(f) => flush.add(f),
-                    Err(NoFrame) => return Err(Failed { error: PopulateError::OutOfMemory { gpa }, flush }),
+                    Err(NoFrame) => {
+                        self.defer(flush);
+                        return Err(PopulateError::OutOfMemory { gpa });
+                    }
                 }
             }
             gpa = gpa + PAGE;
@@ -345,41 +346,77 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
     }
 
-    /// Carries out a flush: runs `invalidate` for the table change (on every CPU that may have
-    /// the table loaded), then frees the retired table frames and releases the data frames.
-    pub fn flush(&mut self, mut flush: SpaceFlush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
-        if let Some(d) = self.deferred.take() {
+    /// Carries out a flush: runs `invalidate` (on every CPU that may have the table loaded) for
+    /// the token's table change merged with everything pending (see
+    /// [`AddressSpace::flush_pending`]), then frees the retired table frames and releases the
+    /// pending data frames that this invalidation covers.
+    pub fn flush(&mut self, flush: SpaceFlush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
+        let mut flush = flush;
+        if let Some(d) = self.pending.table.take() {
             flush.add(d);
         }
-        if let Some(t) = flush.table {
-            self.table.flush(t, invalidate).expect("flush token of another address space");
-        }
-        self.release_frames(&flush.release);
+        let Some(t) = flush.table else { return };
+        let pending = &mut self.pending;
+        let mut covered = Vec::new();
+        self.table
+            .flush(t, |inv| {
+                invalidate(inv);
+                covered = pending.take_covered(inv);
+            })
+            .expect("flush token of another address space");
+        self.release_frames(&covered);
     }
 
-    /// Carries out a flush without invalidating: right only while no CPU has this table
-    /// loaded (a space being built, or one whose VM is stopped and whose context was
-    /// invalidated as a whole).
+    /// Carries out what is pending and nothing else: the invalidation owed by the changes whose
+    /// token the space kept, namely those of a failed operation (every operation that fails part
+    /// way leaves its partial change here rather than in its error) and those of the
+    /// [`crate::GuestMemory`] writes on the space (which may back a page or break copy-on-write,
+    /// and have no token to return). Call it before resuming a vCPU after such a write or
+    /// failure; any other [`AddressSpace::flush`] carries it out as well.
+    pub fn flush_pending(&mut self, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
+        self.flush(SpaceFlush::none(), invalidate);
+    }
+
+    /// Whether something awaits an invalidation: a change whose token the space kept, or data
+    /// frames waiting for a flush that covers them (see [`AddressSpace::flush_pending`]).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Carries out a flush, and everything pending, without invalidating, and releases every
+    /// pending frame: right only while no CPU has this table loaded and none holds a
+    /// translation from it (a space being built, or one whose VM is stopped and whose context
+    /// was invalidated as a whole since it last ran).
     pub fn flush_unloaded(&mut self, flush: SpaceFlush<F>) {
         self.flush(flush, |_| {});
+        let all: Vec<HostPhysAddr> = self.pending.release.drain(..).map(|(_, h)| h).collect();
+        self.release_frames(&all);
     }
 
     pub(crate) fn release_frames(&mut self, frames: &[HostPhysAddr]) {
         let alloc = &self.alloc;
         self.refs.release_all(frames, |hpa| {
             // SAFETY: the frame came from `allocate_frame` on this allocator (or a clone
-            // reaching the same memory), its last holder just dropped it, and the flush
-            // that unmapped it has been carried out.
+            // reaching the same memory), its last holder just dropped it, and an invalidation
+            // covering the page it was mapped at has been carried out (or the table is unloaded).
             unsafe { alloc.deallocate_frames(hpa, 1) };
         });
     }
 
-    /// Keeps a table flush owed by a change that failed, for the next [`AddressSpace::flush`].
-    pub(crate) fn defer(&mut self, f: twostage_npt::Flush<F>) {
-        self.deferred = Some(match self.deferred.take() {
+    /// Keeps the flush of a change whose token the caller will not get (a failed operation, a
+    /// guest-memory write), for the next [`AddressSpace::flush`].
+    pub(crate) fn defer(&mut self, f: SpaceFlush<F>) {
+        let Some(f) = f.table else { return };
+        self.pending.table = Some(match self.pending.table.take() {
             Some(d) => d.merge(f),
             None => f,
         });
+    }
+
+    /// Records that data frame `hpa`, mapped at `gpa`, was unmapped: it is released once an
+    /// invalidation covering `gpa` has been carried out.
+    pub(crate) fn retire(&mut self, gpa: GuestPhysAddr, hpa: HostPhysAddr) {
+        self.pending.release.push((gpa, hpa));
     }
 }
 
@@ -389,8 +426,9 @@ impl<F: Format, A: FrameAllocator + Clone> Drop for AddressSpace<F, A> {
         for r in self.regions.values().filter(|r| r.backend.owns_frames()) {
             self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| owned.push(leaf.hpa));
         }
+        owned.extend(self.pending.release.drain(..).map(|(_, h)| h));
         self.release_frames(&owned);
-        if let Some(d) = self.deferred.take() {
+        if let Some(d) = self.pending.table.take() {
             d.ignore(); // The table is going away; no CPU may have it loaded.
         }
         // The table frees its own frames when it drops.

@@ -33,7 +33,7 @@ fn try_write<F: ModelCpu>(s: &mut AddressSpace<F, Ram>, ram: &HostRam, at: u64, 
 fn check<F: Format>(s: &AddressSpace<F, Ram>, shadow: &BTreeMap<u64, u64>) {
     for (&a, &v) in shadow {
         let mut b = [0u8; 8];
-        s.copy_from_guest(gpa(a), &mut b).unwrap();
+        s.read(gpa(a), &mut b).unwrap();
         assert_eq!(u64::from_le_bytes(b), v, "value at {a:#x} lost");
     }
 }
@@ -79,8 +79,8 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
             Ok(f) => s.flush_unloaded(f),
             Err(e) => {
                 hit = true;
-                assert!(matches!(e.error, PopulateError::OutOfMemory { .. }));
-                s.flush_unloaded(e.flush);
+                assert!(matches!(e, PopulateError::OutOfMemory { .. }));
+                s.flush_pending(|_| {});
             }
         }
         check(&s, &shadow);
@@ -89,9 +89,9 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
                 s.flush_unloaded(f);
                 Some((c, shadow.clone()))
             }
-            Err(e) => {
+            Err(_) => {
                 hit = true;
-                s.flush_unloaded(e.flush);
+                s.flush_pending(|_| {});
                 None
             }
         };
@@ -119,32 +119,32 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
         match s.start_dirty_log(range(PASS, 2 << 20)) {
             Ok((_, f)) => {
                 s.flush_unloaded(f);
-                if let Err(e) = s.harvest_dirty().map(|(_, f)| s.flush_unloaded(f)) {
+                if s.harvest_dirty().map(|(_, f)| s.flush_unloaded(f)).is_err() {
                     hit = true;
-                    s.flush_unloaded(e.flush);
+                    s.flush_pending(|_| {});
                 }
                 match s.stop_dirty_log() {
                     Ok(f) => s.flush_unloaded(f),
-                    Err(e) => {
+                    Err(_) => {
                         hit = true;
-                        s.flush_unloaded(e.flush);
+                        s.flush_pending(|_| {});
                     }
                 }
             }
-            Err(e) => {
+            Err(_) => {
                 hit = true;
-                s.flush_unloaded(e.flush);
+                s.flush_pending(|_| {});
                 if s.dirty_log_range().is_some() {
-                    s.stop_dirty_log().map(|f| s.flush_unloaded(f)).unwrap_or_else(|e| s.flush_unloaded(e.flush));
+                    s.stop_dirty_log().map(|f| s.flush_unloaded(f)).unwrap_or_else(|_| s.flush_pending(|_| {}));
                 }
             }
         }
-        match s.copy_to_guest(gpa(RAM + 20 * 4096 - 4), &[7u8; 8]) {
-            Ok(f) => s.flush_unloaded(f),
+        match s.write(gpa(RAM + 20 * 4096 - 4), &[7u8; 8]) {
+            Ok(()) => s.flush_pending(|_| {}),
             Err(e) => {
                 hit = true;
-                assert!(matches!(e.error, GuestMemError::OutOfMemory { .. }), "{:?}", e.error);
-                s.flush_unloaded(e.flush);
+                assert!(matches!(e, GuestMemError::OutOfMemory { .. }), "{:?}", e);
+                s.flush_pending(|_| {});
             }
         }
         // Heal and check nothing written was lost (parked pages included).

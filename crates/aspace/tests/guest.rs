@@ -18,13 +18,13 @@ fn space(ram: &Ram) -> Space {
 }
 
 fn put(s: &mut Space, at: u64, v: u64) {
-    let f = s.copy_to_guest(gpa(at), &v.to_le_bytes()).unwrap();
-    s.flush_unloaded(f);
+    s.write(gpa(at), &v.to_le_bytes()).unwrap();
+    s.flush_pending(|_| {});
 }
 
 fn get(s: &Space, at: u64) -> u64 {
     let mut b = [0u8; 8];
-    s.copy_from_guest(gpa(at), &mut b).unwrap();
+    s.read(gpa(at), &mut b).unwrap();
     u64::from_le_bytes(b)
 }
 
@@ -62,7 +62,7 @@ fn x86_walk_copies_across_pages_and_sets_accessed_dirty() {
     let ram = ram(512);
     let mut s = space(&ram);
     let paging = x86_tables(&mut s);
-    let mut mem = s.memory(|_| {});
+    let mut mem = &mut s;
     let t = translate_gva(&mut mem, &paging, va(0x40_0123), Access::Read).unwrap();
     assert_eq!(t.gpa, gpa(0x1_0123));
     assert_eq!(translate_gva(&mut mem, &paging, va(0x20_0042), Access::Read).unwrap().gpa, gpa(0x42));
@@ -101,7 +101,7 @@ fn x86_protection_reserved_canonical_and_hostile_tables() {
     let ram = ram(512);
     let mut s = space(&ram);
     let GuestPaging::X86_64(p) = x86_tables(&mut s) else { panic!() };
-    let mut mem = s.memory(|_| {});
+    let mut mem = &mut s;
     let pg = GuestPaging::X86_64(p);
     let fault = |gva: u64, access, kind, level| GuestVaError::PageFault { gva: va(gva), access, kind, level };
     // Execute on an XD page, user access to a supervisor page.
@@ -153,7 +153,7 @@ fn x86_fetch_is_cut_at_an_unreachable_page() {
     let mut s = space(&ram);
     let GuestPaging::X86_64(p) = x86_tables(&mut s) else { panic!() };
     // 0x40_2000 is not present: a fetch at 0x40_0ff8 gets 8 bytes then stops.
-    let mut mem = s.memory(|_| {});
+    let mut mem = &mut s;
     mem.write(gpa(0x1_0ff8), &[0x90; 8]).unwrap();
     let pg = GuestPaging::X86_64(X86Paging { nxe: true, ..p });
     let insn = fetch_guest_instruction(&mut mem, &pg, va(0x40_0ff8), Isa::X86).unwrap();
@@ -200,7 +200,7 @@ fn riscv_fetch_reads_a_second_parcel_only_for_32_bit_instructions_across_pages()
     let mut s = space(&ram);
     let p = rv_tables(&mut s);
     let pg = GuestPaging::Riscv(p);
-    let mut mem = s.memory(|_| {});
+    let mut mem = &mut s;
     // 0x1ffc: c.nop (0x0001); 0x1ffe: low parcel of addi (0x00000013) -> second parcel at 0x2000.
     mem.write(gpa(0x2_0ffc), &[0x01, 0x00, 0x13, 0x00]).unwrap();
     mem.write(gpa(0x3_0000), &[0x00, 0x00]).unwrap();
@@ -231,7 +231,7 @@ fn riscv_accessed_dirty_svade_faults_svadu_updates() {
     let mut s = space(&ram);
     let p = rv_tables(&mut s);
     {
-        let mut mem = s.memory(|_| {});
+        let mut mem = &mut s;
         let svade = GuestPaging::Riscv(p);
         assert!(matches!(
             translate_gva(&mut mem, &svade, va(0x3008), Access::Write),
@@ -260,7 +260,7 @@ fn riscv_accessed_dirty_svade_faults_svadu_updates() {
 fn bare_mode_and_shared_space_work_through_the_trait() {
     let ram = ram(512);
     let s = space(&ram);
-    let shared = SharedAddressSpace::new(s, Box::new(|_| {}));
+    let shared = SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now);
     let mut m = &shared;
     copy_to_guest_va(&mut m, &GuestPaging::Bare, va(0x5ffc), &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
     let v: u64 = m.read_obj(gpa(0x5ffc)).unwrap();
@@ -290,12 +290,12 @@ fn multi_page_va_copies_match_page_by_page_translation() {
     put(&mut s, 0x4000 + 8 * 6, 0);
     for (i, t) in targets.iter().enumerate() {
         let bytes: Vec<u8> = (0..4096u32).map(|b| (b as u8) ^ (i as u8 * 37)).collect();
-        let f = s.copy_to_guest(gpa(*t), &bytes).unwrap();
-        s.flush_unloaded(f);
+        s.write(gpa(*t), &bytes).unwrap();
+        s.flush_pending(|_| {});
     }
     let start = 0x40_0000 + 0x7f8u64;
     let len = 5 * 4096;
-    let mut mem = s.memory(|_| {});
+    let mut mem = &mut s;
     let mut whole = vec![0u8; len];
     copy_from_guest_va(&mut mem, &paging, va(start), &mut whole).unwrap();
     let mut expect = vec![0u8; len];

@@ -20,12 +20,12 @@ struct GuestPhys<'a>(&'a mut Space);
 impl model::PhysMem for GuestPhys<'_> {
     fn read_u64(&mut self, pa: model::Hpa) -> Option<u64> {
         let mut b = [0u8; 8];
-        self.0.copy_from_guest(gpa(pa.0), &mut b).ok()?;
+        self.0.read(gpa(pa.0), &mut b).ok()?;
         Some(u64::from_le_bytes(b))
     }
     fn write_u64(&mut self, pa: model::Hpa, value: u64) -> Option<()> {
-        let f = self.0.copy_to_guest(gpa(pa.0), &value.to_le_bytes()).ok()?;
-        self.0.flush_unloaded(f);
+        self.0.write(gpa(pa.0), &value.to_le_bytes()).ok()?;
+        self.0.flush_pending(|_| {});
         Some(())
     }
 }
@@ -43,15 +43,15 @@ fn build(ram: &Ram, entries: &[u64]) -> Space {
     s.flush_unloaded(f);
     for (i, e) in entries.iter().enumerate() {
         let (page, idx) = (i as u64 / 4, i as u64 % 4);
-        let f = s.copy_to_guest(gpa(page * 4096 + idx * 8), &e.to_le_bytes()).unwrap();
-        s.flush_unloaded(f);
+        s.write(gpa(page * 4096 + idx * 8), &e.to_le_bytes()).unwrap();
+        s.flush_pending(|_| {});
     }
     s
 }
 
 fn tables_of(s: &Space) -> Vec<u8> {
     let mut v = vec![0u8; (TABLE_PAGES * 4096) as usize];
-    s.copy_from_guest(gpa(0), &mut v).unwrap();
+    s.read(gpa(0), &mut v).unwrap();
     v
 }
 
@@ -132,7 +132,7 @@ proptest! {
         };
         for (gva, a) in gvas {
             let (access, maccess) = acc(a);
-            let got = translate_gva(&mut mine.memory(|_| {}), &GuestPaging::X86_64(p), GuestVirtAddr::new(gva), access);
+            let got = translate_gva(&mut mine, &GuestPaging::X86_64(p), GuestVirtAddr::new(gva), access);
             let priv_ = if user { Privilege::User } else { Privilege::Supervisor };
             let want = stage1::x86::walk(&mut GuestPhys(&mut theirs), &mut NoStage2, &regs, model::Gva(gva), maccess, priv_);
             use stage1::x86::{error_code as ec, X86Error};
@@ -171,7 +171,7 @@ proptest! {
         for (gva39, gva48, a) in gvas {
             let gva = if sv48 { gva48 } else { gva39 };
             let (access, maccess) = acc(a);
-            let got = translate_gva(&mut mine.memory(|_| {}), &GuestPaging::Riscv(p), GuestVirtAddr::new(gva), access);
+            let got = translate_gva(&mut mine, &GuestPaging::Riscv(p), GuestVirtAddr::new(gva), access);
             let priv_ = if user { Privilege::User } else { Privilege::Supervisor };
             let want = stage1::riscv::walk(&mut GuestPhys(&mut theirs), &mut NoStage2, &regs, model::Gva(gva), maccess, priv_);
             use stage1::riscv::RvError;

@@ -275,14 +275,14 @@ fn run_faults<F: TlbCpu>(ad: AdMode, ops: Vec<Op>) {
             }
             Op::HypWrite { page, val } => {
                 let at = RAM + u64::from(page) * 4096 + 8;
-                match g.s.copy_to_guest(gpa(at), &val.to_le_bytes()) {
-                    Ok(f) => {
-                        g.flush(f);
+                match g.s.write(gpa(at), &val.to_le_bytes()) {
+                    Ok(()) => {
+                        g.flush(SpaceFlush::none()); // The write's flush is pending in the space.
                         g.shadow.insert(at, val);
                     }
                     Err(e) => {
-                        assert!(!ram_present || !ram_rights.contains(MappingFlags::WRITE), "{:?}", e.error);
-                        g.flush(e.flush);
+                        assert!(!ram_present || !ram_rights.contains(MappingFlags::WRITE), "{:?}", e);
+                        g.flush(SpaceFlush::none()); // The failed write's flush is pending in the space.
                     }
                 }
             }
@@ -292,7 +292,7 @@ fn run_faults<F: TlbCpu>(ad: AdMode, ops: Vec<Op>) {
     // Every value the guest wrote to anonymous memory is still there, seen by the hypervisor.
     for (&a, &v) in &g.shadow {
         let mut b = [0u8; 8];
-        g.s.copy_from_guest(gpa(a), &mut b).or_else(|_| g.s.read_as(gpa(a), &mut b, Access::Execute)).unwrap();
+        g.s.read(gpa(a), &mut b).or_else(|_| g.s.read_as(gpa(a), &mut b, Access::Execute)).unwrap();
         assert_eq!(u64::from_le_bytes(b), v, "value at {a:#x}");
     }
     drop(g);
@@ -400,8 +400,8 @@ fn run_fork<F: TlbCpu>(ad: AdMode, pre: Vec<(u8, u64)>, ops: Vec<ForkOp>) {
                     (false, Some(p)) => p,
                     _ => &mut child,
                 };
-                let f = g.s.copy_to_guest(gpa(page_addr(page)), &val.to_le_bytes()).unwrap();
-                g.flush(f);
+                g.s.write(gpa(page_addr(page)), &val.to_le_bytes()).unwrap();
+                g.flush(SpaceFlush::none()); // The write's flush is pending in the space.
                 g.shadow.insert(page_addr(page), val);
                 mirror(page, val, &mut parent, &mut child);
             }
@@ -420,7 +420,7 @@ fn run_fork<F: TlbCpu>(ad: AdMode, pre: Vec<(u8, u64)>, ops: Vec<ForkOp>) {
     for g in parent.iter().chain(std::iter::once(&child)) {
         for (&a, &v) in &g.shadow {
             let mut b = [0u8; 8];
-            g.s.copy_from_guest(gpa(a), &mut b).unwrap();
+            g.s.read(gpa(a), &mut b).unwrap();
             assert_eq!(u64::from_le_bytes(b), v, "value at {a:#x}");
         }
     }
@@ -481,8 +481,8 @@ fn run_dirty<F: TlbCpu>(ad: AdMode, pre: Vec<u8>, ops: Vec<DirtyOp>) {
                 assert!(g.access(&ram, page_addr(page), Access::Read, 0).0.is_none());
             }
             DirtyOp::HypWrite { page } => {
-                let f = g.s.copy_to_guest(gpa(page_addr(page)), &[0xee; 8]).unwrap();
-                g.flush(f);
+                g.s.write(gpa(page_addr(page)), &[0xee; 8]).unwrap();
+                g.flush(SpaceFlush::none()); // The write's flush is pending in the space.
                 g.shadow.insert(page_addr(page), u64::from_le_bytes([0xee; 8]));
                 expect.insert(page_addr(page) & !0xfff);
             }

@@ -14,25 +14,33 @@ const PAGES: u64 = 48;
 type Shared = SharedAddressSpace<Sv39x4, Ram>;
 
 /// A guest access as a vCPU makes it: the walk and the access happen with the read lock held
-/// (standing in for "no flush is in progress": a real flush shoots the translation down first);
-/// a fault is resolved under the write lock and the access retried.
+/// (standing in for "no flush is in progress": a real flush shoots the translation down first).
+/// A fault is resolved under the write lock, and the vCPU resumes at once: the access is
+/// retried before the lock is released (a real vCPU re-executes the instruction right after
+/// the resume, long before a queued fork could write-protect the page again; with a fair lock
+/// and a thread that forks without pause, retrying only after taking the lock again would let
+/// a fork in between every time).
 fn vcpu_access(sh: &Shared, ram: &Ram, at: u64, access: Access, val: u64) -> u64 {
-    for _ in 0..8 {
-        let done = sh.with(|s| {
-            let hpa = Sv39x4::model_walk(ram, s.root().as_u64(), true, gpa(at), access).ok()?;
-            Some(if access == Access::Write {
-                ram.write_u64(hpa, val);
-                val
-            } else {
-                ram.read_u64(hpa)
-            })
+    let walk = |s: &AddressSpace<Sv39x4, Ram>| {
+        let hpa = Sv39x4::model_walk(ram, s.root().as_u64(), true, gpa(at), access).ok()?;
+        Some(if access == Access::Write {
+            ram.write_u64(hpa, val);
+            val
+        } else {
+            ram.read_u64(hpa)
+        })
+    };
+    if let Some(v) = sh.with(walk) {
+        return v;
+    }
+    for _ in 0..4 {
+        let done = sh.with_mut(|s| match s.handle_fault(NestedPageFaultInfo::new(gpa(at), access)) {
+            // The model walks the table itself (no TLB): the change is visible before the flush.
+            FaultOutcome::Resolved { flush } => (walk(s), flush),
+            other => panic!("{access} at {at:#x}: {other:?}"),
         });
         if let Some(v) = done {
             return v;
-        }
-        match sh.handle_fault(NestedPageFaultInfo::new(gpa(at), access)) {
-            FaultOutcome::Resolved { .. } => {}
-            other => panic!("{access} at {at:#x}: {other:?}"),
         }
     }
     panic!("{access} at {at:#x} kept faulting");
@@ -50,7 +58,7 @@ fn vcpus_copies_forks_and_harvests_race_safely() {
     s.flush_unloaded(f);
     let (_, f) = s.start_dirty_log(range(BASE, PAGES * 4096)).unwrap();
     s.flush_unloaded(f);
-    let sh = Arc::new(SharedAddressSpace::new(s, Box::new(|_| {})));
+    let sh = Arc::new(SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now));
     let stop = Arc::new(AtomicBool::new(false));
     let harvested = Arc::new(Mutex::new(BTreeSet::new()));
     let written = Arc::new(Mutex::new(BTreeSet::new()));
@@ -112,14 +120,14 @@ fn vcpus_copies_forks_and_harvests_race_safely() {
                 let mut child = sh.fork().unwrap();
                 forks += 1;
                 let mut buf = vec![0u8; 16 * 4096];
-                child.copy_from_guest(gpa(BASE + 32 * 4096), &mut buf).unwrap();
+                child.read(gpa(BASE + 32 * 4096), &mut buf).unwrap();
                 for page in buf.chunks(4096) {
                     assert!(uniform(page), "torn page in a fork");
                 }
-                let f = child.copy_to_guest(gpa(BASE + 40 * 4096), &[0xab; 4096]).unwrap();
-                child.flush_unloaded(f);
+                child.write(gpa(BASE + 40 * 4096), &[0xab; 4096]).unwrap();
+                child.flush_pending(|_| {});
                 let mut one = [0u8; 8];
-                child.copy_from_guest(gpa(BASE + 40 * 4096), &mut one).unwrap();
+                child.read(gpa(BASE + 40 * 4096), &mut one).unwrap();
                 assert_eq!(one, [0xab; 8]);
                 let _ = &ram;
                 drop(child);
@@ -164,10 +172,37 @@ fn vcpus_copies_forks_and_harvests_race_safely() {
     for (cpu, last) in lasts.iter().enumerate() {
         for (p, &v) in last.iter().enumerate() {
             let mut b = [0u8; 8];
-            s.copy_from_guest(gpa(BASE + (cpu as u64 * 16 + p as u64) * 4096), &mut b).unwrap();
+            s.read(gpa(BASE + (cpu as u64 * 16 + p as u64) * 4096), &mut b).unwrap();
             assert_eq!(u64::from_le_bytes(b), v);
         }
     }
     drop(s);
     assert_eq!(ram.frames_in_use(), 0, "frames leaked");
+}
+
+#[test]
+#[should_panic(expected = "SharedAddressSpace re-entered on CPU")]
+fn re_entering_the_lock_from_inside_with_panics_instead_of_hanging() {
+    let ram = ram(64);
+    let mut s = AddressSpace::<Sv39x4, Ram>::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (_, f) = s.add_region("ram", range(BASE, 4096), MappingFlags::RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let sh: Shared = SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now);
+    // A fault resolved while this CPU still reads inside `with`: the write lock would wait for
+    // this CPU's own read lock forever.
+    let _ = sh.with(|_| sh.handle_fault(NestedPageFaultInfo::new(gpa(BASE), Access::Write)));
+}
+
+#[test]
+fn the_lock_is_free_again_after_a_detected_re_entrance() {
+    let ram = ram(64);
+    let s = AddressSpace::<Sv39x4, Ram>::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let sh: Shared = SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sh.with(|_| sh.with(|_| ()))));
+    assert!(r.is_err());
+    // Reads and writes on other threads and this one go on.
+    sh.with(|s| assert_eq!(s.regions().count(), 0));
+    std::thread::scope(|t| {
+        t.spawn(|| sh.with_mut(|_| ((), SpaceFlush::none())));
+    });
 }

@@ -270,7 +270,8 @@ pub fn probe() -> twostage_npt::HgatpCapabilities {
 
 /// Guest-physical read by swapping vsatp: vsatp = 0 and HFENCE.VVMA so that guest virtual =
 /// guest physical, hlv copies, then vsatp restored and fenced again. Kept for comparison with
-/// [`crate::gpa::GuestPhys`] (two TLB flushes per copy, and it needs the guest's VMID loaded).
+/// software translation through the nested table (`twostage_aspace::TableMemory`): this costs two
+/// TLB flushes per copy, and needs the guest's VMID loaded.
 ///
 /// # Safety
 /// As for [`Hlv::new`]; hgatp must be the guest's.

@@ -3,7 +3,6 @@
 //! Key types: [`fault::GuestPageFault`] (a decoded scause 20/21/23 trap, carrying the engine's
 //! [`twostage_npt::NestedPageFaultInfo`]), [`access::GuestAccessError`] (a recovered fault in an
 //! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
-//! [`gpa::GuestPhys`] (guest-physical copies by software translation through the nested table),
 //! [`fence::GvmaFence`] (the engine's `GvmaInvalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
 //! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
 //! and [`fdt::FdtWriter`].
@@ -30,7 +29,6 @@ pub mod extable;
 pub mod fault;
 pub mod fdt;
 pub mod fence;
-pub mod gpa;
 pub mod insn;
 pub mod mmio;
 pub mod probe;

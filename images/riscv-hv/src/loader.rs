@@ -78,11 +78,8 @@ fn load(space: &mut Space, plan: &LoadPlan<'_>, dtb: u64, tree: &[u8]) -> Result
     let blobs = plan.segments.iter().map(|s| (s.gpa, s.bytes)).chain([(dtb, tree)]);
     for (gpa, bytes) in blobs {
         let at = GuestPhysAddr::try_new(gpa).map_err(|e| format!("load address: {e}"))?;
-        let f = space.load_image(at, bytes).map_err(|e| {
-            let msg = format!("loading {} bytes at {at:?}: {}", bytes.len(), e.error);
-            space.flush_unloaded(e.flush);
-            msg
-        })?;
+        // On failure the partial load's flush stays pending in the space.
+        let f = space.load_image(at, bytes).map_err(|e| format!("loading {} bytes at {at:?}: {e}", bytes.len()))?;
         // The table is not loaded on any hart yet.
         space.flush_unloaded(f);
     }
@@ -193,8 +190,9 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
                             snapshot = Some(child);
                         }
                         Err(e) => {
-                            println!("snapshot failed: {:?}", e.error);
-                            vm.apply_space(e.flush);
+                            println!("snapshot failed: {e}");
+                            // The partial fork's flush is pending in the space.
+                            vm.apply_space(twostage_aspace::SpaceFlush::none());
                         }
                     }
                 }

@@ -6,10 +6,10 @@ use crate::vm::{self, frames, Exit, Vm, UART_GPA};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use twostage_aspace::{GuestMemError, GuestMemory};
 use twostage_npt::{FrameAllocator, GpaRange, GuestPhysAddr, MappingFlags, PageSize};
 use twostage_npt::{Hgatp, HgatpMode};
 use twostage_rvh::fault::GuestPageFault;
-use twostage_rvh::gpa::GpaAccessError;
 use twostage_rvh::{csr::cause, hw};
 
 /// A scenario's verdict: `Err` carries the reason printed after `not ok`.
@@ -43,7 +43,7 @@ pub fn test_vm(vmid: u16) -> Result<Vm, String> {
     let blob = guest::blob();
     let len = (blob.len() as u64).next_multiple_of(4096);
     vm.map_new(gpa(CODE), len, MappingFlags::RWX, PageSize::Size4K).map_err(String::from)?;
-    vm.phys().copy_to_guest(gpa(CODE), blob).map_err(|e| format!("loading the guest: {e}"))?;
+    vm.phys().write(gpa(CODE), blob).map_err(|e| format!("loading the guest: {e}"))?;
     fresh_vs_context(&vm);
     Ok(vm)
 }
@@ -99,13 +99,13 @@ pub fn describe(e: &Exit) -> String {
 /// Reads a u64 through the nested table (software translation).
 pub fn peek(vm: &Vm, at: u64) -> Result<u64, String> {
     let mut b = [0u8; 8];
-    vm.phys().copy_from_guest(gpa(at), &mut b).map_err(|e| format!("peek {at:#x}: {e}"))?;
+    vm.phys().read(gpa(at), &mut b).map_err(|e| format!("peek {at:#x}: {e}"))?;
     Ok(u64::from_le_bytes(b))
 }
 
 /// Writes a u64 through the nested table.
 pub fn poke(vm: &Vm, at: u64, v: u64) -> Verdict {
-    vm.phys().copy_to_guest(gpa(at), &v.to_le_bytes()).map_err(|e| format!("poke {at:#x}: {e}"))
+    vm.phys().write(gpa(at), &v.to_le_bytes()).map_err(|e| format!("poke {at:#x}: {e}"))
 }
 
 struct Suite {
@@ -299,7 +299,7 @@ fn permissions() -> Verdict {
     // Execute on a no-execute page: `li a0, 42; ret`.
     let nx = 0x8700_1000;
     vm.map_new(gpa(nx), 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
-    vm.phys().copy_to_guest(gpa(nx), &[0x13, 0x05, 0xa0, 0x02, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(nx), &[0x13, 0x05, 0xa0, 0x02, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
     let (f, t) = fault(call(&mut vm, Routine::Call, &[nx]))?;
     ensure!(
         t.scause == 20 && f.info.access_flags == MappingFlags::EXECUTE,
@@ -328,7 +328,7 @@ fn mmio_uart() -> Verdict {
     let text = b"hello from the guest's UART\0";
     let s = 0x8000_8000;
     vm.map_new(gpa(s), 4096, MappingFlags::RW, PageSize::Size4K).map_err(String::from)?;
-    vm.phys().copy_to_guest(gpa(s), text).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(s), text).map_err(|e| format!("{e}"))?;
     let lsr = done(call(&mut vm, Routine::UartPuts, &[UART_GPA, s]))?;
     let out = core::str::from_utf8(&vm.uart.out).unwrap_or("?");
     println!("# guest UART said: {out:?} (LSR read {lsr:#x})");
@@ -356,13 +356,13 @@ fn gpa_copies() -> Verdict {
     let (h1, _) = vm.table().translate(gpa(a + 4096)).ok_or("unmapped")?;
     ensure!(h1 != h0 + 4096, "test needs discontiguous frames");
     let data: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37).wrapping_add(1)).collect();
-    vm.phys().copy_to_guest(gpa(a + 4096 - 24), &data).map_err(|e| format!("copy_to_guest: {e}"))?;
+    vm.phys().write(gpa(a + 4096 - 24), &data).map_err(|e| format!("copy_to_guest: {e}"))?;
     // The guest reads what was written, on both sides of the boundary.
     let g0 = done(call(&mut vm, Routine::Load64, &[a + 4096 - 8]))?;
     let g1 = done(call(&mut vm, Routine::Load64, &[a + 4096]))?;
     ensure!(g0.to_le_bytes() == data[16..24] && g1.to_le_bytes() == data[24..32], "guest sees {g0:#x} {g1:#x}");
     let mut back = [0u8; 64];
-    vm.phys().copy_from_guest(gpa(a + 4096 - 24), &mut back).map_err(|e| format!("copy_from_guest: {e}"))?;
+    vm.phys().read(gpa(a + 4096 - 24), &mut back).map_err(|e| format!("copy_from_guest: {e}"))?;
     ensure!(back[..] == data[..], "software copy round trip");
     // The vsatp-swap approach (hw::copy_from_guest_swap) reads the same bytes.
     let mut swap = [0u8; 64];
@@ -370,13 +370,13 @@ fn gpa_copies() -> Verdict {
     unsafe { hw::copy_from_guest_swap(gpa(a + 4096 - 24), &mut swap) }.map_err(|e| format!("swap copy: {e}"))?;
     ensure!(swap[..] == data[..], "swap copy differs");
     // Unmapped and read-only GPAs are typed errors.
-    let e = vm.phys().copy_from_guest(gpa(a + 8192 - 4), &mut back).unwrap_err();
-    ensure!(matches!(e, GpaAccessError::NotMapped { gpa: g, done: 4, .. } if g == gpa(a + 8192)), "error {e:?}");
+    let e = vm.phys().read(gpa(a + 8192 - 4), &mut back).unwrap_err();
+    ensure!(matches!(e, GuestMemError::Unmapped { gpa: g, .. } if g == gpa(a + 8192)), "error {e:?}");
     // Measure: N copies of 64 bytes each way.
     const N: u64 = 2000;
     let t0 = (hw::rdtime(), hw::rdcycle());
     for i in 0..N {
-        vm.phys().copy_from_guest(gpa(a + 4096 - 24 - (i & 7)), &mut back).map_err(|e| format!("{e}"))?;
+        vm.phys().read(gpa(a + 4096 - 24 - (i & 7)), &mut back).map_err(|e| format!("{e}"))?;
     }
     let t1 = (hw::rdtime(), hw::rdcycle());
     for i in 0..N {

@@ -8,6 +8,7 @@ use crate::vm::{frames, hart, Exit, Vm};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
+use twostage_aspace::GuestMemory;
 use twostage_npt::Hgatp;
 use twostage_npt::{AdClear, FrameAllocator, GuestVirtAddr, MapSize, MappingFlags, PageSize, Sv39x4};
 use twostage_rvh::access::{self, GuestFaultKind};
@@ -46,7 +47,7 @@ fn gva_world() -> Result<Vm, String> {
     }
     let ptes = [pte(PAGE_B), pte(PAGE_A), pte(NOWHERE), 0, pte(PAGE_RO), pte(PAGE_NX)];
     let bytes: Vec<u8> = ptes.iter().flat_map(|p| p.to_le_bytes()).collect();
-    vm.phys().copy_to_guest(gpa(PTE_LIST), &bytes).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PTE_LIST), &bytes).map_err(|e| format!("{e}"))?;
     done(call(&mut vm, Routine::SetupPaging, &[PT_ROOT, PT_L1, PT_L0, PTE_LIST, ptes.len() as u64]))?;
     ensure!(hw::vsatp::read() >> 60 == 8, "guest vsatp {:#x} is not Sv39", hw::vsatp::read());
     Ok(vm)
@@ -61,8 +62,8 @@ pub fn gva_copies() -> Verdict {
     let mut vm = gva_world()?;
     let pa: Vec<u8> = (0..4096u32).map(|i| (i as u8) ^ 0xa5).collect();
     let pb: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
-    vm.phys().copy_to_guest(gpa(PAGE_A), &pa).map_err(|e| format!("{e}"))?;
-    vm.phys().copy_to_guest(gpa(PAGE_B), &pb).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PAGE_A), &pa).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PAGE_B), &pb).map_err(|e| format!("{e}"))?;
     // GVA 0xff0..0x1020 is the end of B followed by the start of A.
     let mut buf = [0u8; 48];
     access::copy_from_guest_va(&mut hlv(), GuestVirtAddr::new(0xff0), &mut buf).map_err(|e| format!("{e}"))?;
@@ -71,8 +72,8 @@ pub fn gva_copies() -> Verdict {
     access::copy_to_guest_va(&mut hlv(), GuestVirtAddr::new(0xffd), &data).map_err(|e| format!("{e}"))?;
     let mut b_end = [0u8; 3];
     let mut a_start = [0u8; 17];
-    vm.phys().copy_from_guest(gpa(PAGE_B + 0xffd), &mut b_end).map_err(|e| format!("{e}"))?;
-    vm.phys().copy_from_guest(gpa(PAGE_A), &mut a_start).map_err(|e| format!("{e}"))?;
+    vm.phys().read(gpa(PAGE_B + 0xffd), &mut b_end).map_err(|e| format!("{e}"))?;
+    vm.phys().read(gpa(PAGE_A), &mut a_start).map_err(|e| format!("{e}"))?;
     ensure!(b_end[..] == data[..3] && a_start[..] == data[3..], "write across GVA pages");
     // The guest, through its own tables, reads what the hypervisor wrote.
     let v = done(call(&mut vm, Routine::Load64, &[0x1000]))?;
@@ -83,10 +84,10 @@ pub fn gva_copies() -> Verdict {
 pub fn insn_fetch() -> Verdict {
     let mut vm = gva_world()?;
     // c.li a0, 5; c.jr ra at GVA 0x100 (page B).
-    vm.phys().copy_to_guest(gpa(PAGE_B + 0x100), &[0x15, 0x45, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PAGE_B + 0x100), &[0x15, 0x45, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
     // addi a0, a0, 1 (0x00150513) across GVA 0xffe..0x1002 (B's last parcel, A's first), then c.jr ra.
-    vm.phys().copy_to_guest(gpa(PAGE_B + 0xffe), &[0x13, 0x05]).map_err(|e| format!("{e}"))?;
-    vm.phys().copy_to_guest(gpa(PAGE_A), &[0x15, 0x00, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PAGE_B + 0xffe), &[0x13, 0x05]).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(PAGE_A), &[0x15, 0x00, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
     let c = access::fetch_guest_instruction(&mut hlv(), GuestVirtAddr::new(0x100)).map_err(|e| format!("{e}"))?;
     ensure!(c.raw == 0x4515 && c.len == 2, "compressed fetch {c:?}");
     let w = access::fetch_guest_instruction(&mut hlv(), GuestVirtAddr::new(0xffe)).map_err(|e| format!("{e}"))?;
@@ -319,7 +320,7 @@ pub fn hostile() -> Verdict {
     }
     // ecall; c.jr ra: an unknown SBI extension gets SBI_ERR_NOT_SUPPORTED; a DBCN write from
     // memory the guest does not have gets SBI_ERR_INVALID_PARAM.
-    vm.phys().copy_to_guest(gpa(page), &[0x73, 0, 0, 0, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
+    vm.phys().write(gpa(page), &[0x73, 0, 0, 0, 0x82, 0x80]).map_err(|e| format!("{e}"))?;
     vm.regs.gpr[17] = 0x1234_5678;
     vm.regs.gpr[16] = 0;
     let r = done(call(&mut vm, Routine::Call, &[page]))?;
@@ -386,7 +387,7 @@ pub fn cow_fork() -> Verdict {
         let (_, f) =
             parent.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e:?}"))?;
         parent.flush_unloaded(f);
-        let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{:?}", e.error))?;
+        let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{e:?}"))?;
         parent.flush_unloaded(f);
         let hp = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
         // SAFETY: a fresh VS context.
@@ -396,7 +397,7 @@ pub fn cow_fork() -> Verdict {
         let y = 0x8040_1000;
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[x, 0x1111])?;
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[y, 0x5555])?;
-        let (mut child, f) = parent.fork().map_err(|e| format!("fork: {:?}", e.error))?;
+        let (mut child, f) = parent.fork().map_err(|e| format!("fork: {e:?}"))?;
         parent.flush(f, |inv| {
             twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
         });

@@ -6,22 +6,19 @@ use crate::vm::{frames, Space, Vm, UART_GPA};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use twostage_aspace::{Backend, SpaceFlush};
+use twostage_aspace::{Backend, GuestMemory, SpaceFlush};
 use twostage_npt::{GpaRange, MappingFlags, Sv39x4};
 
-fn ok_flush<E: core::fmt::Debug>(
-    vm: &mut Vm,
-    r: Result<SpaceFlush<Sv39x4>, twostage_aspace::Failed<E, Sv39x4>>,
-) -> Verdict {
+fn ok_flush<E: core::fmt::Debug>(vm: &mut Vm, r: Result<SpaceFlush<Sv39x4>, E>) -> Verdict {
     match r {
         Ok(f) => {
             vm.apply_space(f);
             Ok(())
         }
         Err(e) => {
-            let msg = format!("{:?}", e.error);
-            vm.apply_space(e.flush);
-            Err(msg)
+            // The partial change's flush is pending in the space: carry it out.
+            vm.apply_space(SpaceFlush::none());
+            Err(format!("{e:?}"))
         }
     }
 }
@@ -40,7 +37,7 @@ pub fn space_guest() -> Verdict {
         let uart = GpaRange::from_start_len(gpa(UART_GPA), 0x1000).ok_or("range")?;
         let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
         space.flush_unloaded(f);
-        let f = space.load_image(gpa(CODE), guest::blob()).map_err(|e| format!("{:?}", e.error))?;
+        let f = space.load_image(gpa(CODE), guest::blob()).map_err(|e| format!("{e:?}"))?;
         space.flush_unloaded(f);
         let mut vm = Vm::with_space(space, 4);
         vm.uart.echo = false;
@@ -53,8 +50,8 @@ pub fn space_guest() -> Verdict {
         // MMIO: the space says Mmio for the UART region; the run loop emulates it.
         let s = 0x8000_8000;
         let space = vm.space_mut().ok_or("not a space VM")?;
-        let f = space.copy_to_guest(gpa(s), b"via the address space\0").map_err(|e| format!("{:?}", e.error))?;
-        vm.apply_space(f);
+        space.write(gpa(s), b"via the address space\0").map_err(|e| format!("{e:?}"))?;
+        vm.apply_space(SpaceFlush::none()); // The write's flush is pending in the space.
         done(call(&mut vm, Routine::UartPuts, &[UART_GPA, s]))?;
         ensure!(vm.uart.out == b"via the address space", "UART got {:?}", core::str::from_utf8(&vm.uart.out));
         // Dirty log over 16 pages: the guest writes pages 1, 3, 5 (first touches, too).
@@ -63,7 +60,7 @@ pub fn space_guest() -> Verdict {
         let space = vm.space_mut().ok_or("not a space VM")?;
         let (mode, f) = match space.start_dirty_log(range) {
             Ok(x) => x,
-            Err(e) => return Err(format!("{:?}", e.error)),
+            Err(e) => return Err(format!("{e:?}")),
         };
         vm.apply_space(f);
         done(call(&mut vm, Routine::StoreMany, &[base + 0x1000, 3, 0x2000, 7]))?;
@@ -74,7 +71,7 @@ pub fn space_guest() -> Verdict {
                     vm.apply_space(f);
                     Ok(bits.iter().map(|g| (g.as_u64() - base) / 4096).collect())
                 }
-                Err(e) => Err(format!("{:?}", e.error)),
+                Err(e) => Err(format!("{e:?}")),
             }
         };
         let first = harvest(&mut vm)?;
@@ -239,7 +236,7 @@ pub fn random_guest() -> Verdict {
                     w.to_le_bytes()
                 })
                 .collect();
-            vm.phys().copy_to_guest(gpa(page), &words).map_err(|e| format!("{e}"))?;
+            vm.phys().write(gpa(page), &words).map_err(|e| format!("{e}"))?;
             for r in vm.regs.gpr.iter_mut().skip(1) {
                 // Half the registers point into the guest's RAM, half are anything.
                 *r = if rng.next() & 1 == 0 { CODE + (rng.next() % (8 << 20)) } else { rng.next() };

@@ -326,9 +326,10 @@ impl Vm {
     }
 
     /// Guest-physical memory through the table (software translation).
-    pub fn phys(&self) -> twostage_rvh::gpa::GuestPhys<'_, Table, Frames> {
-        // SAFETY: every leaf of a VM's table maps frames from `frames()` (identity-mapped RAM).
-        unsafe { twostage_rvh::gpa::GuestPhys::new(self.table(), frames()) }
+    pub fn phys(&self) -> twostage_aspace::TableMemory<'_, Sv39x4, &'static Frames> {
+        // SAFETY: every leaf of a VM's table maps frames from `frames()` (identity-mapped RAM),
+        // which the table's allocator (`frames()`) reaches.
+        unsafe { twostage_aspace::TableMemory::new(self.table()) }
     }
 
     fn load_csrs(&self) {
@@ -648,8 +649,10 @@ impl SbiBackend for Vm {
     fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
         match &self.mem {
             // The space reads untouched demand-zero memory as zeros without populating it.
-            Memory::Space(s) => s.copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
-            Memory::Table(_) => self.phys().copy_from_guest(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
+            Memory::Space(s) => s.read(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
+            Memory::Table(_) => {
+                twostage_aspace::GuestMemory::read(&mut self.phys(), gpa, buf).map_err(|_| BadGuestBuffer { gpa })
+            }
         }
     }
     fn set_timer(&mut self, deadline: u64) {

@@ -254,7 +254,7 @@ fn one_run(
     let tables = g::tables(rng);
     let code = g::code(rng);
     for (gpa, bytes) in [(g::PML4, &tables[..]), (g::CODE, &code[..])] {
-        let f = space.load_image(GuestPhysAddr::new(gpa), bytes).map_err(|e| format!("load_image: {:?}", e.error))?;
+        let f = space.load_image(GuestPhysAddr::new(gpa), bytes).map_err(|e| format!("load_image: {e:?}"))?;
         space.flush(f, |inv| {
             crate::hv::invept(&mut hv.vcpu, inv);
         });
@@ -528,13 +528,11 @@ fn emulate(hv: &mut Hv, space: &mut Space, t: &mut Tally, v: &EptViolation, dev:
     else {
         return Next::End(End::Killed("paging mode not walkable"));
     };
-    let fetched = {
-        let vcpu = &mut hv.vcpu;
-        let mut mem = space.memory(|inv| {
-            crate::hv::invept(vcpu, inv);
-        });
-        fetch_guest_instruction(&mut mem, &paging, GuestVirtAddr::new(rip), Isa::X86)
-    };
+    let fetched = fetch_guest_instruction(space, &paging, GuestVirtAddr::new(rip), Isa::X86);
+    // Setting A bits in the guest's tables may have backed a page: carry out its flush.
+    space.flush_pending(|inv| {
+        crate::hv::invept(&mut hv.vcpu, inv);
+    });
     let Ok(fetched) = fetched else { return Next::End(End::Killed("instruction unreadable")) };
     let Ok(insn) = decode_mmio(fetched.bytes()) else { return Next::End(End::Killed("not a MOV the decoder takes")) };
     if insn.is_store() != q.write() {

@@ -3,11 +3,10 @@
 
 use crate::serial;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
 use twostage_aspace::guest::PagingModeError;
 use twostage_aspace::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestMemError, GuestMemory,
-    GuestPaging, GuestVaError, Instruction, Isa,
+    GuestPaging, GuestVaError, Instruction, Isa, TableMemory,
 };
 use twostage_baremetal::frames::Frames;
 use twostage_npt::{
@@ -78,82 +77,6 @@ pub enum GvaError {
 impl fmt::Display for GvaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
-    }
-}
-
-/// Guest-physical memory as the hypervisor sees it through the guest's EPT: the provider behind
-/// `twostage-aspace`'s consumer trait [`GuestMemory`], so the software walks of the guest's own
-/// page tables (`twostage_aspace::guest`) run over this EPT. Accesses are checked against the
-/// EPT leaf's rights; page crossing is handled here, once.
-pub struct EptMemory<'a> {
-    ept: &'a Ept,
-    frames: &'static Frames,
-}
-
-impl EptMemory<'_> {
-    /// Host address of `gpa` and the bytes left in its 4 KiB frame, if the leaf allows `access`.
-    fn host(&self, gpa: GuestPhysAddr, access: Access) -> Result<(*mut u8, usize), GuestMemError> {
-        let (hpa, rights) = self.ept.translate(gpa).ok_or(GuestMemError::Unmapped { gpa, access })?;
-        if !rights.allows(access) {
-            return Err(GuestMemError::Forbidden { gpa, access, rights });
-        }
-        let left = FRAME_SIZE - (gpa.as_u64() as usize & (FRAME_SIZE - 1));
-        Ok((self.frames.phys_to_virt(hpa).as_ptr(), left))
-    }
-
-    fn chunks(
-        &self,
-        gpa: GuestPhysAddr,
-        len: usize,
-        access: Access,
-        mut f: impl FnMut(*mut u8, core::ops::Range<usize>),
-    ) -> Result<(), GuestMemError> {
-        gpa.checked_add(len as u64).ok_or(GuestMemError::Overflow { gpa, len: len as u64 })?;
-        let mut done = 0;
-        while done < len {
-            let a = gpa + done as u64;
-            let (p, left) = self.host(a, access)?;
-            let n = left.min(len - done);
-            f(p, done..done + n);
-            done += n;
-        }
-        Ok(())
-    }
-}
-
-impl GuestMemory for EptMemory<'_> {
-    fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
-        // Check every page first so that a failed read leaves `buf` untouched.
-        self.chunks(gpa, buf.len(), access, |_, _| {})?;
-        self.chunks(gpa, buf.len(), access, |p, r| {
-            // SAFETY: `p` reaches the EPT leaf's host frame (identity map), with `r.len()` bytes
-            // left in it; guest memory is not aliased by Rust references.
-            unsafe { core::ptr::copy_nonoverlapping(p, buf[r.clone()].as_mut_ptr(), r.len()) }
-        })
-    }
-
-    fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
-        self.chunks(gpa, buf.len(), Access::Write, |_, _| {})?;
-        self.chunks(gpa, buf.len(), Access::Write, |p, r| {
-            // SAFETY: as in `read_as`.
-            unsafe { core::ptr::copy_nonoverlapping(buf[r.clone()].as_ptr(), p, r.len()) }
-        })
-    }
-
-    fn compare_exchange_u64(
-        &mut self,
-        gpa: GuestPhysAddr,
-        current: u64,
-        new: u64,
-    ) -> Result<Result<u64, u64>, GuestMemError> {
-        if !gpa.is_aligned(8) {
-            return Err(GuestMemError::Misaligned { gpa });
-        }
-        let (p, _) = self.host(gpa, Access::Write)?;
-        // SAFETY: an 8-byte-aligned word inside the leaf's host frame; the guest may update it
-        // concurrently (it is one of its page-table entries), hence the atomic.
-        let word = unsafe { &*p.cast::<AtomicU64>() };
-        Ok(word.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst))
     }
 }
 
@@ -281,9 +204,12 @@ impl Hv {
         unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), self.frames.phys_to_virt(hpa).as_ptr(), buf.len()) };
     }
 
-    /// The guest's memory through its EPT, as `twostage-aspace`'s [`GuestMemory`].
-    pub fn memory(&self) -> EptMemory<'_> {
-        EptMemory { ept: &self.ept, frames: self.frames }
+    /// The guest's memory through its EPT, as `twostage-aspace`'s [`GuestMemory`]: accesses
+    /// are checked against the EPT leaf's rights, page crossing is handled there.
+    pub fn memory(&self) -> TableMemory<'_, Ept4, &'static Frames> {
+        // SAFETY: every EPT leaf maps frames from `self.frames` (identity-mapped RAM), which the
+        // table's allocator (`self.frames`) reaches.
+        unsafe { TableMemory::new(&self.ept) }
     }
 
     /// Copies guest-physical memory out (the EPT must allow reading every byte).

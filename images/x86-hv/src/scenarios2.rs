@@ -66,8 +66,7 @@ fn guest_space(
     space.flush_unloaded(f);
     let mut snapshot = vec![0u8; guest::RAM_SIZE as usize];
     ctx(hv.copy_from_guest(GuestPhysAddr::new(0), &mut snapshot), "snapshot")?;
-    let f =
-        space.load_image(GuestPhysAddr::new(0), &snapshot).map_err(|e| alloc::format!("load_image: {:?}", e.error))?;
+    let f = space.load_image(GuestPhysAddr::new(0), &snapshot).map_err(|e| alloc::format!("load_image: {e:?}"))?;
     space.flush_unloaded(f);
     Ok((space, id))
 }
@@ -76,7 +75,7 @@ fn fork_inner(hv: &mut Hv, c: &Ctx) -> Result<(), alloc::string::String> {
     let (mut space, _) = guest_space(hv, c, gpa::FORK_DATA, 0x10000)?;
     load_eptp(&mut hv.vcpu, space.table())?;
     op_on(hv, &mut space, Op::Write(gpa::FORK_DATA + 8, 0xFA7E))?;
-    let (mut child, f) = space.fork().map_err(|e| alloc::format!("fork: {:?}", e.error))?;
+    let (mut child, f) = space.fork().map_err(|e| alloc::format!("fork: {e:?}"))?;
     space.flush(f, |inv| {
         crate::hv::invept(&mut hv.vcpu, inv);
     });
@@ -376,11 +375,11 @@ pub(crate) fn s_dirty_aspace(hv: &mut Hv, c: &Ctx) -> Res {
     with_space_accounting(hv, |hv| {
         let base = gpa::DIRTY_AS;
         let (mut space, data) = guest_space(hv, c, base, 16 * 0x1000)?;
-        let f = space.populate(data).map_err(|e| alloc::format!("populate: {:?}", e.error))?;
+        let f = space.populate(data).map_err(|e| alloc::format!("populate: {e:?}"))?;
         space.flush_unloaded(f);
         load_eptp(&mut hv.vcpu, space.table())?;
         let range = GpaRange::from_start_len(GuestPhysAddr::new(base), 16 * 0x1000).ok_or("range")?;
-        let (mode, f) = space.start_dirty_log(range).map_err(|e| alloc::format!("start_dirty_log: {:?}", e.error))?;
+        let (mode, f) = space.start_dirty_log(range).map_err(|e| alloc::format!("start_dirty_log: {e:?}"))?;
         space.flush(f, |inv| {
             crate::hv::invept(&mut hv.vcpu, inv);
         });
@@ -389,7 +388,7 @@ pub(crate) fn s_dirty_aspace(hv: &mut Hv, c: &Ctx) -> Res {
         }
         op_on(hv, &mut space, Op::Read(base + 7 * 0x1000))?;
         let harvest = |hv: &mut Hv, space: &mut Space| -> Result<Vec<u64>, alloc::string::String> {
-            let (bits, f) = space.harvest_dirty().map_err(|e| alloc::format!("harvest: {:?}", e.error))?;
+            let (bits, f) = space.harvest_dirty().map_err(|e| alloc::format!("harvest: {e:?}"))?;
             space.flush(f, |inv| {
                 crate::hv::invept(&mut hv.vcpu, inv);
             });

@@ -168,8 +168,8 @@ fuzz_target!(|input: Input| {
                             g.regions[i].rights = rights;
                         }
                         Err(e) => {
-                            assert!(failing, "{:?}", e.error);
-                            g.s.flush_unloaded(e.flush);
+                            assert!(failing, "{:?}", e);
+                            g.s.flush_pending(|_| {});
                         }
                     }
                 }
@@ -184,8 +184,8 @@ fuzz_target!(|input: Input| {
                             g.s.flush_unloaded(f);
                         }
                         Err(e) => {
-                            assert!(r.kind != Kind::Anon || failing, "{:?}", e.error);
-                            g.s.flush_unloaded(e.flush);
+                            assert!(r.kind != Kind::Anon || failing, "{:?}", e);
+                            g.s.flush_pending(|_| {});
                         }
                     }
                 }
@@ -217,10 +217,10 @@ fuzz_target!(|input: Input| {
                     let a = u64::from(page) % PAGES * P + u64::from(off) % P;
                     let len = u64::from(len) % (3 * P) + 1;
                     let expect = g.expect_err(a, len, Access::Write);
-                    match g.s.copy_to_guest(GuestPhysAddr::new(a), &vec![byte; len as usize]) {
-                        Ok(f) => {
+                    match g.s.write(GuestPhysAddr::new(a), &vec![byte; len as usize]) {
+                        Ok(()) => {
                             assert_eq!(expect, None);
-                            g.s.flush_unloaded(f);
+                            g.s.flush_pending(|_| {});
                             for x in a..a + len {
                                 match g.region(x).map(|r| r.kind) {
                                     Some(Kind::Linear) => {
@@ -238,13 +238,13 @@ fuzz_target!(|input: Input| {
                             }
                         }
                         Err(e) => {
-                            g.s.flush_unloaded(e.flush);
-                            if let GuestMemError::OutOfMemory { .. } = e.error {
+                            g.s.flush_pending(|_| {});
+                            if let GuestMemError::OutOfMemory { .. } = e {
                                 assert!(failing && expect.is_none());
                                 // A prefix may have been written: learn what is there now.
                                 for x in a..a + len {
                                     let mut b = [0u8];
-                                    g.s.copy_from_guest(GuestPhysAddr::new(x), &mut b).unwrap();
+                                    g.s.read(GuestPhysAddr::new(x), &mut b).unwrap();
                                     match g.region(x).map(|r| r.kind) {
                                         Some(Kind::Linear) => linear.insert(x, b[0]),
                                         _ => g.anon.insert(x, b[0]),
@@ -252,7 +252,7 @@ fuzz_target!(|input: Input| {
                                 }
                                 g.dirty_exact = false;
                             } else {
-                                assert_eq!(Some(e.error), expect, "write at {a:#x}+{len:#x}");
+                                assert_eq!(Some(e), expect, "write at {a:#x}+{len:#x}");
                             }
                         }
                     }
@@ -261,7 +261,7 @@ fuzz_target!(|input: Input| {
                     let a = u64::from(page) % PAGES * P + u64::from(off) % P;
                     let len = u64::from(len) % (3 * P) + 1;
                     let mut buf = vec![0u8; len as usize];
-                    match g.s.copy_from_guest(GuestPhysAddr::new(a), &mut buf) {
+                    match g.s.read(GuestPhysAddr::new(a), &mut buf) {
                         Ok(()) => {
                             assert_eq!(g.expect_err(a, len, Access::Read), None);
                             for (i, b) in buf.iter().enumerate() {
@@ -286,8 +286,8 @@ fuzz_target!(|input: Input| {
                         sides.push(child);
                     }
                     Err(e) => {
-                        assert!(failing, "{:?}", e.error);
-                        g.s.flush_unloaded(e.flush);
+                        assert!(failing, "{:?}", e);
+                        g.s.flush_pending(|_| {});
                     }
                 },
                 Op::Share { idx, dst } => {
@@ -320,8 +320,8 @@ fuzz_target!(|input: Input| {
                             });
                         }
                         Err(e) => {
-                            dstside.s.flush_unloaded(e.flush);
-                            match e.error {
+                            dstside.s.flush_pending(|_| {});
+                            match e {
                                 ShareError::NotAnonymous(_) => assert!(r.kind != Kind::Anon),
                                 ShareError::Add(AddRegionError::Overlap { .. }) => assert!(overlap),
                                 ShareError::Add(AddRegionError::OutOfRange { .. }) => {}
@@ -342,10 +342,10 @@ fuzz_target!(|input: Input| {
                             g.dirty_exact = true;
                         }
                         Err(e) => {
-                            g.s.flush_unloaded(e.flush);
-                            if let DirtyLogError::AlreadyLogging { .. } = e.error {
+                            g.s.flush_pending(|_| {});
+                            if let DirtyLogError::AlreadyLogging { .. } = e {
                             } else {
-                                assert!(failing, "{:?}", e.error);
+                                assert!(failing, "{:?}", e);
                                 g.dirty_exact = false;
                             }
                         }
@@ -367,14 +367,14 @@ fuzz_target!(|input: Input| {
                         g.dirty_exact = true;
                     }
                     Err(e) => {
-                        g.s.flush_unloaded(e.flush);
-                        assert!(matches!(e.error, DirtyLogError::NotLogging) || failing, "{:?}", e.error);
+                        g.s.flush_pending(|_| {});
+                        assert!(matches!(e, DirtyLogError::NotLogging) || failing, "{:?}", e);
                         g.dirty_exact = false;
                     }
                 },
                 Op::DirtyStop => match g.s.stop_dirty_log() {
                     Ok(f) => g.s.flush_unloaded(f),
-                    Err(e) => g.s.flush_unloaded(e.flush),
+                    Err(_) => g.s.flush_pending(|_| {}),
                 },
                 Op::FailAfter { n } => {
                     ram.fail_after(u64::from(n % 16));
@@ -393,7 +393,7 @@ fuzz_target!(|input: Input| {
             for (&a, &b) in &g.anon {
                 if g.region(a).is_some_and(|r| r.kind == Kind::Anon && r.rights.allows(Access::Read)) {
                     let mut x = [0u8];
-                    g.s.copy_from_guest(GuestPhysAddr::new(a), &mut x).unwrap();
+                    g.s.read(GuestPhysAddr::new(a), &mut x).unwrap();
                     assert_eq!(x[0], b, "byte at {a:#x} lost");
                 }
             }

@@ -68,7 +68,7 @@ fuzz_target!(|input: Input| {
             },
             Mode::Bare => GuestPaging::Bare,
         };
-        let mut mem = s.memory(|_| {});
+        let mut mem = &mut s;
         let within = |e: &GuestVaError, start: u64, len: u64| {
             let off = e.gva().as_u64().wrapping_sub(start);
             assert!(off < len.max(1), "error {e} names an address outside the request {start:#x}+{len:#x}");

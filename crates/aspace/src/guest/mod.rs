@@ -7,6 +7,7 @@
 //! mode: cycles, reserved bits, entries pointing into MMIO or unmapped space give a typed
 //! [`GuestVaError`] naming the guest-virtual address, the access and (where there is one) the
 //! guest-physical address that failed. No value a guest controls can make them panic.
+#![forbid(unsafe_code)]
 
 mod riscv;
 mod x86;
@@ -15,8 +16,9 @@ pub use riscv::RiscvPaging;
 pub use x86::X86Paging;
 
 use crate::mem::{GuestMemError, GuestMemory};
+use core::error::Error;
 use core::fmt;
-use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+use twostage_npt::{Access, AddrOutOfRange, GuestPhysAddr, GuestVirtAddr};
 
 /// How the guest translates its virtual addresses right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +42,31 @@ pub enum PagingModeError {
     /// RISC-V: vsatp.MODE is reserved or not supported (the value).
     RiscvMode(u8),
     /// The root table's address does not fit a guest-physical address.
-    RootOutOfRange(u64),
+    RootOutOfRange(AddrOutOfRange),
+}
+
+impl fmt::Display for PagingModeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::X86NotLongMode => f.write_str("x86 paging outside IA-32e mode (32-bit or PAE) is not supported"),
+            Self::X86FiveLevel => f.write_str("x86 5-level paging (CR4.LA57) is not supported"),
+            Self::RiscvMode(m) => write!(f, "vsatp.MODE {m} is reserved or not supported"),
+            Self::RootOutOfRange(e) => write!(f, "the root table's address is not a guest-physical address ({e})"),
+        }
+    }
+}
+
+impl Error for PagingModeError {}
+
+/// `v` as a guest-physical address, or the error `fault` makes when it does not fit. For values
+/// the guest controls (an entry's address bits, a translated address): the architecture defines
+/// what an out-of-range value is (a reserved-bit page fault, a non-canonical address), and that
+/// error names the address, so the range error adds nothing to it.
+pub(crate) fn guest_gpa<E>(v: u64, fault: impl FnOnce() -> E) -> Result<GuestPhysAddr, E> {
+    match GuestPhysAddr::try_new(v) {
+        Ok(a) => Ok(a),
+        Err(AddrOutOfRange { .. }) => Err(fault()),
+    }
 }
 
 impl GuestPaging {
@@ -52,6 +78,19 @@ impl GuestPaging {
     /// From the guest's vsatp and vsstatus (see [`RiscvPaging::from_regs`]).
     pub fn riscv(vsatp: u64, vsstatus: u64) -> Result<Self, PagingModeError> {
         RiscvPaging::from_regs(vsatp, vsstatus)
+    }
+}
+
+impl fmt::Display for PageFaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotPresent => "an entry is not present",
+            Self::Reserved => "an entry has reserved bits set",
+            Self::Protection => "the rights do not allow the access",
+            Self::AccessedDirty => "A or D clear and not updated by the hart",
+            Self::MisalignedSuperpage => "misaligned superpage",
+            Self::NoLeaf => "no leaf at the last level",
+        })
     }
 }
 
@@ -154,14 +193,23 @@ impl fmt::Display for GuestVaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::PageFault { gva, access, kind, level } => {
-                write!(f, "{access} at {gva}: guest page fault ({kind:?} at level {level})")
+                write!(f, "{access} at {gva}: guest page fault ({kind}, level {level})")
             }
             Self::NonCanonical { gva, access } => write!(f, "{access} at {gva}: not canonical"),
-            Self::TableAccess { gva, access, entry, error } => {
-                write!(f, "{access} at {gva}: guest page-table entry at {entry} unreachable: {error}")
+            Self::TableAccess { gva, access, entry, .. } => {
+                write!(f, "{access} at {gva}: the guest page-table entry at {entry} is unreachable")
             }
-            Self::Memory { gva, access, gpa, error } => write!(f, "{access} at {gva} ({gpa}): {error}"),
+            Self::Memory { gva, access, gpa, .. } => write!(f, "{access} at {gva}: guest-physical {gpa} unreachable"),
             Self::Misaligned { gva } => write!(f, "instruction fetch at {gva}: misaligned"),
+        }
+    }
+}
+
+impl Error for GuestVaError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            Self::TableAccess { error, .. } | Self::Memory { error, .. } => Some(error),
+            _ => None,
         }
     }
 }
@@ -236,7 +284,7 @@ fn translate_cached<M: GuestMemory + ?Sized>(
 ) -> Result<Translation, GuestVaError> {
     match paging {
         GuestPaging::Bare => {
-            let gpa = GuestPhysAddr::try_new(gva.as_u64()).map_err(|_| GuestVaError::NonCanonical { gva, access })?;
+            let gpa = guest_gpa(gva.as_u64(), || GuestVaError::NonCanonical { gva, access })?;
             Ok(Translation { gpa, page_remaining: 4096 - gva.offset_in(4096) })
         }
         GuestPaging::X86_64(p) => x86::translate(mem, p, gva, access, cache),
@@ -297,7 +345,7 @@ fn gva_in_piece(gva: GuestVirtAddr, gpa: GuestPhysAddr, o: usize, c: usize, erro
     GuestVirtAddr::new(gva.as_u64().wrapping_add(at))
 }
 
-/// Reads guest memory at a guest-virtual address (the seed's `copy_from_guest_va`).
+/// Reads guest memory at a guest-virtual address.
 pub fn copy_from_guest_va<M: GuestMemory + ?Sized>(
     mem: &mut M,
     paging: &GuestPaging,
@@ -325,7 +373,7 @@ fn read_va_as<M: GuestMemory + ?Sized>(
     })
 }
 
-/// Writes guest memory at a guest-virtual address (the seed's `copy_to_guest_va`). Every page
+/// Writes guest memory at a guest-virtual address. Every page
 /// is translated (for writing) before any byte is written.
 pub fn copy_to_guest_va<M: GuestMemory + ?Sized>(
     mem: &mut M,
@@ -395,7 +443,7 @@ impl fmt::Debug for Instruction {
     }
 }
 
-/// Fetches the guest's instruction at `pc` (the seed's `fetch_guest_instruction`).
+/// Fetches the guest's instruction at `pc`.
 ///
 /// RISC-V: reads the 16-bit parcel at `pc`; only when its low two bits are 0b11 (a 32-bit
 /// instruction, RISC-V Unprivileged §1.5 "Base Instruction-Length Encoding") reads the second

@@ -1,6 +1,7 @@
 //! RISC-V Sv39/Sv48/Sv57 (the guest's VS-stage), walked in software (RISC-V Privileged §4.3.2).
+#![forbid(unsafe_code)]
 
-use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -58,7 +59,7 @@ impl RiscvPaging {
             m => return Err(PagingModeError::RiscvMode(m)),
         };
         let base = (vsatp & PPN_MASK) << 12;
-        let root = GuestPhysAddr::try_new(base).map_err(|_| PagingModeError::RootOutOfRange(base))?;
+        let root = GuestPhysAddr::try_new(base).map_err(PagingModeError::RootOutOfRange)?;
         Ok(GuestPaging::Riscv(Self {
             root,
             levels,
@@ -145,7 +146,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
             if i == 0 {
                 return Err(fault(PageFaultKind::NoLeaf, i));
             }
-            a = GuestPhysAddr::try_new(ppn << 12).map_err(|_| fault(PageFaultKind::Reserved, i))?;
+            a = guest_gpa(ppn << 12, || fault(PageFaultKind::Reserved, i))?;
             continue;
         }
         // Step 5: a leaf; check the access against R/W/X, U, SUM and MXR (§4.3.1, §4.3.2).
@@ -178,7 +179,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         // Step 8: pa.pgoff = va.pgoff; a superpage takes the low VPNs from va.
         let page = 1u64 << (12 + 9 * i);
         let base = (ppn << 12) & !(page - 1);
-        let gpa = GuestPhysAddr::try_new(base | (va & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, i))?;
+        let gpa = guest_gpa(base | (va & (page - 1)), || fault(PageFaultKind::Reserved, i))?;
         if !raced && i + 1 < levels {
             cache.store(va, i, a, 0);
         }

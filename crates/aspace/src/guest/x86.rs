@@ -1,6 +1,7 @@
 //! x86-64 4-level paging, walked in software (Intel SDM Vol. 3A 4.5, 4.6, 4.8).
+#![forbid(unsafe_code)]
 
-use super::{GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -68,7 +69,7 @@ impl X86Paging {
         // CR3 bits 51:12 hold the PML4 address (SDM Vol. 3A 4.5.2, Table 4-12); the low bits are
         // PCID or PWT/PCD.
         let base = cr3 & 0x000f_ffff_ffff_f000;
-        let pml4 = GuestPhysAddr::try_new(base).map_err(|_| PagingModeError::RootOutOfRange(base))?;
+        let pml4 = GuestPhysAddr::try_new(base).map_err(PagingModeError::RootOutOfRange)?;
         Ok(GuestPaging::X86_64(Self {
             pml4,
             wp: cr0 & CR0_WP != 0,
@@ -188,13 +189,12 @@ fn walk_once<M: GuestMemory + ?Sized>(
         if is_leaf {
             let page = 1u64 << (12 + 9 * level);
             let base = e & phys & !(page - 1) & 0x000f_ffff_ffff_f000;
-            let gpa =
-                GuestPhysAddr::try_new(base | (v & (page - 1))).map_err(|_| fault(PageFaultKind::Reserved, level))?;
+            let gpa = guest_gpa(base | (v & (page - 1)), || fault(PageFaultKind::Reserved, level))?;
             result = Some((gpa, page - (v & (page - 1)), level));
             break;
         }
         let next = e & phys & 0x000f_ffff_ffff_f000;
-        table = GuestPhysAddr::try_new(next).map_err(|_| fault(PageFaultKind::Reserved, level))?;
+        table = guest_gpa(next, || fault(PageFaultKind::Reserved, level))?;
     }
     let Some((gpa, page_remaining, leaf_level)) = result else {
         return Err(fault(PageFaultKind::NotPresent, 0));

@@ -125,3 +125,21 @@ pub fn guest_read<F: ModelCpu>(s: &mut AddressSpace<F, Ram>, ram: &HostRam, at: 
 }
 
 pub const RW: MappingFlags = MappingFlags::RW;
+
+/// A dense per-thread index, standing in for the CPU number a hypervisor would give
+/// `SharedAddressSpace::new`: live threads never share one (a thread's index is reused only
+/// after it exits).
+pub fn cpu_index() -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    struct Slot(usize);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            FREE.lock().unwrap().push(self.0);
+        }
+    }
+    thread_local!(static SLOT: Slot = Slot(FREE.lock().unwrap().pop().unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed))));
+    SLOT.with(|s| s.0)
+}
