@@ -201,6 +201,16 @@ impl<F: Format> Flush<F> {
         self.scope == Scope::Nothing
     }
 
+    /// Whether the invalidation covers every translation and paging-structure entry of the table
+    /// (INVEPT single-context; HFENCE.GVMA by VMID), and so also every table frame any change
+    /// retired, whichever token that change returned.
+    pub fn covers_whole_table(&self) -> bool {
+        match <F::Family as Family>::KIND {
+            FamilyKind::Ept => self.scope != Scope::Nothing,
+            FamilyKind::GStage => self.scope == Scope::Context,
+        }
+    }
+
     /// The invalidation to carry out: an [`EptInvalidation`] for EPT formats, a
     /// [`GvmaInvalidation`] for G-stage formats.
     pub fn invalidation(&self) -> InvalidationOf<'_, F> {

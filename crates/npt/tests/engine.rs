@@ -641,3 +641,31 @@ fn errors_have_messages_and_travel_with_question_mark() {
         assert!(!m.contains('{') && !m.contains("NotMapped") && !m.contains("Size2M"), "{m}");
     }
 }
+
+/// A table frame retired by a change whose token was dropped must not be freed by a by-address
+/// HFENCE.GVMA that does not cover it (the hart's paging-structure cache may still walk it);
+/// the next whole-VMID fence frees it.
+#[test]
+fn retired_tables_wait_for_a_whole_table_invalidation() {
+    let ram = HostRam::new(64);
+    let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
+    // Two leaf tables: one under 0, one under 2 MiB.
+    t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    t.map(gpa(M2), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap().ignore();
+    let tables = t.table_frames();
+    // Unmapping the only page under 0 unlinks its leaf table: the token asks for the whole VMID,
+    // and the caller drops it.
+    let f = t.unmap(gpa(0), K4).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+    f.ignore();
+    // A leaf-only change elsewhere: fenced by its address, which does not cover the retired table.
+    let f = t.protect(gpa(M2), K4, MappingFlags::READ).unwrap();
+    assert!(matches!(f.invalidation(), GvmaInvalidation::Addresses { .. }));
+    t.flush(f, |_| {}).unwrap();
+    assert_eq!(t.table_frames(), tables, "a retired table was freed by a fence that does not cover it");
+    // A change that links a table asks for the whole VMID: that frees the retired one.
+    let f = t.map(gpa(4 * M2), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+    t.flush(f, |_| {}).unwrap();
+    assert_eq!(t.table_frames(), tables, "one table retired and freed, one new table linked");
+}

@@ -714,8 +714,14 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             return Err(ForeignFlush::new(flush, self.root));
         }
         invalidate(&flush.invalidation());
-        self.fold_late_accessed_dirty();
-        self.free_retired();
+        // Retired table frames (and the children of collapsed huge pages) may still be reached
+        // through paging-structure caches until an invalidation of the whole table: a token that
+        // retired one always asks for that, but it may have been dropped, and a by-address
+        // HFENCE.GVMA does not cover them. Only a whole-table invalidation releases them.
+        if flush.covers_whole_table() {
+            self.fold_late_accessed_dirty();
+            self.free_retired();
+        }
         Ok(())
     }
 
