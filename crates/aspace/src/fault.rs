@@ -195,10 +195,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// The leaf already allows the access: set software A/D bits if they are missing (RISC-V
-    /// Svade faults on A=0, or D=0 for a store). Otherwise the guest used a stale translation
-    /// that a flush since carried out has removed (or an EPT violation has: Intel SDM Vol. 3C
-    /// 29.4.3.1, an EPT violation invalidates the mappings used for the faulting address);
-    /// nothing needs doing.
+    /// Svade faults on A=0, or D=0 for a store). Otherwise the guest used a stale cached entry:
+    /// on EPT the violation itself removed it (Intel SDM Vol. 3C 29.4.3.1); on RISC-V a
+    /// guest-page fault invalidates nothing, so the outcome carries the fence the hart needs
+    /// ([`twostage_npt::PageTable::stale_fault_flush`]), or the guest would fault forever.
     fn touch(
         &mut self,
         leaf: &twostage_npt::Leaf,
@@ -207,13 +207,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     ) -> Result<SpaceFlush<F>, NoFrame> {
         let needs = !leaf.accessed || (access == Access::Write && !leaf.dirty);
         if !needs {
-            return Ok(SpaceFlush::none());
+            return Ok(SpaceFlush::from_table(self.table.stale_fault_flush(page)));
         }
         match self.table.set_accessed_dirty(page, access) {
             Ok(f) => Ok(SpaceFlush::from_table(f)),
             // Not tracked (`AdMode::Preset`: the engine keeps A set, and D set on every
-            // writable leaf, so this leaf already allows the access) or gone: nothing to do.
-            Err(_) => Ok(SpaceFlush::none()),
+            // writable leaf, so this leaf already allows the access) or gone: only the stale
+            // entry, if any, needs removing.
+            Err(_) => Ok(SpaceFlush::from_table(self.table.stale_fault_flush(page))),
         }
     }
 }

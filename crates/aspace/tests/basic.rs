@@ -395,3 +395,36 @@ fn fork_under_a_write_protect_log_gives_the_child_full_rights_and_isolates_both(
     unsafe { ram.deallocate_frames(host, 4) };
     assert_eq!(ram.frames_in_use(), 0, "every frame freed");
 }
+
+/// A fault on a page whose leaf already allows the access comes from a stale cached entry. On
+/// RISC-V a guest-page fault invalidates nothing, so resolving it must ask for a fence (else the
+/// hart retries on the same cached entry forever); on EPT the violation itself invalidated it.
+#[test]
+fn a_stale_fault_is_resolved_with_the_fence_the_cpu_needs() {
+    use twostage_npt::{EptInvalidation, GvmaInvalidation};
+    let ram = ram(256);
+    let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+    let (id, f) = s.add_region("ram", range(0x8000_0000, 0x4000), RW, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f);
+    let f = s.populate(id).unwrap();
+    s.flush_unloaded(f);
+    // Populated pages are accessed and dirty after a write: a write fault now is stale.
+    guest_write(&mut s, &ram, 0x8000_1000, 1);
+    match s.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_1000), Access::Write)) {
+        FaultOutcome::Resolved { flush } => {
+            assert!(matches!(flush.invalidation(), GvmaInvalidation::All { .. }), "{flush:?}");
+            s.flush_unloaded(flush);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut e: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
+    let (id, f) = e.add_region("ram", range(0x10_0000, 0x4000), RW, Backend::DemandZero).unwrap();
+    e.flush_unloaded(f);
+    let f = e.populate(id).unwrap();
+    e.flush_unloaded(f);
+    guest_write(&mut e, &ram, 0x10_1000, 1);
+    match e.handle_fault(NestedPageFaultInfo::new(gpa(0x10_1000), Access::Write)) {
+        FaultOutcome::Resolved { flush } => assert_eq!(flush.invalidation(), EptInvalidation::None),
+        other => panic!("{other:?}"),
+    }
+}

@@ -4,7 +4,7 @@ use super::{check_range, covered, leaf_at, stored_flags, Leaf, PageTable, Plan, 
 use super::{AdError, AdMode, CollapseError, NotCollapsible, RemapError, SplitError};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::{Access, MappingFlags};
-use crate::flush::Flush;
+use crate::flush::{Family, FamilyKind, Flush};
 use crate::format::{level_size, Format, LeafBits, Pte};
 use crate::frame::FrameAllocator;
 use alloc::vec::Vec;
@@ -421,6 +421,25 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
                 Pte::Leaf(_) => {}
             }
         }
+    }
+
+    /// The invalidation owed after a nested page fault at `gpa` whose leaf already allows the
+    /// access: the faulting CPU used a stale cached entry.
+    ///
+    /// EPT: nothing; the EPT violation itself invalidated the mappings used for the faulting
+    /// address (Intel SDM Vol. 3C 29.4.3.1, "Operations that invalidate cached mappings").
+    /// G-stage: a guest-page fault invalidates nothing, so the hart would fault again forever on
+    /// the same cached entry; the token asks for HFENCE.GVMA for the whole VMID, because the stale
+    /// entry may be a cached invalid non-leaf entry, which a by-address fence need not remove
+    /// (RISC-V Privileged spec, "Supervisor Memory-Management Fence Instruction": after a
+    /// non-leaf change, fence with rs1 = x0).
+    pub fn stale_fault_flush(&self, gpa: GuestPhysAddr) -> Flush<F> {
+        let _ = gpa;
+        let mut f = Flush::new(self.root);
+        if <F::Family as Family>::KIND == FamilyKind::GStage {
+            f.note_nonleaf();
+        }
+        f
     }
 
     /// Sets the accessed bit (and dirty for a write) of the leaf mapping `gpa`: what the
