@@ -81,7 +81,9 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         println!("no usable RAM in the multiboot memory map");
         serial::exit(2)
     };
-    let frames = ((end - start) / twostage_npt::FRAME_SIZE as u64) as usize;
+    // Whole frames only: the modules GRUB loaded may end anywhere inside a frame.
+    let start = start.next_multiple_of(twostage_npt::FRAME_SIZE as u64);
+    let frames = (end.saturating_sub(start) / twostage_npt::FRAME_SIZE as u64) as usize;
     let frames = frames.min(twostage_baremetal::frames::MAX_FRAMES);
     // SAFETY: RAM from the multiboot memory map above the image and the modules, identity-mapped
     // at boot, used by nothing else.
