@@ -5,7 +5,6 @@ use crate::flags::{Access, MappingFlags};
 
 /// A guest access that the nested table did not allow: an EPT violation (exit reason 48) or a
 /// RISC-V guest-page fault (scause 20, 21, 23), reduced to what the address space needs.
-/// The name and fields are the seed design's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NestedPageFaultInfo {
     /// The guest-physical address the guest tried to reach.

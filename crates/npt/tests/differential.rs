@@ -16,7 +16,7 @@ const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 const TARGET: u64 = 0x100_0000_0000;
-/// skylake_x's IA32_VMX_EPT_VPID_CAP (PLATFORMS.md) plus the 5-level walk bit (7).
+/// skylake_x's IA32_VMX_EPT_VPID_CAP (read on Bochs 2.7; README, platform notes) plus the 5-level walk bit (7).
 const EPT_CAP: u64 = 0xf0106334141 | 1 << 7;
 const MAXPHYADDR: u8 = 46;
 

@@ -9,7 +9,7 @@ fn leaf(hpa: u64, flags: MappingFlags) -> LeafBits {
     LeafBits { hpa: HostPhysAddr::new(hpa), flags, accessed: false, dirty: false }
 }
 
-/// The value Bochs reports on corei7_skylake_x (PLATFORMS.md).
+/// The value Bochs reports on corei7_skylake_x (read on Bochs 2.7; README, platform notes).
 const SKYLAKE_X: u64 = 0xf0106334141;
 
 #[test]

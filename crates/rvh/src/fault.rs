@@ -220,7 +220,7 @@ mod tests {
 
     #[test]
     fn store_fault_combines_htval_and_stval() {
-        // PLATFORMS.md: a store to unmapped GPA 0x1000_0003 from GVA 0xffff_0003.
+        // Seen on QEMU: a store to unmapped GPA 0x1000_0003 from GVA 0xffff_0003.
         let t = TrapCsrs { scause: 23, stval: 0xffff_0003, htval: 0x1000_0003 >> 2, htinst: 0, gva_valid: true };
         let f = decode_guest_page_fault(&t).unwrap();
         assert_eq!(f.info.fault_guest_paddr, GuestPhysAddr::new(0x1000_0003));

@@ -41,7 +41,7 @@ fn misconfig(r: Result<ept::EptWalk, EptExit>) -> MisconfigReason {
 
 #[test]
 fn caps_decode_per_appendix_a10() {
-    // The IA32_VMX_EPT_VPID_CAP value Bochs reports for corei7_skylake_x (PLATFORMS.md).
+    // The IA32_VMX_EPT_VPID_CAP value Bochs reports for corei7_skylake_x (read on Bochs 2.7; README, platform notes).
     let c = EptCaps::from_msr(0xf0106334141, 39);
     assert!(c.execute_only, "bit 0");
     assert!(c.walk_4, "bit 6");
@@ -133,7 +133,7 @@ fn five_level_walk_uses_gpa_bits_56_48_and_four_level_ignores_them() {
 
 #[test]
 fn not_present_violation_qualification() {
-    // 29.3.3.2 and Table 28-7. PLATFORMS.md: a guest write to an unmapped GPA gave 0x182 on Bochs.
+    // 29.3.3.2 and Table 28-7. On Bochs 2.7 a guest write to an unmapped GPA gave 0x182 on Bochs.
     let (mut t, root) = setup();
     let c = caps();
     let q = violation(ept::walk(

@@ -12,7 +12,7 @@ use twostage_npt::testing::HostRam;
 use twostage_npt::EptCapabilities;
 use twostage_npt::{Ept4, EptInvalidation, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags, PageTable};
 
-/// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (PLATFORMS.md).
+/// IA32_VMX_EPT_VPID_CAP of Bochs' corei7_skylake_x (read on Bochs 2.7; README, platform notes).
 const SKYLAKE_EPT_CAP: u64 = 0xf0106334141;
 /// The same without A/D (bit 21), as on corei7_sandy_bridge_2600k.
 const SANDY_EPT_CAP: u64 = SKYLAKE_EPT_CAP & !(1 << 21);
