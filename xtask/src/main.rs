@@ -3,6 +3,7 @@
 //! ```text
 //! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
+//! cargo xtask lint
 //! cargo xtask bench
 //! ```
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
@@ -22,6 +23,7 @@
 
 mod bench;
 mod hostile;
+mod lint;
 mod riscv;
 mod util;
 mod x86;
@@ -81,7 +83,7 @@ fn parse_args() -> Result<Args, String> {
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
-     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask bench"
+     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench"
         .into()
 }
 
@@ -100,6 +102,10 @@ fn main() -> ExitCode {
         },
         "test" => test(&args),
         "bench" => bench::bench(),
+        "lint" => lint::lint().map(|failed| {
+            failed.iter().for_each(|f| eprintln!("failed: {f}"));
+            i32::from(!failed.is_empty())
+        }),
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     };
     match result {
@@ -112,10 +118,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Host tests, then the emulator suites; the exit status is non-zero if anything failed.
+/// The lints, host tests (with the README's doctests), then the emulator suites; the exit status
+/// is non-zero if anything failed.
 fn test(args: &Args) -> Result<i32, String> {
     let mut failures = Vec::new();
     if args.arch.is_none() {
+        failures.extend(lint::lint()?);
         println!("== host tests: cargo test --workspace (default members)");
         if util::cargo(&["test"])? != 0 {
             failures.push("host tests".to_string());

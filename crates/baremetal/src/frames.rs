@@ -343,10 +343,8 @@ mod tests {
         assert_eq!(a.stats().high_water, 517);
         let bad = Frames::empty();
         // SAFETY: refused before it could be used.
-        assert_eq!(
-            unsafe { bad.init(HostPhysAddr::new(0x8000_0001), 0, 1) },
-            Err(FramesError::Misaligned(HostPhysAddr::new(0x8000_0001)))
-        );
+        let refused = unsafe { bad.init(HostPhysAddr::new(0x8000_0001), 0, 1) };
+        assert_eq!(refused, Err(FramesError::Misaligned(HostPhysAddr::new(0x8000_0001))));
         // SAFETY: as above.
         assert_eq!(unsafe { a.init(HostPhysAddr::new(0x8000_0000), 0, 1) }, Err(FramesError::AlreadyInitialized));
     }

@@ -3,7 +3,8 @@
 //! The images need a `#[global_allocator]` for the engine's bookkeeping (`Vec`s, boxed flush
 //! lists). Heap allocators are not twostage's subject, so this is the well-kept no_std `talc`
 //! crate (free-list allocator with size-class bins; frees are reused, unlike a bump arena), with
-//! its `counters` feature for the run summary. Declare the heap with [`global_heap!`].
+//! its `counters` feature for the run summary. Declare the heap with
+//! [`global_heap!`](crate::global_heap).
 
 pub use talc::source::Claim;
 

@@ -2,7 +2,7 @@
 //! VMX with EPT tables built by `twostage-npt`, through the glue in `twostage-vmx`.
 //!
 //! Key pieces: [`boot`] (multiboot header, long-mode entry), [`serial`] (COM1 console, exit),
-//! [`frames`] (host frame allocator), [`hv`] (vCPU + EPT + exit loop + guest-memory access),
+//! the host frames (`twostage_baremetal::frames`), [`hv`] (vCPU + EPT + exit loop + guest-memory access),
 //! [`guest`] (the bundled 64-bit guest), [`scenarios`] (the suite), [`hostile`] (random guests), [`mbguest`] (running a
 //! multiboot guest given as a GRUB module).
 //!
