@@ -127,7 +127,7 @@ fn main() {
                     match s
                         .handle_fault(NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write))
                     {
-                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
                         other => panic!("{other:?}"),
                     }
                 }
@@ -184,7 +184,7 @@ fn main() {
             let mut s = ts_populated(ram, GIB);
             let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
             let (_, f) = s.start_dirty_log(range).expect("log");
-            s.flush(f, |_| {});
+            s.flush(f, |_| {}).unwrap();
             for p in random_pages(4, GIB / 4096, 2621) {
                 cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
             }
@@ -229,7 +229,7 @@ fn main() {
             let mut s = ts_populated(ram, GIB);
             let child = measured(|| {
                 let (child, f) = s.fork().expect("fork");
-                s.flush(f, |_| {});
+                s.flush(f, |_| {}).unwrap();
                 child
             });
             drop(child);
@@ -238,13 +238,13 @@ fn main() {
             let mut s = ts_populated(ram, GIB);
             let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
             let (_, f) = s.start_dirty_log(range).expect("log");
-            s.flush(f, |_| {});
+            s.flush(f, |_| {}).unwrap();
             for p in random_pages(4, GIB / 4096, 2621) {
                 cpu_write(ram, s.root().as_u64(), GPA_BASE + p * 4096);
             }
             let bits = measured(|| {
                 let (bits, f) = s.harvest_dirty().expect("harvest");
-                s.flush(f, |_| {});
+                s.flush(f, |_| {}).unwrap();
                 bits
             });
             assert_eq!(bits.count(), 2621);

@@ -27,7 +27,7 @@ pub fn ts_space(ram: &'static BenchRam, len: u64) -> (Space, RegionId) {
     let mut s = Space::new(ram, ept_options(true)).expect("space");
     let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), len).expect("range");
     let (id, f) = s.add_region("ram", range, MappingFlags::RWX, Backend::DemandZero).expect("region");
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).expect("its own token");
     (s, id)
 }
 
@@ -35,7 +35,7 @@ pub fn ts_space(ram: &'static BenchRam, len: u64) -> (Space, RegionId) {
 pub fn ts_populated(ram: &'static BenchRam, len: u64) -> Space {
     let (mut s, id) = ts_space(ram, len);
     let f = s.populate(id).expect("populate");
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).expect("its own token");
     s
 }
 
@@ -61,7 +61,7 @@ pub fn faults_populate(c: &mut Criterion) {
                 for p in 0..pages {
                     let info = NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write);
                     match s.handle_fault(info) {
-                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
                         other => panic!("fault not resolved: {other:?}"),
                     }
                 }
@@ -135,7 +135,7 @@ pub fn fork(c: &mut Criterion) {
             for _ in 0..iters {
                 let start = Instant::now();
                 let (child, f) = parent.fork().expect("fork");
-                parent.flush(f, |_| {});
+                parent.flush(f, |_| {}).expect("its own token");
                 total += start.elapsed();
                 drop(child);
             }
@@ -159,7 +159,7 @@ pub fn harvest(c: &mut Criterion) {
     let mut s = ts_populated(ram, GIB);
     let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), GIB).expect("range");
     let (_mode, f) = s.start_dirty_log(range).expect("dirty log");
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).expect("its own token");
     let mut g = group(c, "harvest_1g");
     g.bench_function("twostage", |b| {
         b.iter_custom(|iters| {
@@ -170,7 +170,7 @@ pub fn harvest(c: &mut Criterion) {
                 }
                 let start = Instant::now();
                 let (bits, f) = s.harvest_dirty().expect("harvest");
-                s.flush(f, |_| {});
+                s.flush(f, |_| {}).expect("its own token");
                 total += start.elapsed();
                 assert_eq!(bits.count(), written.len() as u64, "the harvest saw every written page");
             }

@@ -136,3 +136,48 @@ fn coverage<'r, 'a: 'r, F: Format>(inv: &'r InvalidationOf<'a, F>) -> Coverage<'
         }
     }
 }
+
+/// A [`SpaceFlush`] handed to an address space whose table it does not belong to. Nothing was
+/// invalidated and nothing released; the token is inside, to be carried out on its own space.
+#[must_use = "the token inside still needs carrying out on its own address space"]
+pub struct ForeignSpaceFlush<F: Format> {
+    // Boxed so that `Result<(), ForeignSpaceFlush<F>>` stays small on the path that succeeds.
+    token: alloc::boxed::Box<SpaceFlush<F>>,
+    space_root: HostPhysAddr,
+}
+
+impl<F: Format> ForeignSpaceFlush<F> {
+    pub(crate) fn new(token: SpaceFlush<F>, space_root: HostPhysAddr) -> Self {
+        Self { token: alloc::boxed::Box::new(token), space_root }
+    }
+
+    /// Root of the table of the space the token was handed to.
+    pub fn space_root(&self) -> HostPhysAddr {
+        self.space_root
+    }
+
+    /// The token, given back whole.
+    pub fn into_token(self) -> SpaceFlush<F> {
+        *self.token
+    }
+}
+
+impl<F: Format> core::fmt::Debug for ForeignSpaceFlush<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ForeignSpaceFlush").field("token", &self.token).field("space_root", &self.space_root).finish()
+    }
+}
+
+impl<F: Format> core::fmt::Display for ForeignSpaceFlush<F> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let root = self.token.table.as_ref().map_or(0, |t| t.root().as_u64());
+        write!(
+            f,
+            "flush token of the address space whose table is rooted at {root:#x} handed to the one rooted at {:#x}: \
+             nothing was invalidated",
+            self.space_root.as_u64()
+        )
+    }
+}
+
+impl<F: Format> core::error::Error for ForeignSpaceFlush<F> {}

@@ -81,7 +81,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 .collect();
             for range in linear {
                 match child.reprotect(range) {
-                    Ok(f) => child.flush_unloaded(f), // Never loaded.
+                    Ok(f) => child.flush_unloaded(f).expect("the child's own token"), // Never loaded.
                     // The child (and the counts it holds) is dropped; the parent keeps its
                     // write-protected pages, which the flush covers and which regain the right
                     // on their next write fault.

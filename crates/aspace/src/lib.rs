@@ -48,14 +48,14 @@
 //! let gpa = GuestPhysAddr::new;
 //! let ram_range = GpaRange::from_start_len(gpa(0x8000_0000), 1 << 20).unwrap();
 //! let (_, f) = vm.add_region("ram", ram_range, MappingFlags::RWX, Backend::DemandZero)?;
-//! vm.flush_unloaded(f); // no CPU has the table loaded yet
+//! vm.flush_unloaded(f)?; // no CPU has the table loaded yet
 //!
 //! // Load the guest (this populates the page: its flush is left pending).
 //! vm.write(gpa(0x8000_0000), &[0x13, 0, 0, 0])?; // `nop`
 //! vm.flush_pending(|_| {}); // before the guest runs: HFENCE.GVMA or INVEPT, `inv` says which
 //! // Run it with vm.root() in hgatp (or an EPTP). On each nested fault:
 //! match vm.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_1000), Access::Write)) {
-//!     FaultOutcome::Resolved { flush } => vm.flush(flush, |_inv| { /* HFENCE.GVMA or INVEPT */ }),
+//!     FaultOutcome::Resolved { flush } => vm.flush(flush, |_inv| { /* HFENCE.GVMA or INVEPT */ })?,
 //!     FaultOutcome::Mmio { .. } => { /* hand to the device model */ }
 //!     other => panic!("{other:?}"),
 //! }
@@ -110,7 +110,7 @@ mod table_mem;
 pub use dirty::{DirtyMode, PageBitmap};
 pub use error::*;
 pub use fault::FaultOutcome;
-pub use flush::SpaceFlush;
+pub use flush::{ForeignSpaceFlush, SpaceFlush};
 pub use frames::FrameRefs;
 pub use guest::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError,

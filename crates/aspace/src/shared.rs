@@ -110,12 +110,15 @@ impl<F: Format, A: FrameAllocator + Clone> SharedAddressSpace<F, A> {
     /// pending in the space) before unlocking.
     ///
     /// # Panics
-    /// If called from inside `with` or `with_mut` on the same CPU (see the type's documentation).
+    /// If called from inside `with` or `with_mut` on the same CPU (see the type's documentation),
+    /// or if `f` returns the token of another address space (one it captured).
     pub fn with_mut<R>(&self, f: impl FnOnce(&mut AddressSpace<F, A>) -> (R, SpaceFlush<F>)) -> R {
         let _inside = self.enter();
         let mut g = self.inner.write();
         let (r, flush) = f(&mut g);
-        g.flush(flush, &*self.invalidate);
+        if let Err(e) = g.flush(flush, &*self.invalidate) {
+            panic!("SharedAddressSpace::with_mut: {e}");
+        }
         r
     }
 

@@ -3,7 +3,7 @@
 use crate::dirty::DirtyLog;
 use crate::error::NoFrame;
 use crate::error::*;
-use crate::flush::{Pending, SpaceFlush};
+use crate::flush::{ForeignSpaceFlush, Pending, SpaceFlush};
 use crate::frames::FrameRefs;
 use crate::region::{Backend, Region, RegionId, RegionLabel};
 use alloc::collections::BTreeMap;
@@ -350,12 +350,21 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// the token's table change merged with everything pending (see
     /// [`AddressSpace::flush_pending`]), then frees the retired table frames and releases the
     /// pending data frames that this invalidation covers.
-    pub fn flush(&mut self, flush: SpaceFlush<F>, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
+    ///
+    /// A token of another address space is refused and handed back, before anything is done.
+    pub fn flush(
+        &mut self,
+        flush: SpaceFlush<F>,
+        invalidate: impl FnOnce(&InvalidationOf<'_, F>),
+    ) -> Result<(), ForeignSpaceFlush<F>> {
+        if flush.table.as_ref().is_some_and(|t| t.root() != self.table.root()) {
+            return Err(ForeignSpaceFlush::new(flush, self.table.root()));
+        }
         let mut flush = flush;
         if let Some(d) = self.pending.table.take() {
             flush.add(d);
         }
-        let Some(t) = flush.table else { return };
+        let Some(t) = flush.table else { return Ok(()) };
         let pending = &mut self.pending;
         let mut covered = Vec::new();
         self.table
@@ -363,8 +372,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 invalidate(inv);
                 covered = pending.take_covered(inv);
             })
-            .expect("flush token of another address space");
+            .expect("the token's root was checked above");
         self.release_frames(&covered);
+        Ok(())
     }
 
     /// Carries out what is pending and nothing else: the invalidation owed by the changes whose
@@ -374,7 +384,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// and have no token to return). Call it before resuming a vCPU after such a write or
     /// failure; any other [`AddressSpace::flush`] carries it out as well.
     pub fn flush_pending(&mut self, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
-        self.flush(SpaceFlush::none(), invalidate);
+        self.flush(SpaceFlush::none(), invalidate).expect("an empty token belongs to every space");
     }
 
     /// Whether something awaits an invalidation: a change whose token the space kept, or data
@@ -387,10 +397,11 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// pending frame: right only while no CPU has this table loaded and none holds a
     /// translation from it (a space being built, or one whose VM is stopped and whose context
     /// was invalidated as a whole since it last ran).
-    pub fn flush_unloaded(&mut self, flush: SpaceFlush<F>) {
-        self.flush(flush, |_| {});
+    pub fn flush_unloaded(&mut self, flush: SpaceFlush<F>) -> Result<(), ForeignSpaceFlush<F>> {
+        self.flush(flush, |_| {})?;
         let all: Vec<HostPhysAddr> = self.pending.release.drain(..).map(|(_, h)| h).collect();
         self.release_frames(&all);
+        Ok(())
     }
 
     pub(crate) fn release_frames(&mut self, frames: &[HostPhysAddr]) {

@@ -18,7 +18,7 @@ fn try_write<F: ModelCpu>(s: &mut AddressSpace<F, Ram>, ram: &HostRam, at: u64, 
                 return true;
             }
             Err(_) => match s.handle_fault(NestedPageFaultInfo::new(gpa(at), Access::Write)) {
-                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
                 FaultOutcome::OutOfMemory { gpa: g } => {
                     assert_eq!(g, gpa(at));
                     return false;
@@ -58,13 +58,13 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
         let mut shadow = BTreeMap::new();
         let id = match s.add_region("ram", range(RAM, 32 * 4096), MappingFlags::RW, Backend::DemandZero) {
             Ok((id, f)) => {
-                s.flush_unloaded(f);
+                s.flush_unloaded(f).unwrap();
                 id
             }
             Err(e) => panic!("{e}"),
         };
         match s.add_region("pass", range(PASS, 2 << 20), MappingFlags::RW, Backend::Linear { host }) {
-            Ok((_, f)) => s.flush_unloaded(f),
+            Ok((_, f)) => s.flush_unloaded(f).unwrap(),
             Err(AddRegionError::Map(twostage_npt::MapError::OutOfFrames(_))) => hit = true,
             Err(e) => panic!("{e}"),
         }
@@ -76,7 +76,7 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
             }
         }
         match s.populate(id) {
-            Ok(f) => s.flush_unloaded(f),
+            Ok(f) => s.flush_unloaded(f).unwrap(),
             Err(e) => {
                 hit = true;
                 assert!(matches!(e, PopulateError::OutOfMemory { .. }));
@@ -86,7 +86,7 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
         check(&s, &shadow);
         let mut child = match s.fork() {
             Ok((c, f)) => {
-                s.flush_unloaded(f);
+                s.flush_unloaded(f).unwrap();
                 Some((c, shadow.clone()))
             }
             Err(_) => {
@@ -118,13 +118,13 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
         }
         match s.start_dirty_log(range(PASS, 2 << 20)) {
             Ok((_, f)) => {
-                s.flush_unloaded(f);
+                s.flush_unloaded(f).unwrap();
                 if s.harvest_dirty().map(|(_, f)| s.flush_unloaded(f)).is_err() {
                     hit = true;
                     s.flush_pending(|_| {});
                 }
                 match s.stop_dirty_log() {
-                    Ok(f) => s.flush_unloaded(f),
+                    Ok(f) => s.flush_unloaded(f).unwrap(),
                     Err(_) => {
                         hit = true;
                         s.flush_pending(|_| {});
@@ -135,7 +135,9 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
                 hit = true;
                 s.flush_pending(|_| {});
                 if s.dirty_log_range().is_some() {
-                    s.stop_dirty_log().map(|f| s.flush_unloaded(f)).unwrap_or_else(|_| s.flush_pending(|_| {}));
+                    s.stop_dirty_log()
+                        .map(|f| s.flush_unloaded(f).unwrap())
+                        .unwrap_or_else(|_| s.flush_pending(|_| {}));
                 }
             }
         }
@@ -157,7 +159,7 @@ fn scenario<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
             assert!(try_write(&mut s, &ram, RAM + i * 4096 + 16, 1));
         }
         let f = s.remove_region(id).unwrap();
-        s.flush_unloaded(f);
+        s.flush_unloaded(f).unwrap();
         drop(child);
     }
     ram.heal();

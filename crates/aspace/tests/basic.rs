@@ -12,7 +12,7 @@ fn demand_zero_faults_allocate_zeroed_frames() {
     let ram = ram(256);
     let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (id, f) = s.add_region("ram", range(0x8000_0000, 0x10000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let before = ram.frames_in_use();
     assert_eq!(guest_read(&mut s, &ram, 0x8000_1008), 0);
     assert_eq!(ram.frames_in_use(), before + 1 + 2, "one data frame and two tables (Sv39x4 levels 1 and 0)");
@@ -25,7 +25,7 @@ fn demand_zero_faults_allocate_zeroed_frames() {
     // Removing frees the frame once flushed.
     let f = s.remove_region(id).unwrap();
     assert!(s.has_pending(), "the frame waits for the flush");
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     drop(s);
     assert_eq!(ram.frames_in_use(), 0, "every frame freed");
 }
@@ -35,7 +35,7 @@ fn overlap_is_refused_naming_both_regions() {
     let ram = ram(64);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("low", range(0x0, 0x4000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let err = s.add_region("uart", range(0x3000, 0x1000), RW, Backend::Mmio).unwrap_err();
     match err {
         AddRegionError::Overlap { name, range: r, existing } => {
@@ -49,7 +49,7 @@ fn overlap_is_refused_naming_both_regions() {
     assert!(text.contains("uart") && text.contains("low"), "{text}");
     // Adjacent is fine.
     let (_, f) = s.add_region("uart", range(0x4000, 0x1000), RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     assert!(matches!(
         s.add_region("x", range(0x1001, 0x1000), RW, Backend::Mmio),
         Err(AddRegionError::Misaligned { .. })
@@ -61,9 +61,9 @@ fn outcomes_mmio_violation_unmapped() {
     let ram = ram(64);
     let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (uart, f) = s.add_region("uart", range(0x1000_0000, 0x1000), RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (rom, f) = s.add_region("rom", range(0x2000_0000, 0x1000), MappingFlags::RX, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     match s.handle_fault(NestedPageFaultInfo::new(gpa(0x1000_0004), Access::Write)) {
         FaultOutcome::Mmio { gpa: g, access, region } => {
             assert_eq!((g, access, region), (gpa(0x1000_0004), Access::Write, uart));
@@ -91,7 +91,7 @@ fn linear_regions_use_huge_pages_and_copies_reach_host_memory() {
     let host = ram.allocate_frames_for_test(1024, 512);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("pass", range(0x4000_0000, 4 << 20), RW, Backend::Linear { host }).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let leaf = s.table().query(gpa(0x4000_0000)).unwrap();
     assert_eq!(leaf.size, twostage_npt::PageSize::Size2M);
     let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| i as u8).collect();
@@ -113,7 +113,7 @@ fn copies_cross_regions_and_pages_and_name_the_failing_address() {
     let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     for (name, start) in [("a", 0x10_0000u64), ("b", 0x10_4000)] {
         let (_, f) = s.add_region(name, range(start, 0x4000), RW, Backend::DemandZero).unwrap();
-        s.flush_unloaded(f);
+        s.flush_unloaded(f).unwrap();
     }
     let data: Vec<u8> = (0..0x5000u32).map(|i| (i * 7) as u8).collect();
     s.write(gpa(0x10_1800), &data).unwrap();
@@ -146,13 +146,13 @@ fn fork_isolates_writes_and_accounts_frames() {
     let ram = ram(512);
     let mut p: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (_, f) = p.add_region("ram", range(0x8000_0000, 0x20000), RW, Backend::DemandZero).unwrap();
-    p.flush_unloaded(f);
+    p.flush_unloaded(f).unwrap();
     for i in 0..8 {
         guest_write(&mut p, &ram, 0x8000_0000 + i * 0x1000, 100 + i);
     }
     let frames_before = ram.frames_in_use();
     let (mut c, f) = p.fork().unwrap();
-    p.flush(f, |_| {});
+    p.flush(f, |_| {}).unwrap();
     // Only the child's tables were allocated: no data frame was copied.
     assert_eq!(
         ram.frames_in_use() - frames_before,
@@ -184,17 +184,17 @@ fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
     let host = ram.allocate_frames_for_test(1024, 512);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(ad)).unwrap();
     let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("pass", range(0x20_0000, 2 << 20), RW, Backend::Linear { host }).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     guest_write(&mut s, &ram, 0x3000, 1);
     let (mode, f) = s.start_dirty_log(range(0, 8 << 20)).unwrap();
     assert_eq!(mode, want);
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     // A linear region added while the log runs is logged too (2 MiB page split or protected).
     let (_, f) =
         s.add_region("late", range(0x40_0000, 2 << 20), RW, Backend::Linear { host: host + (2 << 20) }).unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     guest_write(&mut s, &ram, 0x41_0000, 9);
     guest_write(&mut s, &ram, 0x3000, 2);
     guest_write(&mut s, &ram, 0x5000, 2);
@@ -203,17 +203,17 @@ fn dirty_log_reports_exactly_written_pages(ad: AdMode, want: DirtyMode) {
     s.write(gpa(0x8ff8), &[1u8; 16]).unwrap();
     s.flush_pending(|_| {});
     let (bits, f) = s.harvest_dirty().unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     let got: Vec<u64> = bits.iter().map(|g| g.as_u64()).collect();
     assert_eq!(got, vec![0x3000, 0x5000, 0x8000, 0x9000, 0x20_3000, 0x41_0000]);
     // Re-armed: only new writes show.
     guest_write(&mut s, &ram, 0x5000, 3);
     guest_read(&mut s, &ram, 0x3000);
     let (bits, f) = s.harvest_dirty().unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x5000]);
     let f = s.stop_dirty_log().unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     assert!(s.table().query(gpa(0x3000)).unwrap().flags.contains(MappingFlags::WRITE));
     drop(s);
     // SAFETY: test-only frames from allocate_frames_for_test, no longer mapped.
@@ -236,7 +236,7 @@ fn out_of_memory_is_reported_and_nothing_leaks() {
     let ram = ram(256);
     let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (id, f) = s.add_region("ram", range(0x8000_0000, 0x40000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     ram.fail_after(0);
     assert!(matches!(
         s.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_0000), Access::Write)),
@@ -249,7 +249,7 @@ fn out_of_memory_is_reported_and_nothing_leaks() {
     s.flush_pending(|_| {});
     ram.heal();
     let f = s.populate(id).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     assert_eq!(s.stats().frames_allocated, 64);
     drop(s);
     assert_eq!(ram.frames_in_use(), 0);
@@ -270,16 +270,16 @@ fn dump_shows_regions_backends_and_page_sizes() {
     let host = ram.allocate_frames_for_test(1024, 512);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) =
         s.add_region("fw", range(0x20_0000, (2 << 20) + 0x3000), MappingFlags::RX, Backend::Linear { host }).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("uart", range(0x1000_0000, 0x1000), RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     guest_write(&mut s, &ram, 0x1000, 1);
     guest_write(&mut s, &ram, 0x2000, 1);
     let (c, f) = s.fork().unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let text = s.to_string();
     println!("{text}");
     let lines: Vec<&str> = text.lines().collect();
@@ -301,7 +301,7 @@ fn share_from_gives_copy_on_write_frames_between_two_spaces() {
     let ram = ram(512);
     let mut tmpl: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (img, f) = tmpl.add_region("image", range(0x8000_0000, 0x8000), RW, Backend::DemandZero).unwrap();
-    tmpl.flush_unloaded(f);
+    tmpl.flush_unloaded(f).unwrap();
     for i in 0..4 {
         guest_write(&mut tmpl, &ram, 0x8000_0000 + i * 0x1000, 10 + i);
     }
@@ -309,8 +309,8 @@ fn share_from_gives_copy_on_write_frames_between_two_spaces() {
         AddressSpace::with_refs(ram.clone(), opts::<Sv39x4>(AdMode::Hardware), tmpl.frame_refs().clone()).unwrap();
     let before = ram.frames_in_use();
     let (id, f, g) = vm.share_from("image", gpa(0x4000_0000), &mut tmpl, img).unwrap();
-    vm.flush_unloaded(f);
-    tmpl.flush_unloaded(g);
+    vm.flush_unloaded(f).unwrap();
+    tmpl.flush_unloaded(g).unwrap();
     assert_eq!(vm.region(id).unwrap().backend(), Backend::CopyOnWrite);
     assert!(ram.frames_in_use() - before <= 2, "no data frame copied");
     assert_eq!(guest_read(&mut vm, &ram, 0x4000_2000), 12);
@@ -332,16 +332,16 @@ fn accessed_bits_are_harvested_for_reclaim() {
     let ram = ram(512);
     let mut s: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(0x0, 0x10000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     for p in [0x1000, 0x2000, 0x3000] {
         guest_write(&mut s, &ram, p, 1);
     }
     let (bits, f) = s.harvest_accessed(range(0, 0x10000)).unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x1000, 0x2000, 0x3000]);
     guest_read(&mut s, &ram, 0x2008);
     let (bits, f) = s.harvest_accessed(range(0, 0x10000)).unwrap();
-    s.flush(f, |_| {});
+    s.flush(f, |_| {}).unwrap();
     assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), vec![0x2000]);
 }
 
@@ -353,18 +353,18 @@ fn fork_under_a_write_protect_log_gives_the_child_full_rights_and_isolates_both(
     let mut p: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Preset)).unwrap();
     let host = ram.allocate_frames(4, 1).unwrap();
     let (_, f) = p.add_region("dev", range(0x10_0000, 0x4000), RW, Backend::Linear { host }).unwrap();
-    p.flush_unloaded(f);
+    p.flush_unloaded(f).unwrap();
     let (_, f) = p.add_region("ram", range(0x20_0000, 0x10000), RW, Backend::DemandZero).unwrap();
-    p.flush_unloaded(f);
+    p.flush_unloaded(f).unwrap();
     // Several pages in one copy (the multi-page host-run path), then one page (the fast path).
     p.write(gpa(0x20_0000), &[5u8; 0x3000]).unwrap();
     p.flush_pending(|_| {});
     let (mode, f) = p.start_dirty_log(range(0x10_0000, 0x20_0000)).unwrap();
     assert_eq!(mode, DirtyMode::WriteProtect);
-    p.flush_unloaded(f);
+    p.flush_unloaded(f).unwrap();
     assert!(!p.table().query(gpa(0x10_0000)).unwrap().flags.contains(MappingFlags::WRITE));
     let (mut c, f) = p.fork().unwrap();
-    p.flush(f, |_| {});
+    p.flush(f, |_| {}).unwrap();
     // The child has no log: its linear pages have the region's rights; its anonymous pages are
     // shared read-only, as the parent's are.
     assert_eq!(c.table().query(gpa(0x10_0000)).unwrap().flags, RW);
@@ -387,7 +387,7 @@ fn fork_under_a_write_protect_log_gives_the_child_full_rights_and_isolates_both(
     assert_eq!(far, [5, 5, 0, 0], "the child still sees the bytes from before the fork, then zeros");
     // The parent's log saw its own writes only.
     let (bits, f) = p.harvest_dirty().unwrap();
-    p.flush_unloaded(f);
+    p.flush_unloaded(f).unwrap();
     assert_eq!(bits.iter().map(|g| g.as_u64()).collect::<Vec<_>>(), [0x20_1000, 0x20_2000]);
     drop(c);
     drop(p);
@@ -405,23 +405,23 @@ fn a_stale_fault_is_resolved_with_the_fence_the_cpu_needs() {
     let ram = ram(256);
     let mut s: Space<Sv39x4> = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (id, f) = s.add_region("ram", range(0x8000_0000, 0x4000), RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let f = s.populate(id).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     // Populated pages are accessed and dirty after a write: a write fault now is stale.
     guest_write(&mut s, &ram, 0x8000_1000, 1);
     match s.handle_fault(NestedPageFaultInfo::new(gpa(0x8000_1000), Access::Write)) {
         FaultOutcome::Resolved { flush } => {
             assert!(matches!(flush.invalidation(), GvmaInvalidation::All { .. }), "{flush:?}");
-            s.flush_unloaded(flush);
+            s.flush_unloaded(flush).unwrap();
         }
         other => panic!("{other:?}"),
     }
     let mut e: Space<Ept4> = AddressSpace::new(ram.clone(), opts::<Ept4>(AdMode::Hardware)).unwrap();
     let (id, f) = e.add_region("ram", range(0x10_0000, 0x4000), RW, Backend::DemandZero).unwrap();
-    e.flush_unloaded(f);
+    e.flush_unloaded(f).unwrap();
     let f = e.populate(id).unwrap();
-    e.flush_unloaded(f);
+    e.flush_unloaded(f).unwrap();
     guest_write(&mut e, &ram, 0x10_1000, 1);
     match e.handle_fault(NestedPageFaultInfo::new(gpa(0x10_1000), Access::Write)) {
         FaultOutcome::Resolved { flush } => assert_eq!(flush.invalidation(), EptInvalidation::None),

@@ -33,7 +33,7 @@ fn a_huge_dirty_log_range_is_a_typed_error() {
     let ram = ram(256);
     let mut s = AddressSpace::<Sv48x4, Ram>::new(ram.clone(), opts::<Sv48x4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(0x8000_0000, 0x10000), MappingFlags::RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     // The whole 50-bit guest-physical space: 2^38 pages, a 32 GiB bitmap.
     let huge = GpaRange::from_start_len(GuestPhysAddr::ZERO, 1 << 50).unwrap();
     let e = s.start_dirty_log(huge).unwrap_err();
@@ -44,6 +44,6 @@ fn a_huge_dirty_log_range_is_a_typed_error() {
     assert!(matches!(s.harvest_accessed(huge), Err(BitmapAllocError { .. })));
     // A range that fits still works.
     let (_, f) = s.start_dirty_log(range(0x8000_0000, 0x10000)).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     assert_eq!(s.dirty_log_range(), Some(range(0x8000_0000, 0x10000)));
 }

@@ -11,9 +11,9 @@ type Space = AddressSpace<Sv39x4, Ram>;
 fn space(ram: &Ram) -> Space {
     let mut s: Space = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(0, 1 << 20), MappingFlags::RWX, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("mmio", range(0x1000_0000, 0x1000), MappingFlags::RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     s
 }
 

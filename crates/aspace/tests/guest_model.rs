@@ -37,10 +37,10 @@ fn build(ram: &Ram, entries: &[u64]) -> Space {
     let (_, f) = s
         .add_region("ram", range(0, (TABLE_PAGES + DATA_PAGES) * 4096), MappingFlags::RWX, Backend::DemandZero)
         .unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) =
         s.add_region("mmio", range((TABLE_PAGES + DATA_PAGES) * 4096, 4096), MappingFlags::RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     for (i, e) in entries.iter().enumerate() {
         let (page, idx) = (i as u64 / 4, i as u64 % 4);
         s.write(gpa(page * 4096 + idx * 8), &e.to_le_bytes()).unwrap();
@@ -124,7 +124,7 @@ proptest! {
         let ram = ram(1024);
         let mut mine = build(&ram, &entries);
         let (mut theirs, f) = mine.fork().unwrap();
-        mine.flush_unloaded(f);
+        mine.flush_unloaded(f).unwrap();
         let p = X86Paging { pml4: gpa(cr3_page << 12), wp, nxe, smep, smap, user, maxphyaddr: maxphy, page_1g };
         let regs = stage1::x86::X86Regs {
             cr3: cr3_page << 12, cr0_wp: wp, cr4_smep: smep, cr4_smap: smap, rflags_ac: false,
@@ -163,7 +163,7 @@ proptest! {
         let ram = ram(1024);
         let mut mine = build(&ram, &entries);
         let (mut theirs, f) = mine.fork().unwrap();
-        mine.flush_unloaded(f);
+        mine.flush_unloaded(f).unwrap();
         let levels = if sv48 { 4 } else { 3 };
         let p = RiscvPaging { root: gpa(root_page << 12), levels, sum, mxr, user, update_ad, svpbmt };
         let vsatp = (if sv48 { 9u64 } else { 8 }) << 60 | root_page;

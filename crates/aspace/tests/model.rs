@@ -120,7 +120,7 @@ impl<F: TlbCpu> Guest<F> {
     fn flush(&mut self, f: SpaceFlush<F>) {
         let (root, hw_ad) = (self.s.root().as_u64(), self.hw_ad());
         let tlb = &mut self.tlb;
-        self.s.flush(f, |inv| F::invalidate(tlb, root, hw_ad, inv));
+        self.s.flush(f, |inv| F::invalidate(tlb, root, hw_ad, inv)).unwrap();
     }
 
     /// A guest access through the TLB model; faults go to `handle_fault`. Returns the outcome
@@ -178,13 +178,13 @@ const HOLE: u64 = 0x2000_0000;
 fn setup<F: TlbCpu>(ram: &Ram, ad: AdMode, host: HostPhysAddr) -> (Guest<F>, RegionId) {
     let mut s = AddressSpace::<F, Ram>::new(ram.clone(), opts::<F>(ad)).unwrap();
     let (id, f) = s.add_region("ram", range(RAM, 64 * 4096), MappingFlags::RWX, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("rom", range(ROM, 8 * 4096), MappingFlags::RX, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("pass", range(PASS, 4 << 20), MappingFlags::RW, Backend::Linear { host }).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.add_region("uart", range(UART, 4096), MappingFlags::RW, Backend::Mmio).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     (Guest::new(s), id)
 }
 

@@ -55,9 +55,9 @@ fn vcpus_copies_forks_and_harvests_race_safely() {
     let ram = ram(8192);
     let mut s = AddressSpace::<Sv39x4, Ram>::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(BASE, PAGES * 4096), MappingFlags::RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let (_, f) = s.start_dirty_log(range(BASE, PAGES * 4096)).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let sh = Arc::new(SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now));
     let stop = Arc::new(AtomicBool::new(false));
     let harvested = Arc::new(Mutex::new(BTreeSet::new()));
@@ -186,7 +186,7 @@ fn re_entering_the_lock_from_inside_with_panics_instead_of_hanging() {
     let ram = ram(64);
     let mut s = AddressSpace::<Sv39x4, Ram>::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
     let (_, f) = s.add_region("ram", range(BASE, 4096), MappingFlags::RW, Backend::DemandZero).unwrap();
-    s.flush_unloaded(f);
+    s.flush_unloaded(f).unwrap();
     let sh: Shared = SharedAddressSpace::new(s, Box::new(|_| {}), cpu_index).relax_with(std::thread::yield_now);
     // A fault resolved while this CPU still reads inside `with`: the write lock would wait for
     // this CPU's own read lock forever.

@@ -373,7 +373,7 @@ fuzz_target!(|input: Input| {
                     }
                 },
                 Op::DirtyStop => match g.s.stop_dirty_log() {
-                    Ok(f) => g.s.flush_unloaded(f),
+                    Ok(f) => g.s.flush_unloaded(f).unwrap(),
                     Err(_) => g.s.flush_pending(|_| {}),
                 },
                 Op::FailAfter { n } => {

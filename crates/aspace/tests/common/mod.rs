@@ -108,7 +108,7 @@ pub fn guest_access<F: ModelCpu>(
             }
             Ok(hpa) => return ram.read_u64(hpa),
             Err(_) => match s.handle_fault(NestedPageFaultInfo::new(at, access)) {
-                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}),
+                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
                 other => panic!("guest {access} at {at:?}: {other:?}"),
             },
         }
