@@ -33,11 +33,11 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(120);
 const STAGE_ADDR: u64 = 0x8800_0000;
 /// The staging header: magic at +0, size at +8.
 const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
-/// The largest guest file the hypervisor accepts (images/riscv-hv/src/loader.rs: MAX_FILE).
+/// The largest guest file the hypervisor accepts (hypervisor/riscv/src/loader.rs: MAX_FILE).
 const MAX_GUEST: u64 = 32 << 20;
-/// The guest's RAM (images/riscv-hv/src/loader.rs: GUEST_RAM, GUEST_RAM_LEN).
+/// The guest's RAM (hypervisor/riscv/src/loader.rs: GUEST_RAM, GUEST_RAM_LEN).
 const GUEST_RAM: Range<u64> = 0x8000_0000..0x8400_0000;
-/// Where a raw image goes (images/riscv-hv/src/loader.rs: RAW_LOAD).
+/// Where a raw image goes (hypervisor/riscv/src/loader.rs: RAW_LOAD).
 const RAW_LOAD: u64 = 0x8020_0000;
 /// The device tree's alignments, tried in turn at the top of guest RAM (loader.rs: DTB_ALIGNS).
 const DTB_ALIGNS: [u64; 3] = [1 << 20, 0x1000, 8];
@@ -273,7 +273,7 @@ fn qemu_command(qemu: &Qemu, image: &Path, stage: Stage<'_>) -> Result<Command, 
     Ok(cmd)
 }
 
-/// The hypervisor's checks on a guest file (images/riscv-hv/src/loader.rs), run before booting:
+/// The hypervisor's checks on a guest file (hypervisor/riscv/src/loader.rs), run before booting:
 /// `Ok(Some(message))` when the file would be refused, `Ok(None)` when it would run, `Err` when
 /// it cannot be read.
 pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {

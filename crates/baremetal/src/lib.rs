@@ -5,6 +5,8 @@
 //!   problem), and [`multiboot`] checks a multiboot (v1) header. `cargo xtask` runs the same
 //!   checks before it boots an emulator, so a file is refused with the same message by xtask and
 //!   by the image.
+//! - [`fdt`]: flattened device trees, read (the host's, from the firmware) and written (a
+//!   guest's), with host tests; not H-extension glue, so here rather than in twostage-rvh.
 //! - [`frames::Frames`]: the host frame allocator (a two-level bitmap: constant-bounded searches).
 //! - [`heap`]: the images' global heap (the `talc` crate over a static arena).
 //!
@@ -18,6 +20,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod elf;
+pub mod fdt;
 #[allow(unsafe_code)]
 pub mod frames;
 #[allow(unsafe_code)]

@@ -4,8 +4,7 @@
 //! [`twostage_npt::NestedPageFaultInfo`]), [`access::GuestAccessError`] (a recovered fault in an
 //! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
 //! [`fence::GvmaFence`] (the engine's `GvmaInvalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
-//! [`mmio::Ns16550`] (with [`mmio::decode_access`]: the load or store behind an MMIO fault),
-//! and [`fdt::FdtWriter`].
+//! and [`mmio::decode_access`] (the load or store behind an MMIO fault).
 //!
 //! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
 //! bare metal alone (every other target gets a stand-in with the same API that panics with a
@@ -19,7 +18,9 @@
 #![no_std]
 #![warn(missing_docs)]
 
+#[cfg(test)]
 extern crate alloc;
+
 #[cfg(test)]
 extern crate std;
 
@@ -27,7 +28,6 @@ pub mod access;
 pub mod csr;
 pub mod extable;
 pub mod fault;
-pub mod fdt;
 pub mod fence;
 pub mod insn;
 pub mod mmio;

@@ -1,7 +1,8 @@
-//! Boot: the entry point OpenSBI jumps to, the SBI console, the sifive_test exit, the heap.
+//! Boot: the entry point OpenSBI jumps to, the sifive_test exit, the heap, the panic handler.
+//! The SBI console is the runtime's (`twostage_hv_riscv::console`).
 
 use core::arch::{asm, global_asm};
-use core::fmt::{self, Write};
+use twostage_hv_riscv::println;
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -22,58 +23,13 @@ global_asm!(
     main = sym crate::boot::rust_main,
 );
 
+/// What the runtime gets from this image: the exit device and the heap's figures.
+static BOARD: twostage_hv_riscv::Board = twostage_hv_riscv::Board { exit, heap_stats };
+
 /// The first Rust code: sets up traps, then runs the suite or a staged guest.
 extern "C" fn rust_main(hartid: usize, dtb: usize) -> ! {
-    crate::trap::init();
-    let code = crate::vm::start(hartid, dtb);
-    exit(code)
-}
-
-/// One SBI legacy call (SBI v2.0 §5: legacy extensions, a7 = EID, result in a0).
-fn sbi_legacy(eid: usize, arg0: usize) -> isize {
-    let ret: isize;
-    // SAFETY: an ecall into OpenSBI; the legacy calls used here have no memory arguments.
-    unsafe { asm!("ecall", inlateout("a0") arg0 as isize => ret, in("a7") eid, options(nostack)) };
-    ret
-}
-
-/// SBI TIME set_timer (SBI v2.0 §6.1; legacy EID 0 on OpenSBI 1.1 works alike).
-pub fn sbi_set_timer(deadline: u64) {
-    // SAFETY: an ecall into OpenSBI with a value argument.
-    unsafe {
-        asm!("ecall", inlateout("a0") deadline => _, inlateout("a1") 0usize => _, in("a6") 0, in("a7") 0x5449_4D45usize, options(nostack))
-    };
-}
-
-/// Writes one byte to the console (legacy console_putchar, EID 1: OpenSBI 1.1 has no DBCN).
-pub fn putchar(c: u8) {
-    sbi_legacy(1, c as usize);
-}
-
-/// Reads one console byte if one is waiting (legacy console_getchar, EID 2).
-pub fn getchar() -> Option<u8> {
-    let r = sbi_legacy(2, 0);
-    (r >= 0).then_some(r as u8)
-}
-
-/// The console as a `fmt::Write`.
-pub struct Console;
-
-impl Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        s.bytes().for_each(putchar);
-        Ok(())
-    }
-}
-
-/// `print!` to the SBI console.
-macro_rules! print {
-    ($($arg:tt)*) => {{ let _ = core::fmt::Write::write_fmt(&mut $crate::boot::Console, format_args!($($arg)*)); }};
-}
-/// `println!` to the SBI console.
-macro_rules! println {
-    () => { print!("\n") };
-    ($($arg:tt)*) => {{ print!($($arg)*); print!("\n"); }};
+    twostage_hv_riscv::trap::init(&BOARD);
+    exit(crate::run(hartid, dtb))
 }
 
 /// The sifive_test device on QEMU virt (hw/misc/sifive_test.c): 0x5555 = pass,

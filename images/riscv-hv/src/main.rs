@@ -1,15 +1,10 @@
 //! twostage-riscv-hv: a bare-metal H-extension hypervisor for QEMU `virt`, running guests on twostage.
 //!
-//! Key pieces: [`boot`] (entry from OpenSBI, console, exit, heap), [`trap`] (the HS-mode trap
-//! vector with exception-table recovery, and the VS-mode entry/exit path), [`vm`] (one guest:
-//! its Sv39x4 table from the twostage engine, the run loop and its statistics), [`guest`] (the
-//! bundled VS-mode test guest), [`scenarios`] (the suite) and [`loader`] (running a guest file
-//! staged by QEMU's loader device).
-//!
-//! Safety model: the hypervisor runs in HS-mode with satp = Bare on one hart, so host-physical
-//! addresses are usable as pointers; frames come from [`twostage_baremetal::frames::Frames`]
-//! over the RAM the device tree reports, minus the image, the device tree and the staged guest.
-//! Everything a guest controls reaches this code as a value to check, never as a pointer to trust.
+//! This image is wiring only: [`boot`] (entry from OpenSBI, the exit device, the heap, the panic
+//! handler), then boot-time setup (frames and hart probing, `twostage_hv_riscv::hart`), then
+//! either the guest file QEMU's loader device staged (`twostage_hv_riscv::loader`) or the
+//! scenario suite (`twostage_scenarios_riscv`). The runtime (VM, trap path, loader, console)
+//! is `twostage-hv-riscv`.
 //!
 //! Built only for `riscv64gc-unknown-none-elf`; on any other target this is an empty program so
 //! that `cargo clippy --workspace` on the host still builds.
@@ -17,25 +12,18 @@
 #![warn(missing_docs)]
 
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
-extern crate alloc;
-
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-#[macro_use]
 mod boot;
+
+/// Frames and probes, then the staged guest or the suite; the run's exit status.
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod guest;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod loader;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod scenarios;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod scenarios2;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod scenarios3;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod trap;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-mod vm;
+fn run(hartid: usize, dtb: usize) -> i32 {
+    use twostage_hv_riscv::hart::{self, Boot};
+    match hart::start(hartid, dtb) {
+        Boot::Stop(code) => code,
+        Boot::Staged(base, len) => twostage_hv_riscv::loader::run_staged(base, len),
+        Boot::Suite => twostage_scenarios_riscv::run() as i32,
+    }
+}
 
 /// Host builds: nothing to run.
 #[cfg(not(target_os = "none"))]

@@ -15,15 +15,17 @@
 //! and a `guest file refused:` line naming the problem; a guest the hypervisor has to stop ends
 //! it with `EXIT_GUEST_STOPPED` (125).
 
-use crate::vm::{frames, Exit, Space, Vm, UART_GPA};
+use crate::hart::frames;
+use crate::vm::{Exit, Space, Vm, UART_GPA};
 use alloc::format;
 use alloc::string::String;
 use core::fmt::Display;
 use twostage_aspace::Backend;
 use twostage_baremetal::elf::{self, LoadPlan, Machine, Place, EXIT_GUEST_STOPPED, EXIT_REFUSED};
+use twostage_baremetal::fdt;
 use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, Sv39x4, TableOptions};
 use twostage_rvh::csr::cause;
-use twostage_rvh::{fdt, hw};
+use twostage_rvh::hw;
 
 /// Where the staged file starts in host RAM.
 pub const STAGE_ADDR: u64 = 0x8800_0000;
@@ -120,7 +122,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let tree = fdt::guest_tree(
         GUEST_RAM,
         GUEST_RAM_LEN,
-        crate::vm::hart().timebase,
+        crate::hart::hart().timebase,
         "rv64imafdc_zicsr_zifencei",
         Some(UART_GPA),
     );

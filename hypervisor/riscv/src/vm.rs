@@ -1,22 +1,24 @@
-//! One guest: its Sv39x4 nested table, the VS-mode run loop, exit handling and statistics.
+//! One guest: its Sv39x4 nested table or address space, the VS-mode run loop, exit handling,
+//! the emulated UART and the SBI.
 
-use crate::boot;
+use crate::console;
+use crate::hart::{frames, g_stage_options, hart};
+use crate::stats::Stats;
 use crate::trap::{self, ExitCsrs, VcpuRegs};
+use crate::uart::{self, Ns16550};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicPtr, Ordering};
 use twostage_baremetal::frames::Frames;
 use twostage_npt::{
-    AdMode, Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
-    PageSize, PageTable, Sv39x4, TableOptions,
+    Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
+    PageTable, Sv39x4,
 };
-use twostage_npt::{GStageFormat, Hgatp, HgatpCapabilities, HgatpMode};
+use twostage_npt::{Hgatp, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
-use twostage_rvh::mmio::{self, Ns16550};
-use twostage_rvh::probe::GStageAd;
+use twostage_rvh::mmio;
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
@@ -36,101 +38,7 @@ pub enum Memory {
 
 /// Guest-physical base of the emulated ns16550 UART.
 pub const UART_GPA: u64 = 0x1000_0000;
-const UART_LEN: u64 = 0x100;
-
-static FRAMES: Frames = Frames::empty();
-
-/// The frame allocator over the RAM the device tree reported (given its range in `start`).
-pub fn frames() -> &'static Frames {
-    &FRAMES
-}
-
-/// What the hart offers, probed at boot.
-#[derive(Clone, Copy, Debug)]
-pub struct HartInfo {
-    /// hstatus could be read (the H extension is present).
-    pub h_csrs: bool,
-    /// The device tree's ISA string lists 'h'.
-    pub isa_h: bool,
-    /// hgatp modes and VMIDLEN.
-    pub caps: HgatpCapabilities,
-    /// Timebase frequency from the device tree.
-    pub timebase: u32,
-    /// Whether the hart sets G-stage A/D bits itself (probed at boot).
-    pub ad: GStageAd,
-}
-
-/// What a scenario needs of the hart beyond the H extension, so that one the hart cannot run
-/// is skipped with the reason.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// The hart sets G-stage A/D bits itself.
-    HardwareAd,
-}
-
-impl HartInfo {
-    /// Why this hart cannot run a scenario that needs `need`, or `None` if it can.
-    pub fn lacks(&self, need: Need) -> Option<&'static str> {
-        match need {
-            Need::HardwareAd if self.ad != GStageAd::Hardware => {
-                Some("this hart does not update G-stage A/D bits (no Svadu, or menvcfg.ADUE = 0)")
-            }
-            Need::HardwareAd => None,
-        }
-    }
-}
-
-/// Table options for a G-stage table of format `F` on this hart: A/D bits kept by the hart where
-/// it updates them ([`AdMode::Hardware`]); otherwise by software ([`AdMode::Software`]) when
-/// `ad_faults_resolved` (the guest's faults go to an address space's fault handler, which sets
-/// A/D on the fault), else preset ([`AdMode::Preset`]) so that no access faults on them.
-pub fn g_stage_options<F: GStageFormat>(ad_faults_resolved: bool) -> TableOptions {
-    let ad = match (hart().ad, ad_faults_resolved) {
-        (GStageAd::Hardware, _) => AdMode::Hardware,
-        (GStageAd::Faults, true) => AdMode::Software,
-        (GStageAd::Faults, false) => AdMode::Preset,
-    };
-    TableOptions { ad, ..TableOptions::for_format::<F>() }
-}
-
-static HART: AtomicPtr<HartInfo> = AtomicPtr::new(core::ptr::null_mut());
-
-/// The probed hart information.
-pub fn hart() -> HartInfo {
-    let p = HART.load(Ordering::Acquire);
-    assert!(!p.is_null(), "hart probed at boot");
-    // SAFETY: set once in `start` from a leaked Box, never freed or written again.
-    unsafe { *p }
-}
-
-/// Counts of what the memory subsystem and the run loop did.
-#[derive(Clone, Debug, Default)]
-pub struct Stats {
-    /// Exits by scause (exceptions 0..24; interrupts are counted in `irq_exits`).
-    pub exits: [u32; 24],
-    /// Interrupt exits.
-    pub irq_exits: u32,
-    /// Guest-page faults resolved by mapping a zero page.
-    pub demand_zero: u32,
-    /// Guest-page faults the address space resolved (demand-zero, copy-on-write, dirty log).
-    pub space_resolved: u32,
-    /// Guest-page faults passed back to the VM's owner.
-    pub faults_unresolved: u32,
-    /// Copy-on-write breaks.
-    pub cow_breaks: u32,
-    /// Emulated MMIO reads.
-    pub mmio_reads: u32,
-    /// Emulated MMIO writes.
-    pub mmio_writes: u32,
-    /// HFENCE.GVMA by address issued.
-    pub gvma_addr: u32,
-    /// HFENCE.GVMA by VMID issued.
-    pub gvma_vmid: u32,
-    /// SBI calls served.
-    pub sbi_calls: u32,
-    /// Virtual timer interrupts injected.
-    pub timer_injections: u32,
-}
+pub(crate) const UART_LEN: u64 = 0x100;
 
 /// Why the run loop gave control back.
 #[derive(Clone, Copy, Debug)]
@@ -152,7 +60,7 @@ pub enum Exit {
     Budget,
 }
 
-/// The emulated UART: the device model from twostage-rvh plus what this hypervisor does with it.
+/// The emulated UART: the device model ([`crate::uart`]) plus what this hypervisor does with it.
 #[derive(Default)]
 pub struct Uart {
     /// Register state.
@@ -353,7 +261,7 @@ impl Vm {
     /// Programs the host timer (SBI set_timer) for the earlier of the guest's deadline and the
     /// watchdog; the hart's one supervisor timer serves both.
     fn arm_host_timer(&self) {
-        boot::sbi_set_timer(self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX)));
+        console::sbi_set_timer(self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX)));
     }
 
     /// Runs the guest from `self.pc` until an exit the VM does not handle itself.
@@ -502,9 +410,9 @@ impl Vm {
             MemOp::Load { .. } => self.stats.mmio_reads += 1,
         }
         let input = self.uart.input;
-        let sent = mmio::emulate_uart(&mut self.uart.dev, gpa.as_u64() - UART_GPA, access, &mut self.regs.gpr, || {
+        let sent = uart::emulate_uart(&mut self.uart.dev, gpa.as_u64() - UART_GPA, access, &mut self.regs.gpr, || {
             if input {
-                boot::getchar()
+                console::getchar()
             } else {
                 None
             }
@@ -514,69 +422,6 @@ impl Vm {
         }
         self.pc = self.pc.wrapping_add(u64::from(access.insn_len));
         true
-    }
-
-    /// Leaves by page size: (4K, 2M, 1G).
-    pub fn leaves_by_size(&self) -> (usize, usize, usize) {
-        let mut n = (0, 0, 0);
-        self.table().for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
-            PageSize::Size4K => n.0 += 1,
-            PageSize::Size2M => n.1 += 1,
-            _ => n.2 += 1,
-        });
-        n
-    }
-
-    /// Prints the statistics block.
-    pub fn print_stats(&self, label: &str) {
-        let s = &self.stats;
-        println!("== memory subsystem report ({label})");
-        print!("exits by kind:");
-        for (c, n) in s.exits.iter().enumerate() {
-            if *n > 0 {
-                print!(" {}={}", cause::name(c as u64), n);
-            }
-        }
-        println!(" interrupts={}", s.irq_exits);
-        let (p4, p2, p1) = self.leaves_by_size();
-        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.table().table_frames());
-        println!(
-            "faults resolved: by the address space={} by demand-zero mapping={} unresolved={}; copy-on-write breaks={}",
-            s.space_resolved, s.demand_zero, s.faults_unresolved, s.cow_breaks
-        );
-        println!("MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes);
-        println!("flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid);
-        // What the hardware path costs (issue 6): guest-page exits that were not MMIO, per page
-        // now mapped; fences per fault the memory subsystem resolved.
-        let gpf = s.exits[20] + s.exits[21] + s.exits[23];
-        let touched = (gpf.saturating_sub(s.mmio_reads + s.mmio_writes)) as f64;
-        let pages = (p4 + 512 * p2 + 512 * 512 * p1).max(1) as f64;
-        let changes = (s.space_resolved + s.demand_zero).max(1) as f64;
-        println!(
-            "hardware path cost: {:.2} guest-page exits per 4 KiB page first touched; {:.2} HFENCE.GVMA per resolved fault",
-            touched / pages,
-            f64::from(s.gvma_addr + s.gvma_vmid) / changes
-        );
-        println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
-        let heap = boot::heap_stats();
-        let fs = frames().stats();
-        println!(
-            "host frames in use={} high water={} ({} allocations, {:.1} bitmap words searched each); heap in use={} KiB of {} KiB claimed",
-            fs.in_use,
-            fs.high_water,
-            fs.allocations,
-            fs.words_searched as f64 / fs.allocations.max(1) as f64,
-            heap.in_use >> 10,
-            heap.claimed >> 10
-        );
-        if let Some(space) = self.space() {
-            let st = space.stats();
-            println!(
-                "address space: frames allocated={} cow copies={} cow reuses={} faults resolved={}",
-                st.frames_allocated, st.cow_copies, st.cow_reuses, st.faults_resolved
-            );
-            print!("{space}");
-        }
     }
 }
 
@@ -637,14 +482,14 @@ impl SbiBackend for Vm {
     /// recorded in `uart.out` when `uart.record` is.
     fn putchar(&mut self, c: u8) {
         if self.uart.echo {
-            boot::putchar(c);
+            console::putchar(c);
         }
         if self.uart.record {
             self.uart.out.push(c);
         }
     }
     fn getchar(&mut self) -> Option<u8> {
-        boot::getchar()
+        console::getchar()
     }
     fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
         match &self.mem {
@@ -679,137 +524,5 @@ impl Drop for Vm {
         // SAFETY: no guest runs with this VMID after the drop.
         unsafe { hw::hgatp::write(0) };
         hw::hfence_gvma_all();
-    }
-}
-
-/// Whether the hart sets G-stage A/D bits: an HLV.D through a one-leaf Sv39x4 table whose leaf
-/// allows the read but has A = 0 (vsatp Bare, so the GVA is the GPA) either sets A or takes a
-/// load guest-page fault ([`twostage_rvh::probe::classify_ad_probe`]). Leaves hgatp Bare.
-fn probe_gstage_ad(caps: &HgatpCapabilities) -> Result<GStageAd, twostage_rvh::probe::AdProbeError> {
-    use twostage_rvh::access::GuestMemOps;
-    let probe = GuestPhysAddr::new(0x8000_0000);
-    let opts = TableOptions { ad: AdMode::Hardware, ..TableOptions::for_format::<Sv39x4>() };
-    let mut table = Table::new(frames(), opts).expect("frames for the probe table");
-    let frame = frames().allocate_frame().expect("a frame for the probe page");
-    // SAFETY: a fresh frame, identity-mapped in HS-mode.
-    unsafe { core::ptr::write_bytes(frames().phys_to_virt(frame).as_ptr(), 0, 4096) };
-    table.map(probe, frame, 4096, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).expect("probe map").ignore();
-    let hgatp = Hgatp::for_table(&table, 0, caps).expect("Sv39x4 is offered");
-    // SAFETY: no guest runs; the probe table maps one zeroed frame; hgatp is restored to Bare
-    // and fenced below; vsatp Bare makes the HLV's GVA its GPA.
-    unsafe {
-        hw::hgatp::write(hgatp.bits());
-        hw::vsatp::write(0);
-    }
-    hw::hfence_gvma_all();
-    hw::hfence_vvma_all();
-    // SAFETY: hgatp and vsatp are set just above; the trap handler applies the exception table.
-    let load = unsafe { hw::Hlv::new() }.load_u64(GuestVirtAddr::new(probe.as_u64())).map(|_| ());
-    // SAFETY: leaves no table loaded.
-    unsafe { hw::hgatp::write(0) };
-    hw::hfence_gvma_all();
-    let accessed = table.query(probe).is_some_and(|l| l.accessed);
-    drop(table);
-    // SAFETY: the table that mapped it is gone and fenced.
-    unsafe { frames().deallocate_frames(frame, 1) };
-    twostage_rvh::probe::classify_ad_probe(load, accessed)
-}
-
-/// Host RAM description after boot.
-fn parse_dtb(dtb: usize) -> (u64, u64, &'static [u8]) {
-    // SAFETY: OpenSBI passes a device tree in RAM; the header says how long it is.
-    let head = unsafe { core::slice::from_raw_parts(dtb as *const u8, 40) };
-    let len = twostage_rvh::fdt::Fdt::total_size(head).expect("a device tree from OpenSBI");
-    // SAFETY: as above, `len` bytes long, reserved from the frame allocator below.
-    let blob = unsafe { core::slice::from_raw_parts(dtb as *const u8, len) };
-    let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("a valid device tree");
-    let mut mem = [(0, 0); 4];
-    let n = fdt.memory(&mut mem).expect("memory nodes");
-    assert!(n > 0, "no memory in the device tree");
-    (mem[0].0, mem[0].1, blob)
-}
-
-extern "C" {
-    static __image_start: u8;
-    static __image_end: u8;
-}
-
-/// Boot after the trap vector: frames, probes, then the suite or a staged guest.
-pub fn start(hartid: usize, dtb: usize) -> i32 {
-    // SAFETY: the hypervisor's own FS field (§3.1.6.6), so compiler-emitted FP code cannot trap.
-    unsafe { hw::sstatus::set(twostage_rvh::csr::sstatus::FS_INITIAL) };
-    let (ram, ram_len, blob) = parse_dtb(dtb);
-    let image_end = &raw const __image_end as u64;
-    let image_start = &raw const __image_start as u64;
-    let staged = crate::loader::staged();
-    // SAFETY: RAM from the device tree, identity-mapped; the image, the device tree and the
-    // staged guest are reserved below before any allocation.
-    unsafe {
-        FRAMES.init(HostPhysAddr::new(image_end), image_end as usize, ((ram + ram_len - image_end) / 4096) as usize)
-    }
-    .expect("RAM fits the bitmap");
-    let fr = &FRAMES;
-    fr.reserve(HostPhysAddr::new(dtb as u64), HostPhysAddr::new(dtb as u64 + blob.len() as u64));
-    if let Some((base, len)) = staged {
-        fr.reserve(HostPhysAddr::new(base - 4096), HostPhysAddr::new(base + len));
-    }
-    let fdt = twostage_rvh::fdt::Fdt::new(blob).expect("checked above");
-    let isa = fdt
-        .find("cpu@", 2, "riscv,isa")
-        .ok()
-        .flatten()
-        .and_then(|v| core::str::from_utf8(v.strip_suffix(&[0]).unwrap_or(v)).ok());
-    let timebase = fdt
-        .find("cpus", 1, "timebase-frequency")
-        .ok()
-        .flatten()
-        .and_then(|v| v.try_into().ok())
-        .map(u32::from_be_bytes)
-        .unwrap_or(10_000_000);
-    let h_csrs = hw::probe_hstatus().is_ok();
-    let caps = if h_csrs {
-        hw::probe()
-    } else {
-        HgatpCapabilities { sv39x4: false, sv48x4: false, sv57x4: false, vmid_bits: 0 }
-    };
-    let ad = if caps.sv39x4 { probe_gstage_ad(&caps) } else { Ok(GStageAd::Faults) };
-    let info = HartInfo {
-        h_csrs,
-        isa_h: isa.is_some_and(twostage_rvh::probe::isa_has_h),
-        caps,
-        timebase,
-        ad: *ad.as_ref().unwrap_or(&GStageAd::Faults),
-    };
-    HART.store(Box::leak(Box::new(info)), Ordering::Release);
-    let dt_svadu = ["riscv,isa", "riscv,isa-extensions"]
-        .iter()
-        .any(|p| fdt.find("cpu@", 2, p).ok().flatten().is_some_and(|v| twostage_rvh::probe::isa_lists(v, "svadu")));
-    println!(
-        "twostage riscv-hv: hart {hartid}, RAM {:#x}+{:#x}, image {:#x}..{:#x}, dtb {:#x}, {} free frames",
-        ram,
-        ram_len,
-        image_start,
-        image_end,
-        dtb,
-        fr.free()
-    );
-    println!("isa {}", isa.unwrap_or("?"));
-    let dt = if dt_svadu { "lists" } else { "does not list" };
-    match ad {
-        Ok(GStageAd::Hardware) => {
-            println!("G-stage A/D: hardware (the probe load set A; the device tree {dt} svadu): tables start with A=D=0")
-        }
-        Ok(GStageAd::Faults) => println!(
-            "G-stage A/D: software (the probe load faulted on A=0; the device tree {dt} svadu): A/D set on fault, preset where nothing handles faults"
-        ),
-        Err(e) => println!("G-stage A/D: probe failed ({e}); assuming the hart faults: software A/D"),
-    }
-    if !h_csrs {
-        println!("no H extension: hstatus is not readable");
-        return 3;
-    }
-    match staged {
-        Some((base, len)) => crate::loader::run_staged(base, len),
-        None => crate::scenarios::run_all(),
     }
 }

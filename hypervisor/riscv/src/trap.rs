@@ -22,6 +22,12 @@ impl VcpuRegs {
     }
 }
 
+impl Default for VcpuRegs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 // The VS-mode entry: saves the host's callee-saved registers in `VcpuRegs.host`, points sscratch
 // at the VcpuRegs and stvec at `guest_exit`, loads the guest's registers and SRETs (with
 // hstatus.SPV = 1 and sstatus.SPP = 1 set by the caller, SRET enters VS-mode: Privileged 1.12
@@ -122,11 +128,12 @@ extern "C" fn hs_trap_handler() {
         f.stval,
         f.htval
     );
-    crate::boot::exit(102);
+    (crate::board().exit)(102);
 }
 
-/// Installs the HS-mode trap vector.
-pub fn init() {
+/// Installs the HS-mode trap vector; `board` is how a fatal trap ends the run.
+pub fn init(board: &'static crate::Board) {
+    crate::BOARD.store(core::ptr::from_ref(board).cast_mut(), core::sync::atomic::Ordering::Release);
     // SAFETY: the vector is a valid 4-byte-aligned direct-mode handler (§4.1.2).
     unsafe { hw::stvec::write(hs_trap_entry as *const () as usize as u64) };
 }
