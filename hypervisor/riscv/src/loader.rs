@@ -83,7 +83,7 @@ fn load(space: &mut Space, plan: &LoadPlan<'_>, dtb: u64, tree: &[u8]) -> Result
         // On failure the partial load's flush stays pending in the space.
         let f = space.load_image(at, bytes).map_err(|e| format!("loading {} bytes at {at:?}: {e}", bytes.len()))?;
         // The table is not loaded on any hart yet.
-        space.flush_unloaded(f);
+        space.flush_unloaded(f).expect("its own token");
     }
     Ok(())
 }
@@ -92,10 +92,10 @@ fn new_space() -> Result<Space, String> {
     let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
     let ram = GpaRange::from_start_len(GuestPhysAddr::new(GUEST_RAM), GUEST_RAM_LEN).ok_or("RAM range")?;
     let (_, f) = space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
-    space.flush_unloaded(f);
+    space.flush_unloaded(f).expect("its own token");
     let uart = GpaRange::from_start_len(GuestPhysAddr::new(UART_GPA), 0x1000).ok_or("UART range")?;
     let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
-    space.flush_unloaded(f);
+    space.flush_unloaded(f).expect("its own token");
     Ok(space)
 }
 

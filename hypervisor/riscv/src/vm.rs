@@ -202,7 +202,7 @@ impl Vm {
     pub fn apply_space(&mut self, f: twostage_aspace::SpaceFlush<Sv39x4>) {
         let (vmid, stats) = (self.vmid, &mut self.stats);
         match &mut self.mem {
-            Memory::Space(s) => s.flush(f, |inv| Self::fence(stats, vmid, inv)),
+            Memory::Space(s) => s.flush(f, |inv| Self::fence(stats, vmid, inv)).expect("the VM's own token"),
             Memory::Table(_) => panic!("a table VM has no address space"),
         }
     }

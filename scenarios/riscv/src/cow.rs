@@ -44,9 +44,11 @@ fn run_space(
                     TrapCsrs { scause: t.scause, stval: t.stval, htval: t.htval, htinst: t.htinst, gva_valid: true };
                 let f = decode_guest_page_fault(&c).map_err(|e| format!("{e}"))?;
                 match space.handle_fault(f.info) {
-                    twostage_aspace::FaultOutcome::Resolved { flush } => space.flush(flush, |inv| {
-                        twostage_rvh::fence::plan_gvma(inv, vmid, hw::hfence_gvma);
-                    }),
+                    twostage_aspace::FaultOutcome::Resolved { flush } => space
+                        .flush(flush, |inv| {
+                            twostage_rvh::fence::plan_gvma(inv, vmid, hw::hfence_gvma);
+                        })
+                        .map_err(|e| format!("{e}"))?,
                     other => return Err(format!("fault {:?}: {other:?}", f.info)),
                 }
             }
@@ -66,9 +68,9 @@ fn cow_fork(_: &mut Machine) -> Verdict {
         let ram = twostage_npt::GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
         let (_, f) =
             parent.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e:?}"))?;
-        parent.flush_unloaded(f);
+        parent.flush_unloaded(f).expect("its own token");
         let f = parent.load_image(gpa(CODE), crate::guest::blob()).map_err(|e| format!("{e:?}"))?;
-        parent.flush_unloaded(f);
+        parent.flush_unloaded(f).expect("its own token");
         let hp = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 2, parent.root(), &caps).map_err(|e| format!("{e}"))?;
         // SAFETY: a fresh VS context.
         unsafe { hw::vsatp::write(0) };
@@ -78,9 +80,11 @@ fn cow_fork(_: &mut Machine) -> Verdict {
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[x, 0x1111])?;
         run_space(&mut parent, hp, &mut regs, Routine::Store64, &[y, 0x5555])?;
         let (mut child, f) = parent.fork().map_err(|e| format!("fork: {e:?}"))?;
-        parent.flush(f, |inv| {
-            twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
-        });
+        parent
+            .flush(f, |inv| {
+                twostage_rvh::fence::plan_gvma(inv, 2, hw::hfence_gvma);
+            })
+            .expect("its own token");
         let hc = Hgatp::new(twostage_npt::HgatpMode::Sv39x4, 3, child.root(), &caps).map_err(|e| format!("{e}"))?;
         let mut cregs = VcpuRegs::new();
         ensure!(

@@ -104,12 +104,12 @@ fn space_guest(_: &mut Machine) -> Verdict {
         let ram = GpaRange::from_start_len(gpa(CODE), 16 << 20).ok_or("range")?;
         let (_, f) =
             space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
-        space.flush_unloaded(f);
+        space.flush_unloaded(f).expect("its own token");
         let uart = GpaRange::from_start_len(gpa(UART_GPA), 0x1000).ok_or("range")?;
         let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
-        space.flush_unloaded(f);
+        space.flush_unloaded(f).expect("its own token");
         let f = space.load_image(gpa(CODE), guest::blob()).map_err(|e| format!("{e:?}"))?;
-        space.flush_unloaded(f);
+        space.flush_unloaded(f).expect("its own token");
         let mut vm = Vm::with_space(space, 4);
         vm.uart.echo = false;
         vm.uart.record = true;
