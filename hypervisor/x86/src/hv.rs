@@ -339,8 +339,9 @@ impl Hv {
         }
     }
 
-    /// Prints the counters.
-    pub fn report(&self, title: &str) {
+    /// Prints the counters; `heap_in_use` is the bytes in live heap allocations (the image owns
+    /// the heap).
+    pub fn report(&self, title: &str, heap_in_use: usize) {
         let s = &self.stats;
         let f = self.frames.stats();
         crate::println!("== {title}");
@@ -377,7 +378,7 @@ impl Hv {
             f.allocations,
             f.words_searched as f64 / f.allocations.max(1) as f64,
             f.frees,
-            crate::heap_in_use() / 1024
+            heap_in_use / 1024
         );
     }
 }

@@ -15,13 +15,12 @@
 //! unresolved fault, an exit it cannot serve, a halt without a status) ends it with
 //! `EXIT_GUEST_STOPPED` (125).
 
-use crate::multiboot::Module;
 use crate::{println, serial};
 use core::fmt::Display;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{LoadError, EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
-use twostage_baremetal::multiboot::{guest_information, plan_guest};
+use twostage_baremetal::multiboot::{guest_information, plan_guest, BOOTLOADER_MAGIC};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
 use twostage_vmx::caps::IA32_EFER;
 use twostage_vmx::controls::CR0_PG;
@@ -43,18 +42,25 @@ pub fn refuse(why: impl Display) -> u32 {
     u32::from(EXIT_REFUSED)
 }
 
-/// Checks, loads and runs the guest module; returns the status it wrote to port 0xf4,
-/// [`EXIT_REFUSED`] for a file that fails the checks, or [`EXIT_GUEST_STOPPED`].
-pub fn run(frames: &'static Frames, m: Module) -> u32 {
-    println!("twostage x86-hv: multiboot guest module at {:#x}..{:#x}", m.start, m.end);
-    if m.end <= m.start || m.start == 0 {
+/// Checks, loads and runs the guest module GRUB loaded at physical `start..end`; returns the
+/// status it wrote to port 0xf4, [`EXIT_REFUSED`] for a file that fails the checks, or
+/// [`EXIT_GUEST_STOPPED`].
+///
+/// # Safety
+///
+/// `start..end` is the module as the boot loader reported it: when `end > start` and `start` is
+/// not 0, the bytes lie inside the identity map, outside the frames `frames` manages, and
+/// nothing writes them during the call.
+pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
+    println!("twostage x86-hv: multiboot guest module at {start:#x}..{end:#x}");
+    if end <= start || start == 0 {
         // GRUB's entry for an empty file: there is nothing to make a slice of.
         return refuse(LoadError::Empty);
     }
-    // SAFETY: GRUB loaded the module at these physical addresses (non-null, `end > start`),
-    // below 4 GiB inside the identity map and outside the frames the allocator manages; nothing
-    // writes it while this slice lives.
-    let image = unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) };
+    // SAFETY: the caller's contract: GRUB loaded the module at these physical addresses
+    // (non-null, `end > start`), inside the identity map and outside the frames the allocator
+    // manages; nothing writes it while this slice lives.
+    let image = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
     let plan = match plan_guest(image, RAM) {
         Ok(p) => p,
         Err(e) => return refuse(e),
@@ -107,7 +113,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
         println!("VMCS setup: {e:?}");
         return SETUP_FAILED;
     }
-    vcpu.regs.rax = u64::from(crate::multiboot::BOOTLOADER_MAGIC);
+    vcpu.regs.rax = u64::from(BOOTLOADER_MAGIC);
     vcpu.regs.rbx = info_at;
     println!(
         "twostage x86-hv: entering guest at {entry:#x} (EAX=0x2badb002, EBX={info_at:#x}), {} segment(s)",
