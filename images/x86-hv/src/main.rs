@@ -57,10 +57,13 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let image_end = &raw const __image_end as u64;
     let modules_end = boot.modules().map(|m| m.end).max().unwrap_or(0);
     let low = image_end.max(modules_end).max(0x20_0000);
+    // Frames start on a frame boundary: a module (and so `low`) may end anywhere.
+    let page = twostage_npt::FRAME_SIZE as u64;
     let best = boot
         .memory_map()
-        .filter(|r| r.kind == 1 && r.base + r.len > low)
-        .map(|r| (r.base.max(low), r.base + r.len))
+        .map(|r| (r.kind, r.base.max(low).next_multiple_of(page), r.base + r.len))
+        .filter(|&(kind, start, end)| kind == 1 && end > start)
+        .map(|(_, start, end)| (start, end))
         .max_by_key(|(s, e)| e - s);
     let Some((start, end)) = best else {
         println!("no usable RAM in the multiboot memory map");
