@@ -36,6 +36,12 @@ const STOPPED: u32 = EXIT_GUEST_STOPPED as u32;
 /// Status when the hypervisor cannot set the guest up on this machine (VMX, memory).
 const SETUP_FAILED: u32 = 3;
 
+/// Reports a failed VMCS access that the guest's next entry depends on; the caller then stops
+/// the guest, since resuming would run it in a state it never reached.
+fn vmcs_failed(what: &str, e: impl core::fmt::Debug) {
+    println!("twostage x86-hv: guest stopped: {what}: {e:?}");
+}
+
 /// Reports a refused guest file; the run's status.
 pub fn refuse(why: impl Display) -> u32 {
     println!("guest file refused: {why}");
@@ -137,7 +143,10 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
                         crate::hv::invept(&mut vcpu, inv);
                     });
                     // A fault taken while delivering an event: deliver it again.
-                    let _ = vcpu.reinject_interrupted_event();
+                    if let Err(e) = vcpu.reinject_interrupted_event() {
+                        vmcs_failed("the interrupted event not re-injected", e);
+                        break None;
+                    }
                 }
                 other => {
                     println!("guest fault at {:?} ({:?}): {other:?}", v.gpa, v.qualification);
@@ -152,9 +161,12 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
                         2 => 0xffff,
                         _ => 0xffff_ffff,
                     };
-                let _ = vcpu.advance_rip();
                 if !q.is_in() && port == 0xf4 {
                     break Some(value as u32);
+                }
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past the I/O instruction", e);
+                    break None;
                 }
                 let com1 = (serial::COM1..serial::COM1 + 8).contains(&port);
                 if q.is_in() {
@@ -172,7 +184,10 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
                 vcpu.regs.rbx = u64::from(r.ebx);
                 vcpu.regs.rcx = u64::from(r.ecx);
                 vcpu.regs.rdx = u64::from(r.edx);
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past CPUID", e);
+                    break None;
+                }
             }
             VmExit::Msr { write } => {
                 // IA32_EFER lives in the VMCS; other MSRs read as 0 and ignore writes. A value
@@ -181,15 +196,27 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
                 let efer = vcpu.regs.rcx as u32 == IA32_EFER;
                 if write && efer {
                     let v = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
-                    let cur = vcpu.vmread(VmcsField::GUEST_IA32_EFER).unwrap_or(0);
-                    let paging = vcpu.vmread(VmcsField::GUEST_CR0).unwrap_or(0) & CR0_PG != 0;
-                    match efer_write(cur, v, paging) {
+                    let cur_and_cr0 = vcpu
+                        .vmread(VmcsField::GUEST_IA32_EFER)
+                        .and_then(|cur| Ok((cur, vcpu.vmread(VmcsField::GUEST_CR0)?)));
+                    let (cur, cr0) = match cur_and_cr0 {
+                        Ok(r) => r,
+                        Err(e) => {
+                            vmcs_failed("the guest's EFER or CR0 not read for WRMSR", e);
+                            break None;
+                        }
+                    };
+                    match efer_write(cur, v, cr0 & CR0_PG != 0) {
                         Ok(v) => {
-                            let _ = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v);
+                            if let Err(e) = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v) {
+                                vmcs_failed("the guest's EFER not written", e);
+                                break None;
+                            }
                         }
                         Err(_) => {
                             // #GP(0), without advancing RIP (Intel SDM Vol. 2B "WRMSR").
-                            if vcpu.inject_exception(13, Some(0)).is_err() {
+                            if let Err(e) = vcpu.inject_exception(13, Some(0)) {
+                                vmcs_failed("#GP not injected for a refused EFER value", e);
                                 break None;
                             }
                             continue;
@@ -200,11 +227,17 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
                     vcpu.regs.rax = v & 0xffff_ffff;
                     vcpu.regs.rdx = v >> 32;
                 }
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past RDMSR/WRMSR", e);
+                    break None;
+                }
             }
             VmExit::Vmcall => {
                 vcpu.regs.rax = u64::MAX;
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past VMCALL", e);
+                    break None;
+                }
             }
             VmExit::Hlt => {
                 println!("twostage x86-hv: guest halted without writing port 0xf4");

@@ -250,7 +250,7 @@ fn run_guest(
         match exit {
             VmExit::Vmcall => {
                 let call = hv.vcpu.regs.rax;
-                let _ = hv.vcpu.advance_rip();
+                hv.vcpu.advance_rip().map_err(|e| RunError::Vmcs("RIP not advanced past VMCALL", e))?;
                 match call {
                     1 => match pending.take() {
                         Some(o) => {
@@ -267,13 +267,15 @@ fn run_guest(
             }
             VmExit::Io(q) if !q.is_string() => {
                 hv.forward_serial_io(q);
-                let _ = hv.vcpu.advance_rip();
+                hv.vcpu.advance_rip().map_err(|e| RunError::Vmcs("RIP not advanced past the I/O instruction", e))?;
             }
             VmExit::EptViolation(v) => match on_fault(hv, &v) {
                 FaultAction::Retry => {
                     hv.stats.faults_resolved += 1;
                     // A fault taken while delivering an event: deliver it again.
-                    let _ = hv.vcpu.reinject_interrupted_event();
+                    hv.vcpu
+                        .reinject_interrupted_event()
+                        .map_err(|e| RunError::Vmcs("the interrupted event not re-injected", e))?;
                 }
                 FaultAction::Mmio => {
                     hv.emulate_mmio(&v, dev)?;

@@ -126,11 +126,15 @@ pub(super) fn handle(
             }
             CrAccess::MovFrom { cr: 3, reg } => {
                 let v = hv.vcpu.vmread(F::GUEST_CR3).unwrap_or(0);
-                hv.write_gpr(reg, v);
+                if hv.write_gpr(reg, v).is_err() {
+                    return Next::End(End::Killed("RSP not written"));
+                }
                 advance(hv)
             }
             CrAccess::MovFrom { cr: 8, reg } => {
-                hv.write_gpr(reg, 0);
+                if hv.write_gpr(reg, 0).is_err() {
+                    return Next::End(End::Killed("RSP not written"));
+                }
                 advance(hv)
             }
             CrAccess::MovTo { cr: 8, .. } | CrAccess::Clts | CrAccess::Lmsw { .. } => advance(hv),
@@ -225,7 +229,9 @@ fn emulate(hv: &mut Hv, space: &mut Space, t: &mut Tally, v: &EptViolation, dev:
                 None => u64::MAX,
             };
             let old = hv.read_gpr(reg.num);
-            hv.write_gpr(reg.num, insn.merge_load(old, val));
+            if hv.write_gpr(reg.num, insn.merge_load(old, val)).is_err() {
+                return Next::End(End::Killed("RSP not written"));
+            }
         }
         MmioOp::StoreReg { reg } => {
             let val = insn.store_value(hv.read_gpr(reg.num));
