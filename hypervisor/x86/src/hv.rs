@@ -370,7 +370,7 @@ impl Hv {
             s.mmio_emulated
         );
         crate::println!("   flushes: {} INVEPT; EPT table frames: {}", s.invepts, self.ept.table_frames());
-        // What the hardware path costs (issue 6): EPT violations per 4 KiB page mapped, and
+        // What the hardware path costs: EPT violations per 4 KiB page mapped, and
         // INVEPTs per resolved fault (a not-present -> present change needs none).
         let pages = (s.mapped_4k + 512 * s.mapped_2m).max(1) as f64;
         crate::println!(
