@@ -33,6 +33,7 @@ pub mod insn;
 pub mod mmio;
 pub mod probe;
 pub mod sbi;
+pub mod shootdown;
 
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hw;
