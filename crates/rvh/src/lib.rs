@@ -18,7 +18,6 @@
 #![no_std]
 #![warn(missing_docs)]
 
-#[cfg(test)]
 extern crate alloc;
 
 #[cfg(test)]
