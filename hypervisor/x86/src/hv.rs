@@ -3,7 +3,7 @@
 
 use crate::serial;
 use core::fmt;
-use twostage_aspace::guest::PagingModeError;
+use twostage_aspace::guest::{PagingModeError, X86Cpu};
 use twostage_aspace::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestMemError, GuestMemory,
     GuestPaging, GuestVaError, Instruction, Isa, TableMemory,
@@ -14,7 +14,7 @@ use twostage_npt::{
     MappingFlags, PageTable, RangeError, FRAME_SIZE,
 };
 use twostage_vmx::decode::{decode_mmio, DecodeError, MmioInstruction, MmioOp};
-use twostage_vmx::hw::{InveptKind, RealCpu};
+use twostage_vmx::hw::{InveptKind, RealCpu, VmxHardware};
 use twostage_vmx::{EntryError, EptViolation, IoQualification, VmExit, VmcsField, VmxInstructionFailure, VmxVcpu};
 
 /// The vCPU type of this image.
@@ -225,6 +225,14 @@ impl Hv {
         self.memory().write(gpa, buf)
     }
 
+    /// What this processor's paging offers (MAXPHYADDR, 1 GiB pages): the guest's tables are
+    /// walked by this processor, so a software walk checks them against the same.
+    pub fn paging_cpu(&self) -> X86Cpu {
+        let hw = self.vcpu.hardware();
+        let max_ext = hw.cpuid(0x8000_0000, 0).eax;
+        X86Cpu::from_cpuid(max_ext, hw.cpuid(0x8000_0001, 0).edx, hw.cpuid(0x8000_0008, 0).eax)
+    }
+
     /// The guest's paging mode, from its CR0, CR3, CR4 and EFER in the VMCS.
     pub fn guest_paging(&self) -> Result<GuestPaging, GvaError> {
         let r = |f| self.vcpu.vmread(f).map_err(|_| GvaError::Vmcs);
@@ -233,6 +241,7 @@ impl Hv {
             r(VmcsField::GUEST_CR3)?,
             r(VmcsField::GUEST_CR4)?,
             r(VmcsField::GUEST_IA32_EFER)?,
+            self.paging_cpu(),
         )
         .map_err(GvaError::Mode)
     }

@@ -208,9 +208,13 @@ fn emulate(hv: &mut Hv, space: &mut Space, t: &mut Tally, v: &EptViolation, dev:
         return Next::End(End::Killed("event delivery outside RAM"));
     }
     let rip = read(F::GUEST_RIP);
-    let Ok(paging) =
-        GuestPaging::x86_64(read(F::GUEST_CR0), read(F::GUEST_CR3), read(F::GUEST_CR4), read(F::GUEST_IA32_EFER))
-    else {
+    let Ok(paging) = GuestPaging::x86_64(
+        read(F::GUEST_CR0),
+        read(F::GUEST_CR3),
+        read(F::GUEST_CR4),
+        read(F::GUEST_IA32_EFER),
+        hv.paging_cpu(),
+    ) else {
         return Next::End(End::Killed("paging mode not walkable"));
     };
     let fetched = fetch_guest_instruction(space, &paging, GuestVirtAddr::new(rip), Isa::X86);
