@@ -4,10 +4,12 @@
 //! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask bench
+//! cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]
 //! ```
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
 
 mod bench;
+mod linux;
 mod riscv;
 mod util;
 mod x86;
@@ -39,12 +41,16 @@ struct Args {
     guest: Option<PathBuf>,
     cpu: Option<String>,
     host_only: bool,
+    /// `linux`: boot the kernel on the bare emulator.
+    bare: bool,
+    /// CPUs of the emulated machine.
+    smp: Option<u32>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or_else(usage)?;
-    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false };
+    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false, bare: false, smp: None };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -57,6 +63,13 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
+            "--bare" => args.bare = true,
+            "--smp" => {
+                args.smp = Some(match it.next().and_then(|n| n.parse().ok()) {
+                    Some(n @ 1..=64) => n,
+                    _ => return Err("--smp takes a CPU count from 1 to 64".into()),
+                })
+            }
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
@@ -65,7 +78,8 @@ fn parse_args() -> Result<Args, String> {
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
-     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask bench"
+     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask bench\n       \
+     cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()
 }
 
@@ -84,6 +98,7 @@ fn main() -> ExitCode {
         },
         "test" => test(&args),
         "bench" => bench::bench(),
+        "linux" => linux::command(args.arch.unwrap_or(Arch::Riscv64), args.bare, args.smp),
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     };
     match result {
