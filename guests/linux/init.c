@@ -330,8 +330,10 @@ static void check_shootdown(int cpus)
 	for (int i = 0; i < readers; i++) {
 		r[i].cpu = i;
 		if (pthread_create(&r[i].thread, NULL, shootdown_reader, &r[i])) {
+			/* The barrier count is wrong now: nothing sensible left to do. */
 			fail("shootdown", "pthread_create failed");
-			_exit(1); /* the barrier count is wrong now: nothing sensible left to do */
+			say("FAILED: %s", failures);
+			_exit(1);
 		}
 	}
 	int map_errors = 0;
@@ -523,7 +525,7 @@ int main(void)
 	} else if (!WIFEXITED(status)) {
 		fail("init", "the checks died of signal %d", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
 	} else if (WEXITSTATUS(status)) {
-		failed = 1; /* the child printed its FAILED line */
+		failed = 1; /* the child printed its FAILED line (it prints one before any non-zero exit) */
 		power_off();
 	}
 	if (failed)
