@@ -51,6 +51,8 @@ const TINY_CONFIGS: &[&str] =
 /// The line init.c prints when every check passed, and the prefix of its failure line.
 const PASSED: &str = "twostage-linux: all checks passed";
 const FAILED: &str = "twostage-linux: FAILED";
+/// What Linux prints when it halts instead of powering off (x86 without ACPI).
+const HALTED: &str = "reboot: System halted";
 /// Finished kernels kept per architecture.
 const KEEP_ENTRIES: usize = 4;
 /// Wall-clock limit of a bare boot.
@@ -584,15 +586,15 @@ fn run_console(mut cmd: Command, serial: Option<&Path>, grace: Duration) -> Resu
     };
     let code = loop {
         take(&mut all);
-        if finished.is_none() {
-            let text = String::from_utf8_lossy(&all);
-            if text.contains(PASSED) || text.contains(FAILED) {
-                finished = Some(Instant::now());
-            }
+        let text = String::from_utf8_lossy(&all);
+        if finished.is_none() && (text.contains(PASSED) || text.contains(FAILED)) {
+            finished = Some(Instant::now());
         }
+        // A kernel that cannot power off halts: nothing more will come.
+        let halted = finished.is_some() && text.contains(HALTED);
         match child.try_wait().map_err(|e| format!("waiting for the emulator: {e}"))? {
             Some(status) => break status.code().unwrap_or(128),
-            None if finished.is_some_and(|t| t.elapsed() > grace) || start.elapsed() > BARE_TIMEOUT => {
+            None if halted || finished.is_some_and(|t| t.elapsed() > grace) || start.elapsed() > BARE_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
                 eprintln!("linux: stopped the emulator after {:.0} s", start.elapsed().as_secs_f64());
@@ -697,7 +699,7 @@ fn bare_x86(image: &Path) -> Result<i32, String> {
     let mut cmd = Command::new("bochs");
     cmd.arg("-q").arg("-f").arg(&conf).arg("-rc").arg(&rc).current_dir(&work);
     let run = run_console(cmd, Some(&serial), Duration::from_secs(10))?;
-    let halted = run.output.contains("reboot: System halted") || run.output.contains("reboot: Power down");
+    let halted = run.output.contains(HALTED) || run.output.contains("reboot: Power down");
     Ok(verdict("x86_64 bare Bochs", &run, halted))
 }
 
