@@ -5,6 +5,7 @@
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
 //! cargo xtask bench
+//! cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]
 //! ```
 //! Missing rustup targets and emulator packages are installed on first use (see `util`).
 //!
@@ -24,6 +25,7 @@
 mod bench;
 mod hostile;
 mod lint;
+mod linux;
 mod riscv;
 mod util;
 mod x86;
@@ -57,12 +59,16 @@ struct Args {
     guest: Option<PathBuf>,
     cpu: Option<String>,
     host_only: bool,
+    /// `linux`: boot the kernel on the bare emulator.
+    bare: bool,
+    /// CPUs of the emulated machine.
+    smp: Option<u32>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or_else(usage)?;
-    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false };
+    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false, bare: false, smp: None };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -75,6 +81,13 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
+            "--bare" => args.bare = true,
+            "--smp" => {
+                args.smp = Some(match it.next().and_then(|n| n.parse().ok()) {
+                    Some(n @ 1..=64) => n,
+                    _ => return Err("--smp takes a CPU count from 1 to 64".into()),
+                })
+            }
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
@@ -83,7 +96,8 @@ fn parse_args() -> Result<Args, String> {
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
-     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench"
+     cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
+     cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()
 }
 
@@ -106,6 +120,7 @@ fn main() -> ExitCode {
             failed.iter().for_each(|f| eprintln!("failed: {f}"));
             i32::from(!failed.is_empty())
         }),
+        "linux" => linux::command(args.arch.unwrap_or(Arch::Riscv64), args.bare, args.smp),
         other => Err(format!("unknown command {other:?}\n{}", usage())),
     };
     match result {
