@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
+//!                   [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]   (riscv64)
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
 //! cargo xtask bench
@@ -25,6 +26,7 @@ mod bench;
 mod hostile;
 mod lint;
 mod riscv;
+mod riscv_stage;
 mod util;
 mod x86;
 
@@ -57,12 +59,24 @@ struct Args {
     guest: Option<PathBuf>,
     cpu: Option<String>,
     host_only: bool,
+    /// RISC-V guest options (--mem, --append, --initrd, --smp).
+    rv: riscv_stage::GuestOpts,
+    /// Whether any RISC-V guest option was given (they need `--guest`).
+    rv_given: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or_else(usage)?;
-    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false };
+    let mut args = Args {
+        cmd,
+        arch: None,
+        guest: None,
+        cpu: None,
+        host_only: false,
+        rv: riscv_stage::GuestOpts::default(),
+        rv_given: false,
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -75,14 +89,23 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
+            "--mem" | "--append" | "--initrd" | "--smp" => {
+                let v = it.next().ok_or_else(|| format!("{a} takes a value"))?;
+                args.rv.set(&a, &v)?;
+                args.rv_given = true;
+            }
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
+    }
+    if args.rv_given && (args.cmd != "run" || args.arch == Some(Arch::X86_64)) {
+        return Err("--mem, --append, --initrd and --smp are options of `run --arch riscv64`".into());
     }
     Ok(args)
 }
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
+     cargo xtask run --arch riscv64 --guest FILE [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench"
         .into()
 }
@@ -97,7 +120,7 @@ fn main() -> ExitCode {
     };
     let result = match args.cmd.as_str() {
         "run" => match args.arch.unwrap_or(Arch::Riscv64) {
-            Arch::Riscv64 => riscv::run(args.guest.as_deref()),
+            Arch::Riscv64 => riscv::run(args.guest.as_deref(), &args.rv),
             Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
         },
         "test" => test(&args),

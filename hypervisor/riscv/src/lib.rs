@@ -19,7 +19,6 @@
 #![no_std]
 #![warn(missing_docs)]
 
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 extern crate alloc;
 #[cfg(test)]
 extern crate std;
@@ -27,6 +26,7 @@ extern crate std;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 #[macro_use]
 pub mod console;
+pub mod boot;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]

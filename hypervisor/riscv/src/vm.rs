@@ -36,8 +36,7 @@ pub enum Memory {
     Space(Box<Space>),
 }
 
-/// Guest-physical base of the emulated ns16550 UART.
-pub const UART_GPA: u64 = 0x1000_0000;
+pub use crate::boot::UART_GPA;
 pub(crate) const UART_LEN: u64 = 0x100;
 
 /// Why the run loop gave control back.
