@@ -37,7 +37,11 @@ pub mod stats;
 pub mod trap;
 pub mod uart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod vcpu;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod vm;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+mod walk;
 
 /// What the image provides to the runtime: how to end the run and the heap's figures (the
 /// image owns the exit device and the global heap).

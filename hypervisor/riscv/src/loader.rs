@@ -150,14 +150,9 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let entry = plan.entry;
     let mut vm = Vm::with_space(space, 1);
     vm.uart.input = true;
-    // Delegate the guest's own exceptions to it (Privileged 1.12 §8.2.2): misaligned fetch,
-    // breakpoint, U-mode ecall, and its VS-stage page faults.
-    vm.hedeleg = (1 << 0)
-        | (1 << cause::BREAKPOINT)
-        | (1 << 8)
-        | (1 << cause::INSN_PAGE)
-        | (1 << cause::LOAD_PAGE)
-        | (1 << cause::STORE_PAGE);
+    // The guest's own exceptions go straight to it (hedeleg); the rest are reflected.
+    vm.hedeleg = twostage_rvh::reflect::HEDELEG;
+    vm.reflect_exceptions = true;
     println!(
         "guest: {len} bytes, {} segment(s), entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x} ({} bytes)",
         plan.segments.len(),
