@@ -62,9 +62,14 @@ impl Guest {
     fn paging(self, root: u64) -> GuestPaging {
         match self {
             // CR0 = PE | WP | PG, CR4 = PAE, EFER = LME | LMA (Intel SDM Vol. 3A 2.5, 2.2.1).
-            Guest::X86 => {
-                GuestPaging::x86_64(1 | 1 << 16 | 1 << 31, root, 1 << 5, 1 << 8 | 1 << 10).expect("long mode")
-            }
+            Guest::X86 => GuestPaging::x86_64(
+                1 | 1 << 16 | 1 << 31,
+                root,
+                1 << 5,
+                1 << 8 | 1 << 10,
+                twostage_aspace::guest::X86Cpu { maxphyaddr: 52, page_1g: true },
+            )
+            .expect("long mode"),
             // vsatp.MODE = 8 (Sv39), PPN = root >> 12 (RISC-V Privileged §4.1.11).
             Guest::Sv39 => GuestPaging::riscv(8 << 60 | root >> 12, 0).expect("Sv39"),
         }

@@ -389,6 +389,22 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
             tally.failed += 1;
         }
     }
+    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU: init's memory
+    // checks pass and it powers off through SRST with status 0.
+    if qemu.dirs.is_none() {
+        let run = crate::linux::kernel(crate::Arch::Riscv64)
+            .and_then(|k| run_guest(qemu, &image, &k, &GuestOpts::default(), &[]));
+        match run {
+            Ok((code, out)) => check(
+                &mut tally,
+                code == 0 && out.contains("twostage-linux: all checks passed"),
+                &format!(
+                    "Linux 6.1 (the project's guest, 1 vCPU, 128 MiB) ran init's checks to the end, exit status {code}"
+                ),
+            ),
+            Err(e) => check(&mut tally, false, &format!("Linux guest: {e}")),
+        }
+    }
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
     if qemu.dirs.is_none() {
         let hostile = hostile_checks(qemu, &image, &hello)?;

@@ -9,7 +9,7 @@
 //! cannot load the module (a file larger than the machine's free memory is dropped), the
 //! hypervisor refuses to run rather than run its scenario suite instead. Before building the ISO,
 //! xtask runs the hypervisor's own checks on the file (`twostage_baremetal::multiboot::plan_guest`
-//! with the guest RAM of `images/x86-hv/src/mbguest.rs`) and refuses a file that would not fit the
+//! with the guest RAM of `hypervisor/x86/src/mbguest.rs`) and refuses a file that would not fit the
 //! Bochs machine's memory; a refusal, by xtask or by the hypervisor, names the problem and ends
 //! with [`EXIT_REFUSED`].
 
@@ -35,7 +35,7 @@ const BOCHS_MEGS: u64 = 128;
 /// The largest guest file accepted: GRUB must load it beside the hypervisor (a few MiB from 1 MiB
 /// up) and leave the hypervisor enough frames for the guest's RAM and tables.
 const MAX_GUEST: u64 = 64 << 20;
-/// The guest's RAM (images/x86-hv/src/mbguest.rs: RAM).
+/// The guest's RAM (hypervisor/x86/src/mbguest.rs: RAM).
 const GUEST_RAM: u64 = 16 << 20;
 /// Where GRUB puts the guest module on the ISO, also named on the kernel command line.
 const GUEST_ON_ISO: &str = "/boot/guest.elf";
@@ -266,7 +266,7 @@ fn work_dir(name: &str) -> Result<PathBuf, String> {
     Ok(w)
 }
 
-/// The hypervisor's checks on a guest file (images/x86-hv/src/mbguest.rs), run before building
+/// The hypervisor's checks on a guest file (hypervisor/x86/src/mbguest.rs), run before building
 /// the ISO, plus the size GRUB can load in the Bochs machine: `Ok(Some(message))` when the file
 /// would be refused, `Ok(None)` when it would run, `Err` when it cannot be read.
 pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {

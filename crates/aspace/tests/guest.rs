@@ -6,6 +6,9 @@ use twostage_aspace::guest::{PageFaultKind, RiscvPaging, X86Paging};
 use twostage_aspace::*;
 use twostage_npt::{Access, AdMode, GuestVirtAddr, MappingFlags, Sv39x4};
 
+/// A processor with 52 physical-address bits and 1 GiB pages.
+const CPU: twostage_aspace::guest::X86Cpu = twostage_aspace::guest::X86Cpu { maxphyaddr: 52, page_1g: true };
+
 type Space = AddressSpace<Sv39x4, Ram>;
 
 fn space(ram: &Ram) -> Space {
@@ -54,7 +57,7 @@ fn x86_tables(s: &mut Space) -> GuestPaging {
     put(s, 0x4000, 0x1_0000 | P | W);
     put(s, 0x4000 + 8, 0x3_0000 | P | XD);
     // CR0.PG|PE|WP, CR4.PAE, EFER.LME|LMA|NXE.
-    GuestPaging::x86_64(1 << 31 | 1 << 16 | 1, 0x1000, 1 << 5, 1 << 8 | 1 << 10 | 1 << 11).unwrap()
+    GuestPaging::x86_64(1 << 31 | 1 << 16 | 1, 0x1000, 1 << 5, 1 << 8 | 1 << 10 | 1 << 11, CPU).unwrap()
 }
 
 #[test]
@@ -143,8 +146,8 @@ fn x86_protection_reserved_canonical_and_hostile_tables() {
         Err(fault(0x40_2000, Access::Read, PageFaultKind::Reserved, 0))
     );
     // Paging off is bare; 32-bit paging is refused.
-    assert_eq!(GuestPaging::x86_64(1, 0, 0, 0), Ok(GuestPaging::Bare));
-    assert!(GuestPaging::x86_64(1 << 31 | 1, 0x1000, 0, 0).is_err());
+    assert_eq!(GuestPaging::x86_64(1, 0, 0, 0, CPU), Ok(GuestPaging::Bare));
+    assert!(GuestPaging::x86_64(1 << 31 | 1, 0x1000, 0, 0, CPU).is_err());
 }
 
 #[test]
@@ -325,4 +328,19 @@ fn multi_page_va_copies_match_page_by_page_translation() {
     let mut direct = vec![0u8; 3 * 4096];
     mem.read(gpa(0x1000), &mut direct).unwrap();
     assert_eq!(huge, direct, "a 2 MiB guest page maps gva 0x20_1000 to gpa 0x1000");
+}
+
+/// The walker's reserved bits come from the processor, never from a guessed default: a guest
+/// entry with an address bit at or above the CPU's MAXPHYADDR is a reserved-bit fault there.
+#[test]
+fn x86_reserved_bits_follow_the_processor() {
+    use twostage_aspace::guest::{X86Cpu, X86Paging};
+    let cpu = X86Cpu::from_cpuid(0x8000_0008, 1 << 26, 0x3027);
+    assert_eq!(cpu, X86Cpu { maxphyaddr: 39, page_1g: true });
+    assert_eq!(X86Cpu::from_cpuid(0x8000_0004, 0, 0x30), X86Cpu { maxphyaddr: 36, page_1g: false });
+    let regs = (1u64 << 31 | 1 << 16 | 1, 0x1000u64, 1u64 << 5, 1u64 << 8 | 1 << 10 | 1 << 11);
+    match GuestPaging::x86_64(regs.0, regs.1, regs.2, regs.3, cpu).unwrap() {
+        GuestPaging::X86_64(X86Paging { maxphyaddr: 39, page_1g: true, .. }) => {}
+        other => panic!("{other:?}"),
+    }
 }

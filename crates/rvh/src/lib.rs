@@ -19,7 +19,6 @@
 #![no_std]
 #![warn(missing_docs)]
 
-#[cfg(test)]
 extern crate alloc;
 
 #[cfg(test)]
@@ -35,6 +34,7 @@ pub mod mmio;
 pub mod probe;
 pub mod reflect;
 pub mod sbi;
+pub mod shootdown;
 
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hw;

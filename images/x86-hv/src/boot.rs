@@ -4,6 +4,7 @@
 //! EBX = the physical address of the multiboot information (Multiboot Specification 0.6.96, 3.2).
 //! The entry identity-maps the first 4 GiB with 2 MiB pages, enables PAE, EFER.LME and paging
 //! (Intel SDM Vol. 3A 10.8.5 "Initializing IA-32e Mode") and calls `kmain(magic, info)`.
+//! Slots 3 and 4 of its GDT (`__boot_gdt`) are left for the TSS `twostage_hv_x86::cpu` installs.
 
 core::arch::global_asm!(
     r#"
@@ -108,6 +109,3 @@ __boot_stack:
 __boot_stack_top:
     "#
 );
-
-/// Selector of the 64-bit TSS in the boot GDT (index 3, two slots).
-pub const KERNEL_TR: u16 = 0x18;

@@ -1,14 +1,16 @@
 //! twostage's x86 hypervisor image: booted by GRUB (multiboot v1) in Bochs, it runs guests under
 //! VMX with EPT tables built by `twostage-npt`, through the glue in `twostage-vmx`.
 //!
-//! Key pieces: [`boot`] (multiboot header, long-mode entry), [`serial`] (COM1 console, exit),
-//! the host frames (`twostage_baremetal::frames`), [`hv`] (vCPU + EPT + exit loop + guest-memory access),
-//! [`guest`] (the bundled 64-bit guest), [`scenarios`] (the suite), [`hostile`] (random guests), [`mbguest`] (running a
-//! multiboot guest given as a GRUB module).
+//! The image is wiring only: [`boot`] (multiboot header, long-mode entry), [`multiboot`] (the
+//! information GRUB passed: memory map, command line, modules), the host frames and heap
+//! (`twostage-baremetal`), the panic handler, and the choice of what to run: the guest module
+//! GRUB loaded (`twostage_hv_x86::mbguest`) or, without one, the scenario suite
+//! (`twostage_scenarios_x86::run`). The hypervisor itself (vCPU, EPT, exit handling, COM1
+//! console, host descriptor tables) is `twostage-hv-x86`.
 //!
 //! Safety model: the image is single-core with interrupts off; physical memory is reached only
 //! through the identity map set up at boot; the only instruction wrappers are in `twostage-vmx`
-//! (`RealCpu`) and the few port/descriptor accesses here, each with its SAFETY note.
+//! (`RealCpu`) and `twostage-hv-x86`, each with its SAFETY note.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -17,27 +19,10 @@ extern crate alloc;
 #[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
-mod cpu;
-#[cfg(target_os = "none")]
-mod guest;
-#[cfg(target_os = "none")]
-mod hostile;
-#[cfg(target_os = "none")]
-mod hostile_gen;
-#[cfg(target_os = "none")]
-mod hv;
-#[cfg(target_os = "none")]
-mod mbguest;
-#[cfg(target_os = "none")]
 mod multiboot;
+
 #[cfg(target_os = "none")]
-mod scenarios;
-#[cfg(target_os = "none")]
-mod scenarios2;
-#[cfg(target_os = "none")]
-mod scenarios3;
-#[cfg(target_os = "none")]
-mod serial;
+use twostage_hv_x86::{cpu, mbguest, println, serial};
 
 #[cfg(target_os = "none")]
 static FRAMES: twostage_baremetal::frames::Frames = twostage_baremetal::frames::Frames::empty();
@@ -72,17 +57,18 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let image_end = &raw const __image_end as u64;
     let modules_end = boot.modules().map(|m| m.end).max().unwrap_or(0);
     let low = image_end.max(modules_end).max(0x20_0000);
+    // Frames start on a frame boundary: a module (and so `low`) may end anywhere.
+    let page = twostage_npt::FRAME_SIZE as u64;
     let best = boot
         .memory_map()
-        .filter(|r| r.kind == 1 && r.base + r.len > low)
-        .map(|r| (r.base.max(low), r.base + r.len))
+        .map(|r| (r.kind, r.base.max(low).next_multiple_of(page), r.base + r.len))
+        .filter(|&(kind, start, end)| kind == 1 && end > start)
+        .map(|(_, start, end)| (start, end))
         .max_by_key(|(s, e)| e - s);
     let Some((start, end)) = best else {
         println!("no usable RAM in the multiboot memory map");
         serial::exit(2)
     };
-    // Whole frames only: the modules GRUB loaded may end anywhere inside a frame.
-    let start = start.next_multiple_of(twostage_npt::FRAME_SIZE as u64);
     let frames = (end.saturating_sub(start) / twostage_npt::FRAME_SIZE as u64) as usize;
     let frames = frames.min(twostage_baremetal::frames::MAX_FRAMES);
     // SAFETY: RAM from the multiboot memory map above the image and the modules, identity-mapped
@@ -101,12 +87,14 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
             "GRUB passed {} modules; the hypervisor runs one guest, the only module",
             more_modules + 1
         )),
-        (Some(m), _) => mbguest::run(&FRAMES, m),
+        // SAFETY: GRUB loaded the module at `m.start..m.end`, below 4 GiB inside the boot identity
+        // map and outside the frames (which start above every module); nothing writes it.
+        (Some(m), _) => unsafe { mbguest::run(&FRAMES, m.start, m.end) },
         (None, Some(name)) => mbguest::refuse(format_args!(
             "GRUB was asked to load {name} as the guest (guest={name} on the kernel command line) but passed no \
              module: it could not load the file (GRUB drops a file larger than the machine's free memory)"
         )),
-        (None, None) => scenarios::run(&FRAMES),
+        (None, None) => twostage_scenarios_x86::run(&FRAMES, heap_in_use),
     };
     serial::exit(status)
 }

@@ -133,7 +133,7 @@ fuzz_target!(|input: Input| {
                     match g.s.add_region("r", range(start, len), rights, backend) {
                         Ok((id, f)) => {
                             assert!(!overlap, "overlapping region accepted");
-                            g.s.flush_unloaded(f);
+                            g.s.flush_unloaded(f).unwrap();
                             if kind == Kind::Anon {
                                 g.anon.retain(|&a, _| !(start..start + len).contains(&a));
                             }
@@ -153,7 +153,7 @@ fuzz_target!(|input: Input| {
                     }
                     let r = g.regions.remove(usize::from(idx) % g.regions.len());
                     let f = g.s.remove_region(r.id).unwrap();
-                    g.s.flush_unloaded(f);
+                    g.s.flush_unloaded(f).unwrap();
                     g.anon.retain(|&a, _| !(r.start..r.end).contains(&a));
                 }
                 Op::Protect { idx, rights } => {
@@ -164,7 +164,7 @@ fuzz_target!(|input: Input| {
                     let rights = RIGHTS[usize::from(rights % 4)];
                     match g.s.protect_region(g.regions[i].id, rights) {
                         Ok(f) => {
-                            g.s.flush_unloaded(f);
+                            g.s.flush_unloaded(f).unwrap();
                             g.regions[i].rights = rights;
                         }
                         Err(e) => {
@@ -181,7 +181,7 @@ fuzz_target!(|input: Input| {
                     match g.s.populate(r.id) {
                         Ok(f) => {
                             assert_eq!(r.kind, Kind::Anon);
-                            g.s.flush_unloaded(f);
+                            g.s.flush_unloaded(f).unwrap();
                         }
                         Err(e) => {
                             assert!(r.kind != Kind::Anon || failing, "{:?}", e);
@@ -202,7 +202,7 @@ fuzz_target!(|input: Input| {
                         }
                         (Some(r), FaultOutcome::Resolved { flush }) => {
                             assert!(r.kind != Kind::Mmio && r.rights.allows(access));
-                            g.s.flush_unloaded(flush);
+                            g.s.flush_unloaded(flush).unwrap();
                             let leaf = g.s.table().query(GuestPhysAddr::new(a)).expect("resolved but unmapped");
                             assert!(leaf.flags.allows(access), "resolved {access} but leaf has {:?}", leaf.flags);
                             if access == Access::Write {
@@ -274,7 +274,7 @@ fuzz_target!(|input: Input| {
                 }
                 Op::Fork => match g.s.fork() {
                     Ok((c, f)) => {
-                        g.s.flush_unloaded(f);
+                        g.s.flush_unloaded(f).unwrap();
                         let child = Side {
                             s: c,
                             regions: g.regions.clone(),
@@ -305,8 +305,8 @@ fuzz_target!(|input: Input| {
                     match dstside.s.share_from("shared", GuestPhysAddr::new(at), &mut src.s, r.id) {
                         Ok((id, f, g)) => {
                             assert!(r.kind == Kind::Anon && !overlap);
-                            dstside.s.flush_unloaded(f);
-                            src.s.flush_unloaded(g);
+                            dstside.s.flush_unloaded(f).unwrap();
+                            src.s.flush_unloaded(g).unwrap();
                             dstside.anon.retain(|&x, _| !(at..at + len).contains(&x));
                             for (&x, &v) in src.anon.range(r.start..r.end) {
                                 dstside.anon.insert(at + (x - r.start), v);
@@ -337,7 +337,7 @@ fuzz_target!(|input: Input| {
                     let len = (u64::from(len) % 16 + 1) * P;
                     match g.s.start_dirty_log(range(start, len)) {
                         Ok((_, f)) => {
-                            g.s.flush_unloaded(f);
+                            g.s.flush_unloaded(f).unwrap();
                             g.dirty.clear();
                             g.dirty_exact = true;
                         }
@@ -353,7 +353,7 @@ fuzz_target!(|input: Input| {
                 }
                 Op::Harvest => match g.s.harvest_dirty() {
                     Ok((bits, f)) => {
-                        g.s.flush_unloaded(f);
+                        g.s.flush_unloaded(f).unwrap();
                         let log = bits.range();
                         let want: BTreeSet<u64> =
                             g.dirty.iter().copied().filter(|&p| log.contains(GuestPhysAddr::new(p))).collect();

@@ -5,7 +5,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
-use twostage_aspace::guest::{RiscvPaging, X86Paging};
+use twostage_aspace::guest::{RiscvPaging, X86Cpu, X86Paging};
 use twostage_aspace::*;
 use twostage_npt::testing::HostRam;
 use twostage_npt::{Access, GpaRange, GuestPhysAddr, GuestVirtAddr, MappingFlags, Sv39x4, TableOptions};
@@ -41,22 +41,20 @@ fuzz_target!(|input: Input| {
         let mut s = AddressSpace::<Sv39x4, _>::new(ram.clone(), TableOptions::for_format::<Sv39x4>()).unwrap();
         let r = |start: u64, len: u64| GpaRange::from_start_len(GuestPhysAddr::new(start), len).unwrap();
         let (_, f) = s.add_region("ram", r(0, PAGES * 4096), MappingFlags::RWX, Backend::DemandZero).unwrap();
-        s.flush_unloaded(f);
+        s.flush_unloaded(f).unwrap();
         let (_, f) = s.add_region("rom", r(PAGES * 4096, 4096), MappingFlags::READ, Backend::DemandZero).unwrap();
-        s.flush_unloaded(f);
+        s.flush_unloaded(f).unwrap();
         let (_, f) = s.add_region("mmio", r((PAGES + 1) * 4096, 4096), MappingFlags::RW, Backend::Mmio).unwrap();
-        s.flush_unloaded(f);
+        s.flush_unloaded(f).unwrap();
         for (page, idx, v) in input.entries.iter().take(256) {
             let at = u64::from(page % (PAGES as u8 + 1)) * 4096 + u64::from(idx % 512) * 8;
             let f = s.load_image(GuestPhysAddr::new(at), &v.to_le_bytes()).unwrap();
-            s.flush_unloaded(f);
+            s.flush_unloaded(f).unwrap();
         }
         let paging = match input.mode {
             Mode::X86 { cr0, cr3, cr4, efer, user, maxphy, page_1g } => {
-                match GuestPaging::x86_64(cr0, cr3, cr4, efer) {
-                    Ok(GuestPaging::X86_64(p)) => {
-                        GuestPaging::X86_64(X86Paging { user, maxphyaddr: maxphy, page_1g, ..p })
-                    }
+                match GuestPaging::x86_64(cr0, cr3, cr4, efer, X86Cpu { maxphyaddr: maxphy, page_1g }) {
+                    Ok(GuestPaging::X86_64(p)) => GuestPaging::X86_64(X86Paging { user, ..p }),
                     Ok(other) => other,
                     Err(_) => return,
                 }

@@ -13,7 +13,7 @@ mod riscv;
 mod x86;
 
 pub use riscv::RiscvPaging;
-pub use x86::X86Paging;
+pub use x86::{X86Cpu, X86Paging};
 
 use crate::mem::{GuestMemError, GuestMemory};
 use core::error::Error;
@@ -70,9 +70,10 @@ pub(crate) fn guest_gpa<E>(v: u64, fault: impl FnOnce() -> E) -> Result<GuestPhy
 }
 
 impl GuestPaging {
-    /// From the guest's x86 control registers (see [`X86Paging::from_regs`]).
-    pub fn x86_64(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Result<Self, PagingModeError> {
-        X86Paging::from_regs(cr0, cr3, cr4, efer)
+    /// From the guest's x86 control registers on a processor described by `cpu` (see
+    /// [`X86Paging::from_regs`]).
+    pub fn x86_64(cr0: u64, cr3: u64, cr4: u64, efer: u64, cpu: X86Cpu) -> Result<Self, PagingModeError> {
+        X86Paging::from_regs(cr0, cr3, cr4, efer, cpu)
     }
 
     /// From the guest's vsatp and vsstatus (see [`RiscvPaging::from_regs`]).

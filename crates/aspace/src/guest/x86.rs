@@ -46,17 +46,42 @@ pub struct X86Paging {
     pub smap: bool,
     /// The access is made as user mode (CPL 3) rather than supervisor.
     pub user: bool,
-    /// The guest's MAXPHYADDR (36..=52): entry bits 51:MAXPHYADDR are reserved. 52 by default.
+    /// The processor's MAXPHYADDR (36..=52): entry bits 51:MAXPHYADDR are reserved.
     pub maxphyaddr: u8,
     /// 1 GiB pages are supported (CPUID.80000001H:EDX.Page1GB); else PS in a PDPTE is reserved.
     pub page_1g: bool,
 }
 
+/// What the processor's own paging offers, which a software walk of the guest's tables must
+/// mirror: under VMX the guest's paging-structure entries are checked by the physical processor,
+/// so its MAXPHYADDR decides which address bits are reserved (Intel SDM Vol. 3A 4.5.4,
+/// "Linear-Address Translation with 4-Level Paging and 5-Level Paging") and its CPUID decides
+/// whether a PDPTE may map 1 GiB. There is no default: a walker that guessed 52 would accept
+/// entries the processor faults on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct X86Cpu {
+    /// MAXPHYADDR: CPUID.80000008H:EAX\[7:0\] (36 where the leaf is missing).
+    pub maxphyaddr: u8,
+    /// 1 GiB pages: CPUID.80000001H:EDX\[26\] (Page1GB).
+    pub page_1g: bool,
+}
+
+impl X86Cpu {
+    /// From the raw CPUID leaves: `max_ext` is CPUID.80000000H:EAX, `ext1_edx` is
+    /// CPUID.80000001H:EDX, `ext8_eax` is CPUID.80000008H:EAX.
+    pub fn from_cpuid(max_ext: u32, ext1_edx: u32, ext8_eax: u32) -> Self {
+        let maxphyaddr = if max_ext >= 0x8000_0008 { (ext8_eax & 0xff) as u8 } else { 36 };
+        let page_1g = max_ext >= 0x8000_0001 && ext1_edx & (1 << 26) != 0;
+        Self { maxphyaddr, page_1g }
+    }
+}
+
 impl X86Paging {
-    /// Decodes the guest's CR0, CR3, CR4 and IA32_EFER. Paging off gives [`GuestPaging::Bare`];
-    /// IA-32e 4-level paging gives [`GuestPaging::X86_64`]; 32-bit, PAE and 5-level paging are
-    /// refused. Accesses are supervisor-mode; see [`X86Paging::user`].
-    pub fn from_regs(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> Result<GuestPaging, PagingModeError> {
+    /// Decodes the guest's CR0, CR3, CR4 and IA32_EFER on a processor described by `cpu`. Paging
+    /// off gives [`GuestPaging::Bare`]; IA-32e 4-level paging gives [`GuestPaging::X86_64`];
+    /// 32-bit, PAE and 5-level paging are refused. Accesses are supervisor-mode; see
+    /// [`X86Paging::user`].
+    pub fn from_regs(cr0: u64, cr3: u64, cr4: u64, efer: u64, cpu: X86Cpu) -> Result<GuestPaging, PagingModeError> {
         if cr0 & CR0_PG == 0 {
             return Ok(GuestPaging::Bare);
         }
@@ -77,8 +102,8 @@ impl X86Paging {
             smep: cr4 & CR4_SMEP != 0,
             smap: cr4 & CR4_SMAP != 0,
             user: false,
-            maxphyaddr: 52,
-            page_1g: true,
+            maxphyaddr: cpu.maxphyaddr,
+            page_1g: cpu.page_1g,
         }))
     }
 

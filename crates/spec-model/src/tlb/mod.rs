@@ -9,6 +9,7 @@
 
 mod ept;
 mod gstage;
+pub mod harts;
 pub mod operands;
 
 pub use ept::{EptTlb, EptTlbStats};

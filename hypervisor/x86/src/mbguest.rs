@@ -15,13 +15,12 @@
 //! unresolved fault, an exit it cannot serve, a halt without a status) ends it with
 //! `EXIT_GUEST_STOPPED` (125).
 
-use crate::multiboot::Module;
 use crate::{println, serial};
 use core::fmt::Display;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{LoadError, EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
-use twostage_baremetal::multiboot::{guest_information, plan_guest};
+use twostage_baremetal::multiboot::{guest_information, plan_guest, BOOTLOADER_MAGIC};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
 use twostage_vmx::caps::IA32_EFER;
 use twostage_vmx::controls::CR0_PG;
@@ -37,24 +36,37 @@ const STOPPED: u32 = EXIT_GUEST_STOPPED as u32;
 /// Status when the hypervisor cannot set the guest up on this machine (VMX, memory).
 const SETUP_FAILED: u32 = 3;
 
+/// Reports a failed VMCS access that the guest's next entry depends on; the caller then stops
+/// the guest, since resuming would run it in a state it never reached.
+fn vmcs_failed(what: &str, e: impl core::fmt::Debug) {
+    println!("twostage x86-hv: guest stopped: {what}: {e:?}");
+}
+
 /// Reports a refused guest file; the run's status.
 pub fn refuse(why: impl Display) -> u32 {
     println!("guest file refused: {why}");
     u32::from(EXIT_REFUSED)
 }
 
-/// Checks, loads and runs the guest module; returns the status it wrote to port 0xf4,
-/// [`EXIT_REFUSED`] for a file that fails the checks, or [`EXIT_GUEST_STOPPED`].
-pub fn run(frames: &'static Frames, m: Module) -> u32 {
-    println!("twostage x86-hv: multiboot guest module at {:#x}..{:#x}", m.start, m.end);
-    if m.end <= m.start || m.start == 0 {
+/// Checks, loads and runs the guest module GRUB loaded at physical `start..end`; returns the
+/// status it wrote to port 0xf4, [`EXIT_REFUSED`] for a file that fails the checks, or
+/// [`EXIT_GUEST_STOPPED`].
+///
+/// # Safety
+///
+/// `start..end` is the module as the boot loader reported it: when `end > start` and `start` is
+/// not 0, the bytes lie inside the identity map, outside the frames `frames` manages, and
+/// nothing writes them during the call.
+pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
+    println!("twostage x86-hv: multiboot guest module at {start:#x}..{end:#x}");
+    if end <= start || start == 0 {
         // GRUB's entry for an empty file: there is nothing to make a slice of.
         return refuse(LoadError::Empty);
     }
-    // SAFETY: GRUB loaded the module at these physical addresses (non-null, `end > start`),
-    // below 4 GiB inside the identity map and outside the frames the allocator manages; nothing
-    // writes it while this slice lives.
-    let image = unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) };
+    // SAFETY: the caller's contract: GRUB loaded the module at these physical addresses
+    // (non-null, `end > start`), inside the identity map and outside the frames the allocator
+    // manages; nothing writes it while this slice lives.
+    let image = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
     let plan = match plan_guest(image, RAM) {
         Ok(p) => p,
         Err(e) => return refuse(e),
@@ -82,7 +94,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
     };
     let Some(ram) = GpaRange::from_start_len(GuestPhysAddr::new(0), RAM) else { return SETUP_FAILED };
     match space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero) {
-        Ok((_, f)) => space.flush_unloaded(f),
+        Ok((_, f)) => space.flush_unloaded(f).expect("its own token"),
         Err(e) => {
             println!("ram region: {e:?}");
             return SETUP_FAILED;
@@ -95,7 +107,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
     let blobs = plan.load.segments.iter().map(|s| (s.gpa, s.bytes)).chain([(info_at, &info[..])]);
     for (gpa, bytes) in blobs {
         match space.load_image(GuestPhysAddr::new(gpa), bytes) {
-            Ok(f) => space.flush_unloaded(f),
+            Ok(f) => space.flush_unloaded(f).expect("its own token"),
             Err(e) => {
                 // The partial load's flush stays pending in the space.
                 println!("loading {} bytes at {gpa:#x}: {e}", bytes.len());
@@ -107,7 +119,7 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
         println!("VMCS setup: {e:?}");
         return SETUP_FAILED;
     }
-    vcpu.regs.rax = u64::from(crate::multiboot::BOOTLOADER_MAGIC);
+    vcpu.regs.rax = u64::from(BOOTLOADER_MAGIC);
     vcpu.regs.rbx = info_at;
     println!(
         "twostage x86-hv: entering guest at {entry:#x} (EAX=0x2badb002, EBX={info_at:#x}), {} segment(s)",
@@ -127,11 +139,16 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
             VmExit::EptViolation(v) => match space.handle_fault(v.nested_page_fault_info()) {
                 FaultOutcome::Resolved { flush } => {
                     faults += 1;
-                    space.flush(flush, |inv| {
-                        crate::hv::invept(&mut vcpu, inv);
-                    });
+                    space
+                        .flush(flush, |inv| {
+                            crate::hv::invept(&mut vcpu, inv);
+                        })
+                        .expect("its own token");
                     // A fault taken while delivering an event: deliver it again.
-                    let _ = vcpu.reinject_interrupted_event();
+                    if let Err(e) = vcpu.reinject_interrupted_event() {
+                        vmcs_failed("the interrupted event not re-injected", e);
+                        break None;
+                    }
                 }
                 other => {
                     println!("guest fault at {:?} ({:?}): {other:?}", v.gpa, v.qualification);
@@ -146,9 +163,12 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                         2 => 0xffff,
                         _ => 0xffff_ffff,
                     };
-                let _ = vcpu.advance_rip();
                 if !q.is_in() && port == 0xf4 {
                     break Some(value as u32);
+                }
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past the I/O instruction", e);
+                    break None;
                 }
                 let com1 = (serial::COM1..serial::COM1 + 8).contains(&port);
                 if q.is_in() {
@@ -166,7 +186,10 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 vcpu.regs.rbx = u64::from(r.ebx);
                 vcpu.regs.rcx = u64::from(r.ecx);
                 vcpu.regs.rdx = u64::from(r.edx);
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past CPUID", e);
+                    break None;
+                }
             }
             VmExit::Msr { write } => {
                 // IA32_EFER lives in the VMCS; other MSRs read as 0 and ignore writes. A value
@@ -175,15 +198,27 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                 let efer = vcpu.regs.rcx as u32 == IA32_EFER;
                 if write && efer {
                     let v = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
-                    let cur = vcpu.vmread(VmcsField::GUEST_IA32_EFER).unwrap_or(0);
-                    let paging = vcpu.vmread(VmcsField::GUEST_CR0).unwrap_or(0) & CR0_PG != 0;
-                    match efer_write(cur, v, paging) {
+                    let cur_and_cr0 = vcpu
+                        .vmread(VmcsField::GUEST_IA32_EFER)
+                        .and_then(|cur| Ok((cur, vcpu.vmread(VmcsField::GUEST_CR0)?)));
+                    let (cur, cr0) = match cur_and_cr0 {
+                        Ok(r) => r,
+                        Err(e) => {
+                            vmcs_failed("the guest's EFER or CR0 not read for WRMSR", e);
+                            break None;
+                        }
+                    };
+                    match efer_write(cur, v, cr0 & CR0_PG != 0) {
                         Ok(v) => {
-                            let _ = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v);
+                            if let Err(e) = vcpu.vmwrite(VmcsField::GUEST_IA32_EFER, v) {
+                                vmcs_failed("the guest's EFER not written", e);
+                                break None;
+                            }
                         }
                         Err(_) => {
                             // #GP(0), without advancing RIP (Intel SDM Vol. 2B "WRMSR").
-                            if vcpu.inject_exception(13, Some(0)).is_err() {
+                            if let Err(e) = vcpu.inject_exception(13, Some(0)) {
+                                vmcs_failed("#GP not injected for a refused EFER value", e);
                                 break None;
                             }
                             continue;
@@ -194,11 +229,17 @@ pub fn run(frames: &'static Frames, m: Module) -> u32 {
                     vcpu.regs.rax = v & 0xffff_ffff;
                     vcpu.regs.rdx = v >> 32;
                 }
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past RDMSR/WRMSR", e);
+                    break None;
+                }
             }
             VmExit::Vmcall => {
                 vcpu.regs.rax = u64::MAX;
-                let _ = vcpu.advance_rip();
+                if let Err(e) = vcpu.advance_rip() {
+                    vmcs_failed("RIP not advanced past VMCALL", e);
+                    break None;
+                }
             }
             VmExit::Hlt => {
                 println!("twostage x86-hv: guest halted without writing port 0xf4");

@@ -1,7 +1,11 @@
 //! Descriptor tables for the host: the 64-bit TSS VMX needs for the host TR (Intel SDM Vol. 3C
 //! 27.2.3: TR must not be 0), and an IDT that reports any exception on the console.
+//!
+//! The image's boot code provides the GDT as the symbol `__boot_gdt`: five 8-byte slots, the
+//! kernel code selector 0x08 in slot 1, and slots 3 and 4 left free for the TSS descriptor.
 
-use crate::boot::KERNEL_TR;
+/// Selector of the 64-bit TSS in the boot GDT (index 3, two slots).
+pub const KERNEL_TR: u16 = 0x18;
 
 #[repr(C, align(16))]
 struct Tss([u8; 104]);

@@ -3,7 +3,7 @@
 
 use crate::serial;
 use core::fmt;
-use twostage_aspace::guest::PagingModeError;
+use twostage_aspace::guest::{PagingModeError, X86Cpu};
 use twostage_aspace::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestMemError, GuestMemory,
     GuestPaging, GuestVaError, Instruction, Isa, TableMemory,
@@ -14,8 +14,8 @@ use twostage_npt::{
     MappingFlags, PageTable, RangeError, FRAME_SIZE,
 };
 use twostage_vmx::decode::{decode_mmio, DecodeError, MmioInstruction, MmioOp};
-use twostage_vmx::hw::{InveptKind, RealCpu};
-use twostage_vmx::{EntryError, EptViolation, IoQualification, VmExit, VmcsField, VmxVcpu};
+use twostage_vmx::hw::{InveptKind, RealCpu, VmxHardware};
+use twostage_vmx::{EntryError, EptViolation, IoQualification, VmExit, VmcsField, VmxInstructionFailure, VmxVcpu};
 
 /// The vCPU type of this image.
 pub type Vcpu = VmxVcpu<RealCpu, &'static Frames>;
@@ -97,6 +97,9 @@ pub enum RunError {
     /// An EPT violation with no MOV to emulate: a fetch, the guest's own page walk, or bytes
     /// at RIP that do not match the access.
     NotEmulable(EptViolation),
+    /// A VMCS access the next entry depends on failed (what it was for, and the failure):
+    /// resuming would run the guest in a state it did not reach, so the run stops.
+    Vmcs(&'static str, VmxInstructionFailure),
     /// The guest stopped with HLT.
     Halted,
     /// Too many exits without progress.
@@ -222,6 +225,14 @@ impl Hv {
         self.memory().write(gpa, buf)
     }
 
+    /// What this processor's paging offers (MAXPHYADDR, 1 GiB pages): the guest's tables are
+    /// walked by this processor, so a software walk checks them against the same.
+    pub fn paging_cpu(&self) -> X86Cpu {
+        let hw = self.vcpu.hardware();
+        let max_ext = hw.cpuid(0x8000_0000, 0).eax;
+        X86Cpu::from_cpuid(max_ext, hw.cpuid(0x8000_0001, 0).edx, hw.cpuid(0x8000_0008, 0).eax)
+    }
+
     /// The guest's paging mode, from its CR0, CR3, CR4 and EFER in the VMCS.
     pub fn guest_paging(&self) -> Result<GuestPaging, GvaError> {
         let r = |f| self.vcpu.vmread(f).map_err(|_| GvaError::Vmcs);
@@ -230,6 +241,7 @@ impl Hv {
             r(VmcsField::GUEST_CR3)?,
             r(VmcsField::GUEST_CR4)?,
             r(VmcsField::GUEST_IA32_EFER)?,
+            self.paging_cpu(),
         )
         .map_err(GvaError::Mode)
     }
@@ -281,7 +293,8 @@ impl Hv {
             MmioOp::Load { reg } => {
                 let val = dev.read(v.gpa, insn.size) & insn.mask();
                 let old = self.read_gpr(reg.num);
-                self.write_gpr(reg.num, insn.merge_load(old, val));
+                self.write_gpr(reg.num, insn.merge_load(old, val))
+                    .map_err(|e| RunError::Vmcs("RSP not written with the value loaded from MMIO", e))?;
             }
             MmioOp::StoreReg { reg } => {
                 let val = insn.store_value(self.read_gpr(reg.num));
@@ -289,7 +302,9 @@ impl Hv {
             }
             MmioOp::StoreImm { .. } => dev.write(v.gpa, insn.size, insn.store_value(0)),
         }
-        let _ = self.vcpu.vmwrite(VmcsField::GUEST_RIP, rip.wrapping_add(u64::from(insn.len)));
+        self.vcpu
+            .vmwrite(VmcsField::GUEST_RIP, rip.wrapping_add(u64::from(insn.len)))
+            .map_err(|e| RunError::Vmcs("RIP not advanced past the emulated MMIO instruction", e))?;
         self.stats.mmio_emulated += 1;
         Ok(insn)
     }
@@ -302,11 +317,13 @@ impl Hv {
         }
     }
 
-    /// Writes a guest register by ModRM number, RSP (4) into the VMCS.
-    pub fn write_gpr(&mut self, n: u8, v: u64) {
+    /// Writes a guest register by ModRM number, RSP (4) into the VMCS; fails only when that
+    /// VMWRITE does (the guest's RSP is then not what it should be).
+    pub fn write_gpr(&mut self, n: u8, v: u64) -> Result<(), VmxInstructionFailure> {
         if self.vcpu.regs.set_gpr(n, v).is_err() {
-            let _ = self.vcpu.vmwrite(VmcsField::GUEST_RSP, v);
+            self.vcpu.vmwrite(VmcsField::GUEST_RSP, v)?;
         }
+        Ok(())
     }
 
     /// Counts an exit by kind.
@@ -339,8 +356,9 @@ impl Hv {
         }
     }
 
-    /// Prints the counters.
-    pub fn report(&self, title: &str) {
+    /// Prints the counters; `heap_in_use` is the bytes in live heap allocations (the image owns
+    /// the heap).
+    pub fn report(&self, title: &str, heap_in_use: usize) {
         let s = &self.stats;
         let f = self.frames.stats();
         crate::println!("== {title}");
@@ -361,7 +379,7 @@ impl Hv {
             s.mmio_emulated
         );
         crate::println!("   flushes: {} INVEPT; EPT table frames: {}", s.invepts, self.ept.table_frames());
-        // What the hardware path costs (issue 6): EPT violations per 4 KiB page mapped, and
+        // What the hardware path costs: EPT violations per 4 KiB page mapped, and
         // INVEPTs per resolved fault (a not-present -> present change needs none).
         let pages = (s.mapped_4k + 512 * s.mapped_2m).max(1) as f64;
         crate::println!(
@@ -377,7 +395,7 @@ impl Hv {
             f.allocations,
             f.words_searched as f64 / f.allocations.max(1) as f64,
             f.frees,
-            crate::heap_in_use() / 1024
+            heap_in_use / 1024
         );
     }
 }

@@ -5,7 +5,7 @@
 //! the result in RCX with VMCALL 2. So each scenario makes the *guest* touch memory, and the
 //! (emulated) hardware raises the EPT violations.
 
-use crate::hv::{FaultAction, Hv, MmioDevice, RunError};
+use twostage_hv_x86::hv::{FaultAction, Hv, MmioDevice, RunError};
 use twostage_npt::{GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, FRAME_SIZE};
 use twostage_vmx::exit::EptViolation;
 use twostage_vmx::{GuestEntry, VmExit};
@@ -199,74 +199,92 @@ pub fn no_faults(_: &mut Hv, _: &EptViolation) -> FaultAction {
     FaultAction::Fail("unexpected EPT violation")
 }
 
-impl Hv {
+/// Running the bundled guest: the scenarios' way of making the guest touch memory.
+pub trait GuestOps {
     /// Has the guest perform `op`; EPT violations go to `on_fault` (MMIO ones to `dev`).
     /// Returns the value the guest reported.
-    pub fn op(
+    fn op(
+        &mut self,
+        op: Op,
+        on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
+        dev: &mut dyn MmioDevice,
+    ) -> Result<u64, RunError>;
+
+    /// Lets the guest finish an operation an unhandled exit interrupted; returns its result.
+    fn finish(&mut self) -> Result<u64, RunError>;
+
+    /// `op` with no fault handling and no device.
+    fn op_plain(&mut self, op: Op) -> Result<u64, RunError>;
+}
+
+impl GuestOps for Hv {
+    fn op(
         &mut self,
         op: Op,
         on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
         dev: &mut dyn MmioDevice,
     ) -> Result<u64, RunError> {
-        self.run_guest(Some(op), on_fault, dev)
+        run_guest(self, Some(op), on_fault, dev)
     }
 
-    /// Lets the guest finish an operation an unhandled exit interrupted; returns its result.
-    pub fn finish(&mut self) -> Result<u64, RunError> {
-        self.run_guest(None, &mut no_faults, &mut Unassigned)
+    fn finish(&mut self) -> Result<u64, RunError> {
+        run_guest(self, None, &mut no_faults, &mut Unassigned)
     }
 
-    fn run_guest(
-        &mut self,
-        mut pending: Option<Op>,
-        on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
-        dev: &mut dyn MmioDevice,
-    ) -> Result<u64, RunError> {
-        for _ in 0..10_000 {
-            let exit = self.vcpu.run().map_err(RunError::Entry)?;
-            self.count(&exit);
-            match exit {
-                VmExit::Vmcall => {
-                    let call = self.vcpu.regs.rax;
-                    let _ = self.vcpu.advance_rip();
-                    match call {
-                        1 => match pending.take() {
-                            Some(o) => {
-                                let (a, b, c) = o.regs();
-                                self.vcpu.regs.rax = a;
-                                self.vcpu.regs.rbx = b;
-                                self.vcpu.regs.rcx = c;
-                            }
-                            None => self.vcpu.regs.rax = 0,
-                        },
-                        2 => return Ok(self.vcpu.regs.rcx),
-                        _ => self.vcpu.regs.rax = u64::MAX,
-                    }
-                }
-                VmExit::Io(q) if !q.is_string() => {
-                    self.forward_serial_io(q);
-                    let _ = self.vcpu.advance_rip();
-                }
-                VmExit::EptViolation(v) => match on_fault(self, &v) {
-                    FaultAction::Retry => {
-                        self.stats.faults_resolved += 1;
-                        // A fault taken while delivering an event: deliver it again.
-                        let _ = self.vcpu.reinject_interrupted_event();
-                    }
-                    FaultAction::Mmio => {
-                        self.emulate_mmio(&v, dev)?;
-                    }
-                    FaultAction::Fail(why) => return Err(RunError::Fault(why, v)),
-                },
-                VmExit::Hlt => return Err(RunError::Halted),
-                other => return Err(RunError::Unhandled(other)),
-            }
-        }
-        Err(RunError::Runaway)
-    }
-
-    /// `op` with no fault handling and no device.
-    pub fn op_plain(&mut self, op: Op) -> Result<u64, RunError> {
+    fn op_plain(&mut self, op: Op) -> Result<u64, RunError> {
         self.op(op, &mut no_faults, &mut Unassigned)
     }
+}
+
+/// Runs the guest until it reports a result (VMCALL 2), handing it `pending` when it asks for
+/// its next operation.
+fn run_guest(
+    hv: &mut Hv,
+    mut pending: Option<Op>,
+    on_fault: &mut dyn FnMut(&mut Hv, &EptViolation) -> FaultAction,
+    dev: &mut dyn MmioDevice,
+) -> Result<u64, RunError> {
+    for _ in 0..10_000 {
+        let exit = hv.vcpu.run().map_err(RunError::Entry)?;
+        hv.count(&exit);
+        match exit {
+            VmExit::Vmcall => {
+                let call = hv.vcpu.regs.rax;
+                hv.vcpu.advance_rip().map_err(|e| RunError::Vmcs("RIP not advanced past VMCALL", e))?;
+                match call {
+                    1 => match pending.take() {
+                        Some(o) => {
+                            let (a, b, c) = o.regs();
+                            hv.vcpu.regs.rax = a;
+                            hv.vcpu.regs.rbx = b;
+                            hv.vcpu.regs.rcx = c;
+                        }
+                        None => hv.vcpu.regs.rax = 0,
+                    },
+                    2 => return Ok(hv.vcpu.regs.rcx),
+                    _ => hv.vcpu.regs.rax = u64::MAX,
+                }
+            }
+            VmExit::Io(q) if !q.is_string() => {
+                hv.forward_serial_io(q);
+                hv.vcpu.advance_rip().map_err(|e| RunError::Vmcs("RIP not advanced past the I/O instruction", e))?;
+            }
+            VmExit::EptViolation(v) => match on_fault(hv, &v) {
+                FaultAction::Retry => {
+                    hv.stats.faults_resolved += 1;
+                    // A fault taken while delivering an event: deliver it again.
+                    hv.vcpu
+                        .reinject_interrupted_event()
+                        .map_err(|e| RunError::Vmcs("the interrupted event not re-injected", e))?;
+                }
+                FaultAction::Mmio => {
+                    hv.emulate_mmio(&v, dev)?;
+                }
+                FaultAction::Fail(why) => return Err(RunError::Fault(why, v)),
+            },
+            VmExit::Hlt => return Err(RunError::Halted),
+            other => return Err(RunError::Unhandled(other)),
+        }
+    }
+    Err(RunError::Runaway)
 }
