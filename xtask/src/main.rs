@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
+//!                   [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]   (riscv64)
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
 //! cargo xtask bench
@@ -27,6 +28,7 @@ mod hostile;
 mod lint;
 mod linux;
 mod riscv;
+mod riscv_stage;
 mod util;
 mod x86;
 
@@ -59,16 +61,33 @@ struct Args {
     guest: Option<PathBuf>,
     cpu: Option<String>,
     host_only: bool,
+    /// RISC-V guest options (--mem, --append, --initrd, --smp).
+    rv: riscv_stage::GuestOpts,
+    /// Whether any RISC-V guest option was given (they need `--guest`).
+    rv_given: bool,
     /// `linux`: boot the kernel on the bare emulator.
     bare: bool,
     /// CPUs of the emulated machine.
     smp: Option<u32>,
+    /// `run --linux`: boot the project's Linux guest (built or taken from the cache).
+    linux: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or_else(usage)?;
-    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false, bare: false, smp: None };
+    let mut args = Args {
+        cmd,
+        arch: None,
+        guest: None,
+        cpu: None,
+        host_only: false,
+        rv: riscv_stage::GuestOpts::default(),
+        rv_given: false,
+        bare: false,
+        smp: None,
+        linux: false,
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -81,6 +100,12 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
+            "--mem" | "--append" | "--initrd" => {
+                let v = it.next().ok_or_else(|| format!("{a} takes a value"))?;
+                args.rv.set(&a, &v)?;
+                args.rv_given = true;
+            }
+            "--linux" => args.linux = true,
             "--bare" => args.bare = true,
             "--smp" => {
                 args.smp = Some(match it.next().and_then(|n| n.parse().ok()) {
@@ -91,11 +116,24 @@ fn parse_args() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
+    let riscv_run = args.cmd == "run" && args.arch != Some(Arch::X86_64);
+    if (args.rv_given || args.linux) && !riscv_run {
+        return Err("--mem, --append, --initrd and --linux are options of `run --arch riscv64`".into());
+    }
+    if riscv_run {
+        if let Some(n) = args.smp {
+            args.rv.set("--smp", &n.to_string())?;
+        }
+        if args.linux && args.guest.is_some() {
+            return Err("--linux and --guest name two guests: give one".into());
+        }
+    }
     Ok(args)
 }
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
+     cargo xtask run --arch riscv64 (--guest FILE | --linux) [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
      cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()
@@ -111,7 +149,10 @@ fn main() -> ExitCode {
     };
     let result = match args.cmd.as_str() {
         "run" => match args.arch.unwrap_or(Arch::Riscv64) {
-            Arch::Riscv64 => riscv::run(args.guest.as_deref()),
+            Arch::Riscv64 if args.linux => {
+                linux::kernel(Arch::Riscv64).and_then(|k| riscv::run(Some(k.as_path()), &args.rv))
+            }
+            Arch::Riscv64 => riscv::run(args.guest.as_deref(), &args.rv),
             Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
         },
         "test" => test(&args),

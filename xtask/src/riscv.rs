@@ -15,34 +15,19 @@
 //! system's QEMU (which it would replace if installed as a package), using apt with a private
 //! sources list derived from the machine's own.
 
+use crate::riscv_stage::{guest_refusal, qemu_command, GuestOpts, Stage};
 use crate::{hostile, util};
-use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::ops::Range;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use twostage_baremetal::elf::{self, LoadError, Machine, Place, EXIT_REFUSED};
+use twostage_baremetal::elf::EXIT_REFUSED;
+use twostage_hv_riscv::boot::MAX_FILE;
 
 const TARGET: &str = "riscv64gc-unknown-none-elf";
 /// Wall-clock limit of one QEMU run (a full suite takes about a second).
 const QEMU_TIMEOUT: Duration = Duration::from_secs(120);
-/// Where the guest file is staged in host RAM (the hypervisor reserves it from its allocator).
-const STAGE_ADDR: u64 = 0x8800_0000;
-/// The staging header: magic at +0, size at +8.
-const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
-/// The largest guest file the hypervisor accepts (hypervisor/riscv/src/loader.rs: MAX_FILE).
-const MAX_GUEST: u64 = 32 << 20;
-/// The guest's RAM (hypervisor/riscv/src/loader.rs: GUEST_RAM, GUEST_RAM_LEN).
-const GUEST_RAM: Range<u64> = 0x8000_0000..0x8400_0000;
-/// Where a raw image goes (hypervisor/riscv/src/loader.rs: RAW_LOAD).
-const RAW_LOAD: u64 = 0x8020_0000;
-/// The device tree's alignments, tried in turn at the top of guest RAM (loader.rs: DTB_ALIGNS).
-const DTB_ALIGNS: [u64; 3] = [1 << 20, 0x1000, 8];
-/// At least the size of the guest's device tree (about 1.3 KiB), for the check before booting.
-const DTB_SIZE: u64 = 0x800;
 /// The exit status the suite's own riscv-hello run is built with, to prove it propagates.
 const HELLO_TEST_STATUS: u32 = 7;
 /// Where QEMU 10 (and the OpenSBI it boots) is unpacked.
@@ -61,6 +46,21 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// The qemu-system-riscv64 program.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// The `-cpu` value.
+    pub fn cpu(&self) -> &'static str {
+        self.cpu
+    }
+
+    /// Its own module and data directories, if it has them.
+    pub fn dirs(&self) -> Option<&(PathBuf, PathBuf)> {
+        self.dirs.as_ref()
+    }
+
     /// Debian's default QEMU (7.2 on Debian 12), whose harts update G-stage A/D bits.
     fn system() -> Self {
         Self { program: PathBuf::from("qemu-system-riscv64"), cpu: "rv64,h=true", dirs: None }
@@ -174,7 +174,7 @@ fn ensure_uboot() -> Result<PathBuf, String> {
     Ok(PathBuf::from(UBOOT))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| util::root().join("target"))
 }
 
@@ -216,90 +216,22 @@ fn build_hello(status: u32) -> Result<PathBuf, String> {
     Ok(dir.join(TARGET).join("release").join("riscv-hello"))
 }
 
-/// What xtask stages for the hypervisor.
-enum Stage<'a> {
-    /// Nothing: the hypervisor runs its scenario suite.
-    Nothing,
-    /// A guest file (of 1 to [`MAX_GUEST`] bytes).
-    File(&'a Path),
-    /// Only the staging header, saying `len` bytes: what the hypervisor sees of an empty or an
-    /// oversized file when it is booted without xtask.
-    HeaderOnly(u64),
-}
-
-/// `path` as one QEMU option value: each comma doubled, so a comma in a file name cannot end the
-/// value (`-device loader,file=a,,b` names the file `a,b`).
-fn qemu_value(path: &Path) -> OsString {
-    let mut v = Vec::new();
-    for &b in path.as_os_str().as_bytes() {
-        v.push(b);
-        if b == b',' {
-            v.push(b',');
-        }
-    }
-    OsString::from_vec(v)
-}
-
-/// The QEMU command line for `image` on `qemu`, with `stage` staged.
-fn qemu_command(qemu: &Qemu, image: &Path, stage: Stage<'_>) -> Result<Command, String> {
-    let mut cmd = Command::new(&qemu.program);
-    if let Some((modules, data)) = &qemu.dirs {
-        // Its own modules (not the system QEMU's) and its own firmware directory for `-bios default`.
-        cmd.env("QEMU_MODULE_DIR", modules).arg("-L").arg(data);
-    }
-    cmd.args(["-machine", "virt", "-cpu", qemu.cpu, "-nographic", "-bios", "default", "-m", "256M", "-kernel"])
-        .arg(image);
-    let len = match stage {
-        Stage::Nothing => return Ok(cmd),
-        Stage::HeaderOnly(len) => len,
-        Stage::File(g) => {
-            let len = std::fs::metadata(g).map_err(|e| format!("guest file {}: {e}", g.display()))?.len();
-            if len == 0 || len > MAX_GUEST {
-                return Err(format!("guest file {} is {len} bytes; 1 to {MAX_GUEST} can be staged", g.display()));
-            }
-            let file = g.canonicalize().map_err(|e| format!("guest file {}: {e}", g.display()))?;
-            let mut device = OsString::from("loader,file=");
-            device.push(qemu_value(&file));
-            device.push(format!(",addr={STAGE_ADDR:#x},force-raw=on"));
-            cmd.arg("-device").arg(device);
-            len
-        }
-    };
-    let magic = u64::from_le_bytes(*b"TSGUEST!");
-    cmd.arg("-device")
-        .arg(format!("loader,addr={STAGE_HEADER:#x},data={magic:#x},data-len=8"))
-        .arg("-device")
-        .arg(format!("loader,addr={:#x},data={len},data-len=8", STAGE_HEADER + 8));
-    Ok(cmd)
-}
-
-/// The hypervisor's checks on a guest file (hypervisor/riscv/src/loader.rs), run before booting:
-/// `Ok(Some(message))` when the file would be refused, `Ok(None)` when it would run, `Err` when
-/// it cannot be read.
-pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
-    let len = std::fs::metadata(path).map_err(|e| format!("guest file {}: {e}", path.display()))?.len();
-    if len > MAX_GUEST {
-        return Ok(Some(format!(
-            "the file is {len} bytes: the hypervisor's staging area holds at most {MAX_GUEST} ({} MiB)",
-            MAX_GUEST >> 20
-        )));
-    }
-    let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
-    let checked = elf::plan_elf_or_raw(&file, Machine::Riscv64, GUEST_RAM, RAW_LOAD)
-        .and_then(|plan| plan.place("device tree", GUEST_RAM, DTB_SIZE, &DTB_ALIGNS, Place::Highest).map(drop));
-    Ok(checked.err().map(|e: LoadError| e.to_string()))
-}
-
 /// Checks `guest` as the hypervisor would, then boots it (typing `script` on the console): the
 /// exit status and the console output. A refused file does not boot: the status is
 /// [`EXIT_REFUSED`] and the output the refusal.
-fn run_guest(qemu: &Qemu, image: &Path, guest: &Path, script: &[(&str, &str)]) -> Result<(i32, String), String> {
-    if let Some(why) = guest_refusal(guest)? {
+fn run_guest(
+    qemu: &Qemu,
+    image: &Path,
+    guest: &Path,
+    opts: &GuestOpts,
+    script: &[(&str, &str)],
+) -> Result<(i32, String), String> {
+    if let Some(why) = guest_refusal(guest, opts)? {
         let msg = format!("xtask: guest file {} refused: {why}", guest.display());
         eprintln!("{msg}");
         return Ok((i32::from(EXIT_REFUSED), msg));
     }
-    run_qemu_scripted(qemu_command(qemu, image, Stage::File(guest))?, script)
+    run_qemu_scripted(qemu_command(qemu, image, Stage::File(guest, opts))?, script)
 }
 
 /// Runs QEMU with a timeout, echoing its console to stdout; returns the exit code and the output.
@@ -369,10 +301,10 @@ fn run_qemu_scripted(mut cmd: Command, script: &[(&str, &str)]) -> Result<(i32, 
 /// ELF, or a raw binary for 0x80200000), or with the bundled demo guest (guests/riscv-hello)
 /// when no file is given; the exit status is the guest's, or [`EXIT_REFUSED`] for a file that
 /// xtask or the hypervisor refused.
-pub fn run(guest: Option<&Path>) -> Result<i32, String> {
+pub fn run(guest: Option<&Path>, opts: &GuestOpts) -> Result<i32, String> {
     if let Some(g) = guest {
         // Refuse before building anything.
-        if let Some(why) = guest_refusal(g)? {
+        if let Some(why) = guest_refusal(g, opts)? {
             eprintln!("xtask: guest file {} refused: {why}", g.display());
             return Ok(i32::from(EXIT_REFUSED));
         }
@@ -383,7 +315,7 @@ pub fn run(guest: Option<&Path>) -> Result<i32, String> {
         Some(g) => g.to_path_buf(),
         None => build_hello(0)?,
     };
-    let (code, _) = run_guest(&Qemu::system(), &image, &guest, &[])?;
+    let (code, _) = run_guest(&Qemu::system(), &image, &guest, opts, &[])?;
     Ok(code)
 }
 
@@ -423,7 +355,7 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         tally.failed += 1;
     }
     let hello = build_hello(HELLO_TEST_STATUS)?;
-    let (hcode, hout) = run_guest(qemu, &image, &hello, &[])?;
+    let (hcode, hout) = run_guest(qemu, &image, &hello, &GuestOpts::default(), &[])?;
     let said_hello = hout.contains("riscv-hello: exiting through SRST");
     if hcode == HELLO_TEST_STATUS as i32 && said_hello {
         println!("ok - riscv-hello guest file ran and its SRST status {HELLO_TEST_STATUS} became QEMU's exit status");
@@ -434,8 +366,15 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
     }
     // U-Boot: its banner through the emulated ns16550, its prompt, then `poweroff` typed on the
     // console (the hypervisor feeds the UART's RBR from it) ends in SBI SRST, status 0.
-    let uboot = ensure_uboot()
-        .and_then(|u| run_guest(qemu, &image, &u, &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")]));
+    let uboot = ensure_uboot().and_then(|u| {
+        run_guest(
+            qemu,
+            &image,
+            &u,
+            &GuestOpts::default(),
+            &[("Hit any key to stop autoboot", "\n"), ("=> ", "poweroff\n")],
+        )
+    });
     match uboot {
         Ok((0, out)) if out.contains("U-Boot 20") && out.contains("guest reset: type 0 reason 0x0") => {
             println!("ok - U-Boot (Debian u-boot-qemu, S-mode) booted to its prompt and powered off through SRST");
@@ -448,6 +387,22 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         Err(e) => {
             println!("not ok - U-Boot guest: {e}");
             tally.failed += 1;
+        }
+    }
+    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU: init's memory
+    // checks pass and it powers off through SRST with status 0.
+    if qemu.dirs.is_none() {
+        let run = crate::linux::kernel(crate::Arch::Riscv64)
+            .and_then(|k| run_guest(qemu, &image, &k, &GuestOpts::default(), &[]));
+        match run {
+            Ok((code, out)) => check(
+                &mut tally,
+                code == 0 && out.contains("twostage-linux: all checks passed"),
+                &format!(
+                    "Linux 6.1 (the project's guest, 1 vCPU, 128 MiB) ran init's checks to the end, exit status {code}"
+                ),
+            ),
+            Err(e) => check(&mut tally, false, &format!("Linux guest: {e}")),
         }
     }
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
@@ -480,7 +435,7 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
     let hello_bytes = std::fs::read(hello).map_err(|e| format!("read {}: {e}", hello.display()))?;
 
     let commas = hostile::write(&dir, "riscv-hello,copy,addr=0x0", &hello_bytes)?;
-    let (code, out) = run_guest(qemu, image, &commas, &[])?;
+    let (code, out) = run_guest(qemu, image, &commas, &GuestOpts::default(), &[])?;
     check(
         &mut tally,
         code == HELLO_TEST_STATUS as i32 && out.contains("riscv-hello: exiting through SRST"),
@@ -491,7 +446,7 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
     );
 
     let probe = hostile::write(&dir, "dtb-spot.elf", &hostile::riscv_probe())?;
-    let (code, _) = run_guest(qemu, image, &probe, &[])?;
+    let (code, _) = run_guest(qemu, image, &probe, &GuestOpts::default(), &[])?;
     check(
         &mut tally,
         code == hostile::PROBE_OK,
@@ -516,15 +471,15 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
     }));
     for (name, bytes, expect) in refused {
         let path = hostile::write(&dir, name, &bytes)?;
-        let why = guest_refusal(&path)?.unwrap_or_default();
-        let (code, _) = run_guest(qemu, image, &path, &[])?;
+        let why = guest_refusal(&path, &GuestOpts::default())?.unwrap_or_default();
+        let (code, _) = run_guest(qemu, image, &path, &GuestOpts::default(), &[])?;
         check(
             &mut tally,
             why.contains(expect) && code == i32::from(EXIT_REFUSED),
             &format!("xtask refuses {name} before booting, exit status {code}: {why}"),
         );
         // The hypervisor on its own: staged without xtask's check.
-        let stage = if bytes.is_empty() { Stage::HeaderOnly(0) } else { Stage::File(&path) };
+        let stage = if bytes.is_empty() { Stage::HeaderOnly(0) } else { Stage::File(&path, &GuestOpts::default()) };
         let (code, out) = run_qemu(qemu_command(qemu, image, stage)?)?;
         let said = format!("guest file refused: {why}");
         check(
@@ -534,11 +489,11 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
         );
     }
     // Too large to stage: the hypervisor sees the header's size and refuses it.
-    let (code, out) = run_qemu(qemu_command(qemu, image, Stage::HeaderOnly(MAX_GUEST + 1))?)?;
+    let (code, out) = run_qemu(qemu_command(qemu, image, Stage::HeaderOnly(MAX_FILE + 1))?)?;
     check(
         &mut tally,
         code == i32::from(EXIT_REFUSED) && out.contains("guest file refused: the staged size"),
-        &format!("the hypervisor refuses a staged size over {} MiB, exit status {code}", MAX_GUEST >> 20),
+        &format!("the hypervisor refuses a staged size over {} MiB, exit status {code}", MAX_FILE >> 20),
     );
     Ok(tally)
 }

@@ -15,6 +15,12 @@ pub mod sstatus {
     pub const SUM: u64 = 1 << 18;
     /// FS field, floating-point state (§3.1.6.6); set to Initial (1) so guests may use the FPU.
     pub const FS_INITIAL: u64 = 1 << 13;
+    /// The FS field's mask (bits 14:13): Off 0, Initial 1, Clean 2, Dirty 3.
+    pub const FS_MASK: u64 = 3 << 13;
+    /// FS = Clean.
+    pub const FS_CLEAN: u64 = 2 << 13;
+    /// FS = Dirty.
+    pub const FS_DIRTY: u64 = 3 << 13;
 }
 
 /// `hstatus` bits (Privileged 1.12 §8.2.1, Figure 8.2).

@@ -97,6 +97,14 @@ csr!(/// vsstatus (§8.2.11).
     vsstatus, "vsstatus");
 csr!(/// vsatp (§8.2.18).
     vsatp, "vsatp");
+csr!(/// vstvec ("Virtual Supervisor Trap Vector Base Address Register (vstvec)").
+    vstvec, "vstvec");
+csr!(/// vsepc ("Virtual Supervisor Exception Program Counter (vsepc)").
+    vsepc, "vsepc");
+csr!(/// vscause ("Virtual Supervisor Cause Register (vscause)").
+    vscause, "vscause");
+csr!(/// vstval ("Virtual Supervisor Trap Value Register (vstval)").
+    vstval, "vstval");
 
 /// The `time` counter (Unprivileged ISA §10.1, Zicntr).
 #[inline]

@@ -95,6 +95,14 @@ csr!(/// vsstatus.
     vsstatus);
 csr!(/// vsatp.
     vsatp);
+csr!(/// vstvec.
+    vstvec);
+csr!(/// vsepc.
+    vsepc);
+csr!(/// vscause.
+    vscause);
+csr!(/// vstval.
+    vstval);
 
 /// The `time` counter (panics off riscv64 bare metal).
 pub fn rdtime() -> u64 {

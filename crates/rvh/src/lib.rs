@@ -4,7 +4,8 @@
 //! [`twostage_npt::NestedPageFaultInfo`]), [`access::GuestAccessError`] (a recovered fault in an
 //! hlv/hsv/hlvx access, naming the GVA, the GPA when known and the access),
 //! [`fence::GvmaFence`] (the engine's `GvmaInvalidation` as HFENCE.GVMA), [`sbi::SbiCall`],
-//! and [`mmio::decode_access`] (the load or store behind an MMIO fault).
+//! [`mmio::decode_access`] (the load or store behind an MMIO fault) and [`reflect::reflect`] (an
+//! exception handed to the guest as if the hart had taken it in VS-mode).
 //!
 //! Safety model: only [`hw`] executes privileged instructions and it is compiled for riscv64
 //! bare metal alone (every other target gets a stand-in with the same API that panics with a
@@ -31,6 +32,7 @@ pub mod fence;
 pub mod insn;
 pub mod mmio;
 pub mod probe;
+pub mod reflect;
 pub mod sbi;
 pub mod shootdown;
 

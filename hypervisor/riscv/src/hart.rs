@@ -139,6 +139,9 @@ pub fn start(hartid: usize, dtb: usize) -> Boot {
     if let Some((base, len)) = staged {
         fr.reserve(HostPhysAddr::new(base - 4096), HostPhysAddr::new(base + len));
     }
+    if let Some((base, len)) = crate::loader::staged_initrd() {
+        fr.reserve(HostPhysAddr::new(base), HostPhysAddr::new(base + len));
+    }
     let fdt = twostage_baremetal::fdt::Fdt::new(blob).expect("checked above");
     let isa = fdt
         .find("cpu@", 2, "riscv,isa")

@@ -19,7 +19,6 @@
 #![no_std]
 #![warn(missing_docs)]
 
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 extern crate alloc;
 #[cfg(test)]
 extern crate std;
@@ -27,6 +26,7 @@ extern crate std;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 #[macro_use]
 pub mod console;
+pub mod boot;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
@@ -37,7 +37,11 @@ pub mod stats;
 pub mod trap;
 pub mod uart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod vcpu;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod vm;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+mod walk;
 
 /// What the image provides to the runtime: how to end the run and the heap's figures (the
 /// image owns the exit device and the global heap).

@@ -1,10 +1,12 @@
 //! Running a guest that twostage did not build: a file QEMU's loader device staged in host RAM.
 //!
-//! xtask passes `-device loader,file=GUEST,addr=0x88000000,force-raw=on` plus two 8-byte
-//! `-device loader,data=...` blobs at 0x87fff000 (the magic below) and 0x87fff008 (the file's
-//! size). The file is an ELF (PT_LOAD segments at their physical addresses) or a raw binary
-//! for 0x80200000; it gets an address space (twostage-aspace) with 64 MiB of demand-zero RAM at
-//! GPA 0x80000000 and an MMIO region for the emulated UART, a device tree, and the SBI; SRST ends
+//! xtask passes `-device loader,file=GUEST,addr=0x88000000,force-raw=on`, the staging header
+//! page at 0x87fff000 (magic, the file's size, guest RAM, initrd size, vCPUs, kernel command
+//! line: [`crate::boot::Header`]) and an optional initrd at 0x8a000000. The file is an ELF
+//! (PT_LOAD segments at their physical addresses), a Linux Image (at RAM + text_offset) or another
+//! raw binary for 0x80200000 ([`crate::boot::plan`]); it gets an address space (twostage-aspace)
+//! with the asked-for demand-zero RAM at GPA 0x80000000 (128 MiB by default) and an MMIO region
+//! for the emulated UART, a device tree ([`crate::boot::guest_tree`]), and the SBI; SRST ends
 //! the run with the guest's status. After a few exits the address space is forked as a snapshot,
 //! so the statistics show copy-on-write at work.
 //!
@@ -15,49 +17,38 @@
 //! and a `guest file refused:` line naming the problem; a guest the hypervisor has to stop ends
 //! it with `EXIT_GUEST_STOPPED` (125).
 
+use crate::boot::{self, Header, GUEST_RAM, INITRD_STAGE, MAX_FILE, STAGE_HEADER};
 use crate::hart::frames;
 use crate::vm::{Exit, Space, Vm, UART_GPA};
 use alloc::format;
 use alloc::string::String;
 use core::fmt::Display;
 use twostage_aspace::Backend;
-use twostage_baremetal::elf::{self, LoadPlan, Machine, Place, EXIT_GUEST_STOPPED, EXIT_REFUSED};
-use twostage_baremetal::fdt;
+use twostage_baremetal::elf::{self, LoadPlan, EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, Sv39x4, TableOptions};
 use twostage_rvh::csr::cause;
 use twostage_rvh::hw;
 
-/// Where the staged file starts in host RAM.
-pub const STAGE_ADDR: u64 = 0x8800_0000;
-/// The staging header: magic, then size.
-pub const STAGE_HEADER: u64 = STAGE_ADDR - 0x1000;
-/// "TSGUEST!" as a little-endian u64.
-pub const STAGE_MAGIC: u64 = u64::from_le_bytes(*b"TSGUEST!");
-/// Largest file accepted.
-const MAX_FILE: u64 = 32 << 20;
+pub use crate::boot::{STAGE_ADDR, STAGE_MAGIC};
 
-const GUEST_RAM: u64 = 0x8000_0000;
-const GUEST_RAM_LEN: u64 = 64 << 20;
-/// Where a raw image goes, and starts.
-const RAW_LOAD: u64 = 0x8020_0000;
-/// The device tree goes at the top of guest RAM where no segment is, at the first of these
-/// alignments that finds room (1 MiB, as before, when the top MiB is free).
-const DTB_ALIGNS: [u64; 3] = [1 << 20, 0x1000, 8];
 /// Status when the hypervisor cannot build the guest's address space or load it.
 const SETUP_FAILED: i32 = 3;
 /// Exits before the run loop snapshots (forks) the guest's address space.
 const SNAPSHOT_AFTER: u32 = 100;
 
+/// The staging header page.
+fn header_page() -> &'static [u8] {
+    // SAFETY: the header page is inside RAM on every virt machine with at least 128 MiB; it
+    // holds zeros (or OpenSBI never touches it) unless the loader device wrote it; it is
+    // reserved from the frame allocator whenever it holds the magic.
+    unsafe { core::slice::from_raw_parts(STAGE_HEADER as *const u8, 4096) }
+}
+
 /// The staging header: (magic, size).
 fn header() -> (u64, u64) {
-    // SAFETY: the header page is inside RAM on every virt machine with at least 128 MiB; it
-    // holds zeros (or OpenSBI never touches it) unless the loader device wrote it.
-    unsafe {
-        (
-            core::ptr::read_volatile(STAGE_HEADER as *const u64),
-            core::ptr::read_volatile((STAGE_HEADER + 8) as *const u64),
-        )
-    }
+    let p = header_page();
+    let word = |i: usize| u64::from_le_bytes(p[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    (word(0), word(1))
 }
 
 /// The staged file (base, length) when the header says one was staged, even an empty or an
@@ -68,14 +59,21 @@ pub fn staged() -> Option<(u64, u64)> {
     (magic == STAGE_MAGIC).then_some((STAGE_ADDR, len.min(MAX_FILE + 1)))
 }
 
+/// The staged initrd (base, length), when a valid header names one, for the frame allocator to
+/// reserve.
+pub fn staged_initrd() -> Option<(u64, u64)> {
+    let h = Header::parse(header_page())?.ok()?;
+    (h.initrd_len > 0).then_some((INITRD_STAGE, h.initrd_len))
+}
+
 /// Reports a refused guest file; the run's status.
 fn refuse(why: impl Display) -> i32 {
     println!("guest file refused: {why}");
     i32::from(EXIT_REFUSED)
 }
 
-/// Copies the plan's segments into the space (the zero-fill is the RAM's demand-zero) and the
-/// device tree to `dtb`.
+/// Copies the plan's segments (the kernel's, the initrd) into the space (the zero-fill is the
+/// RAM's demand-zero) and the device tree to `dtb`.
 fn load(space: &mut Space, plan: &LoadPlan<'_>, dtb: u64, tree: &[u8]) -> Result<(), String> {
     let blobs = plan.segments.iter().map(|s| (s.gpa, s.bytes)).chain([(dtb, tree)]);
     for (gpa, bytes) in blobs {
@@ -88,9 +86,9 @@ fn load(space: &mut Space, plan: &LoadPlan<'_>, dtb: u64, tree: &[u8]) -> Result
     Ok(())
 }
 
-fn new_space() -> Result<Space, String> {
+fn new_space(mem: u64) -> Result<Space, String> {
     let mut space = Space::new(frames(), TableOptions::for_format::<Sv39x4>()).map_err(|e| format!("{e:?}"))?;
-    let ram = GpaRange::from_start_len(GuestPhysAddr::new(GUEST_RAM), GUEST_RAM_LEN).ok_or("RAM range")?;
+    let ram = GpaRange::from_start_len(GuestPhysAddr::new(GUEST_RAM), mem).ok_or("RAM range")?;
     let (_, f) = space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero).map_err(|e| format!("{e}"))?;
     space.flush_unloaded(f).expect("its own token");
     let uart = GpaRange::from_start_len(GuestPhysAddr::new(UART_GPA), 0x1000).ok_or("UART range")?;
@@ -111,26 +109,34 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
             "the staged size {said:#x} is larger than the {MAX_FILE:#x} bytes the staging area holds"
         ));
     }
+    let h = match Header::parse(header_page()) {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => return refuse(e),
+        None => return refuse("no staging header"),
+    };
     // SAFETY: reserved from the frame allocator at boot; QEMU wrote `len` bytes there (at most
     // MAX_FILE, checked above).
     let file = unsafe { core::slice::from_raw_parts(base as *const u8, len as usize) };
-    let ram = GUEST_RAM..GUEST_RAM + GUEST_RAM_LEN;
-    let plan = match elf::plan_elf_or_raw(file, Machine::Riscv64, ram.clone(), RAW_LOAD) {
+    // SAFETY: reserved at boot (`staged_initrd`); the header's size is at most MAX_INITRD.
+    let initrd = unsafe { core::slice::from_raw_parts(INITRD_STAGE as *const u8, h.initrd_len as usize) };
+    let (plan, initrd_at) = match boot::plan(file, h.mem, Some(initrd)) {
         Ok(p) => p,
         Err(e) => return refuse(e),
     };
-    let tree = fdt::guest_tree(
-        GUEST_RAM,
-        GUEST_RAM_LEN,
-        crate::hart::hart().timebase,
-        "rv64imafdc_zicsr_zifencei",
-        Some(UART_GPA),
-    );
-    let dtb = match plan.place("device tree", ram, tree.len() as u64, &DTB_ALIGNS, Place::Highest) {
+    let tree = boot::guest_tree(&boot::TreeSpec {
+        mem: h.mem,
+        timebase: crate::hart::hart().timebase,
+        isa: "rv64imafdc_zicsr_zifencei",
+        vcpus: h.vcpus as u32,
+        bootargs: &h.bootargs,
+        initrd: initrd_at.map(|at| at..at + h.initrd_len),
+        plic: false,
+    });
+    let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,
         Err(e) => return refuse(e),
     };
-    let mut space = match new_space() {
+    let mut space = match new_space(h.mem) {
         Ok(s) => s,
         Err(e) => {
             println!("cannot build the guest's address space: {e}");
@@ -144,20 +150,18 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let entry = plan.entry;
     let mut vm = Vm::with_space(space, 1);
     vm.uart.input = true;
-    // Delegate the guest's own exceptions to it (Privileged 1.12 §8.2.2): misaligned fetch,
-    // breakpoint, U-mode ecall, and its VS-stage page faults.
-    vm.hedeleg = (1 << 0)
-        | (1 << cause::BREAKPOINT)
-        | (1 << 8)
-        | (1 << cause::INSN_PAGE)
-        | (1 << cause::LOAD_PAGE)
-        | (1 << cause::STORE_PAGE);
+    // The guest's own exceptions go straight to it (hedeleg); the rest are reflected.
+    vm.hedeleg = twostage_rvh::reflect::HEDELEG;
+    vm.reflect_exceptions = true;
     println!(
-        "guest: {len} bytes, {} segment(s), entry {entry:#x}, RAM {GUEST_RAM:#x}+{GUEST_RAM_LEN:#x}, dtb at {dtb:#x} \
-         ({} bytes)",
+        "guest: {len} bytes, {} segment(s), entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x} ({} bytes)",
         plan.segments.len(),
+        h.mem,
         tree.len()
     );
+    if let Some(at) = initrd_at {
+        println!("initrd: {} bytes at {at:#x}", h.initrd_len);
+    }
     // SAFETY: a fresh VS context: Bare vsatp, FS = Initial, no virtual interrupt pending.
     unsafe {
         hw::vsatp::write(0);

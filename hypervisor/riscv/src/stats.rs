@@ -32,6 +32,10 @@ pub struct Stats {
     pub sbi_calls: u32,
     /// Virtual timer interrupts injected.
     pub timer_injections: u32,
+    /// Exceptions handed back to the guest ([`Vm::reflect`]).
+    pub reflected: u32,
+    /// Exits after which the guest's FP registers were dirty and saved.
+    pub fp_saves: u32,
 }
 
 impl Vm {
@@ -77,6 +81,7 @@ impl Vm {
             f64::from(s.gvma_addr + s.gvma_vmid) / changes
         );
         println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
+        println!("vCPU: exceptions handed to the guest={} FP register saves (FS dirty)={}", s.reflected, s.fp_saves);
         let heap = (crate::board().heap_stats)();
         let fs = frames().stats();
         println!(

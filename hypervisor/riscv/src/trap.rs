@@ -13,12 +13,17 @@ pub struct VcpuRegs {
     pub gpr: [u64; 32],
     /// ra, sp, gp, tp, s0..s11 of the hypervisor while the guest runs.
     host: [u64; 16],
+    /// The guest's privilege: true for VS-mode, false for VU-mode. It is sstatus.SPP at the
+    /// guest's exit (a trap from V=1 into HS-mode writes the trapped privilege there: Privileged
+    /// spec, "Trap Entry"), and sstatus.SPP again before the SRET that resumes it, so a guest
+    /// interrupted in VU-mode resumes in VU-mode.
+    pub vs_mode: bool,
 }
 
 impl VcpuRegs {
-    /// All zero.
+    /// All zero, in VS-mode.
     pub const fn new() -> Self {
-        Self { gpr: [0; 32], host: [0; 16] }
+        Self { gpr: [0; 32], host: [0; 16], vs_mode: true }
     }
 }
 
@@ -30,7 +35,7 @@ impl Default for VcpuRegs {
 
 // The VS-mode entry: saves the host's callee-saved registers in `VcpuRegs.host`, points sscratch
 // at the VcpuRegs and stvec at `guest_exit`, loads the guest's registers and SRETs (with
-// hstatus.SPV = 1 and sstatus.SPP = 1 set by the caller, SRET enters VS-mode: Privileged 1.12
+// hstatus.SPV = 1 and sstatus.SPP set by the caller, SRET enters VS- or VU-mode: Privileged 1.12
 // §8.6.4). `guest_exit` is the mirror image; it returns from `enter_guest` to the caller.
 global_asm!(
     ".section .text",
@@ -155,20 +160,27 @@ pub struct ExitCsrs {
     pub hstatus: u64,
 }
 
-/// Runs the guest at `sepc` until it traps into HS-mode; returns the trap CSRs.
+/// Runs the guest at `sepc`, in the privilege `regs.vs_mode` names, until it traps into HS-mode;
+/// returns the trap CSRs and leaves the privilege it trapped from in `regs.vs_mode`.
 ///
 /// # Safety
 /// hgatp, vsatp and the VS CSRs must describe a guest whose every reachable GPA maps only
 /// memory given to it.
 pub unsafe fn run_guest(regs: &mut VcpuRegs, sepc: u64) -> ExitCsrs {
-    // SAFETY: SPV = 1 so SRET enters V=1 (§8.2.1); SPP = 1 so it enters VS-mode (§4.1.1);
-    // SPIE = 1 gives the guest... nothing (VS interrupts follow vsstatus); sepc is the guest pc.
+    // SAFETY: SPV = 1 so SRET enters V=1 ("Hypervisor Status Register (hstatus)"); SPP says
+    // VS-mode (1) or VU-mode (0) ("Supervisor Status Register (sstatus)", "Trap Entry"); SPVP
+    // makes HLV/HSV act as VS-mode; sepc is the guest pc.
     unsafe {
         hw::hstatus::set(hs::SPV | hs::SPVP);
-        hw::sstatus::set(ss::SPP);
+        if regs.vs_mode {
+            hw::sstatus::set(ss::SPP);
+        } else {
+            hw::sstatus::clear(ss::SPP);
+        }
         hw::sepc::write(sepc);
         enter_guest(regs);
     }
+    regs.vs_mode = hw::sstatus::read() & ss::SPP != 0;
     ExitCsrs {
         scause: hw::scause::read(),
         stval: hw::stval::read(),

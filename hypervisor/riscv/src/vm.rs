@@ -6,6 +6,7 @@ use crate::hart::{frames, g_stage_options, hart};
 use crate::stats::Stats;
 use crate::trap::{self, ExitCsrs, VcpuRegs};
 use crate::uart::{self, Ns16550};
+use crate::vcpu::FpState;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use twostage_baremetal::frames::Frames;
@@ -15,7 +16,7 @@ use twostage_npt::{
 };
 use twostage_npt::{Hgatp, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
-use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs, UnreportedGpa};
+use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs};
 use twostage_rvh::hw;
 use twostage_rvh::insn::MemOp;
 use twostage_rvh::mmio;
@@ -36,8 +37,7 @@ pub enum Memory {
     Space(Box<Space>),
 }
 
-/// Guest-physical base of the emulated ns16550 UART.
-pub const UART_GPA: u64 = 0x1000_0000;
+pub use crate::boot::UART_GPA;
 pub(crate) const UART_LEN: u64 = 0x100;
 
 /// Why the run loop gave control back.
@@ -104,6 +104,11 @@ pub struct Vm {
     pub watchdog: Option<u64>,
     /// The guest's own timer deadline (SBI set_timer), pending injection.
     guest_timer: Option<u64>,
+    /// The guest's FP registers.
+    pub fp: FpState,
+    /// Hand exceptions the run loop does not handle (and guest-page faults nothing resolves) to
+    /// the guest ([`Vm::reflect`]) instead of returning them: a guest nobody is testing.
+    pub reflect_exceptions: bool,
 }
 
 impl Vm {
@@ -142,6 +147,8 @@ impl Vm {
             budget: 100_000,
             watchdog: None,
             guest_timer: None,
+            fp: FpState::default(),
+            reflect_exceptions: false,
         }
     }
 
@@ -269,8 +276,12 @@ impl Vm {
         self.load_csrs();
         self.arm_host_timer();
         for _ in 0..self.budget {
+            self.fp.restore();
             // SAFETY: the table maps only frames this VM was given; hgatp is loaded above.
             let t = unsafe { trap::run_guest(&mut self.regs, self.pc) };
+            if self.fp.save_if_dirty() {
+                self.stats.fp_saves += 1;
+            }
             self.pc = t.sepc;
             if t.scause & cause::INTERRUPT != 0 {
                 self.stats.irq_exits += 1;
@@ -330,33 +341,30 @@ impl Vm {
                         // htval 0: find the GPA in the guest's own tables, never take it as 0.
                         Err(FaultDecodeError::GpaNotReported(u)) => match self.find_unreported_gpa(&u) {
                             Some(f) => f,
+                            None if self.reflect_exceptions => {
+                                self.reflect(t.scause, t.stval);
+                                continue;
+                            }
                             None => return Exit::Exception(t),
                         },
+                        Err(_) if self.reflect_exceptions => {
+                            self.reflect(t.scause, t.stval);
+                            continue;
+                        }
                         Err(_) => return Exit::Exception(t),
                     };
-                    if let Some(exit) = self.resolve(f, t) {
-                        return exit;
+                    match self.resolve(f, t) {
+                        // Nothing at that guest-physical address: an access fault to the guest.
+                        Some(Exit::Fault(..)) if self.reflect_exceptions => self.reflect(t.scause, t.stval),
+                        Some(exit) => return exit,
+                        None => {}
                     }
                 }
+                _ if self.reflect_exceptions => self.reflect(t.scause, t.stval),
                 _ => return Exit::Exception(t),
             }
         }
         Exit::Budget
-    }
-
-    /// The guest-page fault the hart reported without a GPA (htval = 0), completed by walking the
-    /// guest's VS-stage tables (vsatp, vsstatus) in software from the GVA in stval: the GPA the
-    /// GVA translates to for an explicit access, the address of the PTE the walk cannot read for
-    /// an implicit one. `None` when the walk does not agree with the trap (the guest changed its
-    /// tables meanwhile, or stval holds no GVA): the caller hands the exit back.
-    fn find_unreported_gpa(&self, u: &UnreportedGpa) -> Option<GuestPageFault> {
-        use twostage_aspace::{translate_gva, GuestPaging, GuestVaError};
-        let paging = GuestPaging::riscv(hw::vsatp::read(), hw::vsstatus::read()).ok()?;
-        match translate_gva(&mut TableReader(self.table()), &paging, u.gva?, u.original) {
-            Ok(t) if !u.is_implicit() => Some(u.with_gpa(t.gpa)),
-            Err(GuestVaError::TableAccess { entry, .. }) if u.is_implicit() => Some(u.with_gpa(entry)),
-            _ => None,
-        }
     }
 
     /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
@@ -422,58 +430,6 @@ impl Vm {
         }
         self.pc = self.pc.wrapping_add(u64::from(access.insn_len));
         true
-    }
-}
-
-/// Read-only guest-physical memory through a nested table, for software walks of the guest's
-/// tables: a GPA the table does not map (or maps without read) is an error naming it.
-struct TableReader<'a>(&'a Table);
-
-impl twostage_aspace::GuestMemory for TableReader<'_> {
-    fn read_as(
-        &mut self,
-        gpa: GuestPhysAddr,
-        buf: &mut [u8],
-        access: twostage_npt::Access,
-    ) -> Result<(), twostage_aspace::GuestMemError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let at = gpa
-                .checked_add(done as u64)
-                .ok_or(twostage_aspace::GuestMemError::Overflow { gpa, len: buf.len() as u64 })?;
-            let (hpa, flags) =
-                self.0.translate(at).ok_or(twostage_aspace::GuestMemError::Unmapped { gpa: at, access })?;
-            if !flags.contains(MappingFlags::READ) {
-                return Err(twostage_aspace::GuestMemError::Forbidden { gpa: at, access, rights: flags });
-            }
-            let n = (4096 - at.offset_in(4096) as usize).min(buf.len() - done);
-            // SAFETY: the table maps `at` to a frame from `frames()` (identity-mapped RAM), and
-            // `n` bytes stay within that 4 KiB frame.
-            unsafe { core::ptr::copy_nonoverlapping(frames().phys_to_virt(hpa).as_ptr(), buf[done..].as_mut_ptr(), n) };
-            done += n;
-        }
-        Ok(())
-    }
-    fn write(&mut self, gpa: GuestPhysAddr, _: &[u8]) -> Result<(), twostage_aspace::GuestMemError> {
-        Err(TableReader::refused(gpa))
-    }
-    fn compare_exchange_u64(
-        &mut self,
-        gpa: GuestPhysAddr,
-        _: u64,
-        _: u64,
-    ) -> Result<Result<u64, u64>, twostage_aspace::GuestMemError> {
-        Err(TableReader::refused(gpa))
-    }
-}
-
-impl TableReader<'_> {
-    fn refused(gpa: GuestPhysAddr) -> twostage_aspace::GuestMemError {
-        twostage_aspace::GuestMemError::Forbidden {
-            gpa,
-            access: twostage_npt::Access::Write,
-            rights: MappingFlags::READ,
-        }
     }
 }
 

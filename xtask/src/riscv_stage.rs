@@ -1,0 +1,193 @@
+//! RISC-V: what xtask stages for the hypervisor (the guest file, the staging header with the
+//! guest's RAM, command line and vCPUs, the initrd) and the QEMU command line that stages it.
+//!
+//! The layout and the checks are the hypervisor's own (`twostage_hv_riscv::boot`), run here
+//! before booting so that a file the hypervisor would refuse never boots.
+
+use crate::riscv::Qemu;
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use twostage_hv_riscv::boot::{self, Header, INITRD_STAGE, MAX_FILE, MAX_INITRD, STAGE_ADDR, STAGE_HEADER};
+
+/// Host RAM QEMU gets on top of the guest's: the hypervisor, its heap and tables, the staging
+/// area (file and initrd).
+const HOST_EXTRA: u64 = 256 << 20;
+
+/// `--mem`, `--append`, `--initrd`, `--smp` of `cargo xtask run --arch riscv64`.
+#[derive(Clone, Debug)]
+pub struct GuestOpts {
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// The kernel command line.
+    pub append: String,
+    /// An initrd to stage.
+    pub initrd: Option<PathBuf>,
+    /// vCPUs.
+    pub vcpus: u64,
+}
+
+impl Default for GuestOpts {
+    fn default() -> Self {
+        Self { mem: boot::DEFAULT_MEM, append: String::new(), initrd: None, vcpus: 1 }
+    }
+}
+
+impl GuestOpts {
+    /// Sets one option from the command line, checked as the hypervisor would.
+    pub fn set(&mut self, opt: &str, v: &str) -> Result<(), String> {
+        match opt {
+            "--mem" => {
+                let mem = boot::parse_size(v).map_err(|e| format!("--mem: {e}"))?;
+                boot::check_mem(mem).map_err(|e| format!("--mem {v}: {e}"))?;
+                self.mem = mem;
+            }
+            "--append" => {
+                if v.len() > boot::MAX_BOOTARGS || v.contains('\0') {
+                    return Err(format!("--append: at most {} bytes", boot::MAX_BOOTARGS));
+                }
+                self.append = v.into();
+            }
+            "--initrd" => self.initrd = Some(v.into()),
+            "--smp" => {
+                let n: u64 = v.parse().map_err(|_| format!("--smp takes a number of vCPUs, not {v:?}"))?;
+                boot::check_vcpus(n).map_err(|e| format!("--smp {v}: {e}"))?;
+                self.vcpus = n;
+            }
+            _ => unreachable!("only the four options reach here"),
+        }
+        Ok(())
+    }
+
+    fn header(&self, file_len: u64, initrd_len: u64) -> Header {
+        Header { file_len, mem: self.mem, initrd_len, vcpus: self.vcpus, bootargs: self.append.clone() }
+    }
+}
+
+/// What xtask stages for the hypervisor.
+pub enum Stage<'a> {
+    /// Nothing: the hypervisor runs its scenario suite.
+    Nothing,
+    /// A guest file (of 1 to [`MAX_FILE`] bytes) with its options.
+    File(&'a Path, &'a GuestOpts),
+    /// Only the staging header, saying `len` bytes: what the hypervisor sees of an empty or an
+    /// oversized file when it is booted without xtask.
+    HeaderOnly(u64),
+}
+
+/// `path` as one QEMU option value: each comma doubled, so a comma in a file name cannot end the
+/// value (`-device loader,file=a,,b` names the file `a,b`).
+fn qemu_value(path: &Path) -> OsString {
+    let mut v = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        v.push(b);
+        if b == b',' {
+            v.push(b',');
+        }
+    }
+    OsString::from_vec(v)
+}
+
+/// `-device loader,file=PATH,addr=ADDR,force-raw=on`.
+fn load_file(cmd: &mut Command, path: &Path, addr: u64) -> Result<(), String> {
+    let file = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut device = OsString::from("loader,file=");
+    device.push(qemu_value(&file));
+    device.push(format!(",addr={addr:#x},force-raw=on"));
+    cmd.arg("-device").arg(device);
+    Ok(())
+}
+
+/// Writes a staging header page to a file of its own in the target directory.
+fn header_file(h: &Header) -> Result<PathBuf, String> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = crate::riscv::target_dir().join("riscv-stage");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("header-{}-{}.bin", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&path, h.to_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn file_len(what: &str, p: &Path) -> Result<u64, String> {
+    Ok(std::fs::metadata(p).map_err(|e| format!("{what} {}: {e}", p.display()))?.len())
+}
+
+/// The QEMU command line for `image` on `qemu`, with `stage` staged.
+pub fn qemu_command(qemu: &Qemu, image: &Path, stage: Stage<'_>) -> Result<Command, String> {
+    let mut cmd = Command::new(qemu.program());
+    if let Some((modules, data)) = qemu.dirs() {
+        // Its own modules (not the system QEMU's) and its own firmware directory for `-bios default`.
+        cmd.env("QEMU_MODULE_DIR", modules).arg("-L").arg(data);
+    }
+    let mem = match &stage {
+        Stage::File(_, o) => o.mem,
+        _ => boot::DEFAULT_MEM,
+    };
+    cmd.args(["-machine", "virt", "-cpu", qemu.cpu(), "-nographic", "-bios", "default", "-m"])
+        .arg(format!("{}M", (mem + HOST_EXTRA) >> 20))
+        .arg("-kernel")
+        .arg(image);
+    let header = match stage {
+        Stage::Nothing => return Ok(cmd),
+        Stage::HeaderOnly(len) => Header::new(len),
+        Stage::File(g, opts) => {
+            let len = file_len("guest file", g)?;
+            if len == 0 || len > MAX_FILE {
+                return Err(format!("guest file {} is {len} bytes; 1 to {MAX_FILE} can be staged", g.display()));
+            }
+            load_file(&mut cmd, g, STAGE_ADDR).map_err(|e| format!("guest file {e}"))?;
+            let initrd_len = match &opts.initrd {
+                Some(i) => {
+                    load_file(&mut cmd, i, INITRD_STAGE).map_err(|e| format!("initrd {e}"))?;
+                    file_len("initrd", i)?
+                }
+                None => 0,
+            };
+            opts.header(len, initrd_len)
+        }
+    };
+    let mut device = OsString::from("loader,file=");
+    device.push(qemu_value(&header_file(&header)?));
+    device.push(format!(",addr={STAGE_HEADER:#x},force-raw=on"));
+    cmd.arg("-device").arg(device);
+    Ok(cmd)
+}
+
+/// The hypervisor's checks on a guest file and its options (`twostage_hv_riscv::boot`), run
+/// before booting: `Ok(Some(message))` when the file would be refused, `Ok(None)` when it would
+/// run, `Err` when it cannot be read.
+pub fn guest_refusal(path: &Path, opts: &GuestOpts) -> Result<Option<String>, String> {
+    let len = file_len("guest file", path)?;
+    if len > MAX_FILE {
+        return Ok(Some(format!(
+            "the file is {len} bytes: the hypervisor's staging area holds at most {MAX_FILE} ({} MiB)",
+            MAX_FILE >> 20
+        )));
+    }
+    let initrd = match &opts.initrd {
+        Some(i) if file_len("initrd", i)? > MAX_INITRD => {
+            return Ok(Some(format!("the initrd {} is larger than {} MiB", i.display(), MAX_INITRD >> 20)))
+        }
+        Some(i) => Some(std::fs::read(i).map_err(|e| format!("initrd {}: {e}", i.display()))?),
+        None => None,
+    };
+    let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
+    if let Err(e) = opts.header(len, initrd.as_ref().map_or(0, |i| i.len() as u64)).check() {
+        return Ok(Some(e));
+    }
+    let checked = boot::plan(&file, opts.mem, initrd.as_deref()).and_then(|(plan, at)| {
+        let tree = boot::guest_tree(&boot::TreeSpec {
+            mem: opts.mem,
+            timebase: 10_000_000,
+            isa: "rv64imafdc_zicsr_zifencei",
+            vcpus: opts.vcpus as u32,
+            bootargs: &opts.append,
+            initrd: at.map(|a| a..a + 1),
+            plic: true,
+        });
+        boot::place_dtb(&plan, opts.mem, tree.len() as u64).map(drop)
+    });
+    Ok(checked.err())
+}
