@@ -5,8 +5,8 @@
 //! and G-stage A/D updating), [`trap`] (the HS-mode trap vector with exception-table recovery,
 //! and the VS-mode entry/exit path), [`vm`] (one guest: its Sv39x4 table or address space, the
 //! vCPU state and run loop, device emulation), [`stats`] (what the run loop counted), [`uart`]
-//! (the ns16550 device model) and [`loader`] (running a guest file staged by QEMU's loader
-//! device). The image (`images/riscv-hv`) boots, hands over a [`Board`], and runs either the
+//! (the ns16550 device model), [`plic`] (the platform-level interrupt controller model) and
+//! [`loader`] (running a guest file staged by QEMU's loader device). The image (`images/riscv-hv`) boots, hands over a [`Board`], and runs either the
 //! loader or the scenario suite (`twostage-scenarios-riscv`).
 //!
 //! Safety model: the hypervisor runs in HS-mode with satp = Bare on one hart, so host-physical
@@ -14,8 +14,9 @@
 //! over the RAM the device tree reports, minus the image, the device tree and the staged guest.
 //! Everything a guest controls reaches this code as a value to check, never as a pointer to trust.
 //!
-//! Everything but [`uart`] builds for `riscv64gc-unknown-none-elf` only; on any other target
-//! the crate holds the device model alone, so that host builds of the workspace still compile.
+//! Everything but [`uart`], [`plic`] and [`boot`] builds for `riscv64gc-unknown-none-elf` only; on
+//! any other target the crate holds those plain models alone, so that host builds of the workspace
+//! still compile.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -31,6 +32,7 @@ pub mod boot;
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
+pub mod plic;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod stats;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
