@@ -181,7 +181,7 @@ pub fn guest_refusal(path: &Path, opts: &GuestOpts) -> Result<Option<String>, St
         let tree = boot::guest_tree(&boot::TreeSpec {
             mem: opts.mem,
             timebase: 10_000_000,
-            isa: "rv64imafdc_zicsr_zifencei",
+            isa: boot::guest_isa(true),
             vcpus: opts.vcpus as u32,
             bootargs: &opts.append,
             initrd: at.map(|a| a..a + 1),

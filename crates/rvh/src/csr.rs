@@ -48,6 +48,16 @@ pub mod irq {
     pub const VSTI: u64 = 6;
     /// Virtual-supervisor external interrupt (§8.2.3).
     pub const VSEI: u64 = 10;
+    /// Supervisor external interrupt: how a delegated VSEI reaches VS-mode (scause 9, §8.2.3).
+    pub const SEI: u64 = 9;
+}
+
+/// henvcfg fields ("Hypervisor Environment Configuration Register (henvcfg)").
+pub mod henvcfg {
+    /// STCE: VS-mode may use the Sstc extension's vstimecmp (through the stimecmp name), whose
+    /// timer interrupt shows in hip.VSTIP (Sstc extension, "Hypervisor Extension Considerations").
+    /// Read-only zero unless the hart implements Sstc and menvcfg.STCE is set.
+    pub const STCE: u64 = 1 << 63;
 }
 
 /// `scause` values (Privileged 1.12 §4.1.9 Table 4.2, with the H-extension codes of §8.6.1

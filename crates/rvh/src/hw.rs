@@ -105,6 +105,12 @@ csr!(/// vscause ("Virtual Supervisor Cause Register (vscause)").
     vscause, "vscause");
 csr!(/// vstval ("Virtual Supervisor Trap Value Register (vstval)").
     vstval, "vstval");
+csr!(/// henvcfg ("Hypervisor Environment Configuration Register (henvcfg)"); by number, so that
+    /// assemblers that predate the name accept it.
+    henvcfg, "0x60a");
+csr!(/// vstimecmp (the Sstc extension's "Virtual Supervisor Timer Compare (vstimecmp) Register"),
+    /// by number.
+    vstimecmp, "0x24d");
 
 /// The `time` counter (Unprivileged ISA §10.1, Zicntr).
 #[inline]

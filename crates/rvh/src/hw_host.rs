@@ -103,6 +103,10 @@ csr!(/// vscause.
     vscause);
 csr!(/// vstval.
     vstval);
+csr!(/// henvcfg.
+    henvcfg);
+csr!(/// vstimecmp.
+    vstimecmp);
 
 /// The `time` counter (panics off riscv64 bare metal).
 pub fn rdtime() -> u64 {

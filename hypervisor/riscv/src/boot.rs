@@ -45,8 +45,9 @@ pub const MAX_MEM: u64 = 1 << 30;
 /// Where a raw file without the Linux header goes, and starts.
 pub const RAW_LOAD: u64 = 0x8020_0000;
 /// The device tree goes at the top of guest RAM where nothing else is, at the first of these
-/// alignments that finds room.
-pub const DTB_ALIGNS: [u64; 3] = [1 << 20, 0x1000, 8];
+/// alignments that finds room: 2 MiB first, where QEMU virt puts its own (the last 2 MiB boundary
+/// below the end of RAM that leaves room for it).
+pub const DTB_ALIGNS: [u64; 4] = [2 << 20, 1 << 20, 0x1000, 8];
 /// Most vCPUs (SMP is not there yet).
 pub const MAX_VCPUS: u64 = 1;
 
@@ -58,8 +59,18 @@ pub const UART_IRQ: u32 = 10;
 pub const PLIC_GPA: u64 = 0x0c00_0000;
 /// The PLIC window's size (QEMU virt's).
 pub const PLIC_LEN: u64 = 0x60_0000;
-/// Interrupt sources the PLIC offers (riscv,ndev; QEMU virt's).
-pub const PLIC_NDEV: u32 = 95;
+/// Interrupt sources the PLIC offers, IDs 1..=96 (riscv,ndev; QEMU virt's).
+pub const PLIC_NDEV: u32 = 96;
+
+/// The guest's riscv,isa: RV64GC with Zicsr and Zifencei, and Sstc when the hart lets the guest
+/// use it (henvcfg.STCE). No `h`: the guest gets no hypervisor extension of its own.
+pub fn guest_isa(sstc: bool) -> &'static str {
+    if sstc {
+        "rv64imafdc_zicsr_zifencei_sstc"
+    } else {
+        "rv64imafdc_zicsr_zifencei"
+    }
+}
 
 /// What the staging header says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,7 +327,7 @@ pub fn guest_tree(s: &TreeSpec<'_>) -> Vec<u8> {
             .prop_cells("reg", &[hi(PLIC_GPA), lo(PLIC_GPA), hi(PLIC_LEN), lo(PLIC_LEN)])
             .prop_cells("interrupts-extended", &ext)
             .prop("interrupt-controller", &[])
-            .prop_str("compatible", "sifive,plic-1.0.0")
+            .prop("compatible", b"sifive,plic-1.0.0\0riscv,plic0\0")
             .prop_cells("#address-cells", &[0])
             .prop_cells("#interrupt-cells", &[1])
             .end_node();
@@ -418,5 +429,17 @@ mod tests {
         assert_eq!(fdt.find("cpu@", 2, "riscv,isa").unwrap(), Some(&b"rv64imafdc\0"[..]));
         assert_eq!(fdt.find("serial@", 2, "interrupts").unwrap(), Some(&UART_IRQ.to_be_bytes()[..]));
         assert_eq!(fdt.find("plic@", 2, "riscv,ndev").unwrap(), Some(&PLIC_NDEV.to_be_bytes()[..]));
+        // Context 1 is hart 0's S-mode context: M (11) first, then S (9), as on QEMU virt.
+        let ext = fdt.find("plic@", 2, "interrupts-extended").unwrap().unwrap();
+        assert_eq!(ext, [2u32, 11, 2, 9].iter().flat_map(|c| c.to_be_bytes()).collect::<Vec<u8>>());
+        assert!(!guest_isa(true).contains('h') && guest_isa(true).ends_with("_sstc"));
+        assert!(!guest_isa(false).contains("sstc"));
+    }
+
+    #[test]
+    fn dtb_goes_where_qemu_virt_puts_it() {
+        let f = linux_file(0x20_0000, 0x40_0000, 0x1000);
+        let (p, _) = plan(&f, 128 << 20, None).unwrap();
+        assert_eq!(place_dtb(&p, 128 << 20, 4222).unwrap(), 0x87e0_0000);
     }
 }

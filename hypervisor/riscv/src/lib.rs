@@ -29,6 +29,8 @@ extern crate std;
 pub mod console;
 pub mod boot;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod devices;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;

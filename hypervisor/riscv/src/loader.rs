@@ -5,8 +5,8 @@
 //! line: [`crate::boot::Header`]) and an optional initrd at 0x8a000000. The file is an ELF
 //! (PT_LOAD segments at their physical addresses), a Linux Image (at RAM + text_offset) or another
 //! raw binary for 0x80200000 ([`crate::boot::plan`]); it gets an address space (twostage-aspace)
-//! with the asked-for demand-zero RAM at GPA 0x80000000 (128 MiB by default) and an MMIO region
-//! for the emulated UART, a device tree ([`crate::boot::guest_tree`]), and the SBI; SRST ends
+//! with the asked-for demand-zero RAM at GPA 0x80000000 (128 MiB by default) and MMIO regions
+//! for the emulated UART and PLIC, a device tree ([`crate::boot::guest_tree`]), and the SBI; SRST ends
 //! the run with the guest's status. After a few exits the address space is forked as a snapshot,
 //! so the statistics show copy-on-write at work.
 //!
@@ -94,6 +94,9 @@ fn new_space(mem: u64) -> Result<Space, String> {
     let uart = GpaRange::from_start_len(GuestPhysAddr::new(UART_GPA), 0x1000).ok_or("UART range")?;
     let (_, f) = space.add_region("uart", uart, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
     space.flush_unloaded(f).expect("its own token");
+    let plic = GpaRange::from_start_len(GuestPhysAddr::new(boot::PLIC_GPA), boot::PLIC_LEN).ok_or("PLIC range")?;
+    let (_, f) = space.add_region("plic", plic, MappingFlags::RW, Backend::Mmio).map_err(|e| format!("{e}"))?;
+    space.flush_unloaded(f).expect("its own token");
     Ok(space)
 }
 
@@ -126,11 +129,11 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let tree = boot::guest_tree(&boot::TreeSpec {
         mem: h.mem,
         timebase: crate::hart::hart().timebase,
-        isa: "rv64imafdc_zicsr_zifencei",
+        isa: boot::guest_isa(crate::devices::sstc()),
         vcpus: h.vcpus as u32,
         bootargs: &h.bootargs,
         initrd: initrd_at.map(|at| at..at + h.initrd_len),
-        plic: false,
+        plic: true,
     });
     let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,

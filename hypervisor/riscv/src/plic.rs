@@ -18,9 +18,8 @@
 
 use twostage_rvh::insn::{self, MemAccess, MemOp};
 
-/// Interrupt sources 1..=`SOURCES - 1` exist (source 0 means "none"); QEMU virt's riscv,ndev is
-/// 95, so 96 IDs.
-pub const SOURCES: usize = 96;
+/// Interrupt IDs 0..`SOURCES`: sources 1..=riscv,ndev exist (96 on QEMU virt), ID 0 means "none".
+pub const SOURCES: usize = crate::boot::PLIC_NDEV as usize + 1;
 const WORDS: usize = SOURCES.div_ceil(32);
 /// Priorities are 3 bits wide on QEMU virt (WARL: the higher bits read 0).
 const PRIORITY_MASK: u32 = 7;

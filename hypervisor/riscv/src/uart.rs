@@ -85,6 +85,11 @@ impl Ns16550 {
         self.rx_len < self.capacity()
     }
 
+    /// Whether the line takes console input now: room in the receiver and no loopback.
+    pub fn wants_input(&self) -> bool {
+        self.can_receive() && self.mcr & MCR_LOOP == 0
+    }
+
     /// A byte arrives on the line: into the FIFO, or an overrun when it is full (the byte is lost,
     /// the FIFO's contents are kept). Returns whether it was kept.
     pub fn receive(&mut self, byte: u8) -> bool {

@@ -3,23 +3,21 @@
 
 use crate::console;
 use crate::hart::{frames, g_stage_options, hart};
+use crate::plic::Plic;
 use crate::stats::Stats;
 use crate::trap::{self, ExitCsrs, VcpuRegs};
-use crate::uart::{self, Ns16550};
+use crate::uart::Ns16550;
 use crate::vcpu::FpState;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use twostage_baremetal::frames::Frames;
 use twostage_npt::{
-    Flush, FrameAllocator, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
-    PageTable, Sv39x4,
+    Flush, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, PageTable, Sv39x4,
 };
 use twostage_npt::{Hgatp, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs};
 use twostage_rvh::hw;
-use twostage_rvh::insn::MemOp;
-use twostage_rvh::mmio;
 use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
@@ -73,6 +71,8 @@ pub struct Uart {
     pub echo: bool,
     /// Feed the receiver from the hypervisor's console (SBI console_getchar); off in the scenarios.
     pub input: bool,
+    /// When console input is polled next (host time).
+    pub(crate) next_poll: u64,
 }
 
 /// One guest.
@@ -93,6 +93,8 @@ pub struct Vm {
     pub demand_flags: MappingFlags,
     /// The UART at [`UART_GPA`].
     pub uart: Uart,
+    /// The PLIC at [`crate::boot::PLIC_GPA`]; the UART is its source [`crate::boot::UART_IRQ`].
+    pub plic: Plic,
     /// Counters.
     pub stats: Stats,
     /// hedeleg for this guest (Privileged 1.12 §8.2.2).
@@ -133,6 +135,7 @@ impl Vm {
             Memory::Space(s) => s.root(),
         };
         let hgatp = Hgatp::new(HgatpMode::Sv39x4, vmid, root, &caps).expect("Sv39x4 with this VMID is offered");
+        crate::devices::reset_vs_timer();
         Self {
             mem,
             vmid,
@@ -142,6 +145,7 @@ impl Vm {
             demand_zero: None,
             demand_flags: MappingFlags::RWX,
             uart: Uart { echo: true, ..Default::default() },
+            plic: Plic::new(1),
             stats: Stats::default(),
             hedeleg: 0,
             budget: 100_000,
@@ -265,15 +269,17 @@ impl Vm {
         }
     }
 
-    /// Programs the host timer (SBI set_timer) for the earlier of the guest's deadline and the
-    /// watchdog; the hart's one supervisor timer serves both.
+    /// Programs the host timer (SBI set_timer) for the earliest of the guest's deadline, the
+    /// watchdog and the console poll; the hart's one supervisor timer serves them all.
     fn arm_host_timer(&self) {
-        console::sbi_set_timer(self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX)));
+        let t = self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX));
+        console::sbi_set_timer(t.min(self.next_poll()));
     }
 
     /// Runs the guest from `self.pc` until an exit the VM does not handle itself.
     pub fn run(&mut self) -> Exit {
         self.load_csrs();
+        self.update_irq();
         self.arm_host_timer();
         for _ in 0..self.budget {
             self.fp.restore();
@@ -294,6 +300,7 @@ impl Vm {
                         self.guest_timer = None;
                         self.stats.timer_injections += 1;
                     }
+                    self.poll_console(now);
                     if self.watchdog.is_some_and(|w| now >= w) {
                         self.watchdog = None;
                         self.arm_host_timer();
@@ -370,7 +377,7 @@ impl Vm {
     /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
     fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
         let gpa = f.info.fault_guest_paddr;
-        let in_uart = (UART_GPA..UART_GPA + UART_LEN).contains(&gpa.as_u64()) && !f.is_implicit();
+        let in_device = crate::devices::is_device(gpa.as_u64()) && !f.is_implicit();
         if let Memory::Space(space) = &mut self.mem {
             let cow_before = space.stats().cow_copies + space.stats().cow_reuses;
             match space.handle_fault(f.info) {
@@ -381,7 +388,7 @@ impl Vm {
                     self.apply_space(flush);
                     return None;
                 }
-                twostage_aspace::FaultOutcome::Mmio { .. } if in_uart => {
+                twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
                     return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
                 }
                 _ => {
@@ -390,7 +397,7 @@ impl Vm {
                 }
             }
         }
-        if in_uart {
+        if in_device {
             return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
         }
         if let Some(ram) = self.demand_zero {
@@ -405,31 +412,6 @@ impl Vm {
         }
         self.stats.faults_unresolved += 1;
         Some(Exit::Fault(f, t))
-    }
-
-    /// Decodes the faulting load/store (htinst, or the instruction fetched with HLVX) and emulates
-    /// it against the UART. Returns false if it cannot be decoded.
-    fn emulate_mmio(&mut self, gpa: GuestPhysAddr, f: &GuestPageFault, t: ExitCsrs) -> bool {
-        // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
-        let mut hlv = unsafe { hw::Hlv::new() };
-        let Ok(access) = mmio::decode_access(f, GuestVirtAddr::new(t.sepc), &mut hlv) else { return false };
-        match access.op {
-            MemOp::Store { .. } => self.stats.mmio_writes += 1,
-            MemOp::Load { .. } => self.stats.mmio_reads += 1,
-        }
-        let input = self.uart.input;
-        let sent = uart::emulate_uart(&mut self.uart.dev, gpa.as_u64() - UART_GPA, access, &mut self.regs.gpr, || {
-            if input {
-                console::getchar()
-            } else {
-                None
-            }
-        });
-        if let Some(c) = sent {
-            self.putchar(c);
-        }
-        self.pc = self.pc.wrapping_add(u64::from(access.insn_len));
-        true
     }
 }
 

@@ -145,6 +145,43 @@ global_asm!(
     "DONE",
     ".option pop",
     ".balign 4",
+    // g_wait_uart_irq(a0 = UART base, a1 = PLIC base): source 10 at priority 1, enabled for
+    // context 1 (hart 0's S-mode) with threshold 0 (PLIC spec "Memory Map"), vstvec = the handler
+    // below, vsie.SEIE, UART IER = ERBFI, vsstatus.SIE, then WFI until the external interrupt
+    // arrives. The handler claims, reads RBR, completes, reports (claimed ID << 8 | byte) and
+    // finishes with vscause.
+    ".globl g_wait_uart_irq",
+    "g_wait_uart_irq:",
+    "lla t0, 3f",
+    "csrw stvec, t0",
+    "li t0, 1",
+    "sw t0, 40(a1)",
+    "li t1, 0x2080",
+    "add t1, a1, t1",
+    "li t0, 1 << 10",
+    "sw t0, 0(t1)",
+    "li t1, 0x201000",
+    "add t1, a1, t1",
+    "sw zero, 0(t1)",
+    "li t0, 1 << 9",
+    "csrs sie, t0",
+    "li t0, 1",
+    "sb t0, 1(a0)",
+    "csrsi sstatus, 2",
+    "2: wfi",
+    "j 2b",
+    ".balign 4",
+    "3: csrr s1, scause",
+    "csrci sstatus, 2",
+    "lw t2, 4(t1)",
+    "lbu t3, 0(a0)",
+    "sw t2, 4(t1)",
+    "slli a0, t2, 8",
+    "or a0, a0, t3",
+    "REPORT",
+    "mv a0, s1",
+    "DONE",
+    ".balign 4",
     ".globl guest_blob_end",
     "guest_blob_end:",
     ".text",
@@ -162,6 +199,7 @@ extern "C" {
     static g_mmio_compressed: u8;
     static g_setup_paging: u8;
     static g_wait_timer: u8;
+    static g_wait_uart_irq: u8;
 }
 
 /// A routine of the test guest.
@@ -185,6 +223,8 @@ pub enum Routine {
     SetupPaging,
     /// a0 = deadline → vscause of the interrupt taken.
     WaitTimer,
+    /// a0 = UART, a1 = PLIC → reports (claimed ID << 8 | byte read), then vscause.
+    WaitUartIrq,
 }
 
 /// The routines' code, as bytes to copy into guest memory.
@@ -209,6 +249,7 @@ pub fn offset(r: Routine) -> u64 {
         Routine::MmioCompressed => &raw const g_mmio_compressed,
         Routine::SetupPaging => &raw const g_setup_paging,
         Routine::WaitTimer => &raw const g_wait_timer,
+        Routine::WaitUartIrq => &raw const g_wait_uart_irq,
     };
     (sym as usize - (&raw const guest_blob_start) as usize) as u64
 }
