@@ -145,15 +145,15 @@ fn bne(rs1: u32, rs2: u32, off: i32) -> u32 {
         | 0x63
 }
 
-/// A RISC-V guest with data in the top MiB of its default 128 MiB of RAM at 0x80000000 (where the device
-/// tree used to go) and code at 0x80200000 that exits through SBI SRST with [`PROBE_OK`] when
+/// A RISC-V guest with data at the last 2 MiB boundary of its default 128 MiB of RAM at 0x80000000
+/// (where QEMU virt, and so the hypervisor, would put the device tree) and code at 0x80200000 that exits through SBI SRST with [`PROBE_OK`] when
 /// that data is intact and a1 points at a device tree, 43 when the data was overwritten, 44 when
 /// a1 holds no device tree.
 pub fn riscv_probe() -> Vec<u8> {
     const ADDI: u32 = 0x13;
     let (s0, t0, t1, t2, t3, t4, t5, t6) = (8, 5, 6, 7, 28, 29, 30, 31);
     let (a0, a1, a6, a7) = (10, 11, 16, 17);
-    let data_gpa: u64 = 0x87f0_0000;
+    let data_gpa: u64 = 0x87e0_0000;
     let insns = [
         i_type(ADDI, 0, s0, a1, 0),                                // 00 s0 = a1 (the device tree)
         u_type(0x17, t0, ((data_gpa - 0x8020_0000) >> 12) as u32), // 04 auipc t0: data + 4
@@ -231,7 +231,7 @@ mod tests {
         let ram = 0x8000_0000..0x8800_0000;
         let probe = riscv_probe();
         let plan = plan_elf(&probe, Machine::Riscv64, ram.clone()).unwrap();
-        assert_eq!((plan.entry, plan.segments[1].gpa), (0x8020_0000, 0x87f0_0000));
+        assert_eq!((plan.entry, plan.segments[1].gpa), (0x8020_0000, 0x87e0_0000));
         let probe = x86_probe();
         let as_output: [u8; 46] = [
             0x3d, 0x02, 0xb0, 0xad, 0x2b, 0x75, 0x22, 0x81, 0x3d, 0x00, 0x90, 0x00, 0x00, 0x21, 0x50, 0x52, 0x4f, 0x75,
@@ -254,7 +254,7 @@ mod tests {
         // The probe's instructions as written in its comments, assembled by rustc's LLVM
         // (riscv64gc-unknown-none-elf, `.option norvc`).
         let expected: [u32; 20] = [
-            0x00058413, 0x07d00297, 0xffc2b303, 0x00000397, 0x0543be03, 0x02b00593, 0x01c31c63, 0x00042e83, 0x05c3af03,
+            0x00058413, 0x07c00297, 0xffc2b303, 0x00000397, 0x0543be03, 0x02b00593, 0x01c31c63, 0x00042e83, 0x05c3af03,
             0x02c00593, 0x01ee9463, 0x02a00593, 0xf0000fb7, 0x01f5e5b3, 0x00000513, 0x535258b7, 0x35488893, 0x00000813,
             0x00000073, 0x0000006f,
         ];

@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn m_contexts_and_absent_ones_read_zero_and_ignore_writes() {
         let mut p = Plic::new(2);
-        p.write(4 * 1, 7);
+        p.write(4, 7); // source 1
         p.set_level(1, true);
         for ctx in [0, 2, 4, 5, 1000] {
             p.write(enable_at(ctx), u32::MAX);
