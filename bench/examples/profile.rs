@@ -2,7 +2,10 @@
 //! `valgrind --tool=callgrind target/release/examples/profile WORKLOAD`.
 //!
 //! Workloads: query-ts, query-ax, query-lean, map4k-ts, map4k-ax, unmap4k-ts, unmap4k-ax, fault-ts,
-//! fault-ax, harvest-lean, read64k-ts, write4k-ts, write8-ts, gva-x86-4k, gva-sv39-4k, fork-ts, harvest-ts.
+//! fault-ax, harvest-lean, read64k-ts, write4k-ts, write8-ts, gva-x86-4k, gva-sv39-4k, fork-ts, harvest-ts,
+//! and the engine's range walks over a table of 4 KiB pages: protect4k-ts, ad4k-ts (take_accessed_dirty
+//! of 1 GiB with 2621 dirty pages), leaves4k-ts (for_each_leaf of 1 GiB), clone256-ts (try_clone of
+//! 256 MiB), drop4k-ts (dropping a table of 1 GiB).
 
 use std::hint::black_box;
 
@@ -14,8 +17,8 @@ use twostage_bench::ram::BenchRam;
 use twostage_bench::space::{ts_populated, ts_space};
 use twostage_bench::{cpu_write, random_offsets, random_pages, GIB, MIB};
 use twostage_npt::{
-    Access, Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags, NestedPageFaultInfo,
-    PageTable,
+    Access, AdClear, Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MapSize, MappingFlags,
+    NestedPageFaultInfo, PageTable,
 };
 
 fn ts_table(ram: &'static BenchRam, len: u64) -> PageTable<Ept4, &'static BenchRam> {
@@ -119,6 +122,46 @@ fn main() {
             s.map_linear(ax_gpa(GPA_BASE), ax_pa(HPA_LINEAR), GIB as usize, axaddrspace::MappingFlags::READ)
                 .expect("map");
             measured(|| s.unmap(ax_gpa(GPA_BASE), GIB as usize).expect("unmap"));
+        }
+        "protect4k-ts" => {
+            let mut t = ts_table(ram, GIB);
+            measured(|| {
+                let f = t.protect(GuestPhysAddr::new(GPA_BASE), GIB, MappingFlags::READ).expect("protect");
+                t.flush(f, |_| {}).expect("token of this table");
+            });
+        }
+        "ad4k-ts" => {
+            let mut t = ts_table(ram, GIB);
+            for p in random_pages(4, GIB / 4096, 2621) {
+                cpu_write(ram, t.root().as_u64(), GPA_BASE + p * 4096);
+            }
+            let found = measured(|| {
+                let mut found = 0u64;
+                let f = t.take_accessed_dirty(GuestPhysAddr::new(GPA_BASE), GIB, AdClear::Dirty, |l| {
+                    found += u64::from(l.dirty)
+                });
+                t.flush(f, |_| {}).expect("token of this table");
+                found
+            });
+            assert_eq!(found, 2621);
+        }
+        "leaves4k-ts" => {
+            let t = ts_table(ram, GIB);
+            let n = measured(|| {
+                let mut n = 0u64;
+                t.for_each_leaf(GuestPhysAddr::new(GPA_BASE), GIB, |l| n += l.hpa.as_u64() & 1 ^ 1);
+                n
+            });
+            assert_eq!(n, GIB / 4096);
+        }
+        "clone256-ts" => {
+            let t = ts_table(ram, 256 * MIB);
+            let copy = measured(|| t.try_clone().expect("clone"));
+            assert_eq!(copy.table_frames(), t.table_frames());
+        }
+        "drop4k-ts" => {
+            let t = ts_table(ram, GIB);
+            measured(|| drop(t));
         }
         "fault-ts" => {
             let (mut s, _) = ts_space(ram, n * 4096);

@@ -1,21 +1,25 @@
 //! The generic nested page-table engine: one implementation for every [`Format`].
 
+mod ad;
+mod clone;
 mod dump;
 mod error;
+mod map;
 mod range;
+mod walker;
 
+pub use ad::AdClear;
 pub use dump::TableDump;
 pub use error::*;
-pub use range::AdClear;
 
 use crate::addr::{GpaRange, GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::MappingFlags;
 use crate::flush::{Flush, ForeignFlush, InvalidationOf};
-use crate::format::{level_size, Format, LeafBits, Pte};
+use crate::format::{Format, LeafBits};
 use crate::frame::{FrameAllocator, FRAME_SIZE};
 use alloc::vec::Vec;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::AtomicU64;
 
 /// How accessed/dirty bits of leaves are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +147,7 @@ pub struct PageTable<F: Format, A: FrameAllocator> {
     opts: TableOptions,
     frames: usize,
     retired: Vec<HostPhysAddr>,
-    folds: Vec<range::Fold>,
+    folds: Vec<ad::Fold>,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -154,22 +158,6 @@ pub(crate) enum Plan<'p, F: Format> {
     Dry { needed: usize, virt: [Option<u64>; 6] },
     /// Make the change with frames from `pool`, recording what to invalidate in `flush`.
     Real { pool: &'p mut Vec<HostPhysAddr>, flush: &'p mut Flush<F> },
-}
-
-/// A mapping request being carried out: `gpa..gpa+len` to `hpa..hpa+len` with `flags`.
-#[derive(Clone, Copy)]
-struct Run {
-    gpa: u64,
-    hpa: u64,
-    len: u64,
-    flags: MappingFlags,
-}
-
-pub(crate) enum Step {
-    /// A table sits where the leaf should go: try a smaller page.
-    Descend,
-    /// Something is already mapped at this address.
-    Conflict(GuestPhysAddr),
 }
 
 impl<F: Format, A: FrameAllocator> PageTable<F, A> {
@@ -274,46 +262,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         self.retired.push(table);
     }
 
-    /// Maps `gpa..gpa+len` to `hpa..hpa+len` with `flags`.
-    ///
-    /// Either the whole range is mapped or, on error, nothing changed. Pages already mapped in
-    /// the range are an error ([`MapError::AlreadyMapped`]); use `protect` or `unmap` first.
-    pub fn map(
-        &mut self,
-        gpa: GuestPhysAddr,
-        hpa: HostPhysAddr,
-        len: u64,
-        flags: MappingFlags,
-        size: MapSize,
-    ) -> Result<Flush<F>, MapError> {
-        let align = match size {
-            MapSize::Largest => PageSize::Size4K.bytes(),
-            MapSize::Exactly(s) => {
-                if !self.opts.leaf_sizes.contains(s) {
-                    return Err(MapError::UnsupportedPageSize(s));
-                }
-                s.bytes()
-            }
-        };
-        check_range::<F>(gpa, len, align).map_err(|problem| MapError::BadGuestRange { gpa, len, problem })?;
-        if !hpa.is_aligned(align) || hpa.checked_add(len).is_none() {
-            let problem = if hpa.is_aligned(align) { RangeProblem::OutOfRange } else { RangeProblem::Unaligned };
-            return Err(MapError::BadHostRange { hpa, len, problem });
-        }
-        self.check_host(hpa, len)?;
-        F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
-        let flags = stored_flags::<F>(flags);
-
-        let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
-        self.map_pages(gpa, hpa, len, flags, size, &mut dry)?;
-        let Plan::Dry { needed, .. } = dry else { unreachable!() };
-        let mut pool = self.fill_pool(needed).map_err(MapError::OutOfFrames)?;
-        let mut flush = Flush::new(self.root);
-        let done = self.map_pages(gpa, hpa, len, flags, size, &mut Plan::Real { pool: &mut pool, flush: &mut flush });
-        debug_assert!(done.is_ok() && pool.is_empty(), "the dry run and the real run disagree");
-        Ok(flush)
-    }
-
     /// Whether `hpa..hpa+len` lies below MAXPHYADDR.
     pub(crate) fn check_host(&self, hpa: HostPhysAddr, len: u64) -> Result<(), BeyondMaxPhys> {
         let limit = 1u64 << self.opts.max_phys_bits;
@@ -322,382 +270,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
             return Err(BeyondMaxPhys { hpa: first, max_phys_bits: self.opts.max_phys_bits });
         }
         Ok(())
-    }
-
-    fn map_pages(
-        &mut self,
-        gpa: GuestPhysAddr,
-        hpa: HostPhysAddr,
-        len: u64,
-        flags: MappingFlags,
-        size: MapSize,
-        plan: &mut Plan<'_, F>,
-    ) -> Result<(), MapError> {
-        let mut off = 0;
-        let mut cursor = None;
-        while off < len {
-            let (va, pa) = (gpa.as_u64() + off, hpa.as_u64() + off);
-            let mut level = match size {
-                MapSize::Exactly(s) => s.level(),
-                MapSize::Largest => self.largest_level(va, pa, len - off),
-            };
-            loop {
-                match self.map_one(va, pa, level, flags, plan, &mut cursor) {
-                    Ok(()) => break,
-                    Err(Step::Descend) if size == MapSize::Largest && level > 0 => {
-                        level = (0..level).rev().find(|&l| self.level_allowed(l)).unwrap_or(0);
-                    }
-                    Err(Step::Descend) => return Err(MapError::AlreadyMapped { gpa: GuestPhysAddr::new(va) }),
-                    Err(Step::Conflict(at)) => return Err(MapError::AlreadyMapped { gpa: at }),
-                }
-            }
-            off += level_size(level);
-            if level == 0 {
-                // The rest of this leaf table takes 4 KiB pages too (no address inside it is
-                // 2 MiB-aligned): fill its entries in a tight loop.
-                // Only when the cursor holds the table of the page just mapped (a dry run that
-                // met a missing table returns before the cursor moves).
-                match cursor {
-                    // A dry run inside a leaf table that does not exist yet: its other pages are
-                    // free and need no further table; skip to the end of the table.
-                    Some((0, key, None)) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
-                        let table_end = ((gpa.as_u64() + off - PageSize::Size4K.bytes()) | (level_size(1) - 1)) + 1;
-                        off = (table_end - gpa.as_u64()).min(len);
-                    }
-                    Some((0, key, Some(table))) if key == (gpa.as_u64() + off - PageSize::Size4K.bytes()) >> 21 => {
-                        let run = Run { gpa: gpa.as_u64(), hpa: hpa.as_u64(), len, flags };
-                        off = self.fill_run(table, &run, off, plan);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes 4 KiB leaves into `table` from `gpa + off` until the range or the table ends, or an
-    /// entry is present (the page-by-page path then reports the conflict). Returns the new offset.
-    fn fill_run(&self, table: HostPhysAddr, run: &Run, mut off: u64, plan: &mut Plan<'_, F>) -> u64 {
-        let Run { gpa, hpa, len, flags } = *run;
-        let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
-        let entries = self.leaf_table(table);
-        while off < len && (gpa + off) & (level_size(1) - 1) != 0 {
-            let va = gpa + off;
-            let entry = &entries[F::index(va, 0)];
-            if F::present(entry.load(Ordering::Acquire)) {
-                break;
-            }
-            if let Plan::Real { flush, .. } = plan {
-                let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(hpa + off), flags, accessed, dirty };
-                entry.store(F::encode_leaf(&leaf, 0), Ordering::Release);
-                flush.note_leaf(GuestPhysAddr::new(va), false);
-            }
-            off += PageSize::Size4K.bytes();
-        }
-        off
-    }
-
-    fn level_allowed(&self, level: usize) -> bool {
-        self.opts.leaf_sizes.bits() & (1 << level) != 0
-    }
-
-    fn largest_level(&self, va: u64, pa: u64, remaining: u64) -> usize {
-        (0..F::LEVELS.min(4))
-            .rev()
-            .find(|&l| {
-                let s = level_size(l);
-                self.level_allowed(l) && (va | pa) & (s - 1) == 0 && remaining >= s
-            })
-            .unwrap_or(0)
-    }
-
-    /// Maps one page at `level`. `cursor` remembers the last table that held a leaf entry (its
-    /// level, the key of the block it covers, its address), so that a run of pages in one table
-    /// does not walk from the root for each page.
-    fn map_one(
-        &mut self,
-        va: u64,
-        pa: u64,
-        level: usize,
-        flags: MappingFlags,
-        plan: &mut Plan<'_, F>,
-        cursor: &mut Option<(usize, u64, Option<HostPhysAddr>)>,
-    ) -> Result<(), Step> {
-        let key = va >> (12 + 9 * (level + 1));
-        let mut table = self.root;
-        let mut l = F::LEVELS - 1;
-        match *cursor {
-            Some((cl, ck, Some(ct))) if cl == level && ck == key => {
-                table = ct;
-                l = level;
-            }
-            // A dry run already counted the missing table that holds this entry: nothing below
-            // it exists, so nothing can conflict and nothing more is needed.
-            Some((cl, ck, None)) if cl == level && ck == key => return Ok(()),
-            _ => {}
-        }
-        while l > level {
-            match self.next_table(table, va, l) {
-                Ok(next) => table = next,
-                Err(Stop::Leaf { .. }) => return Err(Step::Conflict(GuestPhysAddr::new(va))),
-                Err(Stop::Empty) => match plan {
-                    Plan::Dry { needed, virt } => {
-                        // Tables at levels l-1 ..= level are missing; one table at level m covers
-                        // level_size(m + 1). Addresses only grow, so one memo per level suffices.
-                        for (m, memo) in virt.iter_mut().enumerate().take(l).skip(level) {
-                            let key = va >> (12 + 9 * (m + 1));
-                            if *memo != Some(key) {
-                                *needed += 1;
-                                *memo = Some(key);
-                            }
-                        }
-                        // The rest of this (virtual, empty) table needs nothing more.
-                        *cursor = Some((level, key, None));
-                        return Ok(());
-                    }
-                    Plan::Real { pool, flush } => table = self.create_next_table(table, va, l, pool, flush),
-                },
-            }
-            l -= 1;
-        }
-        *cursor = Some((level, key, Some(table)));
-        let idx = F::index(va, level);
-        let entry = self.entry(table, idx);
-        let raw = entry.load(Ordering::Acquire);
-        if F::present(raw) {
-            return Err(if level == 0 || F::is_leaf(raw, level) {
-                Step::Conflict(GuestPhysAddr::new(va))
-            } else {
-                Step::Descend
-            });
-        }
-        if let Plan::Real { flush, .. } = plan {
-            let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
-            let leaf = LeafBits { hpa: HostPhysAddr::new_truncate(pa), flags, accessed, dirty };
-            entry.store(F::encode_leaf(&leaf, level), Ordering::Release);
-            flush.note_leaf(GuestPhysAddr::new(va), false);
-        }
-        Ok(())
-    }
-
-    /// The leaf that maps `gpa`, if any.
-    pub fn query(&self, gpa: GuestPhysAddr) -> Option<Leaf> {
-        let (_, raw, level) = self.leaf_walk(gpa)?;
-        match F::decode(raw, level) {
-            Pte::Leaf(l) => Some(leaf_at(gpa.align_down(level_size(level)), level, &l)),
-            _ => None,
-        }
-    }
-
-    /// The leaf entry mapping `gpa`, its raw value and its level: a walk that tests masks and
-    /// decodes nothing (the hot path of every query, translation and fault).
-    #[inline]
-    pub(crate) fn leaf_walk(&self, gpa: GuestPhysAddr) -> Option<(&AtomicU64, u64, usize)> {
-        let va = gpa.as_u64();
-        if va >> F::GPA_BITS != 0 {
-            return None;
-        }
-        let mut table = self.root;
-        for level in (0..F::LEVELS).rev() {
-            match self.next_table(table, va, level) {
-                Ok(next) => table = next,
-                Err(Stop::Leaf { entry, raw }) => return Some((entry, raw, level)),
-                Err(Stop::Empty) => return None,
-            }
-        }
-        None
-    }
-
-    // The walker: every descent through the levels (map, query and translation, remap, split,
-    // collapse, A/D updates) goes through `next_table`, `create_next_table` and `table_at`; the
-    // range walks (unmap, protect, harvest, copy, leaf listing, free) visit the entries of one
-    // table at a time with `covered`, and descend with the pointer they have just read.
-
-    /// One step down: the table that `table`'s entry for `va` (at `level`) points at, or why
-    /// there is none.
-    #[inline]
-    pub(crate) fn next_table(&self, table: HostPhysAddr, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
-        let entry = self.entry(table, F::index(va, level));
-        let raw = entry.load(Ordering::Acquire);
-        if !F::present(raw) {
-            return Err(Stop::Empty);
-        }
-        if F::is_leaf(raw, level) {
-            return Err(Stop::Leaf { entry, raw });
-        }
-        if level == 0 {
-            // A pointer below the last level (reserved; the engine never writes one).
-            return Err(Stop::Empty);
-        }
-        Ok(F::address(raw))
-    }
-
-    /// Links a new, zeroed table (from `pool`) into `table`'s empty entry for `va` at `level`, and
-    /// returns it.
-    pub(crate) fn create_next_table(
-        &self,
-        table: HostPhysAddr,
-        va: u64,
-        level: usize,
-        pool: &mut Vec<HostPhysAddr>,
-        flush: &mut Flush<F>,
-    ) -> HostPhysAddr {
-        let new = self.new_table(pool);
-        // Release: the zeroed table is visible before the pointer to it.
-        self.entry(table, F::index(va, level)).store(F::encode_table(new), Ordering::Release);
-        flush.note_table_linked();
-        new
-    }
-
-    /// The table that holds the entry at `level` for `va`, walking down from the root.
-    pub(crate) fn table_at(&self, va: u64, level: usize) -> Result<HostPhysAddr, Stop<'_>> {
-        let mut table = self.root;
-        for l in (level + 1..F::LEVELS).rev() {
-            table = self.next_table(table, va, l)?;
-        }
-        Ok(table)
-    }
-
-    /// The host address `gpa` maps to, with the rights of its leaf.
-    pub fn translate(&self, gpa: GuestPhysAddr) -> Option<(HostPhysAddr, MappingFlags)> {
-        let (_, raw, level) = self.leaf_walk(gpa)?;
-        match F::decode(raw, level) {
-            Pte::Leaf(l) => Some((l.hpa + gpa.offset_in(level_size(level)), l.flags)),
-            _ => None,
-        }
-    }
-
-    /// Calls `f` for every leaf that overlaps `gpa..gpa+len`, in address order.
-    pub fn for_each_leaf(&self, gpa: GuestPhysAddr, len: u64, mut f: impl FnMut(&Leaf)) {
-        let end = gpa.as_u64().saturating_add(len).min(1 << F::GPA_BITS);
-        self.leaves_in(self.root, F::LEVELS - 1, 0, gpa.as_u64(), end, &mut f);
-    }
-
-    fn leaves_in(&self, table: HostPhysAddr, level: usize, base: u64, start: u64, end: u64, f: &mut dyn FnMut(&Leaf)) {
-        let span = level_size(level);
-        for i in covered::<F>(level, base, start, end) {
-            let b = base + i as u64 * span;
-            let raw = self.entry(table, i).load(Ordering::Acquire);
-            if !F::present(raw) {
-                continue;
-            }
-            match F::decode(raw, level) {
-                Pte::Invalid => {}
-                Pte::Leaf(l) => f(&leaf_at(GuestPhysAddr::new(b), level, &l)),
-                Pte::Table(next) => self.leaves_in(next, level - 1, b, start, end, f),
-            }
-        }
-    }
-
-    /// A copy of the table with every entry as it is now (leaves, rights and A/D bits), in new
-    /// table frames from the same allocator: the first half of a copy-on-write fork, costing
-    /// time in proportion to the tables, not to the memory they map. Nothing is allocated if
-    /// any frame is missing.
-    pub fn try_clone(&self) -> Result<Self, OutOfFrames>
-    where
-        A: Clone,
-    {
-        let mut flush = Flush::new(self.root);
-        let copy = self.clone_with(&[], &mut |_| {}, &mut flush)?;
-        debug_assert!(flush.is_empty(), "a plain copy changes nothing in the original");
-        Ok(copy)
-    }
-
-    /// Copies the table; leaves inside one of `ranges` get that range's flags in the copy and in
-    /// `self` (changes noted in `flush`) and are reported to `f`. Allocates everything first.
-    fn clone_with(
-        &self,
-        ranges: &[(GpaRange, MappingFlags)],
-        f: &mut dyn FnMut(&Leaf),
-        flush: &mut Flush<F>,
-    ) -> Result<Self, OutOfFrames>
-    where
-        A: Clone,
-    {
-        let live = self.frames - self.retired.len() - F::ROOT_FRAMES;
-        let mut child = Self::new(self.alloc.clone(), self.opts)?;
-        let mut pool = child.fill_pool(live).map_err(|e| OutOfFrames { needed: e.needed + F::ROOT_FRAMES })?;
-        let mut ctx = CloneCtx { ranges, hint: 0, flush, f, pool: &mut pool };
-        child.copy_tree(self, self.root, child.root, F::LEVELS - 1, 0, &mut ctx);
-        debug_assert!(pool.is_empty(), "live table count is off");
-        Ok(child)
-    }
-
-    /// [`PageTable::try_clone`] and a protect in one pass, the whole of a copy-on-write fork of
-    /// the tables: every leaf inside one of `ranges` gets that range's flags (A/D kept) in both
-    /// the copy and `self`, and is reported to `f` (with its new flags) once. Leaves outside the
-    /// ranges are copied as they are. Returns the copy (never loaded: it needs no flush) and the
-    /// flush `self` needs. Nothing changes in `self` if the request is refused or a frame is
-    /// missing; ranges must not cut through a huge page (split it first).
-    pub fn try_clone_protected(
-        &mut self,
-        ranges: &[(GpaRange, MappingFlags)],
-        mut f: impl FnMut(&Leaf),
-    ) -> Result<(Self, Flush<F>), CloneError>
-    where
-        A: Clone,
-    {
-        let mut stored = Vec::with_capacity(ranges.len());
-        for &(r, flags) in ranges {
-            check_range::<F>(r.start, r.len(), PageSize::Size4K.bytes()).map_err(|problem| CloneError::BadRange {
-                gpa: r.start,
-                len: r.len(),
-                problem,
-            })?;
-            F::check_flags(flags, &self.opts).map_err(|reason| CloneError::BadFlags { flags, reason })?;
-            for edge in [r.start, r.end - PageSize::Size4K.bytes()] {
-                if let Some(l) = self.query(edge) {
-                    if l.gpa < r.start || l.range().end > r.end {
-                        return Err(CloneError::CutsHugePage { gpa: l.gpa, size: l.size });
-                    }
-                }
-            }
-            stored.push((r, stored_flags::<F>(flags)));
-        }
-        let mut flush = Flush::new(self.root);
-        let child = self.clone_with(&stored, &mut f, &mut flush).map_err(CloneError::OutOfFrames)?;
-        Ok((child, flush))
-    }
-
-    /// Copies the table `from` of `src` (level `level`, first address `base`) into `to`.
-    fn copy_tree(
-        &self,
-        src: &Self,
-        from: HostPhysAddr,
-        to: HostPhysAddr,
-        level: usize,
-        base: u64,
-        ctx: &mut CloneCtx<'_, F>,
-    ) {
-        let span = level_size(level);
-        for i in 0..F::entries(level) {
-            let entry = src.entry(from, i);
-            let raw = entry.load(Ordering::Acquire);
-            if !F::present(raw) {
-                continue;
-            }
-            let b = base + i as u64 * span;
-            if level > 0 && !F::is_leaf(raw, level) {
-                let next = self.new_table(ctx.pool);
-                self.copy_tree(src, F::address(raw), next, level - 1, b, ctx);
-                self.entry(to, i).store(F::encode_table(next), Ordering::Relaxed);
-                continue;
-            }
-            let new = match (ctx.range_flags(b), F::decode(raw, level)) {
-                (Some(flags), Pte::Leaf(leaf)) => {
-                    let bits = src.preset_ad(LeafBits { flags, ..leaf });
-                    let new = F::encode_leaf(&bits, level);
-                    if new != raw {
-                        src.store_leaf(from, i, raw, new);
-                        ctx.flush.note_leaf(GuestPhysAddr::new(b), true);
-                    }
-                    (ctx.f)(&leaf_at(GuestPhysAddr::new(b), level, &bits));
-                    new
-                }
-                _ => raw,
-            };
-            self.entry(to, i).store(new, Ordering::Relaxed);
-        }
     }
 
     /// Carries out `flush` through `invalidate` (which must run the invalidation on every CPU
@@ -738,21 +310,6 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     pub fn dump(&self) -> TableDump<'_, F, A> {
         TableDump::new(self)
     }
-
-    fn free_subtree(&mut self, table: HostPhysAddr, level: usize) {
-        if level == 0 {
-            return;
-        }
-        for i in 0..F::entries(level) {
-            if let Pte::Table(next) = F::decode(self.entry(table, i).load(Ordering::Relaxed), level) {
-                self.free_subtree(next, level - 1);
-                // SAFETY: `next` is a table frame this table allocated as one frame; the table is
-                // being dropped, so no CPU may use it any more (the owner's duty, see Drop).
-                unsafe { self.alloc.deallocate_frames(next, 1) };
-                self.frames -= 1;
-            }
-        }
-    }
 }
 
 impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
@@ -761,35 +318,19 @@ impl<F: Format, A: FrameAllocator> Drop for PageTable<F, A> {
     fn drop(&mut self) {
         self.folds.clear();
         self.free_retired();
-        self.free_subtree(self.root, F::LEVELS - 1);
+        let (alloc, mut freed) = (&self.alloc, 0);
+        self.release_below(self.root, F::LEVELS - 1, 0, |table| {
+            // SAFETY: `table` is a table frame this table allocated as one frame; the table is
+            // being dropped, so no CPU may use it any more (the owner's duty, see above).
+            unsafe { alloc.deallocate_frames(table, 1) };
+            freed += 1;
+        });
+        self.frames -= freed;
         // SAFETY: the root was allocated as ROOT_FRAMES frames in `new`.
         unsafe { self.alloc.deallocate_frames(self.root, F::ROOT_FRAMES) };
         self.frames -= F::ROOT_FRAMES;
         debug_assert_eq!(self.frames, 0, "table frame accounting is off");
     }
-}
-
-/// Why a walk stopped above the level it was heading for.
-pub(crate) enum Stop<'t> {
-    /// The entry is not present.
-    Empty,
-    /// The entry maps a page.
-    Leaf {
-        /// The entry itself.
-        entry: &'t AtomicU64,
-        /// Its value when read.
-        raw: u64,
-    },
-}
-
-/// The indices of the entries of a table at `level` whose first address is `base` that overlap
-/// `[start, end)` (which must overlap the table).
-#[inline]
-pub(crate) fn covered<F: Format>(level: usize, base: u64, start: u64, end: u64) -> core::ops::Range<usize> {
-    let span = level_size(level);
-    let first = ((start.max(base) - base) / span) as usize;
-    let last = (end - base).div_ceil(span).min(F::entries(level) as u64) as usize;
-    first..last
 }
 
 pub(crate) fn leaf_at(gpa: GuestPhysAddr, level: usize, l: &LeafBits) -> Leaf {
@@ -837,30 +378,5 @@ pub(crate) fn check_range<F: Format>(gpa: GuestPhysAddr, len: u64, align: u64) -
     match gpa.as_u64().checked_add(len) {
         Some(end) if end <= 1u64 << F::GPA_BITS => Ok(()),
         _ => Err(RangeProblem::OutOfRange),
-    }
-}
-
-struct CloneCtx<'c, F: Format> {
-    ranges: &'c [(GpaRange, MappingFlags)],
-    hint: usize,
-    flush: &'c mut Flush<F>,
-    f: &'c mut dyn FnMut(&Leaf),
-    /// Frames for the copy's tables, allocated before anything was copied.
-    pool: &'c mut Vec<HostPhysAddr>,
-}
-
-impl<F: Format> CloneCtx<'_, F> {
-    /// The flags of the range holding `gpa`, if any (the last match is tried first: leaves come
-    /// in address order).
-    fn range_flags(&mut self, gpa: u64) -> Option<MappingFlags> {
-        let inside = |r: &GpaRange| r.start.as_u64() <= gpa && gpa < r.end.as_u64();
-        if let Some((r, fl)) = self.ranges.get(self.hint) {
-            if inside(r) {
-                return Some(*fl);
-            }
-        }
-        let i = self.ranges.iter().position(|(r, _)| inside(r))?;
-        self.hint = i;
-        Some(self.ranges[i].1)
     }
 }
