@@ -38,6 +38,7 @@ pub mod decode;
 pub mod emulate;
 pub mod exit;
 pub mod hw;
+pub mod msr;
 pub mod vcpu;
 pub mod vmcs;
 
