@@ -55,7 +55,7 @@ pub use hw::{GuestRegisters, VmxHardware};
 /// type, the engine's, which the EPT pointer is checked against.
 pub use twostage_npt::{EptCapabilities, EptPointer};
 pub use vcpu::{
-    invept_kind, invvpid_kind, EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError,
-    VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,
+    invept_kind, invvpid_kind, EntryError, GuestEntry, Handled, HandlerError, InjectError, InvalidateError,
+    PreemptionTimerError, SetupError, VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,
 };
 pub use vmcs::VmcsField;
