@@ -1,7 +1,8 @@
 //! `cargo xtask`: builds the bare-metal images, boots them in their emulators, and runs every test.
 //!
 //! ```text
-//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
+//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL]
+//!                   [--mem SIZE] [--append "ARGS"] [--initrd FILE]   (x86: FILE a multiboot ELF or a bzImage)
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
 //! cargo xtask bench
@@ -63,12 +64,25 @@ struct Args {
     bare: bool,
     /// CPUs of the emulated machine.
     smp: Option<u32>,
+    /// `run --arch x86_64`: guest RAM, command line, initrd; `--linux`: the project's kernel.
+    guest_opts: x86::GuestOptions,
+    linux: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or_else(usage)?;
-    let mut args = Args { cmd, arch: None, guest: None, cpu: None, host_only: false, bare: false, smp: None };
+    let mut args = Args {
+        cmd,
+        arch: None,
+        guest: None,
+        cpu: None,
+        host_only: false,
+        bare: false,
+        smp: None,
+        guest_opts: x86::GuestOptions { mem: x86::DEFAULT_MEM, ..Default::default() },
+        linux: false,
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -81,6 +95,10 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
+            "--mem" => args.guest_opts.mem = x86::parse_mem(&it.next().ok_or("--mem takes a size, e.g. 128M")?)?,
+            "--append" => args.guest_opts.append = it.next().ok_or("--append takes the guest's command line")?,
+            "--initrd" => args.guest_opts.initrd = Some(it.next().ok_or("--initrd takes a file")?.into()),
+            "--linux" => args.linux = true,
             "--bare" => args.bare = true,
             "--smp" => {
                 args.smp = Some(match it.next().and_then(|n| n.parse().ok()) {
@@ -94,8 +112,14 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+fn fail(e: &str) -> ExitCode {
+    eprintln!("xtask: {e}");
+    ExitCode::from(2)
+}
+
 fn usage() -> String {
-    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
+    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL] [--mem SIZE] [--append ARGS] \
+     [--initrd FILE]\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
      cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()
@@ -112,7 +136,14 @@ fn main() -> ExitCode {
     let result = match args.cmd.as_str() {
         "run" => match args.arch.unwrap_or(Arch::Riscv64) {
             Arch::Riscv64 => riscv::run(args.guest.as_deref()),
-            Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
+            Arch::X86_64 => {
+                let guest = match (&args.guest, args.linux) {
+                    (Some(_), true) => return fail("--linux and --guest exclude each other"),
+                    (_, true) => Some(linux::kernel(Arch::X86_64)).transpose(),
+                    (g, false) => Ok(g.clone()),
+                };
+                guest.and_then(|g| x86::run(g.as_deref(), args.cpu.as_deref(), &args.guest_opts))
+            }
         },
         "test" => test(&args),
         "bench" => bench::bench(),

@@ -153,6 +153,8 @@ pub struct SetupHeader {
     pub version: u16,
     /// Offset of the protected-mode kernel in the file: (setup_sects + 1) * 512.
     pub kernel_offset: usize,
+    /// `code32_start`: where the protected-mode kernel is loaded (0x100000 for LOADED_HIGH).
+    pub code32_start: u64,
     /// `pref_address`: where the kernel decompresses itself when it is not relocatable.
     pub pref_address: u64,
     /// `init_size`: the memory the kernel needs from its load address during boot.
@@ -206,6 +208,7 @@ pub fn parse_header(file: &[u8]) -> Result<SetupHeader, BzImageError> {
     Ok(SetupHeader {
         version,
         kernel_offset,
+        code32_start: u64::from(u32_at(file, CODE32_START)),
         pref_address: u64_at(file, PREF_ADDRESS),
         init_size: u64::from(u32_at(file, INIT_SIZE)),
         cmdline_size: u32_at(file, CMDLINE_SIZE),
@@ -275,7 +278,9 @@ pub struct LinuxPlan<'a> {
     pub tables: alloc::vec::Vec<[u64; 512]>,
     /// CR3 at entry.
     pub cr3: u64,
-    /// RIP at entry: the 64-bit entry, [`KERNEL_AT`] + 0x200.
+    /// Where [`LinuxPlan::kernel`] goes: `code32_start` ([`KERNEL_AT`] for every LOADED_HIGH kernel).
+    pub kernel_at: u64,
+    /// RIP at entry: the 64-bit entry, `code32_start` + 0x200.
     pub entry: u64,
     /// Where the initrd goes, when there is one.
     pub initrd_at: Option<u64>,
@@ -292,7 +297,8 @@ pub fn plan_bzimage<'a>(
 ) -> Result<LinuxPlan<'a>, BzImageError> {
     let header = parse_header(file)?;
     let kernel = &file[header.kernel_offset..];
-    let kernel_end = (KERNEL_AT + header.init_size.max(kernel.len() as u64))
+    let kernel_at = if header.code32_start == 0 { KERNEL_AT } else { header.code32_start };
+    let kernel_end = (kernel_at + header.init_size.max(kernel.len() as u64))
         .max(header.pref_address.saturating_add(header.init_size));
     if kernel_end > ram {
         return Err(BzImageError::DoesNotFit { needed: kernel_end, ram });
@@ -339,7 +345,8 @@ pub fn plan_bzimage<'a>(
         gdt_at: GDT_AT,
         tables: identity_tables(PML4_AT, ram),
         cr3: PML4_AT,
-        entry: KERNEL_AT + 0x200,
+        kernel_at,
+        entry: kernel_at + 0x200,
         initrd_at,
     })
 }

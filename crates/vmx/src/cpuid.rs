@@ -65,6 +65,18 @@ pub fn filter_guest(
     r
 }
 
+/// CPUID.1:ECX bit 27: OSXSAVE, a copy of CR4.OSXSAVE (Table 3-10).
+pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+
+/// CPUID.1:ECX with OSXSAVE set to the guest's CR4.OSXSAVE (`osxsave`).
+pub const fn with_osxsave(ecx: u32, osxsave: bool) -> u32 {
+    if osxsave {
+        ecx | LEAF1_ECX_OSXSAVE
+    } else {
+        ecx & !LEAF1_ECX_OSXSAVE
+    }
+}
+
 /// The extended leaf whose EAX bits 7:0 is MAXPHYADDR (physical-address bits) and EAX bits 15:8 the
 /// linear-address bits (Intel SDM Vol. 2A "CPUID", Table 3-8; Vol. 3A 4.1.4).
 pub const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
@@ -143,6 +155,8 @@ mod tests {
         assert_eq!(filter_guest(0x8000_0001, 0, all, 4, on).edx, u32::MAX);
         assert_eq!(filter_guest(0xd, 1, all, 4, none).eax, !LEAFD1_EAX_XSAVES);
         assert_eq!(filter_guest(0xd, 1, all, 4, on).eax, u32::MAX);
+        assert_eq!(with_osxsave(u32::MAX, false), !LEAF1_ECX_OSXSAVE);
+        assert_eq!(with_osxsave(0, true), LEAF1_ECX_OSXSAVE);
         let l1 = filter_guest(1, 0, all, 4, on).ecx;
         assert_eq!(l1 & (LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_VMX), 0);
     }

@@ -8,6 +8,8 @@
 
 /// IA32_APIC_BASE (Intel SDM Vol. 4 Table 2-2).
 pub const IA32_APIC_BASE: u32 = 0x1b;
+/// IA32_BIOS_SIGN_ID: the microcode revision (written 0, then read after CPUID).
+pub const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 /// IA32_SYSENTER_CS.
 pub const IA32_SYSENTER_CS: u32 = 0x174;
 /// IA32_SYSENTER_ESP.
@@ -105,7 +107,7 @@ pub const fn action(msr: u32) -> MsrAction {
     match msr {
         crate::caps::IA32_EFER => MsrAction::Efer,
         IA32_APIC_BASE => MsrAction::ApicBase,
-        IA32_MISC_ENABLE => MsrAction::ReadHostIgnoreWrite,
+        IA32_MISC_ENABLE | IA32_BIOS_SIGN_ID => MsrAction::ReadHostIgnoreWrite,
         _ => MsrAction::Gp,
     }
 }

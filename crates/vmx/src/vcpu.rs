@@ -980,7 +980,14 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
         let walk_length = self.eptp.map_or(4, |p| p.walk_length());
         let enabled = crate::cpuid::EnabledInstructions::from_secondary(self.proc2);
-        crate::cpuid::filter_guest(leaf, subleaf, self.hw.cpuid(leaf, subleaf), walk_length, enabled)
+        let mut r = crate::cpuid::filter_guest(leaf, subleaf, self.hw.cpuid(leaf, subleaf), walk_length, enabled);
+        if leaf == 1 {
+            // CPUID.1:ECX.OSXSAVE mirrors CR4.OSXSAVE (Intel SDM Vol. 2A "CPUID", Table 3-10): the
+            // guest's CR4, not the host's.
+            let guest_cr4 = self.vmread(F::GUEST_CR4).unwrap_or(0);
+            r.ecx = crate::cpuid::with_osxsave(r.ecx, guest_cr4 & c::CR4_OSXSAVE != 0);
+        }
+        r
     }
 
     /// The VM-instruction error of the last failed VMX instruction (Intel SDM Vol. 3C 31.4).
