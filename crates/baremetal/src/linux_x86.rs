@@ -375,6 +375,7 @@ pub fn identity_tables(at: u64, ram: u64) -> alloc::vec::Vec<[u64; 512]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init, reason = "one RAM range, as a slice of ranges")]
 mod tests {
     use super::*;
     use alloc::vec::Vec;

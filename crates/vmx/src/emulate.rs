@@ -195,7 +195,7 @@ pub fn xsetbv_check(xcr: u32, value: u64, supported: u64) -> Result<(), XsetbvEr
         return Err(XsetbvError::AvxWithoutSse);
     }
     let avx512 = value & 0xe0;
-    if (avx512 != 0 && avx512 != 0xe0) || (avx512 != 0 && value & 4 == 0) {
+    if avx512 != 0 && (avx512 != 0xe0 || value & 4 == 0) {
         return Err(XsetbvError::Avx512);
     }
     if (value >> 17) & 1 != (value >> 18) & 1 {

@@ -10,6 +10,10 @@
 pub const IA32_APIC_BASE: u32 = 0x1b;
 /// IA32_BIOS_SIGN_ID: the microcode revision (written 0, then read after CPUID).
 pub const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+/// IA32_TSC_ADJUST.
+pub const IA32_TSC_ADJUST: u32 = 0x3b;
+/// IA32_XSS: the supervisor state components XSAVES manages.
+pub const IA32_XSS: u32 = 0xda0;
 /// IA32_SYSENTER_CS.
 pub const IA32_SYSENTER_CS: u32 = 0x174;
 /// IA32_SYSENTER_ESP.
@@ -42,11 +46,11 @@ pub const IA32_TSC_AUX: u32 = 0xc000_0103;
 ///   entry and saved at every exit (Intel SDM Vol. 3C 25.4.1, 27.3.2.1, 28.3.2);
 /// - IA32_PAT: loaded and saved through the VMCS PAT fields (entry control "load IA32_PAT",
 ///   exit controls "save/load IA32_PAT", Vol. 3C 25.7.1, 25.8.1); the host's comes back on exit;
-/// IA32_APIC_BASE is read through (the local APIC is the processor's own) and its writes exit.
+/// - STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX, XSS: the hypervisor never executes
+///   SYSCALL, SWAPGS, RDTSCP or XSAVES, so the guest's values can stay in the processor (one guest per CPU).
 ///
-/// - STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX: the hypervisor never executes SYSCALL,
-///   SWAPGS or RDTSCP, so the guest's values can stay in the processor (one guest per CPU).
-pub const PASSED_THROUGH: [u32; 12] = [
+/// IA32_APIC_BASE is read through (the local APIC is the processor's own) and its writes exit.
+pub const PASSED_THROUGH: [u32; 13] = [
     IA32_FS_BASE,
     IA32_GS_BASE,
     IA32_KERNEL_GS_BASE,
@@ -59,6 +63,7 @@ pub const PASSED_THROUGH: [u32; 12] = [
     IA32_CSTAR,
     IA32_FMASK,
     IA32_TSC_AUX,
+    IA32_XSS,
 ];
 
 /// Where an MSR's read bit lives in the 4 KiB MSR bitmap (Intel SDM Vol. 3C 25.6.9): bits for
@@ -107,7 +112,7 @@ pub const fn action(msr: u32) -> MsrAction {
     match msr {
         crate::caps::IA32_EFER => MsrAction::Efer,
         IA32_APIC_BASE => MsrAction::ApicBase,
-        IA32_MISC_ENABLE | IA32_BIOS_SIGN_ID => MsrAction::ReadHostIgnoreWrite,
+        IA32_MISC_ENABLE | IA32_BIOS_SIGN_ID | IA32_TSC_ADJUST => MsrAction::ReadHostIgnoreWrite,
         _ => MsrAction::Gp,
     }
 }

@@ -55,9 +55,9 @@ struct Counts {
 /// Checks, loads and runs the Linux guest; returns the status it wrote to port 0xf4,
 /// [`EXIT_REFUSED`] for a file that fails the checks, or [`EXIT_GUEST_STOPPED`].
 pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
-    let ram = [0..g.mem];
-    let devices = [APIC_PAGE..APIC_PAGE + 0x1000];
-    let (e820, n) = e820_map(&ram, &devices);
+    let ram = 0..g.mem;
+    let apic = APIC_PAGE..APIC_PAGE + 0x1000;
+    let (e820, n) = e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic));
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
     let plan = match plan_bzimage(g.image, g.mem, &e820[..n], g.cmdline, initrd_len) {
         Ok(p) => p,
