@@ -1,8 +1,9 @@
 //! `cargo xtask`: builds the bare-metal images, boots them in their emulators, and runs every test.
 //!
 //! ```text
-//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]
-//!                   [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]   (riscv64)
+//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL]
+//!                   [--mem SIZE] [--append "ARGS"] [--initrd FILE] [--smp N (riscv64)]
+//!                   (riscv64: FILE an ELF or a raw Image; x86: a multiboot ELF or a bzImage)
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
 //! cargo xtask bench
@@ -69,6 +70,8 @@ struct Args {
     bare: bool,
     /// CPUs of the emulated machine.
     smp: Option<u32>,
+    /// `run --arch x86_64`: guest RAM, command line, initrd.
+    guest_opts: x86::GuestOptions,
     /// `run --linux`: boot the project's Linux guest (built or taken from the cache).
     linux: bool,
 }
@@ -86,8 +89,11 @@ fn parse_args() -> Result<Args, String> {
         rv_given: false,
         bare: false,
         smp: None,
+        guest_opts: x86::GuestOptions { mem: x86::DEFAULT_MEM, ..Default::default() },
         linux: false,
     };
+    // --mem, --append and --initrd are checked once the architecture is known.
+    let mut guest_args: Vec<(String, String)> = Vec::new();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--arch" => {
@@ -102,8 +108,7 @@ fn parse_args() -> Result<Args, String> {
             "--host-only" => args.host_only = true,
             "--mem" | "--append" | "--initrd" => {
                 let v = it.next().ok_or_else(|| format!("{a} takes a value"))?;
-                args.rv.set(&a, &v)?;
-                args.rv_given = true;
+                guest_args.push((a.clone(), v));
             }
             "--linux" => args.linux = true,
             "--bare" => args.bare = true,
@@ -117,8 +122,24 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let riscv_run = args.cmd == "run" && args.arch != Some(Arch::X86_64);
-    if (args.rv_given || args.linux) && !riscv_run {
-        return Err("--mem, --append, --initrd and --linux are options of `run --arch riscv64`".into());
+    let x86_run = args.cmd == "run" && args.arch == Some(Arch::X86_64);
+    if (!guest_args.is_empty() || args.linux) && args.cmd != "run" {
+        return Err("--mem, --append, --initrd and --linux are options of `run`".into());
+    }
+    for (opt, v) in &guest_args {
+        if riscv_run {
+            args.rv.set(opt, v)?;
+            args.rv_given = true;
+        } else if x86_run {
+            match opt.as_str() {
+                "--mem" => args.guest_opts.mem = x86::parse_mem(v)?,
+                "--append" => args.guest_opts.append = v.clone(),
+                _ => args.guest_opts.initrd = Some(v.into()),
+            }
+        }
+    }
+    if x86_run && args.smp.is_some_and(|n| n > 1) {
+        return Err("--smp: the x86 hypervisor runs one vCPU".into());
     }
     if riscv_run {
         if let Some(n) = args.smp {
@@ -131,9 +152,14 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+fn fail(e: &str) -> ExitCode {
+    eprintln!("xtask: {e}");
+    ExitCode::from(2)
+}
+
 fn usage() -> String {
-    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE] [--cpu MODEL]\n       \
-     cargo xtask run --arch riscv64 (--guest FILE | --linux) [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]\n       \
+    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL] [--mem SIZE] [--append ARGS] \
+     [--initrd FILE] [--smp N]\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
      cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()
@@ -153,7 +179,14 @@ fn main() -> ExitCode {
                 linux::kernel(Arch::Riscv64).and_then(|k| riscv::run(Some(k.as_path()), &args.rv))
             }
             Arch::Riscv64 => riscv::run(args.guest.as_deref(), &args.rv),
-            Arch::X86_64 => x86::run(args.guest.as_deref(), args.cpu.as_deref()),
+            Arch::X86_64 => {
+                let guest = match (&args.guest, args.linux) {
+                    (Some(_), true) => return fail("--linux and --guest exclude each other"),
+                    (_, true) => Some(linux::kernel(Arch::X86_64)).transpose(),
+                    (g, false) => Ok(g.clone()),
+                };
+                guest.and_then(|g| x86::run(g.as_deref(), args.cpu.as_deref(), &args.guest_opts))
+            }
         },
         "test" => test(&args),
         "bench" => bench::bench(),

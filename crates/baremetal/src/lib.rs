@@ -5,6 +5,8 @@
 //!   problem), and [`multiboot`] checks a multiboot (v1) header. `cargo xtask` runs the same
 //!   checks before it boots an emulator, so a file is refused with the same message by xtask and
 //!   by the image.
+//! - [`linux_x86`]: the Linux x86 boot protocol: a bzImage's setup header checked, the zero page
+//!   with its e820 map, identity tables and boot GDT for the 64-bit entry.
 //! - [`fdt`]: flattened device trees, read (the host's, from the firmware) and written (a
 //!   guest's), with host tests; not H-extension glue, so here rather than in twostage-rvh.
 //! - [`frames::Frames`]: the host frame allocator (a two-level bitmap: constant-bounded searches).
@@ -25,4 +27,5 @@ pub mod fdt;
 pub mod frames;
 #[allow(unsafe_code)]
 pub mod heap;
+pub mod linux_x86;
 pub mod multiboot;

@@ -22,15 +22,26 @@ pub const PROC_ACTIVATE_SECONDARY: u32 = 1 << 31;
 
 /// Secondary control bit 1: enable EPT (Intel SDM Vol. 3C 25.6.2, Table 25-7).
 pub const PROC2_ENABLE_EPT: u32 = 1 << 1;
+/// Secondary control bit 3: enable RDTSCP (Table 25-7); without it RDTSCP raises #UD.
+pub const PROC2_ENABLE_RDTSCP: u32 = 1 << 3;
 /// Secondary control bit 5: enable VPID (Table 25-7).
 pub const PROC2_ENABLE_VPID: u32 = 1 << 5;
 /// Secondary control bit 7: unrestricted guest (Table 25-7); needs EPT.
 pub const PROC2_UNRESTRICTED_GUEST: u32 = 1 << 7;
 
+/// Secondary control bit 12: enable INVPCID (Table 25-7); without it INVPCID raises #UD.
+pub const PROC2_ENABLE_INVPCID: u32 = 1 << 12;
+/// Secondary control bit 20: enable XSAVES/XRSTORS (Table 25-7); without it they raise #UD.
+pub const PROC2_ENABLE_XSAVES: u32 = 1 << 20;
+
 /// VM-exit control bit 2: save debug controls (Intel SDM Vol. 3C 25.7.1, Table 25-13).
 pub const EXIT_SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
 /// VM-exit control bit 9: host address-space size, i.e. return to 64-bit mode (Table 25-13).
 pub const EXIT_HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
+/// VM-exit control bit 18: save IA32_PAT (Table 25-13).
+pub const EXIT_SAVE_PAT: u32 = 1 << 18;
+/// VM-exit control bit 19: load IA32_PAT (Table 25-13).
+pub const EXIT_LOAD_PAT: u32 = 1 << 19;
 /// VM-exit control bit 20: save IA32_EFER (Table 25-13).
 pub const EXIT_SAVE_EFER: u32 = 1 << 20;
 /// VM-exit control bit 21: load IA32_EFER (Table 25-13).
@@ -42,6 +53,8 @@ pub const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 pub const ENTRY_LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
 /// VM-entry control bit 9: IA-32e mode guest (Table 25-15).
 pub const ENTRY_IA32E_MODE_GUEST: u32 = 1 << 9;
+/// VM-entry control bit 14: load IA32_PAT (Table 25-15).
+pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
 /// VM-entry control bit 15: load IA32_EFER (Table 25-15).
 pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
@@ -51,12 +64,24 @@ pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_ET: u64 = 1 << 4;
 /// CR0.NE, numeric error; required in VMX operation (IA32_VMX_CR0_FIXED0).
 pub const CR0_NE: u64 = 1 << 5;
+/// CR0.MP, monitor coprocessor.
+pub const CR0_MP: u64 = 1 << 1;
+/// CR0.TS, task switched.
+pub const CR0_TS: u64 = 1 << 3;
 /// CR0.WP, write protect.
 pub const CR0_WP: u64 = 1 << 16;
+/// CR0.NW, not write-through.
+pub const CR0_NW: u64 = 1 << 29;
+/// CR0.CD, cache disable.
+pub const CR0_CD: u64 = 1 << 30;
 /// CR0.PG, paging.
 pub const CR0_PG: u64 = 1 << 31;
 /// CR4.PAE, physical address extension.
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.OSXSAVE, XSAVE and XSETBV enabled (Intel SDM Vol. 3A 2.5).
+pub const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.PCIDE, process-context identifiers.
+pub const CR4_PCIDE: u64 = 1 << 17;
 /// EFER.LME, long mode enable (Intel SDM Vol. 3A 2.2.1, Figure 2-4).
 pub const EFER_LME: u64 = 1 << 8;
 /// EFER.LMA, long mode active.

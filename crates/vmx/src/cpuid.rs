@@ -8,6 +8,75 @@ pub const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 31: unused by processors (Table 3-10), set by hypervisors to say that the
 /// software runs in a virtual machine.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX bit 3: MONITOR/MWAIT (Table 3-10). Hidden: the guest idles with HLT, which exits.
+pub const LEAF1_ECX_MONITOR: u32 = 1 << 3;
+/// CPUID.1:ECX bit 21: x2APIC (Table 3-10). Hidden: the guest reaches the local APIC through its
+/// page (xAPIC mode), not through MSRs 800H-8FFH, which this hypervisor does not pass through.
+pub const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID.(EAX=07H,ECX=0):EBX bit 10: INVPCID (Table 3-11).
+pub const LEAF7_EBX_INVPCID: u32 = 1 << 10;
+/// CPUID.80000001H:EDX bit 27: RDTSCP.
+pub const EXT1_EDX_RDTSCP: u32 = 1 << 27;
+/// CPUID.(EAX=0DH,ECX=1):EAX bit 3: XSAVES/XRSTORS and IA32_XSS.
+pub const LEAFD1_EAX_XSAVES: u32 = 1 << 3;
+
+/// Instructions that raise #UD in VMX non-root operation unless a secondary control enables them
+/// (Intel SDM Vol. 3C 25.6.2, Table 25-7): which ones this vCPU enabled. CPUID hides the others,
+/// so the guest never sees a feature that would fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnabledInstructions {
+    /// "Enable INVPCID" (bit 12).
+    pub invpcid: bool,
+    /// "Enable RDTSCP" (bit 3).
+    pub rdtscp: bool,
+    /// "Enable XSAVES/XRSTORS" (bit 20).
+    pub xsaves: bool,
+}
+
+impl EnabledInstructions {
+    /// From the secondary processor-based controls written to the VMCS.
+    pub const fn from_secondary(proc2: u32) -> Self {
+        use crate::controls as c;
+        Self {
+            invpcid: proc2 & c::PROC2_ENABLE_INVPCID != 0,
+            rdtscp: proc2 & c::PROC2_ENABLE_RDTSCP != 0,
+            xsaves: proc2 & c::PROC2_ENABLE_XSAVES != 0,
+        }
+    }
+}
+
+/// [`filter`] for `subleaf`, with the features hidden that the execution controls leave
+/// disabled (`enabled`), and MONITOR/MWAIT and x2APIC hidden (see the constants).
+pub fn filter_guest(
+    leaf: u32,
+    subleaf: u32,
+    raw: CpuidResult,
+    walk_length: u8,
+    enabled: EnabledInstructions,
+) -> CpuidResult {
+    let mut r = filter_for_walk(leaf, raw, walk_length);
+    match (leaf, subleaf) {
+        (1, _) => r.ecx &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC),
+        (7, 0) if !enabled.invpcid => r.ebx &= !LEAF7_EBX_INVPCID,
+        (0x8000_0001, _) if !enabled.rdtscp => r.edx &= !EXT1_EDX_RDTSCP,
+        (0xd, 1) if !enabled.xsaves => r.eax &= !LEAFD1_EAX_XSAVES,
+        _ => {}
+    }
+    r
+}
+
+/// CPUID.1:ECX bit 27: OSXSAVE, a copy of CR4.OSXSAVE (Table 3-10).
+pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+
+/// CPUID.1:ECX with OSXSAVE set to the guest's CR4.OSXSAVE (`osxsave`).
+pub const fn with_osxsave(ecx: u32, osxsave: bool) -> u32 {
+    if osxsave {
+        ecx | LEAF1_ECX_OSXSAVE
+    } else {
+        ecx & !LEAF1_ECX_OSXSAVE
+    }
+}
+
 /// The extended leaf whose EAX bits 7:0 is MAXPHYADDR (physical-address bits) and EAX bits 15:8 the
 /// linear-address bits (Intel SDM Vol. 2A "CPUID", Table 3-8; Vol. 3A 4.1.4).
 pub const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
@@ -68,6 +137,28 @@ mod tests {
         // A host with fewer bits than the walk keeps its own.
         let small = CpuidResult { eax: (48 << 8) | 40, ..raw };
         assert_eq!(filter(LEAF_ADDRESS_SIZES, small, &eptp(4)), small);
+    }
+
+    #[test]
+    fn features_follow_the_execution_controls() {
+        let all = CpuidResult { eax: u32::MAX, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
+        let none = EnabledInstructions::default();
+        let on = EnabledInstructions::from_secondary(
+            crate::controls::PROC2_ENABLE_INVPCID
+                | crate::controls::PROC2_ENABLE_RDTSCP
+                | crate::controls::PROC2_ENABLE_XSAVES,
+        );
+        assert_eq!(filter_guest(7, 0, all, 4, none).ebx, !LEAF7_EBX_INVPCID);
+        assert_eq!(filter_guest(7, 0, all, 4, on).ebx, u32::MAX);
+        assert_eq!(filter_guest(7, 1, all, 4, none).ebx, u32::MAX, "only subleaf 0 holds INVPCID");
+        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, none).edx, !EXT1_EDX_RDTSCP);
+        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, on).edx, u32::MAX);
+        assert_eq!(filter_guest(0xd, 1, all, 4, none).eax, !LEAFD1_EAX_XSAVES);
+        assert_eq!(filter_guest(0xd, 1, all, 4, on).eax, u32::MAX);
+        assert_eq!(with_osxsave(u32::MAX, false), !LEAF1_ECX_OSXSAVE);
+        assert_eq!(with_osxsave(0, true), LEAF1_ECX_OSXSAVE);
+        let l1 = filter_guest(1, 0, all, 4, on).ecx;
+        assert_eq!(l1 & (LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_VMX), 0);
     }
 
     #[test]

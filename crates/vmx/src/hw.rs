@@ -201,6 +201,8 @@ pub trait VmxHardware {
     fn read_cr4(&self) -> u64;
     /// Writes CR4.
     fn write_cr4(&mut self, value: u64);
+    /// XSETBV: writes XCR`xcr` (CR4.OSXSAVE must be set).
+    fn xsetbv(&mut self, xcr: u32, value: u64);
     /// The host state to put in the VMCS.
     fn host_state(&self) -> HostState;
     /// VMXON with the region at `region`.

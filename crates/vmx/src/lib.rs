@@ -38,6 +38,7 @@ pub mod decode;
 pub mod emulate;
 pub mod exit;
 pub mod hw;
+pub mod msr;
 pub mod vcpu;
 pub mod vmcs;
 
@@ -54,7 +55,7 @@ pub use hw::{GuestRegisters, VmxHardware};
 /// type, the engine's, which the EPT pointer is checked against.
 pub use twostage_npt::{EptCapabilities, EptPointer};
 pub use vcpu::{
-    invept_kind, invvpid_kind, EntryError, GuestEntry, InjectError, InvalidateError, PreemptionTimerError, SetupError,
-    VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,
+    invept_kind, invvpid_kind, EntryError, GuestEntry, Handled, HandlerError, InjectError, InvalidateError,
+    PreemptionTimerError, SetupError, VcpuConfig, VmxInstructionFailure, VmxOnError, VmxVcpu,
 };
 pub use vmcs::VmcsField;

@@ -39,6 +39,7 @@ struct FakeCpu {
     entry_error: Option<u64>,
     cpuid_ecx: u32,
     phys_bits: u32,
+    xcrs: Vec<(u32, u64)>,
 }
 
 impl FakeCpu {
@@ -58,6 +59,9 @@ impl FakeCpu {
         msrs.insert(IA32_VMX_CR4_FIXED1, 0x3f_ffff);
         msrs.insert(IA32_VMX_EPT_VPID_CAP, ept_cap);
         msrs.insert(IA32_EFER, 0x500);
+        // Preemption-timer rate 5, HLT activity state supported (bit 6).
+        msrs.insert(IA32_VMX_MISC, (1 << 6) | 5);
+        msrs.insert(crate::msr::IA32_PAT, 0x0007_0406_0007_0406);
         Self {
             msrs,
             cr0: 0x8000_0011,
@@ -72,6 +76,7 @@ impl FakeCpu {
             entry_error: None,
             cpuid_ecx: CPUID_1_ECX_VMX,
             phys_bits: 40,
+            xcrs: Vec::new(),
         }
     }
 }
@@ -103,6 +108,9 @@ impl VmxHardware for &mut FakeCpu {
     }
     fn write_cr4(&mut self, value: u64) {
         self.cr4 = value;
+    }
+    fn xsetbv(&mut self, xcr: u32, value: u64) {
+        self.xcrs.push((xcr, value));
     }
     fn host_state(&self) -> HostState {
         HostState {
@@ -283,7 +291,9 @@ fn setup_enables_ept_with_ad_on_skylake_and_without_on_sandy_bridge() {
         assert_eq!(cpu.invvpid, vec![(InvvpidKind::SingleContext, 1)]);
         let proc1 = cpu.vmcs[&F::PRIMARY_PROCBASED_CONTROLS.0] as u32;
         assert_ne!(proc1 & c::PROC_HLT_EXITING, 0);
-        assert_ne!(proc1 & c::PROC_UNCONDITIONAL_IO_EXITING, 0);
+        // I/O and MSR accesses go through the bitmaps (all ones until passed through).
+        assert_ne!(proc1 & c::PROC_USE_IO_BITMAPS, 0);
+        assert_ne!(proc1 & c::PROC_USE_MSR_BITMAPS, 0);
         assert_ne!(proc1 & c::PROC_ACTIVATE_SECONDARY, 0);
         assert_ne!(cpu.vmcs[&F::ENTRY_CONTROLS.0] as u32 & c::ENTRY_IA32E_MODE_GUEST, 0);
         assert_eq!(cpu.vmcs[&F::GUEST_CR0.0], 0x8001_0031);
@@ -391,7 +401,7 @@ fn vmcs_frame_is_freed_on_drop() {
     let ram = HostRam::new(16);
     let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
     let vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig::default()).unwrap();
-    assert_eq!(ram.frames_in_use(), 2);
+    assert_eq!(ram.frames_in_use(), 5, "VMXON region, VMCS, MSR bitmap, I/O bitmaps A and B");
     drop(vcpu);
     assert_eq!(ram.frames_in_use(), 1, "the VMXON region stays with VMX operation");
 }
@@ -677,4 +687,113 @@ fn every_public_error_says_what_went_wrong() {
     let chained = SetupError::from(InvalidateError::from(failure));
     let inner = chained.source().and_then(|s| s.source()).and_then(|s| s.source()).unwrap();
     assert!(inner.to_string().contains("invalid operand to INVEPT/INVVPID"));
+}
+
+/// A vCPU set up for a Linux-style long-mode guest on the fake CPU.
+fn linux_vcpu<'a>(cpu: &'a mut FakeCpu, ram: &'a HostRam) -> VmxVcpu<&'a mut FakeCpu, &'a HostRam> {
+    let mut vcpu = VmxVcpu::new(cpu, ram, VcpuConfig::default()).unwrap();
+    let entry = GuestEntry::Linux64 {
+        rip: GuestVirtAddr::new(0x10_0200),
+        cr3: GuestPhysAddr::new(0x9000),
+        gdt: GuestPhysAddr::new(0x6000),
+        gdt_limit: 31,
+    };
+    vcpu.setup(&ept(ram, SKYLAKE_EPT_CAP), entry).unwrap();
+    vcpu.hardware_mut().vmcs.insert(F::EXIT_INSTRUCTION_LENGTH.0, 3);
+    vcpu
+}
+
+#[test]
+fn linux_entry_uses_the_boot_selectors_and_gdt() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let vcpu = linux_vcpu(&mut cpu, &ram);
+    let v = |f: F| vcpu.vmread(f).unwrap();
+    assert_eq!((v(F::GUEST_CS_SELECTOR), v(F::GUEST_DS_SELECTOR), v(F::GUEST_SS_SELECTOR)), (0x10, 0x18, 0x18));
+    assert_eq!((v(F::GUEST_GDTR_BASE), v(F::GUEST_GDTR_LIMIT)), (0x6000, 31));
+    assert_eq!((v(F::GUEST_RIP), v(F::GUEST_CR3)), (0x10_0200, 0x9000));
+    // PAT switched through the VMCS; RDTSCP enabled (the fake allows bits 7:0 of the secondary
+    // controls), INVPCID and XSAVES not, so CPUID hides those two.
+    assert_ne!(v(F::ENTRY_CONTROLS) as u32 & c::ENTRY_LOAD_PAT, 0);
+    assert_ne!(v(F::EXIT_CONTROLS) as u32 & (c::EXIT_SAVE_PAT | c::EXIT_LOAD_PAT), 0);
+    assert_eq!(v(F::GUEST_IA32_PAT), 0x0007_0406_0007_0406);
+    let proc2 = v(F::SECONDARY_PROCBASED_CONTROLS) as u32;
+    assert_ne!(proc2 & c::PROC2_ENABLE_RDTSCP, 0);
+    assert_eq!(proc2 & (c::PROC2_ENABLE_INVPCID | c::PROC2_ENABLE_XSAVES), 0);
+}
+
+#[test]
+fn bitmaps_pass_through_the_switched_msrs_only() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    for m in crate::msr::PASSED_THROUGH {
+        assert!(!vcpu.msr_exits(m, false) && !vcpu.msr_exits(m, true), "{m:#x}");
+    }
+    assert!(!vcpu.msr_exits(crate::msr::IA32_APIC_BASE, false));
+    assert!(vcpu.msr_exits(crate::msr::IA32_APIC_BASE, true));
+    assert!(vcpu.msr_exits(IA32_EFER, true) && vcpu.msr_exits(0x10a, false));
+    assert!(vcpu.io_exits(0x3f8) && vcpu.io_exits(0xf4));
+    vcpu.pass_through_io(0x40..0x44);
+    assert!(!vcpu.io_exits(0x40) && !vcpu.io_exits(0x43) && vcpu.io_exits(0x44));
+}
+
+#[test]
+fn cr0_write_exit_keeps_ne_and_the_guest_reads_its_value() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    // mov cr0, rax with CR0_STATE minus NE.
+    let value = c::CR0_PE | c::CR0_MP | c::CR0_ET | c::CR0_WP | (1 << 18) | c::CR0_PG;
+    vcpu.regs.rax = value;
+    assert_eq!(vcpu.handle_cr_access(crate::exit::CrAccessQualification(0)), Ok(Handled::Done));
+    assert_eq!(vcpu.vmread(F::GUEST_CR0).unwrap(), value | c::CR0_NE);
+    assert_eq!(vcpu.vmread(F::CR0_READ_SHADOW).unwrap(), value);
+    assert_eq!(vcpu.vmread(F::GUEST_RIP).unwrap(), 0x10_0203);
+    // PG without PE: #GP, RIP unchanged.
+    vcpu.regs.rax = c::CR0_PG;
+    assert_eq!(vcpu.handle_cr_access(crate::exit::CrAccessQualification(0)), Ok(Handled::Injected(13)));
+    assert_eq!(vcpu.vmread(F::GUEST_RIP).unwrap(), 0x10_0203);
+    // Clearing PG needs unrestricted guest, which a long-mode entry does not use.
+    vcpu.regs.rax = c::CR0_PE;
+    assert!(matches!(vcpu.handle_cr_access(crate::exit::CrAccessQualification(0)), Err(HandlerError::Unsupported(_))));
+    // mov cr4, rcx setting VMXE: #GP (VMX is hidden).
+    vcpu.regs.rcx = c::CR4_PAE | CR4_VMXE;
+    assert_eq!(vcpu.handle_cr_access(crate::exit::CrAccessQualification(0x104)), Ok(Handled::Injected(13)));
+}
+
+#[test]
+fn msr_exits_follow_the_policy() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    vcpu.regs.rcx = 0x10a; // IA32_ARCH_CAPABILITIES: not offered
+    assert_eq!(vcpu.handle_msr(false), Ok(Handled::Injected(13)));
+    vcpu.regs.rcx = u64::from(IA32_EFER);
+    assert_eq!(vcpu.handle_msr(false), Ok(Handled::Done));
+    assert_eq!(vcpu.regs.rax, vcpu.vmread(F::GUEST_IA32_EFER).unwrap());
+    vcpu.regs.rax = 1 << 9; // reserved
+    vcpu.regs.rdx = 0;
+    assert_eq!(vcpu.handle_msr(true), Ok(Handled::Injected(13)));
+    vcpu.hardware_mut().msrs.insert(crate::msr::IA32_APIC_BASE, 0xfee0_0900);
+    vcpu.regs.rcx = u64::from(crate::msr::IA32_APIC_BASE);
+    vcpu.regs.rax = 0xfee0_0900;
+    assert_eq!(vcpu.handle_msr(true), Ok(Handled::Done), "an unchanged APIC base is accepted");
+    vcpu.regs.rax = 0xfed0_0900;
+    assert_eq!(vcpu.handle_msr(true), Ok(Handled::Injected(13)), "moving the APIC is not offered");
+}
+
+#[test]
+fn xsetbv_is_checked_then_executed_and_hlt_waits_in_the_guest() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    // The fake's CPUID.0DH reports nothing supported: even x87 alone is refused.
+    vcpu.regs.rax = 1;
+    assert_eq!(vcpu.handle_xsetbv(), Ok(Handled::Injected(13)));
+    assert!(vcpu.hardware().xcrs.is_empty());
+    vcpu.hardware_mut().vmcs.insert(F::GUEST_INTERRUPTIBILITY.0, 1);
+    assert_eq!(vcpu.handle_hlt(), Ok(Handled::Done));
+    assert_eq!(vcpu.vmread(F::GUEST_ACTIVITY_STATE).unwrap(), 1);
+    assert_eq!(vcpu.vmread(F::GUEST_INTERRUPTIBILITY).unwrap(), 0);
 }

@@ -15,10 +15,13 @@ use crate::exit::{decode_exit, restores_nmi_blocking, VmExit, VmInstructionError
 use crate::hw::{GuestRegisters, InveptKind, InvvpidKind, VmFail, VmxHardware};
 use crate::vmcs::VmcsField as F;
 use core::fmt;
+pub use handlers::{Handled, HandlerError};
 use twostage_npt::{EptCapabilities, EptFormat, EptPointer, EptPointerError};
 use twostage_npt::{
     EptInvalidation, FrameAllocator, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, NestedPageFaultInfo, PageTable,
 };
+
+mod handlers;
 
 /// What the hypervisor wants from the vCPU, before the CPU's capabilities are applied. Whether
 /// EPT accessed/dirty flags are on is not a wish here: it follows the table (its
@@ -46,6 +49,19 @@ pub enum GuestEntry {
         rsp: GuestVirtAddr,
         /// The guest's PML4.
         cr3: GuestPhysAddr,
+    },
+    /// 64-bit long mode as the Linux 64-bit boot protocol wants it: CS = `__BOOT_CS` (0x10),
+    /// DS = ES = SS = `__BOOT_DS` (0x18) from the guest's GDT at `gdt`, paging through `cr3`,
+    /// interrupts off (Linux Documentation/arch/x86/boot.rst, "64-bit BOOT PROTOCOL").
+    Linux64 {
+        /// The 64-bit entry point.
+        rip: GuestVirtAddr,
+        /// The guest's PML4 (identity tables).
+        cr3: GuestPhysAddr,
+        /// The GDT's guest address (entries 2 and 3 are the boot segments).
+        gdt: GuestPhysAddr,
+        /// The GDT's limit.
+        gdt_limit: u16,
     },
     /// 32-bit protected mode, paging off, flat 4 GiB segments: the multiboot entry state
     /// (Multiboot Specification 0.6.96, 3.2). Needs unrestricted guest.
@@ -417,6 +433,12 @@ pub struct VmxVcpu<H: VmxHardware, A: FrameAllocator> {
     launched: bool,
     ready: bool,
     last_exit: Option<VmExit>,
+    /// The MSR bitmap, then I/O bitmaps A and B (one frame each): a set bit makes the access exit.
+    bitmaps: [HostPhysAddr; 3],
+    /// The secondary controls written by [`VmxVcpu::setup`].
+    proc2: u32,
+    /// IA32_VMX_MISC bit 6: entry in the HLT activity state is supported (Intel SDM Vol. 3D A.6).
+    activity_hlt: bool,
     /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
     pub regs: GuestRegisters,
 }
@@ -441,11 +463,28 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         let cr4 = hw.read_cr4();
         hw.write_cr4(caps.cr4.apply(cr4 | CR4_VMXE));
         let vmxon_region = alloc.allocate_frame().ok_or(VmxOnError::OutOfFrames)?;
-        let Some(vmcs) = alloc.allocate_frame() else {
-            // SAFETY: allocated just above and not yet given to hardware.
-            unsafe { alloc.deallocate_frames(vmxon_region, 1) };
-            return Err(VmxOnError::OutOfFrames);
-        };
+        let mut frames = [HostPhysAddr::new(0); 4];
+        for i in 0..frames.len() {
+            match alloc.allocate_frame() {
+                Some(f) => frames[i] = f,
+                None => {
+                    // SAFETY: allocated just above and not yet given to hardware.
+                    unsafe { alloc.deallocate_frames(vmxon_region, 1) };
+                    for f in &frames[..i] {
+                        // SAFETY: as above.
+                        unsafe { alloc.deallocate_frames(*f, 1) };
+                    }
+                    return Err(VmxOnError::OutOfFrames);
+                }
+            }
+        }
+        let [vmcs, bitmaps @ ..] = frames;
+        for frame in bitmaps {
+            // SAFETY: the allocator gave us this whole frame and `phys_to_virt` reaches it. All
+            // ones: every MSR and port access exits until the hypervisor passes one through.
+            unsafe { core::ptr::write_bytes(alloc.phys_to_virt(frame).as_ptr(), 0xff, twostage_npt::FRAME_SIZE) };
+        }
+        let activity_hlt = hw.read_msr(crate::caps::IA32_VMX_MISC) & (1 << 6) != 0;
         for frame in [vmxon_region, vmcs] {
             let p = alloc.phys_to_virt(frame).as_ptr();
             // SAFETY: the allocator gave us this whole frame and `phys_to_virt` reaches it.
@@ -469,8 +508,15 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             launched: false,
             ready: false,
             last_exit: None,
+            bitmaps,
+            proc2: 0,
+            activity_hlt,
             regs: GuestRegisters::default(),
         };
+        for msr in crate::msr::PASSED_THROUGH {
+            me.msr_bitmap(|b| crate::msr::set_intercept(b, msr, false, false));
+        }
+        me.msr_bitmap(|b| crate::msr::set_intercept(b, crate::msr::IA32_APIC_BASE, false, true));
         if let Err(f) = me.hw.vmxon(vmxon_region) {
             let e = VmxOnError::Instruction(fail(&me.hw, "VMXON", f));
             me.vmxon_region = HostPhysAddr::new(0);
@@ -479,6 +525,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
                 me.alloc.deallocate_frames(vmxon_region, 1);
                 me.alloc.deallocate_frames(vmcs, 1);
             }
+            me.free_bitmaps();
             me.vmcs = HostPhysAddr::new(0);
             return Err(e);
         }
@@ -525,6 +572,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         let eptp = EptPointer::for_table(ept, &self.ept_caps)?;
         invept_kind(&self.ept_caps)?;
         let unrestricted = matches!(entry, GuestEntry::Protected32 { .. });
+        let long_mode = !unrestricted;
         if unrestricted && !self.caps.has_unrestricted_guest() {
             return Err(SetupError::NeedsUnrestrictedGuest);
         }
@@ -535,7 +583,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.unrestricted = unrestricted;
         self.setup_vmcs_host()?;
         self.setup_vmcs_guest(entry)?;
-        self.setup_controls(matches!(entry, GuestEntry::LongMode { .. }), vpid)?;
+        self.setup_controls(long_mode, vpid)?;
         self.load_eptp(eptp)?;
         // The launch state is left alone: only VMCLEAR makes a VMCS clear again
         // (Intel SDM Vol. 3C 25.11.3), so a VMCS set up again is still resumed.
@@ -597,7 +645,20 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
 
     /// Guest-state area (Intel SDM Vol. 3C 25.4; checks in 27.3.1).
     fn setup_vmcs_guest(&mut self, entry: GuestEntry) -> Result<(), SetupError> {
+        let (cs, ds, gdt) = match entry {
+            GuestEntry::Linux64 { gdt, gdt_limit, .. } => (0x10, 0x18, (gdt.as_u64(), u64::from(gdt_limit))),
+            _ => (0x08, 0x10, (0, 0)),
+        };
         let (cr0_want, cr4_want, efer, code_ar, rip, rsp, cr3) = match entry {
+            GuestEntry::Linux64 { rip, cr3, .. } => (
+                c::CR0_PE | c::CR0_ET | c::CR0_NE | c::CR0_WP | c::CR0_PG,
+                c::CR4_PAE,
+                c::EFER_LME | c::EFER_LMA,
+                ar::CODE64,
+                rip.as_u64(),
+                0,
+                cr3.as_u64(),
+            ),
             GuestEntry::LongMode { rip, rsp, cr3 } => (
                 c::CR0_PE | c::CR0_ET | c::CR0_NE | c::CR0_WP | c::CR0_PG,
                 c::CR4_PAE,
@@ -633,7 +694,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.write(F::GUEST_RSP, rsp)?;
         self.write(F::GUEST_RIP, rip)?;
         self.write(F::GUEST_RFLAGS, 0x2)?;
-        self.write(F::GUEST_CS_SELECTOR, 0x08)?;
+        self.write(F::GUEST_CS_SELECTOR, cs)?;
         self.write(F::GUEST_CS_BASE, 0)?;
         self.write(F::GUEST_CS_LIMIT, 0xffff_ffff)?;
         self.write(F::GUEST_CS_ACCESS_RIGHTS, u64::from(code_ar))?;
@@ -645,7 +706,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             (F::GUEST_GS_SELECTOR, F::GUEST_GS_BASE, F::GUEST_GS_LIMIT, F::GUEST_GS_ACCESS_RIGHTS),
         ];
         for (sel, base, limit, rights) in data {
-            self.write(sel, 0x10)?;
+            self.write(sel, ds)?;
             self.write(base, 0)?;
             self.write(limit, 0xffff_ffff)?;
             self.write(rights, u64::from(ar::DATA))?;
@@ -658,8 +719,8 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.write(F::GUEST_TR_BASE, 0)?;
         self.write(F::GUEST_TR_LIMIT, 0x67)?;
         self.write(F::GUEST_TR_ACCESS_RIGHTS, u64::from(ar::TSS_BUSY))?;
-        self.write(F::GUEST_GDTR_BASE, 0)?;
-        self.write(F::GUEST_GDTR_LIMIT, 0)?;
+        self.write(F::GUEST_GDTR_BASE, gdt.0)?;
+        self.write(F::GUEST_GDTR_LIMIT, gdt.1)?;
         self.write(F::GUEST_IDTR_BASE, 0)?;
         self.write(F::GUEST_IDTR_LIMIT, 0)?;
         self.write(F::GUEST_IA32_DEBUGCTL, 0)?;
@@ -684,7 +745,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             .proc1
             .compute(
                 ControlField::PrimaryProcBased,
-                c::PROC_HLT_EXITING | c::PROC_UNCONDITIONAL_IO_EXITING | c::PROC_ACTIVATE_SECONDARY,
+                c::PROC_HLT_EXITING | c::PROC_USE_IO_BITMAPS | c::PROC_USE_MSR_BITMAPS | c::PROC_ACTIVATE_SECONDARY,
             )
             .map_err(SetupError::Control)?;
         let mut want2 = c::PROC2_ENABLE_EPT;
@@ -695,12 +756,19 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         if self.unrestricted {
             want2 |= c::PROC2_UNRESTRICTED_GUEST;
         }
+        // Instructions that are #UD in the guest unless enabled: enabled where the CPU allows,
+        // otherwise CPUID hides them (`crate::cpuid::filter_guest`).
+        want2 |= (c::PROC2_ENABLE_INVPCID | c::PROC2_ENABLE_RDTSCP | c::PROC2_ENABLE_XSAVES) & caps.proc2.allowed1;
         let proc2 = caps.proc2.compute(ControlField::SecondaryProcBased, want2).map_err(SetupError::Control)?;
-        let exit = caps
-            .exit
-            .compute(ControlField::Exit, c::EXIT_HOST_ADDRESS_SPACE_SIZE | c::EXIT_SAVE_EFER | c::EXIT_LOAD_EFER)
-            .map_err(SetupError::Control)?;
-        let mut want_entry = c::ENTRY_LOAD_EFER;
+        self.proc2 = proc2;
+        // IA32_PAT switched through the VMCS where the CPU allows (25.7.1, 25.8.1).
+        let pat = caps.exit.allows(c::EXIT_SAVE_PAT | c::EXIT_LOAD_PAT) && caps.entry.allows(c::ENTRY_LOAD_PAT);
+        let want_exit = c::EXIT_HOST_ADDRESS_SPACE_SIZE
+            | c::EXIT_SAVE_EFER
+            | c::EXIT_LOAD_EFER
+            | if pat { c::EXIT_SAVE_PAT | c::EXIT_LOAD_PAT } else { 0 };
+        let exit = caps.exit.compute(ControlField::Exit, want_exit).map_err(SetupError::Control)?;
+        let mut want_entry = c::ENTRY_LOAD_EFER | if pat { c::ENTRY_LOAD_PAT } else { 0 };
         if long_mode_guest {
             want_entry |= c::ENTRY_IA32E_MODE_GUEST;
         }
@@ -710,6 +778,18 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.write(F::SECONDARY_PROCBASED_CONTROLS, u64::from(proc2))?;
         self.write(F::EXIT_CONTROLS, u64::from(exit))?;
         self.write(F::ENTRY_CONTROLS, u64::from(entry))?;
+        self.write(F::MSR_BITMAPS, self.bitmaps[0].as_u64())?;
+        self.write(F::IO_BITMAP_A, self.bitmaps[1].as_u64())?;
+        self.write(F::IO_BITMAP_B, self.bitmaps[2].as_u64())?;
+        if pat {
+            // The power-on PAT (Intel SDM Vol. 3A 13.12.4, Table 13-12) for the guest.
+            self.write(F::GUEST_IA32_PAT, 0x0007_0406_0007_0406)?;
+            let host_pat = self.hw.read_msr(crate::msr::IA32_PAT);
+            self.write(F::HOST_IA32_PAT, host_pat)?;
+        }
+        if proc2 & c::PROC2_ENABLE_XSAVES != 0 {
+            self.write(F::XSS_EXITING_BITMAP, 0)?;
+        }
         self.write(F::EXCEPTION_BITMAP, 0)?;
         self.write(F::PAGE_FAULT_ERROR_CODE_MASK, 0)?;
         self.write(F::PAGE_FAULT_ERROR_CODE_MATCH, 0)?;
@@ -899,7 +979,15 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     /// loaded, the smaller of the two). Handlers of CPUID exits (reason 10) use this.
     pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
         let walk_length = self.eptp.map_or(4, |p| p.walk_length());
-        crate::cpuid::filter_for_walk(leaf, self.hw.cpuid(leaf, subleaf), walk_length)
+        let enabled = crate::cpuid::EnabledInstructions::from_secondary(self.proc2);
+        let mut r = crate::cpuid::filter_guest(leaf, subleaf, self.hw.cpuid(leaf, subleaf), walk_length, enabled);
+        if leaf == 1 {
+            // CPUID.1:ECX.OSXSAVE mirrors CR4.OSXSAVE (Intel SDM Vol. 2A "CPUID", Table 3-10): the
+            // guest's CR4, not the host's.
+            let guest_cr4 = self.vmread(F::GUEST_CR4).unwrap_or(0);
+            r.ecx = crate::cpuid::with_osxsave(r.ecx, guest_cr4 & c::CR4_OSXSAVE != 0);
+        }
+        r
     }
 
     /// The VM-instruction error of the last failed VMX instruction (Intel SDM Vol. 3C 31.4).
@@ -924,6 +1012,50 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         self.vmwrite(F::GUEST_RIP, rip.wrapping_add(len))
     }
 
+    /// Runs `f` on the MSR bitmap.
+    fn msr_bitmap<R>(&mut self, f: impl FnOnce(&mut [u8; 4096]) -> R) -> R {
+        // SAFETY: the bitmap frame was allocated by `new` for this vCPU and is only reached here
+        // (the processor reads it during guest execution, never while this runs).
+        f(unsafe { &mut *self.alloc.phys_to_virt(self.bitmaps[0]).as_ptr().cast::<[u8; 4096]>() })
+    }
+
+    /// Lets the guest access the I/O ports `ports` without exits (Intel SDM Vol. 3C 25.6.4: bitmap
+    /// A covers 0000H-7FFFH, B 8000H-FFFFH; a clear bit lets the access run).
+    pub fn pass_through_io(&mut self, ports: core::ops::Range<u16>) {
+        for port in ports {
+            let (map, n) = if port < 0x8000 { (self.bitmaps[1], port) } else { (self.bitmaps[2], port - 0x8000) };
+            // SAFETY: an I/O bitmap frame of this vCPU (see `msr_bitmap`).
+            let b = unsafe { &mut *self.alloc.phys_to_virt(map).as_ptr().cast::<[u8; 4096]>() };
+            b[usize::from(n / 8)] &= !(1 << (n % 8));
+        }
+    }
+
+    /// Whether a guest access to `port` exits (the I/O bitmap bit).
+    pub fn io_exits(&self, port: u16) -> bool {
+        let (map, n) = if port < 0x8000 { (self.bitmaps[1], port) } else { (self.bitmaps[2], port - 0x8000) };
+        // SAFETY: an I/O bitmap frame of this vCPU, only read here.
+        let b = unsafe { &*self.alloc.phys_to_virt(map).as_ptr().cast::<[u8; 4096]>() };
+        b[usize::from(n / 8)] & (1 << (n % 8)) != 0
+    }
+
+    /// Whether an RDMSR (`write` false) or WRMSR of `msr` exits (the MSR bitmap bit).
+    pub fn msr_exits(&mut self, msr: u32, write: bool) -> bool {
+        match crate::msr::bitmap_bit(msr) {
+            Some((byte, bit)) => self.msr_bitmap(|b| b[byte + if write { 2048 } else { 0 }] & bit != 0),
+            None => true,
+        }
+    }
+
+    fn free_bitmaps(&mut self) {
+        for f in core::mem::replace(&mut self.bitmaps, [HostPhysAddr::new(0); 3]) {
+            if f.as_u64() != 0 {
+                // SAFETY: allocated by `new`; the VMCS that named it is cleared (Drop) or was
+                // never launched (VMXON failed).
+                unsafe { self.alloc.deallocate_frames(f, 1) };
+            }
+        }
+    }
+
     /// The injected hardware (tests inspect their fake through it).
     pub fn hardware(&self) -> &H {
         &self.hw
@@ -941,6 +1073,7 @@ impl<H: VmxHardware, A: FrameAllocator> Drop for VmxVcpu<H, A> {
             // SAFETY: VMCLEAR succeeded, so the processor no longer caches or uses the VMCS.
             unsafe { self.alloc.deallocate_frames(self.vmcs, 1) };
         }
+        self.free_bitmaps();
         // The VMXON region stays in use until VMXOFF; VMX operation lasts as long as the image,
         // so the region is deliberately kept.
     }

@@ -81,6 +81,8 @@ impl VmcsField {
     pub const VMCS_LINK_POINTER: Self = Self(0x2800);
     /// Guest IA32_DEBUGCTL.
     pub const GUEST_IA32_DEBUGCTL: Self = Self(0x2802);
+    /// XSS-exiting bitmap (Intel SDM Vol. 3C 25.6.20).
+    pub const XSS_EXITING_BITMAP: Self = Self(0x202C);
     /// Guest IA32_PAT.
     pub const GUEST_IA32_PAT: Self = Self(0x2804);
     /// Guest IA32_EFER.

@@ -1,7 +1,7 @@
 //! twostage-hv-x86: the runtime of twostage's bare-metal x86 hypervisor, the part of it that is
 //! neither boot code nor a test: one vCPU on one EPT with its exit handling and statistics
 //! ([`hv`]), the COM1 console with `print!`/`println!` and the exit path ([`serial`]), the host
-//! descriptor tables VMX needs ([`cpu`]), and running a multiboot guest file ([`mbguest`]).
+//! descriptor tables VMX needs ([`cpu`]), running a multiboot guest file ([`mbguest`]) and a Linux bzImage ([`linuxguest`]).
 //!
 //! The image (`images/x86-hv`) boots, sets up frames and heap and calls into this crate; the
 //! scenario suite (`twostage-scenarios-x86`) drives [`hv::Hv`].
@@ -16,7 +16,10 @@
 #![cfg(all(target_arch = "x86_64", target_os = "none"))]
 #![no_std]
 
+extern crate alloc;
+
 pub mod cpu;
 pub mod hv;
+pub mod linuxguest;
 pub mod mbguest;
 pub mod serial;

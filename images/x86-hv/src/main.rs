@@ -22,7 +22,7 @@ mod boot;
 mod multiboot;
 
 #[cfg(target_os = "none")]
-use twostage_hv_x86::{cpu, mbguest, println, serial};
+use twostage_hv_x86::{cpu, linuxguest, mbguest, println, serial};
 
 #[cfg(target_os = "none")]
 static FRAMES: twostage_baremetal::frames::Frames = twostage_baremetal::frames::Frames::empty();
@@ -47,10 +47,18 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     };
     // Read before any frame is handed out: GRUB's structures may lie in the RAM the frames
     // come from. The heap is a static arena, not frames.
-    let asked = boot
-        .cmdline()
-        .and_then(|c| twostage_baremetal::multiboot::cmdline_arg(c, "guest"))
-        .map(|g| alloc::string::String::from_utf8_lossy(g).into_owned());
+    // The hypervisor's command line (xtask's GRUB configuration): `guest=FILE [initrd=FILE]
+    // [mem=BYTES] [-- GUEST COMMAND LINE]`; everything after ` -- ` is the Linux guest's.
+    let line = boot.cmdline().map(alloc::vec::Vec::from).unwrap_or_default();
+    let (own, guest_cmdline) = match line.windows(4).position(|w| w == b" -- ") {
+        Some(i) => (&line[..i], &line[i + 4..]),
+        None => (&line[..], &b""[..]),
+    };
+    let arg = |k| twostage_baremetal::multiboot::cmdline_arg(own, k);
+    let asked = arg("guest").map(|g| alloc::string::String::from_utf8_lossy(g).into_owned());
+    let wants_initrd = arg("initrd").is_some();
+    let mem = arg("mem").and_then(|m| core::str::from_utf8(m).ok()?.parse::<u64>().ok()).unwrap_or(128 << 20);
+    let guest_cmdline = alloc::vec::Vec::from(guest_cmdline);
     let mut modules = boot.modules();
     let first_module = modules.next();
     let more_modules = modules.count();
@@ -82,7 +90,30 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     cpu::init();
     // A guest asked for on the command line (`guest=FILE`, as xtask's GRUB configuration says)
     // but not passed as a module was not loaded by GRUB: refuse, rather than run the suite.
+    let module = |m: &multiboot::Module| {
+        // SAFETY: GRUB loaded the module at `m.start..m.end`, below 4 GiB inside the boot identity
+        // map and outside the frames (which start above every module); nothing writes it.
+        unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) }
+    };
     let status = match (first_module, asked) {
+        (Some(m), _) if m.end > m.start && m.start != 0 && linuxguest::is_linux(module(&m)) => {
+            let initrd = boot.modules().nth(1);
+            if more_modules > usize::from(wants_initrd) || wants_initrd != initrd.is_some() {
+                mbguest::refuse(format_args!(
+                    "GRUB passed {} modules for a Linux guest {} an initrd",
+                    more_modules + 1,
+                    if wants_initrd { "with" } else { "without" }
+                ))
+            } else {
+                let guest = linuxguest::LinuxGuest {
+                    image: module(&m),
+                    initrd: initrd.as_ref().map(module),
+                    cmdline: &guest_cmdline,
+                    mem,
+                };
+                linuxguest::run(&FRAMES, &guest)
+            }
+        }
         (Some(_), _) if more_modules > 0 => mbguest::refuse(format_args!(
             "GRUB passed {} modules; the hypervisor runs one guest, the only module",
             more_modules + 1

@@ -56,6 +56,9 @@ impl VmxHardware for RealCpu {
     fn write_cr4(&mut self, _: u64) {
         self.unreachable()
     }
+    fn xsetbv(&mut self, _: u32, _: u64) {
+        self.unreachable()
+    }
     fn host_state(&self) -> HostState {
         self.unreachable()
     }

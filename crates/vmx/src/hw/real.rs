@@ -43,6 +43,16 @@ impl VmxHardware for RealCpu {
         CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
     }
 
+    fn xsetbv(&mut self, xcr: u32, value: u64) {
+        // SAFETY: ring 0 (constructor's promise); the caller checked the value against CPUID.0DH
+        // (`emulate::xsetbv_check`) and set CR4.OSXSAVE, so it cannot fault. The host uses no
+        // extended state (soft-float target), so XCR0 changes nothing it relies on.
+        unsafe {
+            asm!("xsetbv", in("ecx") xcr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+                options(nostack, nomem, preserves_flags))
+        };
+    }
+
     fn read_msr(&self, msr: u32) -> u64 {
         let (lo, hi): (u32, u32);
         // SAFETY: ring 0 (constructor's promise); the caller only names MSRs the CPU has.

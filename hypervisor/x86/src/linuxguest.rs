@@ -1,0 +1,233 @@
+//! Running a Linux x86_64 bzImage given as a GRUB module, on a `twostage-aspace` address space,
+//! through the 64-bit boot protocol (`twostage_baremetal::linux_x86`).
+//!
+//! Device policy, one line per device:
+//! - RAM: a demand-zero region of `mem` bytes from address 0 behind the EPT; e820 reports it
+//!   usable except the legacy hole 0xA0000-0xFFFFF (reserved).
+//! - Local APIC: the page at 0xFEE00000 is a linear region onto the processor's own APIC, mapped
+//!   as device memory (EPT memory type UC, guest PAT ignored); reserved in e820. The guest owns
+//!   the APIC (one guest per CPU); x2APIC is hidden in CPUID, APIC_BASE writes are checked.
+//! - PIC (0x20-0x21, 0xA0-0xA1), PIT (0x40-0x43, 0x61), CMOS (0x70-0x71), the POST delay port
+//!   0x80: passed through (I/O bitmap bits clear); their interrupts reach the guest directly
+//!   (external-interrupt exiting is off). Confined to this image: only the Bochs machine has them.
+//! - COM1 (0x3F8-0x3FF): passed through as well, so Linux's 8250 driver probes the real UART and
+//!   gets its interrupts; the hypervisor prints only before the guest starts and after it ends.
+//! - Port 0xF4: exits; the byte written is the run's status (like QEMU's isa-debug-exit).
+//! - Every other port exits: reads return all ones (no device), writes are dropped.
+
+use crate::{println, serial};
+use alloc::vec::Vec;
+use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
+use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
+use twostage_baremetal::frames::Frames;
+use twostage_baremetal::linux_x86::{e820_map, plan_bzimage};
+use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
+use twostage_vmx::hw::RealCpu;
+use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
+
+/// The local APIC's page (Intel SDM Vol. 3A 12.4.1: the default APIC base).
+pub const APIC_PAGE: u64 = 0xfee0_0000;
+/// Ports passed through to the Bochs machine's devices (see the module docs).
+pub const PASSED_PORTS: [core::ops::Range<u16>; 7] =
+    [0x20..0x22, 0xa0..0xa2, 0x40..0x44, 0x61..0x62, 0x70..0x72, 0x80..0x81, serial::COM1..serial::COM1 + 8];
+
+/// What the hypervisor starts: the kernel file, an optional initrd, the command line, the RAM.
+pub struct LinuxGuest<'a> {
+    /// The bzImage.
+    pub image: &'a [u8],
+    /// The initrd, if any.
+    pub initrd: Option<&'a [u8]>,
+    /// The kernel command line (without NUL).
+    pub cmdline: &'a [u8],
+    /// Guest RAM in bytes.
+    pub mem: u64,
+}
+
+/// Counters of one run.
+#[derive(Default)]
+struct Counts {
+    exits: u64,
+    faults: u64,
+    msr_gp: u64,
+    io: u64,
+}
+
+/// Checks, loads and runs the Linux guest; returns the status it wrote to port 0xf4,
+/// [`EXIT_REFUSED`] for a file that fails the checks, or [`EXIT_GUEST_STOPPED`].
+pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
+    let ram = 0..g.mem;
+    let apic = APIC_PAGE..APIC_PAGE + 0x1000;
+    let (e820, n) = e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic));
+    let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
+    let plan = match plan_bzimage(g.image, g.mem, &e820[..n], g.cmdline, initrd_len) {
+        Ok(p) => p,
+        Err(e) => return crate::mbguest::refuse(e),
+    };
+    // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
+    let cpu = unsafe { RealCpu::new() };
+    let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig::default()) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("VMXON failed: {e:?}");
+            return 3;
+        }
+    };
+    let opts = vcpu.ept_capabilities().table_options(true);
+    let Ok(mut space) = AddressSpace::<Ept4, _>::new(frames, opts) else { return 3 };
+    let regions = [
+        ("ram", 0, g.mem, MappingFlags::RWX, Backend::DemandZero),
+        (
+            "local-apic",
+            APIC_PAGE,
+            0x1000,
+            MappingFlags::RW | MappingFlags::DEVICE,
+            Backend::Linear { host: HostPhysAddr::new(APIC_PAGE) },
+        ),
+    ];
+    for (name, start, len, flags, backend) in regions {
+        let Some(r) = GpaRange::from_start_len(GuestPhysAddr::new(start), len) else { return 3 };
+        match space.add_region(name, r, flags, backend) {
+            Ok((_, f)) => space.flush_unloaded(f).expect("its own token"),
+            Err(e) => {
+                println!("{name} region: {e:?}");
+                return 3;
+            }
+        }
+    }
+    let mut cmdline = Vec::from(g.cmdline);
+    cmdline.push(0);
+    let gdt: Vec<u8> = plan.gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let tables: Vec<u8> = plan.tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect();
+    let mut blobs: Vec<(u64, &[u8])> = alloc::vec![
+        (plan.kernel_at, plan.kernel),
+        (plan.boot_params_at, &plan.boot_params[..]),
+        (plan.cmdline_at, &cmdline[..]),
+        (plan.gdt_at, &gdt[..]),
+        (plan.cr3, &tables[..]),
+    ];
+    if let (Some(at), Some(bytes)) = (plan.initrd_at, g.initrd) {
+        blobs.push((at, bytes));
+    }
+    for (gpa, bytes) in blobs {
+        match space.load_image(GuestPhysAddr::new(gpa), bytes) {
+            Ok(f) => space.flush_unloaded(f).expect("its own token"),
+            Err(e) => {
+                println!("loading {} bytes at {gpa:#x}: {e}", bytes.len());
+                return 3;
+            }
+        }
+    }
+    let entry = GuestEntry::Linux64 {
+        rip: GuestVirtAddr::new(plan.entry),
+        cr3: GuestPhysAddr::new(plan.cr3),
+        gdt: GuestPhysAddr::new(plan.gdt_at),
+        gdt_limit: (gdt.len() - 1) as u16,
+    };
+    if let Err(e) = vcpu.setup(space.table(), entry) {
+        println!("VMCS setup: {e:?}");
+        return 3;
+    }
+    for ports in PASSED_PORTS {
+        vcpu.pass_through_io(ports);
+    }
+    vcpu.regs.rsi = plan.boot_params_at;
+    println!(
+        "twostage x86-hv: Linux boot protocol {}.{:02}, entering the 64-bit entry at {:#x} (RSI={:#x}), {} MiB RAM",
+        plan.header.version >> 8,
+        plan.header.version & 0xff,
+        plan.entry,
+        plan.boot_params_at,
+        g.mem >> 20
+    );
+    let mut n = Counts::default();
+    let status = loop {
+        let exit = match vcpu.run() {
+            Ok(e) => e,
+            Err(e) => {
+                println!("VM entry failed: {e:?}");
+                break None;
+            }
+        };
+        n.exits += 1;
+        let handled = match exit {
+            VmExit::EptViolation(v) => match space.handle_fault(v.nested_page_fault_info()) {
+                FaultOutcome::Resolved { flush } => {
+                    n.faults += 1;
+                    space
+                        .flush(flush, |inv| {
+                            crate::hv::invept(&mut vcpu, inv);
+                        })
+                        .expect("its own token");
+                    vcpu.reinject_interrupted_event().map(|_| Handled::Done).map_err(Into::into)
+                }
+                other => {
+                    println!("guest fault at {:?} ({:?}): {other:?}", v.gpa, v.qualification);
+                    break None;
+                }
+            },
+            VmExit::Io(q) if !q.is_string() => {
+                n.io += 1;
+                if !q.is_in() && q.port() == 0xf4 {
+                    break Some((vcpu.regs.rax & 0xff) as u32);
+                }
+                if q.is_in() {
+                    vcpu.regs.rax = q.merge_in(vcpu.regs.rax, u64::MAX);
+                }
+                vcpu.advance_rip().map(|()| Handled::Done).map_err(Into::into)
+            }
+            VmExit::Cpuid => {
+                let r = vcpu.guest_cpuid(vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
+                vcpu.regs.rax = u64::from(r.eax);
+                vcpu.regs.rbx = u64::from(r.ebx);
+                vcpu.regs.rcx = u64::from(r.ecx);
+                vcpu.regs.rdx = u64::from(r.edx);
+                vcpu.advance_rip().map(|()| Handled::Done).map_err(Into::into)
+            }
+            VmExit::Msr { write } => {
+                let r = vcpu.handle_msr(write);
+                if r == Ok(Handled::Injected(13)) {
+                    n.msr_gp += 1;
+                }
+                r
+            }
+            VmExit::CrAccess(q) => vcpu.handle_cr_access(q),
+            VmExit::Other { reason: twostage_vmx::exit::reason::XSETBV, .. } => vcpu.handle_xsetbv(),
+            VmExit::Hlt => {
+                // HLT with interrupts off never ends (a panicked kernel's last instruction).
+                let rflags = vcpu.vmread(twostage_vmx::VmcsField::GUEST_RFLAGS).unwrap_or(0);
+                if rflags & (1 << 9) == 0 {
+                    println!("twostage x86-hv: Linux guest halted with interrupts off");
+                    break None;
+                }
+                vcpu.handle_hlt()
+            }
+            other => {
+                println!("twostage x86-hv: Linux guest stopped: {other:?}");
+                break None;
+            }
+        };
+        if let Err(e) = handled {
+            println!("twostage x86-hv: Linux guest stopped: {e}");
+            break None;
+        }
+    };
+    println!(
+        "twostage x86-hv: {} exits, {} EPT faults resolved, {} port exits, {} MSR accesses refused (#GP)",
+        n.exits, n.faults, n.io, n.msr_gp
+    );
+    match status {
+        Some(s) => {
+            println!("guest-exit-status: {s}");
+            s
+        }
+        None => u32::from(EXIT_GUEST_STOPPED),
+    }
+}
+
+/// Whether a guest module is a Linux bzImage (rather than a multiboot ELF).
+pub fn is_linux(image: &[u8]) -> bool {
+    twostage_baremetal::linux_x86::is_bzimage(image)
+}
+
+/// A refused file's status, for callers that check before [`run`].
+pub const REFUSED: u32 = EXIT_REFUSED as u32;
