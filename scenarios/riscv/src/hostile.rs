@@ -50,18 +50,6 @@ fn hostile(_: &mut Machine) -> Verdict {
     Ok(Pass::Plain)
 }
 
-/// xorshift64* (Marsaglia; Vigna's multiplier): a fixed-seed generator, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Random instruction words and random registers, run in VS-mode: every run must end in an exit
 /// the hypervisor reports (a watchdog ends loops and WFIs), and the hypervisor must carry on.
 fn random_guest(_: &mut Machine) -> Verdict {
@@ -70,7 +58,7 @@ fn random_guest(_: &mut Machine) -> Verdict {
     use twostage_npt::PageSize;
     let free0 = frames().free();
     let mut kinds: [u32; 5] = [0; 5];
-    let mut rng = Rng(0x7477_6f73_7461_6765);
+    let mut rng = twostage_harness::XorShift64Star::new(0x7477_6f73_7461_6765);
     const RUNS: u32 = 300;
     {
         let mut vm = test_vm(6)?;
@@ -84,7 +72,7 @@ fn random_guest(_: &mut Machine) -> Verdict {
             const MAJOR: [u32; 12] = [0x03, 0x23, 0x13, 0x33, 0x37, 0x17, 0x63, 0x6f, 0x67, 0x73, 0x2f, 0x0f];
             let words: Vec<u8> = (0..1024)
                 .flat_map(|_| {
-                    let r = rng.next();
+                    let r = rng.next_u64();
                     let w = match r % 16 {
                         0 | 1 => r as u32 >> 8,
                         2 | 3 => (r >> 16) as u32 & 0xffff_fffc | 0x1,
@@ -98,17 +86,17 @@ fn random_guest(_: &mut Machine) -> Verdict {
             vm.phys().write(gpa(page), &words).map_err(|e| format!("{e}"))?;
             for r in vm.regs.gpr.iter_mut().skip(1) {
                 // Half the registers point into the guest's RAM, half are anything.
-                *r = if rng.next() & 1 == 0 { CODE + (rng.next() % (8 << 20)) } else { rng.next() };
+                *r = if rng.next_u64() & 1 == 0 { CODE + (rng.next_u64() % (8 << 20)) } else { rng.next_u64() };
             }
             // a7/a6: often an SBI extension and function the hypervisor serves.
             use twostage_rvh::sbi::eid;
             const EIDS: [u64; 8] = [0, 1, 2, eid::BASE, eid::TIME, eid::DBCN, eid::SRST, eid::TWOSTAGE_TEST];
-            if rng.next() & 1 == 0 {
-                vm.regs.gpr[17] = EIDS[(rng.next() % 8) as usize];
-                vm.regs.gpr[16] = rng.next() % 4;
+            if rng.next_u64() & 1 == 0 {
+                vm.regs.gpr[17] = EIDS[(rng.next_u64() % 8) as usize];
+                vm.regs.gpr[16] = rng.next_u64() % 4;
             }
             fresh_vs_context(&vm);
-            vm.pc = page + 4 * (rng.next() % 1024);
+            vm.pc = page + 4 * (rng.next_u64() % 1024);
             vm.watchdog = Some(twostage_rvh::hw::rdtime() + 20_000); // 2 ms at 10 MHz
                                                                      // Skip whatever the guest could not do and let it carry on, up to 16 exits per run.
             for _ in 0..16 {

@@ -29,28 +29,24 @@ pub const CODE: u64 = 0x1_0000;
 /// is at least 36, Intel SDM Vol. 3A 4.1.4), so they are EPT violations, not reserved-bit faults.
 const GPA_REACH: u64 = 1 << 36;
 
-/// xorshift64* (Vigna, "An experimental exploration of Marsaglia's xorshift generators").
-pub struct Rng(u64);
+/// The hostile guests' generator: the harness's seeded xorshift64*, with the address and value
+/// choices a hostile guest makes.
+pub struct Rng(twostage_harness::XorShift64Star);
 
 impl Rng {
-    /// A generator from a non-zero seed.
+    /// A generator from a seed.
     pub const fn new(seed: u64) -> Self {
-        Self(if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed })
+        Self(twostage_harness::XorShift64Star::new(seed))
     }
 
     /// The next 64 random bits.
     pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
 
     /// A number below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.0.below(n)
     }
 
     /// An address a hostile guest would try: its RAM, the read-only region, the device, unmapped
