@@ -100,6 +100,7 @@ mod flush;
 mod fork;
 mod frames;
 pub mod guest;
+mod huge;
 mod lock;
 mod mem;
 mod region;
@@ -117,7 +118,7 @@ pub use guest::{
     Instruction, Isa,
 };
 pub use mem::{GuestMemError, GuestMemory, Pod};
-pub use region::{Backend, Region, RegionId, RegionLabel};
+pub use region::{Backend, HugePages, Region, RegionId, RegionLabel};
 pub use shared::{Invalidator, SharedAddressSpace, MAX_CPUS};
 pub use space::{AddressSpace, SpaceStats, PAGE};
 pub use table_mem::TableMemory;
