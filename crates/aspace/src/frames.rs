@@ -236,7 +236,8 @@ impl FrameRefs {
             return c.count(hpa);
         };
         let end = base + run.frames;
-        let block = [1u64 << 18, 1 << 9].into_iter().find(|&b| frame.is_multiple_of(b) && frame + b <= end).unwrap_or(1);
+        let block =
+            [1u64 << 18, 1 << 9].into_iter().find(|&b| frame.is_multiple_of(b) && frame + b <= end).unwrap_or(1);
         (0..block).map(|i| c.count(hpa + i * FRAME_SIZE as u64)).max().unwrap_or(0)
     }
 
