@@ -268,15 +268,19 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     }
 
     /// Stops logging; write-protected pages get their rights back (those not reached when
-    /// this fails get it on their next write fault; the partial change is left pending).
+    /// this fails get it on their next write fault; the partial change is left pending), and
+    /// huge pages split for the log are restored where they are uniform again
+    /// ([`AddressSpace::collapse_huge`]).
     pub fn stop_dirty_log(&mut self) -> Result<SpaceFlush<F>, DirtyLogError> {
         let Some(log) = self.dirty.take() else {
             return Err(DirtyLogError::NotLogging);
         };
-        if log.mode == DirtyMode::DirtyBits {
-            return Ok(SpaceFlush::none());
-        }
-        Ok(self.reprotect(log.range())?)
+        let flush = match log.mode {
+            DirtyMode::DirtyBits => SpaceFlush::none(),
+            DirtyMode::WriteProtect => self.reprotect(log.range())?,
+        };
+        let (_, collapsed) = self.collapse_huge(log.range());
+        Ok(flush.merge(collapsed))
     }
 
     /// Reports the pages of `range` accessed since the last call (from the table's A bits) and

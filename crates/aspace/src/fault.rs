@@ -1,10 +1,13 @@
 //! Nested page fault resolution: one entry point from a fault to a typed outcome.
 
+use crate::dirty::DirtyMode;
 use crate::error::NoFrame;
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region, RegionId};
 use crate::space::{AddressSpace, PAGE};
-use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize};
+use twostage_npt::{
+    Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, Leaf, MappingFlags, NestedPageFaultInfo, PageSize,
+};
 
 /// What a nested page fault turned out to be.
 #[must_use = "a resolved fault carries a flush that must be carried out before the guest resumes"]
@@ -153,9 +156,51 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if let Some(log) = &mut self.dirty {
             log.mark(page);
         }
-        let holders = self.refs.count(leaf.hpa);
+        if leaf.size != PageSize::Size4K {
+            return self.write_huge(r, page, &leaf);
+        }
+        self.write_4k(r, page, leaf.hpa)
+    }
+
+    /// A write fault on a read-only huge leaf of an anonymous region: if no frame of it is shared
+    /// and no write-protecting dirty log covers it, the whole leaf gets the write right back;
+    /// otherwise it is split down to 4 KiB around `page` and only that page is copied (or made
+    /// writable), as Linux does for transparent huge pages.
+    fn write_huge(&mut self, r: &Region, page: GuestPhysAddr, leaf: &Leaf) -> Result<SpaceFlush<F>, NoFrame> {
+        let protecting =
+            self.dirty.as_ref().is_some_and(|l| l.mode == DirtyMode::WriteProtect && l.range().overlaps(&leaf.range()));
+        if !protecting && self.refs.max_count(leaf.hpa, leaf.size.bytes() / PAGE) <= 1 {
+            if r.backend == Backend::CopyOnWrite {
+                self.stats.cow_reuses += 1;
+            }
+            let want = self.flags_for(r, leaf.gpa, false);
+            let f = self.table.protect(leaf.gpa, leaf.size.bytes(), want)?;
+            return Ok(SpaceFlush::from_table(f));
+        }
+        let mut flush = SpaceFlush::none();
+        if self.split_around(page, &mut flush).is_err() {
+            self.defer(flush);
+            return Err(NoFrame);
+        }
+        let Some(small) = self.table.query(page) else {
+            self.defer(flush);
+            return Err(NoFrame);
+        };
+        match self.write_4k(r, page, small.hpa) {
+            Ok(f) => Ok(flush.merge(f)),
+            Err(e) => {
+                self.defer(flush);
+                Err(e)
+            }
+        }
+    }
+
+    /// A write fault on read-only 4 KiB page `page` (frame `hpa`) of an anonymous region: a
+    /// private copy if the frame is shared, else the write right back.
+    fn write_4k(&mut self, r: &Region, page: GuestPhysAddr, hpa: HostPhysAddr) -> Result<SpaceFlush<F>, NoFrame> {
+        let holders = self.refs.frame_count(hpa);
         if holders > 1 {
-            self.break_cow(r, page, leaf.hpa)
+            self.break_cow(r, page, hpa)
         } else {
             if r.backend == Backend::CopyOnWrite && holders == 1 {
                 self.stats.cow_reuses += 1;
@@ -166,14 +211,51 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
     }
 
-    /// Gives page `page` a private copy of the shared frame `old`.
+    /// Gives page `page` a private copy of its shared frame, for a write about to happen. A
+    /// huge leaf covering `page` is split down to 4 KiB first; if the page's own frame turns
+    /// out not to be shared (`old` was a huge leaf's base, which speaks for the whole leaf), the
+    /// page only gets the write right back.
     pub(crate) fn break_cow(
         &mut self,
         r: &Region,
         page: GuestPhysAddr,
-        old: twostage_npt::HostPhysAddr,
+        old: HostPhysAddr,
     ) -> Result<SpaceFlush<F>, NoFrame> {
-        let new = self.alloc.allocate_frame().ok_or(NoFrame)?;
+        let mut flush = SpaceFlush::none();
+        let old = match self.table.query(page) {
+            Some(l) if l.size != PageSize::Size4K => {
+                if self.split_around(page, &mut flush).is_err() {
+                    self.defer(flush);
+                    return Err(NoFrame);
+                }
+                l.translate(page)
+            }
+            Some(l) => l.hpa,
+            None => old,
+        };
+        if self.refs.frame_count(old) <= 1 {
+            // The last holder: the write right back (the write that follows is logged now, so
+            // that a write-protecting log lets it through).
+            if let Some(log) = &mut self.dirty {
+                log.mark(page);
+            }
+            let want = self.flags_for(r, page, false);
+            return match self.table.protect(page, PAGE, want) {
+                Ok(f) => {
+                    self.stats.cow_reuses += 1;
+                    flush.add(f);
+                    Ok(flush)
+                }
+                Err(_) => {
+                    self.defer(flush);
+                    Err(NoFrame)
+                }
+            };
+        }
+        let Some(new) = self.alloc.allocate_frame() else {
+            self.defer(flush);
+            return Err(NoFrame);
+        };
         self.fill_frame(new, Some(old));
         self.refs.insert_new(new);
         let flags = self.flags_for(r, page, false);
@@ -183,12 +265,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.frames_allocated += 1;
                 self.stats.cow_copies += 1;
                 self.retire(page, old);
-                Ok(SpaceFlush::from_table(f))
+                flush.add(f);
+                Ok(flush)
             }
             Err(_) => {
-                self.refs.release(new);
+                self.refs.release_range(new, 1, |_, _| {});
                 // SAFETY: `new` came from `allocate_frame` above and was never mapped.
                 unsafe { self.alloc.deallocate_frames(new, 1) };
+                self.defer(flush);
                 Err(NoFrame)
             }
         }

@@ -73,9 +73,10 @@ impl<F: Format> core::fmt::Debug for SpaceFlush<F> {
 pub(crate) struct Pending<F: Format> {
     /// Table flush of changes whose token the caller never got.
     pub(crate) table: Option<Flush<F>>,
-    /// Data frames unmapped from a page (guest-physical address, frame): released once an
-    /// invalidation covering that page has been carried out.
-    pub(crate) release: Vec<(GuestPhysAddr, HostPhysAddr)>,
+    /// Data frames unmapped from a page (guest-physical base of the leaf, first frame, frames:
+    /// 1, or 512 / 262,144 for a huge leaf): released once an invalidation covering that leaf
+    /// has been carried out.
+    pub(crate) release: Vec<(GuestPhysAddr, HostPhysAddr, u64)>,
 }
 
 impl<F: Format> Pending<F> {
@@ -89,15 +90,17 @@ impl<F: Format> Pending<F> {
     }
 
     /// Takes out the frames whose page `inv` (just carried out) covers.
-    pub(crate) fn take_covered(&mut self, inv: &InvalidationOf<'_, F>) -> Vec<HostPhysAddr> {
+    pub(crate) fn take_covered(&mut self, inv: &InvalidationOf<'_, F>) -> Vec<(HostPhysAddr, u64)> {
         let mut out = Vec::new();
         match coverage::<F>(inv) {
             Coverage::Nothing => {}
-            Coverage::All => out.extend(self.release.drain(..).map(|(_, h)| h)),
-            Coverage::Pages(pages) => self.release.retain(|&(gpa, hpa)| {
+            Coverage::All => out.extend(self.release.drain(..).map(|(_, h, n)| (h, n))),
+            // A by-address fence at a huge leaf's base drops that leaf's translations (the
+            // address is the one the table noted for the leaf).
+            Coverage::Pages(pages) => self.release.retain(|&(gpa, hpa, n)| {
                 let covered = pages.contains(&gpa);
                 if covered {
-                    out.push(hpa);
+                    out.push((hpa, n));
                 }
                 !covered
             }),

@@ -41,11 +41,11 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         // Nothing has changed if this fails.
         let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
         let (table, parent_flush) = self.table.try_clone_protected(&anon, |leaf| {
-            // Anonymous pages are 4 KiB leaves.
-            debug_assert_eq!(leaf.size, PageSize::Size4K);
+            // A huge leaf holds one reference to each frame it maps.
+            let frames = leaf.size.bytes() / PAGE;
             match runs.last_mut() {
-                Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += 1,
-                _ => runs.push((leaf.hpa, 1)),
+                Some((h, n)) if h.checked_add(*n * PAGE) == Some(leaf.hpa) => *n += frames,
+                _ => runs.push((leaf.hpa, frames)),
             }
         })?;
         for (first, n) in runs {
@@ -63,6 +63,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             dirty: None,
             stats: SpaceStats::default(),
             pending: Pending::new(),
+            huge: self.huge,
+            mixed: self.mixed.clone(),
         };
         for r in self.regions.values_mut() {
             if r.backend.owns_frames() {
@@ -124,14 +126,16 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             .ok_or(ShareError::Add(crate::AddRegionError::OutOfRange { range: r.range, gpa_bits: F::GPA_BITS }))?;
         let (id, mut flush) = self.add_region(name, range, r.flags, Backend::CopyOnWrite)?;
         let mut leaves = Vec::new();
-        src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push((leaf.gpa, leaf.hpa)));
+        src.table.for_each_leaf(r.range.start, r.range.len(), |leaf| leaves.push((leaf.gpa, leaf.hpa, leaf.size)));
         let ro = r.flags.difference(MappingFlags::WRITE);
-        for (gpa, hpa) in leaves {
+        for (gpa, hpa, size) in leaves {
             let at = dst + (gpa - r.range.start);
-            match self.table.map(at, hpa, PAGE, ro, MapSize::Exactly(PageSize::Size4K)) {
+            // A huge leaf is shared as 4 KiB pages (`dst` need not be aligned like the source);
+            // each page holds one reference to its frame.
+            match self.table.map(at, hpa, size.bytes(), ro, MapSize::Exactly(PageSize::Size4K)) {
                 Ok(f) => {
                     flush.add(f);
-                    self.refs.share_all([hpa]);
+                    self.refs.share_run(hpa, size.bytes() / PAGE);
                 }
                 Err(e) => {
                     // Take the region out again: its flush releases the references taken so far.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -22,6 +23,16 @@ const FRAME_SHIFT: u32 = FRAME_SIZE.trailing_zeros();
 /// The counts are flat arrays indexed by frame number, one per 16 MiB chunk of host memory
 /// that holds a counted frame (sorted by chunk, with the last chunk used remembered), so a
 /// count is an index, not a tree search. Cloning gives another handle to the same table.
+///
+/// # Huge pages: runs
+/// A huge page is backed by one allocation of 512 (2 MiB) or 262,144 (1 GiB) frames, which the
+/// allocator must get back whole. It is registered as a *run* ([`FrameRefs::insert_run`]):
+/// every frame of the run still has its own count (a huge leaf holds one reference to each, so
+/// splitting a huge leaf into 4 KiB leaves changes no count, and a copy-on-write break or an
+/// unmap of one 4 KiB page of it drops only that frame's count), and the run remembers how many
+/// of its frames are still counted. A frame of a run whose count drops to 0 is not freed: the
+/// run is freed, whole and once, when its last counted frame drops to 0. So no part of a run is
+/// ever handed back while another part may still be mapped, and none is handed back twice.
 #[derive(Clone, Default)]
 pub struct FrameRefs {
     inner: Arc<spin::Mutex<Counts>>,
@@ -36,10 +47,20 @@ struct Chunk {
     counts: Box<[u32]>,
 }
 
+/// One multi-frame allocation (a huge page's backing), by its base.
+struct Run {
+    /// Frames in the allocation.
+    frames: u64,
+    /// Frames of it whose count is above 0.
+    live: u64,
+}
+
 #[derive(Default)]
 struct Counts {
     /// Sorted by `key`.
     chunks: Vec<Chunk>,
+    /// Multi-frame allocations, by the frame number of their base.
+    runs: BTreeMap<u64, Run>,
     /// Index in `chunks` of the chunk used last (a hint; checked before use).
     last: usize,
     /// Frames with a count above 0.
@@ -93,13 +114,15 @@ impl Counts {
         self.find(key).map_or(0, |i| self.chunks[i].counts[idx])
     }
 
-    fn release(&mut self, hpa: HostPhysAddr) -> bool {
+    /// Drops one holder of `hpa`; returns the allocation to free (its base and frame count)
+    /// when that was the last holder of the frame and, for a frame of a run, of the whole run.
+    fn release(&mut self, hpa: HostPhysAddr) -> Option<(HostPhysAddr, u64)> {
         let (key, idx) = split(hpa);
-        let Some(i) = self.find(key) else { return false };
+        let i = self.find(key)?;
         let c = &mut self.chunks[i];
         match c.counts[idx] {
             // Not registered: never ours to free.
-            0 => false,
+            0 => None,
             1 => {
                 c.counts[idx] = 0;
                 c.live -= 1;
@@ -108,13 +131,51 @@ impl Counts {
                     self.chunks.remove(i);
                     self.last = 0;
                 }
-                true
+                self.last_of_run(hpa)
             }
             _ => {
                 c.counts[idx] -= 1;
-                false
+                None
             }
         }
+    }
+
+    /// Frame `hpa` just lost its last holder: the allocation that is now free, if any.
+    fn last_of_run(&mut self, hpa: HostPhysAddr) -> Option<(HostPhysAddr, u64)> {
+        let frame = hpa.as_u64() >> FRAME_SHIFT;
+        let Some((&base, run)) = self.runs.range_mut(..=frame).next_back().filter(|(b, r)| frame < *b + r.frames)
+        else {
+            return Some((hpa, 1));
+        };
+        run.live -= 1;
+        if run.live > 0 {
+            return None;
+        }
+        let n = run.frames;
+        self.runs.remove(&base);
+        Some((HostPhysAddr::new(base << FRAME_SHIFT), n))
+    }
+
+    /// Adds `by` to the counts of `n` frames from `first` on; returns how many were at 0.
+    fn add_run(&mut self, first: HostPhysAddr, n: u64) -> u64 {
+        let mut frame = first.as_u64() >> FRAME_SHIFT;
+        let end = frame + n;
+        let mut born_total = 0;
+        while frame < end {
+            let (i, idx) = self.slot_mut(HostPhysAddr::new(frame << FRAME_SHIFT));
+            let take = (CHUNK_FRAMES - idx).min((end - frame) as usize);
+            let chunk = &mut self.chunks[i];
+            let mut born = 0;
+            for count in &mut chunk.counts[idx..idx + take] {
+                born += u32::from(*count == 0);
+                *count += 1;
+            }
+            chunk.live += born;
+            self.frames += born as usize;
+            born_total += u64::from(born);
+            frame += take as u64;
+        }
+        born_total
     }
 }
 
@@ -138,7 +199,8 @@ impl FrameRefs {
     }
 
     /// Adds one holder to each frame of `frames` (one lock for all of them).
-    pub(crate) fn share_all(&self, frames: impl IntoIterator<Item = HostPhysAddr>) {
+    #[cfg(test)]
+    fn share_all(&self, frames: impl IntoIterator<Item = HostPhysAddr>) {
         let mut c = self.inner.lock();
         for hpa in frames {
             c.add(hpa, 1);
@@ -148,46 +210,89 @@ impl FrameRefs {
     /// Adds one holder to each of `n` registered frames from `first` on (one lock, one chunk
     /// lookup per 16 MiB).
     pub(crate) fn share_run(&self, first: HostPhysAddr, n: u64) {
+        self.inner.lock().add_run(first, n);
+    }
+
+    /// Registers a newly allocated run of `n` frames from `first` (one allocation, the backing
+    /// of a huge page) with count 1 on each frame; it is freed whole when the last of its frames
+    /// is released (see the type's documentation).
+    pub(crate) fn insert_run(&self, first: HostPhysAddr, n: u64) {
         let mut c = self.inner.lock();
-        let mut frame = first.as_u64() >> FRAME_SHIFT;
-        let end = frame + n;
-        while frame < end {
-            let (i, idx) = c.slot_mut(HostPhysAddr::new(frame << FRAME_SHIFT));
-            let take = (CHUNK_FRAMES - idx).min((end - frame) as usize);
-            let chunk = &mut c.chunks[i];
-            let mut born = 0;
-            for count in &mut chunk.counts[idx..idx + take] {
-                born += u32::from(*count == 0);
-                *count += 1;
-            }
-            chunk.live += born;
-            c.frames += born as usize;
-            frame += take as u64;
+        let born = c.add_run(first, n);
+        debug_assert_eq!(born, n, "run {first:?} overlaps registered frames");
+        if n > 1 {
+            c.runs.insert(first.as_u64() >> FRAME_SHIFT, Run { frames: n, live: n });
         }
     }
 
-    /// How many holders a frame has (0 if unknown).
+    /// How many holders a frame has (0 if unknown). For a frame of a huge-page run at a 2 MiB
+    /// or 1 GiB boundary of the run, the most any frame of that aligned block of the run has:
+    /// a leaf mapping the block from there (a huge leaf, or its 2 MiB pieces after a split) is
+    /// shared when any page of it is, and its base is what callers ask about.
     pub fn count(&self, hpa: HostPhysAddr) -> u32 {
+        let mut c = self.inner.lock();
+        let frame = hpa.as_u64() >> FRAME_SHIFT;
+        let Some((&base, run)) = c.runs.range(..=frame).next_back().filter(|(b, r)| frame < *b + r.frames) else {
+            return c.count(hpa);
+        };
+        let end = base + run.frames;
+        let block =
+            [1u64 << 18, 1 << 9].into_iter().find(|&b| frame.is_multiple_of(b) && frame + b <= end).unwrap_or(1);
+        (0..block).map(|i| c.count(hpa + i * FRAME_SIZE as u64)).max().unwrap_or(0)
+    }
+
+    /// How many holders exactly this frame has (0 if unknown).
+    pub(crate) fn frame_count(&self, hpa: HostPhysAddr) -> u32 {
         self.inner.lock().count(hpa)
     }
 
-    /// Drops one holder; returns `true` when that was the last one (the caller frees the frame).
-    pub(crate) fn release(&self, hpa: HostPhysAddr) -> bool {
-        self.inner.lock().release(hpa)
+    /// The largest count among the `n` frames from `first` on (a huge leaf is private only when
+    /// every frame it maps has one holder).
+    pub fn max_count(&self, first: HostPhysAddr, n: u64) -> u32 {
+        let mut c = self.inner.lock();
+        (0..n).map(|i| c.count(first + i * FRAME_SIZE as u64)).max().unwrap_or(0)
     }
 
-    /// Drops one holder of each frame of `frames` (one lock for all of them) and calls `free`
-    /// for each frame whose last holder that was.
-    pub(crate) fn release_all(&self, frames: &[HostPhysAddr], mut free: impl FnMut(HostPhysAddr)) {
+    /// Drops one holder of each of the `n` frames from `first` on (one lock) and calls `free`
+    /// with each allocation (base, frames) whose last holder that was.
+    pub(crate) fn release_range(&self, first: HostPhysAddr, n: u64, mut free: impl FnMut(HostPhysAddr, u64)) {
+        let mut c = self.inner.lock();
+        for i in 0..n {
+            if let Some((base, frames)) = c.release(first + i * FRAME_SIZE as u64) {
+                free(base, frames);
+            }
+        }
+    }
+
+    /// Drops one holder of each frame of each `(first, n)` of `frames` (one lock for all of
+    /// them) and calls `free` with each allocation (base, frames) whose last holder that was:
+    /// a single frame, or a whole run once its last frame is released.
+    pub(crate) fn release_all(&self, frames: &[(HostPhysAddr, u64)], mut free: impl FnMut(HostPhysAddr, u64)) {
         if frames.is_empty() {
             return;
         }
         let mut c = self.inner.lock();
-        for &hpa in frames {
-            if c.release(hpa) {
-                free(hpa);
+        for &(first, n) in frames {
+            for i in 0..n {
+                if let Some((base, count)) = c.release(first + i * FRAME_SIZE as u64) {
+                    free(base, count);
+                }
             }
         }
+    }
+
+    /// Whether the `n` frames from `first` on all lie in one run (one huge-page allocation), so
+    /// that a leaf of that size may map them: its base then speaks for all of them in
+    /// [`FrameRefs::count`].
+    pub(crate) fn in_one_run(&self, first: HostPhysAddr, n: u64) -> bool {
+        let c = self.inner.lock();
+        let frame = first.as_u64() >> FRAME_SHIFT;
+        c.runs.range(..=frame).next_back().is_some_and(|(b, r)| frame + n <= *b + r.frames)
+    }
+
+    /// Runs (huge-page allocations) not yet freed.
+    pub fn runs(&self) -> usize {
+        self.inner.lock().runs.len()
     }
 
     /// Whether both handles reach the same table.
@@ -218,11 +323,11 @@ mod tests {
         refs.insert_new(a);
         refs.share(a);
         assert_eq!(refs.count(a), 2);
-        assert!(!refs.release(a));
-        assert!(refs.release(a));
+        assert_eq!(refs.inner.lock().release(a), None);
+        assert_eq!(refs.inner.lock().release(a), Some((a, 1)));
         assert_eq!(refs.count(a), 0);
         // A frame never registered is never ours to free.
-        assert!(!refs.release(a));
+        assert_eq!(refs.inner.lock().release(a), None);
         let other = refs.clone();
         other.insert_new(a);
         assert_eq!(refs.frames(), 1, "clones share one table");
@@ -244,11 +349,15 @@ mod tests {
         assert_eq!(refs.count(low + 0x1000), 0, "a neighbour is not counted");
         assert_eq!(refs.frames(), 3);
         let mut freed = Vec::new();
-        refs.release_all(&[low, mid, far, far, low], |h| freed.push(h));
+        let one = |h| (h, 1);
+        refs.release_all(&[low, mid, far, far, low].map(one), |h, n| {
+            assert_eq!(n, 1);
+            freed.push(h)
+        });
         assert_eq!(freed, [low, far], "freed on the last release only; an unknown frame is not freed");
         assert_eq!(refs.count(mid), 2);
         assert_eq!(refs.frames(), 1);
-        refs.release_all(&[mid, mid], |h| freed.push(h));
+        refs.release_all(&[mid, mid].map(one), |h, _| freed.push(h));
         assert_eq!(freed.last(), Some(&mid));
         assert_eq!(refs.frames(), 0);
         // A run across a chunk boundary.
@@ -259,5 +368,41 @@ mod tests {
             assert_eq!(refs.count(edge + i * FRAME_SIZE as u64), 1);
         }
         assert_eq!(refs.count(edge + 4 * FRAME_SIZE as u64), 0);
+    }
+
+    #[test]
+    fn a_run_is_freed_whole_once_its_last_frame_goes() {
+        let refs = FrameRefs::new();
+        let base = HostPhysAddr::new(0x4020_0000);
+        let lone = HostPhysAddr::new(0x4000_0000);
+        refs.insert_new(lone);
+        refs.insert_run(base, 512);
+        assert_eq!((refs.frames(), refs.runs()), (513, 1));
+        // A fork shares the whole huge leaf; one side then drops frames one by one (a split
+        // and copy-on-write breaks), the other drops the huge leaf.
+        refs.share_run(base, 512);
+        assert_eq!(refs.max_count(base, 512), 2);
+        refs.release_all(&[(base + 0x5000, 1)], |_, _| unreachable!());
+        assert_eq!(refs.frame_count(base), 2);
+        assert_eq!(refs.frame_count(base + 0x5000), 1);
+        refs.release_all(&[(base, 1)], |_, _| unreachable!());
+        assert_eq!(refs.frame_count(base), 1);
+        assert_eq!(refs.count(base), 2, "the base of a run speaks for its block: frame 1 is still shared");
+        refs.share_run(base, 1);
+        refs.share_run(base + 0x5000, 1);
+        let mut freed = Vec::new();
+        refs.release_all(&[(base + 0x1000, 1), (base + 0x3000, 1)], |h, n| freed.push((h, n)));
+        assert_eq!(refs.max_count(base, 512), 2);
+        refs.release_range(base, 512, |h, n| freed.push((h, n)));
+        assert!(freed.is_empty(), "frames 1 and 3 are gone, the rest still held: nothing freed");
+        assert_eq!(refs.count(base + 0x1000), 0);
+        assert_eq!(refs.max_count(base, 512), 1);
+        for i in (0..512u64).filter(|i| ![1, 3].contains(i)) {
+            refs.release_all(&[(base + i * 0x1000, 1)], |h, n| freed.push((h, n)));
+        }
+        assert_eq!(freed, [(base, 512)], "the run is freed whole, once");
+        assert_eq!((refs.frames(), refs.runs()), (1, 0));
+        refs.release_all(&[(lone, 1)], |h, n| freed.push((h, n)));
+        assert_eq!(freed.last(), Some(&(lone, 1)), "a lone frame next to a run is freed alone");
     }
 }

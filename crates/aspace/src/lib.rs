@@ -7,6 +7,12 @@
 //!   ([`AddressSpace::handle_fault`] → [`FaultOutcome`]), copy-on-write [`AddressSpace::fork`],
 //!   dirty logging ([`AddressSpace::start_dirty_log`], [`AddressSpace::harvest_dirty`]) and a
 //!   text dump (`impl Display`).
+//! - [`HugePages`]: huge-page (THP-like) backing of anonymous regions, on by default: the first
+//!   touch of an untouched aligned 2 MiB (or 1 GiB) block wholly inside the region maps one huge
+//!   page from one aligned run of frames, else 4 KiB. A copy-on-write break on a huge page splits
+//!   it and copies 4 KiB; a dirty log splits what it must; [`AddressSpace::collapse_huge`] (and
+//!   [`AddressSpace::stop_dirty_log`]) restore huge pages. A run is counted per frame in
+//!   [`FrameRefs`] and freed whole, once, when its last frame is released.
 //! - [`SpaceFlush`]: every change returns one (`#[must_use]`): the table invalidation it needs.
 //!   Carry it out with [`AddressSpace::flush`]. The data frames a change unmapped wait in the
 //!   space's pending list until an invalidation covering them has run, so a dropped token
@@ -100,6 +106,7 @@ mod flush;
 mod fork;
 mod frames;
 pub mod guest;
+mod huge;
 mod lock;
 mod mem;
 mod region;
@@ -117,7 +124,7 @@ pub use guest::{
     Instruction, Isa,
 };
 pub use mem::{GuestMemError, GuestMemory, Pod};
-pub use region::{Backend, Region, RegionId, RegionLabel};
+pub use region::{Backend, HugePages, Region, RegionId, RegionLabel};
 pub use shared::{Invalidator, SharedAddressSpace, MAX_CPUS};
 pub use space::{AddressSpace, SpaceStats, PAGE};
 pub use table_mem::TableMemory;

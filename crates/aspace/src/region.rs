@@ -25,9 +25,10 @@ pub enum Backend {
         /// Host-physical address of the region's first byte.
         host: HostPhysAddr,
     },
-    /// Anonymous memory: a 4 KiB frame is allocated and zeroed on the first touch of each page
-    /// (or all at once with [`crate::AddressSpace::populate`]); the frames belong to the
-    /// address space. After a fork its frames are shared copy-on-write.
+    /// Anonymous memory: a frame is allocated and zeroed on the first touch of each page (or
+    /// all at once with [`crate::AddressSpace::populate`]); the frames belong to the address
+    /// space. The page is 2 MiB or 1 GiB where the region's [`HugePages`] policy allows (by
+    /// default), else 4 KiB. After a fork its frames are shared copy-on-write.
     DemandZero,
     /// Anonymous memory whose frames are (or were) shared with another address space: what a
     /// demand-zero region becomes in both spaces after [`crate::AddressSpace::fork`], and what
@@ -56,6 +57,40 @@ impl Backend {
     }
 }
 
+/// Huge-page backing of anonymous memory (THP-like): whether the first touch of an untouched,
+/// suitably aligned block of a demand-zero (or not yet touched copy-on-write) region maps a
+/// whole 2 MiB or 1 GiB page, saving one nested page fault per 4 KiB page. What Firecracker's
+/// `huge_pages` machine option and QEMU's hugepage-backed memory give, chosen per region.
+///
+/// A huge page is used only where the whole aligned block lies inside the region (never across
+/// its edge, so never over an MMIO region or a hole), no page of the block is mapped yet, no
+/// dirty log covers it, the table's [`twostage_npt::TableOptions::leaf_sizes`] allow the size,
+/// and the allocator has a free aligned run of frames for it
+/// (`allocate_frames(512, 512)` for 2 MiB); otherwise the touch maps 4 KiB as before. Set it
+/// with [`crate::AddressSpace::set_huge_pages`] (regions added later) or
+/// [`crate::AddressSpace::set_region_huge_pages`]; the default is [`HugePages::Always`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// 4 KiB pages only (Firecracker `huge_pages: None`, THP `never`).
+    Never,
+    /// 2 MiB pages where they fit (Firecracker `huge_pages: 2M`).
+    Size2M,
+    /// The largest page that fits: 1 GiB where the table allows it, else 2 MiB (THP `always`).
+    #[default]
+    Always,
+}
+
+impl HugePages {
+    /// Whether pages of `size` may back a first touch.
+    pub const fn allows(self, size: twostage_npt::PageSize) -> bool {
+        match size {
+            twostage_npt::PageSize::Size4K => true,
+            twostage_npt::PageSize::Size2M => !matches!(self, Self::Never),
+            _ => matches!(self, Self::Always),
+        }
+    }
+}
+
 /// One region: a page-aligned guest-physical range with rights and a backend.
 #[derive(Clone, Debug)]
 pub struct Region {
@@ -64,6 +99,7 @@ pub struct Region {
     pub(crate) range: GpaRange,
     pub(crate) flags: MappingFlags,
     pub(crate) backend: Backend,
+    pub(crate) huge: HugePages,
 }
 
 impl Region {
@@ -86,6 +122,10 @@ impl Region {
     /// Where its memory comes from.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+    /// Its huge-page policy (used by anonymous regions only).
+    pub fn huge_pages(&self) -> HugePages {
+        self.huge
     }
     /// Host address backing `gpa` for a linear region.
     pub(crate) fn linear_hpa(&self, gpa: GuestPhysAddr) -> Option<HostPhysAddr> {

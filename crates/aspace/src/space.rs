@@ -5,8 +5,8 @@ use crate::error::NoFrame;
 use crate::error::*;
 use crate::flush::{ForeignSpaceFlush, Pending, SpaceFlush};
 use crate::frames::FrameRefs;
-use crate::region::{Backend, Region, RegionId, RegionLabel};
-use alloc::collections::BTreeMap;
+use crate::region::{Backend, HugePages, Region, RegionId, RegionLabel};
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use twostage_npt::{
     Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, InvalidationOf, MapSize, MappingFlags, PageSize,
@@ -27,6 +27,18 @@ pub struct SpaceStats {
     pub cow_reuses: u64,
     /// Faults resolved in total.
     pub faults_resolved: u64,
+    /// 2 MiB pages mapped by a first touch or populate (huge-page backing).
+    pub huge_2m_mapped: u64,
+    /// 1 GiB pages mapped by a first touch or populate.
+    pub huge_1g_mapped: u64,
+    /// First touches where a huge page fitted but no aligned run of frames could be had (4 KiB
+    /// was mapped instead).
+    pub huge_fallbacks: u64,
+    /// Huge leaves of anonymous regions split by a copy-on-write break or a write under a
+    /// write-protecting dirty log.
+    pub huge_splits: u64,
+    /// Huge leaves restored by [`AddressSpace::collapse_huge`].
+    pub huge_collapses: u64,
 }
 
 /// A guest's physical address space: non-overlapping [`Region`]s over one nested
@@ -45,6 +57,11 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     /// What changes still owe: the table flush of changes whose token the space kept (failed
     /// operations, guest-memory writes) and the data frames awaiting an invalidation.
     pub(crate) pending: Pending<F>,
+    /// Huge-page policy given to regions added from now on.
+    pub(crate) huge: HugePages,
+    /// Aligned blocks (level, base) seen holding a leaf: no huge page is tried there again
+    /// (a hint that only ever withholds a huge page; cleared when a region goes).
+    pub(crate) mixed: BTreeSet<(usize, GuestPhysAddr)>,
 }
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
@@ -67,6 +84,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             dirty: None,
             stats: SpaceStats::default(),
             pending: Pending::new(),
+            huge: HugePages::default(),
+            mixed: BTreeSet::new(),
         })
     }
 
@@ -149,7 +168,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         let id = RegionId(self.next_id);
         self.next_id += 1;
-        self.regions.insert(range.start, Region { id, name, range, flags, backend });
+        self.regions.insert(range.start, Region { id, name, range, flags, backend, huge: self.huge });
         // A linear region added while a dirty log runs over it is armed like the rest.
         if let Some(log_range) = self.dirty_log_range() {
             if matches!(backend, Backend::Linear { .. }) && log_range.overlaps(&range) {
@@ -186,10 +205,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let (range, owns) = (r.range, r.backend.owns_frames());
         let mut release = Vec::new();
         if owns {
-            self.table.for_each_leaf(range.start, range.len(), |leaf| release.push((leaf.gpa, leaf.hpa)));
+            self.table.for_each_leaf(range.start, range.len(), |leaf| {
+                release.push((leaf.gpa, leaf.hpa, leaf.size.bytes() / PAGE))
+            });
         }
         let f = self.table.unmap(range.start, range.len())?;
         self.regions.remove(&key);
+        self.mixed.retain(|(_, b)| !range.contains(*b));
         self.pending.release.append(&mut release);
         Ok(SpaceFlush::from_table(f))
     }
@@ -269,8 +291,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         flags
     }
 
-    /// Backs every untouched page of an anonymous region with a zeroed frame now. If it stops
-    /// (no frame), the pages backed so far stay, their invalidation left pending.
+    /// Backs every untouched page of an anonymous region with a zeroed frame now (with huge
+    /// pages where the region's [`HugePages`] policy and the allocator allow). If it stops (no
+    /// frame), the pages backed so far stay, their invalidation left pending.
     pub fn populate(&mut self, id: RegionId) -> Result<SpaceFlush<F>, PopulateError> {
         let key = self.key_of(id).ok_or(PopulateError::NoSuchRegion(id))?;
         let r = self.regions[&key].clone();
@@ -294,13 +317,19 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     }
                 }
             }
-            gpa = gpa + PAGE;
+            // Past the page just mapped (or found), which may be huge.
+            let size = self.table.query(gpa).map_or(PAGE, |l| l.size.bytes());
+            gpa = gpa.align_down(size) + size;
         }
         Ok(flush)
     }
 
-    /// Maps untouched page `gpa` of anonymous region `r` with a new zeroed frame.
+    /// Maps untouched page `gpa` of anonymous region `r` with a new zeroed frame: a huge page
+    /// covering it where one fits (see [`HugePages`]), else 4 KiB.
     pub(crate) fn map_anon_page(&mut self, r: &Region, gpa: GuestPhysAddr) -> Result<twostage_npt::Flush<F>, NoFrame> {
+        if let Some(f) = self.map_huge_at(r, gpa) {
+            return Ok(f);
+        }
         self.map_new_frame(r, gpa, None)
     }
 
@@ -323,7 +352,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 Ok(f)
             }
             Err(_) => {
-                self.refs.release(hpa);
+                self.refs.release_range(hpa, 1, |_, _| {});
                 // SAFETY: `hpa` came from `allocate_frame` just above and was never mapped.
                 unsafe { self.alloc.deallocate_frames(hpa, 1) };
                 Err(NoFrame)
@@ -399,18 +428,22 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// was invalidated as a whole since it last ran).
     pub fn flush_unloaded(&mut self, flush: SpaceFlush<F>) -> Result<(), ForeignSpaceFlush<F>> {
         self.flush(flush, |_| {})?;
-        let all: Vec<HostPhysAddr> = self.pending.release.drain(..).map(|(_, h)| h).collect();
+        let all: Vec<(HostPhysAddr, u64)> = self.pending.release.drain(..).map(|(_, h, n)| (h, n)).collect();
         self.release_frames(&all);
         Ok(())
     }
 
-    pub(crate) fn release_frames(&mut self, frames: &[HostPhysAddr]) {
+    /// Drops one holder of each frame of each `(first, frames)` and frees what lost its last
+    /// holder: a single frame, or a huge page's whole run once the last of its frames goes.
+    pub(crate) fn release_frames(&mut self, frames: &[(HostPhysAddr, u64)]) {
         let alloc = &self.alloc;
-        self.refs.release_all(frames, |hpa| {
-            // SAFETY: the frame came from `allocate_frame` on this allocator (or a clone
-            // reaching the same memory), its last holder just dropped it, and an invalidation
-            // covering the page it was mapped at has been carried out (or the table is unloaded).
-            unsafe { alloc.deallocate_frames(hpa, 1) };
+        self.refs.release_all(frames, |base, n| {
+            // SAFETY: `base..base + n` is one allocation of `n` frames from this allocator (or a
+            // clone reaching the same memory): a frame from `allocate_frame`, or a run from
+            // `allocate_frames(n, n)` registered whole with `insert_run`. Every frame of it just
+            // lost its last holder, and an invalidation covering every page it was mapped at has
+            // been carried out (or the table is unloaded).
+            unsafe { alloc.deallocate_frames(base, n as usize) };
         });
     }
 
@@ -427,7 +460,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// Records that data frame `hpa`, mapped at `gpa`, was unmapped: it is released once an
     /// invalidation covering `gpa` has been carried out.
     pub(crate) fn retire(&mut self, gpa: GuestPhysAddr, hpa: HostPhysAddr) {
-        self.pending.release.push((gpa, hpa));
+        self.pending.release.push((gpa, hpa, 1));
     }
 }
 
@@ -435,9 +468,10 @@ impl<F: Format, A: FrameAllocator + Clone> Drop for AddressSpace<F, A> {
     fn drop(&mut self) {
         let mut owned = Vec::new();
         for r in self.regions.values().filter(|r| r.backend.owns_frames()) {
-            self.table.for_each_leaf(r.range.start, r.range.len(), |leaf| owned.push(leaf.hpa));
+            self.table
+                .for_each_leaf(r.range.start, r.range.len(), |leaf| owned.push((leaf.hpa, leaf.size.bytes() / PAGE)));
         }
-        owned.extend(self.pending.release.drain(..).map(|(_, h)| h));
+        owned.extend(self.pending.release.drain(..).map(|(_, h, n)| (h, n)));
         self.release_frames(&owned);
         if let Some(d) = self.pending.table.take() {
             d.ignore(); // The table is going away; no CPU may have it loaded.

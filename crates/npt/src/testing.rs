@@ -136,10 +136,10 @@ impl Drop for HostRam {
 unsafe impl FrameAllocator for HostRam {
     fn allocate_frames(&self, count: usize, align_frames: usize) -> Option<HostPhysAddr> {
         let mut s = self.state.lock().unwrap();
-        if s.fail_after.is_some_and(|n| s.allocations >= n) || count == 0 {
+        let total = s.used.len();
+        if s.fail_after.is_some_and(|n| s.allocations >= n) || count == 0 || count > total {
             return None;
         }
-        let total = s.used.len();
         let align = align_frames.max(1);
         let start = s.cursor - s.cursor % align;
         let mut tried = 0;
