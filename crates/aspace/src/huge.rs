@@ -33,7 +33,7 @@ use twostage_npt::{Flush, Format, FrameAllocator, GpaRange, GuestPhysAddr, MapSi
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// Sets the huge-page policy of the anonymous regions added from now on (the default is
-    /// [`HugePages::Always`]). Regions already there keep theirs
+    /// [`HugePages::Size2M`]). Regions already there keep theirs
     /// (see [`AddressSpace::set_region_huge_pages`]).
     pub fn set_huge_pages(&mut self, policy: HugePages) {
         self.huge = policy;

@@ -68,15 +68,16 @@ impl Backend {
 /// and the allocator has a free aligned run of frames for it
 /// (`allocate_frames(512, 512)` for 2 MiB); otherwise the touch maps 4 KiB as before. Set it
 /// with [`crate::AddressSpace::set_huge_pages`] (regions added later) or
-/// [`crate::AddressSpace::set_region_huge_pages`]; the default is [`HugePages::Always`].
+/// [`crate::AddressSpace::set_region_huge_pages`]; the default is [`HugePages::Size2M`] (a 1 GiB page
+/// would be zeroed inside one fault: ask for it with [`HugePages::Always`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HugePages {
     /// 4 KiB pages only (Firecracker `huge_pages: None`, THP `never`).
     Never,
     /// 2 MiB pages where they fit (Firecracker `huge_pages: 2M`).
+    #[default]
     Size2M,
     /// The largest page that fits: 1 GiB where the table allows it, else 2 MiB (THP `always`).
-    #[default]
     Always,
 }
 
