@@ -322,6 +322,9 @@ impl Vm {
                             self.pc = self.pc.wrapping_add(4);
                         }
                         SbiOutcome::Reset(r) => return Exit::Reset(r),
+                        SbiOutcome::Stopped | SbiOutcome::Suspend { .. } => {
+                            unreachable!("HSM is offered to SMP vCPUs only")
+                        }
                         SbiOutcome::Test { fid, args } => {
                             self.pc = self.pc.wrapping_add(4);
                             return Exit::Test { fid, args };
