@@ -32,6 +32,8 @@ pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod smp;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod stats;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod trap;

@@ -148,6 +148,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         return SETUP_FAILED;
     }
     let entry = plan.entry;
+    if h.vcpus > 1 {
+        println!(
+            "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
+            h.mem, h.vcpus
+        );
+        return crate::smp::run(space, h.vcpus as usize, crate::hart::boot_hart(), entry, dtb);
+    }
     let mut vm = Vm::with_space(space, 1);
     vm.uart.input = true;
     // The guest's own exceptions go straight to it (hedeleg); the rest are reflected.
