@@ -389,20 +389,26 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
             tally.failed += 1;
         }
     }
-    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU: init's memory
-    // checks pass and it powers off through SRST with status 0.
+    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU and on four (one
+    // hart each, sharing the address space): init's memory checks pass (on four, its threads
+    // pinned per CPU and its shootdown check need HSM, IPI and RFENCE) and it powers off
+    // through SRST with status 0.
     if qemu.dirs.is_none() {
-        let run = crate::linux::kernel(crate::Arch::Riscv64)
-            .and_then(|k| run_guest(qemu, &image, &k, &GuestOpts::default(), &[]));
-        match run {
-            Ok((code, out)) => check(
-                &mut tally,
-                code == 0 && out.contains("twostage-linux: all checks passed"),
-                &format!(
-                    "Linux 6.1 (the project's guest, 1 vCPU, 128 MiB) ran init's checks to the end, exit status {code}"
+        for vcpus in [1, 4] {
+            let opts = GuestOpts { vcpus, ..GuestOpts::default() };
+            let run = crate::linux::kernel(crate::Arch::Riscv64).and_then(|k| run_guest(qemu, &image, &k, &opts, &[]));
+            match run {
+                Ok((code, out)) => check(
+                    &mut tally,
+                    code == 0
+                        && out.contains("twostage-linux: all checks passed")
+                        && out.contains(&format!("twostage-linux: start ({vcpus} CPU")),
+                    &format!(
+                        "Linux 6.1 (the project's guest, {vcpus} vCPU(s), 128 MiB) ran init's checks to the end, exit status {code}"
+                    ),
                 ),
-            ),
-            Err(e) => check(&mut tally, false, &format!("Linux guest: {e}")),
+                Err(e) => check(&mut tally, false, &format!("Linux guest on {vcpus} vCPU(s): {e}")),
+            }
         }
     }
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.

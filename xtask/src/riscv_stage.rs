@@ -121,12 +121,15 @@ pub fn qemu_command(qemu: &Qemu, image: &Path, stage: Stage<'_>) -> Result<Comma
         // Its own modules (not the system QEMU's) and its own firmware directory for `-bios default`.
         cmd.env("QEMU_MODULE_DIR", modules).arg("-L").arg(data);
     }
-    let mem = match &stage {
-        Stage::File(_, o) => o.mem,
-        _ => boot::DEFAULT_MEM,
+    let (mem, harts) = match &stage {
+        Stage::File(_, o) => (o.mem, o.vcpus),
+        _ => (boot::DEFAULT_MEM, 1),
     };
     cmd.args(["-machine", "virt", "-cpu", qemu.cpu(), "-nographic", "-bios", "default", "-m"])
         .arg(format!("{}M", (mem + HOST_EXTRA) >> 20))
+        // One physical hart per vCPU: the hypervisor starts the others through SBI HSM.
+        .arg("-smp")
+        .arg(harts.to_string())
         .arg("-kernel")
         .arg(image);
     let header = match stage {

@@ -164,6 +164,29 @@ pub fn hfence_vvma_all() {
     unsafe { asm!(".option push", ".option arch, +h", "hfence.vvma zero, zero", ".option pop", options(nostack)) }
 }
 
+/// One VS-stage fence for the guest on this hart ([`crate::smp::VsFence`]): FENCE.I, or
+/// HFENCE.VVMA by address and/or ASID under the current VMID ("Hypervisor Memory-Management
+/// Fence Instructions").
+pub fn vs_fence(f: crate::smp::VsFence) {
+    use crate::smp::VsFence;
+    // SAFETY: fences only order memory and discard cached translations or instructions.
+    unsafe {
+        match f {
+            VsFence::FenceI => asm!("fence.i", options(nostack)),
+            VsFence::All => hfence_vvma_all(),
+            VsFence::Asid(a) => {
+                asm!(".option push", ".option arch, +h", "hfence.vvma zero, {0}", ".option pop", in(reg) u64::from(a), options(nostack))
+            }
+            VsFence::Page(va) => {
+                asm!(".option push", ".option arch, +h", "hfence.vvma {0}, zero", ".option pop", in(reg) va, options(nostack))
+            }
+            VsFence::PageAsid(va, a) => {
+                asm!(".option push", ".option arch, +h", "hfence.vvma {0}, {1}", ".option pop", in(reg) va, in(reg) u64::from(a), options(nostack))
+            }
+        }
+    }
+}
+
 extern "C" {
     static __rvh_extable_start: ExTableEntry;
     static __rvh_extable_end: ExTableEntry;

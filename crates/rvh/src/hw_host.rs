@@ -128,6 +128,11 @@ pub fn hfence_gvma_all() {
     unavailable("hfence.gvma")
 }
 
+/// FENCE.I or HFENCE.VVMA (panics off riscv64 bare metal).
+pub fn vs_fence(_: crate::smp::VsFence) {
+    unavailable("hfence.vvma")
+}
+
 /// HFENCE.VVMA x0, x0 (panics off riscv64 bare metal).
 pub fn hfence_vvma_all() {
     unavailable("hfence.vvma")

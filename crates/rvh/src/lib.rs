@@ -35,6 +35,7 @@ pub mod probe;
 pub mod reflect;
 pub mod sbi;
 pub mod shootdown;
+pub mod smp;
 
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hw;

@@ -1,10 +1,17 @@
 //! SBI calls from a VS-mode guest: decoding (a0-a7) and serving them over a small backend trait.
 //!
-//! Extension and function IDs are from the RISC-V SBI specification v2.0: base (§4), legacy
-//! (§5), TIME (§6), SRST (§10), DBCN (§12); the calling convention and error codes are §3.
+//! Extension and function IDs are from the RISC-V SBI specification v2.0, cited by chapter
+//! title: "Base Extension", "Legacy Extensions", "Timer Extension", "IPI Extension", "RFENCE
+//! Extension", "Hart State Management Extension", "System Reset Extension", "Debug Console
+//! Extension"; the calling convention, hart masks and error codes are in "Binary Encoding".
+//! The multi-hart calls (HSM, IPI, RFENCE, legacy 0x03-0x07) reach the hypervisor through
+//! [`SbiBackend`] methods whose defaults say "not supported" (a one-vCPU VM); their shared
+//! state machines are [`crate::smp`].
 
 use core::fmt;
 use twostage_npt::GuestPhysAddr;
+
+pub use crate::smp::{hsm_state, suspend, HartMask, RemoteFence};
 
 /// SBI error codes (SBI v2.0 §3, Table 1).
 pub mod error {
@@ -16,8 +23,16 @@ pub mod error {
     pub const NOT_SUPPORTED: i64 = -2;
     /// Invalid parameter.
     pub const INVALID_PARAM: i64 = -3;
+    /// Denied.
+    pub const DENIED: i64 = -4;
     /// Invalid address.
     pub const INVALID_ADDRESS: i64 = -5;
+    /// Already available (HSM hart_start of a started hart).
+    pub const ALREADY_AVAILABLE: i64 = -6;
+    /// Already started.
+    pub const ALREADY_STARTED: i64 = -7;
+    /// Already stopped.
+    pub const ALREADY_STOPPED: i64 = -8;
 }
 
 /// Extension IDs.
@@ -28,8 +43,24 @@ pub mod eid {
     pub const LEGACY_PUTCHAR: u64 = 0x01;
     /// Legacy console_getchar (§5.3).
     pub const LEGACY_GETCHAR: u64 = 0x02;
+    /// Legacy clear_ipi (§5.4).
+    pub const LEGACY_CLEAR_IPI: u64 = 0x03;
+    /// Legacy send_ipi (§5.5).
+    pub const LEGACY_SEND_IPI: u64 = 0x04;
+    /// Legacy remote_fence_i (§5.6).
+    pub const LEGACY_REMOTE_FENCE_I: u64 = 0x05;
+    /// Legacy remote_sfence_vma.
+    pub const LEGACY_REMOTE_SFENCE_VMA: u64 = 0x06;
+    /// Legacy remote_sfence_vma_asid.
+    pub const LEGACY_REMOTE_SFENCE_VMA_ASID: u64 = 0x07;
     /// Legacy shutdown (§5.7).
     pub const LEGACY_SHUTDOWN: u64 = 0x08;
+    /// IPI extension "sPI".
+    pub const IPI: u64 = 0x0073_5049;
+    /// RFENCE extension "RFNC".
+    pub const RFENCE: u64 = 0x5246_4E43;
+    /// Hart state management extension "HSM".
+    pub const HSM: u64 = 0x0048_534D;
     /// Base extension (§4).
     pub const BASE: u64 = 0x10;
     /// Timer extension "TIME" (§6).
@@ -93,6 +124,34 @@ pub enum SbiCall {
         /// 0 no reason, 1 system failure, 0xF0000000+ vendor.
         reason: u32,
     },
+    /// HSM hart_start(hartid, start_addr, opaque).
+    HartStart {
+        /// The vCPU to start.
+        hart: u64,
+        /// Where it starts (guest-physical, VS-mode, vsatp Bare).
+        addr: u64,
+        /// Its a1 at the start.
+        opaque: u64,
+    },
+    /// HSM hart_stop().
+    HartStop,
+    /// HSM hart_get_status(hartid).
+    HartStatus(u64),
+    /// HSM hart_suspend(suspend_type, resume_addr, opaque).
+    HartSuspend {
+        /// 0 (retentive), 0x80000000 (non-retentive), platform types above.
+        ty: u32,
+        /// Where a non-retentive suspend resumes.
+        addr: u64,
+        /// a1 at that resume.
+        opaque: u64,
+    },
+    /// IPI send_ipi, or legacy send_ipi (`legacy`: the mask is a pointer, see [`HartMask`]).
+    SendIpi(HartMask),
+    /// Legacy clear_ipi.
+    ClearIpi,
+    /// An RFENCE call (or its legacy form) to the harts of a mask.
+    Fence(HartMask, RemoteFence),
     /// A twostage test hypercall: function and arguments a0-a2.
     Test {
         /// Function ID (a6).
@@ -119,6 +178,34 @@ impl SbiCall {
             (eid::LEGACY_PUTCHAR, _) => Self::LegacyPutchar(regs[0] as u8),
             (eid::LEGACY_GETCHAR, _) => Self::LegacyGetchar,
             (eid::LEGACY_SHUTDOWN, _) => Self::LegacyShutdown,
+            (eid::LEGACY_CLEAR_IPI, _) => Self::ClearIpi,
+            (eid::LEGACY_SEND_IPI, _) => Self::SendIpi(HartMask::Legacy(regs[0])),
+            (eid::LEGACY_REMOTE_FENCE_I, _) => Self::Fence(HartMask::Legacy(regs[0]), RemoteFence::FenceI),
+            (eid::LEGACY_REMOTE_SFENCE_VMA, _) => {
+                Self::Fence(HartMask::Legacy(regs[0]), RemoteFence::Vma { start: regs[1], size: regs[2], asid: None })
+            }
+            (eid::LEGACY_REMOTE_SFENCE_VMA_ASID, _) => Self::Fence(
+                HartMask::Legacy(regs[0]),
+                RemoteFence::Vma { start: regs[1], size: regs[2], asid: Some(regs[3] as u16) },
+            ),
+            (eid::IPI, 0) => Self::SendIpi(HartMask::new(regs[0], regs[1])),
+            (eid::RFENCE, 0..=6) => {
+                let mask = HartMask::new(regs[0], regs[1]);
+                let (start, size) = (regs[2], regs[3]);
+                Self::Fence(
+                    mask,
+                    match fid {
+                        0 => RemoteFence::FenceI,
+                        1 => RemoteFence::Vma { start, size, asid: None },
+                        2 => RemoteFence::Vma { start, size, asid: Some(regs[4] as u16) },
+                        _ => RemoteFence::Hypervisor,
+                    },
+                )
+            }
+            (eid::HSM, 0) => Self::HartStart { hart: regs[0], addr: regs[1], opaque: regs[2] },
+            (eid::HSM, 1) => Self::HartStop,
+            (eid::HSM, 2) => Self::HartStatus(regs[0]),
+            (eid::HSM, 3) => Self::HartSuspend { ty: regs[0] as u32, addr: regs[1], opaque: regs[2] },
             (eid::BASE, 0) => Self::GetSpecVersion,
             (eid::BASE, 1) => Self::GetImplId,
             (eid::BASE, 2) => Self::GetImplVersion,
@@ -177,6 +264,16 @@ pub enum SbiOutcome {
     },
     /// Stop the guest.
     Reset(ResetRequest),
+    /// HSM hart_stop succeeded: the vCPU waits, outside the guest, until a hart_start; nothing is
+    /// written to its registers.
+    Stopped,
+    /// HSM hart_suspend: the vCPU waits until an interrupt is pending for it, then resumes after
+    /// the ecall with a0 = 0 (`resume` None, retentive), or at `resume`'s address with a0 =
+    /// its hartid, a1 = the opaque, vsatp Bare and vsstatus.SIE clear (non-retentive).
+    Suspend {
+        /// (resume_addr, opaque) of a non-retentive suspend.
+        resume: Option<(u64, u64)>,
+    },
     /// A test hypercall: the run loop's caller handles it.
     Test {
         /// Function ID.
@@ -211,6 +308,52 @@ pub trait SbiBackend {
     fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer>;
     /// Arms the guest's virtual timer at `deadline` (in `time` units) and clears a pending one.
     fn set_timer(&mut self, deadline: u64);
+    /// The VM's vCPUs, for the multi-hart calls (HSM, IPI, RFENCE); 0 (the default) leaves them
+    /// unsupported.
+    fn vcpus(&self) -> usize {
+        0
+    }
+    /// The calling vCPU's hart id.
+    fn hartid(&self) -> usize {
+        0
+    }
+    /// HSM hart_start of vCPU `hart` (below [`SbiBackend::vcpus`]): an SBI error code.
+    fn hart_start(&mut self, _hart: usize, _addr: u64, _opaque: u64) -> i64 {
+        error::NOT_SUPPORTED
+    }
+    /// HSM hart_stop of the calling vCPU: `Ok` when it stopped (the run loop parks it).
+    fn hart_stop(&mut self) -> Result<(), i64> {
+        Err(error::NOT_SUPPORTED)
+    }
+    /// HSM state of vCPU `hart` ([`hsm_state`]).
+    fn hart_status(&self, _hart: usize) -> i64 {
+        error::NOT_SUPPORTED
+    }
+    /// Raises a VS software interrupt on every vCPU of the bit set `harts`.
+    fn send_ipi(&mut self, _harts: u64) {}
+    /// Clears the calling vCPU's pending VS software interrupt (legacy clear_ipi).
+    fn clear_ipi(&mut self) {}
+    /// Carries `fence` out on every vCPU of `harts` and returns once all have.
+    fn remote_fence(&mut self, _harts: u64, _fence: RemoteFence) {}
+    /// Reads the u64 a legacy hart mask points to (a guest-virtual address).
+    fn read_legacy_mask(&mut self, _va: u64) -> Option<u64> {
+        None
+    }
+}
+
+/// Whether `e` is one of the multi-hart extensions (offered when the backend has vCPUs).
+fn smp_extension(e: u64) -> bool {
+    matches!(
+        e,
+        eid::HSM
+            | eid::IPI
+            | eid::RFENCE
+            | eid::LEGACY_CLEAR_IPI
+            | eid::LEGACY_SEND_IPI
+            | eid::LEGACY_REMOTE_FENCE_I
+            | eid::LEGACY_REMOTE_SFENCE_VMA
+            | eid::LEGACY_REMOTE_SFENCE_VMA_ASID
+    )
 }
 
 /// Serves one call. Unknown calls get SBI_ERR_NOT_SUPPORTED.
@@ -236,6 +379,7 @@ pub fn handle(call: SbiCall, b: &mut impl SbiBackend) -> SbiOutcome {
         SbiCall::GetSpecVersion => ok(SPEC_VERSION),
         SbiCall::GetImplId => ok(IMPL_ID),
         SbiCall::GetImplVersion => ok(1),
+        SbiCall::ProbeExtension(e) if b.vcpus() > 0 && smp_extension(e) => ok(1),
         SbiCall::ProbeExtension(e) => ok(matches!(
             e,
             eid::LEGACY_SET_TIMER
@@ -282,89 +426,51 @@ pub fn handle(call: SbiCall, b: &mut impl SbiBackend) -> SbiOutcome {
         }
         SbiCall::Test { fid, args } => SbiOutcome::Test { fid, args },
         SbiCall::Unknown { .. } => err(error::NOT_SUPPORTED),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use alloc::vec::Vec;
-
-    #[derive(Default)]
-    struct Fake {
-        out: Vec<u8>,
-        timer: Option<u64>,
-        mem: Vec<u8>,
-    }
-    impl SbiBackend for Fake {
-        fn putchar(&mut self, c: u8) {
-            self.out.push(c)
-        }
-        fn getchar(&mut self) -> Option<u8> {
-            None
-        }
-        fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
-            let start = (gpa.as_u64() as usize).checked_sub(0x8000_0000).ok_or(BadGuestBuffer { gpa })?;
-            let src = self.mem.get(start..start + buf.len()).ok_or(BadGuestBuffer { gpa })?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn set_timer(&mut self, d: u64) {
-            self.timer = Some(d)
-        }
-    }
-
-    fn call(regs: [u64; 8], f: &mut Fake) -> SbiOutcome {
-        handle(SbiCall::decode(regs), f)
-    }
-
-    #[test]
-    fn base_and_probe() {
-        let mut f = Fake::default();
-        assert_eq!(call([0, 0, 0, 0, 0, 0, 0, eid::BASE], &mut f), SbiOutcome::Return { error: 0, value: 2 << 24 });
-        assert_eq!(call([eid::DBCN, 0, 0, 0, 0, 0, 3, eid::BASE], &mut f), SbiOutcome::Return { error: 0, value: 1 });
-        assert_eq!(call([0x1234_5678, 0, 0, 0, 0, 0, 3, eid::BASE], &mut f), SbiOutcome::Return { error: 0, value: 0 });
-        assert_eq!(call([0; 8].map(|_| 0x99), &mut f), SbiOutcome::Return { error: error::NOT_SUPPORTED, value: 0 });
-    }
-
-    #[test]
-    fn consoles_timer_and_reset() {
-        let mut f = Fake { mem: b"hello, world".to_vec(), ..Default::default() };
-        assert_eq!(
-            call([b'A' as u64, 0, 0, 0, 0, 0, 0, eid::LEGACY_PUTCHAR], &mut f),
+        _ if b.vcpus() == 0 => err(error::NOT_SUPPORTED),
+        SbiCall::HartStart { hart, addr, opaque } => match usize::try_from(hart) {
+            Ok(h) if h < b.vcpus() => err(b.hart_start(h, addr, opaque)),
+            _ => err(error::INVALID_PARAM),
+        },
+        SbiCall::HartStop => match b.hart_stop() {
+            Ok(()) => SbiOutcome::Stopped,
+            Err(e) => err(e),
+        },
+        SbiCall::HartStatus(hart) => match usize::try_from(hart) {
+            Ok(h) if h < b.vcpus() => match b.hart_status(h) {
+                s if s >= 0 => ok(s),
+                e => err(e),
+            },
+            _ => err(error::INVALID_PARAM),
+        },
+        SbiCall::HartSuspend { ty, addr, opaque } => match ty {
+            suspend::RETENTIVE => SbiOutcome::Suspend { resume: None },
+            suspend::NON_RETENTIVE => SbiOutcome::Suspend { resume: Some((addr, opaque)) },
+            // Reserved types, and platform-specific ones this platform has none of.
+            0x0000_0001..=0x0FFF_FFFF | 0x8000_0001..=0x8FFF_FFFF => err(error::INVALID_PARAM),
+            _ => err(error::NOT_SUPPORTED),
+        },
+        SbiCall::ClearIpi => {
+            b.clear_ipi();
             SbiOutcome::LegacyReturn { value: 0 }
-        );
-        assert_eq!(
-            call([5, 0, 0, 0, 0, 0, 0, eid::LEGACY_SET_TIMER], &mut f),
-            SbiOutcome::LegacyReturn { value: 0 },
-            "legacy set_timer"
-        );
-        assert_eq!(f.timer, Some(5));
-        assert_eq!(call([0, 0, 0, 0, 0, 0, 0, eid::LEGACY_GETCHAR], &mut f), SbiOutcome::LegacyReturn { value: -1 });
-        assert_eq!(call([5, 0x8000_0007, 0, 0, 0, 0, 0, eid::DBCN], &mut f), SbiOutcome::Return { error: 0, value: 5 });
-        call([b'!' as u64, 0, 0, 0, 0, 0, 2, eid::DBCN], &mut f);
-        assert_eq!(f.out, b"Aworld!");
-        // A long write is partial: one page, and the count says so.
-        f.mem = alloc::vec![b'z'; 3 * 4096];
-        assert_eq!(
-            call([u64::MAX, 0x8000_0000, 0, 0, 0, 0, 0, eid::DBCN], &mut f),
-            SbiOutcome::Return { error: 0, value: 4096 }
-        );
-        // A buffer the guest does not own is refused, not read.
-        assert_eq!(
-            call([5, 0x1000, 0, 0, 0, 0, 0, eid::DBCN], &mut f),
-            SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 }
-        );
-        call([1234, 0, 0, 0, 0, 0, 0, eid::TIME], &mut f);
-        assert_eq!(f.timer, Some(1234));
-        let r = call([0, 0, 0, 0, 0, 0, 0, eid::SRST], &mut f);
-        assert_eq!(r, SbiOutcome::Reset(ResetRequest { reset_type: 0, reason: 0 }));
-        let SbiOutcome::Reset(fail) = call([0, 1, 0, 0, 0, 0, 0, eid::SRST], &mut f) else { panic!() };
-        assert_eq!(fail.exit_status(), 1);
-        assert_eq!(ResetRequest { reset_type: 0, reason: 0xF000_0007 }.exit_status(), 7);
-        assert_eq!(
-            call([9, 0, 0, 0, 0, 0, 0, eid::SRST], &mut f),
-            SbiOutcome::Return { error: error::INVALID_PARAM, value: 0 }
-        );
+        }
+        SbiCall::SendIpi(mask) | SbiCall::Fence(mask, _) => {
+            let legacy = matches!(mask, HartMask::Legacy(_));
+            let n = b.vcpus();
+            let harts = match mask.resolve(n, |va| b.read_legacy_mask(va)) {
+                Ok(h) => h,
+                Err(e) if legacy => return SbiOutcome::LegacyReturn { value: e },
+                Err(e) => return err(e),
+            };
+            match call {
+                SbiCall::Fence(_, RemoteFence::Hypervisor) => return err(error::NOT_SUPPORTED),
+                SbiCall::Fence(_, fence) => b.remote_fence(harts, fence),
+                _ => b.send_ipi(harts),
+            }
+            if legacy {
+                SbiOutcome::LegacyReturn { value: 0 }
+            } else {
+                ok(0)
+            }
+        }
     }
 }

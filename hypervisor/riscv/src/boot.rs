@@ -49,7 +49,7 @@ pub const RAW_LOAD: u64 = 0x8020_0000;
 /// below the end of RAM that leaves room for it).
 pub const DTB_ALIGNS: [u64; 4] = [2 << 20, 1 << 20, 0x1000, 8];
 /// Most vCPUs (SMP is not there yet).
-pub const MAX_VCPUS: u64 = 1;
+pub const MAX_VCPUS: u64 = 8;
 
 /// Guest-physical base of the emulated ns16550 UART.
 pub const UART_GPA: u64 = 0x1000_0000;
@@ -160,7 +160,7 @@ pub fn check_vcpus(n: u64) -> Result<(), String> {
     match n {
         0 => Err(String::from("a guest needs at least one vCPU")),
         1..=MAX_VCPUS => Ok(()),
-        _ => Err(format!("{n} vCPUs: SMP guests are not supported yet (at most {MAX_VCPUS})")),
+        _ => Err(format!("{n} vCPUs: at most {MAX_VCPUS} (one physical hart each)")),
     }
 }
 
@@ -368,8 +368,12 @@ mod tests {
         bad.mem = 100 << 20 | 4096;
         assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("multiple of 2 MiB"));
         bad = h.clone();
-        bad.vcpus = 2;
-        assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("not supported yet"));
+        bad.vcpus = 8;
+        assert!(Header::parse(&bad.to_bytes()).unwrap().is_ok());
+        bad.vcpus = 9;
+        assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("at most 8"));
+        bad.vcpus = 0;
+        assert!(Header::parse(&bad.to_bytes()).is_some_and(|r| r.is_err()));
         let mut page = h.to_bytes();
         page[40..48].copy_from_slice(&9999u64.to_le_bytes());
         assert!(Header::parse(&page).unwrap().is_err());

@@ -48,17 +48,22 @@ impl Vm {
             MemOp::Store { .. } => self.stats.mmio_writes += 1,
             MemOp::Load { .. } => self.stats.mmio_reads += 1,
         }
-        if (PLIC_GPA..PLIC_GPA + PLIC_LEN).contains(&gpa) {
+        let input = self.uart.input;
+        let getc = || if input { console::getchar() } else { None };
+        if self.vcpu.is_some() {
+            // An SMP guest: one UART shared by every vCPU (polled; its guests get no PLIC).
+            let (off, regs) = (gpa - UART_GPA, &mut self.regs.gpr);
+            if (UART_GPA..UART_GPA + UART_LEN).contains(&gpa) {
+                if let Some(c) = crate::smp::with_uart(|dev| uart::emulate_uart(dev, off, access, regs, getc)) {
+                    twostage_rvh::sbi::SbiBackend::putchar(self, c);
+                }
+            } else {
+                return false;
+            }
+        } else if (PLIC_GPA..PLIC_GPA + PLIC_LEN).contains(&gpa) {
             plic::emulate_plic(&mut self.plic, gpa - PLIC_GPA, access, &mut self.regs.gpr);
         } else {
-            let input = self.uart.input;
-            let sent = uart::emulate_uart(&mut self.uart.dev, gpa - UART_GPA, access, &mut self.regs.gpr, || {
-                if input {
-                    console::getchar()
-                } else {
-                    None
-                }
-            });
+            let sent = uart::emulate_uart(&mut self.uart.dev, gpa - UART_GPA, access, &mut self.regs.gpr, getc);
             if let Some(c) = sent {
                 twostage_rvh::sbi::SbiBackend::putchar(self, c);
             }

@@ -48,6 +48,12 @@ pub fn g_stage_options<F: GStageFormat>(ad_faults_resolved: bool) -> TableOption
 }
 
 static HART: AtomicPtr<HartInfo> = AtomicPtr::new(core::ptr::null_mut());
+static BOOT_HART: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// The hart OpenSBI booted the hypervisor on (vCPU 0's, in an SMP VM).
+pub fn boot_hart() -> usize {
+    BOOT_HART.load(Ordering::Relaxed)
+}
 
 /// The probed hart information.
 pub fn hart() -> HartInfo {
@@ -122,6 +128,7 @@ pub enum Boot {
 
 /// Boot after the trap vector: frames, probes; says whether a staged guest or the suite runs.
 pub fn start(hartid: usize, dtb: usize) -> Boot {
+    BOOT_HART.store(hartid, Ordering::Relaxed);
     // SAFETY: the hypervisor's own FS field (§3.1.6.6), so compiler-emitted FP code cannot trap.
     unsafe { hw::sstatus::set(twostage_rvh::csr::sstatus::FS_INITIAL) };
     let (ram, ram_len, blob) = parse_dtb(dtb);

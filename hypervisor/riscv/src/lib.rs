@@ -36,6 +36,8 @@ pub mod hart;
 pub mod loader;
 pub mod plic;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod smp;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod stats;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod trap;

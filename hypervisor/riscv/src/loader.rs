@@ -129,11 +129,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let tree = boot::guest_tree(&boot::TreeSpec {
         mem: h.mem,
         timebase: crate::hart::hart().timebase,
-        isa: boot::guest_isa(crate::devices::sstc()),
+        // SMP guests keep the SBI timer and a polled UART for now: Sstc is enabled (henvcfg.STCE)
+        // on the boot hart only, and the PLIC model serves one vCPU's context.
+        isa: boot::guest_isa(crate::devices::sstc() && h.vcpus == 1),
         vcpus: h.vcpus as u32,
         bootargs: &h.bootargs,
         initrd: initrd_at.map(|at| at..at + h.initrd_len),
-        plic: true,
+        plic: h.vcpus == 1,
     });
     let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,
@@ -151,6 +153,13 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         return SETUP_FAILED;
     }
     let entry = plan.entry;
+    if h.vcpus > 1 {
+        println!(
+            "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
+            h.mem, h.vcpus
+        );
+        return crate::smp::run(space, h.vcpus as usize, crate::hart::boot_hart(), entry, dtb);
+    }
     let mut vm = Vm::with_space(space, 1);
     vm.uart.input = true;
     // The guest's own exceptions go straight to it (hedeleg); the rest are reflected.

@@ -42,10 +42,12 @@ impl Vm {
     /// Leaves by page size: (4K, 2M, 1G).
     pub fn leaves_by_size(&self) -> (usize, usize, usize) {
         let mut n = (0, 0, 0);
-        self.table().for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
-            PageSize::Size4K => n.0 += 1,
-            PageSize::Size2M => n.1 += 1,
-            _ => n.2 += 1,
+        self.with_table(|t| {
+            t.for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| match l.size {
+                PageSize::Size4K => n.0 += 1,
+                PageSize::Size2M => n.1 += 1,
+                _ => n.2 += 1,
+            })
         });
         n
     }
@@ -62,7 +64,7 @@ impl Vm {
         }
         println!(" interrupts={}", s.irq_exits);
         let (p4, p2, p1) = self.leaves_by_size();
-        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.table().table_frames());
+        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.with_table(|t| t.table_frames()));
         println!(
             "faults resolved: by the address space={} by demand-zero mapping={} unresolved={}; copy-on-write breaks={}",
             s.space_resolved, s.demand_zero, s.faults_unresolved, s.cow_breaks

@@ -33,6 +33,9 @@ pub enum Memory {
     /// An address space: every guest-page fault is resolved by it (demand-zero, copy-on-write,
     /// MMIO regions), the run loop only carries out its flushes and emulates the UART.
     Space(Box<Space>),
+    /// An address space shared by the vCPUs of an SMP VM ([`crate::smp`]): faults resolve in
+    /// it under its lock, its flushes reach every hart through the VM's shootdown.
+    Shared(&'static crate::smp::Shared),
 }
 
 pub use crate::boot::UART_GPA;
@@ -111,6 +114,9 @@ pub struct Vm {
     /// Hand exceptions the run loop does not handle (and guest-page faults nothing resolves) to
     /// the guest ([`Vm::reflect`]) instead of returning them: a guest nobody is testing.
     pub reflect_exceptions: bool,
+    /// This vCPU's index in an SMP VM ([`crate::smp`]): it services the other harts' requests
+    /// before each entry and serves HSM, IPI and RFENCE.
+    pub vcpu: Option<usize>,
 }
 
 impl Vm {
@@ -128,11 +134,19 @@ impl Vm {
         Self::with_memory(Memory::Space(Box::new(space)), vmid)
     }
 
+    /// vCPU `vcpu` of an SMP VM over `space`.
+    pub fn with_shared(space: &'static crate::smp::Shared, vmid: u16, vcpu: usize) -> Self {
+        let mut vm = Self::with_memory(Memory::Shared(space), vmid);
+        vm.vcpu = Some(vcpu);
+        vm
+    }
+
     fn with_memory(mem: Memory, vmid: u16) -> Self {
         let caps = hart().caps;
         let root = match &mem {
             Memory::Table(t) => t.root(),
             Memory::Space(s) => s.root(),
+            Memory::Shared(s) => s.with(|s| s.root()),
         };
         let hgatp = Hgatp::new(HgatpMode::Sv39x4, vmid, root, &caps).expect("Sv39x4 with this VMID is offered");
         crate::devices::reset_vs_timer();
@@ -153,6 +167,7 @@ impl Vm {
             guest_timer: None,
             fp: FpState::default(),
             reflect_exceptions: false,
+            vcpu: None,
         }
     }
 
@@ -161,6 +176,15 @@ impl Vm {
         match &self.mem {
             Memory::Table(t) => t,
             Memory::Space(s) => s.table(),
+            Memory::Shared(_) => panic!("a shared space's table is read under its lock (Vm::with_table)"),
+        }
+    }
+
+    /// Runs `f` on the nested table (under the lock of a shared space).
+    pub fn with_table<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
+        match &self.mem {
+            Memory::Shared(s) => s.with(|s| f(s.table())),
+            _ => f(self.table()),
         }
     }
 
@@ -169,7 +193,7 @@ impl Vm {
     pub fn table_mut(&mut self) -> &mut Table {
         match &mut self.mem {
             Memory::Table(t) => t,
-            Memory::Space(_) => panic!("an address-space VM's table is changed through its space"),
+            Memory::Space(_) | Memory::Shared(_) => panic!("an address-space VM's table is changed through its space"),
         }
     }
 
@@ -177,7 +201,7 @@ impl Vm {
     pub fn space(&self) -> Option<&Space> {
         match &self.mem {
             Memory::Space(s) => Some(s),
-            Memory::Table(_) => None,
+            Memory::Table(_) | Memory::Shared(_) => None,
         }
     }
 
@@ -185,7 +209,7 @@ impl Vm {
     pub fn space_mut(&mut self) -> Option<&mut Space> {
         match &mut self.mem {
             Memory::Space(s) => Some(s),
-            Memory::Table(_) => None,
+            Memory::Table(_) | Memory::Shared(_) => None,
         }
     }
 
@@ -205,7 +229,7 @@ impl Vm {
         let (vmid, stats) = (self.vmid, &mut self.stats);
         match &mut self.mem {
             Memory::Table(t) => t.flush(f, |inv| Self::fence(stats, vmid, inv)).expect("token of this VM's table"),
-            Memory::Space(_) => panic!("an address-space VM's flushes are SpaceFlush tokens"),
+            Memory::Space(_) | Memory::Shared(_) => panic!("an address-space VM's flushes are SpaceFlush tokens"),
         }
     }
 
@@ -214,7 +238,7 @@ impl Vm {
         let (vmid, stats) = (self.vmid, &mut self.stats);
         match &mut self.mem {
             Memory::Space(s) => s.flush(f, |inv| Self::fence(stats, vmid, inv)).expect("the VM's own token"),
-            Memory::Table(_) => panic!("a table VM has no address space"),
+            Memory::Table(_) | Memory::Shared(_) => panic!("a table VM has no own address space"),
         }
     }
 
@@ -263,6 +287,10 @@ impl Vm {
             hw::hedeleg::write(self.hedeleg);
             hw::hideleg::write((1 << irq::VSSI) | (1 << irq::VSTI) | (1 << irq::VSEI));
             hw::hcounteren::write(7);
+            if self.vcpu.is_some() {
+                // sie.SSIE: another hart's IPI (a shootdown, a guest IPI) exits the guest.
+                hw::sie::set(1 << 1);
+            }
             // sie.STIE: host timer interrupts exit the guest (§4.1.3); sstatus.SIE stays 0, so
             // they never interrupt the hypervisor itself.
             hw::sie::set(1 << irq::STI);
@@ -282,6 +310,9 @@ impl Vm {
         self.update_irq();
         self.arm_host_timer();
         for _ in 0..self.budget {
+            if let Some(me) = self.vcpu {
+                crate::smp::before_entry(me);
+            }
             self.fp.restore();
             // SAFETY: the table maps only frames this VM was given; hgatp is loaded above.
             let t = unsafe { trap::run_guest(&mut self.regs, self.pc) };
@@ -329,6 +360,10 @@ impl Vm {
                             self.pc = self.pc.wrapping_add(4);
                         }
                         SbiOutcome::Reset(r) => return Exit::Reset(r),
+                        SbiOutcome::Stopped => crate::smp::park(self, self.vcpu.expect("HSM is offered to SMP vCPUs")),
+                        SbiOutcome::Suspend { resume } => {
+                            crate::smp::suspend(self, self.vcpu.expect("HSM is offered to SMP vCPUs"), resume)
+                        }
                         SbiOutcome::Test { fid, args } => {
                             self.pc = self.pc.wrapping_add(4);
                             return Exit::Test { fid, args };
@@ -378,6 +413,24 @@ impl Vm {
     fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
         let gpa = f.info.fault_guest_paddr;
         let in_device = crate::devices::is_device(gpa.as_u64()) && !f.is_implicit();
+        if let Memory::Shared(space) = &self.mem {
+            let st = || space.with(|s| s.stats().cow_copies + s.stats().cow_reuses);
+            let cow_before = st();
+            match space.handle_fault(f.info) {
+                twostage_aspace::FaultOutcome::Resolved { .. } => {
+                    self.stats.cow_breaks += (st() - cow_before) as u32;
+                    self.stats.space_resolved += 1;
+                    return None;
+                }
+                twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
+                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
+                }
+                _ => {
+                    self.stats.faults_unresolved += 1;
+                    return Some(Exit::Fault(f, t));
+                }
+            }
+        }
         if let Memory::Space(space) = &mut self.mem {
             let cow_before = space.stats().cow_copies + space.stats().cow_reuses;
             match space.handle_fault(f.info) {
@@ -433,6 +486,7 @@ impl SbiBackend for Vm {
         match &self.mem {
             // The space reads untouched demand-zero memory as zeros without populating it.
             Memory::Space(s) => s.read(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
+            Memory::Shared(s) => s.with(|s| s.read(gpa, buf)).map_err(|_| BadGuestBuffer { gpa }),
             Memory::Table(_) => {
                 twostage_aspace::GuestMemory::read(&mut self.phys(), gpa, buf).map_err(|_| BadGuestBuffer { gpa })
             }
@@ -443,6 +497,37 @@ impl SbiBackend for Vm {
         unsafe { hw::hvip::clear(1 << irq::VSTI) };
         self.guest_timer = Some(deadline);
         self.arm_host_timer();
+    }
+    fn vcpus(&self) -> usize {
+        self.vcpu.and_then(|_| crate::smp::machine()).map_or(0, |m| m.n)
+    }
+    fn hartid(&self) -> usize {
+        self.vcpu.unwrap_or(0)
+    }
+    fn hart_start(&mut self, hart: usize, addr: u64, opaque: u64) -> i64 {
+        crate::smp::calls::hart_start(hart, addr, opaque)
+    }
+    fn hart_stop(&mut self) -> Result<(), i64> {
+        crate::smp::machine().ok_or(sbi::error::NOT_SUPPORTED)?.hsm.stop(self.hartid())
+    }
+    fn hart_status(&self, hart: usize) -> i64 {
+        crate::smp::machine().map_or(sbi::error::NOT_SUPPORTED, |m| m.hsm.status(hart))
+    }
+    fn send_ipi(&mut self, harts: u64) {
+        crate::smp::calls::send_ipi(self.hartid(), harts);
+    }
+    fn clear_ipi(&mut self) {
+        crate::smp::machine().map(|m| m.mail.take_ipi(self.hartid()));
+        // SAFETY: clears the guest's own virtual software interrupt.
+        unsafe { hw::hvip::clear(1 << irq::VSSI) };
+    }
+    fn remote_fence(&mut self, harts: u64, fence: sbi::RemoteFence) {
+        crate::smp::calls::remote_fence(self.hartid(), harts, fence);
+    }
+    fn read_legacy_mask(&mut self, va: u64) -> Option<u64> {
+        // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
+        let mut hlv = unsafe { hw::Hlv::new() };
+        twostage_rvh::access::GuestMemOps::load_u64(&mut hlv, twostage_npt::GuestVirtAddr::new(va)).ok()
     }
 }
 
