@@ -37,7 +37,7 @@ pub const LEGACY_HOLE: Range<u64> = 0xa_0000..0x10_0000;
 const GDT_AT: u64 = 0x6000;
 const BOOT_PARAMS_AT: u64 = 0x7000;
 const CMDLINE_AT: u64 = 0x8000;
-/// Longest command line accepted (bytes, without the NUL): the page at [`CMDLINE_AT`].
+/// Longest command line accepted (bytes, without the NUL): the page it is placed in.
 pub const CMDLINE_MAX: usize = 4095;
 const PML4_AT: u64 = 0x9000;
 /// e820 entries that fit `boot_params.e820_table` (E820_MAX_ENTRIES_ZEROPAGE).
