@@ -56,6 +56,18 @@ pub struct SuiteResult {
     pub skipped: u32,
 }
 
+impl SuiteResult {
+    /// Prints one `ok` / `not ok` line for a check of xtask's own and counts it.
+    pub fn check(&mut self, ok: bool, what: &str) {
+        println!("{} - {what}", if ok { "ok" } else { "not ok" });
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
 struct Args {
     cmd: String,
     arch: Option<Arch>,

@@ -398,8 +398,7 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
             let opts = GuestOpts { vcpus, ..GuestOpts::default() };
             let run = crate::linux::kernel(crate::Arch::Riscv64).and_then(|k| run_guest(qemu, &image, &k, &opts, &[]));
             match run {
-                Ok((code, out)) => check(
-                    &mut tally,
+                Ok((code, out)) => tally.check(
                     code == 0
                         && out.contains("twostage-linux: all checks passed")
                         && out.contains(&format!("twostage-linux: start ({vcpus} CPU")),
@@ -407,7 +406,7 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
                         "Linux 6.1 (the project's guest, {vcpus} vCPU(s), 128 MiB) ran init's checks to the end, exit status {code}"
                     ),
                 ),
-                Err(e) => check(&mut tally, false, &format!("Linux guest on {vcpus} vCPU(s): {e}")),
+                Err(e) => tally.check(false, &format!("Linux guest on {vcpus} vCPU(s): {e}")),
             }
         }
     }
@@ -418,16 +417,6 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         tally.failed += hostile.failed;
     }
     Ok(tally)
-}
-
-/// Prints one `ok` / `not ok` line and counts it.
-fn check(tally: &mut crate::SuiteResult, ok: bool, what: &str) {
-    println!("{} - {what}", if ok { "ok" } else { "not ok" });
-    if ok {
-        tally.passed += 1;
-    } else {
-        tally.failed += 1;
-    }
 }
 
 /// Hostile guest files, written to the target directory: a file name with commas runs as
@@ -442,8 +431,7 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
 
     let commas = hostile::write(&dir, "riscv-hello,copy,addr=0x0", &hello_bytes)?;
     let (code, out) = run_guest(qemu, image, &commas, &GuestOpts::default(), &[])?;
-    check(
-        &mut tally,
+    tally.check(
         code == HELLO_TEST_STATUS as i32 && out.contains("riscv-hello: exiting through SRST"),
         &format!(
             "a guest file named {:?} runs as written (exit status {code})",
@@ -453,8 +441,7 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
 
     let probe = hostile::write(&dir, "dtb-spot.elf", &hostile::riscv_probe())?;
     let (code, _) = run_guest(qemu, image, &probe, &GuestOpts::default(), &[])?;
-    check(
-        &mut tally,
+    tally.check(
         code == hostile::PROBE_OK,
         &format!(
             "a guest with data where the device tree used to go keeps it and gets a device tree at a1 (exit status \
@@ -479,8 +466,7 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
         let path = hostile::write(&dir, name, &bytes)?;
         let why = guest_refusal(&path, &GuestOpts::default())?.unwrap_or_default();
         let (code, _) = run_guest(qemu, image, &path, &GuestOpts::default(), &[])?;
-        check(
-            &mut tally,
+        tally.check(
             why.contains(expect) && code == i32::from(EXIT_REFUSED),
             &format!("xtask refuses {name} before booting, exit status {code}: {why}"),
         );
@@ -488,16 +474,14 @@ fn hostile_checks(qemu: &Qemu, image: &Path, hello: &Path) -> Result<crate::Suit
         let stage = if bytes.is_empty() { Stage::HeaderOnly(0) } else { Stage::File(&path, &GuestOpts::default()) };
         let (code, out) = run_qemu(qemu_command(qemu, image, stage)?)?;
         let said = format!("guest file refused: {why}");
-        check(
-            &mut tally,
+        tally.check(
             !why.is_empty() && code == i32::from(EXIT_REFUSED) && out.contains(&said),
             &format!("the hypervisor refuses {name} on its own with the same message, exit status {code}"),
         );
     }
     // Too large to stage: the hypervisor sees the header's size and refuses it.
     let (code, out) = run_qemu(qemu_command(qemu, image, Stage::HeaderOnly(MAX_FILE + 1))?)?;
-    check(
-        &mut tally,
+    tally.check(
         code == i32::from(EXIT_REFUSED) && out.contains("guest file refused: the staged size"),
         &format!("the hypervisor refuses a staged size over {} MiB, exit status {code}", MAX_FILE >> 20),
     );

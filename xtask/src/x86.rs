@@ -420,16 +420,6 @@ fn print_tail(serial: &str) {
     }
 }
 
-/// Prints one `ok` / `not ok` line and counts it.
-fn check(tally: &mut crate::SuiteResult, ok: bool, what: &str) {
-    println!("{} - {what}", if ok { "ok" } else { "not ok" });
-    if ok {
-        tally.passed += 1;
-    } else {
-        tally.failed += 1;
-    }
-}
-
 /// Runs guests/x86-hello through [`run`]'s path and checks its exit status (it exits with 0x31
 /// after reading a non-empty memory map); then the hostile guest files, written to the target
 /// directory. xtask refuses each before booting (no emulator time); a few are also booted without
@@ -445,7 +435,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let iso = build_iso(&work, hv, IsoGuest::File(&hello))?;
     let (status, serial) = boot(&work, &iso, false)?;
     let ok = status == Some(HELLO_STATUS) && serial.contains("x86-hello:");
-    check(&mut tally, ok, &format!("x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})"));
+    tally.check(ok, &format!("x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})"));
 
     let dir = target_dir().join("hostile").join("x86");
     let _ = std::fs::remove_dir_all(&dir);
@@ -500,7 +490,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
             None => huge.clone(),
         };
         let why = guest_refusal(&path)?.unwrap_or_default();
-        check(&mut tally, why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
+        tally.check(why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
         whys.insert(name, (path, why));
     }
     // The hypervisor on its own.
@@ -525,7 +515,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
         let (status, serial) = boot(&work, &iso, false)?;
         let said = format!("guest file refused: {why}");
         let ok = status == Some(i32::from(EXIT_REFUSED)) && !why.is_empty() && serial.contains(&said);
-        check(&mut tally, ok, &format!("the hypervisor refuses {what} on its own, exit status {status:?}"));
+        tally.check(ok, &format!("the hypervisor refuses {what} on its own, exit status {status:?}"));
         if !ok {
             print_tail(&serial);
         }
@@ -536,8 +526,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     if status != Some(hostile::PROBE_OK) {
         print_tail(&serial);
     }
-    check(
-        &mut tally,
+    tally.check(
         status == Some(hostile::PROBE_OK),
         &format!(
             "a guest with data where the multiboot information used to go keeps it (exit status {status:?}, expected \
@@ -564,8 +553,7 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     if !ok {
         print_tail(&r.serial);
     }
-    check(
-        &mut tally,
+    tally.check(
         ok,
         &format!(
             "Linux ({}) runs init.c to the end under the hypervisor, status {status:?}, {:.1} s in Bochs",
