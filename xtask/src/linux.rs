@@ -643,31 +643,13 @@ fn bare_x86(image: &Path) -> Result<i32, String> {
     let boot = work.join("iso_root/boot");
     mkdir(&boot)?;
     fs::copy(image, boot.join("bzImage")).map_err(|e| format!("copy {}: {e}", image.display()))?;
-    let early = work.join("early.cfg");
-    write(&early, "set timeout=0\nlinux /boot/bzImage\nboot\n")?;
-    let code = util::run(
-        Command::new("grub-mkimage")
-            .args(["-O", "i386-pc-eltorito", "-p", "/boot/grub", "-c"])
-            .arg(&early)
-            .arg("-o")
-            .arg(boot.join("core.img"))
-            .args(["biosdisk", "iso9660", "linux", "normal", "configfile"]),
+    let iso = crate::x86::grub_iso(
+        &work,
+        &work.join("iso_root"),
+        "set timeout=0\nlinux /boot/bzImage\nboot\n",
+        "linux",
+        "linux.iso",
     )?;
-    if code != 0 {
-        return Err(format!("grub-mkimage failed ({code})"));
-    }
-    let iso = work.join("linux.iso");
-    let code = util::run(
-        Command::new("xorriso")
-            .args(["-as", "mkisofs", "-quiet", "-o"])
-            .arg(&iso)
-            .args(["-b", "boot/core.img", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"])
-            .arg(work.join("iso_root"))
-            .stderr(Stdio::null()),
-    )?;
-    if code != 0 {
-        return Err(format!("xorriso failed ({code})"));
-    }
     let serial = work.join("serial.log");
     let _ = fs::remove_file(&serial);
     let rc = work.join("cont.rc");

@@ -190,27 +190,33 @@ fn build_iso(work: &Path, hv: &Path, guest: IsoGuest<'_>) -> Result<PathBuf, Str
         }
     }
     cfg.push_str("boot\n");
+    grub_iso(&work, &root, &cfg, "multiboot", "twostage-x86.iso")
+}
+
+/// A bootable El Torito ISO from the tree `root` (whose `boot/` holds the files `cfg` loads):
+/// GRUB's core image with `cfg` built in and the GRUB module `loader` (`multiboot` or `linux`).
+pub fn grub_iso(work: &Path, root: &Path, cfg: &str, loader: &str, name: &str) -> Result<PathBuf, String> {
     let early = work.join("early.cfg");
     std::fs::write(&early, cfg).map_err(|e| format!("write {}: {e}", early.display()))?;
-    let core = boot.join("core.img");
+    let core = root.join("boot/core.img");
     let code = util::run(
         Command::new("grub-mkimage")
             .args(["-O", "i386-pc-eltorito", "-p", "/boot/grub", "-c"])
             .arg(&early)
             .arg("-o")
             .arg(&core)
-            .args(["biosdisk", "iso9660", "multiboot", "normal", "configfile"]),
+            .args(["biosdisk", "iso9660", loader, "normal", "configfile"]),
     )?;
     if code != 0 {
         return Err(format!("grub-mkimage failed ({code})"));
     }
-    let iso = work.join("twostage-x86.iso");
+    let iso = work.join(name);
     let code = util::run(
         Command::new("xorriso")
             .args(["-as", "mkisofs", "-quiet", "-o"])
             .arg(&iso)
             .args(["-b", "boot/core.img", "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"])
-            .arg(&root)
+            .arg(root)
             .stderr(Stdio::null()),
     )?;
     if code != 0 {
