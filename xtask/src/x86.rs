@@ -190,7 +190,7 @@ fn build_iso(work: &Path, hv: &Path, guest: IsoGuest<'_>) -> Result<PathBuf, Str
         }
     }
     cfg.push_str("boot\n");
-    grub_iso(&work, &root, &cfg, "multiboot", "twostage-x86.iso")
+    grub_iso(work, &root, &cfg, "multiboot", "twostage-x86.iso")
 }
 
 /// A bootable El Torito ISO from the tree `root` (whose `boot/` holds the files `cfg` loads):
