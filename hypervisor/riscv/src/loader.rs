@@ -129,13 +129,16 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     let tree = boot::guest_tree(&boot::TreeSpec {
         mem: h.mem,
         timebase: crate::hart::hart().timebase,
-        // SMP guests keep the SBI timer and a polled UART for now: Sstc is enabled (henvcfg.STCE)
-        // on the boot hart only, and the PLIC model serves one vCPU's context.
-        isa: boot::guest_isa(crate::devices::sstc() && h.vcpus == 1),
+        // Sstc only if every hart that will run a vCPU has it.
+        isa: boot::guest_isa(if h.vcpus > 1 {
+            crate::smp::probe_sstc(h.vcpus as usize, crate::hart::boot_hart())
+        } else {
+            crate::devices::sstc()
+        }),
         vcpus: h.vcpus as u32,
         bootargs: &h.bootargs,
         initrd: initrd_at.map(|at| at..at + h.initrd_len),
-        plic: h.vcpus == 1,
+        plic: true,
     });
     let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,

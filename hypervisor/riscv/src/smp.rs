@@ -19,10 +19,19 @@
 //! - HSM ([`twostage_rvh::smp::Hsm`]): a stopped vCPU's hart waits in [`park`] (WFI with
 //!   sie.SSIE, servicing) until a hart_start gives it an entry.
 //!
+//! - Devices ([`with_devices`]): one UART and one PLIC for the VM, behind one lock; the PLIC's S
+//!   context of vCPU i (QEMU virt's context 2i+1) drives vCPU i's hvip.VSEIP. After each access
+//!   the lock holder records every vCPU's PLIC output and sends an HS IPI to each other vCPU whose
+//!   output changed; that vCPU applies it before its next entry ([`before_entry`]).
+//! - Sstc: before the guest's device tree is written, [`probe_sstc`] starts each further hart
+//!   once to set and read back its henvcfg.STCE (it stops itself again); the guest gets `sstc`
+//!   only if every hart has it, and each hart sets STCE and vstimecmp = never for its vCPU.
+//!
 //! Nothing here spins on something another hart may hold without servicing: the shared space's
-//! lock relaxes with [`relax`], the UART lock likewise, the RFENCE wait services its own slots.
+//! lock relaxes with [`relax`], the device lock likewise, the RFENCE wait services its own slots.
 
 use crate::hart::frames;
+use crate::plic::Plic;
 use crate::uart::Ns16550;
 use crate::vm::{Exit, Vm};
 use alloc::boxed::Box;
@@ -75,8 +84,11 @@ pub struct Machine {
     pub mail: Mailbox,
     /// The guest's memory.
     pub space: Shared,
-    /// The UART, one device for every vCPU.
-    uart: SpinLock<Ns16550>,
+    /// The UART and the PLIC, one of each for every vCPU.
+    devices: SpinLock<(Ns16550, Plic)>,
+    /// Each vCPU's PLIC S-context output as last computed under the device lock: its
+    /// hvip.VSEIP from its next entry on.
+    seip: [AtomicBool; MAX_VCPUS],
     /// Counters per vCPU.
     pub counters: [HartCounters; MAX_VCPUS],
     /// The VMID.
@@ -165,6 +177,20 @@ pub fn before_entry(me: usize) {
         unsafe { hw::hvip::set(1 << irq::VSSI) };
     }
     mc.counters[me].exits.fetch_add(1, Ordering::Relaxed);
+    apply_seip(me);
+}
+
+/// Sets or clears hvip.VSEIP on the calling hart, vCPU `me`'s, from the shared PLIC's output.
+pub fn apply_seip(me: usize) {
+    let bit = 1 << irq::VSEI;
+    // SAFETY: hvip.VSEIP only raises or withdraws the guest's virtual external interrupt.
+    unsafe {
+        if m().seip[me].load(Ordering::Acquire) {
+            hw::hvip::set(bit)
+        } else {
+            hw::hvip::clear(bit)
+        }
+    }
 }
 
 /// A spin lock whose waiters service their hart.
@@ -188,9 +214,26 @@ impl<T> SpinLock<T> {
     }
 }
 
-/// The UART device for a vCPU of the SMP VM: the shared one, locked, while `f` runs.
-pub fn with_uart<R>(f: impl FnOnce(&mut Ns16550) -> R) -> R {
-    m().uart.with(f)
+/// The shared UART and PLIC, locked while `f` runs on vCPU `me`'s hart; then the UART's line
+/// goes into the PLIC, and each vCPU's S-context output into its VSEIP: `me`'s directly, each
+/// other vCPU's whose output changed through an HS IPI (after the lock is released).
+pub fn with_devices<R>(me: usize, f: impl FnOnce(&mut Ns16550, &mut Plic) -> R) -> R {
+    let mc = m();
+    let mut changed = [false; MAX_VCPUS];
+    let r = mc.devices.with(|(uart, plic)| {
+        let r = f(uart, plic);
+        plic.set_level(crate::boot::UART_IRQ as usize, uart.irq());
+        for (i, c) in changed.iter_mut().enumerate().take(mc.n) {
+            let out = plic.s_output(i);
+            *c = mc.seip[i].swap(out, Ordering::AcqRel) != out;
+        }
+        r
+    });
+    for (i, _) in changed.iter().enumerate().take(mc.n).filter(|&(i, &c)| c && i != me) {
+        ipi_hart(mc.hartids[i]);
+    }
+    apply_seip(me);
+    r
 }
 
 use guest::wait_until;
@@ -199,6 +242,65 @@ pub use guest::{calls, park, suspend};
 extern "C" {
     fn hs_trap_entry();
     fn smp_secondary_entry();
+    fn smp_probe_entry();
+}
+
+// A further hart's entry for the Sstc probe (no stack needed): sets henvcfg.STCE (0x60a, bit 63),
+// stores 2 | STCE-read-back to the word at a1 (opaque), and stops itself (SBI HSM hart_stop).
+global_asm!(
+    ".section .text",
+    ".globl smp_probe_entry",
+    ".align 4",
+    "smp_probe_entry:",
+    "li t1, 1",
+    "slli t1, t1, 63",
+    "csrs 0x60a, t1",
+    "csrr t0, 0x60a",
+    "srli t0, t0, 63",
+    "ori t0, t0, 2",
+    "fence rw, rw",
+    "sd t0, 0(a1)",
+    "fence rw, rw",
+    "li a7, 0x48534D",
+    "li a6, 1",
+    "ecall",
+    "1: wfi",
+    "j 1b",
+);
+
+/// Whether every hart an SMP VM of `n` vCPUs would run on (the boot hart `boot` and the ones
+/// [`run`] will pick) lets its guest use Sstc: each further hart is started once at
+/// `smp_probe_entry` and waited for until it stopped again. False if they cannot be found.
+pub fn probe_sstc(n: usize, boot: usize) -> bool {
+    static SLOTS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+    let slots = &SLOTS;
+    if !crate::devices::sstc() {
+        return false;
+    }
+    let Some(hartids) = find_harts(boot, n) else { return false };
+    let mut all = true;
+    for (i, &hartid) in hartids.iter().enumerate().take(n).skip(1) {
+        let slot = &slots[i] as *const AtomicU64 as u64;
+        let (e, _) = sbi(twostage_rvh::sbi::eid::HSM, 0, hartid as u64, smp_probe_entry as *const () as u64, slot);
+        if e != 0 {
+            return false;
+        }
+        // Its answer, then its return to STOPPED (so that `run` can start it again); no other
+        // hart runs a guest yet, so nothing needs servicing.
+        let mut stopped = false;
+        for _ in 0..100_000_000u64 {
+            if slots[i].load(Ordering::Acquire) != 0 {
+                let (e, state) = sbi(twostage_rvh::sbi::eid::HSM, 2, hartid as u64, 0, 0);
+                if e == 0 && state == twostage_rvh::sbi::hsm_state::STOPPED {
+                    stopped = true;
+                    break;
+                }
+            }
+            core::hint::spin_loop();
+        }
+        all &= stopped && slots[i].load(Ordering::Acquire) == 3;
+    }
+    all
 }
 
 // A further hart's entry from SBI hart_start: a0 = hartid, a1 = opaque, which points at
@@ -267,7 +369,11 @@ pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, 
         hsm: Hsm::new(n),
         mail: Mailbox::new(n),
         space: shared,
-        uart: SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(Ns16550::default()) },
+        devices: SpinLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new((Ns16550::default(), Plic::new(n))),
+        },
+        seip: Default::default(),
         counters: Default::default(),
         vmid,
         entry: (entry, dtb),
@@ -293,6 +399,11 @@ pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, 
 /// One vCPU's life on its hart; the status it ended the run with.
 fn vcpu_main(me: usize) -> i32 {
     let mc = m();
+    // This hart's henvcfg.STCE and vstimecmp = never (the guest's tree says sstc only if every
+    // hart had it in `probe_sstc`).
+    if !crate::devices::sstc_here() && crate::devices::sstc() {
+        println!("hart {}: no Sstc (henvcfg.STCE reads 0)", mc.hartids[me]);
+    }
     let mut vm = Vm::with_shared(&mc.space, mc.vmid, me);
     vm.uart.input = me == 0;
     vm.hedeleg = twostage_rvh::reflect::HEDELEG;

@@ -99,6 +99,8 @@ pub fn park(vm: &mut Vm, me: usize) {
     // A stopped hart's timer is off (SBI set_timer to the end of time also clears a pending
     // VSTIP), so that a stale deadline does not keep its WFI from waiting.
     twostage_rvh::sbi::SbiBackend::set_timer(vm, u64::MAX);
+    // Likewise its Sstc timer (vstimecmp), which the guest sets directly.
+    crate::devices::reset_vs_timer();
     let mut start = None;
     wait_until(me, || {
         start = mc.hsm.take_start(me);
@@ -109,12 +111,19 @@ pub fn park(vm: &mut Vm, me: usize) {
     }
 }
 
-/// hart_suspend: waits until an interrupt is pending for the vCPU (its guest IPI, its timer,
-/// anything in hvip), then resumes after the call or, non-retentive, at `resume`.
+/// hart_suspend: waits until an interrupt is pending for the vCPU (its guest IPI, its SBI or Sstc
+/// timer, anything in hvip, its PLIC context's output), then resumes after the call or,
+/// non-retentive, at `resume`.
 pub fn suspend(vm: &mut Vm, me: usize, resume: Option<(u64, u64)>) {
     let mc = m();
     mc.hsm.set_suspended(me, true);
-    wait_until(me, || mc.mail.pending(me) || hw::hvip::read() != 0 || hw::sip::read() & (1 << irq::STI) != 0);
+    wait_until(me, || {
+        crate::smp::apply_seip(me);
+        mc.mail.pending(me)
+            || hw::hvip::read() != 0
+            || hw::sip::read() & (1 << irq::STI) != 0
+            || crate::devices::vs_timer_due()
+    });
     mc.hsm.set_suspended(me, false);
     match resume {
         Some((addr, opaque)) => start_at(vm, me, addr, opaque),
