@@ -26,7 +26,7 @@ const FRAME_SHIFT: u32 = FRAME_SIZE.trailing_zeros();
 ///
 /// # Huge pages: runs
 /// A huge page is backed by one allocation of 512 (2 MiB) or 262,144 (1 GiB) frames, which the
-/// allocator must get back whole. It is registered as a *run* ([`FrameRefs::insert_run`]):
+/// allocator must get back whole. It is registered as a *run* (`FrameRefs::insert_run`):
 /// every frame of the run still has its own count (a huge leaf holds one reference to each, so
 /// splitting a huge leaf into 4 KiB leaves changes no count, and a copy-on-write break or an
 /// unmap of one 4 KiB page of it drops only that frame's count), and the run remembers how many

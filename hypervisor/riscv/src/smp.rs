@@ -3,7 +3,7 @@
 //! The boot hart builds the guest's address space, wraps it in a [`SharedAddressSpace`] whose
 //! flushes go through the VM's [`Shootdown`] ([`twostage_rvh::shootdown::invalidator`]), and
 //! starts one more hart per further vCPU with SBI HSM hart_start ("Hart State Management
-//! Extension") at [`smp_secondary_entry`], with a stack of its own and its vCPU index in `tp`
+//! Extension") at `smp_secondary_entry`, with a stack of its own and its vCPU index in `tp`
 //! (the hypervisor never uses `tp` otherwise; the guest's is swapped on entry and exit).
 //! vCPU i runs on hart `hartids[i]`, vCPU 0 on the boot hart.
 //!
@@ -28,7 +28,7 @@
 //!   only if every hart has it, and each hart sets STCE and vstimecmp = never for its vCPU.
 //!
 //! Nothing here spins on something another hart may hold without servicing: the shared space's
-//! lock relaxes with [`relax`], the device lock likewise, the RFENCE wait services its own slots.
+//! lock relaxes with `relax`, the device lock likewise, the RFENCE wait services its own slots.
 
 use crate::hart::frames;
 use crate::plic::Plic;
@@ -350,7 +350,7 @@ fn find_harts(boot: usize, n: usize) -> Option<[usize; MAX_VCPUS]> {
 
 /// Runs `space` as an SMP VM of `n` vCPUs from `entry` with the device tree at `dtb`, on the
 /// boot hart `boot` and `n - 1` others; returns the run's status (the first vCPU to end the
-/// run ends it for all, through [`finish`]).
+/// run ends it for all, through `finish`).
 pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, entry: u64, dtb: u64) -> i32 {
     // SAFETY: vCPU 0 runs here: `tp` names it for `current` (the shared space's lock checks).
     unsafe { asm!("mv tp, zero", options(nomem, nostack)) };
