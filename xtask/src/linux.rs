@@ -530,7 +530,7 @@ struct Run {
     elapsed: Duration,
 }
 
-/// Runs `cmd` and echoes its console when `echo`: its standard output, or the file `serial` when
+/// Runs `cmd` and echoes its console and its standard error when `echo`: its standard output, or the file `serial` when
 /// given (Bochs writes COM1 to a file; its own standard output then goes to `bochs-stdout.log`
 /// beside it). Stops it when it has not exited `grace` after init.c's final line, or after
 /// [`BARE_TIMEOUT`].
@@ -547,7 +547,7 @@ fn run_console(mut cmd: Command, serial: Option<&Path>, grace: Duration, echo: b
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(Stdio::inherit())
+        .stderr(if echo { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
