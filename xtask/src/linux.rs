@@ -530,16 +530,24 @@ struct Run {
     elapsed: Duration,
 }
 
-/// Runs `cmd` and echoes its console: its standard output, or the file `serial` when given (Bochs
-/// writes COM1 to a file). Stops it when it has not exited `grace` after init.c's final line, or
-/// after [`BARE_TIMEOUT`].
-fn run_console(mut cmd: Command, serial: Option<&Path>, grace: Duration) -> Result<Run, String> {
+/// Runs `cmd` and echoes its console and its standard error when `echo`: its standard output, or the file `serial` when
+/// given (Bochs writes COM1 to a file; its own standard output then goes to `bochs-stdout.log`
+/// beside it). Stops it when it has not exited `grace` after init.c's final line, or after
+/// [`BARE_TIMEOUT`].
+fn run_console(mut cmd: Command, serial: Option<&Path>, grace: Duration, echo: bool) -> Result<Run, String> {
     eprintln!("+ {cmd:?}");
     let start = Instant::now();
+    let stdout = match serial {
+        Some(path) => {
+            let log = path.with_file_name("bochs-stdout.log");
+            Stdio::from(fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?)
+        }
+        None => Stdio::piped(),
+    };
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(if serial.is_some() { Stdio::null() } else { Stdio::piped() })
-        .stderr(Stdio::inherit())
+        .stdout(stdout)
+        .stderr(if echo { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
@@ -579,8 +587,10 @@ fn run_console(mut cmd: Command, serial: Option<&Path>, grace: Duration) -> Resu
     let mut finished: Option<Instant> = None;
     let mut take = |all: &mut Vec<u8>| {
         while let Ok(bytes) = rx.try_recv() {
-            let _ = out.write_all(&bytes);
-            let _ = out.flush();
+            if echo {
+                let _ = out.write_all(&bytes);
+                let _ = out.flush();
+            }
             all.extend_from_slice(&bytes);
         }
     };
@@ -618,14 +628,51 @@ fn bare_riscv(image: &Path, smp: u32) -> Result<i32, String> {
         .arg(smp.to_string())
         .arg("-kernel")
         .arg(image);
-    let run = run_console(cmd, None, Duration::from_secs(20))?;
+    let run = run_console(cmd, None, Duration::from_secs(20), true)?;
     let ok = run.code == 0;
     Ok(verdict(&format!("riscv64 bare QEMU -smp {smp}"), &run, ok))
 }
 
-/// Boots the x86 kernel on Bochs through GRUB's `linux` command (no hypervisor). Without ACPI the
-/// kernel cannot power Bochs off: it halts, and the run is stopped once it said so.
+/// Boots the x86 kernel on Bochs through GRUB's `linux` command (no hypervisor).
 fn bare_x86(image: &Path) -> Result<i32, String> {
+    let bare = bare_x86_run(image, true)?;
+    if let Some(ticks) = bare.ticks {
+        println!("linux: {ticks} instructions (Bochs ticks) up to init.c's write to port 0xf4");
+    }
+    Ok(verdict("x86_64 bare Bochs", &bare.run, bare.halted))
+}
+
+/// What [`bare_x86_run`] saw.
+pub struct BareX86 {
+    run: Run,
+    /// Whether the kernel halted after init.c's last line.
+    pub halted: bool,
+    /// Whether init.c passed and the kernel then halted.
+    pub passed: bool,
+    /// Bochs' tick count (one per emulated instruction, see [`crate::x86::ptime`]) when init.c
+    /// reached its `outb` to port 0xf4: where a run under the hypervisor ends.
+    pub ticks: Option<u64>,
+}
+
+/// The address of init.c's `outb` to port 0xf4 (`e6 f4`) in the `init` beside `image`, from
+/// objdump's disassembly.
+fn init_port_write(image: &Path) -> Option<u64> {
+    let init = image.with_file_name("init");
+    let out = Command::new("objdump").arg("-d").arg(&init).stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut hits = text.lines().filter(|l| l.contains("e6 f4") && l.contains("out"));
+    let line = hits.next()?;
+    if hits.next().is_some() {
+        return None;
+    }
+    u64::from_str_radix(line.split(':').next()?.trim(), 16).ok()
+}
+
+/// Boots the x86 kernel on Bochs through GRUB's `linux` command (no hypervisor); echoes COM1 when
+/// `echo`. A linear breakpoint on init.c's write to port 0xf4 (ignored without a hypervisor) reads
+/// Bochs' tick count there with `ptime`, then the run goes on. Without ACPI the kernel cannot
+/// power Bochs off: it halts, and the run is stopped once it said so.
+pub fn bare_x86_run(image: &Path, echo: bool) -> Result<BareX86, String> {
     util::ensure_apt("bochs", &["bochs", "bochsbios", "vgabios"])?;
     util::ensure_apt("grub-mkimage", &["grub-common", "grub-pc-bin"])?;
     util::ensure_apt("xorriso", &["xorriso", "mtools"])?;
@@ -653,7 +700,11 @@ fn bare_x86(image: &Path) -> Result<i32, String> {
     let serial = work.join("serial.log");
     let _ = fs::remove_file(&serial);
     let rc = work.join("cont.rc");
-    write(&rc, "c\nquit\n")?;
+    let stop = init_port_write(image);
+    if stop.is_none() {
+        eprintln!("linux: no single `outb` to port 0xf4 in the init beside {}: no instruction count", image.display());
+    }
+    write(&rc, stop.map_or("c\nquit\n".to_string(), |at| format!("lb {at:#x}\nc\nptime\nd 1\nc\nquit\n")))?;
     let conf = work.join("bochsrc");
     write(
         &conf,
@@ -680,9 +731,12 @@ fn bare_x86(image: &Path) -> Result<i32, String> {
     )?;
     let mut cmd = Command::new("bochs");
     cmd.arg("-q").arg("-f").arg(&conf).arg("-rc").arg(&rc).current_dir(&work);
-    let run = run_console(cmd, Some(&serial), Duration::from_secs(10))?;
+    let run = run_console(cmd, Some(&serial), Duration::from_secs(10), echo)?;
     let halted = run.output.contains(HALTED) || run.output.contains("reboot: Power down");
-    Ok(verdict("x86_64 bare Bochs", &run, halted))
+    let console = fs::read(work.join("bochs-stdout.log")).unwrap_or_default();
+    let ticks = stop.and_then(|_| crate::x86::ptime(&String::from_utf8_lossy(&console)));
+    let passed = halted && run.output.contains(PASSED);
+    Ok(BareX86 { run, halted, passed, ticks })
 }
 
 /// Prints whether a run passed (init.c's final line, and `ended` cleanly); returns the exit

@@ -3,7 +3,8 @@
 //! The hypervisor (`images/x86-hv`) is a multiboot (v1) ELF64 kernel; GRUB loads it from an
 //! El Torito ISO, together with an optional guest as a multiboot module. Bochs runs headless
 //! (rfb display with `timeout=0`); the hypervisor reports on COM1 (a file) and ends the run with
-//! a `twostage-exit: N` line followed by a magic breakpoint, which the rc file answers with `quit`.
+//! a `twostage-exit: N` line followed by a magic breakpoint, which the rc file answers with `ptime`
+//! (Bochs' tick count, read back from its console output: see [`ptime`]) and `quit`.
 //!
 //! When a guest is given, GRUB's kernel command line says so (`guest=/boot/guest.elf`): if GRUB
 //! cannot load the module (a file larger than the machine's free memory is dropped), the
@@ -233,6 +234,8 @@ struct BochsRun {
     code: i32,
     /// Whether the wall-clock limit stopped it.
     timed_out: bool,
+    /// Bochs' simulated time when the run ended (see [`ptime`]).
+    ticks: Option<u64>,
 }
 
 /// Boots `iso` in Bochs with CPU `model`; streams COM1 to stdout when `echo`.
@@ -245,8 +248,9 @@ fn run_bochs_megs(work: &Path, iso: &Path, model: &str, echo: bool, megs: u64) -
     let serial = work.join(format!("serial-{model}.log"));
     let rc = work.join("cont.rc");
     let conf = work.join(format!("bochsrc-{model}"));
+    let console = work.join(format!("bochs-stdout-{model}.log"));
     let _ = std::fs::remove_file(&serial);
-    std::fs::write(&rc, "c\nquit\n").map_err(|e| format!("write {}: {e}", rc.display()))?;
+    std::fs::write(&rc, "c\nptime\nquit\n").map_err(|e| format!("write {}: {e}", rc.display()))?;
     let bochsrc = format!(
         "megs: {megs}\n\
          display_library: rfb, options=\"timeout=0\"\n\
@@ -279,7 +283,7 @@ fn run_bochs_megs(work: &Path, iso: &Path, model: &str, echo: bool, megs: u64) -
         .arg(&rc)
         .current_dir(work)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(&console).map_err(|e| format!("create {}: {e}", console.display()))?)
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start bochs: {e}"))?;
@@ -315,7 +319,15 @@ fn run_bochs_megs(work: &Path, iso: &Path, model: &str, echo: bool, megs: u64) -
     };
     pump(&mut shown);
     let text = std::fs::read(&serial).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
-    Ok(BochsRun { serial: text, code, timed_out })
+    let ticks = std::fs::read(&console).ok().and_then(|b| ptime(&String::from_utf8_lossy(&b)));
+    Ok(BochsRun { serial: text, code, timed_out, ticks })
+}
+
+/// The tick count of the Bochs debugger's `ptime` command in its console output. With `clock:
+/// sync=none` Bochs' simulated time advances one tick per emulated instruction (and skips ahead
+/// while the CPU halts), so it is the instruction count of the run.
+pub fn ptime(console: &str) -> Option<u64> {
+    console.lines().find_map(|l| l.trim().strip_prefix("ptime: ")?.trim().parse().ok())
 }
 
 /// The status the hypervisor reported with its `twostage-exit: N` line.
@@ -567,6 +579,15 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
             start.elapsed().as_secs_f64()
         ),
     );
+    // The cost: the same kernel on bare Bochs (GRUB `linux`), stopped at the same point.
+    let bare = crate::linux::bare_x86_run(&kernel, false)?;
+    tally.check(bare.passed, "the same Linux passes init.c on bare Bochs (GRUB `linux`, no hypervisor)");
+    match (r.ticks, bare.ticks) {
+        (Some(n), Some(m)) if m > 0 => {
+            println!("linux x86: {n} instructions under the hypervisor, {m} bare ({:.2} x)", n as f64 / m as f64)
+        }
+        (n, m) => println!("linux x86: no instruction count (Bochs ptime: {n:?} under the hypervisor, {m:?} bare)"),
+    }
     Ok(tally)
 }
 
@@ -605,5 +626,11 @@ mod tests {
         assert_eq!(exit_status("twostage-exit: 1\nnoise\ntwostage-exit: 0\n"), Some(0));
         assert_eq!(exit_status("PANIC: boom\n"), None);
         assert_eq!(exit_status("twostage-exit: x\n"), None);
+    }
+
+    #[test]
+    fn ptime_reads_the_debugger_tick_count() {
+        assert_eq!(super::ptime("(0) Magic breakpoint\nptime: 1234567\n"), Some(1234567));
+        assert_eq!(super::ptime("nothing\n"), None);
     }
 }

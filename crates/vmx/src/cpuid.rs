@@ -13,6 +13,16 @@ pub const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 /// CPUID.1:ECX bit 21: x2APIC (Table 3-10). Hidden: the guest reaches the local APIC through its
 /// page (xAPIC mode), not through MSRs 800H-8FFH, which this hypervisor does not pass through.
 pub const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID.1:ECX bit 24: TSC-deadline mode of the local APIC timer (Table 3-10). Hidden: its MSR,
+/// IA32_TSC_DEADLINE (6E0H), is not passed through, so the guest programs the timer in one-shot
+/// mode instead of faulting on the WRMSR.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:ECX bit 15: PDCM, the IA32_PERF_CAPABILITIES MSR (345H) (Table 3-10). Hidden: the
+/// performance-monitoring MSRs are not offered to the guest.
+pub const LEAF1_ECX_PDCM: u32 = 1 << 15;
+/// CPUID.06H:ECX bit 0: the IA32_MPERF (E7H) and IA32_APERF (E8H) counters (Table 3-8). Hidden:
+/// this hypervisor does not pass those MSRs through.
+pub const LEAF6_ECX_APERFMPERF: u32 = 1 << 0;
 /// CPUID.(EAX=07H,ECX=0):EBX bit 10: INVPCID (Table 3-11).
 pub const LEAF7_EBX_INVPCID: u32 = 1 << 10;
 /// CPUID.80000001H:EDX bit 27: RDTSCP.
@@ -46,7 +56,8 @@ impl EnabledInstructions {
 }
 
 /// [`filter`] for `subleaf`, with the features hidden that the execution controls leave
-/// disabled (`enabled`), and MONITOR/MWAIT and x2APIC hidden (see the constants).
+/// disabled (`enabled`), and MONITOR/MWAIT, x2APIC, TSC-deadline, PDCM and APERF/MPERF hidden
+/// (see the constants).
 pub fn filter_guest(
     leaf: u32,
     subleaf: u32,
@@ -56,7 +67,8 @@ pub fn filter_guest(
 ) -> CpuidResult {
     let mut r = filter_for_walk(leaf, raw, walk_length);
     match (leaf, subleaf) {
-        (1, _) => r.ecx &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC),
+        (1, _) => r.ecx &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_PDCM),
+        (6, _) => r.ecx &= !LEAF6_ECX_APERFMPERF,
         (7, 0) if !enabled.invpcid => r.ebx &= !LEAF7_EBX_INVPCID,
         (0x8000_0001, _) if !enabled.rdtscp => r.edx &= !EXT1_EDX_RDTSCP,
         (0xd, 1) if !enabled.xsaves => r.eax &= !LEAFD1_EAX_XSAVES,
@@ -158,7 +170,10 @@ mod tests {
         assert_eq!(with_osxsave(u32::MAX, false), !LEAF1_ECX_OSXSAVE);
         assert_eq!(with_osxsave(0, true), LEAF1_ECX_OSXSAVE);
         let l1 = filter_guest(1, 0, all, 4, on).ecx;
-        assert_eq!(l1 & (LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_VMX), 0);
+        let hidden = LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_VMX | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_PDCM;
+        assert_eq!(l1 & hidden, 0);
+        assert_eq!(filter_guest(6, 0, all, 4, on).ecx, !LEAF6_ECX_APERFMPERF);
+        assert_eq!(filter_guest(6, 0, all, 4, on).eax, u32::MAX, "only ECX bit 0 of leaf 6 is hidden");
     }
 
     #[test]
