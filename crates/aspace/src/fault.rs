@@ -107,13 +107,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let Some(leaf) = self.table.query(page) else {
             // A linear page is always mapped; if it is not (a failed split left a hole), map it back.
             let hpa = r.linear_hpa(page).ok_or(NoFrame)?;
-            let f = self.table.map(
-                page,
-                hpa,
-                PAGE,
-                self.effective_flags(r, hpa, page),
-                twostage_npt::MapSize::Exactly(PageSize::Size4K),
-            )?;
+            let flags = self.effective_flags(r, hpa, page);
+            let f = self.table.edit().map(page, hpa, PAGE, flags, twostage_npt::MapSize::Exactly(PageSize::Size4K))?;
             return Ok(SpaceFlush::from_table(f));
         };
         if leaf.flags.allows(access) {
@@ -129,7 +124,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         } else {
             want = self.effective_flags(r, leaf.hpa, page);
         }
-        let f = self.table.protect(page, PAGE, want)?;
+        let f = self.table.edit().protect(page, PAGE, want)?;
         Ok(SpaceFlush::from_table(f))
     }
 
@@ -147,7 +142,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         if access != Access::Write {
             let want = self.effective_flags(r, leaf.hpa, page);
-            let f = self.table.protect(page, PAGE, want)?;
+            let f = self.table.edit().protect(page, PAGE, want)?;
             return Ok(SpaceFlush::from_table(f));
         }
         if let Some(log) = &mut self.dirty {
@@ -161,7 +156,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.cow_reuses += 1;
             }
             let want = self.flags_for(r, page, false);
-            let f = self.table.protect(page, PAGE, want)?;
+            let f = self.table.edit().protect(page, PAGE, want)?;
             Ok(SpaceFlush::from_table(f))
         }
     }
@@ -178,7 +173,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         self.refs.insert_new(new);
         let flags = self.flags_for(r, page, false);
         // In place (same size, A/D kept, nothing allocated): it cannot fail half way.
-        match self.table.remap(page, new, flags) {
+        match self.table.edit().remap(page, new, flags) {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
                 self.stats.cow_copies += 1;
@@ -209,7 +204,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if !needs {
             return Ok(SpaceFlush::from_table(self.table.stale_fault_flush(page)));
         }
-        match self.table.set_accessed_dirty(page, access) {
+        match self.table.edit().set_accessed_dirty(page, access) {
             Ok(f) => Ok(SpaceFlush::from_table(f)),
             // Not tracked (`AdMode::Preset`: the engine keeps A set, and D set on every
             // writable leaf, so this leaf already allows the access) or gone: only the stale

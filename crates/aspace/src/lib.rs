@@ -106,6 +106,7 @@ mod region;
 mod shared;
 mod space;
 mod table_mem;
+mod tlb;
 
 pub use dirty::{DirtyMode, PageBitmap};
 pub use error::*;
