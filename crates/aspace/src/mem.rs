@@ -589,9 +589,32 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             return Ok(());
         }
         let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
+        // The whole span lies in the anonymous region last used, which allows the write: pages
+        // already private are written without looking the region up.
+        let in_hint = hint.is_some();
         let mut off = 0usize;
         while off < buf.len() {
             let cur = gpa + off as u64;
+            if in_hint {
+                let src = &buf[off..];
+                let fast = self.anon_runs(
+                    cur,
+                    end - cur,
+                    false,
+                    |leaf| leaf.flags.contains(MappingFlags::WRITE),
+                    |dst, o, n| {
+                        if let Some(dst) = dst {
+                            // SAFETY: as below.
+                            unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
+                        }
+                    },
+                );
+                if fast > 0 {
+                    self.note_written(cur, fast);
+                    off += fast as usize;
+                    continue;
+                }
+            }
             let r = self.region_for(cur, Access::Write, check)?.clone();
             if off == 0 {
                 self.check_rest(r.range.end, end, Access::Write, check)?;
