@@ -6,10 +6,10 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use twostage_aspace::GuestMemory;
 use twostage_npt::GuestPhysAddr;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::engine::GPA_BASE;
-use crate::space::ts_populated;
+use crate::space::{ts_linear, ts_populated};
 use crate::{ram, random_offsets, MIB};
 
 /// Bytes of guest RAM the copies land in.
@@ -36,6 +36,22 @@ impl Dir {
             Dir::Write => "write",
         }
     }
+}
+
+/// vm-memory's guest memory over `len` bytes of the bench RAM from host-physical `pa`, at
+/// [`GPA_BASE`]: the same host bytes as a [`crate::space::ts_linear`] space, so that both sides
+/// copy to and from identical memory (same backing, same contiguity, same huge pages).
+pub fn vmm_over(ram: &'static crate::ram::BenchRam, pa: u64, len: u64) -> GuestMemoryMmap {
+    // PROT_READ | PROT_WRITE and MAP_PRIVATE | MAP_ANONYMOUS (Linux values): how the bench RAM's
+    // block was mapped by the global allocator; vm-memory only records them.
+    const PROT_RW: i32 = 0x3;
+    const MAP_PRIVATE_ANON: i32 = 0x22;
+    // SAFETY: `ram.ptr(pa)..+len` lies inside the bench RAM's block, which is leaked (lives for
+    // the whole process) and page-aligned there (`pa` is frame-aligned, the block 2 MiB-aligned);
+    // vm-memory does not unmap a raw mapping it did not create.
+    let region = unsafe { MmapRegion::build_raw(ram.ptr(pa), len as usize, PROT_RW, MAP_PRIVATE_ANON) }.expect("raw");
+    let region = GuestRegionMmap::new(region, GuestAddress(GPA_BASE)).expect("region");
+    GuestMemoryMmap::from_regions(vec![region]).expect("one region")
 }
 
 /// Group settings for a copy row.
@@ -74,39 +90,40 @@ pub fn memcpy_row(
     });
 }
 
-/// GPA copies of every size in both directions: twostage (a populated demand-zero RAM region),
-/// vm-memory (`GuestMemoryMmap`, `read_obj`/`write_obj` for the 8-byte object, `read_slice`/
-/// `write_slice` otherwise) and memcpy.
+/// GPA copies of every size in both directions: twostage over a linear region of the bench RAM
+/// (`twostage`) and over a populated demand-zero region (`twostage-dz`), vm-memory
+/// (`GuestMemoryMmap` over the same host bytes as the linear region: like with like;
+/// `read_obj`/`write_obj` for the 8-byte object, `read_slice`/`write_slice` otherwise) and memcpy
+/// (the same bytes again).
 pub fn gpa_copies(c: &mut Criterion) {
     let ram = ram();
-    let mut space = ts_populated(ram, COPY_SPAN);
-    let vmm: GuestMemoryMmap =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(GPA_BASE), COPY_SPAN as usize)]).expect("mmap");
-    let mut plain = vec![1u8; COPY_SPAN as usize];
-    // Touch every page of the vm-memory region so that no side pays first-touch faults.
-    for off in (0..COPY_SPAN).step_by(4096) {
-        vmm.write_obj(1u8, GuestAddress(GPA_BASE + off)).expect("in range");
-    }
+    let mut dz = ts_populated(ram, COPY_SPAN);
+    let (mut space, host) = ts_linear(ram, COPY_SPAN);
+    let vmm = vmm_over(ram, host, COPY_SPAN);
+    // SAFETY: the linear region's bytes, in the leaked bench RAM; the three sides take turns.
+    let plain = unsafe { std::slice::from_raw_parts_mut(ram.ptr(host), COPY_SPAN as usize) };
     for dir in [Dir::Read, Dir::Write] {
         for (label, size) in SIZES {
             let offs = random_offsets(0xc0c0 ^ size, COPY_SPAN, size, OFFSETS);
             let mut g = copy_group(c, &format!("gpa_{}", dir.label()), size);
             let mut buf = vec![0x5au8; size as usize];
-            g.bench_function(BenchmarkId::new("twostage", label), |b| {
-                let mut i = 0;
-                b.iter(|| {
-                    let gpa = GuestPhysAddr::new(GPA_BASE + black_box(offs[i % OFFSETS]));
-                    i += 1;
-                    match dir {
-                        Dir::Read => space.read(gpa, &mut buf).expect("read"),
-                        Dir::Write => {
-                            space.write(gpa, &buf).expect("write");
-                            space.flush_pending(|_| {});
+            for (name, space) in [("twostage", &mut space), ("twostage-dz", &mut dz)] {
+                g.bench_function(BenchmarkId::new(name, label), |b| {
+                    let mut i = 0;
+                    b.iter(|| {
+                        let gpa = GuestPhysAddr::new(GPA_BASE + black_box(offs[i % OFFSETS]));
+                        i += 1;
+                        match dir {
+                            Dir::Read => space.read(gpa, &mut buf).expect("read"),
+                            Dir::Write => {
+                                space.write(gpa, &buf).expect("write");
+                                space.flush_pending(|_| {});
+                            }
                         }
-                    }
-                    black_box(&buf);
-                })
-            });
+                        black_box(&buf);
+                    })
+                });
+            }
             g.bench_function(BenchmarkId::new("vm-memory", label), |b| {
                 let mut i = 0;
                 b.iter(|| {
@@ -126,7 +143,7 @@ pub fn gpa_copies(c: &mut Criterion) {
                     black_box(&buf);
                 })
             });
-            memcpy_row(&mut g, dir, label, size, &offs, &mut plain);
+            memcpy_row(&mut g, dir, label, size, &offs, plain);
             g.finish();
         }
     }

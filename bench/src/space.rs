@@ -39,6 +39,19 @@ pub fn ts_populated(ram: &'static BenchRam, len: u64) -> Space {
     s
 }
 
+/// An address space whose RAM is one linear region at [`GPA_BASE`] over `len` contiguous bytes of
+/// the bench RAM (host memory given by the caller, as a hypervisor gives its guest RAM, and like
+/// vm-memory's one host mapping per region), and the host-physical address of its first byte.
+pub fn ts_linear(ram: &'static BenchRam, len: u64) -> (Space, u64) {
+    let host = ram.alloc_n((len / 4096) as usize, 512).expect("bench RAM for the linear region");
+    let mut s = Space::new(ram, ept_options(true)).expect("space");
+    let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), len).expect("range");
+    let backend = Backend::Linear { host: twostage_npt::HostPhysAddr::new(host) };
+    let (_, f) = s.add_region("ram", range, MappingFlags::RWX, backend).expect("region");
+    s.flush_unloaded(f).expect("its own token");
+    (s, host)
+}
+
 fn group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut g = c.benchmark_group(name);
     g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));

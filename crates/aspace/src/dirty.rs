@@ -192,7 +192,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     self.defer(flush);
                     return Err(e);
                 }
-                flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |_| {}));
+                flush.add(self.table.edit().take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |_| {}));
             }
             DirtyMode::WriteProtect => flush = flush.merge(self.reprotect(range)?),
         }
@@ -212,7 +212,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 return Ok(());
             }
             for gpa in huge {
-                match self.table.split(gpa) {
+                match self.table.edit().split(gpa) {
                     Ok(f) => flush.add(f),
                     Err(e) => return Err(DirtyLogError::Split(e)),
                 }
@@ -234,7 +234,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let mut flush = SpaceFlush::none();
         match mode {
             DirtyMode::DirtyBits => {
-                flush.add(self.table.take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |leaf| {
+                flush.add(self.table.edit().take_accessed_dirty(range.start, range.len(), AdClear::Dirty, |leaf| {
                     if leaf.dirty {
                         bits.set_range(leaf.gpa, leaf.size.bytes());
                     }
@@ -248,7 +248,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     if want == leaf.flags {
                         continue;
                     }
-                    match self.table.protect(gpa, PAGE, want) {
+                    match self.table.edit().protect(gpa, PAGE, want) {
                         Ok(f) => flush.add(f),
                         Err(e) => {
                             self.defer(flush);
@@ -288,7 +288,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// the CPU or by the fault handler (not [`AdMode::Preset`]).
     pub fn harvest_accessed(&mut self, range: GpaRange) -> Result<(PageBitmap, SpaceFlush<F>), BitmapAllocError> {
         let mut bits = PageBitmap::try_new(range)?;
-        let f = self.table.take_accessed_dirty(range.start, range.len(), AdClear::Accessed, |leaf| {
+        let f = self.table.edit().take_accessed_dirty(range.start, range.len(), AdClear::Accessed, |leaf| {
             if leaf.accessed {
                 bits.set_range(leaf.gpa, leaf.size.bytes());
             }

@@ -110,13 +110,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let Some(leaf) = self.table.query(page) else {
             // A linear page is always mapped; if it is not (a failed split left a hole), map it back.
             let hpa = r.linear_hpa(page).ok_or(NoFrame)?;
-            let f = self.table.map(
-                page,
-                hpa,
-                PAGE,
-                self.effective_flags(r, hpa, page),
-                twostage_npt::MapSize::Exactly(PageSize::Size4K),
-            )?;
+            let flags = self.effective_flags(r, hpa, page);
+            let f = self.table.edit().map(page, hpa, PAGE, flags, twostage_npt::MapSize::Exactly(PageSize::Size4K))?;
             return Ok(SpaceFlush::from_table(f));
         };
         if leaf.flags.allows(access) {
@@ -132,7 +127,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         } else {
             want = self.effective_flags(r, leaf.hpa, page);
         }
-        let f = self.table.protect(page, PAGE, want)?;
+        let f = self.table.edit().protect(page, PAGE, want)?;
         Ok(SpaceFlush::from_table(f))
     }
 
@@ -150,7 +145,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         }
         if access != Access::Write {
             let want = self.effective_flags(r, leaf.hpa, page);
-            let f = self.table.protect(page, PAGE, want)?;
+            let f = self.table.edit().protect(page, PAGE, want)?;
             return Ok(SpaceFlush::from_table(f));
         }
         if let Some(log) = &mut self.dirty {
@@ -174,7 +169,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.cow_reuses += 1;
             }
             let want = self.flags_for(r, leaf.gpa, false);
-            let f = self.table.protect(leaf.gpa, leaf.size.bytes(), want)?;
+            let f = self.table.edit().protect(leaf.gpa, leaf.size.bytes(), want)?;
             return Ok(SpaceFlush::from_table(f));
         }
         let mut flush = SpaceFlush::none();
@@ -206,7 +201,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 self.stats.cow_reuses += 1;
             }
             let want = self.flags_for(r, page, false);
-            let f = self.table.protect(page, PAGE, want)?;
+            let f = self.table.edit().protect(page, PAGE, want)?;
             Ok(SpaceFlush::from_table(f))
         }
     }
@@ -240,7 +235,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 log.mark(page);
             }
             let want = self.flags_for(r, page, false);
-            return match self.table.protect(page, PAGE, want) {
+            return match self.table.edit().protect(page, PAGE, want) {
                 Ok(f) => {
                     self.stats.cow_reuses += 1;
                     flush.add(f);
@@ -260,7 +255,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         self.refs.insert_new(new);
         let flags = self.flags_for(r, page, false);
         // In place (same size, A/D kept, nothing allocated): it cannot fail half way.
-        match self.table.remap(page, new, flags) {
+        match self.table.edit().remap(page, new, flags) {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
                 self.stats.cow_copies += 1;
@@ -293,7 +288,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         if !needs {
             return Ok(SpaceFlush::from_table(self.table.stale_fault_flush(page)));
         }
-        match self.table.set_accessed_dirty(page, access) {
+        match self.table.edit().set_accessed_dirty(page, access) {
             Ok(f) => Ok(SpaceFlush::from_table(f)),
             // Not tracked (`AdMode::Preset`: the engine keeps A set, and D set on every
             // writable leaf, so this leaf already allows the access) or gone: only the stale

@@ -6,6 +6,7 @@ use crate::flush::Pending;
 use crate::flush::SpaceFlush;
 use crate::region::Backend;
 use crate::space::{AddressSpace, SpaceStats, PAGE};
+use crate::tlb::{Tlb, Tracked};
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use twostage_npt::{Format, FrameAllocator, GpaRange, HostPhysAddr, MapSize, MappingFlags, PageSize};
@@ -40,7 +41,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         // both sides as it is copied; the frames met are collected in runs for their counts.
         // Nothing has changed if this fails.
         let mut runs: Vec<(HostPhysAddr, u64)> = Vec::new();
-        let (table, parent_flush) = self.table.try_clone_protected(&anon, |leaf| {
+        let (table, parent_flush) = self.table.edit().try_clone_protected(&anon, |leaf| {
             // A huge leaf holds one reference to each frame it maps.
             let frames = leaf.size.bytes() / PAGE;
             match runs.last_mut() {
@@ -54,10 +55,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let mut flush = SpaceFlush::none();
         flush.add(parent_flush);
         let mut child = Self {
-            table,
+            table: Tracked::new(table),
             alloc: self.alloc.clone(),
             opts: self.opts,
-            regions: BTreeMap::new(),
+            regions: Tracked::new(BTreeMap::new()),
             next_id: self.next_id,
             refs: self.refs.clone(),
             dirty: None,
@@ -65,12 +66,13 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             pending: Pending::new(),
             huge: self.huge,
             mixed: self.mixed.clone(),
+            tlb: Tlb::new(),
         };
-        for r in self.regions.values_mut() {
+        for r in self.regions.edit().values_mut() {
             if r.backend.owns_frames() {
                 r.backend = Backend::CopyOnWrite;
             }
-            child.regions.insert(r.range.start, r.clone());
+            child.regions.edit().insert(r.range.start, r.clone());
         }
         // The copy carries the parent's dirty-log write protection of linear pages; the child
         // has no log, so its linear pages get their regions' rights back.
@@ -132,7 +134,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             let at = dst + (gpa - r.range.start);
             // A huge leaf is shared as 4 KiB pages (`dst` need not be aligned like the source);
             // each page holds one reference to its frame.
-            match self.table.map(at, hpa, size.bytes(), ro, MapSize::Exactly(PageSize::Size4K)) {
+            match self.table.edit().map(at, hpa, size.bytes(), ro, MapSize::Exactly(PageSize::Size4K)) {
                 Ok(f) => {
                     flush.add(f);
                     self.refs.share_run(hpa, size.bytes() / PAGE);
@@ -147,7 +149,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 }
             }
         }
-        if let Some(reg) = src.regions.get_mut(&r.range.start) {
+        if let Some(reg) = src.regions.edit().get_mut(&r.range.start) {
             reg.backend = Backend::CopyOnWrite;
         }
         // Now that the counts are above 1, the source's pages lose the write right. Protecting

@@ -48,7 +48,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// such region. Pages already mapped stay as they are.
     pub fn set_region_huge_pages(&mut self, id: RegionId, policy: HugePages) -> Option<HugePages> {
         let key = self.key_of(id)?;
-        let r = self.regions.get_mut(&key)?;
+        let r = self.regions.edit().get_mut(&key)?;
         Some(core::mem::replace(&mut r.huge, policy))
     }
 
@@ -103,7 +103,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         unsafe { core::ptr::write_bytes(dst, 0, size.bytes() as usize) };
         self.refs.insert_run(hpa, n);
         let flags = self.flags_for(r, base, false);
-        match self.table.map(base, hpa, size.bytes(), flags, MapSize::Exactly(size)) {
+        match self.table.edit().map(base, hpa, size.bytes(), flags, MapSize::Exactly(size)) {
             Ok(f) => {
                 self.stats.frames_allocated += n;
                 match size {
@@ -127,7 +127,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// Splits the huge leaf covering `page` (if any) down to a 4 KiB leaf at `page`.
     pub(crate) fn split_around(&mut self, page: GuestPhysAddr, flush: &mut SpaceFlush<F>) -> Result<(), SplitError> {
         while let Some(leaf) = self.table.query(page).filter(|l| l.size != PageSize::Size4K) {
-            flush.add(self.table.split(leaf.gpa)?);
+            flush.add(self.table.edit().split(leaf.gpa)?);
             if self.region_at(page).is_some_and(|r| r.backend.owns_frames()) {
                 self.stats.huge_splits += 1;
             }
@@ -176,7 +176,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 if anon && !self.refs.in_one_run(first.hpa, size.bytes() / PAGE) {
                     continue;
                 }
-                if let Ok(f) = self.table.collapse(base, size) {
+                if let Ok(f) = self.table.edit().collapse(base, size) {
                     flush.add(f);
                     made += 1;
                     self.mixed.remove(&(size.level(), base));

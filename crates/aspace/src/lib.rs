@@ -38,7 +38,10 @@
 //! (unique frames, `phys_to_virt` reaches them) the copies and frame fills rely on. A data frame
 //! is freed (or its copy-on-write count lowered) only once an invalidation covering the page it
 //! was mapped at has been carried out (or the table is unloaded or dropped), so no stale
-//! translation can reach a reused frame. Guest-controlled values (addresses, lengths, the
+//! translation can reach a reused frame. Guest-memory accesses remember recent page
+//! translations (the region last used and 512 pages) tagged with the space's change count; the
+//! nested table and the region map can only be changed through an accessor that raises the
+//! count, so no cached translation outlives the change that removed it. Guest-controlled values (addresses, lengths, the
 //! guest's page tables) give typed errors naming the address and the access; they never panic.
 //!
 //! ## Guest memory, fork and dirty logging
@@ -113,6 +116,7 @@ mod region;
 mod shared;
 mod space;
 mod table_mem;
+mod tlb;
 
 pub use dirty::{DirtyMode, PageBitmap};
 pub use error::*;

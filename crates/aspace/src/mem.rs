@@ -4,6 +4,7 @@ use crate::error::NoFrame;
 use crate::flush::SpaceFlush;
 use crate::region::{Backend, Region};
 use crate::space::{AddressSpace, PAGE};
+use crate::tlb::{CachedRegion, DIRECT_WRITE, R, W, X};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use twostage_npt::{Access, Format, FrameAllocator, GuestPhysAddr, HostPhysAddr, MappingFlags};
@@ -201,6 +202,25 @@ fn for_host_runs<A: FrameAllocator>(alloc: &A, hpa: HostPhysAddr, len: u64, mut 
     }
 }
 
+/// The cache right an access needs.
+#[inline]
+fn access_bit(access: Access) -> u64 {
+    match access {
+        Access::Read => R,
+        Access::Write => W,
+        Access::Execute => X,
+    }
+}
+
+/// The cache rights of region `r`'s pages: the region's rights, and for a linear region
+/// `DIRECT_WRITE` (it is the caller's memory, never copied on write).
+fn region_bits(r: &Region) -> u64 {
+    let f = r.flags;
+    let bit = |a, b| if f.allows(a) { b } else { 0 };
+    let linear = if matches!(r.backend, Backend::Linear { .. }) { DIRECT_WRITE } else { 0 };
+    bit(Access::Read, R) | bit(Access::Write, W) | bit(Access::Execute, X) | linear
+}
+
 /// Spans up to this many bytes (from the first page's start) are walked page by page.
 const SHORT_SPAN: u64 = 8 * PAGE;
 
@@ -353,13 +373,28 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// a read does not populate.
     pub fn read_as(&self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         let len = buf.len() as u64;
-        if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
-            // Inside one page, hence one region (regions are page-aligned): one region lookup
-            // and one lean walk (the guest's page-table entries, small objects).
-            let r = self.region_for(gpa, access, true)?;
-            let host = match r.linear_hpa(gpa) {
-                Some(h) => Some(h),
-                None => self.table.translate(gpa).map(|(h, _)| h),
+        if len == 0 {
+            return Ok(());
+        }
+        let gen = self.changes();
+        let hint = self.region_hint(gpa, len, access_bit(access), gen);
+        if gpa.offset_in(PAGE) + len <= PAGE {
+            // Inside one page, hence one region (regions are page-aligned): the region last
+            // used or one region lookup, then a linear offset, a cached translation or one lean
+            // walk (remembered).
+            let host = match hint {
+                Some(c) => match c.linear {
+                    Some(base) => Some(base + (gpa.as_u64() - c.start)),
+                    None => self.anon_frame(gpa, c.bits, 0, gen),
+                },
+                None => {
+                    let r = self.region_for(gpa, access, true)?;
+                    self.tlb.remember_region(r, region_bits(r), gen);
+                    match r.linear_hpa(gpa) {
+                        Some(h) => Some(h),
+                        None => self.anon_frame(gpa, region_bits(r), 0, gen),
+                    }
+                }
             };
             match host {
                 Some(h) => {
@@ -373,12 +408,18 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     }
                     // SAFETY: `len` bytes from `h` stay in one page, which this space maps (a
                     // linear region's host memory, or a frame it owns or shares and that stays
-                    // allocated while `&self` is held); `buf` is our own buffer.
+                    // allocated while `&self` is held; a cached translation is current, see
+                    // `crate::tlb`); `buf` is our own buffer.
                     unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) }
                 }
                 // An anonymous page never touched reads as zeros.
                 None => buf.fill(0),
             }
+            return Ok(());
+        }
+        if let Some(c) = hint {
+            // The whole span lies in the region last used, which allows the access.
+            self.read_in_region(gpa, buf, c.linear.map(|base| base + (gpa.as_u64() - c.start)));
             return Ok(());
         }
         let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
@@ -388,35 +429,66 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             let r = self.region_for(cur, access, true)?;
             if off == 0 {
                 self.check_rest(r.range.end, end, access, true)?;
+                self.tlb.remember_region(r, region_bits(r), gen);
             }
             let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
-            let dst = &mut buf[off..off + in_region as usize];
-            if let Some(hpa) = r.linear_hpa(cur) {
-                for_host_runs(&self.alloc, hpa, in_region, |src, o, n| {
-                    // SAFETY: `src..src+n` lies in frames the allocator's `phys_to_virt` reaches
-                    // (a linear region's host memory must be reachable: see `Backend::Linear`);
-                    // `dst` is our own buffer, which guest memory cannot overlap.
-                    unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) }
-                });
-            } else {
-                let done = self.anon_runs(
-                    cur,
-                    in_region,
-                    true,
-                    |_| true,
-                    |src, o, n| match src {
-                        // SAFETY: the frames are mapped in this space (owned or shared), so they stay
-                        // allocated while `&self` is held; the run stays inside frames whose
-                        // `phys_to_virt` views follow each other; `dst` is our own buffer.
-                        Some(src) => unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) },
-                        None => dst[o..o + n].fill(0),
-                    },
-                );
-                debug_assert_eq!(done, in_region);
-            }
+            self.read_in_region(cur, &mut buf[off..off + in_region as usize], r.linear_hpa(cur));
             off += in_region as usize;
         }
         Ok(())
+    }
+
+    /// Copies `dst.len()` bytes from `gpa`, inside one region whose rights were checked: a
+    /// linear one whose host memory for `gpa` is at `linear`, or an anonymous one.
+    fn read_in_region(&self, gpa: GuestPhysAddr, dst: &mut [u8], linear: Option<HostPhysAddr>) {
+        let len = dst.len() as u64;
+        if let Some(hpa) = linear {
+            for_host_runs(&self.alloc, hpa, len, |src, o, n| {
+                // SAFETY: `src..src+n` lies in frames the allocator's `phys_to_virt` reaches
+                // (a linear region's host memory must be reachable: see `Backend::Linear`);
+                // `dst` is our own buffer, which guest memory cannot overlap.
+                unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) }
+            });
+        } else {
+            let done = self.anon_runs(
+                gpa,
+                len,
+                true,
+                |_| true,
+                |src, o, n| match src {
+                    // SAFETY: the frames are mapped in this space (owned or shared), so they stay
+                    // allocated while `&self` is held; the run stays inside frames whose
+                    // `phys_to_virt` views follow each other; `dst` is our own buffer.
+                    Some(src) => unsafe { core::ptr::copy_nonoverlapping(src, dst[o..o + n].as_mut_ptr(), n) },
+                    None => dst[o..o + n].fill(0),
+                },
+            );
+            debug_assert_eq!(done, len);
+        }
+    }
+
+    /// The region last used (see [`crate::tlb`]) if it is current at change count `gen`, holds
+    /// all of `gpa..gpa+len` and has the cache rights `need`.
+    #[inline]
+    fn region_hint(&self, gpa: GuestPhysAddr, len: u64, need: u64, gen: u64) -> Option<CachedRegion> {
+        let end = gpa.as_u64().checked_add(len)?;
+        self.tlb.region(gen).filter(|c| c.covers(gpa.as_u64(), end, need))
+    }
+
+    /// The host address of `gpa`, in an anonymous region whose pages have the cache rights
+    /// `bits`, if its page is mapped and its entry has the rights `need` (`DIRECT_WRITE` for a
+    /// write in place): a cached translation at change count `gen`, or a walk (remembered).
+    #[inline]
+    fn anon_frame(&self, gpa: GuestPhysAddr, bits: u64, need: u64, gen: u64) -> Option<HostPhysAddr> {
+        if let Some(frame) = self.tlb.lookup(gpa, need, gen) {
+            return Some(frame + gpa.offset_in(PAGE));
+        }
+        let (h, f) = self.table.translate(gpa)?;
+        // A writable leaf of an anonymous region is private: shared frames are mapped
+        // read-only in every holder, and so are the pages the dirty log write-protects.
+        let direct = if f.contains(MappingFlags::WRITE) { DIRECT_WRITE } else { 0 };
+        self.tlb.insert(gpa.align_down(PAGE), h.align_down(PAGE), bits & !DIRECT_WRITE | direct, gen);
+        (direct & need == need).then_some(h)
     }
 
     /// Makes sure anonymous page `page` of `r` has a private frame (populating it, or copying
@@ -470,31 +542,83 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         flush: &mut SpaceFlush<F>,
     ) -> Result<(), GuestMemError> {
         let len = buf.len() as u64;
-        if len != 0 && gpa.offset_in(PAGE) + len <= PAGE {
-            // Inside one page (one region): a page already mapped writable is written at once.
-            let r = self.region_for(gpa, Access::Write, check)?;
-            let host = match r.linear_hpa(gpa) {
-                Some(h) => Some(h),
-                // A writable leaf of an anonymous region is private (shared frames are mapped
-                // read-only in every holder).
-                None => self.table.translate(gpa).filter(|(_, f)| f.contains(MappingFlags::WRITE)).map(|(h, _)| h),
+        if len == 0 {
+            return Ok(());
+        }
+        let gen = self.changes();
+        let hint = self.region_hint(gpa, len, if check { W } else { 0 }, gen);
+        if gpa.offset_in(PAGE) + len <= PAGE {
+            // Inside one page (one region): a linear page, or a page already mapped writable, is
+            // written at once.
+            let host = match hint {
+                Some(c) => match c.linear {
+                    Some(base) => Some(base + (gpa.as_u64() - c.start)),
+                    None => self.anon_frame(gpa, c.bits, DIRECT_WRITE, gen),
+                },
+                None => {
+                    let r = self.region_for(gpa, Access::Write, check)?;
+                    self.tlb.remember_region(r, region_bits(r), gen);
+                    match r.linear_hpa(gpa) {
+                        Some(h) => Some(h),
+                        None => self.anon_frame(gpa, region_bits(r), DIRECT_WRITE, gen),
+                    }
+                }
             };
             if let Some(h) = host {
                 let dst = self.alloc.phys_to_virt(h).as_ptr();
-                // SAFETY: `len` bytes from `h` stay in one page: a linear region's host memory or
-                // a private frame of this space held by `&mut self`; `buf` is not guest memory.
-                unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
+                if let Ok(word) = <&[u8; 8]>::try_from(buf) {
+                    // A u64 or a page-table entry: one unaligned store, no memcpy call.
+                    // SAFETY: 8 bytes from `h` stay in one page, which we may write (as below).
+                    unsafe { core::ptr::write_unaligned(dst.cast::<[u8; 8]>(), *word) };
+                } else {
+                    // SAFETY: `len` bytes from `h` stay in one page: a linear region's host
+                    // memory or a private frame of this space held by `&mut self` (a cached
+                    // translation is current, see `crate::tlb`); `buf` is not guest memory.
+                    unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
+                }
                 self.note_written(gpa, len);
                 return Ok(());
             }
+        } else if let Some(CachedRegion { start, linear: Some(base), .. }) = hint {
+            // The whole span lies in the linear region last used, which allows the write.
+            for_host_runs(&self.alloc, base + (gpa.as_u64() - start), len, |dst, o, n| {
+                // SAFETY: as in `read_in_region`; `buf` is the caller's buffer, not guest memory.
+                unsafe { core::ptr::copy_nonoverlapping(buf[o..o + n].as_ptr(), dst, n) }
+            });
+            self.note_written(gpa, len);
+            return Ok(());
         }
         let end = gpa.checked_add(len).ok_or(GuestMemError::Overflow { gpa, len })?;
+        // The whole span lies in the anonymous region last used, which allows the write: pages
+        // already private are written without looking the region up.
+        let in_hint = hint.is_some();
         let mut off = 0usize;
         while off < buf.len() {
             let cur = gpa + off as u64;
+            if in_hint {
+                let src = &buf[off..];
+                let fast = self.anon_runs(
+                    cur,
+                    end - cur,
+                    false,
+                    |leaf| leaf.flags.contains(MappingFlags::WRITE),
+                    |dst, o, n| {
+                        if let Some(dst) = dst {
+                            // SAFETY: as below.
+                            unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
+                        }
+                    },
+                );
+                if fast > 0 {
+                    self.note_written(cur, fast);
+                    off += fast as usize;
+                    continue;
+                }
+            }
             let r = self.region_for(cur, Access::Write, check)?.clone();
             if off == 0 {
                 self.check_rest(r.range.end, end, Access::Write, check)?;
+                self.tlb.remember_region(&r, region_bits(&r), gen);
             }
             let in_region = (r.range.end - cur).min((buf.len() - off) as u64);
             let src = &buf[off..off + in_region as usize];

@@ -6,6 +6,7 @@ use crate::error::*;
 use crate::flush::{ForeignSpaceFlush, Pending, SpaceFlush};
 use crate::frames::FrameRefs;
 use crate::region::{Backend, HugePages, Region, RegionId, RegionLabel};
+use crate::tlb::{Tlb, Tracked};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use twostage_npt::{
@@ -46,10 +47,12 @@ pub struct SpaceStats {
 ///
 /// `A` is cloned to give a fork its own table; all clones must reach the same host memory.
 pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
-    pub(crate) table: PageTable<F, A>,
+    /// The nested table; every change to it is counted (see [`crate::tlb`]).
+    pub(crate) table: Tracked<PageTable<F, A>>,
     pub(crate) alloc: A,
     pub(crate) opts: TableOptions,
-    pub(crate) regions: BTreeMap<GuestPhysAddr, Region>,
+    /// The regions by start; every change to them is counted (see [`crate::tlb`]).
+    pub(crate) regions: Tracked<BTreeMap<GuestPhysAddr, Region>>,
     pub(crate) next_id: u32,
     pub(crate) refs: FrameRefs,
     pub(crate) dirty: Option<DirtyLog>,
@@ -62,6 +65,8 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     /// Aligned blocks (level, base) seen holding a leaf: no huge page is tried there again
     /// (a hint that only ever withholds a huge page; cleared when a region goes).
     pub(crate) mixed: BTreeSet<(usize, GuestPhysAddr)>,
+    /// Recent guest-memory translations, current while [`AddressSpace::changes`] is unchanged.
+    pub(crate) tlb: Tlb,
 }
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
@@ -75,10 +80,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     pub fn with_refs(alloc: A, opts: TableOptions, refs: FrameRefs) -> Result<Self, NewSpaceError> {
         let table = PageTable::new(alloc.clone(), opts)?;
         Ok(Self {
-            table,
+            table: Tracked::new(table),
             alloc,
             opts,
-            regions: BTreeMap::new(),
+            regions: Tracked::new(BTreeMap::new()),
             next_id: 0,
             refs,
             dirty: None,
@@ -86,7 +91,15 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             pending: Pending::new(),
             huge: HugePages::default(),
             mixed: BTreeSet::new(),
+            tlb: Tlb::new(),
         })
+    }
+
+    /// Changes made to the table and the regions so far: a translation cached at one count is
+    /// current while the count stays the same.
+    #[inline]
+    pub(crate) fn changes(&self) -> u64 {
+        self.table.changes() + self.regions.changes()
     }
 
     /// The nested table (to load its root in an EPTP or hgatp, or to inspect it).
@@ -163,12 +176,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             if !host.is_aligned(PAGE) || host.checked_add(range.len()).is_none() {
                 return Err(AddRegionError::BadHost { host });
             }
-            let f = self.table.map(range.start, host, range.len(), flags, MapSize::Largest)?;
+            let f = self.table.edit().map(range.start, host, range.len(), flags, MapSize::Largest)?;
             flush.add(f);
         }
         let id = RegionId(self.next_id);
         self.next_id += 1;
-        self.regions.insert(range.start, Region { id, name, range, flags, backend, huge: self.huge });
+        self.regions.edit().insert(range.start, Region { id, name, range, flags, backend, huge: self.huge });
         // A linear region added while a dirty log runs over it is armed like the rest.
         if let Some(log_range) = self.dirty_log_range() {
             if matches!(backend, Backend::Linear { .. }) && log_range.overlaps(&range) {
@@ -209,8 +222,8 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 release.push((leaf.gpa, leaf.hpa, leaf.size.bytes() / PAGE))
             });
         }
-        let f = self.table.unmap(range.start, range.len())?;
-        self.regions.remove(&key);
+        let f = self.table.edit().unmap(range.start, range.len())?;
+        self.regions.edit().remove(&key);
         self.mixed.retain(|(_, b)| !range.contains(*b));
         self.pending.release.append(&mut release);
         Ok(SpaceFlush::from_table(f))
@@ -224,11 +237,11 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     pub fn protect_region(&mut self, id: RegionId, flags: MappingFlags) -> Result<SpaceFlush<F>, ProtectRegionError> {
         let key = self.key_of(id).ok_or(ProtectRegionError::NoSuchRegion(id))?;
         F::check_flags(flags, &self.opts)?;
-        let region = self.regions.get_mut(&key).ok_or(ProtectRegionError::NoSuchRegion(id))?;
+        let region = self.regions.edit().get_mut(&key).ok_or(ProtectRegionError::NoSuchRegion(id))?;
         let (old, range) = (region.flags, region.range);
         region.flags = flags;
         self.reprotect(range).map_err(|e| {
-            if let Some(r) = self.regions.get_mut(&key) {
+            if let Some(r) = self.regions.edit().get_mut(&key) {
                 r.flags = old;
             }
             ProtectRegionError::Protect(e)
@@ -261,7 +274,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         });
         let mut flush = SpaceFlush::none();
         for (start, end, want) in runs {
-            match self.table.protect(start, end - start, want) {
+            match self.table.edit().protect(start, end - start, want) {
                 Ok(f) => flush.add(f),
                 Err(e) => {
                     self.defer(flush);
@@ -346,7 +359,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         self.refs.insert_new(hpa);
         // A new frame has one holder: it is private.
         let flags = self.flags_for(r, gpa, false);
-        match self.table.map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
+        match self.table.edit().map(gpa, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
             Ok(f) => {
                 self.stats.frames_allocated += 1;
                 Ok(f)
@@ -397,6 +410,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let pending = &mut self.pending;
         let mut covered = Vec::new();
         self.table
+            .edit_keeping_translations()
             .flush(t, |inv| {
                 invalidate(inv);
                 covered = pending.take_covered(inv);
@@ -413,6 +427,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
     /// and have no token to return). Call it before resuming a vCPU after such a write or
     /// failure; any other [`AddressSpace::flush`] carries it out as well.
     pub fn flush_pending(&mut self, invalidate: impl FnOnce(&InvalidationOf<'_, F>)) {
+        if self.pending.table.is_none() {
+            // No change awaits an invalidation, and frames are released only by one.
+            return;
+        }
         self.flush(SpaceFlush::none(), invalidate).expect("an empty token belongs to every space");
     }
 

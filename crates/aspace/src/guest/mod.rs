@@ -230,6 +230,13 @@ pub struct Translation {
 /// likewise) that lives for one copy only, so consecutive guest pages cost one entry read
 /// each instead of a walk from the root. Only a walk whose entries all allowed the access and
 /// had their A bits set is remembered.
+///
+/// Guest-virtual translations are cached for one copy call and no longer: across calls the guest
+/// may have changed its tables and fenced its own TLB, which the hypervisor does not see. What
+/// lasts across calls is the address space's cache of guest-physical pages (the guest's table
+/// pages among them) to host frames, which only the space's own changes can make stale and
+/// which they all invalidate (see the space's `tlb` module), so no hook on the guest's fences is
+/// needed: every entry is still read from the guest's memory, fresh, on each walk.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct WalkCache {
     hit: Option<CachedTable>,
