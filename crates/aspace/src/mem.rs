@@ -271,6 +271,25 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         Ok(())
     }
 
+    /// Writes `src` at `gpa` through the pages mapped writable from there on (private to this
+    /// space), in host runs; stops at the first page that is not. Returns the bytes written.
+    fn write_private_runs(&mut self, gpa: GuestPhysAddr, src: &[u8]) -> u64 {
+        self.anon_runs(
+            gpa,
+            src.len() as u64,
+            false,
+            |leaf| leaf.flags.contains(MappingFlags::WRITE),
+            |dst, o, n| {
+                if let Some(dst) = dst {
+                    // SAFETY: the frames are mapped writable in this space, hence private (count 1)
+                    // and held through `&mut self`; the run stays inside frames whose
+                    // `phys_to_virt` views follow each other; `src` is not guest memory.
+                    unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
+                }
+            },
+        )
+    }
+
     /// Visits the host memory behind `gpa..gpa+len`, all inside anonymous region pages, with
     /// one walk of the nested table: calls `f(host, offset, n)` for each maximal run of `n`
     /// bytes that is contiguous in the hypervisor's view (`host` is `None` for a run of pages
@@ -596,19 +615,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         while off < buf.len() {
             let cur = gpa + off as u64;
             if in_hint {
-                let src = &buf[off..];
-                let fast = self.anon_runs(
-                    cur,
-                    end - cur,
-                    false,
-                    |leaf| leaf.flags.contains(MappingFlags::WRITE),
-                    |dst, o, n| {
-                        if let Some(dst) = dst {
-                            // SAFETY: as below.
-                            unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
-                        }
-                    },
-                );
+                let fast = self.write_private_runs(cur, &buf[off..]);
                 if fast > 0 {
                     self.note_written(cur, fast);
                     off += fast as usize;
@@ -634,20 +641,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             // Pages mapped writable are private to this space: write them in host runs with
             // one walk. The first page that is not (untouched, shared, write-protected) goes
             // the slow way below, then the fast way is tried again from the next page.
-            let fast = self.anon_runs(
-                cur,
-                in_region,
-                false,
-                |leaf| leaf.flags.contains(MappingFlags::WRITE),
-                |dst, o, n| {
-                    if let Some(dst) = dst {
-                        // SAFETY: the frames are mapped writable in this space, hence private
-                        // (count 1) and held by `&mut self`; the run stays inside frames whose
-                        // `phys_to_virt` views follow each other; `src` is not guest memory.
-                        unsafe { core::ptr::copy_nonoverlapping(src[o..o + n].as_ptr(), dst, n) }
-                    }
-                },
-            );
+            let fast = self.write_private_runs(cur, src);
             if fast > 0 {
                 self.note_written(cur, fast);
                 off += fast as usize;
