@@ -44,8 +44,9 @@ impl<F: Format, A: FrameAllocator + Clone> fmt::Display for AddressSpace<F, A> {
                         ro += 1;
                     }
                 });
-                let total_pages = r.range.len() / crate::PAGE;
-                let mapped: u64 = PageSize::ALL.iter().map(|s| count[s.level()] * (s.bytes() / crate::PAGE)).sum();
+                let total_pages = r.range.len() / crate::space::PAGE;
+                let mapped: u64 =
+                    PageSize::ALL.iter().map(|s| count[s.level()] * (s.bytes() / crate::space::PAGE)).sum();
                 write!(f, " mapped {mapped}/{total_pages} pages:")?;
                 let mut any = false;
                 for s in PageSize::ALL.iter().rev() {

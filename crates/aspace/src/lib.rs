@@ -130,7 +130,7 @@ pub use guest::{
 pub use mem::{GuestMemError, GuestMemory, Pod};
 pub use region::{Backend, HugePages, Region, RegionId, RegionLabel};
 pub use shared::{Invalidator, SharedAddressSpace, MAX_CPUS};
-pub use space::{AddressSpace, SpaceStats, PAGE};
+pub use space::{AddressSpace, SpaceStats};
 pub use table_mem::TableMemory;
 pub use twostage_npt::NestedPageFaultInfo;
 

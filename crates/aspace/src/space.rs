@@ -15,7 +15,7 @@ use twostage_npt::{
 };
 
 /// Bytes in the pages that anonymous regions are backed with.
-pub const PAGE: u64 = FRAME_SIZE as u64;
+pub(crate) const PAGE: u64 = FRAME_SIZE as u64;
 
 /// Counters of what an address space has done (for dumps and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
