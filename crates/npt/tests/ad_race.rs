@@ -59,6 +59,36 @@ fn rand(seed: &mut u64) -> u64 {
     *seed
 }
 
+/// One race: a thread acting as the hardware sets A/D on a random 4 KiB page of the 2 MiB at
+/// `M2` (through the level-1 entry, as a walk would find it) after a random delay, while `op`
+/// changes the table; the change's flush is carried out once both are done, as the invalidation
+/// completes only when no walk can still reach the old table. Returns the page written and
+/// whether the write landed on the level-1 entry (a huge leaf) rather than below it.
+fn race<'r, F: Format, Op: FnOnce(&mut PageTable<F, &'r HostRam>) -> Flush<F>>(
+    ram: &'r HostRam,
+    t: &mut PageTable<F, &'r HostRam>,
+    seed: &mut u64,
+    op: Op,
+) -> (u64, bool) {
+    let s1 = slot::<F>(ram, t.root(), M2, 1);
+    let x = M2 + (rand(seed) % 512) * K4;
+    let delay = rand(seed) % 4000;
+    let barrier = Barrier::new(2);
+    let landed = std::thread::scope(|s| {
+        let hw = s.spawn(|| {
+            barrier.wait();
+            spin(delay);
+            hw_write::<F>(ram, s1, x)
+        });
+        barrier.wait();
+        let f = op(t);
+        let landed = hw.join().unwrap();
+        t.flush(f, |_| {}).unwrap();
+        landed
+    });
+    (x, landed)
+}
+
 /// Splits a clean 2 MiB leaf while the hardware writes into it. Returns how often D landed on
 /// the huge leaf during the split and was then missing from the 4 KiB page written.
 fn split_race<F: Format>() -> (u64, u64) {
@@ -70,22 +100,7 @@ fn split_race<F: Format>() -> (u64, u64) {
         t.map(GuestPhysAddr::new(M2), HostPhysAddr::new(TARGET), M2, MappingFlags::RW, MapSize::Largest)
             .unwrap()
             .ignore();
-        let s1 = slot::<F>(&ram, t.root(), M2, 1);
-        let x = M2 + (rand(&mut seed) % 512) * K4;
-        let delay = rand(&mut seed) % 4000;
-        let barrier = Barrier::new(2);
-        let landed = std::thread::scope(|s| {
-            let hw = s.spawn(|| {
-                barrier.wait();
-                spin(delay);
-                hw_write::<F>(&ram, s1, x)
-            });
-            barrier.wait();
-            let f = t.split(GuestPhysAddr::new(M2)).unwrap();
-            let landed = hw.join().unwrap();
-            t.flush(f, |_| {}).unwrap();
-            landed
-        });
+        let (x, landed) = race::<F, _>(&ram, &mut t, &mut seed, |t| t.split(GuestPhysAddr::new(M2)).unwrap());
         let q = t.query(GuestPhysAddr::new(x)).unwrap();
         assert_eq!(q.size, PageSize::Size4K);
         if landed {
@@ -108,23 +123,8 @@ fn collapse_race<F: Format>() -> (u64, u64) {
         let mut t = PageTable::<F, _>::new(&ram, TableOptions::for_format::<F>()).unwrap();
         let size = MapSize::Exactly(PageSize::Size4K);
         t.map(GuestPhysAddr::new(M2), HostPhysAddr::new(TARGET), M2, MappingFlags::RW, size).unwrap().ignore();
-        let s1 = slot::<F>(&ram, t.root(), M2, 1);
-        let x = M2 + (rand(&mut seed) % 512) * K4;
-        let delay = rand(&mut seed) % 4000;
-        let barrier = Barrier::new(2);
-        let landed = std::thread::scope(|s| {
-            let hw = s.spawn(|| {
-                barrier.wait();
-                spin(delay);
-                hw_write::<F>(&ram, s1, x)
-            });
-            barrier.wait();
-            let f = t.collapse(GuestPhysAddr::new(M2), PageSize::Size2M).unwrap();
-            // The invalidation completes only once no walk can still reach the old table.
-            let landed = hw.join().unwrap();
-            t.flush(f, |_| {}).unwrap();
-            landed
-        });
+        let op = |t: &mut PageTable<F, &HostRam>| t.collapse(GuestPhysAddr::new(M2), PageSize::Size2M).unwrap();
+        let (x, landed) = race::<F, _>(&ram, &mut t, &mut seed, op);
         let q = t.query(GuestPhysAddr::new(x)).unwrap();
         assert_eq!(q.size, PageSize::Size2M);
         if !landed {

@@ -12,7 +12,7 @@
 //! Extension": the remote fences are complete when the call returns).
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 /// The harts a multi-hart call names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,7 +254,7 @@ struct Slot {
     fence_i: AtomicBool,
     all: AtomicBool,
     /// 0, or the ASID + 1 to fence whole.
-    asid: AtomicU32,
+    asid: AtomicU64,
     /// 0, or a page address | 1 (fenced for every ASID: a superset of one ASID's).
     pages: [AtomicU64; FENCE_SLOTS],
     requested: AtomicU64,
@@ -264,6 +264,8 @@ struct Slot {
     c_fences_served: AtomicU64,
 }
 
+/// Puts `v` in an empty slot; true when the slot holds `v` afterwards (it was empty or already
+/// held it), false when another value is there.
 fn claim(slot: &AtomicU64, v: u64) -> bool {
     loop {
         match slot.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire) {
@@ -331,8 +333,7 @@ impl Mailbox {
                 s.all.swap(true, Ordering::AcqRel);
             }
             VsFence::Asid(a) => {
-                let want = u32::from(a) + 1;
-                if !claim_u32(&s.asid, want) {
+                if !claim(&s.asid, u64::from(a) + 1) {
                     s.all.swap(true, Ordering::AcqRel);
                 }
             }
@@ -396,20 +397,6 @@ impl Mailbox {
             ipis: s.c_ipis.load(Ordering::Relaxed),
             fence_requests: s.c_fence_requests.load(Ordering::Relaxed),
             fences_served: s.c_fences_served.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn claim_u32(slot: &AtomicU32, v: u32) -> bool {
-    loop {
-        match slot.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return true,
-            Err(cur) if cur == v => {
-                if slot.compare_exchange(v, v, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    return true;
-                }
-            }
-            Err(_) => return false,
         }
     }
 }
