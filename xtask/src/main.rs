@@ -3,6 +3,7 @@
 //! ```text
 //! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL]
 //!                   [--mem SIZE] [--append "ARGS"] [--initrd FILE] [--smp N (riscv64)]
+//!                   [--fork [--fork-after N] | --migrate [--migrate-after N]] (riscv64)
 //!                   (riscv64: FILE an ELF or a raw Image; x86: a multiboot ELF or a bzImage)
 //! cargo xtask test  [--host-only] [--arch riscv64|x86_64]
 //! cargo xtask lint
@@ -118,10 +119,11 @@ fn parse_args() -> Result<Args, String> {
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
             "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
             "--host-only" => args.host_only = true,
-            "--mem" | "--append" | "--initrd" => {
+            "--mem" | "--append" | "--initrd" | "--fork-after" | "--migrate-after" => {
                 let v = it.next().ok_or_else(|| format!("{a} takes a value"))?;
                 guest_args.push((a.clone(), v));
             }
+            "--fork" | "--migrate" => guest_args.push((a.clone(), String::new())),
             "--linux" => args.linux = true,
             "--bare" => args.bare = true,
             "--smp" => {
@@ -136,7 +138,10 @@ fn parse_args() -> Result<Args, String> {
     let riscv_run = args.cmd == "run" && args.arch != Some(Arch::X86_64);
     let x86_run = args.cmd == "run" && args.arch == Some(Arch::X86_64);
     if (!guest_args.is_empty() || args.linux) && args.cmd != "run" {
-        return Err("--mem, --append, --initrd and --linux are options of `run`".into());
+        return Err("--mem, --append, --initrd, --fork, --migrate and --linux are options of `run`".into());
+    }
+    if x86_run && guest_args.iter().any(|(o, _)| o.starts_with("--fork") || o.starts_with("--migrate")) {
+        return Err("--fork and --migrate: the RISC-V hypervisor's (--arch riscv64)".into());
     }
     for (opt, v) in &guest_args {
         if riscv_run {
@@ -157,6 +162,7 @@ fn parse_args() -> Result<Args, String> {
         if let Some(n) = args.smp {
             args.rv.set("--smp", &n.to_string())?;
         }
+        args.rv.live.check(args.rv.vcpus)?;
         if args.linux && args.guest.is_some() {
             return Err("--linux and --guest name two guests: give one".into());
         }
@@ -171,7 +177,8 @@ fn fail(e: &str) -> ExitCode {
 
 fn usage() -> String {
     "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL] [--mem SIZE] [--append ARGS] \
-     [--initrd FILE] [--smp N]\n       \
+     [--initrd FILE] [--smp N]\n                       \
+     [--fork [--fork-after N] | --migrate [--migrate-after N]] (riscv64)\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
      cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"
         .into()

@@ -10,7 +10,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use twostage_hv_riscv::boot::{self, Header, INITRD_STAGE, MAX_FILE, MAX_INITRD, STAGE_ADDR, STAGE_HEADER};
+use twostage_hv_riscv::boot::{self, Header, LiveOp, INITRD_STAGE, MAX_FILE, MAX_INITRD, STAGE_ADDR, STAGE_HEADER};
 
 /// Host RAM QEMU gets on top of the guest's: the hypervisor, its heap and tables, the staging
 /// area (file and initrd).
@@ -27,11 +27,13 @@ pub struct GuestOpts {
     pub initrd: Option<PathBuf>,
     /// vCPUs.
     pub vcpus: u64,
+    /// `--fork [--fork-after N]` or `--migrate [--migrate-after N]`.
+    pub live: LiveOp,
 }
 
 impl Default for GuestOpts {
     fn default() -> Self {
-        Self { mem: boot::DEFAULT_MEM, append: String::new(), initrd: None, vcpus: 1 }
+        Self { mem: boot::DEFAULT_MEM, append: String::new(), initrd: None, vcpus: 1, live: LiveOp::None }
     }
 }
 
@@ -56,13 +58,37 @@ impl GuestOpts {
                 boot::check_vcpus(n).map_err(|e| format!("--smp {v}: {e}"))?;
                 self.vcpus = n;
             }
-            _ => unreachable!("only the four options reach here"),
+            "--fork" | "--fork-after" | "--migrate" | "--migrate-after" => {
+                let after = match opt {
+                    "--fork-after" | "--migrate-after" => match v.parse() {
+                        Ok(n @ 1..) => n,
+                        _ => return Err(format!("{opt} takes a count of exits from user space from 1, not {v:?}")),
+                    },
+                    _ => match self.live {
+                        LiveOp::Fork { after } | LiveOp::Migrate { after } => after,
+                        LiveOp::None => 1,
+                    },
+                };
+                let live = if opt.starts_with("--fork") { LiveOp::Fork { after } } else { LiveOp::Migrate { after } };
+                if core::mem::discriminant(&live) != core::mem::discriminant(&self.live) && self.live != LiveOp::None {
+                    return Err("--fork and --migrate exclude each other".into());
+                }
+                self.live = live;
+            }
+            _ => unreachable!("only the guest options reach here"),
         }
         Ok(())
     }
 
     fn header(&self, file_len: u64, initrd_len: u64) -> Header {
-        Header { file_len, mem: self.mem, initrd_len, vcpus: self.vcpus, bootargs: self.append.clone() }
+        Header {
+            file_len,
+            mem: self.mem,
+            initrd_len,
+            vcpus: self.vcpus,
+            bootargs: self.append.clone(),
+            live: self.live,
+        }
     }
 }
 

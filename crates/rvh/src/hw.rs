@@ -108,6 +108,12 @@ csr!(/// vstval ("Virtual Supervisor Trap Value Register (vstval)").
 csr!(/// henvcfg ("Hypervisor Environment Configuration Register (henvcfg)"); by number, so that
     /// assemblers that predate the name accept it.
     henvcfg, "0x60a");
+csr!(/// vsie ("Virtual Supervisor Interrupt Registers (vsip and vsie)").
+    vsie, "vsie");
+csr!(/// vsscratch ("Virtual Supervisor Scratch Register (vsscratch)").
+    vsscratch, "vsscratch");
+csr!(/// htimedelta ("Hypervisor Time Delta Registers (htimedelta, htimedeltah)"), by number.
+    htimedelta, "0x605");
 csr!(/// vstimecmp (the Sstc extension's "Virtual Supervisor Timer Compare (vstimecmp) Register"),
     /// by number.
     vstimecmp, "0x24d");

@@ -105,6 +105,12 @@ csr!(/// vstval.
     vstval);
 csr!(/// henvcfg.
     henvcfg);
+csr!(/// vsie.
+    vsie);
+csr!(/// vsscratch.
+    vsscratch);
+csr!(/// htimedelta.
+    htimedelta);
 csr!(/// vstimecmp.
     vstimecmp);
 

@@ -85,19 +85,80 @@ pub struct Header {
     pub vcpus: u64,
     /// The kernel command line.
     pub bootargs: String,
+    /// A fork or a live migration of the running guest.
+    pub live: LiveOp,
+}
+
+/// What the hypervisor does to a running one-vCPU guest besides running it (`cargo xtask run
+/// --fork` / `--migrate`); each starts before the entry that follows the guest's `after`-th exit
+/// from VU-mode (its user space), `after` at least 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LiveOp {
+    /// Nothing: the guest runs to its end.
+    #[default]
+    None,
+    /// Fork the VM there; the child runs to its end, then the parent ([`crate`]'s `vmfork`).
+    Fork {
+        /// Exits from VU-mode before the fork.
+        after: u64,
+    },
+    /// Migrate the VM into a new one while it runs ([`crate`]'s `migrate`).
+    Migrate {
+        /// Exits from VU-mode before the migration starts.
+        after: u64,
+    },
+}
+
+impl LiveOp {
+    /// The two header words: (kind, after).
+    fn words(self) -> [u64; 2] {
+        match self {
+            LiveOp::None => [0, 0],
+            LiveOp::Fork { after } => [1, after],
+            LiveOp::Migrate { after } => [2, after],
+        }
+    }
+
+    fn from_words(kind: u64, after: u64) -> Result<Self, String> {
+        match kind {
+            0 => Ok(LiveOp::None),
+            1 => Ok(LiveOp::Fork { after }),
+            2 => Ok(LiveOp::Migrate { after }),
+            k => Err(format!("unknown live operation {k} in the staging header")),
+        }
+    }
+
+    /// Checks it against the guest's vCPU count.
+    pub fn check(self, vcpus: u64) -> Result<(), String> {
+        match self {
+            LiveOp::None => Ok(()),
+            LiveOp::Fork { after: 0 } | LiveOp::Migrate { after: 0 } => {
+                Err(String::from("a fork or migration point counts exits from user space from 1"))
+            }
+            LiveOp::Fork { .. } if vcpus > 1 => {
+                Err(format!("--fork runs on one vCPU (the guest has {vcpus}): the child needs every vCPU's state"))
+            }
+            LiveOp::Migrate { .. } if vcpus > 1 => {
+                Err(format!("--migrate runs on one vCPU for now (the guest has {vcpus})"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Header {
     /// A header for a file of `file_len` bytes and nothing else asked for.
     pub fn new(file_len: u64) -> Self {
-        Self { file_len, mem: DEFAULT_MEM, initrd_len: 0, vcpus: 1, bootargs: String::new() }
+        Self { file_len, mem: DEFAULT_MEM, initrd_len: 0, vcpus: 1, bootargs: String::new(), live: LiveOp::None }
     }
 
     /// The header page: magic, file size, RAM, initrd size, vCPUs, bootargs length at +0..+40,
-    /// the bootargs at +64.
+    /// the live operation (kind, after) at +48 and +56, the bootargs at +64.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut page = alloc::vec![0u8; 4096];
-        let words = [STAGE_MAGIC, self.file_len, self.mem, self.initrd_len, self.vcpus, self.bootargs.len() as u64];
+        let [kind, after] = self.live.words();
+        let words =
+            [STAGE_MAGIC, self.file_len, self.mem, self.initrd_len, self.vcpus, self.bootargs.len() as u64, kind, after];
         for (i, w) in words.iter().enumerate() {
             page[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
@@ -122,7 +183,8 @@ impl Header {
             if bootargs.contains('\0') {
                 return Err(String::from("the command line contains a NUL byte"));
             }
-            let h = Self { file_len, mem, initrd_len, vcpus, bootargs: bootargs.into() };
+            let live = LiveOp::from_words(word(6).ok_or("header page too short")?, word(7).ok_or("header page too short")?)?;
+            let h = Self { file_len, mem, initrd_len, vcpus, bootargs: bootargs.into(), live };
             h.check()?;
             Ok(h)
         })();
@@ -136,6 +198,7 @@ impl Header {
             return Err(format!("the initrd is {} bytes; at most {MAX_INITRD} can be staged", self.initrd_len));
         }
         check_vcpus(self.vcpus)?;
+        self.live.check(self.vcpus)?;
         if self.bootargs.len() > MAX_BOOTARGS || self.bootargs.contains('\0') {
             return Err(format!("the command line must be at most {MAX_BOOTARGS} bytes without NUL"));
         }
@@ -361,7 +424,14 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_checks() {
-        let h = Header { file_len: 5, mem: 256 << 20, initrd_len: 7, vcpus: 1, bootargs: "console=ttyS0 quiet".into() };
+        let h = Header {
+            file_len: 5,
+            mem: 256 << 20,
+            initrd_len: 7,
+            vcpus: 1,
+            bootargs: "console=ttyS0 quiet".into(),
+            live: LiveOp::Fork { after: 3 },
+        };
         assert_eq!(Header::parse(&h.to_bytes()), Some(Ok(h.clone())));
         assert_eq!(Header::parse(&[0u8; 4096]), None);
         let mut bad = h.clone();
@@ -369,6 +439,8 @@ mod tests {
         assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("multiple of 2 MiB"));
         bad = h.clone();
         bad.vcpus = 8;
+        assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("--fork runs on one vCPU"));
+        bad.live = LiveOp::None;
         assert!(Header::parse(&bad.to_bytes()).unwrap().is_ok());
         bad.vcpus = 9;
         assert!(Header::parse(&bad.to_bytes()).unwrap().unwrap_err().contains("at most 8"));
@@ -377,6 +449,14 @@ mod tests {
         let mut page = h.to_bytes();
         page[40..48].copy_from_slice(&9999u64.to_le_bytes());
         assert!(Header::parse(&page).unwrap().is_err());
+        // The live operation: round trip, an unknown kind, a point before user space.
+        let m = Header { live: LiveOp::Migrate { after: 1 }, ..h.clone() };
+        assert_eq!(Header::parse(&m.to_bytes()), Some(Ok(m.clone())));
+        let mut page = m.to_bytes();
+        page[48..56].copy_from_slice(&7u64.to_le_bytes());
+        assert!(Header::parse(&page).unwrap().unwrap_err().contains("unknown live operation 7"));
+        let zero = Header { live: LiveOp::Fork { after: 0 }, ..h.clone() };
+        assert!(Header::parse(&zero.to_bytes()).unwrap().unwrap_err().contains("from 1"));
     }
 
     #[test]

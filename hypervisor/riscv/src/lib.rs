@@ -33,6 +33,8 @@ pub mod devices;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+mod exits;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
 pub mod plic;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
@@ -40,12 +42,16 @@ pub mod smp;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod stats;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod state;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod trap;
 pub mod uart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod vcpu;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod vm;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod vmfork;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 mod walk;
 

@@ -7,8 +7,8 @@
 //! raw binary for 0x80200000 ([`crate::boot::plan`]); it gets an address space (twostage-aspace)
 //! with the asked-for demand-zero RAM at GPA 0x80000000 (128 MiB by default) and MMIO regions
 //! for the emulated UART and PLIC, a device tree ([`crate::boot::guest_tree`]), and the SBI; SRST ends
-//! the run with the guest's status. After a few exits the address space is forked as a snapshot,
-//! so the statistics show copy-on-write at work.
+//! the run with the guest's status. The staging header may ask for a fork of the running guest
+//! ([`crate::vmfork`]) or its live migration into a new VM ([`crate::migrate`]).
 //!
 //! Before anything is loaded the file goes through `twostage_baremetal::elf`'s checks (machine,
 //! segments inside the file and inside guest RAM with their zero-fill, no overlaps, an entry
@@ -17,7 +17,7 @@
 //! and a `guest file refused:` line naming the problem; a guest the hypervisor has to stop ends
 //! it with `EXIT_GUEST_STOPPED` (125).
 
-use crate::boot::{self, Header, GUEST_RAM, INITRD_STAGE, MAX_FILE, STAGE_HEADER};
+use crate::boot::{self, Header, LiveOp, GUEST_RAM, INITRD_STAGE, MAX_FILE, STAGE_HEADER};
 use crate::hart::frames;
 use crate::vm::{Exit, Space, Vm, UART_GPA};
 use alloc::format;
@@ -33,8 +33,6 @@ pub use crate::boot::{STAGE_ADDR, STAGE_MAGIC};
 
 /// Status when the hypervisor cannot build the guest's address space or load it.
 const SETUP_FAILED: i32 = 3;
-/// Exits before the run loop snapshots (forks) the guest's address space.
-const SNAPSHOT_AFTER: u32 = 100;
 
 /// The staging header page.
 fn header_page() -> &'static [u8] {
@@ -187,61 +185,68 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     vm.regs.gpr[10] = 0;
     vm.regs.gpr[11] = dtb;
     vm.pc = entry;
-    // A snapshot of the running guest after SNAPSHOT_AFTER exits: the address space is forked,
-    // so every later guest write to a page touched before it is a copy-on-write break.
-    vm.budget = SNAPSHOT_AFTER;
-    let mut snapshot: Option<Space> = None;
-    let status = loop {
+    match h.live {
+        LiveOp::None => {
+            let status = match drive(&mut vm, "", false) {
+                Ended::Status(s) => s,
+                Ended::Paused | Ended::Budget => unreachable!("no pause point or slices in a plain run"),
+            };
+            vm.print_stats("guest file");
+            status
+        }
+        LiveOp::Fork { after } => crate::vmfork::run(vm, after.min(u64::from(u32::MAX)) as u32),
+        LiveOp::Migrate { .. } => {
+            println!("--migrate: not in this build");
+            SETUP_FAILED
+        }
+    }
+}
+
+/// How [`drive`] gave control back.
+pub(crate) enum Ended {
+    /// The guest ended (SRST) or was stopped: the run's status.
+    Status(i32),
+    /// The VM's pause point ([`Vm::pause_at_user_exit`]) was reached; `paused` is cleared.
+    Paused,
+    /// Its exit budget ran out (only when asked for slices).
+    Budget,
+}
+
+/// Runs `vm` until the guest ends, the VM pauses, or (with `slices`) its exit budget runs out;
+/// `who` starts the lines that report how the guest ended.
+pub(crate) fn drive(vm: &mut Vm, who: &str, slices: bool) -> Ended {
+    loop {
         match vm.run() {
             Exit::Reset(r) => {
                 println!(
-                    "\nguest reset: type {} reason {:#x} -> exit status {}",
+                    "\n{who}guest reset: type {} reason {:#x} -> exit status {}",
                     r.reset_type,
                     r.reason,
                     r.exit_status()
                 );
-                break i32::from(r.exit_status());
+                return Ended::Status(i32::from(r.exit_status()));
             }
-            Exit::Budget if snapshot.is_none() => {
-                vm.budget = 100_000;
-                if let crate::vm::Memory::Space(space) = &mut vm.mem {
-                    match space.fork() {
-                        Ok((child, f)) => {
-                            vm.apply_space(f);
-                            snapshot = Some(child);
-                        }
-                        Err(e) => {
-                            println!("snapshot failed: {e}");
-                            // The partial fork's flush is pending in the space.
-                            vm.apply_space(twostage_aspace::SpaceFlush::none());
-                        }
-                    }
-                }
+            Exit::Budget if vm.paused => {
+                vm.paused = false;
+                return Ended::Paused;
             }
+            Exit::Budget if slices => return Ended::Budget,
             Exit::Test { .. } | Exit::Budget => continue,
             Exit::Fault(f, t) => {
-                println!("\nguest stopped: unresolved guest-page fault {:?} at pc {:#x}", f.info, t.sepc);
-                break i32::from(EXIT_GUEST_STOPPED);
+                println!("\n{who}guest stopped: unresolved guest-page fault {:?} at pc {:#x}", f.info, t.sepc);
+                return Ended::Status(i32::from(EXIT_GUEST_STOPPED));
             }
             Exit::Exception(t) => {
                 println!(
-                    "\nguest stopped: {} (scause {}) at pc {:#x}, stval {:#x}",
+                    "\n{who}guest stopped: {} (scause {}) at pc {:#x}, stval {:#x}",
                     cause::name(t.scause),
                     t.scause,
                     t.sepc,
                     t.stval
                 );
-                break i32::from(EXIT_GUEST_STOPPED);
+                return Ended::Status(i32::from(EXIT_GUEST_STOPPED));
             }
         }
-    };
-    if let Some(snap) = &snapshot {
-        let st = snap.stats();
-        println!(
-            "snapshot (fork after {SNAPSHOT_AFTER} exits): its own copy-on-write copies {}, reuses {}",
-            st.cow_copies, st.cow_reuses
-        );
     }
-    vm.print_stats("guest file");
-    status
 }
+

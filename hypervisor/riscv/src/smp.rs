@@ -56,8 +56,6 @@ pub const MAX_VCPUS: usize = crate::boot::MAX_VCPUS as usize;
 pub type Shared = SharedAddressSpace<Sv39x4, &'static Frames>;
 /// Each further hart's stack.
 const STACK_FRAMES: usize = 32;
-/// Exits of vCPU 0 before the space is forked as a snapshot (as on one vCPU).
-const SNAPSHOT_AFTER: u32 = 100;
 
 /// Per-hart counters for the run summary.
 #[derive(Default)]
@@ -425,8 +423,6 @@ fn vcpu_main(me: usize) -> i32 {
     } else {
         park(&mut vm, me);
     }
-    vm.budget = if me == 0 { SNAPSHOT_AFTER } else { 100_000 };
-    let mut snapshot = None;
     let status = loop {
         if mc.ending.load(Ordering::Relaxed) {
             loop {
@@ -443,13 +439,6 @@ fn vcpu_main(me: usize) -> i32 {
                 );
                 break i32::from(r.exit_status());
             }
-            Exit::Budget if me == 0 && snapshot.is_none() => {
-                vm.budget = 100_000;
-                match mc.space.fork() {
-                    Ok(child) => snapshot = Some(child),
-                    Err(e) => println!("snapshot failed: {e}"),
-                }
-            }
             Exit::Test { .. } | Exit::Budget => {}
             Exit::Fault(f, t) => {
                 println!("\nguest stopped: unresolved guest-page fault {:?} at pc {:#x} on vCPU {me}", f.info, t.sepc);
@@ -461,13 +450,6 @@ fn vcpu_main(me: usize) -> i32 {
             }
         }
     };
-    if let Some(snap) = &snapshot {
-        let st = snap.stats();
-        println!(
-            "snapshot (fork after {SNAPSHOT_AFTER} exits): its own copy-on-write copies {}, reuses {}",
-            st.cow_copies, st.cow_reuses
-        );
-    }
     vm.print_stats(&alloc::format!("guest file, vCPU {me}"));
     status
 }

@@ -36,6 +36,8 @@ pub struct Stats {
     pub reflected: u32,
     /// Exits after which the guest's FP registers were dirty and saved.
     pub fp_saves: u32,
+    /// Exits taken while the guest ran in VU-mode (its user space).
+    pub user_exits: u32,
 }
 
 impl Vm {

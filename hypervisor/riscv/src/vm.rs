@@ -18,7 +18,7 @@ use twostage_npt::{Hgatp, HgatpMode};
 use twostage_rvh::csr::{cause, irq};
 use twostage_rvh::fault::{decode_guest_page_fault, FaultDecodeError, GuestPageFault, TrapCsrs};
 use twostage_rvh::hw;
-use twostage_rvh::sbi::{self, BadGuestBuffer, ResetRequest, SbiBackend, SbiCall, SbiOutcome};
+use twostage_rvh::sbi::{self, ResetRequest, SbiCall, SbiOutcome};
 
 /// The nested table type every VM here uses.
 pub type Table = PageTable<Sv39x4, &'static Frames>;
@@ -76,6 +76,10 @@ pub struct Uart {
     pub input: bool,
     /// When console input is polled next (host time).
     pub(crate) next_poll: u64,
+    /// Shown before each line the guest writes to the console (a forked child's `[child] `).
+    pub prefix: Option<&'static str>,
+    /// The next byte shown starts a line.
+    pub(crate) line_start: bool,
 }
 
 /// One guest.
@@ -108,7 +112,7 @@ pub struct Vm {
     /// exits on its own (a loop, a WFI with nothing to wake it).
     pub watchdog: Option<u64>,
     /// The guest's own timer deadline (SBI set_timer), pending injection.
-    guest_timer: Option<u64>,
+    pub(crate) guest_timer: Option<u64>,
     /// The guest's FP registers.
     pub fp: FpState,
     /// Hand exceptions the run loop does not handle (and guest-page faults nothing resolves) to
@@ -117,6 +121,12 @@ pub struct Vm {
     /// This vCPU's index in an SMP VM ([`crate::smp`]): it services the other harts' requests
     /// before each entry and serves HSM, IPI and RFENCE.
     pub vcpu: Option<usize>,
+    /// Pause (return [`Exit::Budget`] with [`Vm::paused`] set) before the next entry once this
+    /// many exits came from VU-mode (the guest's user space): where a fork or a migration
+    /// starts. Cleared when it fires.
+    pub pause_at_user_exit: Option<u32>,
+    /// Set when `pause_at_user_exit` fired; the owner clears it.
+    pub paused: bool,
 }
 
 impl Vm {
@@ -168,6 +178,8 @@ impl Vm {
             fp: FpState::default(),
             reflect_exceptions: false,
             vcpu: None,
+            pause_at_user_exit: None,
+            paused: false,
         }
     }
 
@@ -299,7 +311,7 @@ impl Vm {
 
     /// Programs the host timer (SBI set_timer) for the earliest of the guest's deadline, the
     /// watchdog and the console poll; the hart's one supervisor timer serves them all.
-    fn arm_host_timer(&self) {
+    pub(crate) fn arm_host_timer(&self) {
         let t = self.guest_timer.unwrap_or(u64::MAX).min(self.watchdog.unwrap_or(u64::MAX));
         console::sbi_set_timer(t.min(self.next_poll()));
     }
@@ -310,6 +322,11 @@ impl Vm {
         self.update_irq();
         self.arm_host_timer();
         for _ in 0..self.budget {
+            if self.pause_at_user_exit.is_some_and(|n| self.stats.user_exits >= n) {
+                self.pause_at_user_exit = None;
+                self.paused = true;
+                return Exit::Budget;
+            }
             if let Some(me) = self.vcpu {
                 crate::smp::before_entry(me);
             }
@@ -320,6 +337,9 @@ impl Vm {
                 self.stats.fp_saves += 1;
             }
             self.pc = t.sepc;
+            if !self.regs.vs_mode {
+                self.stats.user_exits += 1;
+            }
             if t.scause & cause::INTERRUPT != 0 {
                 self.stats.irq_exits += 1;
                 if t.scause & !cause::INTERRUPT == irq::STI {
@@ -408,128 +428,8 @@ impl Vm {
         }
         Exit::Budget
     }
-
-    /// Handles a guest-page fault: MMIO emulation or demand-zero paging; `Some` hands it back.
-    fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
-        let gpa = f.info.fault_guest_paddr;
-        let in_device = crate::devices::is_device(gpa.as_u64()) && !f.is_implicit();
-        if let Memory::Shared(space) = &self.mem {
-            let st = || space.with(|s| s.stats().cow_copies + s.stats().cow_reuses);
-            let cow_before = st();
-            match space.handle_fault(f.info) {
-                twostage_aspace::FaultOutcome::Resolved { .. } => {
-                    self.stats.cow_breaks += (st() - cow_before) as u32;
-                    self.stats.space_resolved += 1;
-                    return None;
-                }
-                twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
-                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
-                }
-                _ => {
-                    self.stats.faults_unresolved += 1;
-                    return Some(Exit::Fault(f, t));
-                }
-            }
-        }
-        if let Memory::Space(space) = &mut self.mem {
-            let cow_before = space.stats().cow_copies + space.stats().cow_reuses;
-            match space.handle_fault(f.info) {
-                twostage_aspace::FaultOutcome::Resolved { flush } => {
-                    let s = space.stats();
-                    self.stats.cow_breaks += (s.cow_copies + s.cow_reuses - cow_before) as u32;
-                    self.stats.space_resolved += 1;
-                    self.apply_space(flush);
-                    return None;
-                }
-                twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
-                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
-                }
-                _ => {
-                    self.stats.faults_unresolved += 1;
-                    return Some(Exit::Fault(f, t));
-                }
-            }
-        }
-        if in_device {
-            return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
-        }
-        if let Some(ram) = self.demand_zero {
-            if ram.contains(gpa) && self.table().query(gpa).is_none() {
-                let page = gpa.align_down(4096);
-                let flags = self.demand_flags;
-                if self.map_new(page, 4096, flags, PageSize::Size4K).is_ok() {
-                    self.stats.demand_zero += 1;
-                    return None;
-                }
-            }
-        }
-        self.stats.faults_unresolved += 1;
-        Some(Exit::Fault(f, t))
-    }
 }
 
-impl SbiBackend for Vm {
-    /// The SBI console and the UART share the guest's console: shown when `uart.echo` is set,
-    /// recorded in `uart.out` when `uart.record` is.
-    fn putchar(&mut self, c: u8) {
-        if self.uart.echo {
-            console::putchar(c);
-        }
-        if self.uart.record {
-            self.uart.out.push(c);
-        }
-    }
-    fn getchar(&mut self) -> Option<u8> {
-        console::getchar()
-    }
-    fn read_guest(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), BadGuestBuffer> {
-        match &self.mem {
-            // The space reads untouched demand-zero memory as zeros without populating it.
-            Memory::Space(s) => s.read(gpa, buf).map_err(|_| BadGuestBuffer { gpa }),
-            Memory::Shared(s) => s.with(|s| s.read(gpa, buf)).map_err(|_| BadGuestBuffer { gpa }),
-            Memory::Table(_) => {
-                twostage_aspace::GuestMemory::read(&mut self.phys(), gpa, buf).map_err(|_| BadGuestBuffer { gpa })
-            }
-        }
-    }
-    fn set_timer(&mut self, deadline: u64) {
-        // SAFETY: clears the injected virtual timer interrupt (§8.2.3), as set_timer must (SBI §6.1).
-        unsafe { hw::hvip::clear(1 << irq::VSTI) };
-        self.guest_timer = Some(deadline);
-        self.arm_host_timer();
-    }
-    fn vcpus(&self) -> usize {
-        self.vcpu.and_then(|_| crate::smp::machine()).map_or(0, |m| m.n)
-    }
-    fn hartid(&self) -> usize {
-        self.vcpu.unwrap_or(0)
-    }
-    fn hart_start(&mut self, hart: usize, addr: u64, opaque: u64) -> i64 {
-        crate::smp::calls::hart_start(hart, addr, opaque)
-    }
-    fn hart_stop(&mut self) -> Result<(), i64> {
-        crate::smp::machine().ok_or(sbi::error::NOT_SUPPORTED)?.hsm.stop(self.hartid())
-    }
-    fn hart_status(&self, hart: usize) -> i64 {
-        crate::smp::machine().map_or(sbi::error::NOT_SUPPORTED, |m| m.hsm.status(hart))
-    }
-    fn send_ipi(&mut self, harts: u64) {
-        crate::smp::calls::send_ipi(self.hartid(), harts);
-    }
-    fn clear_ipi(&mut self) {
-        crate::smp::machine().map(|m| m.mail.take_ipi(self.hartid()));
-        // SAFETY: clears the guest's own virtual software interrupt.
-        unsafe { hw::hvip::clear(1 << irq::VSSI) };
-    }
-    fn remote_fence(&mut self, harts: u64, fence: sbi::RemoteFence) {
-        crate::smp::calls::remote_fence(self.hartid(), harts, fence);
-    }
-    fn read_legacy_mask(&mut self, va: u64) -> Option<u64> {
-        // SAFETY: the guest's vsatp and this VM's hgatp are loaded; HS traps are fixed up.
-        let mut hlv = unsafe { hw::Hlv::new() };
-        twostage_rvh::access::GuestMemOps::load_u64(&mut hlv, twostage_npt::GuestVirtAddr::new(va)).ok()
-    }
-}
 
 impl Drop for Vm {
     fn drop(&mut self) {
