@@ -758,9 +758,127 @@ fn verdict(what: &str, run: &Run, ended: bool) -> i32 {
     }
 }
 
+/// init.c's lines in a console output (`twostage-linux: ...`, each with `prefix` before it, which
+/// is removed), without the `times:` line: its wall-clock figures differ from run to run (and
+/// include the time a paused guest waited), everything else init.c prints is deterministic.
+pub fn init_lines(out: &str, prefix: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter(|l| l.starts_with("twostage-linux: ") && !l.starts_with("twostage-linux: times:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Checks a `--fork` run's console against the plain run's init lines `plain`: the fork line,
+/// then only `[child] ` lines up to the child's end, whose init lines continue the ones before
+/// the fork to init's end exactly as in `plain`; then the parent's, which do the same unprefixed;
+/// and the summary with copy-on-write breaks on both sides. Returns the summary line.
+pub fn check_fork(out: &str, plain: &[String]) -> Result<String, String> {
+    let out = out.replace('\r', "");
+    let fork_at = out.find("\nfork: VM 1 forked").ok_or("no `fork: VM 1 forked` line")?;
+    let child_end = out.find("\nchild: guest reset:").ok_or("the child never ended")?;
+    if child_end < fork_at {
+        return Err("the child ended before the fork".into());
+    }
+    let (before, child, parent) = (&out[..fork_at], &out[fork_at + 1..child_end], &out[child_end + 1..]);
+    let mut child_lines = child.lines().skip(1).filter(|l| !l.is_empty());
+    if let Some(bad) = child_lines.find(|l| !l.starts_with("[child] ")) {
+        return Err(format!("a line of the child's without its prefix: {bad:?}"));
+    }
+    let pre = init_lines(before, "");
+    for (who, text, prefix) in [("child", child, "[child] "), ("parent", parent, "")] {
+        let mut lines = pre.clone();
+        lines.extend(init_lines(text, prefix));
+        if lines != plain {
+            return Err(format!("the {who}'s init lines differ from the plain run's: {lines:?}"));
+        }
+    }
+    if parent.contains("[child] ") {
+        return Err("a `[child] ` line after the child ended".into());
+    }
+    let summary = parent
+        .lines()
+        .find(|l| l.starts_with("fork: copy-on-write breaks: "))
+        .ok_or("no `fork: copy-on-write breaks` summary")?;
+    let numbers: Vec<u64> = summary.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    match numbers[..] {
+        [p, c, _] if p > 0 && c > 0 => Ok(summary.to_string()),
+        _ => Err(format!("both VMs must break copy-on-write pages: {summary:?}")),
+    }
+}
+
+/// Checks a `--migrate` run's console against the plain run's init lines `plain`: the
+/// `migration: rounds=R pages=P final=F` line with R >= 1 and P > 0, and the same init lines.
+/// Returns the migration line.
+pub fn check_migration(out: &str, plain: &[String]) -> Result<String, String> {
+    let line = out
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find(|l| l.starts_with("migration: rounds="))
+        .ok_or("no `migration: rounds=` line")?;
+    let field = |name: &str| {
+        line.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse::<u64>().ok())
+    };
+    match (field("rounds="), field("pages="), field("final=")) {
+        (Some(r), Some(p), Some(_)) if r >= 1 && p > 0 => {}
+        _ => return Err(format!("a migration line without rounds and pages: {line:?}")),
+    }
+    let lines = init_lines(out, "");
+    if lines != plain {
+        return Err(format!("the migrated guest's init lines differ from the plain run's: {lines:?}"));
+    }
+    Ok(line.to_string())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{hash, unmet};
+    use super::{check_fork, check_migration, hash, init_lines, unmet};
+
+    const PLAIN: &str = "Run /init as init process\r\ntwostage-linux: start (1 CPUs online, page size 4096)\n\
+        twostage-linux: fill: ok (32 MiB)\ntwostage-linux: times: fill 3 ms\ntwostage-linux: all checks passed\n";
+
+    fn plain() -> Vec<String> {
+        init_lines(PLAIN, "")
+    }
+
+    #[test]
+    fn init_lines_leave_out_times_and_other_lines() {
+        assert_eq!(
+            plain(),
+            ["twostage-linux: start (1 CPUs online, page size 4096)", "twostage-linux: fill: ok (32 MiB)", "twostage-linux: all checks passed"]
+        );
+    }
+
+    #[test]
+    fn fork_runs_are_checked_line_by_line() {
+        let good = "twostage-linux: start (1 CPUs online, page size 4096)\n\nfork: VM 1 forked at ...\n\
+            [child] twostage-linux: fill: ok (32 MiB)\n[child] twostage-linux: times: fill 9 ms\n\
+            [child] twostage-linux: all checks passed\n\nchild: guest reset: type 0\n\
+            twostage-linux: fill: ok (32 MiB)\ntwostage-linux: all checks passed\n\
+            fork: copy-on-write breaks: parent 12 child 30; frames still shared at the end: 7\n";
+        assert!(check_fork(good, &plain()).unwrap().contains("parent 12 child 30"));
+        let unprefixed = good.replace("[child] twostage-linux: fill", "twostage-linux: fill");
+        assert!(check_fork(&unprefixed, &plain()).unwrap_err().contains("without its prefix"));
+        let short = good.replace("[child] twostage-linux: all checks passed\n", "");
+        assert!(check_fork(&short, &plain()).unwrap_err().contains("child's init lines differ"));
+        let parent_short = good.replacen("twostage-linux: all checks passed\nfork:", "fork:", 1);
+        assert!(check_fork(&parent_short, &plain()).unwrap_err().contains("parent's init lines differ"));
+        let no_breaks = good.replace("child 30", "child 0");
+        assert!(check_fork(&no_breaks, &plain()).is_err());
+        assert!(check_fork(PLAIN, &plain()).is_err());
+    }
+
+    #[test]
+    fn migration_runs_need_their_line_and_the_same_init_lines() {
+        let good = format!("{PLAIN}migration: rounds=3 pages=9000 final=12 (round pages: 8000 900 88)\n");
+        assert!(check_migration(&good, &plain()).unwrap().starts_with("migration: rounds=3"));
+        assert!(check_migration(PLAIN, &plain()).unwrap_err().contains("no `migration"));
+        let bad = good.replace("fill: ok (32 MiB)", "fill: FAILED");
+        assert!(check_migration(&bad, &plain()).unwrap_err().contains("differ"));
+        let empty = good.replace("pages=9000", "pages=0");
+        assert!(check_migration(&empty, &plain()).is_err());
+    }
 
     #[test]
     fn fragment_lines_missing_from_the_config_are_reported() {

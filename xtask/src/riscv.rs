@@ -16,6 +16,7 @@
 //! sources list derived from the machine's own.
 
 use crate::riscv_stage::{guest_refusal, qemu_command, GuestOpts, Stage};
+use twostage_hv_riscv::boot::LiveOp;
 use crate::{hostile, util};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -392,22 +393,33 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
     // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU and on four (one
     // hart each, sharing the address space): init's memory checks pass (on four, its threads
     // pinned per CPU and its shootdown check need HSM, IPI and RFENCE) and it powers off
-    // through SRST with status 0.
+    // through SRST with status 0. Then the same guest forked and migrated while it runs.
     if qemu.dirs.is_none() {
+        let mut plain_one = None;
         for vcpus in [1, 4] {
             let opts = GuestOpts { vcpus, ..GuestOpts::default() };
             let run = crate::linux::kernel(crate::Arch::Riscv64).and_then(|k| run_guest(qemu, &image, &k, &opts, &[]));
             match run {
-                Ok((code, out)) => tally.check(
-                    code == 0
+                Ok((code, out)) => {
+                    let ok = code == 0
                         && out.contains("twostage-linux: all checks passed")
-                        && out.contains(&format!("twostage-linux: start ({vcpus} CPU")),
-                    &format!(
-                        "Linux 6.1 (the project's guest, {vcpus} vCPU(s), 128 MiB) ran init's checks to the end, exit status {code}"
-                    ),
-                ),
+                        && out.contains(&format!("twostage-linux: start ({vcpus} CPU"));
+                    tally.check(
+                        ok,
+                        &format!(
+                            "Linux 6.1 (the project's guest, {vcpus} vCPU(s), 128 MiB) ran init's checks to the end, exit status {code}"
+                        ),
+                    );
+                    if ok && vcpus == 1 {
+                        plain_one = Some(crate::linux::init_lines(&out, ""));
+                    }
+                }
                 Err(e) => tally.check(false, &format!("Linux guest on {vcpus} vCPU(s): {e}")),
             }
+        }
+        match plain_one {
+            Some(plain) => live_checks(qemu, &image, &plain, &mut tally),
+            None => tally.check(false, "Linux fork and migration: no plain one-vCPU run to compare with"),
         }
     }
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
@@ -417,6 +429,46 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         tally.failed += hostile.failed;
     }
     Ok(tally)
+}
+
+/// The project's Linux guest forked (`--fork`) and migrated (`--migrate`) while it runs, each
+/// checked against the init lines `plain` of a plain one-vCPU run ([`crate::linux::check_fork`],
+/// [`crate::linux::check_migration`]); the exit status must be 0 (the parent's, for a fork).
+fn live_checks(qemu: &Qemu, image: &Path, plain: &[String], tally: &mut crate::SuiteResult) {
+    let kernel = match crate::linux::kernel(crate::Arch::Riscv64) {
+        Ok(k) => k,
+        Err(e) => return tally.check(false, &format!("Linux fork and migration: {e}")),
+    };
+    let fork = GuestOpts { live: LiveOp::Fork { after: 1 }, ..GuestOpts::default() };
+    match run_guest(qemu, image, &kernel, &fork, &[]) {
+        Ok((code, out)) => {
+            let verdict = crate::linux::check_fork(&out, plain);
+            tally.check(
+                code == 0 && verdict.is_ok(),
+                &format!(
+                    "Linux forked at its first exit from user space: child ([child] lines) and parent both ran init to the end, exit status {code}: {}",
+                    verdict.unwrap_or_else(|e| e)
+                ),
+            );
+        }
+        Err(e) => tally.check(false, &format!("Linux fork: {e}")),
+    }
+    for vcpus in [1] {
+        let opts = GuestOpts { vcpus, live: LiveOp::Migrate { after: 1 }, ..GuestOpts::default() };
+        match run_guest(qemu, image, &kernel, &opts, &[]) {
+            Ok((code, out)) => {
+                let verdict = crate::linux::check_migration(&out, plain);
+                tally.check(
+                    code == 0 && verdict.is_ok(),
+                    &format!(
+                        "Linux migrated while it ran ({vcpus} vCPU(s)): init's lines equal the plain run's, exit status {code}: {}",
+                        verdict.unwrap_or_else(|e| e)
+                    ),
+                );
+            }
+            Err(e) => tally.check(false, &format!("Linux migration on {vcpus} vCPU(s): {e}")),
+        }
+    }
 }
 
 /// Hostile guest files, written to the target directory: a file name with commas runs as
