@@ -809,8 +809,10 @@ pub fn check_fork(out: &str, plain: &[String]) -> Result<String, String> {
 }
 
 /// Checks a `--migrate` run's console against the plain run's init lines `plain`: the
-/// `migration: rounds=R pages=P final=F` line with R >= 1 and P > 0, and the same init lines.
-/// Returns the migration line.
+/// `migration: rounds=R pages=P final=F` line with R >= 1 and P > 0, the release of the source
+/// giving back exactly the frames it held (`migration: free frames A before, B with both copies,
+/// C after VM 1 (holding H frames) was released`: C - B = H), and the same init lines. Returns
+/// the migration line.
 pub fn check_migration(out: &str, plain: &[String]) -> Result<String, String> {
     let line = out
         .lines()
@@ -823,6 +825,16 @@ pub fn check_migration(out: &str, plain: &[String]) -> Result<String, String> {
     match (field("rounds="), field("pages="), field("final=")) {
         (Some(r), Some(p), Some(_)) if r >= 1 && p > 0 => {}
         _ => return Err(format!("a migration line without rounds and pages: {line:?}")),
+    }
+    let frames = out
+        .lines()
+        .find(|l| l.starts_with("migration: free frames "))
+        .ok_or("no `migration: free frames` line")?;
+    let n: Vec<u64> = frames.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    match n[..] {
+        [_, both, after, _, held] if after.checked_sub(both) == Some(held) => {}
+        // The `1` of `VM 1` is the fourth number.
+        _ => return Err(format!("the source's release did not give back the frames it held: {frames:?}")),
     }
     let lines = init_lines(out, "");
     if lines != plain {
@@ -871,13 +883,18 @@ mod tests {
 
     #[test]
     fn migration_runs_need_their_line_and_the_same_init_lines() {
-        let good = format!("{PLAIN}migration: rounds=3 pages=9000 final=12 (round pages: 8000 900 88)\n");
+        let good = format!(
+            "{PLAIN}migration: rounds=3 pages=9000 final=12 (round pages: 8000 900 88)\n\
+             migration: free frames 900 before, 700 with both copies, 905 after VM 1 (holding 205 frames) was released\n"
+        );
         assert!(check_migration(&good, &plain()).unwrap().starts_with("migration: rounds=3"));
         assert!(check_migration(PLAIN, &plain()).unwrap_err().contains("no `migration"));
         let bad = good.replace("fill: ok (32 MiB)", "fill: FAILED");
         assert!(check_migration(&bad, &plain()).unwrap_err().contains("differ"));
         let empty = good.replace("pages=9000", "pages=0");
         assert!(check_migration(&empty, &plain()).is_err());
+        let leak = good.replace("905 after", "904 after");
+        assert!(check_migration(&leak, &plain()).unwrap_err().contains("give back"));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub mod hart;
 mod exits;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod migrate;
 pub mod plic;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod smp;

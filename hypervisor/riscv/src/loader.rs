@@ -195,10 +195,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
             status
         }
         LiveOp::Fork { after } => crate::vmfork::run(vm, after.min(u64::from(u32::MAX)) as u32),
-        LiveOp::Migrate { .. } => {
-            println!("--migrate: not in this build");
-            SETUP_FAILED
-        }
+        LiveOp::Migrate { after } => crate::migrate::run(vm, after.min(u64::from(u32::MAX)) as u32),
     }
 }
 
