@@ -819,17 +819,14 @@ pub fn check_migration(out: &str, plain: &[String]) -> Result<String, String> {
         .map(|l| l.trim_end_matches('\r'))
         .find(|l| l.starts_with("migration: rounds="))
         .ok_or("no `migration: rounds=` line")?;
-    let field = |name: &str| {
-        line.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse::<u64>().ok())
-    };
+    let field =
+        |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).and_then(|v| v.parse::<u64>().ok());
     match (field("rounds="), field("pages="), field("final=")) {
         (Some(r), Some(p), Some(_)) if r >= 1 && p > 0 => {}
         _ => return Err(format!("a migration line without rounds and pages: {line:?}")),
     }
-    let frames = out
-        .lines()
-        .find(|l| l.starts_with("migration: free frames "))
-        .ok_or("no `migration: free frames` line")?;
+    let frames =
+        out.lines().find(|l| l.starts_with("migration: free frames ")).ok_or("no `migration: free frames` line")?;
     let n: Vec<u64> = frames.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
     match n[..] {
         [_, both, after, _, held] if after.checked_sub(both) == Some(held) => {}
@@ -858,7 +855,11 @@ mod tests {
     fn init_lines_leave_out_times_and_other_lines() {
         assert_eq!(
             plain(),
-            ["twostage-linux: start (1 CPUs online, page size 4096)", "twostage-linux: fill: ok (32 MiB)", "twostage-linux: all checks passed"]
+            [
+                "twostage-linux: start (1 CPUs online, page size 4096)",
+                "twostage-linux: fill: ok (32 MiB)",
+                "twostage-linux: all checks passed"
+            ]
         );
     }
 

@@ -16,7 +16,6 @@
 //! sources list derived from the machine's own.
 
 use crate::riscv_stage::{guest_refusal, qemu_command, GuestOpts, Stage};
-use twostage_hv_riscv::boot::LiveOp;
 use crate::{hostile, util};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use twostage_baremetal::elf::EXIT_REFUSED;
+use twostage_hv_riscv::boot::LiveOp;
 use twostage_hv_riscv::boot::MAX_FILE;
 
 const TARGET: &str = "riscv64gc-unknown-none-elf";
@@ -390,13 +390,14 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
             tally.failed += 1;
         }
     }
-    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU and on four (one
-    // hart each, sharing the address space): init's memory checks pass (on four, its threads
-    // pinned per CPU and its shootdown check need HSM, IPI and RFENCE) and it powers off
-    // through SRST with status 0. Then the same guest forked and migrated while it runs.
+    // The project's Linux guest (cargo xtask linux), unmodified, on one vCPU, two and four (one
+    // hart each, sharing the address space): init's memory checks pass (on more than one, its
+    // threads pinned per CPU and its shootdown check need HSM, IPI and RFENCE) and it powers off
+    // through SRST with status 0. Then the same guest forked and migrated while it runs, each
+    // compared with the plain run on as many vCPUs.
     if qemu.dirs.is_none() {
-        let mut plain_one = None;
-        for vcpus in [1, 4] {
+        let mut plain = std::collections::BTreeMap::new();
+        for vcpus in [1, 2, 4] {
             let opts = GuestOpts { vcpus, ..GuestOpts::default() };
             let run = crate::linux::kernel(crate::Arch::Riscv64).and_then(|k| run_guest(qemu, &image, &k, &opts, &[]));
             match run {
@@ -410,17 +411,14 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
                             "Linux 6.1 (the project's guest, {vcpus} vCPU(s), 128 MiB) ran init's checks to the end, exit status {code}"
                         ),
                     );
-                    if ok && vcpus == 1 {
-                        plain_one = Some(crate::linux::init_lines(&out, ""));
+                    if ok {
+                        plain.insert(vcpus, crate::linux::init_lines(&out, ""));
                     }
                 }
                 Err(e) => tally.check(false, &format!("Linux guest on {vcpus} vCPU(s): {e}")),
             }
         }
-        match plain_one {
-            Some(plain) => live_checks(qemu, &image, &plain, &mut tally),
-            None => tally.check(false, "Linux fork and migration: no plain one-vCPU run to compare with"),
-        }
+        live_checks(qemu, &image, &plain, &mut tally);
     }
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
     if qemu.dirs.is_none() {
@@ -431,18 +429,27 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
     Ok(tally)
 }
 
-/// The project's Linux guest forked (`--fork`) and migrated (`--migrate`) while it runs, each
-/// checked against the init lines `plain` of a plain one-vCPU run ([`crate::linux::check_fork`],
-/// [`crate::linux::check_migration`]); the exit status must be 0 (the parent's, for a fork).
-fn live_checks(qemu: &Qemu, image: &Path, plain: &[String], tally: &mut crate::SuiteResult) {
+/// The project's Linux guest forked (`--fork`, one vCPU) and migrated (`--migrate`, on one vCPU
+/// and on two) while it runs, each checked against the init lines of the plain run on as many
+/// vCPUs (`plain`, by vCPUs: [`crate::linux::check_fork`], [`crate::linux::check_migration`]);
+/// the exit status must be 0 (the parent's, for a fork).
+fn live_checks(
+    qemu: &Qemu,
+    image: &Path,
+    plain: &std::collections::BTreeMap<u64, Vec<String>>,
+    tally: &mut crate::SuiteResult,
+) {
     let kernel = match crate::linux::kernel(crate::Arch::Riscv64) {
         Ok(k) => k,
         Err(e) => return tally.check(false, &format!("Linux fork and migration: {e}")),
     };
+    let Some(plain_one) = plain.get(&1) else {
+        return tally.check(false, "Linux fork and migration: no plain one-vCPU run to compare with");
+    };
     let fork = GuestOpts { live: LiveOp::Fork { after: 1 }, ..GuestOpts::default() };
     match run_guest(qemu, image, &kernel, &fork, &[]) {
         Ok((code, out)) => {
-            let verdict = crate::linux::check_fork(&out, plain);
+            let verdict = crate::linux::check_fork(&out, plain_one);
             tally.check(
                 code == 0 && verdict.is_ok(),
                 &format!(
@@ -453,7 +460,11 @@ fn live_checks(qemu: &Qemu, image: &Path, plain: &[String], tally: &mut crate::S
         }
         Err(e) => tally.check(false, &format!("Linux fork: {e}")),
     }
-    for vcpus in [1] {
+    for vcpus in [1, 2] {
+        let Some(plain) = plain.get(&vcpus) else {
+            tally.check(false, &format!("Linux migration on {vcpus} vCPU(s): no plain run to compare with"));
+            continue;
+        };
         let opts = GuestOpts { vcpus, live: LiveOp::Migrate { after: 1 }, ..GuestOpts::default() };
         match run_guest(qemu, image, &kernel, &opts, &[]) {
             Ok((code, out)) => {

@@ -138,9 +138,6 @@ impl LiveOp {
             LiveOp::Fork { .. } if vcpus > 1 => {
                 Err(format!("--fork runs on one vCPU (the guest has {vcpus}): the child needs every vCPU's state"))
             }
-            LiveOp::Migrate { .. } if vcpus > 1 => {
-                Err(format!("--migrate runs on one vCPU for now (the guest has {vcpus})"))
-            }
             _ => Ok(()),
         }
     }
@@ -157,8 +154,16 @@ impl Header {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut page = alloc::vec![0u8; 4096];
         let [kind, after] = self.live.words();
-        let words =
-            [STAGE_MAGIC, self.file_len, self.mem, self.initrd_len, self.vcpus, self.bootargs.len() as u64, kind, after];
+        let words = [
+            STAGE_MAGIC,
+            self.file_len,
+            self.mem,
+            self.initrd_len,
+            self.vcpus,
+            self.bootargs.len() as u64,
+            kind,
+            after,
+        ];
         for (i, w) in words.iter().enumerate() {
             page[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
@@ -183,7 +188,8 @@ impl Header {
             if bootargs.contains('\0') {
                 return Err(String::from("the command line contains a NUL byte"));
             }
-            let live = LiveOp::from_words(word(6).ok_or("header page too short")?, word(7).ok_or("header page too short")?)?;
+            let live =
+                LiveOp::from_words(word(6).ok_or("header page too short")?, word(7).ok_or("header page too short")?)?;
             let h = Self { file_len, mem, initrd_len, vcpus, bootargs: bootargs.into(), live };
             h.check()?;
             Ok(h)
@@ -455,6 +461,8 @@ mod tests {
         let mut page = m.to_bytes();
         page[48..56].copy_from_slice(&7u64.to_le_bytes());
         assert!(Header::parse(&page).unwrap().unwrap_err().contains("unknown live operation 7"));
+        let smp = Header { vcpus: 4, ..m.clone() };
+        assert_eq!(Header::parse(&smp.to_bytes()), Some(Ok(smp.clone())), "migration works on SMP guests");
         let zero = Header { live: LiveOp::Fork { after: 0 }, ..h.clone() };
         assert!(Header::parse(&zero.to_bytes()).unwrap().unwrap_err().contains("from 1"));
     }

@@ -31,9 +31,9 @@ pub mod boot;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod devices;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
-pub mod hart;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 mod exits;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
@@ -42,9 +42,9 @@ pub mod plic;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod smp;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
-pub mod stats;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod state;
+#[cfg(all(target_arch = "riscv64", target_os = "none"))]
+pub mod stats;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod trap;
 pub mod uart;

@@ -159,7 +159,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
             "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
             h.mem, h.vcpus
         );
-        return crate::smp::run(space, h.vcpus as usize, crate::hart::boot_hart(), entry, dtb);
+        return crate::smp::run(space, h.vcpus as usize, crate::hart::boot_hart(), entry, dtb, h.live);
     }
     let mut vm = Vm::with_space(space, 1);
     vm.uart.input = true;
@@ -246,4 +246,3 @@ pub(crate) fn drive(vm: &mut Vm, who: &str, slices: bool) -> Ended {
         }
     }
 }
-

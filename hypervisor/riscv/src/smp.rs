@@ -49,6 +49,7 @@ use twostage_rvh::shootdown::{HartOps, LocalFence, Shootdown};
 use twostage_rvh::smp::{Hsm, Mailbox};
 
 mod guest;
+pub mod live;
 
 /// The most vCPUs (and harts) of one VM.
 pub const MAX_VCPUS: usize = crate::boot::MAX_VCPUS as usize;
@@ -89,10 +90,12 @@ pub struct Machine {
     seip: [AtomicBool; MAX_VCPUS],
     /// Counters per vCPU.
     pub counters: [HartCounters; MAX_VCPUS],
-    /// The VMID.
-    pub vmid: u16,
+    /// A live migration's shared state, and the VM's current VMID.
+    pub live: live::Live,
     /// The guest's entry (vCPU 0) and device tree.
     entry: (u64, u64),
+    /// A live migration asked for.
+    op: crate::boot::LiveOp,
     /// A vCPU ended the run (the others stop entering the guest).
     ending: AtomicBool,
 }
@@ -349,7 +352,14 @@ fn find_harts(boot: usize, n: usize) -> Option<[usize; MAX_VCPUS]> {
 /// Runs `space` as an SMP VM of `n` vCPUs from `entry` with the device tree at `dtb`, on the
 /// boot hart `boot` and `n - 1` others; returns the run's status (the first vCPU to end the
 /// run ends it for all, through `finish`).
-pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, entry: u64, dtb: u64) -> i32 {
+pub fn run(
+    space: AddressSpace<Sv39x4, &'static Frames>,
+    n: usize,
+    boot: usize,
+    entry: u64,
+    dtb: u64,
+    op: crate::boot::LiveOp,
+) -> i32 {
     // SAFETY: vCPU 0 runs here: `tp` names it for `current` (the shared space's lock checks).
     unsafe { asm!("mv tp, zero", options(nomem, nostack)) };
     let Some(hartids) = find_harts(boot, n) else {
@@ -358,7 +368,10 @@ pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, 
     };
     let vmid = 1;
     let shootdown: &'static Shootdown = Box::leak(Box::new(Shootdown::new(n)));
-    let inv = twostage_rvh::shootdown::invalidator(shootdown, vmid, Ops, current);
+    // Flushes are fenced under the VM's current VMID (a migration changes it).
+    let inv = move |inv: &twostage_npt::GvmaInvalidation<'_>| {
+        shootdown.request(current(), inv, m().live.vmid.load(Ordering::SeqCst), &Ops);
+    };
     let shared = SharedAddressSpace::new(space, Box::new(inv), current).relax_with(relax);
     let mc = Box::leak(Box::new(Machine {
         n,
@@ -373,8 +386,9 @@ pub fn run(space: AddressSpace<Sv39x4, &'static Frames>, n: usize, boot: usize, 
         },
         seip: Default::default(),
         counters: Default::default(),
-        vmid,
+        live: live::Live::new(vmid),
         entry: (entry, dtb),
+        op,
         ending: AtomicBool::new(false),
     }));
     MACHINE.store(mc, Ordering::Release);
@@ -402,7 +416,8 @@ fn vcpu_main(me: usize) -> i32 {
     if !crate::devices::sstc_here() && crate::devices::sstc() {
         println!("hart {}: no Sstc (henvcfg.STCE reads 0)", mc.hartids[me]);
     }
-    let mut vm = Vm::with_shared(&mc.space, mc.vmid, me);
+    let vmid = mc.live.vmid.load(Ordering::SeqCst);
+    let mut vm = Vm::with_shared(&mc.space, vmid, me);
     vm.uart.input = me == 0;
     vm.hedeleg = twostage_rvh::reflect::HEDELEG;
     vm.reflect_exceptions = true;
@@ -415,13 +430,18 @@ fn vcpu_main(me: usize) -> i32 {
         hw::sie::set(1 << 1);
     }
     hw::hfence_vvma_all();
-    mc.shootdown.enter(me, mc.vmid, &Ops);
+    mc.shootdown.enter(me, vmid, &Ops);
     if me == 0 {
         vm.regs.gpr[10] = 0;
         vm.regs.gpr[11] = mc.entry.1;
         vm.pc = mc.entry.0;
     } else {
         park(&mut vm, me);
+    }
+    mc.live.set_vmid_of(me, vmid);
+    let mut migrating = live::Migrating::No;
+    if let (0, crate::boot::LiveOp::Migrate { after }) = (me, mc.op) {
+        vm.pause_at_user_exit = Some(after.min(u64::from(u32::MAX)) as u32);
     }
     let status = loop {
         if mc.ending.load(Ordering::Relaxed) {
@@ -439,6 +459,7 @@ fn vcpu_main(me: usize) -> i32 {
                 );
                 break i32::from(r.exit_status());
             }
+            Exit::Budget if me == 0 => live::step(&mut vm, &mut migrating),
             Exit::Test { .. } | Exit::Budget => {}
             Exit::Fault(f, t) => {
                 println!("\nguest stopped: unresolved guest-page fault {:?} at pc {:#x} on vCPU {me}", f.info, t.sepc);
@@ -450,6 +471,7 @@ fn vcpu_main(me: usize) -> i32 {
             }
         }
     };
+    live::ended(migrating);
     vm.print_stats(&alloc::format!("guest file, vCPU {me}"));
     status
 }

@@ -328,6 +328,7 @@ impl Vm {
                 return Exit::Budget;
             }
             if let Some(me) = self.vcpu {
+                crate::smp::live::at_entry(self, me);
                 crate::smp::before_entry(me);
             }
             self.fp.restore();
@@ -429,7 +430,6 @@ impl Vm {
         Exit::Budget
     }
 }
-
 
 impl Drop for Vm {
     fn drop(&mut self) {

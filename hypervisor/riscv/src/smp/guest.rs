@@ -102,10 +102,12 @@ pub fn park(vm: &mut Vm, me: usize) {
     // Likewise its Sstc timer (vstimecmp), which the guest sets directly.
     crate::devices::reset_vs_timer();
     let mut start = None;
+    mc.live.set_idle(me, true);
     wait_until(me, || {
         start = mc.hsm.take_start(me);
         start.is_some()
     });
+    mc.live.set_idle(me, false);
     if let Some((addr, opaque)) = start {
         start_at(vm, me, addr, opaque);
     }
@@ -117,6 +119,7 @@ pub fn park(vm: &mut Vm, me: usize) {
 pub fn suspend(vm: &mut Vm, me: usize, resume: Option<(u64, u64)>) {
     let mc = m();
     mc.hsm.set_suspended(me, true);
+    mc.live.set_idle(me, true);
     wait_until(me, || {
         crate::smp::apply_seip(me);
         mc.mail.pending(me)
@@ -124,6 +127,7 @@ pub fn suspend(vm: &mut Vm, me: usize, resume: Option<(u64, u64)>) {
             || hw::sip::read() & (1 << irq::STI) != 0
             || crate::devices::vs_timer_due()
     });
+    mc.live.set_idle(me, false);
     mc.hsm.set_suspended(me, false);
     match resume {
         Some((addr, opaque)) => start_at(vm, me, addr, opaque),
