@@ -5,8 +5,10 @@
 //! and G-stage A/D updating), [`trap`] (the HS-mode trap vector with exception-table recovery,
 //! and the VS-mode entry/exit path), [`vm`] (one guest: its Sv39x4 table or address space, the
 //! vCPU state and run loop, device emulation), [`stats`] (what the run loop counted), [`uart`]
-//! (the ns16550 device model), [`plic`] (the platform-level interrupt controller model) and
-//! [`loader`] (running a guest file staged by QEMU's loader device). The image (`images/riscv-hv`) boots, hands over a [`Board`], and runs either the
+//! (the ns16550 device model), [`plic`] (the platform-level interrupt controller model),
+//! [`loader`] (running a guest file staged by QEMU's loader device), [`state`] (a vCPU's and its
+//! devices' whole state, captured and restored), [`vmfork`] (fork of a running VM) and
+//! [`migrate`] (live migration into a new VM; SMP: [`smp::live`]). The image (`images/riscv-hv`) boots, hands over a [`Board`], and runs either the
 //! loader or the scenario suite (`twostage-scenarios-riscv`).
 //!
 //! Safety model: the hypervisor runs in HS-mode with satp = Bare on one hart, so host-physical

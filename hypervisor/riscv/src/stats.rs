@@ -81,7 +81,11 @@ impl Vm {
         // Issue 11: huge-page backing cuts the faults per MiB first touched (256 per MiB
         // with 4 KiB pages, one per 2 MiB page with huge ones): nested page faults that were not MMIO, against the memory mapped now.
         let mib = (p4 as u64 * 4096 + p2 as u64 * (2 << 20) + p1 as u64 * (1 << 30)) >> 20;
-        println!("nested page faults: {} for {mib} MiB touched", touched as u64);
+        println!(
+            "nested page faults: {} for {mib} MiB touched (MMIO exits apart: {})",
+            touched as u64,
+            s.mmio_reads + s.mmio_writes
+        );
         let changes = (s.space_resolved + s.demand_zero).max(1) as f64;
         println!(
             "hardware path cost: {:.2} guest-page exits per 4 KiB page first touched; {:.2} HFENCE.GVMA per resolved fault",
@@ -89,7 +93,10 @@ impl Vm {
             f64::from(s.gvma_addr + s.gvma_vmid) / changes
         );
         println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
-        println!("vCPU: exceptions handed to the guest={} FP register saves (FS dirty)={}", s.reflected, s.fp_saves);
+        println!(
+            "vCPU: exceptions handed to the guest={} FP register saves (FS dirty)={} exits from VU-mode={}",
+            s.reflected, s.fp_saves, s.user_exits
+        );
         let heap = (crate::board().heap_stats)();
         let fs = frames().stats();
         println!(
