@@ -224,6 +224,7 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     }
     let all_out = || (1..mc.n).all(|i| live.arrived[i].load(Ordering::SeqCst) || live.idle[i].load(Ordering::SeqCst));
     wait_until(0, all_out);
+    let all_out_at = hw::rdtime();
     let last: Round = match on_src(&mc.space, |s| mig.finish(s, &mut dst)) {
         Ok(r) => r,
         Err(MigrateError::Unfinished { cause, migration }) => {
@@ -247,12 +248,13 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     let running: Vec<usize> = (1..mc.n).filter(|&i| live.arrived[i].load(Ordering::SeqCst)).collect();
     live.pause.store(false, Ordering::SeqCst);
     running.iter().for_each(|&i| super::ipi_hart(mc.hartids[i]));
-    let downtime_us = (hw::rdtime() - paused_at) * 1_000_000 / u64::from(hart().timebase).max(1);
+    let us = |t: u64| t * 1_000_000 / u64::from(hart().timebase).max(1);
+    let (downtime_us, rendezvous_us) = (us(hw::rdtime() - paused_at), us(all_out_at - paused_at));
     wait_until(0, || running.iter().all(|&i| live.on_vmid[i].load(Ordering::SeqCst) == DST_VMID));
     let total: u64 = pages.iter().sum::<u64>() + last.pages;
     print!("migration: rounds={} pages={total} final={} (round pages:", pages.len(), last.pages);
     pages.iter().for_each(|p| print!(" {p}"));
-    println!("; guest stopped for {downtime_us} us on {} vCPUs)", mc.n);
+    println!("; guest stopped for {downtime_us} us on {} vCPUs, {rendezvous_us} us of it to stop them all)", mc.n);
     let held = {
         let (mut data, t) = (0usize, dst.table().table_frames());
         dst.table()
