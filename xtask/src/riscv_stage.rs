@@ -220,3 +220,34 @@ pub fn guest_refusal(path: &Path, opts: &GuestOpts) -> Result<Option<String>, St
     });
     Ok(checked.err())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::GuestOpts;
+    use twostage_hv_riscv::boot::LiveOp;
+
+    fn opts(args: &[(&str, &str)]) -> Result<GuestOpts, String> {
+        let mut o = GuestOpts::default();
+        for (opt, v) in args {
+            o.set(opt, v)?;
+        }
+        Ok(o)
+    }
+
+    #[test]
+    fn fork_and_migrate_options() {
+        assert_eq!(opts(&[("--fork", "")]).unwrap().live, LiveOp::Fork { after: 1 });
+        assert_eq!(opts(&[("--fork-after", "10")]).unwrap().live, LiveOp::Fork { after: 10 });
+        assert_eq!(opts(&[("--fork-after", "10"), ("--fork", "")]).unwrap().live, LiveOp::Fork { after: 10 });
+        assert_eq!(opts(&[("--migrate", ""), ("--migrate-after", "3")]).unwrap().live, LiveOp::Migrate { after: 3 });
+        assert!(opts(&[("--fork", ""), ("--migrate", "")]).unwrap_err().contains("exclude each other"));
+        assert!(opts(&[("--migrate-after", "2"), ("--fork-after", "2")]).unwrap_err().contains("exclude"));
+        assert!(opts(&[("--fork-after", "0")]).unwrap_err().contains("from 1"));
+        assert!(opts(&[("--migrate-after", "x")]).is_err());
+        // The vCPU check is the header's, shared with the hypervisor.
+        let o = opts(&[("--fork", ""), ("--smp", "2")]).unwrap();
+        assert!(o.live.check(o.vcpus).unwrap_err().contains("one vCPU"));
+        let o = opts(&[("--migrate", ""), ("--smp", "2")]).unwrap();
+        assert!(o.live.check(o.vcpus).is_ok());
+    }
+}
