@@ -68,6 +68,13 @@ impl PageBitmap {
         }
     }
 
+    /// Clears the bit of the page containing `gpa` (ignored outside the range).
+    pub(crate) fn unset(&mut self, gpa: GuestPhysAddr) {
+        if let Some(i) = self.index(gpa) {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
     /// Sets the bits of every page of `[start, start + len)` inside the range.
     pub fn set_range(&mut self, start: GuestPhysAddr, len: u64) {
         let r = self.range();

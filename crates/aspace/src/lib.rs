@@ -13,6 +13,9 @@
 //!   it and copies 4 KiB; a dirty log splits what it must; [`AddressSpace::collapse_huge`] (and
 //!   [`AddressSpace::stop_dirty_log`]) restore huge pages. A run is counted per frame in
 //!   [`FrameRefs`] and freed whole, once, when its last frame is released.
+//! - [`migrate::Migration`]: live migration into a fresh address space by dirty logging
+//!   (pre-copy rounds while the guest runs, a final copy once it is paused); the destination
+//!   gets only the pages the source populated, as 2 MiB pages where whole blocks are copied.
 //! - [`SpaceFlush`]: every change returns one (`#[must_use]`): the table invalidation it needs.
 //!   Carry it out with [`AddressSpace::flush`]. The data frames a change unmapped wait in the
 //!   space's pending list until an invalidation covering them has run, so a dropped token
@@ -112,6 +115,7 @@ pub mod guest;
 mod huge;
 mod lock;
 mod mem;
+pub mod migrate;
 mod region;
 mod shared;
 mod space;
