@@ -773,7 +773,9 @@ pub fn init_lines(out: &str, prefix: &str) -> Vec<String> {
 /// Checks a `--fork` run's console against the plain run's init lines `plain`: the fork line,
 /// then only `[child] ` lines up to the child's end, whose init lines continue the ones before
 /// the fork to init's end exactly as in `plain`; then the parent's, which do the same unprefixed;
-/// and the summary with copy-on-write breaks on both sides. Returns the summary line.
+/// the summary with copy-on-write breaks on both sides; and, once both VMs are released, every
+/// frame back (`fork: both VMs released: free frames Z (at the fork: F free, VM 1 holding H)`:
+/// Z = F + H). Returns the summary line.
 pub fn check_fork(out: &str, plain: &[String]) -> Result<String, String> {
     let out = out.replace('\r', "");
     let fork_at = out.find("\nfork: VM 1 forked").ok_or("no `fork: VM 1 forked` line")?;
@@ -802,9 +804,18 @@ pub fn check_fork(out: &str, plain: &[String]) -> Result<String, String> {
         .find(|l| l.starts_with("fork: copy-on-write breaks: "))
         .ok_or("no `fork: copy-on-write breaks` summary")?;
     let numbers: Vec<u64> = summary.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
-    match numbers[..] {
-        [p, c, _] if p > 0 && c > 0 => Ok(summary.to_string()),
-        _ => Err(format!("both VMs must break copy-on-write pages: {summary:?}")),
+    if !matches!(numbers[..], [p, c, _] if p > 0 && c > 0) {
+        return Err(format!("both VMs must break copy-on-write pages: {summary:?}"));
+    }
+    let release = parent
+        .lines()
+        .find(|l| l.starts_with("fork: both VMs released: "))
+        .ok_or("no `fork: both VMs released` line")?;
+    let n: Vec<u64> = release.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    match n[..] {
+        // The `1` of `VM 1` is the third number.
+        [end, free, _, held] if free.checked_add(held) == Some(end) => Ok(summary.to_string()),
+        _ => Err(format!("releasing both VMs did not give back every frame: {release:?}")),
     }
 }
 
@@ -869,7 +880,8 @@ mod tests {
             [child] twostage-linux: fill: ok (32 MiB)\n[child] twostage-linux: times: fill 9 ms\n\
             [child] twostage-linux: all checks passed\n\nchild: guest reset: type 0\n\
             twostage-linux: fill: ok (32 MiB)\ntwostage-linux: all checks passed\n\
-            fork: copy-on-write breaks: parent 12 child 30; frames still shared at the end: 7\n";
+            fork: copy-on-write breaks: parent 12 child 30; frames still shared at the end: 7\n\
+            fork: both VMs released: free frames 1400 (at the fork: 1000 free, VM 1 holding 400)\n";
         assert!(check_fork(good, &plain()).unwrap().contains("parent 12 child 30"));
         let unprefixed = good.replace("[child] twostage-linux: fill", "twostage-linux: fill");
         assert!(check_fork(&unprefixed, &plain()).unwrap_err().contains("without its prefix"));
@@ -879,6 +891,8 @@ mod tests {
         assert!(check_fork(&parent_short, &plain()).unwrap_err().contains("parent's init lines differ"));
         let no_breaks = good.replace("child 30", "child 0");
         assert!(check_fork(&no_breaks, &plain()).is_err());
+        let leak = good.replace("frames 1400", "frames 1399");
+        assert!(check_fork(&leak, &plain()).unwrap_err().contains("every frame"));
         assert!(check_fork(PLAIN, &plain()).is_err());
     }
 

@@ -17,7 +17,7 @@ use twostage_npt::{GuestPhysAddr, HostPhysAddr};
 /// The child's VMID (the parent's is 1).
 const CHILD_VMID: u16 = 2;
 
-/// Frames of `space` that another space maps as well (reference count above one), counted in
+/// Frames `space` maps that another space maps as well (reference count above one), counted in
 /// 4 KiB frames (a shared 2 MiB leaf counts 512).
 pub fn shared_frames(space: &Space) -> u64 {
     let refs = space.frame_refs();
@@ -26,6 +26,13 @@ pub fn shared_frames(space: &Space) -> u64 {
         let frames = l.size.bytes() / 4096;
         n += (0..frames).filter(|i| refs.count(HostPhysAddr::new(l.hpa.as_u64() + i * 4096)) > 1).count() as u64;
     });
+    n
+}
+
+/// The frames a space holds: the data frames its leaves map (4 KiB each) and its table frames.
+fn held_frames(space: &Space) -> u64 {
+    let mut n = space.table().table_frames() as u64;
+    space.table().for_each_leaf(GuestPhysAddr::ZERO, 1 << 41, |l| n += l.size.bytes() / 4096);
     n
 }
 
@@ -46,6 +53,8 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     }
     let state = vm.capture();
     let space = vm.space_mut().expect("the loader's VM has an address space");
+    // Every frame must come back once both VMs are gone: what was free plus what A held.
+    let at_fork = (frames().free() as u64, held_frames(space));
     let child = match space.fork() {
         Ok((child, flush)) => {
             vm.apply_space(flush);
@@ -59,7 +68,7 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
         }
     };
     let Some(child) = child else {
-        return finish_parent(vm, &state, None);
+        return finish_parent(vm, &state, None, at_fork);
     };
     println!(
         "\nfork: VM 1 forked at its exit {} from user space (pc {:#x}) into VM {CHILD_VMID}: {} frames shared, {} frames free",
@@ -81,12 +90,12 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     };
     println!("fork: the child (VM {CHILD_VMID}) ended with status {child_status}; the parent (VM 1) resumes");
     b.print_stats("fork child, VM 2");
-    finish_parent(vm, &state, Some(b))
+    finish_parent(vm, &state, Some(b), at_fork)
 }
 
 /// Resumes A from `state` and runs it to its end; then the fork's summary and the child's
 /// release. A's status.
-fn finish_parent(mut vm: Vm, state: &crate::state::VmState, child: Option<Vm>) -> i32 {
+fn finish_parent(mut vm: Vm, state: &crate::state::VmState, child: Option<Vm>, at_fork: (u64, u64)) -> i32 {
     // SAFETY: A's own state, captured from A at its pause point; A's space is the one it ran in.
     unsafe { vm.restore(state) };
     let status = match drive(&mut vm, "", false) {
@@ -104,7 +113,15 @@ fn finish_parent(mut vm: Vm, state: &crate::state::VmState, child: Option<Vm>) -
         );
         let free = frames().free();
         drop(b);
+        // Frames only the child mapped come back now, except those of a 2 MiB run whose other
+        // frames the parent still maps (a run goes back whole, with its last frame).
         println!("fork: the child released: free frames {free} -> {}", frames().free());
     }
+    let (free, held) = at_fork;
+    drop(vm);
+    println!(
+        "fork: both VMs released: free frames {} (at the fork: {free} free, VM 1 holding {held})",
+        frames().free()
+    );
     status
 }
