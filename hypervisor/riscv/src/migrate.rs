@@ -62,8 +62,10 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
             Ended::Budget => {}
             Ended::Status(s) => {
                 println!("migration: the guest ended during round {}: abandoned", mig.rounds());
-                let flush = mig.abandon(src(&mut vm)).unwrap_or(twostage_aspace::SpaceFlush::none());
-                vm.apply_space(flush);
+                match mig.abandon(src(&mut vm)) {
+                    Ok(flush) => vm.apply_space(flush),
+                    Err(e) => println!("migration: abandoning failed: {e}"),
+                }
                 vm.print_stats("guest file");
                 return s;
             }

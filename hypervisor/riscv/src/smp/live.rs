@@ -202,7 +202,9 @@ fn abandon(mig: Migration, e: MigrateError) {
 pub fn ended(state: Migrating) {
     if let Migrating::Rounds { mig, .. } = state {
         println!("migration: the guest ended during the rounds: abandoned");
-        let _ = on_src(&m().space, |s| mig.abandon(s).map(|f| ((), f)));
+        if let Err(e) = on_src(&m().space, |s| mig.abandon(s).map(|f| ((), f))) {
+            println!("migration: abandoning failed: {e}");
+        }
     }
 }
 
