@@ -560,7 +560,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
 fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let mut tally = crate::SuiteResult::default();
     let kernel = crate::linux::kernel(crate::Arch::X86_64)?;
-    let opts = GuestOptions { mem: DEFAULT_MEM, ..Default::default() };
+    let opts = GuestOptions { mem: DEFAULT_MEM, append: GRUB_LINUX_ARGS.into(), ..Default::default() };
     let work = work_dir("linux")?;
     let iso = build_iso(&work, hv, IsoGuest::WithOptions(&kernel, &opts))?;
     let size = std::fs::metadata(&kernel).map_err(|e| format!("{}: {e}", kernel.display()))?.len();
@@ -582,6 +582,19 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     // The cost: the same kernel on bare Bochs (GRUB `linux`), stopped at the same point.
     let bare = crate::linux::bare_x86_run(&kernel, false)?;
     tally.check(bare.passed, "the same Linux passes init.c on bare Bochs (GRUB `linux`, no hypervisor)");
+    let diff = console_difference(bare.console(), &r.serial);
+    if let Some((_, b, h)) = &diff {
+        println!("    | bare:       {b}\n    | hypervisor: {h}");
+    }
+    tally.check(
+        diff.is_none(),
+        &format!(
+            "its console under the hypervisor is the bare one's, line for line, apart from {} documented kinds of \
+             line (first difference: {:?})",
+            CONSOLE_ALLOWED.len(),
+            diff.as_ref().map(|d| d.0)
+        ),
+    );
     match (r.ticks, bare.ticks) {
         (Some(n), Some(m)) if m > 0 => {
             println!("linux x86: {n} instructions under the hypervisor, {m} bare ({:.2} x)", n as f64 / m as f64)
@@ -589,6 +602,86 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
         (n, m) => println!("linux x86: no instruction count (Bochs ptime: {n:?} under the hypervisor, {m:?} bare)"),
     }
     Ok(tally)
+}
+
+/// The command line GRUB's `linux` command gives the bare kernel (it puts the image's path first);
+/// the run under the hypervisor is given the same, so that the two consoles can be compared.
+pub const GRUB_LINUX_ARGS: &str = "BOOT_IMAGE=/boot/bzImage";
+
+/// Console lines that may differ between the kernel on bare Bochs and under the hypervisor: a
+/// line starting with the first string and holding the second may be on either side, or on
+/// neither; the third says why. Every other line must be the same, in the same order.
+pub const CONSOLE_ALLOWED: &[(&str, &str, &str)] = &[
+    // The BIOS puts its ACPI tables in the top 64 KiB of the machine's RAM. Under the hypervisor
+    // that RAM is the hypervisor's, and the guest's RAM ends at --mem: the guest's map has no
+    // ACPI area (the kernel has no ACPI), so its RAM ends 64 KiB higher and every size follows.
+    ("BIOS-e820: [mem 0x0000000000100000-", "usable", ACPI),
+    ("BIOS-e820: ", "ACPI data", ACPI),
+    ("last_pfn = ", "", ACPI),
+    ("  DMA32    [mem ", "", ACPI),
+    ("  node   0: [mem 0x0000000000100000-", "", ACPI),
+    ("Initmem setup node 0 ", "", ACPI),
+    ("On node 0, zone DMA32: 16 pages in unavailable ranges", "", ACPI),
+    ("Built 1 zonelists, mobility grouping on.  Total pages: ", "", ACPI),
+    ("Memory: ", "K available", ACPI),
+    // CPUID.1:ECX bit 31 is honest: the guest is told it runs under a hypervisor. Linux then
+    // skips the TSC-deadline microcode errata check (a hypervisor's business), so it uses the
+    // deadline timer the bare kernel refuses, and reports speculation and PMU state as unknown.
+    ("[Firmware Bug]: TSC_DEADLINE disabled due to Errata", "", HYPERVISOR_BIT),
+    ("TSC deadline timer available", "", HYPERVISOR_BIT),
+    ("GDS: ", "", HYPERVISOR_BIT),
+    ("Performance Events: ", "", HYPERVISOR_BIT),
+    ("Failed to access perfctr msr", "", HYPERVISOR_BIT),
+    // Measured times, and the switch to the TSC clocksource, a work item run a second after
+    // boot, that races init.c's checks.
+    ("sched_clock: Marking stable ", "", TIMING),
+    ("clocksource: tsc: mask: ", "", TIMING),
+    ("clocksource: Switched to clocksource tsc", "", TIMING),
+    ("twostage-linux: times: ", "", TIMING),
+    // The bare kernel halts after init.c ends; under the hypervisor the run ends at init.c's
+    // write to port 0xf4, just before.
+    ("reboot: System halted", "", "the bare run goes on to the halt"),
+];
+const ACPI: &str = "the BIOS's ACPI area is at the top of the machine's RAM, not the guest's";
+const HYPERVISOR_BIT: &str = "the CPUID hypervisor bit";
+const TIMING: &str = "times";
+
+/// The hypervisor's own lines around the guest's console.
+const HV_LINES: &[&str] = &["twostage x86-hv: ", "host frames: ", "guest-exit-status: ", "twostage-exit: "];
+
+/// A console line without its printk timestamp (`[    0.123456] `).
+fn untimed(line: &str) -> &str {
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((stamp, text)) = rest.split_once("] ") {
+            if stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return text;
+            }
+        }
+    }
+    line
+}
+
+/// The lines of a console the comparison looks at: untimed, without the hypervisor's own lines
+/// and the [`CONSOLE_ALLOWED`] ones.
+fn compared_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .map(untimed)
+        .filter(|l| !HV_LINES.iter().any(|p| l.starts_with(p)))
+        .filter(|l| !CONSOLE_ALLOWED.iter().any(|(start, has, _)| l.starts_with(start) && l.contains(has)))
+        .collect()
+}
+
+/// Compares the consoles of the bare kernel and of the same kernel under the hypervisor: `None`
+/// when they agree apart from [`CONSOLE_ALLOWED`], else the first line where they part (its
+/// number among the compared lines, the bare line, the hypervisor's line).
+pub fn console_difference(bare: &str, hv: &str) -> Option<(usize, String, String)> {
+    let (a, b) = (compared_lines(bare), compared_lines(hv));
+    let n = a.len().max(b.len());
+    (0..n).find(|&i| a.get(i) != b.get(i)).map(|i| {
+        let show = |l: Option<&&str>| l.map_or("(no line)".to_string(), |l| l.to_string());
+        (i + 1, show(a.get(i)), show(b.get(i)))
+    })
 }
 
 /// The x86 scenario suites under Bochs, one per CPU model, then the x86-hello guest run.
@@ -618,6 +711,26 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
 #[cfg(test)]
 mod tests {
     use super::exit_status;
+
+    #[test]
+    fn consoles_are_compared_line_for_line_apart_from_the_allowed_lines() {
+        let bare =
+            "[    0.000000] Linux version 6.1\n[    0.000000] BIOS-e820: [mem 0x0000000007ff0000-0x0000000007ffffff] \
+                    ACPI data\n[    0.000000] last_pfn = 0x7ff0 max_arch_pfn = 0x400000000\nAPIC: Switch to symmetric \
+                    I/O mode setup\ntwostage-linux: all checks passed\n[    9.1] reboot: System halted\n";
+        let hv = "twostage x86-hv: booted\n[    0.000000] Linux version 6.1\n[    0.000000] last_pfn = 0x8000 \
+                  max_arch_pfn = 0x400000000\nAPIC: Switch to symmetric I/O mode setup\ntwostage-linux: all checks \
+                  passed\ntwostage-exit: 0\n";
+        assert_eq!(super::console_difference(bare, hv), None);
+        // A line that is not allowed to differ: the interrupt mode.
+        let other = hv.replace("symmetric I/O", "virtual wire");
+        let d = super::console_difference(bare, &other).expect("a difference");
+        assert_eq!(d.0, 2);
+        assert!(d.2.contains("virtual wire"));
+        // A line missing on one side.
+        let short = hv.replace("twostage-linux: all checks passed\n", "");
+        assert_eq!(super::console_difference(bare, &short).map(|d| d.2), Some("(no line)".into()));
+    }
 
     #[test]
     fn exit_status_is_the_last_report() {

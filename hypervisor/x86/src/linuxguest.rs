@@ -2,8 +2,16 @@
 //! through the 64-bit boot protocol (`twostage_baremetal::linux_x86`).
 //!
 //! Device policy, one line per device:
-//! - RAM: a demand-zero region of `mem` bytes from address 0 behind the EPT; e820 reports it
-//!   usable except the legacy hole 0xA0000-0xFFFFF (reserved).
+//! - RAM: demand-zero regions behind the EPT: the machine's RAM entries of the first MiB, then
+//!   1 MiB up to `mem`. The e820 map is the machine's own below 1 MiB and the guest's RAM above
+//!   (`twostage_baremetal::linux_x86::firmware_e820`: the BIOS's top-of-RAM ACPI area is the
+//!   hypervisor's RAM and is left out). Without a BIOS map from the boot loader: RAM from 0 to
+//!   `mem`, the legacy hole 0xA0000-0xFFFFF reserved.
+//! - Firmware areas (what the first MiB holds besides RAM: the EBDA, the VGA window, the option
+//!   ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type UC),
+//!   so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
+//! - I/O APIC: the page at 0xFEC00000 is a linear device region onto the machine's I/O APIC,
+//!   like the local APIC: the guest owns the machine's interrupt routing (one guest per machine).
 //! - Local APIC: the page at 0xFEE00000 is a linear region onto the processor's own APIC, mapped
 //!   as device memory (EPT memory type UC, guest PAT ignored); reserved in e820. The guest owns
 //!   the APIC (one guest per CPU); x2APIC is hidden in CPUID, APIC_BASE writes are checked.
@@ -20,13 +28,18 @@ use alloc::vec::Vec;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
-use twostage_baremetal::linux_x86::{e820_map, plan_bzimage};
+use twostage_baremetal::linux_x86::{
+    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, E820_RAM, LOW_MEMORY_END,
+};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
 
 /// The local APIC's page (Intel SDM Vol. 3A 12.4.1: the default APIC base).
 pub const APIC_PAGE: u64 = 0xfee0_0000;
+/// The I/O APIC's page: the address the Bochs BIOS's MP table gives it (the usual PC address,
+/// Intel 82093AA datasheet 3.0).
+pub const IOAPIC_PAGE: u64 = 0xfec0_0000;
 /// Ports passed through to the Bochs machine's devices (see the module docs).
 pub const PASSED_PORTS: [core::ops::Range<u16>; 7] =
     [0x20..0x22, 0xa0..0xa2, 0x40..0x44, 0x61..0x62, 0x70..0x72, 0x80..0x81, serial::COM1..serial::COM1 + 8];
@@ -41,6 +54,8 @@ pub struct LinuxGuest<'a> {
     pub cmdline: &'a [u8],
     /// Guest RAM in bytes.
     pub mem: u64,
+    /// The machine's memory map as the boot loader passed it on (empty: none).
+    pub bios: &'a [E820Entry],
 }
 
 /// Counters of one run.
@@ -57,9 +72,14 @@ struct Counts {
 pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     let ram = 0..g.mem;
     let apic = APIC_PAGE..APIC_PAGE + 0x1000;
-    let (e820, n) = e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic));
+    let (e820, n) = if g.bios.is_empty() {
+        e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic))
+    } else {
+        firmware_e820(g.bios, g.mem)
+    };
+    let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
-    let plan = match plan_bzimage(g.image, g.mem, &e820[..n], g.cmdline, initrd_len) {
+    let plan = match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
         Ok(p) => p,
         Err(e) => return crate::mbguest::refuse(e),
     };
@@ -74,16 +94,29 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     };
     let opts = vcpu.ept_capabilities().table_options(true);
     let Ok(mut space) = AddressSpace::<Ept4, _>::new(frames, opts) else { return 3 };
-    let regions = [
-        ("ram", 0, g.mem, MappingFlags::RWX, Backend::DemandZero),
-        (
-            "local-apic",
-            APIC_PAGE,
-            0x1000,
-            MappingFlags::RW | MappingFlags::DEVICE,
-            Backend::Linear { host: HostPhysAddr::new(APIC_PAGE) },
-        ),
-    ];
+    let device = MappingFlags::RW | MappingFlags::DEVICE;
+    let linear = |at: u64| Backend::Linear { host: HostPhysAddr::new(at) };
+    let mut regions: Vec<(&str, u64, u64, MappingFlags, Backend)> = Vec::new();
+    if g.bios.is_empty() {
+        regions.push(("ram", 0, g.mem, MappingFlags::RWX, Backend::DemandZero));
+    } else {
+        // The RAM of the first MiB (whole pages inside each entry), the firmware areas read-only
+        // from the machine (whole pages around each), then the RAM above.
+        for e in e820.iter().filter(|e| e.kind == E820_RAM && e.addr < LOW_MEMORY_END) {
+            let start = e.addr.next_multiple_of(0x1000);
+            let end = (e.addr + e.size).min(LOW_MEMORY_END) & !0xfff;
+            if end > start {
+                regions.push(("ram-low", start, end - start, MappingFlags::RWX, Backend::DemandZero));
+            }
+        }
+        for a in firmware_areas(e820) {
+            let flags = MappingFlags::READ | MappingFlags::DEVICE;
+            regions.push(("firmware", a.start, a.end - a.start, flags, linear(a.start)));
+        }
+        regions.push(("ram", LOW_MEMORY_END, g.mem - LOW_MEMORY_END, MappingFlags::RWX, Backend::DemandZero));
+    }
+    regions.push(("local-apic", APIC_PAGE, 0x1000, device, linear(APIC_PAGE)));
+    regions.push(("io-apic", IOAPIC_PAGE, 0x1000, device, linear(IOAPIC_PAGE)));
     for (name, start, len, flags, backend) in regions {
         let Some(r) = GpaRange::from_start_len(GuestPhysAddr::new(start), len) else { return 3 };
         match space.add_region(name, r, flags, backend) {

@@ -59,6 +59,11 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let wants_initrd = arg("initrd").is_some();
     let mem = arg("mem").and_then(|m| core::str::from_utf8(m).ok()?.parse::<u64>().ok()).unwrap_or(128 << 20);
     let guest_cmdline = alloc::vec::Vec::from(guest_cmdline);
+    // The machine's memory map, for a Linux guest's e820 (its firmware areas).
+    let bios: alloc::vec::Vec<_> = boot
+        .memory_map()
+        .map(|r| twostage_baremetal::linux_x86::E820Entry { addr: r.base, size: r.len, kind: r.kind })
+        .collect();
     let mut modules = boot.modules();
     let first_module = modules.next();
     let more_modules = modules.count();
@@ -110,6 +115,7 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
                     initrd: initrd.as_ref().map(module),
                     cmdline: &guest_cmdline,
                     mem,
+                    bios: &bios,
                 };
                 linuxguest::run(&FRAMES, &guest)
             }
