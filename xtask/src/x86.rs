@@ -355,7 +355,27 @@ pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
         )));
     }
     let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
+    if let Err(e) = twostage_baremetal::pvh::has_pvh_note(&file) {
+        return Ok(Some(e.to_string()));
+    }
     Ok(multiboot::plan_guest(&file, GUEST_RAM).err().map(|e| e.to_string()))
+}
+
+/// [`linux_refusal`] for an ELF kernel started through its PVH note
+/// (`twostage_baremetal::pvh::plan_pvh`).
+pub fn pvh_refusal(file: &[u8], opts: &GuestOptions) -> Result<Option<String>, String> {
+    use twostage_baremetal::linux_x86::e820_map;
+    if opts.append.contains(['\'', '\n', '\r']) {
+        return Ok(Some("the command line (--append) may not hold a single quote or a line break".into()));
+    }
+    let initrd_len = match &opts.initrd {
+        Some(i) => std::fs::metadata(i).map_err(|e| format!("initrd {}: {e}", i.display()))?.len(),
+        None => 0,
+    };
+    let ram = 0..opts.mem;
+    let (e820, n) = e820_map(std::slice::from_ref(&ram), &[]);
+    let plan = twostage_baremetal::pvh::plan_pvh(file, opts.mem, &e820[..n], opts.append.as_bytes(), initrd_len);
+    Ok(plan.err().map(|e| e.to_string()))
 }
 
 /// [`guest_refusal`] for a Linux bzImage with `opts`: the same checks as the hypervisor's
@@ -393,8 +413,15 @@ pub fn run(guest: Option<&Path>, cpu: Option<&str>, opts: &GuestOptions) -> Resu
     let mut megs = BOCHS_MEGS;
     if let Some(g) = guest {
         let file = std::fs::read(g).map_err(|e| format!("guest file {}: {e}", g.display()))?;
-        linux = twostage_baremetal::linux_x86::is_bzimage(&file);
-        let why = if linux { linux_refusal(&file, opts)? } else { guest_refusal(g)? };
+        let pvh = twostage_baremetal::pvh::has_pvh_note(&file) == Ok(true);
+        linux = twostage_baremetal::linux_x86::is_bzimage(&file) || pvh;
+        let why = if pvh {
+            pvh_refusal(&file, opts)?
+        } else if linux {
+            linux_refusal(&file, opts)?
+        } else {
+            guest_refusal(g)?
+        };
         if let Some(why) = why {
             eprintln!("xtask: guest file {} refused: {why}", g.display());
             return Ok(i32::from(EXIT_REFUSED));
@@ -601,7 +628,83 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
         }
         (n, m) => println!("linux x86: no instruction count (Bochs ptime: {n:?} under the hypervisor, {m:?} bare)"),
     }
+    pvh_check(hv, &kernel.with_file_name("vmlinux"), &mut tally)?;
     Ok(tally)
+}
+
+/// The same kernel's ELF `vmlinux` started through its PVH note (no boot loader code in the
+/// guest), then hostile variants of its note: xtask refuses each before booting, and the
+/// hypervisor refuses two on its own with the same message and [`EXIT_REFUSED`].
+fn pvh_check(hv: &Path, vmlinux: &Path, tally: &mut crate::SuiteResult) -> Result<(), String> {
+    let opts = GuestOptions { mem: DEFAULT_MEM, append: GRUB_LINUX_ARGS.into(), ..Default::default() };
+    let file = std::fs::read(vmlinux).map_err(|e| format!("{}: {e}", vmlinux.display()))?;
+    let work = work_dir("pvh")?;
+    let iso = build_iso(&work, hv, IsoGuest::WithOptions(vmlinux, &opts))?;
+    let start = Instant::now();
+    let r = run_bochs_megs(&work, &iso, DEFAULT_CPU, false, (DEFAULT_MEM >> 20) + (file.len() as u64 >> 20) + 64)?;
+    let status = exit_status(&r.serial);
+    let ok = !r.timed_out
+        && status == Some(0)
+        && r.serial.contains("twostage x86-hv: PVH entry at ")
+        && r.serial.contains("twostage-linux: all checks passed");
+    if !ok {
+        print_tail(&r.serial);
+    }
+    tally.check(
+        ok,
+        &format!(
+            "the same Linux as an ELF vmlinux through its PVH entry runs init.c to the end, status {status:?}, {:.1} \
+             s in Bochs",
+            start.elapsed().as_secs_f64()
+        ),
+    );
+    // The Xen note of type 18 with an 8-byte descriptor: namesz 4, descsz 8, type 18, "Xen\0".
+    let header: Vec<u8> = [4u32, 8, 18].iter().flat_map(|w| w.to_le_bytes()).chain(*b"Xen\0").collect();
+    let note = file.windows(header.len()).position(|w| w == header).ok_or("vmlinux has no PVH entry note")?;
+    // The PT_NOTE program header that holds it (ELF64: e_phoff at 0x20, e_phnum at 0x38).
+    let word = |at: usize, n: usize| file[at..at + n].iter().rev().fold(0u64, |v, &b| (v << 8) | u64::from(b));
+    let (phoff, phnum) = (word(0x20, 8) as usize, word(0x38, 2) as usize);
+    let ph = (0..phnum)
+        .map(|i| phoff + 56 * i)
+        .find(|&at| word(at, 4) == 4 && (word(at + 8, 8)..word(at + 8, 8) + word(at + 32, 8)).contains(&(note as u64)))
+        .ok_or("vmlinux: no PT_NOTE segment holds the PVH note")?;
+    let patched = |at: usize, bytes: &[u8]| {
+        let mut f = file.clone();
+        f[at..at + bytes.len()].copy_from_slice(bytes);
+        f
+    };
+    let seg_off = word(ph + 8, 8);
+    let dir = target_dir().join("hostile").join("x86-pvh");
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "pvh-truncated-note.elf",
+            patched(ph + 32, &(note as u64 - seg_off + 20).to_le_bytes()),
+            "runs past the segment's end",
+        ),
+        ("pvh-misaligned-note.elf", patched(ph + 8, &(seg_off + 2).to_le_bytes()), "not on a 4-byte boundary"),
+        ("pvh-entry-outside.elf", patched(note + 16, &0x10u64.to_le_bytes()), "lies in no loadable segment"),
+    ];
+    let mut refused = Vec::new();
+    for (name, bytes, expect) in cases {
+        let path = hostile::write(&dir, name, &bytes)?;
+        let why = pvh_refusal(&bytes, &opts)?.or(guest_refusal(&path)?).unwrap_or_default();
+        tally.check(why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
+        refused.push((name, path, why));
+    }
+    for (name, path, why) in refused.iter().filter(|c| c.0 != "pvh-misaligned-note.elf") {
+        let iso = build_iso(&work, hv, IsoGuest::File(path))?;
+        let megs = BOCHS_MEGS + (file.len() as u64 >> 20);
+        let r = run_bochs_megs(&work, &iso, DEFAULT_CPU, false, megs)?;
+        let status = exit_status(&r.serial);
+        let ok = status == Some(i32::from(EXIT_REFUSED))
+            && !why.is_empty()
+            && r.serial.contains(&format!("guest file refused: {why}"));
+        if !ok {
+            print_tail(&r.serial);
+        }
+        tally.check(ok, &format!("the hypervisor refuses {name} on its own, exit status {status:?}"));
+    }
+    Ok(())
 }
 
 /// The command line GRUB's `linux` command gives the bare kernel (it puts the image's path first);

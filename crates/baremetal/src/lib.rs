@@ -29,3 +29,4 @@ pub mod frames;
 pub mod heap;
 pub mod linux_x86;
 pub mod multiboot;
+pub mod pvh;

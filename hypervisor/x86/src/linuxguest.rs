@@ -1,5 +1,6 @@
-//! Running a Linux x86_64 bzImage given as a GRUB module, on a `twostage-aspace` address space,
-//! through the 64-bit boot protocol (`twostage_baremetal::linux_x86`).
+//! Running a Linux x86_64 kernel given as a GRUB module, on a `twostage-aspace` address space:
+//! a bzImage through the 64-bit boot protocol (`twostage_baremetal::linux_x86`), or an ELF
+//! `vmlinux` with a PVH entry note through its 32-bit PVH entry (`twostage_baremetal::pvh`).
 //!
 //! Device policy, one line per device:
 //! - RAM: demand-zero regions behind the EPT: the machine's RAM entries of the first MiB, then
@@ -29,8 +30,9 @@ use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
 use twostage_baremetal::linux_x86::{
-    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, E820_RAM, LOW_MEMORY_END,
+    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
 };
+use twostage_baremetal::pvh::{plan_pvh, PvhPlan};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
@@ -58,6 +60,14 @@ pub struct LinuxGuest<'a> {
     pub bios: &'a [E820Entry],
 }
 
+/// How the kernel is started.
+enum Plan<'a> {
+    /// A bzImage through the 64-bit boot protocol.
+    BzImage(LinuxPlan<'a>),
+    /// An ELF kernel through its PVH entry.
+    Pvh(PvhPlan<'a>),
+}
+
 /// Counters of one run.
 #[derive(Default)]
 struct Counts {
@@ -79,9 +89,16 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     };
     let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
-    let plan = match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
-        Ok(p) => p,
-        Err(e) => return crate::mbguest::refuse(e),
+    let plan = if is_linux(g.image) {
+        match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
+            Ok(p) => Plan::BzImage(p),
+            Err(e) => return crate::mbguest::refuse(e),
+        }
+    } else {
+        match plan_pvh(g.image, g.mem, e820, g.cmdline, initrd_len) {
+            Ok(p) => Plan::Pvh(p),
+            Err(e) => return crate::mbguest::refuse(e),
+        }
     };
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
@@ -129,16 +146,33 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     }
     let mut cmdline = Vec::from(g.cmdline);
     cmdline.push(0);
-    let gdt: Vec<u8> = plan.gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
-    let tables: Vec<u8> = plan.tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect();
-    let mut blobs: Vec<(u64, &[u8])> = alloc::vec![
-        (plan.kernel_at, plan.kernel),
-        (plan.boot_params_at, &plan.boot_params[..]),
-        (plan.cmdline_at, &cmdline[..]),
-        (plan.gdt_at, &gdt[..]),
-        (plan.cr3, &tables[..]),
-    ];
-    if let (Some(at), Some(bytes)) = (plan.initrd_at, g.initrd) {
+    // The bzImage entry's GDT and identity tables, as bytes.
+    let (gdt, tables): (Vec<u8>, Vec<u8>) = match &plan {
+        Plan::BzImage(plan) => (
+            plan.gdt.iter().flat_map(|d| d.to_le_bytes()).collect(),
+            plan.tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect(),
+        ),
+        Plan::Pvh(_) => (Vec::new(), Vec::new()),
+    };
+    let mut blobs: Vec<(u64, &[u8])> = Vec::new();
+    let initrd_at = match &plan {
+        Plan::BzImage(plan) => {
+            blobs.extend([
+                (plan.kernel_at, plan.kernel),
+                (plan.boot_params_at, &plan.boot_params[..]),
+                (plan.cmdline_at, &cmdline[..]),
+                (plan.gdt_at, &gdt[..]),
+                (plan.cr3, &tables[..]),
+            ]);
+            plan.initrd_at
+        }
+        Plan::Pvh(plan) => {
+            blobs.extend(plan.load.segments.iter().map(|s| (s.gpa, s.bytes)));
+            blobs.extend([(plan.start_info_at, &plan.start_info[..]), (plan.cmdline_at, &cmdline[..])]);
+            plan.initrd_at
+        }
+    };
+    if let (Some(at), Some(bytes)) = (initrd_at, g.initrd) {
         blobs.push((at, bytes));
     }
     for (gpa, bytes) in blobs {
@@ -150,11 +184,16 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             }
         }
     }
-    let entry = GuestEntry::Linux64 {
-        rip: GuestVirtAddr::new(plan.entry),
-        cr3: GuestPhysAddr::new(plan.cr3),
-        gdt: GuestPhysAddr::new(plan.gdt_at),
-        gdt_limit: (gdt.len() - 1) as u16,
+    let entry = match &plan {
+        Plan::BzImage(plan) => GuestEntry::Linux64 {
+            rip: GuestVirtAddr::new(plan.entry),
+            cr3: GuestPhysAddr::new(plan.cr3),
+            gdt: GuestPhysAddr::new(plan.gdt_at),
+            gdt_limit: (gdt.len() - 1) as u16,
+        },
+        // 32-bit protected mode, paging off, flat segments, TR a 32-bit TSS of base 0 and
+        // limit 0x67: the PVH entry state (`twostage_baremetal::pvh`).
+        Plan::Pvh(plan) => GuestEntry::Protected32 { eip: plan.entry, esp: 0 },
     };
     if let Err(e) = vcpu.setup(space.table(), entry) {
         println!("VMCS setup: {e:?}");
@@ -163,15 +202,31 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     for ports in PASSED_PORTS {
         vcpu.pass_through_io(ports);
     }
-    vcpu.regs.rsi = plan.boot_params_at;
-    println!(
-        "twostage x86-hv: Linux boot protocol {}.{:02}, entering the 64-bit entry at {:#x} (RSI={:#x}), {} MiB RAM",
-        plan.header.version >> 8,
-        plan.header.version & 0xff,
-        plan.entry,
-        plan.boot_params_at,
-        g.mem >> 20
-    );
+    match &plan {
+        Plan::BzImage(plan) => {
+            vcpu.regs.rsi = plan.boot_params_at;
+            println!(
+                "twostage x86-hv: Linux boot protocol {}.{:02}, entering the 64-bit entry at {:#x} (RSI={:#x}), {} \
+                 MiB RAM",
+                plan.header.version >> 8,
+                plan.header.version & 0xff,
+                plan.entry,
+                plan.boot_params_at,
+                g.mem >> 20
+            );
+        }
+        Plan::Pvh(plan) => {
+            vcpu.regs.rbx = plan.start_info_at;
+            println!(
+                "twostage x86-hv: PVH entry at {:#x} (32-bit, paging off, EBX={:#x} hvm_start_info), {} segment(s), \
+                 {} MiB RAM",
+                plan.entry,
+                plan.start_info_at,
+                plan.load.segments.len(),
+                g.mem >> 20
+            );
+        }
+    }
     let mut n = Counts::default();
     let status = loop {
         let exit = match vcpu.run() {
@@ -260,6 +315,12 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
 /// Whether a guest module is a Linux bzImage (rather than a multiboot ELF).
 pub fn is_linux(image: &[u8]) -> bool {
     twostage_baremetal::linux_x86::is_bzimage(image)
+}
+
+/// Whether a guest module is an ELF kernel with a PVH entry note, which [`run`] starts through
+/// it; a file whose notes are hostile is `Err` (refused, not taken for a multiboot file).
+pub fn is_pvh(image: &[u8]) -> Result<bool, twostage_baremetal::pvh::PvhError> {
+    twostage_baremetal::pvh::has_pvh_note(image)
 }
 
 /// A refused file's status, for callers that check before [`run`].

@@ -101,7 +101,14 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) }
     };
     let status = match (first_module, asked) {
-        (Some(m), _) if m.end > m.start && m.start != 0 && linuxguest::is_linux(module(&m)) => {
+        (Some(m), _) if m.end > m.start && m.start != 0 && linuxguest::is_pvh(module(&m)).is_err() => {
+            mbguest::refuse(linuxguest::is_pvh(module(&m)).err().expect("checked"))
+        }
+        (Some(m), _)
+            if m.end > m.start
+                && m.start != 0
+                && (linuxguest::is_linux(module(&m)) || linuxguest::is_pvh(module(&m)) == Ok(true)) =>
+        {
             let initrd = boot.modules().nth(1);
             if more_modules > usize::from(wants_initrd) || wants_initrd != initrd.is_some() {
                 mbguest::refuse(format_args!(
