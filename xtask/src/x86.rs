@@ -36,7 +36,7 @@ const BOCHS_MEGS: u64 = 128;
 /// The largest guest file accepted: GRUB must load it beside the hypervisor (a few MiB from 1 MiB
 /// up) and leave the hypervisor enough frames for the guest's RAM and tables.
 const MAX_GUEST: u64 = 64 << 20;
-/// The guest's RAM (hypervisor/x86/src/mbguest.rs: RAM).
+/// The multiboot guest RAM without `mem=` (hypervisor/x86/src/mbguest.rs: DEFAULT_RAM).
 const GUEST_RAM: u64 = 16 << 20;
 /// Where GRUB puts the guest module on the ISO, also named on the kernel command line.
 const GUEST_ON_ISO: &str = "/boot/guest.elf";
@@ -112,7 +112,8 @@ pub fn build_hello() -> Result<PathBuf, String> {
 /// and the initrd is GRUB's second module.
 #[derive(Clone, Debug, Default)]
 pub struct GuestOptions {
-    /// Guest RAM in bytes (Linux guests; multiboot guests get the fixed [`GUEST_RAM`]).
+    /// Guest RAM in bytes (multiboot guests booted without it, as the hostile checks do, get
+    /// [`GUEST_RAM`]).
     pub mem: u64,
     /// The Linux command line.
     pub append: String,
@@ -150,6 +151,8 @@ enum IsoGuest<'a> {
     File(&'a Path),
     /// This file with these options (a Linux guest).
     WithOptions(&'a Path, &'a GuestOptions),
+    /// This multiboot file with this much guest RAM (`mem=` on the kernel command line).
+    Multiboot(&'a Path, u64),
     /// A `module` line for a file the ISO does not hold, with `guest=` on the kernel command line:
     /// what the hypervisor sees when GRUB cannot load the file (one larger than free memory).
     Missing,
@@ -174,6 +177,12 @@ fn build_iso(work: &Path, hv: &Path, guest: IsoGuest<'_>) -> Result<PathBuf, Str
                 copy(g, &guest_file)?;
             }
             cfg.push_str(&format!("multiboot /boot/hv.elf guest={GUEST_ON_ISO}\nmodule {GUEST_ON_ISO} guest\n"));
+        }
+        IsoGuest::Multiboot(g, mem) => {
+            copy(g, &guest_file)?;
+            cfg.push_str(&format!(
+                "multiboot /boot/hv.elf guest={GUEST_ON_ISO} mem={mem}\nmodule {GUEST_ON_ISO} guest\n"
+            ));
         }
         IsoGuest::WithOptions(g, o) => {
             copy(g, &guest_file)?;
@@ -345,6 +354,11 @@ fn work_dir(name: &str) -> Result<PathBuf, String> {
 /// the ISO, plus the size GRUB can load in the Bochs machine: `Ok(Some(message))` when the file
 /// would be refused, `Ok(None)` when it would run, `Err` when it cannot be read.
 pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
+    guest_refusal_in(path, GUEST_RAM)
+}
+
+/// [`guest_refusal`] for a guest with `ram` bytes of RAM (`--mem`).
+fn guest_refusal_in(path: &Path, ram: u64) -> Result<Option<String>, String> {
     let len = std::fs::metadata(path).map_err(|e| format!("guest file {}: {e}", path.display()))?.len();
     if len > MAX_GUEST {
         return Ok(Some(format!(
@@ -358,7 +372,7 @@ pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
     if let Err(e) = twostage_baremetal::pvh::has_pvh_note(&file) {
         return Ok(Some(e.to_string()));
     }
-    Ok(multiboot::plan_guest(&file, GUEST_RAM).err().map(|e| e.to_string()))
+    Ok(multiboot::plan_guest(&file, ram).err().map(|e| e.to_string()))
 }
 
 /// [`linux_refusal`] for an ELF kernel started through its PVH note
@@ -420,25 +434,23 @@ pub fn run(guest: Option<&Path>, cpu: Option<&str>, opts: &GuestOptions) -> Resu
         } else if linux {
             linux_refusal(&file, opts)?
         } else {
-            guest_refusal(g)?
+            guest_refusal_in(g, opts.mem)?
         };
         if let Some(why) = why {
             eprintln!("xtask: guest file {} refused: {why}", g.display());
             return Ok(i32::from(EXIT_REFUSED));
         }
-        if linux {
-            // The guest's RAM comes from the hypervisor's frames: the machine holds it, the
-            // modules GRUB loads, and 64 MiB for the hypervisor, its tables and GRUB.
-            let initrd = opts.initrd.as_ref().and_then(|i| std::fs::metadata(i).ok()).map_or(0, |m| m.len());
-            megs = (opts.mem >> 20) + ((file.len() as u64 + initrd) >> 20) + 64;
-        }
+        // The guest's RAM comes from the hypervisor's frames: the machine holds it, the modules
+        // GRUB loads, and 64 MiB for the hypervisor, its tables and GRUB.
+        let initrd = opts.initrd.as_ref().and_then(|i| std::fs::metadata(i).ok()).map_or(0, |m| m.len());
+        megs = megs.max((opts.mem >> 20) + ((file.len() as u64 + initrd) >> 20) + 64);
     }
     ensure_tools()?;
     let hv = build_hv()?;
     let work = work_dir(if guest.is_some() { "guest" } else { "bundled" })?;
     let iso_guest = match guest {
         Some(g) if linux => IsoGuest::WithOptions(g, opts),
-        Some(g) => IsoGuest::File(g),
+        Some(g) => IsoGuest::Multiboot(g, opts.mem),
         None => IsoGuest::Nothing,
     };
     let iso = build_iso(&work, &hv, iso_guest)?;
@@ -481,6 +493,15 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let (status, serial) = boot(&work, &iso, false)?;
     let ok = status == Some(HELLO_STATUS) && serial.contains("x86-hello:");
     tally.check(ok, &format!("x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})"));
+    // --mem reaches a multiboot guest: 64 MiB of RAM is 0x9fc00 bytes below 1 MiB and 63 MiB above,
+    // in the memory map it walks.
+    let iso = build_iso(&work, hv, IsoGuest::Multiboot(&hello, 64 << 20))?;
+    let (status, serial) = boot(&work, &iso, false)?;
+    let ok = status == Some(HELLO_STATUS) && serial.contains("0x03f9fc00 bytes available");
+    if !ok {
+        print_tail(&serial);
+    }
+    tally.check(ok, &format!("x86-hello sees the 64 MiB of RAM --mem 64M gives it (status {status:?})"));
 
     let dir = target_dir().join("hostile").join("x86");
     let _ = std::fs::remove_dir_all(&dir);
