@@ -19,8 +19,10 @@
 //! - PIC (0x20-0x21, 0xA0-0xA1), PIT (0x40-0x43, 0x61), CMOS (0x70-0x71), the POST delay port
 //!   0x80: passed through (I/O bitmap bits clear); their interrupts reach the guest directly
 //!   (external-interrupt exiting is off). Confined to this image: only the Bochs machine has them.
-//! - COM1 (0x3F8-0x3FF): passed through as well, so Linux's 8250 driver probes the real UART and
-//!   gets its interrupts; the hypervisor prints only before the guest starts and after it ends.
+//! - COM1 (0x3F8-0x3FF): passed through as well, not emulated (the one policy for this device), so
+//!   Linux's 8250 driver probes the real 16550 (every register, its FIFO) and gets its IRQ 4 through
+//!   the passed-through interrupt controllers; the hypervisor prints only before the guest starts
+//!   and after it ends, reprogramming the UART first.
 //! - Port 0xF4: exits; the byte written is the run's status (like QEMU's isa-debug-exit).
 //! - Every other port exits: reads return all ones (no device), writes are dropped.
 
@@ -299,6 +301,9 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             break None;
         }
     };
+    // The guest drove COM1 itself: the hypervisor's console settings again (115200 8N1,
+    // interrupts off) before it reports.
+    serial::init();
     println!(
         "twostage x86-hv: {} exits, {} EPT faults resolved, {} port exits, {} MSR accesses refused (#GP)",
         n.exits, n.faults, n.io, n.msr_gp
