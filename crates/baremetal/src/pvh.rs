@@ -170,12 +170,17 @@ fn program_headers(file: &[u8]) -> impl Iterator<Item = Phdr> + '_ {
     })
 }
 
-/// Whether `file` is an ELF file with a PVH entry note (its other checks are [`plan_pvh`]'s): a
-/// hostile note makes this `Err`, so that such a file is refused rather than taken for another
-/// kind of guest.
+/// Whether `file` is an x86 ELF file with a PVH entry note (its other checks are
+/// [`plan_pvh`]'s): a hostile note makes this `Err`, so that such a file is refused rather than
+/// taken for another kind of guest. A file the ELF checks refuse (its entry point aside) is not a
+/// PVH kernel: whichever loader looks at it refuses it for that.
 pub fn has_pvh_note(file: &[u8]) -> Result<bool, PvhError> {
     if !elf::is_elf(file) {
         return Ok(false);
+    }
+    match elf::plan_elf_entered_at(file, Machine::X86, 0..u64::MAX, Some(0)) {
+        Ok(_) | Err(LoadError::EntryOutsideSegments { .. }) => {}
+        Err(_) => return Ok(false),
     }
     match pvh_entry(file) {
         Ok(_) => Ok(true),
@@ -394,6 +399,12 @@ mod tests {
         assert_eq!(pvh_entry(&f), Err(PvhError::NoEntryNote));
         assert_eq!(has_pvh_note(&f), Ok(false));
         assert_eq!(has_pvh_note(b"HdrS"), Ok(false));
+        // A file the ELF checks refuse is not a PVH kernel, whatever its notes: a note segment
+        // with no loadable segment left is refused as such by the loader that looks at it.
+        let mut f = kernel(&entry_note(0x100_0480)[..6]);
+        assert!(pvh_entry(&f).is_err());
+        f[64..68].copy_from_slice(&PT_NOTE.to_le_bytes());
+        assert_eq!(has_pvh_note(&f), Ok(false));
     }
 
     #[test]
