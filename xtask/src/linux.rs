@@ -654,6 +654,13 @@ pub struct BareX86 {
     pub ticks: Option<u64>,
 }
 
+impl BareX86 {
+    /// Everything the kernel wrote to COM1 (carriage returns removed).
+    pub fn console(&self) -> &str {
+        &self.run.output
+    }
+}
+
 /// The address of init.c's `outb` to port 0xf4 (`e6 f4`) in the `init` beside `image`, from
 /// objdump's disassembly.
 fn init_port_write(image: &Path) -> Option<u64> {

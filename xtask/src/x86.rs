@@ -36,7 +36,7 @@ const BOCHS_MEGS: u64 = 128;
 /// The largest guest file accepted: GRUB must load it beside the hypervisor (a few MiB from 1 MiB
 /// up) and leave the hypervisor enough frames for the guest's RAM and tables.
 const MAX_GUEST: u64 = 64 << 20;
-/// The guest's RAM (hypervisor/x86/src/mbguest.rs: RAM).
+/// The multiboot guest RAM without `mem=` (hypervisor/x86/src/mbguest.rs: DEFAULT_RAM).
 const GUEST_RAM: u64 = 16 << 20;
 /// Where GRUB puts the guest module on the ISO, also named on the kernel command line.
 const GUEST_ON_ISO: &str = "/boot/guest.elf";
@@ -112,7 +112,8 @@ pub fn build_hello() -> Result<PathBuf, String> {
 /// and the initrd is GRUB's second module.
 #[derive(Clone, Debug, Default)]
 pub struct GuestOptions {
-    /// Guest RAM in bytes (Linux guests; multiboot guests get the fixed [`GUEST_RAM`]).
+    /// Guest RAM in bytes (multiboot guests booted without it, as the hostile checks do, get
+    /// [`GUEST_RAM`]).
     pub mem: u64,
     /// The Linux command line.
     pub append: String,
@@ -150,6 +151,8 @@ enum IsoGuest<'a> {
     File(&'a Path),
     /// This file with these options (a Linux guest).
     WithOptions(&'a Path, &'a GuestOptions),
+    /// This multiboot file with this much guest RAM (`mem=` on the kernel command line).
+    Multiboot(&'a Path, u64),
     /// A `module` line for a file the ISO does not hold, with `guest=` on the kernel command line:
     /// what the hypervisor sees when GRUB cannot load the file (one larger than free memory).
     Missing,
@@ -174,6 +177,12 @@ fn build_iso(work: &Path, hv: &Path, guest: IsoGuest<'_>) -> Result<PathBuf, Str
                 copy(g, &guest_file)?;
             }
             cfg.push_str(&format!("multiboot /boot/hv.elf guest={GUEST_ON_ISO}\nmodule {GUEST_ON_ISO} guest\n"));
+        }
+        IsoGuest::Multiboot(g, mem) => {
+            copy(g, &guest_file)?;
+            cfg.push_str(&format!(
+                "multiboot /boot/hv.elf guest={GUEST_ON_ISO} mem={mem}\nmodule {GUEST_ON_ISO} guest\n"
+            ));
         }
         IsoGuest::WithOptions(g, o) => {
             copy(g, &guest_file)?;
@@ -345,6 +354,11 @@ fn work_dir(name: &str) -> Result<PathBuf, String> {
 /// the ISO, plus the size GRUB can load in the Bochs machine: `Ok(Some(message))` when the file
 /// would be refused, `Ok(None)` when it would run, `Err` when it cannot be read.
 pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
+    guest_refusal_in(path, GUEST_RAM)
+}
+
+/// [`guest_refusal`] for a guest with `ram` bytes of RAM (`--mem`).
+fn guest_refusal_in(path: &Path, ram: u64) -> Result<Option<String>, String> {
     let len = std::fs::metadata(path).map_err(|e| format!("guest file {}: {e}", path.display()))?.len();
     if len > MAX_GUEST {
         return Ok(Some(format!(
@@ -355,7 +369,27 @@ pub fn guest_refusal(path: &Path) -> Result<Option<String>, String> {
         )));
     }
     let file = std::fs::read(path).map_err(|e| format!("guest file {}: {e}", path.display()))?;
-    Ok(multiboot::plan_guest(&file, GUEST_RAM).err().map(|e| e.to_string()))
+    if let Err(e) = twostage_baremetal::pvh::has_pvh_note(&file) {
+        return Ok(Some(e.to_string()));
+    }
+    Ok(multiboot::plan_guest(&file, ram).err().map(|e| e.to_string()))
+}
+
+/// [`linux_refusal`] for an ELF kernel started through its PVH note
+/// (`twostage_baremetal::pvh::plan_pvh`).
+pub fn pvh_refusal(file: &[u8], opts: &GuestOptions) -> Result<Option<String>, String> {
+    use twostage_baremetal::linux_x86::e820_map;
+    if opts.append.contains(['\'', '\n', '\r']) {
+        return Ok(Some("the command line (--append) may not hold a single quote or a line break".into()));
+    }
+    let initrd_len = match &opts.initrd {
+        Some(i) => std::fs::metadata(i).map_err(|e| format!("initrd {}: {e}", i.display()))?.len(),
+        None => 0,
+    };
+    let ram = 0..opts.mem;
+    let (e820, n) = e820_map(std::slice::from_ref(&ram), &[]);
+    let plan = twostage_baremetal::pvh::plan_pvh(file, opts.mem, &e820[..n], opts.append.as_bytes(), initrd_len);
+    Ok(plan.err().map(|e| e.to_string()))
 }
 
 /// [`guest_refusal`] for a Linux bzImage with `opts`: the same checks as the hypervisor's
@@ -393,25 +427,30 @@ pub fn run(guest: Option<&Path>, cpu: Option<&str>, opts: &GuestOptions) -> Resu
     let mut megs = BOCHS_MEGS;
     if let Some(g) = guest {
         let file = std::fs::read(g).map_err(|e| format!("guest file {}: {e}", g.display()))?;
-        linux = twostage_baremetal::linux_x86::is_bzimage(&file);
-        let why = if linux { linux_refusal(&file, opts)? } else { guest_refusal(g)? };
+        let pvh = twostage_baremetal::pvh::has_pvh_note(&file) == Ok(true);
+        linux = twostage_baremetal::linux_x86::is_bzimage(&file) || pvh;
+        let why = if pvh {
+            pvh_refusal(&file, opts)?
+        } else if linux {
+            linux_refusal(&file, opts)?
+        } else {
+            guest_refusal_in(g, opts.mem)?
+        };
         if let Some(why) = why {
             eprintln!("xtask: guest file {} refused: {why}", g.display());
             return Ok(i32::from(EXIT_REFUSED));
         }
-        if linux {
-            // The guest's RAM comes from the hypervisor's frames: the machine holds it, the
-            // modules GRUB loads, and 64 MiB for the hypervisor, its tables and GRUB.
-            let initrd = opts.initrd.as_ref().and_then(|i| std::fs::metadata(i).ok()).map_or(0, |m| m.len());
-            megs = (opts.mem >> 20) + ((file.len() as u64 + initrd) >> 20) + 64;
-        }
+        // The guest's RAM comes from the hypervisor's frames: the machine holds it, the modules
+        // GRUB loads, and 64 MiB for the hypervisor, its tables and GRUB.
+        let initrd = opts.initrd.as_ref().and_then(|i| std::fs::metadata(i).ok()).map_or(0, |m| m.len());
+        megs = megs.max((opts.mem >> 20) + ((file.len() as u64 + initrd) >> 20) + 64);
     }
     ensure_tools()?;
     let hv = build_hv()?;
     let work = work_dir(if guest.is_some() { "guest" } else { "bundled" })?;
     let iso_guest = match guest {
         Some(g) if linux => IsoGuest::WithOptions(g, opts),
-        Some(g) => IsoGuest::File(g),
+        Some(g) => IsoGuest::Multiboot(g, opts.mem),
         None => IsoGuest::Nothing,
     };
     let iso = build_iso(&work, &hv, iso_guest)?;
@@ -454,6 +493,15 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let (status, serial) = boot(&work, &iso, false)?;
     let ok = status == Some(HELLO_STATUS) && serial.contains("x86-hello:");
     tally.check(ok, &format!("x86-hello guest exits with status {HELLO_STATUS:#x} (got {status:?})"));
+    // --mem reaches a multiboot guest: 64 MiB of RAM is 0x9fc00 bytes below 1 MiB and 63 MiB above,
+    // in the memory map it walks.
+    let iso = build_iso(&work, hv, IsoGuest::Multiboot(&hello, 64 << 20))?;
+    let (status, serial) = boot(&work, &iso, false)?;
+    let ok = status == Some(HELLO_STATUS) && serial.contains("0x03f9fc00 bytes available");
+    if !ok {
+        print_tail(&serial);
+    }
+    tally.check(ok, &format!("x86-hello sees the 64 MiB of RAM --mem 64M gives it (status {status:?})"));
 
     let dir = target_dir().join("hostile").join("x86");
     let _ = std::fs::remove_dir_all(&dir);
@@ -560,7 +608,7 @@ fn hello_check(hv: &Path) -> Result<crate::SuiteResult, String> {
 fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     let mut tally = crate::SuiteResult::default();
     let kernel = crate::linux::kernel(crate::Arch::X86_64)?;
-    let opts = GuestOptions { mem: DEFAULT_MEM, ..Default::default() };
+    let opts = GuestOptions { mem: DEFAULT_MEM, append: GRUB_LINUX_ARGS.into(), ..Default::default() };
     let work = work_dir("linux")?;
     let iso = build_iso(&work, hv, IsoGuest::WithOptions(&kernel, &opts))?;
     let size = std::fs::metadata(&kernel).map_err(|e| format!("{}: {e}", kernel.display()))?.len();
@@ -582,13 +630,182 @@ fn linux_check(hv: &Path) -> Result<crate::SuiteResult, String> {
     // The cost: the same kernel on bare Bochs (GRUB `linux`), stopped at the same point.
     let bare = crate::linux::bare_x86_run(&kernel, false)?;
     tally.check(bare.passed, "the same Linux passes init.c on bare Bochs (GRUB `linux`, no hypervisor)");
+    let diff = console_difference(bare.console(), &r.serial);
+    if let Some((_, b, h)) = &diff {
+        println!("    | bare:       {b}\n    | hypervisor: {h}");
+    }
+    tally.check(
+        diff.is_none(),
+        &format!(
+            "its console under the hypervisor is the bare one's, line for line, apart from {} documented kinds of \
+             line (first difference: {:?})",
+            CONSOLE_ALLOWED.len(),
+            diff.as_ref().map(|d| d.0)
+        ),
+    );
     match (r.ticks, bare.ticks) {
         (Some(n), Some(m)) if m > 0 => {
             println!("linux x86: {n} instructions under the hypervisor, {m} bare ({:.2} x)", n as f64 / m as f64)
         }
         (n, m) => println!("linux x86: no instruction count (Bochs ptime: {n:?} under the hypervisor, {m:?} bare)"),
     }
+    pvh_check(hv, &kernel.with_file_name("vmlinux"), &mut tally)?;
     Ok(tally)
+}
+
+/// The same kernel's ELF `vmlinux` started through its PVH note (no boot loader code in the
+/// guest), then hostile variants of its note: xtask refuses each before booting, and the
+/// hypervisor refuses two on its own with the same message and [`EXIT_REFUSED`].
+fn pvh_check(hv: &Path, vmlinux: &Path, tally: &mut crate::SuiteResult) -> Result<(), String> {
+    let opts = GuestOptions { mem: DEFAULT_MEM, append: GRUB_LINUX_ARGS.into(), ..Default::default() };
+    let file = std::fs::read(vmlinux).map_err(|e| format!("{}: {e}", vmlinux.display()))?;
+    let work = work_dir("pvh")?;
+    let iso = build_iso(&work, hv, IsoGuest::WithOptions(vmlinux, &opts))?;
+    let start = Instant::now();
+    let r = run_bochs_megs(&work, &iso, DEFAULT_CPU, false, (DEFAULT_MEM >> 20) + (file.len() as u64 >> 20) + 64)?;
+    let status = exit_status(&r.serial);
+    let ok = !r.timed_out
+        && status == Some(0)
+        && r.serial.contains("twostage x86-hv: PVH entry at ")
+        && r.serial.contains("twostage-linux: all checks passed");
+    if !ok {
+        print_tail(&r.serial);
+    }
+    tally.check(
+        ok,
+        &format!(
+            "the same Linux as an ELF vmlinux through its PVH entry runs init.c to the end, status {status:?}, {:.1} \
+             s in Bochs",
+            start.elapsed().as_secs_f64()
+        ),
+    );
+    // The Xen note of type 18 with an 8-byte descriptor: namesz 4, descsz 8, type 18, "Xen\0".
+    let header: Vec<u8> = [4u32, 8, 18].iter().flat_map(|w| w.to_le_bytes()).chain(*b"Xen\0").collect();
+    let note = file.windows(header.len()).position(|w| w == header).ok_or("vmlinux has no PVH entry note")?;
+    // The PT_NOTE program header that holds it (ELF64: e_phoff at 0x20, e_phnum at 0x38).
+    let word = |at: usize, n: usize| file[at..at + n].iter().rev().fold(0u64, |v, &b| (v << 8) | u64::from(b));
+    let (phoff, phnum) = (word(0x20, 8) as usize, word(0x38, 2) as usize);
+    let ph = (0..phnum)
+        .map(|i| phoff + 56 * i)
+        .find(|&at| word(at, 4) == 4 && (word(at + 8, 8)..word(at + 8, 8) + word(at + 32, 8)).contains(&(note as u64)))
+        .ok_or("vmlinux: no PT_NOTE segment holds the PVH note")?;
+    let patched = |at: usize, bytes: &[u8]| {
+        let mut f = file.clone();
+        f[at..at + bytes.len()].copy_from_slice(bytes);
+        f
+    };
+    let seg_off = word(ph + 8, 8);
+    let dir = target_dir().join("hostile").join("x86-pvh");
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "pvh-truncated-note.elf",
+            patched(ph + 32, &(note as u64 - seg_off + 20).to_le_bytes()),
+            "runs past the segment's end",
+        ),
+        ("pvh-misaligned-note.elf", patched(ph + 8, &(seg_off + 2).to_le_bytes()), "not on a 4-byte boundary"),
+        ("pvh-entry-outside.elf", patched(note + 16, &0x10u64.to_le_bytes()), "lies in no loadable segment"),
+    ];
+    let mut refused = Vec::new();
+    for (name, bytes, expect) in cases {
+        let path = hostile::write(&dir, name, &bytes)?;
+        let why = pvh_refusal(&bytes, &opts)?.or(guest_refusal(&path)?).unwrap_or_default();
+        tally.check(why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
+        refused.push((name, path, why));
+    }
+    for (name, path, why) in refused.iter().filter(|c| c.0 != "pvh-misaligned-note.elf") {
+        let iso = build_iso(&work, hv, IsoGuest::File(path))?;
+        let megs = BOCHS_MEGS + (file.len() as u64 >> 20);
+        let r = run_bochs_megs(&work, &iso, DEFAULT_CPU, false, megs)?;
+        let status = exit_status(&r.serial);
+        let ok = status == Some(i32::from(EXIT_REFUSED))
+            && !why.is_empty()
+            && r.serial.contains(&format!("guest file refused: {why}"));
+        if !ok {
+            print_tail(&r.serial);
+        }
+        tally.check(ok, &format!("the hypervisor refuses {name} on its own, exit status {status:?}"));
+    }
+    Ok(())
+}
+
+/// The command line GRUB's `linux` command gives the bare kernel (it puts the image's path first);
+/// the run under the hypervisor is given the same, so that the two consoles can be compared.
+pub const GRUB_LINUX_ARGS: &str = "BOOT_IMAGE=/boot/bzImage";
+
+/// Console lines that may differ between the kernel on bare Bochs and under the hypervisor: a
+/// line starting with the first string and holding the second may be on either side, or on
+/// neither; the third says why. Every other line must be the same, in the same order.
+pub const CONSOLE_ALLOWED: &[(&str, &str, &str)] = &[
+    // The BIOS puts its ACPI tables in the top 64 KiB of the machine's RAM. Under the hypervisor
+    // that RAM is the hypervisor's, and the guest's RAM ends at --mem: the guest's map has no
+    // ACPI area (the kernel has no ACPI), so its RAM ends 64 KiB higher and every size follows.
+    ("BIOS-e820: [mem 0x0000000000100000-", "usable", ACPI),
+    ("BIOS-e820: ", "ACPI data", ACPI),
+    ("last_pfn = ", "", ACPI),
+    ("  DMA32    [mem ", "", ACPI),
+    ("  node   0: [mem 0x0000000000100000-", "", ACPI),
+    ("Initmem setup node 0 ", "", ACPI),
+    ("On node 0, zone DMA32: 16 pages in unavailable ranges", "", ACPI),
+    ("Built 1 zonelists, mobility grouping on.  Total pages: ", "", ACPI),
+    ("Memory: ", "K available", ACPI),
+    // CPUID.1:ECX bit 31 is honest: the guest is told it runs under a hypervisor. Linux then
+    // skips the TSC-deadline microcode errata check (a hypervisor's business), so it uses the
+    // deadline timer the bare kernel refuses, and reports speculation and PMU state as unknown.
+    ("[Firmware Bug]: TSC_DEADLINE disabled due to Errata", "", HYPERVISOR_BIT),
+    ("TSC deadline timer available", "", HYPERVISOR_BIT),
+    ("GDS: ", "", HYPERVISOR_BIT),
+    ("Performance Events: ", "", HYPERVISOR_BIT),
+    ("Failed to access perfctr msr", "", HYPERVISOR_BIT),
+    // Measured times, and the switch to the TSC clocksource, a work item run a second after
+    // boot, that races init.c's checks.
+    ("sched_clock: Marking stable ", "", TIMING),
+    ("clocksource: tsc: mask: ", "", TIMING),
+    ("clocksource: Switched to clocksource tsc", "", TIMING),
+    ("twostage-linux: times: ", "", TIMING),
+    // The bare kernel halts after init.c ends; under the hypervisor the run ends at init.c's
+    // write to port 0xf4, just before.
+    ("reboot: System halted", "", "the bare run goes on to the halt"),
+];
+const ACPI: &str = "the BIOS's ACPI area is at the top of the machine's RAM, not the guest's";
+const HYPERVISOR_BIT: &str = "the CPUID hypervisor bit";
+const TIMING: &str = "times";
+
+/// The hypervisor's own lines around the guest's console.
+const HV_LINES: &[&str] = &["twostage x86-hv: ", "host frames: ", "guest-exit-status: ", "twostage-exit: "];
+
+/// A console line without its printk timestamp (`[    0.123456] `).
+fn untimed(line: &str) -> &str {
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((stamp, text)) = rest.split_once("] ") {
+            if stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return text;
+            }
+        }
+    }
+    line
+}
+
+/// The lines of a console the comparison looks at: untimed, without the hypervisor's own lines
+/// and the [`CONSOLE_ALLOWED`] ones.
+fn compared_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .map(untimed)
+        .filter(|l| !HV_LINES.iter().any(|p| l.starts_with(p)))
+        .filter(|l| !CONSOLE_ALLOWED.iter().any(|(start, has, _)| l.starts_with(start) && l.contains(has)))
+        .collect()
+}
+
+/// Compares the consoles of the bare kernel and of the same kernel under the hypervisor: `None`
+/// when they agree apart from [`CONSOLE_ALLOWED`], else the first line where they part (its
+/// number among the compared lines, the bare line, the hypervisor's line).
+pub fn console_difference(bare: &str, hv: &str) -> Option<(usize, String, String)> {
+    let (a, b) = (compared_lines(bare), compared_lines(hv));
+    let n = a.len().max(b.len());
+    (0..n).find(|&i| a.get(i) != b.get(i)).map(|i| {
+        let show = |l: Option<&&str>| l.map_or("(no line)".to_string(), |l| l.to_string());
+        (i + 1, show(a.get(i)), show(b.get(i)))
+    })
 }
 
 /// The x86 scenario suites under Bochs, one per CPU model, then the x86-hello guest run.
@@ -618,6 +835,26 @@ pub fn test_suites() -> Vec<(&'static str, Result<crate::SuiteResult, String>)> 
 #[cfg(test)]
 mod tests {
     use super::exit_status;
+
+    #[test]
+    fn consoles_are_compared_line_for_line_apart_from_the_allowed_lines() {
+        let bare =
+            "[    0.000000] Linux version 6.1\n[    0.000000] BIOS-e820: [mem 0x0000000007ff0000-0x0000000007ffffff] \
+                    ACPI data\n[    0.000000] last_pfn = 0x7ff0 max_arch_pfn = 0x400000000\nAPIC: Switch to symmetric \
+                    I/O mode setup\ntwostage-linux: all checks passed\n[    9.1] reboot: System halted\n";
+        let hv = "twostage x86-hv: booted\n[    0.000000] Linux version 6.1\n[    0.000000] last_pfn = 0x8000 \
+                  max_arch_pfn = 0x400000000\nAPIC: Switch to symmetric I/O mode setup\ntwostage-linux: all checks \
+                  passed\ntwostage-exit: 0\n";
+        assert_eq!(super::console_difference(bare, hv), None);
+        // A line that is not allowed to differ: the interrupt mode.
+        let other = hv.replace("symmetric I/O", "virtual wire");
+        let d = super::console_difference(bare, &other).expect("a difference");
+        assert_eq!(d.0, 2);
+        assert!(d.2.contains("virtual wire"));
+        // A line missing on one side.
+        let short = hv.replace("twostage-linux: all checks passed\n", "");
+        assert_eq!(super::console_difference(bare, &short).map(|d| d.2), Some("(no line)".into()));
+    }
 
     #[test]
     fn exit_status_is_the_last_report() {

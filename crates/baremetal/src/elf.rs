@@ -494,6 +494,18 @@ fn truncated(what: &'static str, need: u64, file: &[u8]) -> LoadError {
 
 /// The checked loading plan of an ELF executable for `machine` in guest RAM `ram`.
 pub fn plan_elf(file: &[u8], machine: Machine, ram: Range<u64>) -> Result<LoadPlan<'_>, LoadError> {
+    plan_elf_entered_at(file, machine, ram, None)
+}
+
+/// [`plan_elf`] for a file entered at the guest-physical address `physical_entry` rather than at
+/// its header's `e_entry` (which is then not checked): the entry must lie inside a segment's
+/// `p_paddr .. p_paddr + p_memsz`. A PVH kernel's entry comes from its notes (`crate::pvh`).
+pub fn plan_elf_entered_at(
+    file: &[u8],
+    machine: Machine,
+    ram: Range<u64>,
+    physical_entry: Option<u64>,
+) -> Result<LoadPlan<'_>, LoadError> {
     if file.is_empty() {
         return Err(LoadError::Empty);
     }
@@ -590,10 +602,17 @@ pub fn plan_elf(file: &[u8], machine: Machine, ram: Range<u64>) -> Result<LoadPl
             });
         }
     }
-    let entry = segments
-        .iter()
-        .find_map(|s| eh.e_entry.checked_sub(s.vaddr).filter(|&d| d < s.memsz).map(|d| s.gpa + d))
-        .ok_or(LoadError::EntryOutsideSegments { entry: eh.e_entry })?;
+    let entry = match physical_entry {
+        None => segments
+            .iter()
+            .find_map(|s| eh.e_entry.checked_sub(s.vaddr).filter(|&d| d < s.memsz).map(|d| s.gpa + d))
+            .ok_or(LoadError::EntryOutsideSegments { entry: eh.e_entry })?,
+        Some(entry) => segments
+            .iter()
+            .any(|s| entry.checked_sub(s.gpa).is_some_and(|d| d < s.memsz))
+            .then_some(entry)
+            .ok_or(LoadError::EntryOutsideSegments { entry })?,
+    };
     Ok(LoadPlan { entry, segments, ram: (ram.start, ram.end) })
 }
 

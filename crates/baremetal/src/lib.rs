@@ -6,7 +6,10 @@
 //!   checks before it boots an emulator, so a file is refused with the same message by xtask and
 //!   by the image.
 //! - [`linux_x86`]: the Linux x86 boot protocol: a bzImage's setup header checked, the zero page
-//!   with its e820 map, identity tables and boot GDT for the 64-bit entry.
+//!   with its e820 map (the firmware's layout of the first MiB kept), identity tables and boot
+//!   GDT for the 64-bit entry.
+//! - [`pvh`]: the PVH entry of an ELF kernel: its `XEN_ELFNOTE_PHYS32_ENTRY` note checked, the
+//!   `hvm_start_info` (memory map, command line, initrd module) built.
 //! - [`fdt`]: flattened device trees, read (the host's, from the firmware) and written (a
 //!   guest's), with host tests; not H-extension glue, so here rather than in twostage-rvh.
 //! - [`frames::Frames`]: the host frame allocator (a two-level bitmap: constant-bounded searches).
@@ -29,3 +32,4 @@ pub mod frames;
 pub mod heap;
 pub mod linux_x86;
 pub mod multiboot;
+pub mod pvh;

@@ -30,6 +30,13 @@ pub const KERNEL_AT: u64 = 0x10_0000;
 pub const E820_RAM: u32 = 1;
 /// e820 type 2: reserved.
 pub const E820_RESERVED: u32 = 2;
+/// e820 type 3: ACPI tables (reclaimable after they are read).
+pub const E820_ACPI: u32 = 3;
+/// e820 type 4: ACPI non-volatile storage.
+pub const E820_NVS: u32 = 4;
+/// Where the firmware's low-memory areas end: the first MiB (the BIOS data areas, the EBDA, the
+/// VGA hole, the option and BIOS ROMs).
+pub const LOW_MEMORY_END: u64 = 0x10_0000;
 /// The legacy hole (VGA memory, option and BIOS ROMs) reported reserved inside RAM.
 pub const LEGACY_HOLE: Range<u64> = 0xa_0000..0x10_0000;
 
@@ -256,6 +263,63 @@ pub fn e820_map(ram: &[Range<u64>], devices: &[Range<u64>]) -> ([E820Entry; E820
     (out, n)
 }
 
+/// The e820 map of a guest with `mem` bytes of RAM from address 0 on a PC whose firmware reported
+/// `bios` (the machine's own map, as a boot loader passes it on): the firmware's layout of the
+/// first MiB exactly as it reported it (RAM entries usable, its EBDA and ROM areas with their
+/// types, which the hypervisor maps read-only from the machine, see `firmware_areas`), the
+/// guest's RAM from 1 MiB to `mem`, and the firmware's reserved entries above the guest's RAM
+/// (the BIOS ROM below 4 GiB). The firmware's ACPI areas (types 3 and 4) above 1 MiB are left
+/// out: they lie at the top of the machine's RAM, which belongs to the hypervisor, not the
+/// guest. Sorted by address; entries beyond [`E820_MAX`] are dropped.
+pub fn firmware_e820(bios: &[E820Entry], mem: u64) -> ([E820Entry; E820_MAX], usize) {
+    let mut out = [E820Entry { addr: 0, size: 0, kind: 0 }; E820_MAX];
+    let mut n = 0;
+    let mut push = |start: u64, end: u64, kind: u32| {
+        if end > start && n < E820_MAX {
+            out[n] = E820Entry { addr: start, size: end - start, kind };
+            n += 1;
+        }
+    };
+    let low_end = LOW_MEMORY_END.min(mem);
+    for e in bios {
+        let end = e.addr.saturating_add(e.size);
+        if e.kind == E820_RAM {
+            push(e.addr, end.min(low_end), E820_RAM);
+        } else {
+            push(e.addr, end.min(LOW_MEMORY_END), e.kind);
+            if !matches!(e.kind, E820_ACPI | E820_NVS) {
+                push(e.addr.max(mem).max(LOW_MEMORY_END), end, e.kind);
+            }
+        }
+    }
+    push(LOW_MEMORY_END, mem, E820_RAM);
+    out[..n].sort_unstable_by_key(|e| e.addr);
+    (out, n)
+}
+
+/// The firmware areas of a map from [`firmware_e820`] that the guest sees as they are in the
+/// machine (read-only): everything in the first MiB that is not a RAM entry (the EBDA, the VGA
+/// window and option ROMs the kernel probes, the BIOS area with its MP table), widened to whole
+/// 4 KiB pages; sorted. RAM entries narrowed to whole pages never overlap them.
+pub fn firmware_areas(map: &[E820Entry]) -> alloc::vec::Vec<Range<u64>> {
+    let mut ram: alloc::vec::Vec<Range<u64>> = map
+        .iter()
+        .filter(|e| e.kind == E820_RAM && e.addr < LOW_MEMORY_END)
+        .map(|e| e.addr.next_multiple_of(0x1000)..(e.addr.saturating_add(e.size).min(LOW_MEMORY_END) & !0xfff))
+        .filter(|r| r.end > r.start)
+        .collect();
+    ram.sort_unstable_by_key(|r| r.start);
+    let mut out = alloc::vec::Vec::new();
+    let mut at = 0;
+    for r in ram.iter().chain([&(LOW_MEMORY_END..LOW_MEMORY_END)]) {
+        if r.start > at {
+            out.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    out
+}
+
 /// Everything a 64-bit Linux entry needs in guest memory, and the entry state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinuxPlan<'a> {
@@ -432,6 +496,49 @@ mod tests {
                 E820Entry { addr: 0xfee0_0000, size: 0x1000, kind: E820_RESERVED },
             ]
         );
+    }
+
+    /// The map Bochs' BIOS gives a 194 MiB machine (as GRUB passes it on).
+    fn bochs_bios() -> Vec<E820Entry> {
+        let e = |addr, end: u64, kind| E820Entry { addr, size: end - addr, kind };
+        alloc::vec![
+            e(0, 0x9_f000, E820_RAM),
+            e(0x9_f000, 0xa_0000, E820_RESERVED),
+            e(0xe_8000, 0x10_0000, E820_RESERVED),
+            e(0x10_0000, 0xc1f_0000, E820_RAM),
+            e(0xc1f_0000, 0xc20_0000, E820_ACPI),
+            e(0xfffc_0000, 0x1_0000_0000, E820_RESERVED),
+        ]
+    }
+
+    #[test]
+    fn the_firmware_layout_is_kept_and_the_ram_is_the_guests() {
+        let bios = bochs_bios();
+        let (m, n) = firmware_e820(&bios, 128 << 20);
+        let e = |addr, end: u64, kind| E820Entry { addr, size: end - addr, kind };
+        assert_eq!(
+            &m[..n],
+            &[
+                e(0, 0x9_f000, E820_RAM),
+                e(0x9_f000, 0xa_0000, E820_RESERVED),
+                e(0xe_8000, 0x10_0000, E820_RESERVED),
+                e(0x10_0000, 128 << 20, E820_RAM),
+                e(0xfffc_0000, 0x1_0000_0000, E820_RESERVED),
+            ]
+        );
+        assert_eq!(firmware_areas(&m[..n]), [0x9_f000..0x10_0000]);
+        // A firmware area that does not start or end on a page is widened to whole pages; a RAM
+        // entry of the firmware's above the guest's RAM is not the guest's.
+        let odd = [e(0, 0x9_fc00, E820_RAM), e(0x9_fc00, 0xa_0000, E820_RESERVED), e(0x10_0000, 1 << 30, E820_RAM)];
+        let (m, n) = firmware_e820(&odd, 64 << 20);
+        assert_eq!(&m[..n], &[odd[0], odd[1], e(0x10_0000, 64 << 20, E820_RAM)]);
+        assert_eq!(firmware_areas(&m[..n]), [0x9_f000..0x10_0000]);
+        let split = [e(0, 0x1000, E820_RAM), e(0x2800, 0x8000, E820_RAM), e(0x10_0000, 1 << 30, E820_RAM)];
+        let (m, n) = firmware_e820(&split, 64 << 20);
+        assert_eq!(firmware_areas(&m[..n]), [0x1000..0x3000, 0x8000..0x10_0000]);
+        // A reserved range the guest's RAM covers is the guest's RAM.
+        let (m, n) = firmware_e820(&[e(0x10_0000, 0x20_0000, E820_RESERVED)], 64 << 20);
+        assert_eq!(&m[..n], &[e(0x10_0000, 64 << 20, E820_RAM)]);
     }
 
     #[test]

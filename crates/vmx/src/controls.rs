@@ -11,6 +11,10 @@ pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 
 /// Primary processor-based control bit 7: HLT exiting (Intel SDM Vol. 3C 25.6.2, Table 25-6).
 pub const PROC_HLT_EXITING: u32 = 1 << 7;
+/// Primary control bit 10: MWAIT exiting (Table 25-6).
+pub const PROC_MWAIT_EXITING: u32 = 1 << 10;
+/// Primary control bit 29: MONITOR exiting (Table 25-6).
+pub const PROC_MONITOR_EXITING: u32 = 1 << 29;
 /// Primary control bit 24: unconditional I/O exiting (Table 25-6).
 pub const PROC_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
 /// Primary control bit 25: use I/O bitmaps (Table 25-6).

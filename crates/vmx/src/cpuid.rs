@@ -8,14 +8,17 @@ pub const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 31: unused by processors (Table 3-10), set by hypervisors to say that the
 /// software runs in a virtual machine.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// CPUID.1:ECX bit 3: MONITOR/MWAIT (Table 3-10). Hidden: the guest idles with HLT, which exits.
+/// CPUID.1:ECX bit 3: MONITOR/MWAIT (Table 3-10). Shown when neither "MWAIT exiting" nor "MONITOR
+/// exiting" is set (Intel SDM Vol. 3C 26.1.3: the instructions then run in the guest, MWAIT
+/// waiting in the processor for the guest's own interrupts, which reach it without an exit);
+/// hidden when the CPU forces either exit, which this hypervisor does not emulate.
 pub const LEAF1_ECX_MONITOR: u32 = 1 << 3;
 /// CPUID.1:ECX bit 21: x2APIC (Table 3-10). Hidden: the guest reaches the local APIC through its
 /// page (xAPIC mode), not through MSRs 800H-8FFH, which this hypervisor does not pass through.
 pub const LEAF1_ECX_X2APIC: u32 = 1 << 21;
-/// CPUID.1:ECX bit 24: TSC-deadline mode of the local APIC timer (Table 3-10). Hidden: its MSR,
-/// IA32_TSC_DEADLINE (6E0H), is not passed through, so the guest programs the timer in one-shot
-/// mode instead of faulting on the WRMSR.
+/// CPUID.1:ECX bit 24: TSC-deadline mode of the local APIC timer (Table 3-10). Shown as the host
+/// has it: the guest owns the local APIC (its page is passed through), and the timer's deadline
+/// MSR, IA32_TSC_DEADLINE (6E0H), is passed through with it (`crate::msr::PASSED_THROUGH`).
 pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// CPUID.1:ECX bit 15: PDCM, the IA32_PERF_CAPABILITIES MSR (345H) (Table 3-10). Hidden: the
 /// performance-monitoring MSRs are not offered to the guest.
@@ -41,23 +44,27 @@ pub struct EnabledInstructions {
     pub rdtscp: bool,
     /// "Enable XSAVES/XRSTORS" (bit 20).
     pub xsaves: bool,
+    /// MONITOR and MWAIT run in the guest: neither "MONITOR exiting" (primary bit 29) nor "MWAIT
+    /// exiting" (bit 10) is set.
+    pub mwait: bool,
 }
 
 impl EnabledInstructions {
-    /// From the secondary processor-based controls written to the VMCS.
-    pub const fn from_secondary(proc2: u32) -> Self {
+    /// From the primary and secondary processor-based controls written to the VMCS.
+    pub const fn from_controls(proc1: u32, proc2: u32) -> Self {
         use crate::controls as c;
         Self {
             invpcid: proc2 & c::PROC2_ENABLE_INVPCID != 0,
             rdtscp: proc2 & c::PROC2_ENABLE_RDTSCP != 0,
             xsaves: proc2 & c::PROC2_ENABLE_XSAVES != 0,
+            mwait: proc1 & (c::PROC_MWAIT_EXITING | c::PROC_MONITOR_EXITING) == 0,
         }
     }
 }
 
 /// [`filter`] for `subleaf`, with the features hidden that the execution controls leave
-/// disabled (`enabled`), and MONITOR/MWAIT, x2APIC, TSC-deadline, PDCM and APERF/MPERF hidden
-/// (see the constants).
+/// disabled or make exit (`enabled`: INVPCID, RDTSCP, XSAVES, MONITOR/MWAIT), and x2APIC, PDCM
+/// and APERF/MPERF hidden (see the constants).
 pub fn filter_guest(
     leaf: u32,
     subleaf: u32,
@@ -67,7 +74,12 @@ pub fn filter_guest(
 ) -> CpuidResult {
     let mut r = filter_for_walk(leaf, raw, walk_length);
     match (leaf, subleaf) {
-        (1, _) => r.ecx &= !(LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_PDCM),
+        (1, _) => {
+            r.ecx &= !(LEAF1_ECX_X2APIC | LEAF1_ECX_PDCM);
+            if !enabled.mwait {
+                r.ecx &= !LEAF1_ECX_MONITOR;
+            }
+        }
         (6, _) => r.ecx &= !LEAF6_ECX_APERFMPERF,
         (7, 0) if !enabled.invpcid => r.ebx &= !LEAF7_EBX_INVPCID,
         (0x8000_0001, _) if !enabled.rdtscp => r.edx &= !EXT1_EDX_RDTSCP,
@@ -155,7 +167,8 @@ mod tests {
     fn features_follow_the_execution_controls() {
         let all = CpuidResult { eax: u32::MAX, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
         let none = EnabledInstructions::default();
-        let on = EnabledInstructions::from_secondary(
+        let on = EnabledInstructions::from_controls(
+            0,
             crate::controls::PROC2_ENABLE_INVPCID
                 | crate::controls::PROC2_ENABLE_RDTSCP
                 | crate::controls::PROC2_ENABLE_XSAVES,
@@ -170,8 +183,15 @@ mod tests {
         assert_eq!(with_osxsave(u32::MAX, false), !LEAF1_ECX_OSXSAVE);
         assert_eq!(with_osxsave(0, true), LEAF1_ECX_OSXSAVE);
         let l1 = filter_guest(1, 0, all, 4, on).ecx;
-        let hidden = LEAF1_ECX_MONITOR | LEAF1_ECX_X2APIC | LEAF1_ECX_VMX | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_PDCM;
+        let hidden = LEAF1_ECX_X2APIC | LEAF1_ECX_VMX | LEAF1_ECX_PDCM;
         assert_eq!(l1 & hidden, 0);
+        assert_eq!(l1 & (LEAF1_ECX_MONITOR | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_MONITOR | LEAF1_ECX_TSC_DEADLINE);
+        // MONITOR/MWAIT are hidden when either instruction exits (the hypervisor does not emulate them).
+        for exiting in [crate::controls::PROC_MWAIT_EXITING, crate::controls::PROC_MONITOR_EXITING] {
+            let e = EnabledInstructions::from_controls(exiting, 0);
+            assert!(!e.mwait);
+            assert_eq!(filter_guest(1, 0, all, 4, e).ecx & LEAF1_ECX_MONITOR, 0);
+        }
         assert_eq!(filter_guest(6, 0, all, 4, on).ecx, !LEAF6_ECX_APERFMPERF);
         assert_eq!(filter_guest(6, 0, all, 4, on).eax, u32::MAX, "only ECX bit 0 of leaf 6 is hidden");
     }

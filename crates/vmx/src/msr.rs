@@ -38,6 +38,9 @@ pub const IA32_FS_BASE: u32 = 0xc000_0100;
 pub const IA32_GS_BASE: u32 = 0xc000_0101;
 /// IA32_KERNEL_GS_BASE.
 pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// IA32_TSC_DEADLINE: the local APIC timer's deadline in TSC-deadline mode (Intel SDM Vol. 3A
+/// 12.5.4.1).
+pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_TSC_AUX.
 pub const IA32_TSC_AUX: u32 = 0xc000_0103;
 
@@ -47,10 +50,12 @@ pub const IA32_TSC_AUX: u32 = 0xc000_0103;
 /// - IA32_PAT: loaded and saved through the VMCS PAT fields (entry control "load IA32_PAT",
 ///   exit controls "save/load IA32_PAT", Vol. 3C 25.7.1, 25.8.1); the host's comes back on exit;
 /// - STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX, XSS: the hypervisor never executes
-///   SYSCALL, SWAPGS, RDTSCP or XSAVES, so the guest's values can stay in the processor (one guest per CPU).
+///   SYSCALL, SWAPGS, RDTSCP or XSAVES, so the guest's values can stay in the processor (one guest per CPU);
+/// - TSC_DEADLINE: part of the local APIC timer, which the guest owns with the APIC page; the
+///   hypervisor never arms that timer.
 ///
 /// IA32_APIC_BASE is read through (the local APIC is the processor's own) and its writes exit.
-pub const PASSED_THROUGH: [u32; 13] = [
+pub const PASSED_THROUGH: [u32; 14] = [
     IA32_FS_BASE,
     IA32_GS_BASE,
     IA32_KERNEL_GS_BASE,
@@ -64,6 +69,7 @@ pub const PASSED_THROUGH: [u32; 13] = [
     IA32_FMASK,
     IA32_TSC_AUX,
     IA32_XSS,
+    IA32_TSC_DEADLINE,
 ];
 
 /// Where an MSR's read bit lives in the 4 KiB MSR bitmap (Intel SDM Vol. 3C 25.6.9): bits for

@@ -437,6 +437,8 @@ pub struct VmxVcpu<H: VmxHardware, A: FrameAllocator> {
     bitmaps: [HostPhysAddr; 3],
     /// The secondary controls written by [`VmxVcpu::setup`].
     proc2: u32,
+    /// The primary processor-based controls written at setup.
+    proc1: u32,
     /// IA32_VMX_MISC bit 6: entry in the HLT activity state is supported (Intel SDM Vol. 3D A.6).
     activity_hlt: bool,
     /// The guest's general-purpose registers (RSP and RIP live in the VMCS).
@@ -510,6 +512,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             last_exit: None,
             bitmaps,
             proc2: 0,
+            proc1: 0,
             activity_hlt,
             regs: GuestRegisters::default(),
         };
@@ -761,6 +764,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
         want2 |= (c::PROC2_ENABLE_INVPCID | c::PROC2_ENABLE_RDTSCP | c::PROC2_ENABLE_XSAVES) & caps.proc2.allowed1;
         let proc2 = caps.proc2.compute(ControlField::SecondaryProcBased, want2).map_err(SetupError::Control)?;
         self.proc2 = proc2;
+        self.proc1 = proc1;
         // IA32_PAT switched through the VMCS where the CPU allows (25.7.1, 25.8.1).
         let pat = caps.exit.allows(c::EXIT_SAVE_PAT | c::EXIT_LOAD_PAT) && caps.entry.allows(c::ENTRY_LOAD_PAT);
         let want_exit = c::EXIT_HOST_ADDRESS_SPACE_SIZE
@@ -979,7 +983,7 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     /// loaded, the smaller of the two). Handlers of CPUID exits (reason 10) use this.
     pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
         let walk_length = self.eptp.map_or(4, |p| p.walk_length());
-        let enabled = crate::cpuid::EnabledInstructions::from_secondary(self.proc2);
+        let enabled = crate::cpuid::EnabledInstructions::from_controls(self.proc1, self.proc2);
         let mut r = crate::cpuid::filter_guest(leaf, subleaf, self.hw.cpuid(leaf, subleaf), walk_length, enabled);
         if leaf == 1 {
             // CPUID.1:ECX.OSXSAVE mirrors CR4.OSXSAVE (Intel SDM Vol. 2A "CPUID", Table 3-10): the

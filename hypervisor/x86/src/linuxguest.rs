@@ -1,17 +1,28 @@
-//! Running a Linux x86_64 bzImage given as a GRUB module, on a `twostage-aspace` address space,
-//! through the 64-bit boot protocol (`twostage_baremetal::linux_x86`).
+//! Running a Linux x86_64 kernel given as a GRUB module, on a `twostage-aspace` address space:
+//! a bzImage through the 64-bit boot protocol (`twostage_baremetal::linux_x86`), or an ELF
+//! `vmlinux` with a PVH entry note through its 32-bit PVH entry (`twostage_baremetal::pvh`).
 //!
 //! Device policy, one line per device:
-//! - RAM: a demand-zero region of `mem` bytes from address 0 behind the EPT; e820 reports it
-//!   usable except the legacy hole 0xA0000-0xFFFFF (reserved).
+//! - RAM: demand-zero regions behind the EPT: the machine's RAM entries of the first MiB, then
+//!   1 MiB up to `mem`. The e820 map is the machine's own below 1 MiB and the guest's RAM above
+//!   (`twostage_baremetal::linux_x86::firmware_e820`: the BIOS's top-of-RAM ACPI area is the
+//!   hypervisor's RAM and is left out). Without a BIOS map from the boot loader: RAM from 0 to
+//!   `mem`, the legacy hole 0xA0000-0xFFFFF reserved.
+//! - Firmware areas (what the first MiB holds besides RAM: the EBDA, the VGA window, the option
+//!   ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type UC),
+//!   so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
+//! - I/O APIC: the page at 0xFEC00000 is a linear device region onto the machine's I/O APIC,
+//!   like the local APIC: the guest owns the machine's interrupt routing (one guest per machine).
 //! - Local APIC: the page at 0xFEE00000 is a linear region onto the processor's own APIC, mapped
 //!   as device memory (EPT memory type UC, guest PAT ignored); reserved in e820. The guest owns
 //!   the APIC (one guest per CPU); x2APIC is hidden in CPUID, APIC_BASE writes are checked.
 //! - PIC (0x20-0x21, 0xA0-0xA1), PIT (0x40-0x43, 0x61), CMOS (0x70-0x71), the POST delay port
 //!   0x80: passed through (I/O bitmap bits clear); their interrupts reach the guest directly
 //!   (external-interrupt exiting is off). Confined to this image: only the Bochs machine has them.
-//! - COM1 (0x3F8-0x3FF): passed through as well, so Linux's 8250 driver probes the real UART and
-//!   gets its interrupts; the hypervisor prints only before the guest starts and after it ends.
+//! - COM1 (0x3F8-0x3FF): passed through as well, not emulated (the one policy for this device), so
+//!   Linux's 8250 driver probes the real 16550 (every register, its FIFO) and gets its IRQ 4 through
+//!   the passed-through interrupt controllers; the hypervisor prints only before the guest starts
+//!   and after it ends, reprogramming the UART first.
 //! - Port 0xF4: exits; the byte written is the run's status (like QEMU's isa-debug-exit).
 //! - Every other port exits: reads return all ones (no device), writes are dropped.
 
@@ -20,13 +31,19 @@ use alloc::vec::Vec;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
-use twostage_baremetal::linux_x86::{e820_map, plan_bzimage};
+use twostage_baremetal::linux_x86::{
+    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
+};
+use twostage_baremetal::pvh::{plan_pvh, PvhPlan};
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
 
 /// The local APIC's page (Intel SDM Vol. 3A 12.4.1: the default APIC base).
 pub const APIC_PAGE: u64 = 0xfee0_0000;
+/// The I/O APIC's page: the address the Bochs BIOS's MP table gives it (the usual PC address,
+/// Intel 82093AA datasheet 3.0).
+pub const IOAPIC_PAGE: u64 = 0xfec0_0000;
 /// Ports passed through to the Bochs machine's devices (see the module docs).
 pub const PASSED_PORTS: [core::ops::Range<u16>; 7] =
     [0x20..0x22, 0xa0..0xa2, 0x40..0x44, 0x61..0x62, 0x70..0x72, 0x80..0x81, serial::COM1..serial::COM1 + 8];
@@ -41,6 +58,16 @@ pub struct LinuxGuest<'a> {
     pub cmdline: &'a [u8],
     /// Guest RAM in bytes.
     pub mem: u64,
+    /// The machine's memory map as the boot loader passed it on (empty: none).
+    pub bios: &'a [E820Entry],
+}
+
+/// How the kernel is started.
+enum Plan<'a> {
+    /// A bzImage through the 64-bit boot protocol.
+    BzImage(LinuxPlan<'a>),
+    /// An ELF kernel through its PVH entry.
+    Pvh(PvhPlan<'a>),
 }
 
 /// Counters of one run.
@@ -57,11 +84,23 @@ struct Counts {
 pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     let ram = 0..g.mem;
     let apic = APIC_PAGE..APIC_PAGE + 0x1000;
-    let (e820, n) = e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic));
+    let (e820, n) = if g.bios.is_empty() {
+        e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic))
+    } else {
+        firmware_e820(g.bios, g.mem)
+    };
+    let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
-    let plan = match plan_bzimage(g.image, g.mem, &e820[..n], g.cmdline, initrd_len) {
-        Ok(p) => p,
-        Err(e) => return crate::mbguest::refuse(e),
+    let plan = if is_linux(g.image) {
+        match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
+            Ok(p) => Plan::BzImage(p),
+            Err(e) => return crate::mbguest::refuse(e),
+        }
+    } else {
+        match plan_pvh(g.image, g.mem, e820, g.cmdline, initrd_len) {
+            Ok(p) => Plan::Pvh(p),
+            Err(e) => return crate::mbguest::refuse(e),
+        }
     };
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
@@ -74,16 +113,29 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     };
     let opts = vcpu.ept_capabilities().table_options(true);
     let Ok(mut space) = AddressSpace::<Ept4, _>::new(frames, opts) else { return 3 };
-    let regions = [
-        ("ram", 0, g.mem, MappingFlags::RWX, Backend::DemandZero),
-        (
-            "local-apic",
-            APIC_PAGE,
-            0x1000,
-            MappingFlags::RW | MappingFlags::DEVICE,
-            Backend::Linear { host: HostPhysAddr::new(APIC_PAGE) },
-        ),
-    ];
+    let device = MappingFlags::RW | MappingFlags::DEVICE;
+    let linear = |at: u64| Backend::Linear { host: HostPhysAddr::new(at) };
+    let mut regions: Vec<(&str, u64, u64, MappingFlags, Backend)> = Vec::new();
+    if g.bios.is_empty() {
+        regions.push(("ram", 0, g.mem, MappingFlags::RWX, Backend::DemandZero));
+    } else {
+        // The RAM of the first MiB (whole pages inside each entry), the firmware areas read-only
+        // from the machine (whole pages around each), then the RAM above.
+        for e in e820.iter().filter(|e| e.kind == E820_RAM && e.addr < LOW_MEMORY_END) {
+            let start = e.addr.next_multiple_of(0x1000);
+            let end = (e.addr + e.size).min(LOW_MEMORY_END) & !0xfff;
+            if end > start {
+                regions.push(("ram-low", start, end - start, MappingFlags::RWX, Backend::DemandZero));
+            }
+        }
+        for a in firmware_areas(e820) {
+            let flags = MappingFlags::READ | MappingFlags::DEVICE;
+            regions.push(("firmware", a.start, a.end - a.start, flags, linear(a.start)));
+        }
+        regions.push(("ram", LOW_MEMORY_END, g.mem - LOW_MEMORY_END, MappingFlags::RWX, Backend::DemandZero));
+    }
+    regions.push(("local-apic", APIC_PAGE, 0x1000, device, linear(APIC_PAGE)));
+    regions.push(("io-apic", IOAPIC_PAGE, 0x1000, device, linear(IOAPIC_PAGE)));
     for (name, start, len, flags, backend) in regions {
         let Some(r) = GpaRange::from_start_len(GuestPhysAddr::new(start), len) else { return 3 };
         match space.add_region(name, r, flags, backend) {
@@ -96,16 +148,33 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     }
     let mut cmdline = Vec::from(g.cmdline);
     cmdline.push(0);
-    let gdt: Vec<u8> = plan.gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
-    let tables: Vec<u8> = plan.tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect();
-    let mut blobs: Vec<(u64, &[u8])> = alloc::vec![
-        (plan.kernel_at, plan.kernel),
-        (plan.boot_params_at, &plan.boot_params[..]),
-        (plan.cmdline_at, &cmdline[..]),
-        (plan.gdt_at, &gdt[..]),
-        (plan.cr3, &tables[..]),
-    ];
-    if let (Some(at), Some(bytes)) = (plan.initrd_at, g.initrd) {
+    // The bzImage entry's GDT and identity tables, as bytes.
+    let (gdt, tables): (Vec<u8>, Vec<u8>) = match &plan {
+        Plan::BzImage(plan) => (
+            plan.gdt.iter().flat_map(|d| d.to_le_bytes()).collect(),
+            plan.tables.iter().flat_map(|t| t.iter().flat_map(|e| e.to_le_bytes())).collect(),
+        ),
+        Plan::Pvh(_) => (Vec::new(), Vec::new()),
+    };
+    let mut blobs: Vec<(u64, &[u8])> = Vec::new();
+    let initrd_at = match &plan {
+        Plan::BzImage(plan) => {
+            blobs.extend([
+                (plan.kernel_at, plan.kernel),
+                (plan.boot_params_at, &plan.boot_params[..]),
+                (plan.cmdline_at, &cmdline[..]),
+                (plan.gdt_at, &gdt[..]),
+                (plan.cr3, &tables[..]),
+            ]);
+            plan.initrd_at
+        }
+        Plan::Pvh(plan) => {
+            blobs.extend(plan.load.segments.iter().map(|s| (s.gpa, s.bytes)));
+            blobs.extend([(plan.start_info_at, &plan.start_info[..]), (plan.cmdline_at, &cmdline[..])]);
+            plan.initrd_at
+        }
+    };
+    if let (Some(at), Some(bytes)) = (initrd_at, g.initrd) {
         blobs.push((at, bytes));
     }
     for (gpa, bytes) in blobs {
@@ -117,11 +186,16 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             }
         }
     }
-    let entry = GuestEntry::Linux64 {
-        rip: GuestVirtAddr::new(plan.entry),
-        cr3: GuestPhysAddr::new(plan.cr3),
-        gdt: GuestPhysAddr::new(plan.gdt_at),
-        gdt_limit: (gdt.len() - 1) as u16,
+    let entry = match &plan {
+        Plan::BzImage(plan) => GuestEntry::Linux64 {
+            rip: GuestVirtAddr::new(plan.entry),
+            cr3: GuestPhysAddr::new(plan.cr3),
+            gdt: GuestPhysAddr::new(plan.gdt_at),
+            gdt_limit: (gdt.len() - 1) as u16,
+        },
+        // 32-bit protected mode, paging off, flat segments, TR a 32-bit TSS of base 0 and
+        // limit 0x67: the PVH entry state (`twostage_baremetal::pvh`).
+        Plan::Pvh(plan) => GuestEntry::Protected32 { eip: plan.entry, esp: 0 },
     };
     if let Err(e) = vcpu.setup(space.table(), entry) {
         println!("VMCS setup: {e:?}");
@@ -130,15 +204,31 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     for ports in PASSED_PORTS {
         vcpu.pass_through_io(ports);
     }
-    vcpu.regs.rsi = plan.boot_params_at;
-    println!(
-        "twostage x86-hv: Linux boot protocol {}.{:02}, entering the 64-bit entry at {:#x} (RSI={:#x}), {} MiB RAM",
-        plan.header.version >> 8,
-        plan.header.version & 0xff,
-        plan.entry,
-        plan.boot_params_at,
-        g.mem >> 20
-    );
+    match &plan {
+        Plan::BzImage(plan) => {
+            vcpu.regs.rsi = plan.boot_params_at;
+            println!(
+                "twostage x86-hv: Linux boot protocol {}.{:02}, entering the 64-bit entry at {:#x} (RSI={:#x}), {} \
+                 MiB RAM",
+                plan.header.version >> 8,
+                plan.header.version & 0xff,
+                plan.entry,
+                plan.boot_params_at,
+                g.mem >> 20
+            );
+        }
+        Plan::Pvh(plan) => {
+            vcpu.regs.rbx = plan.start_info_at;
+            println!(
+                "twostage x86-hv: PVH entry at {:#x} (32-bit, paging off, EBX={:#x} hvm_start_info), {} segment(s), \
+                 {} MiB RAM",
+                plan.entry,
+                plan.start_info_at,
+                plan.load.segments.len(),
+                g.mem >> 20
+            );
+        }
+    }
     let mut n = Counts::default();
     let status = loop {
         let exit = match vcpu.run() {
@@ -211,6 +301,9 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             break None;
         }
     };
+    // The guest drove COM1 itself: the hypervisor's console settings again (115200 8N1,
+    // interrupts off) before it reports.
+    serial::init();
     println!(
         "twostage x86-hv: {} exits, {} EPT faults resolved, {} port exits, {} MSR accesses refused (#GP)",
         n.exits, n.faults, n.io, n.msr_gp
@@ -227,6 +320,12 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
 /// Whether a guest module is a Linux bzImage (rather than a multiboot ELF).
 pub fn is_linux(image: &[u8]) -> bool {
     twostage_baremetal::linux_x86::is_bzimage(image)
+}
+
+/// Whether a guest module is an ELF kernel with a PVH entry note, which [`run`] starts through
+/// it; a file whose notes are hostile is `Err` (refused, not taken for a multiboot file).
+pub fn is_pvh(image: &[u8]) -> Result<bool, twostage_baremetal::pvh::PvhError> {
+    twostage_baremetal::pvh::has_pvh_note(image)
 }
 
 /// A refused file's status, for callers that check before [`run`].

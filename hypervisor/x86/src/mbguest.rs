@@ -28,8 +28,8 @@ use twostage_vmx::emulate::efer_write;
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, VcpuConfig, VmExit, VmcsField, VmxVcpu};
 
-/// Guest RAM size.
-const RAM: u64 = 16 << 20;
+/// Guest RAM when the hypervisor's command line names none (`mem=`).
+pub const DEFAULT_RAM: u64 = 16 << 20;
 /// Status when the guest halts without writing port 0xf4, faults, or makes an exit the
 /// hypervisor cannot serve.
 const STOPPED: u32 = EXIT_GUEST_STOPPED as u32;
@@ -48,7 +48,8 @@ pub fn refuse(why: impl Display) -> u32 {
     u32::from(EXIT_REFUSED)
 }
 
-/// Checks, loads and runs the guest module GRUB loaded at physical `start..end`; returns the
+/// Checks, loads and runs the guest module GRUB loaded at physical `start..end` with `ram_size`
+/// bytes of RAM from address 0 (at most 4 GiB: the guest starts in 32-bit mode); returns the
 /// status it wrote to port 0xf4, [`EXIT_REFUSED`] for a file that fails the checks, or
 /// [`EXIT_GUEST_STOPPED`].
 ///
@@ -57,7 +58,7 @@ pub fn refuse(why: impl Display) -> u32 {
 /// `start..end` is the module as the boot loader reported it: when `end > start` and `start` is
 /// not 0, the bytes lie inside the identity map, outside the frames `frames` manages, and
 /// nothing writes them during the call.
-pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
+pub unsafe fn run(frames: &'static Frames, start: u64, end: u64, ram_size: u64) -> u32 {
     println!("twostage x86-hv: multiboot guest module at {start:#x}..{end:#x}");
     if end <= start || start == 0 {
         // GRUB's entry for an empty file: there is nothing to make a slice of.
@@ -67,12 +68,13 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
     // (non-null, `end > start`), inside the identity map and outside the frames the allocator
     // manages; nothing writes it while this slice lives.
     let image = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
-    let plan = match plan_guest(image, RAM) {
+    let ram_size = ram_size.min(1 << 32);
+    let plan = match plan_guest(image, ram_size) {
         Ok(p) => p,
         Err(e) => return refuse(e),
     };
     let Ok(entry) = u32::try_from(plan.load.entry) else {
-        // plan_guest keeps every segment below RAM (16 MiB).
+        // plan_guest keeps every segment below the RAM's end (at most 4 GiB).
         return refuse(LoadError::EntryOutsideSegments { entry: plan.load.entry });
     };
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
@@ -92,7 +94,7 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
             return SETUP_FAILED;
         }
     };
-    let Some(ram) = GpaRange::from_start_len(GuestPhysAddr::new(0), RAM) else { return SETUP_FAILED };
+    let Some(ram) = GpaRange::from_start_len(GuestPhysAddr::new(0), ram_size) else { return SETUP_FAILED };
     match space.add_region("ram", ram, MappingFlags::RWX, Backend::DemandZero) {
         Ok((_, f)) => space.flush_unloaded(f).expect("its own token"),
         Err(e) => {
@@ -102,7 +104,7 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64) -> u32 {
     }
     // The segments' bytes (the RAM's demand-zero gives the zero-fill), then the boot information
     // where no segment is.
-    let info = guest_information(plan.info_at, RAM);
+    let info = guest_information(plan.info_at, ram_size);
     let info_at = u64::from(plan.info_at);
     let blobs = plan.load.segments.iter().map(|s| (s.gpa, s.bytes)).chain([(info_at, &info[..])]);
     for (gpa, bytes) in blobs {

@@ -57,8 +57,15 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let arg = |k| twostage_baremetal::multiboot::cmdline_arg(own, k);
     let asked = arg("guest").map(|g| alloc::string::String::from_utf8_lossy(g).into_owned());
     let wants_initrd = arg("initrd").is_some();
-    let mem = arg("mem").and_then(|m| core::str::from_utf8(m).ok()?.parse::<u64>().ok()).unwrap_or(128 << 20);
+    // Guest RAM: `mem=BYTES`, else 128 MiB for a Linux guest and 16 MiB for a multiboot one.
+    let mem_arg = arg("mem").and_then(|m| core::str::from_utf8(m).ok()?.parse::<u64>().ok());
+    let mem = mem_arg.unwrap_or(128 << 20);
     let guest_cmdline = alloc::vec::Vec::from(guest_cmdline);
+    // The machine's memory map, for a Linux guest's e820 (its firmware areas).
+    let bios: alloc::vec::Vec<_> = boot
+        .memory_map()
+        .map(|r| twostage_baremetal::linux_x86::E820Entry { addr: r.base, size: r.len, kind: r.kind })
+        .collect();
     let mut modules = boot.modules();
     let first_module = modules.next();
     let more_modules = modules.count();
@@ -95,8 +102,13 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         // map and outside the frames (which start above every module); nothing writes it.
         unsafe { core::slice::from_raw_parts(m.start as *const u8, (m.end - m.start) as usize) }
     };
+    // An ELF file with a PVH entry note is a Linux guest too; one whose notes are hostile is refused.
+    let pvh = first_module.filter(|m| m.end > m.start && m.start != 0).map(|m| linuxguest::is_pvh(module(&m)));
     let status = match (first_module, asked) {
-        (Some(m), _) if m.end > m.start && m.start != 0 && linuxguest::is_linux(module(&m)) => {
+        _ if let Some(Err(e)) = pvh => mbguest::refuse(e),
+        (Some(m), _)
+            if m.end > m.start && m.start != 0 && (linuxguest::is_linux(module(&m)) || pvh == Some(Ok(true))) =>
+        {
             let initrd = boot.modules().nth(1);
             if more_modules > usize::from(wants_initrd) || wants_initrd != initrd.is_some() {
                 mbguest::refuse(format_args!(
@@ -110,6 +122,7 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
                     initrd: initrd.as_ref().map(module),
                     cmdline: &guest_cmdline,
                     mem,
+                    bios: &bios,
                 };
                 linuxguest::run(&FRAMES, &guest)
             }
@@ -120,7 +133,7 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         )),
         // SAFETY: GRUB loaded the module at `m.start..m.end`, below 4 GiB inside the boot identity
         // map and outside the frames (which start above every module); nothing writes it.
-        (Some(m), _) => unsafe { mbguest::run(&FRAMES, m.start, m.end) },
+        (Some(m), _) => unsafe { mbguest::run(&FRAMES, m.start, m.end, mem_arg.unwrap_or(mbguest::DEFAULT_RAM)) },
         (None, Some(name)) => mbguest::refuse(format_args!(
             "GRUB was asked to load {name} as the guest (guest={name} on the kernel command line) but passed no \
              module: it could not load the file (GRUB drops a file larger than the machine's free memory)"
