@@ -80,6 +80,7 @@ impl SbiBackend for Vm {
             }
             console::putchar(c);
             self.uart.line_start = c == b'\n';
+            crate::notes::guest_byte(c);
         }
         if self.uart.record {
             self.uart.out.push(c);

@@ -213,7 +213,11 @@ pub(crate) enum Ended {
 /// `who` starts the lines that report how the guest ended.
 pub(crate) fn drive(vm: &mut Vm, who: &str, slices: bool) -> Ended {
     loop {
-        match vm.run() {
+        let exit = vm.run();
+        if matches!(exit, Exit::Reset(_) | Exit::Fault(..) | Exit::Exception(_)) {
+            crate::notes::flush();
+        }
+        match exit {
             Exit::Reset(r) => {
                 println!(
                     "\n{who}guest reset: type {} reason {:#x} -> exit status {}",

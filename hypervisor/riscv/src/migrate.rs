@@ -15,6 +15,7 @@
 use crate::hart::{frames, hart};
 use crate::loader::{drive, Ended};
 use crate::vm::{Space, Vm};
+use alloc::string::String;
 use alloc::vec::Vec;
 use twostage_aspace::migrate::{MigrateError, Migration};
 use twostage_rvh::hw;
@@ -46,12 +47,12 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     let (mut mig, mut dst, flush) = match Migration::start(src(&mut vm), frames()) {
         Ok(started) => started,
         Err(e) => {
-            println!("\nmigration: cannot start ({e}); the guest runs on in VM 1");
+            crate::note!("migration: cannot start ({e}); the guest runs on in VM 1");
             return run_on(vm);
         }
     };
     vm.apply_space(flush);
-    println!("\nmigration: VM 1 -> VM {DST_VMID} from its exit {} from user space", vm.stats.user_exits);
+    crate::note!("migration: VM 1 -> VM {DST_VMID} from its exit {} from user space", vm.stats.user_exits);
     let mut pages = Vec::new();
     let slice = u64::from(hart().timebase) * SLICE_MS / 1000;
     loop {
@@ -90,7 +91,7 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
         Err(MigrateError::Unfinished { cause, migration }) => return abandon(vm, *migration, *cause),
         Err(e) => {
             // finish hands the migration back in `Unfinished` on every failure.
-            println!("migration: final copy failed: {e}; the guest runs on in VM 1");
+            crate::note!("migration: final copy failed: {e}; the guest runs on in VM 1");
             return run_on(vm);
         }
     };
@@ -101,16 +102,21 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     unsafe { b.restore(&state) };
     let downtime_us = (hw::rdtime() - paused_at) * 1_000_000 / u64::from(hart().timebase).max(1);
     let total: u64 = pages.iter().sum::<u64>() + last.pages;
-    print!("migration: rounds={} pages={total} final={} (round pages:", pages.len(), last.pages);
-    pages.iter().for_each(|p| print!(" {p}"));
-    println!("; guest stopped for {downtime_us} us)");
-    vm.print_stats("migration source, VM 1");
+    let each: String = pages.iter().map(|p| alloc::format!(" {p}")).collect();
+    crate::note!(
+        "migration: rounds={} pages={total} final={} (round pages:{each}; guest stopped for {downtime_us} us)",
+        pages.len(),
+        last.pages
+    );
+    let mut report = String::new();
+    let _ = vm.write_stats(&mut report, "migration source, VM 1");
+    crate::note!("{}", report.trim_end());
     let (p4, p2, p1) = vm.leaves_by_size();
     let held = p4 + 512 * p2 + 512 * 512 * p1 + vm.table().table_frames();
     let free_both = frames().free();
     // A's release: its table (hgatp is B's again at B's first entry) and every frame.
     drop(vm);
-    println!(
+    crate::note!(
         "migration: free frames {free_before} before, {free_both} with both copies, {} after VM 1 (holding {held} frames) was released",
         frames().free()
     );
@@ -119,10 +125,10 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
 
 /// Gives the migration up after `e` and runs the guest on in A.
 fn abandon(mut vm: Vm, mig: Migration, e: MigrateError) -> i32 {
-    println!("migration: {e}: abandoned, the guest runs on in VM 1");
+    crate::note!("migration: {e}: abandoned, the guest runs on in VM 1");
     match mig.abandon(src(&mut vm)) {
         Ok(flush) => vm.apply_space(flush),
-        Err(e) => println!("migration: abandoning failed too: {e}"),
+        Err(e) => crate::note!("migration: abandoning failed too: {e}"),
     }
     vm.watchdog = None;
     run_on(vm)

@@ -54,25 +54,36 @@ impl Vm {
         n
     }
 
-    /// Prints the statistics block.
+    /// Prints the statistics block (after any waiting note, [`crate::notes`]).
     pub fn print_stats(&self, label: &str) {
+        crate::notes::flush();
+        let _ = self.write_stats(&mut crate::console::Console, label);
+    }
+
+    /// Writes the statistics block to `w`.
+    pub fn write_stats(&self, w: &mut dyn core::fmt::Write, label: &str) -> core::fmt::Result {
         let s = &self.stats;
-        println!("== memory subsystem report ({label})");
-        print!("exits by kind:");
+        writeln!(w, "== memory subsystem report ({label})")?;
+        write!(w, "exits by kind:")?;
         for (c, n) in s.exits.iter().enumerate() {
             if *n > 0 {
-                print!(" {}={}", cause::name(c as u64), n);
+                write!(w, " {}={}", cause::name(c as u64), n)?;
             }
         }
-        println!(" interrupts={}", s.irq_exits);
+        writeln!(w, " interrupts={}", s.irq_exits)?;
         let (p4, p2, p1) = self.leaves_by_size();
-        println!("pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})", self.with_table(|t| t.table_frames()));
-        println!(
+        writeln!(
+            w,
+            "pages mapped now: 4K={p4} 2M={p2} 1G={p1} (table frames {})",
+            self.with_table(|t| t.table_frames())
+        )?;
+        writeln!(
+            w,
             "faults resolved: by the address space={} by demand-zero mapping={} unresolved={}; copy-on-write breaks={}",
             s.space_resolved, s.demand_zero, s.faults_unresolved, s.cow_breaks
-        );
-        println!("MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes);
-        println!("flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid);
+        )?;
+        writeln!(w, "MMIO accesses: reads={} writes={}", s.mmio_reads, s.mmio_writes)?;
+        writeln!(w, "flushes issued: hfence.gvma by address={} by VMID={}", s.gvma_addr, s.gvma_vmid)?;
         // What the hardware path costs (issue 6): guest-page exits that were not MMIO, per page
         // now mapped; fences per fault the memory subsystem resolved.
         let gpf = s.exits[20] + s.exits[21] + s.exits[23];
@@ -81,25 +92,29 @@ impl Vm {
         // Issue 11: huge-page backing cuts the faults per MiB first touched (256 per MiB
         // with 4 KiB pages, one per 2 MiB page with huge ones): nested page faults that were not MMIO, against the memory mapped now.
         let mib = (p4 as u64 * 4096 + p2 as u64 * (2 << 20) + p1 as u64 * (1 << 30)) >> 20;
-        println!(
+        writeln!(
+            w,
             "nested page faults: {} for {mib} MiB touched (MMIO exits apart: {})",
             touched as u64,
             s.mmio_reads + s.mmio_writes
-        );
+        )?;
         let changes = (s.space_resolved + s.demand_zero).max(1) as f64;
-        println!(
+        writeln!(
+            w,
             "hardware path cost: {:.2} guest-page exits per 4 KiB page first touched; {:.2} HFENCE.GVMA per resolved fault",
             touched / pages,
             f64::from(s.gvma_addr + s.gvma_vmid) / changes
-        );
-        println!("SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections);
-        println!(
+        )?;
+        writeln!(w, "SBI calls={} virtual timer interrupts={}", s.sbi_calls, s.timer_injections)?;
+        writeln!(
+            w,
             "vCPU: exceptions handed to the guest={} FP register saves (FS dirty)={} exits from VU-mode={}",
             s.reflected, s.fp_saves, s.user_exits
-        );
+        )?;
         let heap = (crate::board().heap_stats)();
         let fs = frames().stats();
-        println!(
+        writeln!(
+            w,
             "host frames in use={} high water={} ({} allocations, {:.1} bitmap words searched each); heap in use={} KiB of {} KiB claimed",
             fs.in_use,
             fs.high_water,
@@ -107,18 +122,21 @@ impl Vm {
             fs.words_searched as f64 / fs.allocations.max(1) as f64,
             heap.in_use >> 10,
             heap.claimed >> 10
-        );
+        )?;
         if let Some(space) = self.space() {
             let st = space.stats();
-            println!(
+            writeln!(
+                w,
                 "address space: frames allocated={} cow copies={} cow reuses={} faults resolved={}",
                 st.frames_allocated, st.cow_copies, st.cow_reuses, st.faults_resolved
-            );
-            println!(
+            )?;
+            writeln!(
+                w,
                 "huge pages: 2M mapped={} 1G mapped={} fallbacks to 4K (no aligned run)={} split={} collapsed={}",
                 st.huge_2m_mapped, st.huge_1g_mapped, st.huge_fallbacks, st.huge_splits, st.huge_collapses
-            );
-            print!("{space}");
+            )?;
+            write!(w, "{space}")?;
         }
+        Ok(())
     }
 }

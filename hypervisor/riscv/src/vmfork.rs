@@ -61,7 +61,7 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
             Some(child)
         }
         Err(e) => {
-            println!("fork failed: {e}; the parent runs on alone");
+            crate::note!("fork failed: {e}; the parent runs on alone");
             // The partial fork's invalidations are pending in the parent's space.
             vm.apply_space(SpaceFlush::none());
             None
@@ -70,8 +70,11 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     let Some(child) = child else {
         return finish_parent(vm, &state, None, at_fork);
     };
-    println!(
-        "\nfork: VM 1 forked at its exit {} from user space (pc {:#x}) into VM {CHILD_VMID}: {} frames shared, {} frames free",
+    // A line the guest began before the fork is the child's to end: unprefixed, with the fork's
+    // note after it.
+    let line_start = crate::notes::at_line_start();
+    crate::note!(
+        "fork: VM 1 forked at its exit {} from user space (pc {:#x}) into VM {CHILD_VMID}: {} frames shared, {} frames free",
         vm.stats.user_exits,
         state.pc,
         shared_frames(&child),
@@ -79,8 +82,7 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     );
     let mut b = Vm::with_space(child, CHILD_VMID);
     b.uart.prefix = Some("[child] ");
-    // The fork's own line above ended a line: the child's first byte starts one.
-    b.uart.line_start = true;
+    b.uart.line_start = line_start;
     // SAFETY: B's space is a copy-on-write fork of A's taken with A stopped where `state` was
     // captured.
     unsafe { b.restore(&state) };

@@ -157,14 +157,15 @@ pub fn step(vm: &mut Vm, state: &mut Migrating) {
                 Err(e) => (Err(e), SpaceFlush::none()),
             }) {
                 Ok((mig, dst)) => {
-                    println!(
-                        "\nmigration: VM 1 -> VM {DST_VMID} ({} vCPUs) from vCPU 0's exit {} from user space",
-                        mc.n, vm.stats.user_exits
+                    crate::note!(
+                        "migration: VM 1 -> VM {DST_VMID} ({} vCPUs) from vCPU 0's exit {} from user space",
+                        mc.n,
+                        vm.stats.user_exits
                     );
                     *state = Migrating::Rounds { mig, dst, pages: Vec::new(), free_before };
                     next_slice(vm);
                 }
-                Err(e) => println!("\nmigration: cannot start ({e}); the guest runs on in VM 1"),
+                Err(e) => crate::note!("migration: cannot start ({e}); the guest runs on in VM 1"),
             }
         }
         Migrating::No => {}
@@ -192,9 +193,9 @@ pub fn step(vm: &mut Vm, state: &mut Migrating) {
 
 /// Gives the migration up; the guest runs on in VM 1.
 fn abandon(mig: Migration, e: MigrateError) {
-    println!("migration: {e}: abandoned, the guest runs on in VM 1");
+    crate::note!("migration: {e}: abandoned, the guest runs on in VM 1");
     if let Err(e) = on_src(&m().space, |s| mig.abandon(s).map(|f| ((), f))) {
-        println!("migration: abandoning failed too: {e}");
+        crate::note!("migration: abandoning failed too: {e}");
     }
 }
 
@@ -235,7 +236,7 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
         }
         Err(e) => {
             release();
-            println!("migration: final copy failed: {e}; the guest runs on in VM 1");
+            crate::note!("migration: final copy failed: {e}; the guest runs on in VM 1");
             return;
         }
     };
@@ -254,9 +255,13 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     let (downtime_us, rendezvous_us) = (us(hw::rdtime() - paused_at), us(all_out_at - paused_at));
     wait_until(0, || running.iter().all(|&i| live.on_vmid[i].load(Ordering::SeqCst) == DST_VMID));
     let total: u64 = pages.iter().sum::<u64>() + last.pages;
-    print!("migration: rounds={} pages={total} final={} (round pages:", pages.len(), last.pages);
-    pages.iter().for_each(|p| print!(" {p}"));
-    println!("; guest stopped for {downtime_us} us on {} vCPUs, {rendezvous_us} us of it to stop them all)", mc.n);
+    let each: alloc::string::String = pages.iter().map(|p| alloc::format!(" {p}")).collect();
+    crate::note!(
+        "migration: rounds={} pages={total} final={} (round pages:{each}; guest stopped for {downtime_us} us on {} vCPUs, {rendezvous_us} us of it to stop them all)",
+        pages.len(),
+        last.pages,
+        mc.n
+    );
     let held = {
         let (mut data, t) = (0usize, dst.table().table_frames());
         dst.table()
@@ -265,7 +270,7 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     };
     let free_both = frames().free();
     drop(dst);
-    println!(
+    crate::note!(
         "migration: free frames {free_before} before, {free_both} with both copies, {} after VM 1 (holding {held} frames) was released",
         frames().free()
     );
