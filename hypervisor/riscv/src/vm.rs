@@ -1,5 +1,6 @@
-//! One guest: its Sv39x4 nested table or address space, the VS-mode run loop, exit handling,
-//! the emulated UART and the SBI.
+//! One guest: its Sv39x4 nested table or address space, the VS-mode run loop and its exits
+//! (guest-page faults and the SBI are handled in `exits.rs`, MMIO in [`crate::devices`]), the
+//! emulated UART.
 
 use crate::console;
 use crate::hart::{frames, g_stage_options, hart};
