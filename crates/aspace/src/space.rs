@@ -38,6 +38,9 @@ pub struct SpaceStats {
     /// Huge leaves of anonymous regions split by a copy-on-write break or a write under a
     /// write-protecting dirty log.
     pub huge_splits: u64,
+    /// Copy-on-write breaks that copied a whole 2 MiB page into a new run (also counted in
+    /// `cow_copies`).
+    pub huge_cow_copies: u64,
     /// Huge leaves restored by [`AddressSpace::collapse_huge`].
     pub huge_collapses: u64,
 }
