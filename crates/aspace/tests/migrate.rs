@@ -704,3 +704,104 @@ proptest! {
         }
     }
 }
+
+/// A whole migration with allocation number `fail_at` (and every later one, until healed)
+/// failing: start, rounds and finish either succeed or fail with a typed error; after healing,
+/// a failed step is retried (or, for a failed start, the migration started again) and the
+/// migration completes equal; nothing leaks. Returns whether the failure was hit.
+fn failing_migration<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
+    let m = mem(8192);
+    let (mut src, layout) = vm::<F>(&m, ad);
+    let low = src.region_at(gpa(LOW.0)).unwrap().id();
+    src.set_region_huge_pages(low, HugePages::Never);
+    for i in 0..40u64 {
+        // 4 KiB pages in LOW (every 39th page), one 2 MiB page in HIGH.
+        access(&mut src, &m, LOW.0 + i * 13 * 3 * PAGE, Access::Write, i + 1).unwrap();
+    }
+    for p in (0..2 * MIB).step_by(PAGE as usize) {
+        access(&mut src, &m, HIGH.0 + p, Access::Write, p | 1).unwrap();
+    }
+    let mut hit = false;
+    m.ram.fail_after(fail_at);
+    let (mut mig, mut dst) = loop {
+        match Migration::start(&mut src, m.clone()) {
+            Ok((mig, dst, f)) => {
+                src.flush(f, |_| {}).unwrap();
+                break (mig, dst);
+            }
+            Err(e) => {
+                hit = true;
+                assert!(
+                    matches!(e, MigrateError::NewSpace(_) | MigrateError::AddRegion(_) | MigrateError::DirtyLog(_)),
+                    "{e}"
+                );
+                assert_eq!(src.dirty_log_range(), None, "a failed start leaves no log");
+                src.flush_pending(|_| {});
+                m.ram.heal();
+            }
+        }
+    };
+    let mut written = 0u64;
+    for round in 0..3u64 {
+        access(&mut src, &m, LOW.0 + round * 2 * MIB + 8, Access::Write, 100 + round).unwrap_or_else(|| {
+            hit = true; // The source's own fault found no frame: heal, the vCPU retries.
+            m.ram.heal();
+            access(&mut src, &m, LOW.0 + round * 2 * MIB + 8, Access::Write, 100 + round).unwrap()
+        });
+        written += 1;
+        loop {
+            match mig.round(&mut src, &mut dst) {
+                Ok((_, f)) => {
+                    src.flush(f, |_| {}).unwrap();
+                    break;
+                }
+                Err(e) => {
+                    hit = true;
+                    assert!(matches!(e, MigrateError::OutOfFrames { .. } | MigrateError::DirtyLog(_)), "{e}");
+                    src.flush_pending(|_| {});
+                    m.ram.heal();
+                }
+            }
+        }
+    }
+    let _ = written;
+    let mut mig = Some(mig);
+    while let Some(mg) = mig.take() {
+        match mg.finish(&mut src, &mut dst) {
+            Ok((_, f)) => src.flush(f, |_| {}).unwrap(),
+            Err(MigrateError::Unfinished { migration, .. }) => {
+                hit = true;
+                src.flush_pending(|_| {});
+                m.ram.heal();
+                mig = Some(*migration);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    m.ram.heal();
+    check_equal(&mut src, &mut dst, &m);
+    drop(src);
+    drop(dst);
+    // SAFETY: allocated by `vm`, mapped only by the dropped spaces' linear regions.
+    unsafe { m.deallocate_frames(layout.linear_host, 2) };
+    assert!(m.live.lock().unwrap().is_empty(), "frames leaked with allocation {fail_at} failing");
+    hit
+}
+
+#[test]
+fn every_allocation_failure_during_a_migration_is_survived() {
+    for ad in [AdMode::Hardware, AdMode::Preset] {
+        let mut n = 0;
+        while failing_migration::<Sv39x4>(ad, n) {
+            n += 1;
+            assert!(n < 2000, "the migration never completes without a failure");
+        }
+        assert!(n > 10, "too few allocations to be a meaningful test: {n}");
+        println!("{ad:?}: Sv39x4 migration survives each of its {n} allocations failing");
+        n = 0;
+        while failing_migration::<Ept4>(ad, n) {
+            n += 1;
+            assert!(n < 2000);
+        }
+    }
+}
