@@ -18,6 +18,42 @@
 //!    Then move the vCPU and device state, run the guest in the destination and drop the
 //!    source (or [`Migration::abandon`] at any point before, and drop the destination).
 //!
+//! ```
+//! use std::sync::Arc;
+//! use twostage_aspace::migrate::Migration;
+//! use twostage_aspace::{AddressSpace, Backend, GuestMemory};
+//! use twostage_npt::testing::HostRam; // fake host RAM; a hypervisor passes its own allocator
+//! use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, Sv39x4, TableOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ram = Arc::new(HostRam::new(2048));
+//! let mut a = AddressSpace::<Sv39x4, _>::new(ram.clone(), TableOptions::for_format::<Sv39x4>())?;
+//! let gpa = GuestPhysAddr::new;
+//! let range = GpaRange::from_start_len(gpa(0x8000_0000), 4 << 20).unwrap();
+//! let (_, f) = a.add_region("ram", range, MappingFlags::RWX, Backend::DemandZero)?;
+//! a.flush_unloaded(f)?;
+//! a.write_obj(gpa(0x8000_0000), &1u64)?;
+//! a.flush_pending(|_| {});
+//!
+//! let (mut m, mut b, f) = Migration::start(&mut a, ram.clone())?;
+//! a.flush(f, |_inv| { /* HFENCE.GVMA or INVEPT on A's harts */ })?;
+//! loop {
+//!     a.write_obj(gpa(0x8000_2000), &2u64)?; // the guest runs on in A
+//!     a.flush_pending(|_| {});
+//!     let (round, f) = m.round(&mut a, &mut b)?;
+//!     a.flush(f, |_inv| { /* before the next round */ })?;
+//!     if round.dirty <= 1 || m.rounds() == 5 {
+//!         break;
+//!     }
+//! }
+//! // Pause A's vCPUs, then:
+//! let (last, f) = m.finish(&mut a, &mut b)?;
+//! a.flush(f, |_| {})?;
+//! println!("migration: rounds={} final={}", last.number, last.pages);
+//! assert_eq!(b.read_obj::<u64>(gpa(0x8000_2000))?, 2); // run the guest in B, drop A
+//! # Ok(()) }
+//! ```
+//!
 //! # Why the pages harvested are copied by the next round
 //! A harvest clears the D bits it read (or write-protects the pages again), but until its
 //! invalidation has run a vCPU may still write through a cached translation that already has
@@ -33,7 +69,8 @@
 //! is copied in one round and the destination has none of it yet, the block gets one 2 MiB
 //! page (one aligned run of 512 frames, if the region's [`crate::HugePages`] policy allows it
 //! and the allocator has one), so huge-page backing survives a migration, including the pages
-//! the source's dirty log split to 4 KiB; otherwise 4 KiB pages. A page copied again by a later
+//! the source's dirty log split to 4 KiB; otherwise 4 KiB pages (a source's 1 GiB page comes
+//! out as 2 MiB pages). A page copied again by a later
 //! round is overwritten in place. The destination is never loaded during the migration: its
 //! changes are carried out at once, without invalidation.
 //!
