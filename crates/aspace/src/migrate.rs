@@ -105,7 +105,8 @@ use alloc::vec::Vec;
 use core::error::Error;
 use core::fmt;
 use twostage_npt::{
-    Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, FRAME_SIZE,
+    Access, AdMode, Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
+    FRAME_SIZE,
 };
 
 /// Bytes in the huge pages a migration rebuilds in the destination.
@@ -607,7 +608,8 @@ fn new_page<F: Format, A: FrameAllocator + Clone>(
     let flags = dst.flags_for(r, p, false);
     match dst.table.edit().map(p, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
         Ok(f) => {
-            dst.flush_unloaded(crate::flush::SpaceFlush::from_table(f)).expect("the destination's own token");
+            dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
+            preset_accessed_dirty(dst, p);
             dst.stats.frames_allocated += 1;
             Some(hpa)
         }
@@ -643,6 +645,7 @@ fn copy_huge<F: Format, A: FrameAllocator + Clone>(
     match dst.table.edit().map(block, run, BLOCK, flags, MapSize::Exactly(PageSize::Size2M)) {
         Ok(f) => {
             dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
+            preset_accessed_dirty(dst, block);
             dst.stats.frames_allocated += n;
             dst.stats.huge_2m_mapped += 1;
             true
@@ -656,6 +659,21 @@ fn copy_huge<F: Format, A: FrameAllocator + Clone>(
             });
             false
         }
+    }
+}
+
+/// Sets A and D on the new leaf at `gpa` of `dst` when the table keeps them in software
+/// ([`AdMode::Software`]: RISC-V without Svadu, where a G-stage access with A = 0, or a store
+/// with D = 0, raises a guest-page fault for the hypervisor to set them; RISC-V Privileged spec,
+/// "Virtual Address Translation Process", as applied to G-stage). The page was populated and
+/// written in the source: without this the guest would take one more exit per page it touches
+/// after moving. Hardware A/D sets them itself, and a preset table has them set already.
+fn preset_accessed_dirty<F: Format, A: FrameAllocator + Clone>(dst: &mut AddressSpace<F, A>, gpa: GuestPhysAddr) {
+    if dst.opts.ad != AdMode::Software {
+        return;
+    }
+    if let Ok(f) = dst.table.edit().set_accessed_dirty(gpa, Access::Write) {
+        dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
     }
 }
 

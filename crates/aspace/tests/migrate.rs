@@ -805,3 +805,41 @@ fn every_allocation_failure_during_a_migration_is_survived() {
         }
     }
 }
+
+/// Under software A/D (RISC-V Svade) the destination's copied pages come with A and D set: the
+/// guest, moved, touches its memory without one more exit per page.
+#[test]
+fn copied_pages_need_no_accessed_dirty_fault_after_moving() {
+    for ad in [AdMode::Software, AdMode::Hardware] {
+        let m = mem(8192);
+        let (mut src, layout) = vm::<Sv39x4>(&m, ad);
+        let low = src.region_at(gpa(LOW.0)).unwrap().id();
+        src.set_region_huge_pages(low, HugePages::Never);
+        let pages: Vec<u64> = (0..50).map(|i| LOW.0 + i * 7 * PAGE).collect();
+        for &p in &pages {
+            access(&mut src, &m, p, Access::Write, p).unwrap();
+        }
+        for p in (0..2 * MIB).step_by(PAGE as usize) {
+            access(&mut src, &m, HIGH.0 + p, Access::Write, p | 1).unwrap(); // one 2 MiB page
+        }
+        let (mig, mut dst, f) = Migration::start(&mut src, m.clone()).unwrap();
+        src.flush(f, |_| {}).unwrap();
+        let (_, f) = mig.finish(&mut src, &mut dst).unwrap();
+        src.flush(f, |_| {}).unwrap();
+        let before = dst.stats().faults_resolved;
+        for &p in &pages {
+            assert_eq!(access(&mut dst, &m, p, Access::Read, 0), Some(p));
+            access(&mut dst, &m, p + 8, Access::Write, 1).unwrap();
+        }
+        for p in (0..2 * MIB).step_by(64 * PAGE as usize) {
+            assert_eq!(access(&mut dst, &m, HIGH.0 + p, Access::Read, 0), Some(p | 1));
+            access(&mut dst, &m, HIGH.0 + p + 8, Access::Write, 1).unwrap();
+        }
+        assert_eq!(dst.stats().faults_resolved - before, 0, "{ad:?}: faults in the destination after moving");
+        drop(src);
+        drop(dst);
+        // SAFETY: allocated by `vm`, mapped only by the dropped spaces' linear regions.
+        unsafe { m.deallocate_frames(layout.linear_host, 2) };
+        assert!(m.live.lock().unwrap().is_empty());
+    }
+}
