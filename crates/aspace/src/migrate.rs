@@ -70,8 +70,9 @@
 //! page (one aligned run of 512 frames, if the region's [`crate::HugePages`] policy allows it
 //! and the allocator has one), so huge-page backing survives a migration, including the pages
 //! the source's dirty log split to 4 KiB; otherwise 4 KiB pages (a source's 1 GiB page comes
-//! out as 2 MiB pages). A page copied again by a later
-//! round is overwritten in place. The destination is never loaded during the migration: its
+//! out as 2 MiB pages). A page copied again by a later round is overwritten in place. Under
+//! software A/D (RISC-V without Svadu) the copied pages get A and D set, so the moved guest
+//! takes no extra exit per page. The destination is never loaded during the migration: its
 //! changes are carried out at once, without invalidation.
 //!
 //! # Linear regions
