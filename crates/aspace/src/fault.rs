@@ -159,11 +159,12 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 
     /// A write fault on a read-only huge leaf of an anonymous region: if no frame of it is shared
     /// and no write-protecting dirty log covers it, the whole leaf gets the write right back;
+    /// if it is a shared 2 MiB leaf, the region's policy allows 2 MiB pages and a free aligned
+    /// run can be had, the whole page is copied into it ([`AddressSpace::copy_huge_leaf`]);
     /// otherwise it is split down to 4 KiB around `page` and only that page is copied (or made
-    /// writable), as Linux does for transparent huge pages.
+    /// writable).
     fn write_huge(&mut self, r: &Region, page: GuestPhysAddr, leaf: &Leaf) -> Result<SpaceFlush<F>, NoFrame> {
-        let protecting =
-            self.dirty.as_ref().is_some_and(|l| l.mode == DirtyMode::WriteProtect && l.range().overlaps(&leaf.range()));
+        let protecting = self.protects(leaf);
         if !protecting && self.refs.max_count(leaf.hpa, leaf.size.bytes() / PAGE) <= 1 {
             if r.backend == Backend::CopyOnWrite {
                 self.stats.cow_reuses += 1;
@@ -171,6 +172,11 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             let want = self.flags_for(r, leaf.gpa, false);
             let f = self.table.edit().protect(leaf.gpa, leaf.size.bytes(), want)?;
             return Ok(SpaceFlush::from_table(f));
+        }
+        if !protecting {
+            if let Some(f) = self.copy_huge_leaf(r, leaf) {
+                return Ok(f);
+            }
         }
         let mut flush = SpaceFlush::none();
         if self.split_around(page, &mut flush).is_err() {
@@ -219,6 +225,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let mut flush = SpaceFlush::none();
         let old = match self.table.query(page) {
             Some(l) if l.size != PageSize::Size4K => {
+                if !self.protects(&l) && self.refs.max_count(l.hpa, l.size.bytes() / PAGE) > 1 {
+                    if let Some(f) = self.copy_huge_leaf(r, &l) {
+                        if let Some(log) = &mut self.dirty {
+                            log.mark(page);
+                        }
+                        return Ok(f);
+                    }
+                }
                 if self.split_around(page, &mut flush).is_err() {
                     self.defer(flush);
                     return Err(NoFrame);
@@ -269,6 +283,52 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                 unsafe { self.alloc.deallocate_frames(new, 1) };
                 self.defer(flush);
                 Err(NoFrame)
+            }
+        }
+    }
+
+    /// Whether a write-protecting dirty log covers any of `leaf` (its pages must then be
+    /// tracked, and made writable, one by one).
+    fn protects(&self, leaf: &Leaf) -> bool {
+        self.dirty.as_ref().is_some_and(|l| l.mode == DirtyMode::WriteProtect && l.range().overlaps(&leaf.range()))
+    }
+
+    /// Copy-on-write of a whole shared 2 MiB leaf: if the region's [`crate::HugePages`] policy
+    /// allows 2 MiB pages and the allocator has a free aligned run of 512 frames, copies the
+    /// page into it and points the leaf at it, writable (one fault and one copy instead of up
+    /// to 512 of each); the old frames lose this holder once the flush has run. `None`
+    /// (nothing changed) otherwise: the caller splits and copies 4 KiB (see the `huge` module).
+    fn copy_huge_leaf(&mut self, r: &Region, leaf: &Leaf) -> Option<SpaceFlush<F>> {
+        if leaf.size != PageSize::Size2M || !r.huge.allows(PageSize::Size2M) || !r.backend.owns_frames() {
+            return None;
+        }
+        let n = leaf.size.bytes() / PAGE;
+        let Some(new) = self.alloc.allocate_frames(n as usize, n as usize) else {
+            self.stats.huge_fallbacks += 1;
+            return None;
+        };
+        for i in 0..n {
+            self.fill_frame(new + i * PAGE, Some(leaf.hpa + i * PAGE));
+        }
+        self.refs.insert_run(new, n);
+        let flags = self.flags_for(r, leaf.gpa, false);
+        // In place (same size, A/D kept, nothing allocated).
+        match self.table.edit().remap(leaf.gpa, new, flags) {
+            Ok(f) => {
+                self.stats.frames_allocated += n;
+                self.stats.cow_copies += 1;
+                self.stats.huge_cow_copies += 1;
+                self.pending.release.push((leaf.gpa, leaf.hpa, n));
+                Some(SpaceFlush::from_table(f))
+            }
+            Err(_) => {
+                let alloc = &self.alloc;
+                self.refs.release_range(new, n, |b, count| {
+                    // SAFETY: the run registered just above, never mapped: its last frame was
+                    // just released, so it is handed back whole, once.
+                    unsafe { alloc.deallocate_frames(b, count as usize) }
+                });
+                None
             }
         }
     }

@@ -9,8 +9,9 @@
 //!   text dump (`impl Display`).
 //! - [`HugePages`]: huge-page (THP-like) backing of anonymous regions, on by default: the first
 //!   touch of an untouched aligned 2 MiB (or 1 GiB) block wholly inside the region maps one huge
-//!   page from one aligned run of frames, else 4 KiB. A copy-on-write break on a huge page splits
-//!   it and copies 4 KiB; a dirty log splits what it must; [`AddressSpace::collapse_huge`] (and
+//!   page from one aligned run of frames, else 4 KiB. A copy-on-write break on a 2 MiB page
+//!   copies it whole into a free aligned run where the policy allows (else splits it and copies
+//!   4 KiB); a dirty log splits what it must; [`AddressSpace::collapse_huge`] (and
 //!   [`AddressSpace::stop_dirty_log`]) restore huge pages. A run is counted per frame in
 //!   [`FrameRefs`] and freed whole, once, when its last frame is released.
 //! - [`migrate::Migration`]: live migration into a fresh address space by dirty logging

@@ -18,6 +18,42 @@
 //!    Then move the vCPU and device state, run the guest in the destination and drop the
 //!    source (or [`Migration::abandon`] at any point before, and drop the destination).
 //!
+//! ```
+//! use std::sync::Arc;
+//! use twostage_aspace::migrate::Migration;
+//! use twostage_aspace::{AddressSpace, Backend, GuestMemory};
+//! use twostage_npt::testing::HostRam; // fake host RAM; a hypervisor passes its own allocator
+//! use twostage_npt::{GpaRange, GuestPhysAddr, MappingFlags, Sv39x4, TableOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ram = Arc::new(HostRam::new(2048));
+//! let mut a = AddressSpace::<Sv39x4, _>::new(ram.clone(), TableOptions::for_format::<Sv39x4>())?;
+//! let gpa = GuestPhysAddr::new;
+//! let range = GpaRange::from_start_len(gpa(0x8000_0000), 4 << 20).unwrap();
+//! let (_, f) = a.add_region("ram", range, MappingFlags::RWX, Backend::DemandZero)?;
+//! a.flush_unloaded(f)?;
+//! a.write_obj(gpa(0x8000_0000), &1u64)?;
+//! a.flush_pending(|_| {});
+//!
+//! let (mut m, mut b, f) = Migration::start(&mut a, ram.clone())?;
+//! a.flush(f, |_inv| { /* HFENCE.GVMA or INVEPT on A's harts */ })?;
+//! loop {
+//!     a.write_obj(gpa(0x8000_2000), &2u64)?; // the guest runs on in A
+//!     a.flush_pending(|_| {});
+//!     let (round, f) = m.round(&mut a, &mut b)?;
+//!     a.flush(f, |_inv| { /* before the next round */ })?;
+//!     if round.dirty <= 1 || m.rounds() == 5 {
+//!         break;
+//!     }
+//! }
+//! // Pause A's vCPUs, then:
+//! let (last, f) = m.finish(&mut a, &mut b)?;
+//! a.flush(f, |_| {})?;
+//! println!("migration: rounds={} final={}", last.number, last.pages);
+//! assert_eq!(b.read_obj::<u64>(gpa(0x8000_2000))?, 2); // run the guest in B, drop A
+//! # Ok(()) }
+//! ```
+//!
 //! # Why the pages harvested are copied by the next round
 //! A harvest clears the D bits it read (or write-protects the pages again), but until its
 //! invalidation has run a vCPU may still write through a cached translation that already has
@@ -33,8 +69,10 @@
 //! is copied in one round and the destination has none of it yet, the block gets one 2 MiB
 //! page (one aligned run of 512 frames, if the region's [`crate::HugePages`] policy allows it
 //! and the allocator has one), so huge-page backing survives a migration, including the pages
-//! the source's dirty log split to 4 KiB; otherwise 4 KiB pages. A page copied again by a later
-//! round is overwritten in place. The destination is never loaded during the migration: its
+//! the source's dirty log split to 4 KiB; otherwise 4 KiB pages (a source's 1 GiB page comes
+//! out as 2 MiB pages). A page copied again by a later round is overwritten in place. Under
+//! software A/D (RISC-V without Svadu) the copied pages get A and D set, so the moved guest
+//! takes no extra exit per page. The destination is never loaded during the migration: its
 //! changes are carried out at once, without invalidation.
 //!
 //! # Linear regions
@@ -68,7 +106,8 @@ use alloc::vec::Vec;
 use core::error::Error;
 use core::fmt;
 use twostage_npt::{
-    Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize, FRAME_SIZE,
+    Access, AdMode, Format, FrameAllocator, GpaRange, GuestPhysAddr, HostPhysAddr, MapSize, MappingFlags, PageSize,
+    FRAME_SIZE,
 };
 
 /// Bytes in the huge pages a migration rebuilds in the destination.
@@ -348,7 +387,13 @@ impl Migration {
             flush = core::mem::replace(&mut flush, SpaceFlush::none()).merge(self.harvest(src)?);
             self.copy_owed(src, dst, &mut round)?;
             if self.log.is_some() {
-                flush = core::mem::replace(&mut flush, SpaceFlush::none()).merge(src.stop_dirty_log()?);
+                // Everything is copied. Stopping turns the log off even if giving the pages
+                // their write right back fails part way (no frame to split a huge page): those
+                // get it on their next write fault, and the partial change is pending in the
+                // source, carried out with its next flush. So that is no failure here.
+                if let Ok(f) = src.stop_dirty_log() {
+                    flush = core::mem::replace(&mut flush, SpaceFlush::none()).merge(f);
+                }
             }
             Ok(())
         })();
@@ -564,7 +609,8 @@ fn new_page<F: Format, A: FrameAllocator + Clone>(
     let flags = dst.flags_for(r, p, false);
     match dst.table.edit().map(p, hpa, PAGE, flags, MapSize::Exactly(PageSize::Size4K)) {
         Ok(f) => {
-            dst.flush_unloaded(crate::flush::SpaceFlush::from_table(f)).expect("the destination's own token");
+            dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
+            preset_accessed_dirty(dst, p);
             dst.stats.frames_allocated += 1;
             Some(hpa)
         }
@@ -600,6 +646,7 @@ fn copy_huge<F: Format, A: FrameAllocator + Clone>(
     match dst.table.edit().map(block, run, BLOCK, flags, MapSize::Exactly(PageSize::Size2M)) {
         Ok(f) => {
             dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
+            preset_accessed_dirty(dst, block);
             dst.stats.frames_allocated += n;
             dst.stats.huge_2m_mapped += 1;
             true
@@ -613,6 +660,21 @@ fn copy_huge<F: Format, A: FrameAllocator + Clone>(
             });
             false
         }
+    }
+}
+
+/// Sets A and D on the new leaf at `gpa` of `dst` when the table keeps them in software
+/// ([`AdMode::Software`]: RISC-V without Svadu, where a G-stage access with A = 0, or a store
+/// with D = 0, raises a guest-page fault for the hypervisor to set them; RISC-V Privileged spec,
+/// "Virtual Address Translation Process", as applied to G-stage). The page was populated and
+/// written in the source: without this the guest would take one more exit per page it touches
+/// after moving. Hardware A/D sets them itself, and a preset table has them set already.
+fn preset_accessed_dirty<F: Format, A: FrameAllocator + Clone>(dst: &mut AddressSpace<F, A>, gpa: GuestPhysAddr) {
+    if dst.opts.ad != AdMode::Software {
+        return;
+    }
+    if let Ok(f) = dst.table.edit().set_accessed_dirty(gpa, Access::Write) {
+        dst.flush_unloaded(SpaceFlush::from_table(f)).expect("the destination's own token");
     }
 }
 

@@ -32,12 +32,16 @@ pub struct SpaceStats {
     pub huge_2m_mapped: u64,
     /// 1 GiB pages mapped by a first touch or populate.
     pub huge_1g_mapped: u64,
-    /// First touches where a huge page fitted but no aligned run of frames could be had (4 KiB
-    /// was mapped instead).
+    /// Times a 2 MiB (or 1 GiB) page fitted but no aligned run of frames could be had: first
+    /// touches (4 KiB was mapped instead), copy-on-write breaks of a 2 MiB page (split and 4 KiB
+    /// copied instead) and migration copies of a whole 2 MiB block (4 KiB pages instead).
     pub huge_fallbacks: u64,
     /// Huge leaves of anonymous regions split by a copy-on-write break or a write under a
     /// write-protecting dirty log.
     pub huge_splits: u64,
+    /// Copy-on-write breaks that copied a whole 2 MiB page into a new run (also counted in
+    /// `cow_copies`).
+    pub huge_cow_copies: u64,
     /// Huge leaves restored by [`AddressSpace::collapse_huge`].
     pub huge_collapses: u64,
 }

@@ -18,6 +18,7 @@ use twostage_npt::{
     Access, AdMode, Ept4, Format, FrameAllocator, HostPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4,
     TableOptions,
 };
+use twostage_spec_model as model;
 
 /// Fake RAM whose allocator checks that every allocation comes back whole, once, with the
 /// count it was made with.
@@ -202,7 +203,11 @@ fn check_equal<F: ModelCpu>(src: &mut Space<F>, dst: &mut Space<F>, m: &Checked)
         let got = model_page(dst, m, page);
         let in_mmio = src.region_at(gpa(page)).is_some_and(|r| r.backend() == Backend::Mmio);
         match (&want, &got) {
-            (Some(w), Some(g)) => assert_eq!(w, g, "page {page:#x} differs"),
+            (Some(w), Some(g)) => {
+                if let Some(i) = (0..w.len()).find(|&i| w[i] != g[i]) {
+                    panic!("page {page:#x} differs at word {i}: source {:#x}, destination {:#x}", w[i], g[i]);
+                }
+            }
             (Some(w), None) => {
                 // Not copied: only a page reading as zero (demand-zero in the destination).
                 assert!(w.iter().all(|&x| x == 0), "page {page:#x} not copied");
@@ -548,4 +553,293 @@ fn misuse_is_refused() {
     assert_eq!(left.len(), 1, "only the second layout's linear frames: {left:?}");
     // SAFETY: the second layout's linear frames, mapped only by the dropped space.
     unsafe { m.deallocate_frames(HostPhysAddr::new(left[0].0), left[0].1) };
+}
+
+/// A vCPU with the spec model's TLB for format `F`: it keeps translations (with their D bit)
+/// until the invalidations a flush asks for remove them.
+trait TlbCpu: ModelCpu {
+    type Tlb: Default;
+    fn tlb_write(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64) -> Result<u64, String>;
+    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &twostage_npt::InvalidationOf<'_, Self>);
+}
+
+const VMID: u16 = 1;
+
+impl TlbCpu for Sv39x4 {
+    type Tlb = model::tlb::GstageTlb;
+    fn tlb_write(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64) -> Result<u64, String> {
+        let hgatp = model::gstage::Hgatp { mode: model::gstage::HgatpMode::Sv39x4, vmid: VMID, root: model::Hpa(root) }
+            .encode();
+        let cfg = model::gstage::GstageConfig { hw_ad_update: hw_ad, ..Default::default() };
+        tlb.translate(&mut common::ModelMem(ram), hgatp, &cfg, model::Gpa(gpa), model::Access::Write)
+            .map(|w| w.hpa.0)
+            .map_err(|e| format!("{e:?}"))
+    }
+    fn invalidate(tlb: &mut Self::Tlb, _root: u64, _hw_ad: bool, inv: &twostage_npt::GvmaInvalidation<'_>) {
+        match inv {
+            twostage_npt::GvmaInvalidation::None => {}
+            twostage_npt::GvmaInvalidation::Addresses { addrs, .. } => {
+                for a in addrs.iter() {
+                    tlb.hfence_gvma(Some(model::Gpa(a.as_u64())), Some(VMID));
+                }
+            }
+            twostage_npt::GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(VMID)),
+        }
+    }
+}
+
+fn eptp(root: u64, hw_ad: bool) -> u64 {
+    // Memory type WB (6), walk length 4 (3 << 3), A/D enable (bit 6): SDM Vol. 3C 25.6.11.
+    root | 6 | 3 << 3 | (hw_ad as u64) << 6
+}
+
+impl TlbCpu for Ept4 {
+    type Tlb = model::tlb::EptTlb;
+    fn tlb_write(tlb: &mut Self::Tlb, ram: &HostRam, root: u64, hw_ad: bool, gpa: u64) -> Result<u64, String> {
+        let caps = model::ept::EptCaps::from_msr(common::EPT_CAPS, 48);
+        tlb.translate(
+            &mut common::ModelMem(ram),
+            eptp(root, hw_ad),
+            &caps,
+            model::Gpa(gpa),
+            model::Access::Write.into(),
+            model::ept::GuestLinear::NONE,
+        )
+        .map(|w| w.hpa.0)
+        .map_err(|e| format!("{e:?}"))
+    }
+    fn invalidate(tlb: &mut Self::Tlb, root: u64, hw_ad: bool, inv: &twostage_npt::EptInvalidation) {
+        match inv {
+            twostage_npt::EptInvalidation::None => {}
+            twostage_npt::EptInvalidation::SingleContext { .. } => tlb.invept_single_context(eptp(root, hw_ad)),
+        }
+    }
+}
+
+/// Carries out `f` on `s`, invalidating the vCPU's TLB as asked.
+fn flush_tlb<F: TlbCpu>(s: &mut Space<F>, tlb: &mut F::Tlb, f: SpaceFlush<F>) {
+    let (root, hw) = (s.root().as_u64(), s.options().ad == AdMode::Hardware);
+    s.flush(f, |inv| F::invalidate(tlb, root, hw, inv)).unwrap();
+}
+
+/// A store by the TLB-holding vCPU (faults resolved and flushed).
+fn tlb_store<F: TlbCpu>(s: &mut Space<F>, tlb: &mut F::Tlb, m: &Checked, at: u64, v: u64) {
+    let (root, hw) = (s.root().as_u64(), s.options().ad == AdMode::Hardware);
+    for _ in 0..8 {
+        match F::tlb_write(tlb, &m.ram, root, hw, at) {
+            Ok(hpa) => return m.ram.write_u64(hpa, v),
+            Err(_) => match s.handle_fault(NestedPageFaultInfo::new(gpa(at), Access::Write)) {
+                FaultOutcome::Resolved { flush } => flush_tlb(s, tlb, flush),
+                other => panic!("write at {at:#x}: {other:?}"),
+            },
+        }
+    }
+    panic!("write at {at:#x} kept faulting");
+}
+
+/// The vCPU keeps running while a round copies and until its flush is carried out: stores in
+/// that window go through translations the vCPU cached before the harvest (D already set, or
+/// the write right), leaving no trace in the log. The migration still ends equal, because the
+/// pages a harvest returns are copied only after its flush.
+/// Stores (page, value).
+type Stores = Vec<(u16, u64)>;
+
+fn run_stale<F: TlbCpu>(ad: AdMode, before: &[(u16, u64)], steps: &[(Stores, Stores)]) {
+    let m = mem(8192);
+    let (mut src, layout) = vm::<F>(&m, ad);
+    let mut tlb = F::Tlb::default();
+    let addr = |page: u16| page_addr(page) + 8 * (u64::from(page) % 512);
+    for &(p, v) in before {
+        tlb_store(&mut src, &mut tlb, &m, addr(p), v);
+    }
+    let (mut mig, mut dst, f) = Migration::start(&mut src, m.clone()).unwrap();
+    flush_tlb(&mut src, &mut tlb, f);
+    for (running, window) in steps {
+        for &(p, v) in running {
+            tlb_store(&mut src, &mut tlb, &m, addr(p), v);
+        }
+        let (_, f) = mig.round(&mut src, &mut dst).unwrap();
+        // The round returned; its flush is not carried out yet: the vCPU still writes.
+        for &(p, v) in window {
+            let (root, hw) = (src.root().as_u64(), src.options().ad == AdMode::Hardware);
+            // Only stores the cached translations serve (a fault would wait for the lock the
+            // round holds, i.e. until after the flush).
+            if let Ok(hpa) = F::tlb_write(&mut tlb, &m.ram, root, hw, addr(p)) {
+                m.ram.write_u64(hpa, v);
+            }
+        }
+        flush_tlb(&mut src, &mut tlb, f);
+    }
+    // Pause the vCPU (its TLB state no longer matters), finish.
+    let (_, f) = mig.finish(&mut src, &mut dst).unwrap();
+    flush_tlb(&mut src, &mut tlb, f);
+    check_equal(&mut src, &mut dst, &m);
+    drop(src);
+    drop(dst);
+    // SAFETY: allocated by `vm`, mapped only by the dropped spaces' linear regions.
+    unsafe { m.deallocate_frames(layout.linear_host, 2) };
+    assert!(m.live.lock().unwrap().is_empty());
+}
+
+fn stores(n: usize) -> impl Strategy<Value = Vec<(u16, u64)>> {
+    // A small set of pages, so that the window's stores hit cached translations.
+    prop::collection::vec((0u16..24, any::<u64>()), 0..n)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn stores_through_stale_translations_during_a_round_are_not_lost(
+        mode in 0u8..5,
+        before in stores(12),
+        steps in prop::collection::vec((stores(8), stores(8)), 1..5),
+    ) {
+        match mode {
+            0 => run_stale::<Sv39x4>(AdMode::Hardware, &before, &steps),
+            1 => run_stale::<Sv39x4>(AdMode::Software, &before, &steps),
+            2 => run_stale::<Sv39x4>(AdMode::Preset, &before, &steps),
+            3 => run_stale::<Ept4>(AdMode::Hardware, &before, &steps),
+            _ => run_stale::<Ept4>(AdMode::Preset, &before, &steps),
+        }
+    }
+}
+
+/// A whole migration with allocation number `fail_at` (and every later one, until healed)
+/// failing: start, rounds and finish either succeed or fail with a typed error; after healing,
+/// a failed step is retried (or, for a failed start, the migration started again) and the
+/// migration completes equal; nothing leaks. Returns whether the failure was hit.
+fn failing_migration<F: ModelCpu>(ad: AdMode, fail_at: u64) -> bool {
+    let m = mem(8192);
+    let (mut src, layout) = vm::<F>(&m, ad);
+    let low = src.region_at(gpa(LOW.0)).unwrap().id();
+    src.set_region_huge_pages(low, HugePages::Never);
+    for i in 0..40u64 {
+        // 4 KiB pages in LOW (every 39th page), one 2 MiB page in HIGH.
+        access(&mut src, &m, LOW.0 + i * 13 * 3 * PAGE, Access::Write, i + 1).unwrap();
+    }
+    for p in (0..2 * MIB).step_by(PAGE as usize) {
+        access(&mut src, &m, HIGH.0 + p, Access::Write, p | 1).unwrap();
+    }
+    let mut hit = false;
+    m.ram.fail_after(fail_at);
+    let (mut mig, mut dst) = loop {
+        match Migration::start(&mut src, m.clone()) {
+            Ok((mig, dst, f)) => {
+                src.flush(f, |_| {}).unwrap();
+                break (mig, dst);
+            }
+            Err(e) => {
+                hit = true;
+                assert!(
+                    matches!(e, MigrateError::NewSpace(_) | MigrateError::AddRegion(_) | MigrateError::DirtyLog(_)),
+                    "{e}"
+                );
+                assert_eq!(src.dirty_log_range(), None, "a failed start leaves no log");
+                src.flush_pending(|_| {});
+                m.ram.heal();
+            }
+        }
+    };
+    let mut written = 0u64;
+    for round in 0..3u64 {
+        access(&mut src, &m, LOW.0 + round * 2 * MIB + 8, Access::Write, 100 + round).unwrap_or_else(|| {
+            hit = true; // The source's own fault found no frame: heal, the vCPU retries.
+            m.ram.heal();
+            access(&mut src, &m, LOW.0 + round * 2 * MIB + 8, Access::Write, 100 + round).unwrap()
+        });
+        written += 1;
+        loop {
+            match mig.round(&mut src, &mut dst) {
+                Ok((_, f)) => {
+                    src.flush(f, |_| {}).unwrap();
+                    break;
+                }
+                Err(e) => {
+                    hit = true;
+                    assert!(matches!(e, MigrateError::OutOfFrames { .. } | MigrateError::DirtyLog(_)), "{e}");
+                    src.flush_pending(|_| {});
+                    m.ram.heal();
+                }
+            }
+        }
+    }
+    let _ = written;
+    let mut mig = Some(mig);
+    while let Some(mg) = mig.take() {
+        match mg.finish(&mut src, &mut dst) {
+            Ok((_, f)) => src.flush(f, |_| {}).unwrap(),
+            Err(MigrateError::Unfinished { migration, .. }) => {
+                hit = true;
+                src.flush_pending(|_| {});
+                m.ram.heal();
+                mig = Some(*migration);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    m.ram.heal();
+    check_equal(&mut src, &mut dst, &m);
+    drop(src);
+    drop(dst);
+    // SAFETY: allocated by `vm`, mapped only by the dropped spaces' linear regions.
+    unsafe { m.deallocate_frames(layout.linear_host, 2) };
+    assert!(m.live.lock().unwrap().is_empty(), "frames leaked with allocation {fail_at} failing");
+    hit
+}
+
+#[test]
+fn every_allocation_failure_during_a_migration_is_survived() {
+    for ad in [AdMode::Hardware, AdMode::Preset] {
+        let mut n = 0;
+        while failing_migration::<Sv39x4>(ad, n) {
+            n += 1;
+            assert!(n < 2000, "the migration never completes without a failure");
+        }
+        assert!(n > 10, "too few allocations to be a meaningful test: {n}");
+        println!("{ad:?}: Sv39x4 migration survives each of its {n} allocations failing");
+        n = 0;
+        while failing_migration::<Ept4>(ad, n) {
+            n += 1;
+            assert!(n < 2000);
+        }
+    }
+}
+
+/// Under software A/D (RISC-V Svade) the destination's copied pages come with A and D set: the
+/// guest, moved, touches its memory without one more exit per page.
+#[test]
+fn copied_pages_need_no_accessed_dirty_fault_after_moving() {
+    for ad in [AdMode::Software, AdMode::Hardware] {
+        let m = mem(8192);
+        let (mut src, layout) = vm::<Sv39x4>(&m, ad);
+        let low = src.region_at(gpa(LOW.0)).unwrap().id();
+        src.set_region_huge_pages(low, HugePages::Never);
+        let pages: Vec<u64> = (0..50).map(|i| LOW.0 + i * 7 * PAGE).collect();
+        for &p in &pages {
+            access(&mut src, &m, p, Access::Write, p).unwrap();
+        }
+        for p in (0..2 * MIB).step_by(PAGE as usize) {
+            access(&mut src, &m, HIGH.0 + p, Access::Write, p | 1).unwrap(); // one 2 MiB page
+        }
+        let (mig, mut dst, f) = Migration::start(&mut src, m.clone()).unwrap();
+        src.flush(f, |_| {}).unwrap();
+        let (_, f) = mig.finish(&mut src, &mut dst).unwrap();
+        src.flush(f, |_| {}).unwrap();
+        let before = dst.stats().faults_resolved;
+        for &p in &pages {
+            assert_eq!(access(&mut dst, &m, p, Access::Read, 0), Some(p));
+            access(&mut dst, &m, p + 8, Access::Write, 1).unwrap();
+        }
+        for p in (0..2 * MIB).step_by(64 * PAGE as usize) {
+            assert_eq!(access(&mut dst, &m, HIGH.0 + p, Access::Read, 0), Some(p | 1));
+            access(&mut dst, &m, HIGH.0 + p + 8, Access::Write, 1).unwrap();
+        }
+        assert_eq!(dst.stats().faults_resolved - before, 0, "{ad:?}: faults in the destination after moving");
+        drop(src);
+        drop(dst);
+        // SAFETY: allocated by `vm`, mapped only by the dropped spaces' linear regions.
+        unsafe { m.deallocate_frames(layout.linear_host, 2) };
+        assert!(m.live.lock().unwrap().is_empty());
+    }
 }
