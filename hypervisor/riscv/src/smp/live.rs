@@ -14,11 +14,12 @@
 //! 2. With every vCPU out of the guest: the final copy, then the destination space takes the
 //!    source's place inside the shared space (a swap under the write lock), and the VM's VMID
 //!    becomes the destination's.
-//! 3. Release: each vCPU, before its next entry, leaves the old VMID on its hart (HFENCE.GVMA
+//! 3. Switch: each vCPU waiting at the rendezvous leaves the old VMID on its hart (HFENCE.GVMA
 //!    of it), loads the new hgatp and enters the new VMID ([`twostage_rvh::shootdown`]'s
-//!    `leave`/`enter`); vCPU 0 waits until every vCPU that was not idle has switched, then drops
-//!    the source space (its frames go back). An idle vCPU switches when it next runs; its hart
-//!    does not use the old hgatp meanwhile (V=0, no HLV/HSV).
+//!    `leave`/`enter`); vCPU 0 waits until all of them have, drops the source space (its frames
+//!    go back, counted with no guest running), and only then lets every vCPU run on. An idle
+//!    vCPU switches when it next runs; its hart does not use the old hgatp meanwhile (V=0, no
+//!    HLV/HSV).
 //!
 //! The vCPUs stay on their harts and the devices are the machine's: the vCPU state (registers,
 //! VS CSRs, timers) and the device state need no copy here, unlike the one-vCPU migration into a
@@ -77,14 +78,25 @@ impl Live {
     }
 }
 
-/// Before each entry of an SMP vCPU: waits out a rendezvous, then switches the hart to the VM's
-/// current VMID and table if it changed.
+/// Before each entry of an SMP vCPU: waits out a rendezvous (switching to the destination
+/// there as soon as vCPU 0 swapped it in), then switches the hart to the VM's current VMID and
+/// table if it changed.
 pub fn at_entry(vm: &mut Vm, me: usize) {
     let live = &m().live;
     if me != 0 && live.pause.load(Ordering::SeqCst) {
         live.arrived[me].store(true, Ordering::SeqCst);
         super::ipi_hart(m().hartids[0]);
-        wait_until(me, || !live.pause.load(Ordering::SeqCst));
+        loop {
+            let mine = vm.vmid;
+            wait_until(me, || !live.pause.load(Ordering::SeqCst) || live.vmid.load(Ordering::SeqCst) != mine);
+            let vmid = live.vmid.load(Ordering::SeqCst);
+            if vm.vmid != vmid {
+                switch(vm, me, vmid);
+            }
+            if !live.pause.load(Ordering::SeqCst) || m().ending.load(Ordering::Relaxed) {
+                break;
+            }
+        }
         live.arrived[me].store(false, Ordering::SeqCst);
     }
     let vmid = live.vmid.load(Ordering::SeqCst);
@@ -247,21 +259,12 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     });
     live.vmid.store(DST_VMID, Ordering::SeqCst);
     switch(vm, 0, DST_VMID);
-    // Which vCPUs run the guest now and must switch before the source goes.
-    let running: Vec<usize> = (1..mc.n).filter(|&i| live.arrived[i].load(Ordering::SeqCst)).collect();
-    live.pause.store(false, Ordering::SeqCst);
-    running.iter().for_each(|&i| super::ipi_hart(mc.hartids[i]));
-    let us = |t: u64| t * 1_000_000 / u64::from(hart().timebase).max(1);
-    let (downtime_us, rendezvous_us) = (us(hw::rdtime() - paused_at), us(all_out_at - paused_at));
-    wait_until(0, || running.iter().all(|&i| live.on_vmid[i].load(Ordering::SeqCst) == DST_VMID));
-    let total: u64 = pages.iter().sum::<u64>() + last.pages;
-    let each: alloc::string::String = pages.iter().map(|p| alloc::format!(" {p}")).collect();
-    crate::note!(
-        "migration: rounds={} pages={total} final={} (round pages:{each}; guest stopped for {downtime_us} us on {} vCPUs, {rendezvous_us} us of it to stop them all)",
-        pages.len(),
-        last.pages,
-        mc.n
-    );
+    // The vCPUs waiting at the rendezvous switch there; the source goes once they all have, with
+    // no guest running (so the free count says exactly what its release gave back). An idle
+    // vCPU switches when it next runs; its hart does not use the old hgatp meanwhile.
+    let waiting: Vec<usize> = (1..mc.n).filter(|&i| live.arrived[i].load(Ordering::SeqCst)).collect();
+    waiting.iter().for_each(|&i| super::ipi_hart(mc.hartids[i]));
+    wait_until(0, || waiting.iter().all(|&i| live.on_vmid[i].load(Ordering::SeqCst) == DST_VMID));
     let held = {
         let (mut data, t) = (0usize, dst.table().table_frames());
         dst.table()
@@ -270,8 +273,19 @@ fn finish(vm: &mut Vm, mig: Migration, mut dst: Box<Space>, pages: Vec<u64>, fre
     };
     let free_both = frames().free();
     drop(dst);
+    let free_after = frames().free();
+    release();
+    let us = |t: u64| t * 1_000_000 / u64::from(hart().timebase).max(1);
+    let (downtime_us, rendezvous_us) = (us(hw::rdtime() - paused_at), us(all_out_at - paused_at));
+    let total: u64 = pages.iter().sum::<u64>() + last.pages;
+    let each: alloc::string::String = pages.iter().map(|p| alloc::format!(" {p}")).collect();
     crate::note!(
-        "migration: free frames {free_before} before, {free_both} with both copies, {} after VM 1 (holding {held} frames) was released",
-        frames().free()
+        "migration: rounds={} pages={total} final={} (round pages:{each}; guest stopped for {downtime_us} us on {} vCPUs, {rendezvous_us} us of it to stop them all)",
+        pages.len(),
+        last.pages,
+        mc.n
+    );
+    crate::note!(
+        "migration: free frames {free_before} before, {free_both} with both copies, {free_after} after VM 1 (holding {held} frames) was released"
     );
 }
