@@ -139,6 +139,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         bootargs: &h.bootargs,
         initrd: initrd_at.map(|at| at..at + h.initrd_len),
         plic: true,
+        room: crate::hart::hart().dtb_len,
     });
     let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,
