@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use twostage_npt::testing::HostRam;
 use twostage_npt::{
-    Access, AdMode, GuestPhysAddr, GvmaInvalidation, Hgatp, HgatpCapabilities, HostPhysAddr, MapSize, MappingFlags, PageSize,
-    PageTable, Sv39x4, TableOptions,
+    Access, AdMode, GuestPhysAddr, GvmaInvalidation, Hgatp, HgatpCapabilities, HostPhysAddr, MapSize, MappingFlags,
+    PageSize, PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::fence::GvmaFence;
 use twostage_rvh::shootdown::{HartOps, LocalFence, Shootdown};
@@ -377,8 +377,7 @@ fn run_with(ops: &[Op], harts: usize, broken: Broken, ad: AdMode) -> Result<Outc
                         ));
                     }
                 }
-                guest_access(&m, &mut t, hgatp, &cfg, hart, g, broken)
-                    .map_err(|e| format!("op {i} {op:?}: {e}"))?;
+                guest_access(&m, &mut t, hgatp, &cfg, hart, g, broken).map_err(|e| format!("op {i} {op:?}: {e}"))?;
             }
         }
     }
