@@ -105,8 +105,8 @@ pub enum GvmaInvalidation<'a> {
         root: HostPhysAddr,
     },
     /// The change only widened what the table allows: entries that were invalid became valid
-    /// (a new leaf, a new table linked into an empty entry), a leaf gained its accessed/dirty
-    /// bits, or nothing changed and a hart faulted on an entry that is already valid (a stale
+    /// (a new leaf, a new table linked into an empty entry), a leaf gained rights (`protect`
+    /// keeping its frame and memory type) or its accessed/dirty bits, or nothing changed and a hart faulted on an entry that is already valid (a stale
     /// fault). Only the hart carrying the token out fences: by address for each of `addrs`, or
     /// the whole VMID for `None`.
     ///

@@ -92,9 +92,10 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
         "the model must catch a missing HFENCE.GVMA"
     );
 
+    // READ -> RX only adds a right: fenced on this (the only) hart.
     let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX).unwrap();
     t.flush(flush, |inv| {
-        if let GvmaInvalidation::Addresses { addrs, .. } = inv {
+        if let GvmaInvalidation::Local { addrs: Some(addrs), .. } = inv {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
     })

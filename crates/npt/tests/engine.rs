@@ -314,6 +314,17 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
     assert!(f.needs_other_harts(), "a valid leaf lost a right: every hart fences");
     f.ignore();
+    // Giving the right back only widens (same frame and attributes): the changing hart fences.
+    let f = t.protect(gpa(K4), K4, MappingFlags::RWX).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root, addrs: Some(&[gpa(K4)]) });
+    f.ignore();
+    // A new memory type is no widening.
+    let f = t.protect(gpa(K4), K4, MappingFlags::RWX | MappingFlags::UNCACHED).unwrap();
+    assert!(f.is_empty() || f.needs_other_harts(), "{f:?}");
+    f.ignore();
+    let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
+    assert!(f.needs_other_harts());
+    f.ignore();
     // Unmapping the last leaves frees the tables: a non-leaf change, flushed for the whole VMID.
     let frames = ram.frames_in_use();
     let f = t.unmap(gpa(0), 2 * K4).unwrap();

@@ -24,7 +24,7 @@
 //! change they carry ([`GvmaInvalidation`]):
 //!
 //! - `Local`: only widened: invalid entries became valid (a fault filled a page, a table was
-//!   linked), A/D bits were set, or a stale fault. [`Shootdown::request`] fences the requesting
+//!   linked), a leaf gained rights or A/D bits on the same frame, or a stale fault. [`Shootdown::request`] fences the requesting
 //!   hart and asks no one else. Another hart that cached the old invalid entry faults on it;
 //!   the hypervisor finds the entry valid and allowing the access and resolves the fault as
 //!   stale (`PageTable::stale_fault_flush`), itself a `Local` fence of the whole VMID on that
