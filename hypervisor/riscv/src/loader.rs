@@ -157,7 +157,9 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         return SETUP_FAILED;
     }
     let entry = plan.entry;
-    if h.vcpus > 1 {
+    // A Linux kernel runs on the SMP machine even with one vCPU: it then finds the SBI's HSM, IPI
+    // and RFENCE extensions as on bare QEMU.
+    if h.vcpus > 1 || boot::linux_image(file).is_some() {
         println!(
             "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
             h.mem, h.vcpus
