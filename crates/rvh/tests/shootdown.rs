@@ -112,6 +112,9 @@ struct Machine<'r> {
     fences: Cell<u64>,
     /// Stale faults resolved by [`guest_access`].
     stale: Cell<u64>,
+    /// The table's hgatp and the harts' configuration.
+    hgatp: u64,
+    cfg: model::gstage::GstageConfig,
 }
 
 impl HartOps for Machine<'_> {
@@ -229,13 +232,12 @@ fn served_rightly(cached: &Result<GWalk, GstageFault>, fresh: &Result<GWalk, Gst
 fn guest_access(
     m: &Machine<'_>,
     t: &mut PageTable<Sv39x4, &HostRam>,
-    hgatp: u64,
-    cfg: &model::gstage::GstageConfig,
     hart: usize,
     g: Gpa,
     read: model::Access,
     broken: Broken,
 ) -> Result<(), String> {
+    let (hgatp, cfg) = (m.hgatp, &m.cfg);
     let fresh = model::gstage::walk(&mut Mem(m.ram), hgatp, cfg, g, read);
     let cached = m.tlbs.borrow_mut().translate(hart, &mut Mem(m.ram), hgatp, cfg, g, read);
     match (&cached, &fresh) {
@@ -297,6 +299,8 @@ fn run_with(ops: &[Op], harts: usize, broken: Broken, ad: AdMode) -> Result<Outc
         frees_at_fences: RefCell::new(Vec::new()),
         fences: Cell::new(0),
         stale: Cell::new(0),
+        hgatp,
+        cfg,
     };
     // Whether each hart runs the guest now.
     let mut running = vec![false; harts];
@@ -394,8 +398,7 @@ fn run_with(ops: &[Op], harts: usize, broken: Broken, ad: AdMode) -> Result<Outc
                 // Reads and fetches (neither sets a bit the tables lack once A is set): a right
                 // added locally (read-only to executable) is met by a fetch.
                 for access in [model::Access::Read, model::Access::Fetch] {
-                    guest_access(&m, &mut t, hgatp, &cfg, hart, g, access, broken)
-                        .map_err(|e| format!("op {i} {op:?}: {e}"))?;
+                    guest_access(&m, &mut t, hart, g, access, broken).map_err(|e| format!("op {i} {op:?}: {e}"))?;
                 }
             }
         }
