@@ -30,6 +30,7 @@ mod hostile;
 mod lint;
 mod linux;
 mod riscv;
+mod riscv_linux;
 mod riscv_stage;
 mod util;
 mod x86;

@@ -420,6 +420,8 @@ fn test_suite(qemu: &Qemu, image: &Path) -> Result<crate::SuiteResult, String> {
         }
         live_checks(qemu, &image, &plain, &mut tally);
     }
+    // The same kernel against bare QEMU (console, cost), and on QEMU 10 (riscv_linux.rs).
+    crate::riscv_linux::checks(qemu, &image, &mut tally);
     // Hostile guest files do not depend on how the hart keeps A/D bits: checked on one QEMU.
     if qemu.dirs.is_none() {
         let hostile = hostile_checks(qemu, &image, &hello)?;

@@ -135,6 +135,8 @@ fn coverage<'r, 'a: 'r, F: Format>(inv: &'r InvalidationOf<'a, F>) -> Coverage<'
                 GvmaInvalidation::None => Coverage::Nothing,
                 GvmaInvalidation::Addresses { addrs, .. } => Coverage::Pages(addrs),
                 GvmaInvalidation::All { .. } => Coverage::All,
+                // Carried out on one hart only: the others may still reach the frames.
+                GvmaInvalidation::Local { .. } => Coverage::Nothing,
             }
         }
     }

@@ -57,12 +57,15 @@ impl TlbCpu for Sv39x4 {
     fn invalidate(tlb: &mut Self::Tlb, _root: u64, _hw_ad: bool, inv: &GvmaInvalidation<'_>) {
         match inv {
             GvmaInvalidation::None => {}
-            GvmaInvalidation::Addresses { addrs, .. } => {
+            // One modelled hart: a local invalidation is carried out on it like the others.
+            GvmaInvalidation::Addresses { addrs, .. } | GvmaInvalidation::Local { addrs: Some(addrs), .. } => {
                 for a in addrs.iter() {
                     tlb.hfence_gvma(Some(model::Gpa(a.as_u64())), Some(VMID));
                 }
             }
-            GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(VMID)),
+            GvmaInvalidation::All { .. } | GvmaInvalidation::Local { addrs: None, .. } => {
+                tlb.hfence_gvma(None, Some(VMID))
+            }
         }
     }
 }

@@ -19,6 +19,9 @@ pub const FLUSH_ADDRESS_SLOTS: usize = 16;
 pub struct Flush<F: Format> {
     root: HostPhysAddr,
     scope: Scope,
+    /// G-stage: whether a hart other than the one carrying the token out may hold a
+    /// translation the change made wrong (see [`GvmaInvalidation::Local`] for when it cannot).
+    others: bool,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -57,7 +60,7 @@ pub trait Family: sealed::Sealed + 'static {
     /// The invalidation that asks for nothing.
     fn nothing<'a>() -> Self::Invalidation<'a>;
     #[doc(hidden)]
-    fn invalidation(root: HostPhysAddr, scope: &Scope) -> Self::Invalidation<'_>;
+    fn invalidation(root: HostPhysAddr, scope: &Scope, others: bool) -> Self::Invalidation<'_>;
 }
 
 /// Intel EPT ([`crate::Ept4`], [`crate::Ept5`]): invalidated with INVEPT.
@@ -101,6 +104,31 @@ pub enum GvmaInvalidation<'a> {
         /// Root of the G-stage table.
         root: HostPhysAddr,
     },
+    /// The change only widened what the table allows: entries that were invalid became valid
+    /// (a new leaf, a new table linked into an empty entry), a leaf gained rights (`protect`
+    /// keeping its frame and memory type) or its accessed/dirty bits, or nothing changed and a hart faulted on an entry that is already valid (a stale
+    /// fault). Only the hart carrying the token out fences: by address for each of `addrs`, or
+    /// the whole VMID for `None`.
+    ///
+    /// No other hart can be harmed by what it cached of the old entries. A hart may cache an
+    /// invalid entry (RISC-V Privileged spec, "Virtual Address Translation Process": "This
+    /// specification permits the caching of PTEs whose V (Valid) bit is clear") and keep using
+    /// it until it fences, but all it does with such an entry is take a guest-page fault; and a
+    /// cached leaf that lacks A, D or a permission the new entry has also only faults (the
+    /// access-fault checks of the same section, and Svade's). The old entry never gave an
+    /// answer the new one contradicts, only faults. Such a fault reaches the hypervisor, which
+    /// finds the entry valid and allowing the access and resolves it as stale, with a fence on
+    /// that hart alone ([`crate::PageTable::stale_fault_flush`]). What an HFENCE.GVMA on
+    /// another hart would buy is one trap less on that hart, paid with an interrupt and a
+    /// fence on every hart for every change. Svvptc, where present, bounds how long the
+    /// invalid entry is kept; it is not assumed.
+    Local {
+        /// Root of the G-stage table.
+        root: HostPhysAddr,
+        /// The leaves to fence by address, or `None` for the whole VMID (a table was linked,
+        /// or a stale fault, whose cached entry may be an invalid non-leaf one).
+        addrs: Option<&'a [GuestPhysAddr]>,
+    },
 }
 
 /// The invalidation type of format `F`'s family: [`EptInvalidation`] or [`GvmaInvalidation`].
@@ -112,7 +140,7 @@ impl Family for EptFamily {
     fn nothing<'a>() -> Self::Invalidation<'a> {
         EptInvalidation::None
     }
-    fn invalidation(root: HostPhysAddr, scope: &Scope) -> EptInvalidation {
+    fn invalidation(root: HostPhysAddr, scope: &Scope, _others: bool) -> EptInvalidation {
         match scope {
             Scope::Nothing => EptInvalidation::None,
             _ => EptInvalidation::SingleContext { root },
@@ -126,23 +154,48 @@ impl Family for GStageFamily {
     fn nothing<'a>() -> GvmaInvalidation<'a> {
         GvmaInvalidation::None
     }
-    fn invalidation(root: HostPhysAddr, scope: &Scope) -> GvmaInvalidation<'_> {
-        match scope {
-            Scope::Nothing => GvmaInvalidation::None,
-            Scope::Leaves { n, addrs } => GvmaInvalidation::Addresses { root, addrs: &addrs[..*n as usize] },
-            Scope::Context => GvmaInvalidation::All { root },
+    fn invalidation(root: HostPhysAddr, scope: &Scope, others: bool) -> GvmaInvalidation<'_> {
+        match (scope, others) {
+            (Scope::Nothing, _) => GvmaInvalidation::None,
+            (Scope::Leaves { n, addrs }, true) => GvmaInvalidation::Addresses { root, addrs: &addrs[..*n as usize] },
+            (Scope::Context, true) => GvmaInvalidation::All { root },
+            (Scope::Leaves { n, addrs }, false) => GvmaInvalidation::Local { root, addrs: Some(&addrs[..*n as usize]) },
+            (Scope::Context, false) => GvmaInvalidation::Local { root, addrs: None },
         }
     }
 }
 
 impl<F: Format> Flush<F> {
     pub(crate) fn new(root: HostPhysAddr) -> Self {
-        Self { root, scope: Scope::Nothing, _format: PhantomData }
+        Self { root, scope: Scope::Nothing, others: false, _format: PhantomData }
     }
 
     /// Records that the leaf at `gpa` changed; `was_present` says whether it could have been
-    /// cached before the change.
+    /// cached before the change (G-stage: if it was, other harts must fence too).
     pub(crate) fn note_leaf(&mut self, gpa: GuestPhysAddr, was_present: bool) {
+        self.others |= was_present;
+        self.note_leaf_address(gpa, was_present);
+    }
+
+    /// Records that the valid leaf at `gpa` gained accessed/dirty bits and nothing else: on the
+    /// G-stage a hart that cached it without them only faults ([`GvmaInvalidation::Local`]).
+    pub(crate) fn note_leaf_widened(&mut self, gpa: GuestPhysAddr) {
+        if <F::Family as Family>::KIND == FamilyKind::Ept {
+            self.others = true;
+        }
+        self.note_leaf_address(gpa, true);
+    }
+
+    /// Records a fault on an entry that already allows the access: the faulting hart must drop
+    /// what it cached (G-stage: the whole VMID, [`GvmaInvalidation::Local`]); nothing changed
+    /// for the others.
+    pub(crate) fn note_stale(&mut self) {
+        if <F::Family as Family>::KIND == FamilyKind::GStage {
+            self.scope = Scope::Context;
+        }
+    }
+
+    fn note_leaf_address(&mut self, gpa: GuestPhysAddr, was_present: bool) {
         match <F::Family as Family>::KIND {
             // No EPT-derived translation or paging-structure-cache entry is made from a
             // not-present entry, so making one present needs no INVEPT (Intel SDM Vol. 3C
@@ -174,6 +227,7 @@ impl<F: Format> Flush<F> {
     /// Records that a non-leaf entry changed (a table was linked over a leaf, unlinked, or freed).
     pub(crate) fn note_nonleaf(&mut self) {
         self.scope = Scope::Context;
+        self.others = true;
     }
 
     /// Records that a new table was linked into an entry that was not present.
@@ -183,7 +237,8 @@ impl<F: Format> Flush<F> {
     /// address covers only leaf entries (RISC-V Privileged spec, "Supervisor Memory-Management
     /// Fence Instruction" commentary, which "Hypervisor Memory-Management Fence Instructions"
     /// follows: after modifying a non-leaf PTE, fence with rs1 = x0), while the hart may have
-    /// cached the invalid entry: the whole VMID is fenced.
+    /// cached the invalid entry: the whole VMID is fenced, on this hart only
+    /// ([`GvmaInvalidation::Local`]: another hart that cached the invalid entry only faults).
     pub(crate) fn note_table_linked(&mut self) {
         match <F::Family as Family>::KIND {
             FamilyKind::Ept => {}
@@ -207,26 +262,38 @@ impl<F: Format> Flush<F> {
     pub fn covers_whole_table(&self) -> bool {
         match <F::Family as Family>::KIND {
             FamilyKind::Ept => self.scope != Scope::Nothing,
-            FamilyKind::GStage => self.scope == Scope::Context,
+            // A fence on one hart only ([`GvmaInvalidation::Local`]) leaves the others' caches.
+            FamilyKind::GStage => self.scope == Scope::Context && self.others,
+        }
+    }
+
+    /// Whether every hart that may hold the table's translations must carry the invalidation
+    /// out, not only the one that made the change (G-stage; always true for a non-empty EPT
+    /// token).
+    pub fn needs_other_harts(&self) -> bool {
+        match <F::Family as Family>::KIND {
+            FamilyKind::Ept => self.scope != Scope::Nothing,
+            FamilyKind::GStage => self.scope != Scope::Nothing && self.others,
         }
     }
 
     /// The invalidation to carry out: an [`EptInvalidation`] for EPT formats, a
     /// [`GvmaInvalidation`] for G-stage formats.
     pub fn invalidation(&self) -> InvalidationOf<'_, F> {
-        F::Family::invalidation(self.root, &self.scope)
+        F::Family::invalidation(self.root, &self.scope, self.others)
     }
 
     /// One token covering both changes. Both must come from the same table.
     #[track_caller]
     pub fn merge(mut self, other: Flush<F>) -> Flush<F> {
         assert_eq!(self.root, other.root, "merging flush tokens of two different tables");
+        self.others |= other.others;
         match other.scope {
             Scope::Nothing => {}
             Scope::Context => self.scope = Scope::Context,
             Scope::Leaves { n, addrs } => {
                 for a in &addrs[..n as usize] {
-                    self.note_leaf(*a, true);
+                    self.note_leaf_address(*a, true);
                 }
             }
         }
@@ -286,7 +353,7 @@ impl<F: Format> core::error::Error for ForeignFlush<F> {}
 
 impl<F: Format> PartialEq for Flush<F> {
     fn eq(&self, other: &Self) -> bool {
-        self.root == other.root && self.scope == other.scope
+        self.root == other.root && self.scope == other.scope && self.others == other.others
     }
 }
 impl<F: Format> Eq for Flush<F> {}

@@ -92,9 +92,10 @@ fn gstage_protect_without_hfence_still_allows_the_write() {
         "the model must catch a missing HFENCE.GVMA"
     );
 
+    // READ -> RX only adds a right: fenced on this (the only) hart.
     let flush = t.protect(GuestPhysAddr::new(PAGE), 4096, MappingFlags::RX).unwrap();
     t.flush(flush, |inv| {
-        if let GvmaInvalidation::Addresses { addrs, .. } = inv {
+        if let GvmaInvalidation::Local { addrs: Some(addrs), .. } = inv {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)));
         }
     })
@@ -123,11 +124,12 @@ fn gstage_new_mapping_needs_its_fence_because_invalid_entries_may_be_cached() {
     let flush =
         t.map(GuestPhysAddr::new(PAGE), HostPhysAddr::new(FRAME), 4096, MappingFlags::READ, MapSize::Largest).unwrap();
     t.flush(flush, |inv| match inv {
-        GvmaInvalidation::Addresses { addrs, .. } => {
+        // A new mapping is fenced on the hart that made it (no other can be harmed).
+        GvmaInvalidation::Local { addrs: Some(addrs), .. } => {
             addrs.iter().for_each(|a| tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(3)))
         }
-        GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(3)),
-        other => panic!("{other:?}"),
+        GvmaInvalidation::Local { addrs: None, .. } => tlb.hfence_gvma(None, Some(3)),
+        other => panic!("a new mapping asks for a local fence, not {other:?}"),
     })
     .unwrap();
     assert_eq!(tlb.translate(&mut Ram(&ram), hgatp, &cfg, Gpa(PAGE + 8), r).unwrap().hpa, Hpa(FRAME + 8));

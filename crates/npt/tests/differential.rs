@@ -187,12 +187,15 @@ impl<F: GStageFormat> Hw for GHw<F> {
     fn invalidate(&mut self, inv: &GvmaInvalidation<'_>) {
         match inv {
             GvmaInvalidation::None => {}
-            GvmaInvalidation::Addresses { addrs, .. } => {
+            // One modelled hart: a local invalidation is carried out on it like the others.
+            GvmaInvalidation::Addresses { addrs, .. } | GvmaInvalidation::Local { addrs: Some(addrs), .. } => {
                 for a in *addrs {
                     self.tlb.hfence_gvma(Some(Gpa(a.as_u64())), Some(VMID));
                 }
             }
-            GvmaInvalidation::All { .. } => self.tlb.hfence_gvma(None, Some(VMID)),
+            GvmaInvalidation::All { .. } | GvmaInvalidation::Local { addrs: None, .. } => {
+                self.tlb.hfence_gvma(None, Some(VMID))
+            }
         }
     }
 }

@@ -301,15 +301,29 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     let ram = HostRam::new(64);
     let mut t = PageTable::<Sv39x4, _>::new(&ram, TableOptions::for_format::<Sv39x4>()).unwrap();
     let root = t.root();
-    // The first mapping links new tables: a non-leaf change (see the tests below).
+    // The first mapping links new tables: a non-leaf change (see the tests below), from invalid
+    // to valid, so only the hart that made it fences (`Local`).
     let f = t.map(gpa(0), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root, addrs: None });
+    assert!(!f.needs_other_harts());
     f.ignore();
     let f = t.map(gpa(K4), hpa(TARGET + K4), K4, MappingFlags::RW, MapSize::Largest).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root, addrs: Some(&[gpa(K4)]) });
     f.ignore();
     let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
     assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root, addrs: &[gpa(K4)] });
+    assert!(f.needs_other_harts(), "a valid leaf lost a right: every hart fences");
+    f.ignore();
+    // Giving the right back only widens (same frame and attributes): the changing hart fences.
+    let f = t.protect(gpa(K4), K4, MappingFlags::RWX).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root, addrs: Some(&[gpa(K4)]) });
+    f.ignore();
+    // A new memory type is no widening.
+    let f = t.protect(gpa(K4), K4, MappingFlags::RWX | MappingFlags::UNCACHED).unwrap();
+    assert!(f.is_empty() || f.needs_other_harts(), "{f:?}");
+    f.ignore();
+    let f = t.protect(gpa(K4), K4, MappingFlags::READ).unwrap();
+    assert!(f.needs_other_harts());
     f.ignore();
     // Unmapping the last leaves frees the tables: a non-leaf change, flushed for the whole VMID.
     let frames = ram.frames_in_use();
@@ -320,9 +334,9 @@ fn gstage_flushes_by_address_for_leaves_and_by_vmid_for_tables() {
     t.flush(f, |inv| ran = matches!(inv, GvmaInvalidation::All { .. })).unwrap();
     assert!(ran);
     assert_eq!(ram.frames_in_use(), 4, "only the 16 KiB root is left");
-    // Many leaves widen to the VMID.
+    // Many leaves widen to the VMID (still new ones only: local).
     let f = t.map(gpa(0), hpa(TARGET), 64 * K4, MappingFlags::RW, MapSize::Exactly(PageSize::Size4K)).unwrap();
-    assert_eq!(f.invalidation(), GvmaInvalidation::All { root });
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root, addrs: None });
     f.ignore();
 }
 
@@ -498,20 +512,21 @@ mod nonleaf_changes_fence_the_whole_vmid {
         let ram = HostRam::new(64);
         let mut t = gstage(&ram);
         // 4 KiB page: a level-1 and a level-0 table are linked.
+        // (Every entry here was invalid before: only the hart that maps fences, `Local`.)
         let f = t.map(gpa(G), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
-        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        assert_eq!(f.invalidation(), GvmaInvalidation::Local { root: t.root(), addrs: None });
         f.ignore();
         // 2 MiB page in another 1 GiB block: one level-1 table is linked.
         let f = t.map(gpa(4 * G), hpa(TARGET), M2, MappingFlags::RW, MapSize::Largest).unwrap();
-        assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
+        assert_eq!(f.invalidation(), GvmaInvalidation::Local { root: t.root(), addrs: None });
         f.ignore();
         // A leaf table that exists already: leaves only, fenced by address.
         let f = t.map(gpa(G + K4), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
-        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(G + K4)] });
+        assert_eq!(f.invalidation(), GvmaInvalidation::Local { root: t.root(), addrs: Some(&[gpa(G + K4)]) });
         f.ignore();
         // A 1 GiB page in the root needs no new table: by address.
         let f = t.map(gpa(8 * G), hpa(TARGET), G, MappingFlags::RW, MapSize::Largest).unwrap();
-        assert_eq!(f.invalidation(), GvmaInvalidation::Addresses { root: t.root(), addrs: &[gpa(8 * G)] });
+        assert_eq!(f.invalidation(), GvmaInvalidation::Local { root: t.root(), addrs: Some(&[gpa(8 * G)]) });
         f.ignore();
     }
 
@@ -663,9 +678,16 @@ fn retired_tables_wait_for_a_whole_table_invalidation() {
     assert!(matches!(f.invalidation(), GvmaInvalidation::Addresses { .. }));
     t.flush(f, |_| {}).unwrap();
     assert_eq!(t.table_frames(), tables, "a retired table was freed by a fence that does not cover it");
-    // A change that links a table asks for the whole VMID: that frees the retired one.
+    // A change that links a table asks for the whole VMID, but on the changing hart only: the
+    // others' caches may still walk the retired table, which stays.
     let f = t.map(gpa(4 * M2), hpa(TARGET), K4, MappingFlags::RW, MapSize::Largest).unwrap();
+    assert_eq!(f.invalidation(), GvmaInvalidation::Local { root: t.root(), addrs: None });
+    assert!(!f.covers_whole_table());
+    t.flush(f, |_| {}).unwrap();
+    assert_eq!(t.table_frames(), tables + 1, "a local whole-VMID fence freed a retired table");
+    // A whole-VMID invalidation on every hart (this unmap unlinks the new table) frees both.
+    let f = t.unmap(gpa(4 * M2), K4).unwrap();
     assert_eq!(f.invalidation(), GvmaInvalidation::All { root: t.root() });
     t.flush(f, |_| {}).unwrap();
-    assert_eq!(t.table_frames(), tables, "one table retired and freed, one new table linked");
+    assert_eq!(t.table_frames(), tables - 1, "both retired tables freed");
 }

@@ -30,8 +30,9 @@ impl GvmaFence {
     }
 }
 
-/// Calls `fence` for every HFENCE.GVMA that `inv` asks for, for a table running under `vmid`.
-/// Returns how many fences that was.
+/// Calls `fence` for every HFENCE.GVMA that `inv` asks for, for a table running under `vmid`, on
+/// the hart carrying it out (for [`GvmaInvalidation::Local`] that is all it asks for; the others
+/// are asked by [`crate::shootdown::Shootdown::request`]). Returns how many fences that was.
 pub fn plan_gvma(inv: &GvmaInvalidation<'_>, vmid: u16, mut fence: impl FnMut(GvmaFence)) -> usize {
     match inv {
         GvmaInvalidation::None => 0,
@@ -39,9 +40,13 @@ pub fn plan_gvma(inv: &GvmaInvalidation<'_>, vmid: u16, mut fence: impl FnMut(Gv
             addrs.iter().for_each(|&gpa| fence(GvmaFence::Address { gpa, vmid }));
             addrs.len()
         }
-        GvmaInvalidation::All { .. } => {
+        GvmaInvalidation::All { .. } | GvmaInvalidation::Local { addrs: None, .. } => {
             fence(GvmaFence::Vmid { vmid });
             1
+        }
+        GvmaInvalidation::Local { addrs: Some(addrs), .. } => {
+            addrs.iter().for_each(|&gpa| fence(GvmaFence::Address { gpa, vmid }));
+            addrs.len()
         }
     }
 }

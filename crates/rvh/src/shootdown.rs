@@ -14,6 +14,32 @@
 //! before the change is reported done and before a frame it unmapped or a table it unlinked is
 //! released.
 //!
+//! # What needs other harts, and what does not
+//!
+//! A hart may cache G-stage entries whose V bit is clear, and keep them until it fences
+//! (RISC-V Privileged, "Virtual Address Translation Process": "This specification permits the
+//! caching of PTEs whose V (Valid) bit is clear"); a guest-page fault removes nothing. But all
+//! a hart does with a stale invalid entry, or with a cached leaf that lacks a right or an A/D
+//! bit the table now has, is take a guest-page fault. So the engine's tokens say which kind of
+//! change they carry ([`GvmaInvalidation`]):
+//!
+//! - `Local`: only widened: invalid entries became valid (a fault filled a page, a table was
+//!   linked), a leaf gained rights or A/D bits on the same frame, or a stale fault. [`Shootdown::request`] fences the requesting
+//!   hart and asks no one else. Another hart that cached the old invalid entry faults on it;
+//!   the hypervisor finds the entry valid and allowing the access and resolves the fault as
+//!   stale (`PageTable::stale_fault_flush`), itself a `Local` fence of the whole VMID on that
+//!   hart. Its guest never sees the fault, nor a wrong translation. Frames and table pages are
+//!   never released by a `Local` fence (nothing was unmapped).
+//! - `Addresses` / `All`: a valid entry was redirected or narrowed (copy-on-write break, dirty
+//!   harvest, unmap, protect, remap, split, collapse): another hart may translate through the
+//!   old entry without faulting, so every hart that may hold the VM's translations fences before
+//!   the change counts as done: the protocol below.
+//!
+//! This is what a Linux kernel does for its own page tables on RISC-V (a new mapping is fenced
+//! locally, a spurious fault on another hart fences that hart), and it differs from KVM's
+//! G-stage handling, which sends every new mapping to all harts. The Svvptc extension would
+//! bound how long a hart keeps an invalid entry; it is not needed here.
+//!
 //! # The protocol
 //!
 //! One [`Shootdown`] per VM, with one slot per physical hart. Each slot holds:
@@ -146,8 +172,11 @@ pub trait HartOps {
 /// Counters of one hart, for a run summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HartStats {
-    /// Shootdowns this hart started (requests with something to invalidate).
+    /// Shootdowns this hart started (requests that other harts had to carry out too).
     pub requested: u64,
+    /// Changes this hart made that needed only its own fence ([`GvmaInvalidation::Local`]:
+    /// fills, new tables, A/D bits set, stale faults).
+    pub local: u64,
     /// Other harts it asked (sum over its shootdowns).
     pub targeted: u64,
     /// Other harts it did not ask because they could not hold translations of the VM.
@@ -163,6 +192,7 @@ pub struct HartStats {
 impl HartStats {
     fn add(mut self, o: HartStats) -> HartStats {
         self.requested += o.requested;
+        self.local += o.local;
         self.targeted += o.targeted;
         self.skipped += o.skipped;
         self.ipis += o.ipis;
@@ -195,6 +225,7 @@ struct Hart {
     whole: AtomicU32,
     addrs: [AtomicU64; MAILBOX_SLOTS],
     c_requested: AtomicU64,
+    c_local: AtomicU64,
     c_targeted: AtomicU64,
     c_skipped: AtomicU64,
     c_ipis: AtomicU64,
@@ -245,7 +276,8 @@ impl Hart {
 
     fn post(&self, inv: &GvmaInvalidation<'_>, vmid: u16) {
         match inv {
-            GvmaInvalidation::None => {}
+            // Never posted: `request` carries a local invalidation out on its own hart.
+            GvmaInvalidation::None | GvmaInvalidation::Local { .. } => {}
             GvmaInvalidation::All { .. } => self.post_whole(vmid),
             GvmaInvalidation::Addresses { addrs, .. } => {
                 for &gpa in addrs.iter() {
@@ -299,6 +331,7 @@ impl Shootdown {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
         HartStats {
             requested: r(&h.c_requested),
+            local: r(&h.c_local),
             targeted: r(&h.c_targeted),
             skipped: r(&h.c_skipped),
             ipis: r(&h.c_ipis),
@@ -343,7 +376,8 @@ impl Shootdown {
 
     /// Carries out `inv` (a change to the VM's G-stage table, running under `vmid`) on every
     /// hart that may hold translations of the VM, from `from`, the calling hart; returns once
-    /// all of them have fenced. Returns how many other harts were asked.
+    /// all of them have fenced. Returns how many other harts were asked. A
+    /// [`GvmaInvalidation::Local`] is fenced on `from` alone (see the [module docs](self)).
     ///
     /// Call it after the table change (the engine's flush token is only handed out after the
     /// entries were written), as the invalidation closure of `PageTable::flush` or
@@ -353,9 +387,18 @@ impl Shootdown {
         if matches!(inv, GvmaInvalidation::None) {
             return 0;
         }
+        let me = &self.harts[from];
+        if let GvmaInvalidation::Local { .. } = inv {
+            // Only widened: this hart fences; another that cached an old (invalid or narrower)
+            // entry faults on it, and that stale fault is resolved with its own local fence.
+            bump(&me.c_local, 1);
+            if me.may_hold.load(Ordering::SeqCst) {
+                plan_gvma(inv, vmid, |f| self.fence_on(from, LocalFence::Gvma(f), ops));
+            }
+            return 0;
+        }
         // 1. The table writes before the flags and the posts.
         fence(Ordering::SeqCst);
-        let me = &self.harts[from];
         bump(&me.c_requested, 1);
 
         // 2. Post, raise, interrupt.
@@ -565,6 +608,25 @@ mod tests {
         assert_eq!(sd.request(0, &GvmaInvalidation::All { root: ROOT }, 1, &ops), 1);
         assert_eq!(sd.request(0, &GvmaInvalidation::None, 1, &ops), 0);
         assert_eq!(sd.stats(0).requested, 2);
+    }
+
+    #[test]
+    fn a_local_invalidation_fences_the_requester_only() {
+        let sd = leak(Shootdown::new(3));
+        let ops = Log { sd: Some(sd), ..Default::default() };
+        (0..3).for_each(|h| sd.enter(h, 4, &ops));
+        ops.fences.borrow_mut().clear();
+        let addrs = [GuestPhysAddr::new(0x8000_3000)];
+        let local = GvmaInvalidation::Local { root: ROOT, addrs: Some(&addrs) };
+        assert_eq!(sd.request(1, &local, 4, &ops), 0, "no other hart is asked");
+        assert!(ops.ipis.borrow().is_empty());
+        let gpa = addrs[0];
+        assert_eq!(*ops.fences.borrow(), [(1, LocalFence::Gvma(GvmaFence::Address { gpa, vmid: 4 }))]);
+        ops.fences.borrow_mut().clear();
+        sd.request(2, &GvmaInvalidation::Local { root: ROOT, addrs: None }, 4, &ops);
+        assert_eq!(*ops.fences.borrow(), [(2, LocalFence::Gvma(GvmaFence::Vmid { vmid: 4 }))]);
+        let s = sd.total();
+        assert_eq!((s.requested, s.local, s.targeted, s.ipis), (0, 2, 0, 0));
     }
 
     #[test]

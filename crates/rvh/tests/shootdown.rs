@@ -1,11 +1,21 @@
 //! Remote shootdown against the spec model: several modelled harts, each with its own G-stage
-//! TLB that only its own HFENCE.GVMA clears, hold translations while random changes are made
-//! to a `PageTable<Sv39x4>`; every change's flush goes through `Shootdown`, each hart servicing
-//! its mailbox by fencing its own model TLB. After every flush, no hart may answer differently
-//! from a fresh walk of the tables, no hart may still reach a frame the change released, and no
-//! frame may have been freed before the last hart fenced. A shootdown that skips a hart, or a
-//! hart that acknowledges without fencing, is shown to be caught. Threads then play the harts
-//! to exercise the atomics.
+//! TLB that only its own HFENCE.GVMA clears, hold translations (valid leaves, non-leaf entries
+//! and invalid entries: the model caches V = 0 entries, as the Privileged spec permits) while
+//! random changes are made to a `PageTable<Sv39x4>`; every change's flush goes through
+//! `Shootdown`, each hart servicing its mailbox by fencing its own model TLB.
+//!
+//! Changes that only widen the table (a fill, a new table, A/D bits set) are fenced on the
+//! changing hart alone (`GvmaInvalidation::Local`); another hart may keep a stale invalid or
+//! narrower entry, and all it may do with it is fault. So after every flush each hart accesses
+//! every page as the hypervisor's guest would: a translation it answers must be the tables'
+//! (never a stale one, at any time); a fault on an entry the tables allow is a stale fault,
+//! which the hypervisor resolves with `stale_fault_flush` carried out from that hart, after
+//! which the retry must agree with the tables. No hart may still reach a frame the change
+//! released, and no frame may have been freed before the last hart fenced. Shown to be caught:
+//! a shootdown that skips a hart, a hart that acknowledges without fencing, a classification
+//! that treats every change as local (skipping the remote fences a narrowing change needs), and
+//! a stale fault resolved without its fence. Threads then play the harts to exercise the
+//! atomics.
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -15,12 +25,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use twostage_npt::testing::HostRam;
 use twostage_npt::{
-    AdMode, GuestPhysAddr, GvmaInvalidation, Hgatp, HgatpCapabilities, HostPhysAddr, MapSize, MappingFlags, PageSize,
-    PageTable, Sv39x4, TableOptions,
+    Access, AdMode, GuestPhysAddr, GvmaInvalidation, Hgatp, HgatpCapabilities, HostPhysAddr, MapSize, MappingFlags,
+    PageSize, PageTable, Sv39x4, TableOptions,
 };
 use twostage_rvh::fence::GvmaFence;
 use twostage_rvh::shootdown::{HartOps, LocalFence, Shootdown};
 use twostage_spec_model as model;
+use twostage_spec_model::gstage::{GWalk, GstageFault};
 use twostage_spec_model::tlb::harts::{same_answer, GstageHarts};
 use twostage_spec_model::{Gpa, Hpa};
 
@@ -74,6 +85,19 @@ enum Broken {
     Unmarked(usize),
     /// This hart acknowledges without executing its fences (a request dropped on arrival).
     Deaf(usize),
+    /// Every flush is treated as widening only: no remote fence is ever asked for.
+    AllLocal,
+    /// A stale fault is resolved without its local fence (the hart just retries).
+    StaleNoFence,
+}
+
+/// `inv` as a fence on the carrying hart only (what `Broken::AllLocal` turns every flush into).
+fn as_local<'a>(inv: &GvmaInvalidation<'a>) -> GvmaInvalidation<'a> {
+    match *inv {
+        GvmaInvalidation::Addresses { root, addrs } => GvmaInvalidation::Local { root, addrs: Some(addrs) },
+        GvmaInvalidation::All { root } => GvmaInvalidation::Local { root, addrs: None },
+        other => other,
+    }
 }
 
 /// Modelled harts in one thread: IPIs are queued and delivered whenever a requester waits.
@@ -86,6 +110,11 @@ struct Machine<'r> {
     /// Frees counted by the fake RAM at every fence of the flush under way.
     frees_at_fences: RefCell<Vec<u64>>,
     fences: Cell<u64>,
+    /// Stale faults resolved by [`guest_access`].
+    stale: Cell<u64>,
+    /// The table's hgatp and the harts' configuration.
+    hgatp: u64,
+    cfg: model::gstage::GstageConfig,
 }
 
 impl HartOps for Machine<'_> {
@@ -137,6 +166,12 @@ enum Op {
     Collapse {
         page: u64,
     },
+    /// The hypervisor sets A (and D for a write) on the leaf at `page`, as after a fault on a
+    /// clear bit.
+    SetAd {
+        page: u64,
+        write: bool,
+    },
     /// `hart` runs the guest, which accesses `page` (caching what its walk saw).
     Touch {
         hart: usize,
@@ -159,6 +194,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (page.clone(), 0..4usize).prop_map(|(page, flags)| Op::Remap { page, flags }),
         1 => page.clone().prop_map(|page| Op::Split { page }),
         1 => page.clone().prop_map(|page| Op::Collapse { page }),
+        1 => (page.clone(), prop::bool::ANY).prop_map(|(page, write)| Op::SetAd { page, write }),
         6 => (0..4usize, page.clone(), 0..3u8).prop_map(|(hart, page, access)| Op::Touch { hart, page, access }),
         1 => (0..4usize).prop_map(|hart| Op::Leave { hart }),
     ]
@@ -175,12 +211,85 @@ fn mapped_pages(t: &PageTable<Sv39x4, &HostRam>) -> BTreeSet<u64> {
     out
 }
 
+/// Whether a translation the hart's TLB served is one the tables allow: the same frame and
+/// memory type, and no right the tables lack. A cached entry with fewer rights than the tables
+/// (one a local-only change widened) is not stale: it serves this access rightly, and one it does
+/// not allow faults and is resolved as stale.
+fn served_rightly(cached: &Result<GWalk, GstageFault>, fresh: &Result<GWalk, GstageFault>) -> bool {
+    match (cached, fresh) {
+        (Ok(c), Ok(f)) => {
+            c.hpa == f.hpa && c.pbmt == f.pbmt && c.u == f.u && (!c.r || f.r) && (!c.w || f.w) && (!c.x || f.x)
+        }
+        _ => false,
+    }
+}
+
+/// An access to `g` by the guest on `hart`, with its faults handled as the RISC-V hypervisor does:
+/// an answer from the hart's TLB must be the tables' own; a fault where the tables allow the
+/// read is a stale fault, resolved with the engine's `stale_fault_flush` carried out through the
+/// shootdown from `hart` (a fence on `hart` alone), and the retry must then agree with the
+/// tables. Counts a stale fault in `m.stale`.
+fn guest_access(
+    m: &Machine<'_>,
+    t: &mut PageTable<Sv39x4, &HostRam>,
+    hart: usize,
+    g: Gpa,
+    read: model::Access,
+    broken: Broken,
+) -> Result<(), String> {
+    let (hgatp, cfg) = (m.hgatp, &m.cfg);
+    let fresh = model::gstage::walk(&mut Mem(m.ram), hgatp, cfg, g, read);
+    let cached = m.tlbs.borrow_mut().translate(hart, &mut Mem(m.ram), hgatp, cfg, g, read);
+    match (&cached, &fresh) {
+        (Ok(_), _) if !served_rightly(&cached, &fresh) => {
+            Err(format!("stale translation on hart {hart} at {:#x}: TLB {cached:?}, tables {fresh:?}", g.0))
+        }
+        (Ok(_), _) | (Err(_), Err(_)) => Ok(()),
+        (Err(_), Ok(_)) => {
+            // A stale fault: the hypervisor finds the entry valid and fences this hart.
+            m.stale.set(m.stale.get() + 1);
+            let token = t.stale_fault_flush(GuestPhysAddr::new(g.0));
+            if broken == Broken::StaleNoFence {
+                token.ignore();
+            } else {
+                t.flush(token, m.sd.invalidate_from(hart, VMID, m)).unwrap();
+            }
+            let retry = m.tlbs.borrow_mut().translate(hart, &mut Mem(m.ram), hgatp, cfg, g, read);
+            if served_rightly(&retry, &fresh) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "hart {hart} at {:#x} faults again after its stale fault was resolved: {retry:?}, tables {fresh:?}",
+                    g.0
+                ))
+            }
+        }
+    }
+}
+
 /// Runs `ops` on a machine of `harts` harts, `from` hart `requesters[i % len]` for change i.
 /// Returns the first violation found.
-fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
+fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<Outcome, String> {
+    run_with(ops, harts, broken, AdMode::Hardware)
+}
+
+/// What a run that found no violation did.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Stale faults resolved with a local fence.
+    stale: u64,
+    /// Changes fenced on the changing hart only.
+    local: u64,
+    /// Changes fenced on every hart.
+    remote: u64,
+}
+
+/// [`run`] with the table's A/D mode: `AdMode::Software` is a hart without hardware A/D
+/// updating (Svade), whose faults on clear A/D bits the hypervisor resolves by setting them.
+fn run_with(ops: &[Op], harts: usize, broken: Broken, ad: AdMode) -> Result<Outcome, String> {
     let ram = HostRam::new(256);
-    let (mut t, hgatp) = new_table(&ram, AdMode::Hardware);
-    let cfg = model::gstage::GstageConfig { hw_ad_update: true, ..Default::default() };
+    let (mut t, hgatp) = new_table(&ram, ad);
+    let cfg = model::gstage::GstageConfig { hw_ad_update: ad == AdMode::Hardware, ..Default::default() };
     let m = Machine {
         sd: Shootdown::new(harts),
         tlbs: RefCell::new(GstageHarts::new(harts)),
@@ -189,6 +298,9 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
         broken,
         frees_at_fences: RefCell::new(Vec::new()),
         fences: Cell::new(0),
+        stale: Cell::new(0),
+        hgatp,
+        cfg,
     };
     // Whether each hart runs the guest now.
     let mut running = vec![false; harts];
@@ -245,6 +357,9 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
                 None => None,
             },
             Op::Split { page } => t.split(gpa(page)).ok(),
+            Op::SetAd { page, write } => {
+                t.set_accessed_dirty(gpa(page), if write { Access::Write } else { Access::Read }).ok()
+            }
             Op::Collapse { page } => t.collapse(gpa(page), PageSize::Size2M).ok(),
         };
         let Some(token) = token else { continue };
@@ -254,7 +369,14 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
         // The flush, through the shootdown, from hart `from`.
         let frees_before = ram.frees();
         m.frees_at_fences.borrow_mut().clear();
-        t.flush(token, m.sd.invalidate_from(from, VMID, &m)).unwrap();
+        if broken == Broken::AllLocal {
+            t.flush(token, |inv| {
+                m.sd.request(from, &as_local(inv), VMID, &m);
+            })
+            .unwrap();
+        } else {
+            t.flush(token, m.sd.invalidate_from(from, VMID, &m)).unwrap();
+        }
         if let Some(f) = m.frees_at_fences.borrow().iter().find(|&&f| f != frees_before) {
             return Err(format!("op {i} {op:?}: a frame was freed before a hart fenced ({f} != {frees_before})"));
         }
@@ -265,8 +387,7 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
         for hart in (0..harts).filter(|&h| running[h]) {
             for page in 0..PAGES {
                 let g = Gpa(gpa(page).as_u64());
-                let mut tlbs = m.tlbs.borrow_mut();
-                if let Some(model::tlb::CachedG::Leaf(w)) = tlbs.hart(hart).cached(VMID, g) {
+                if let Some(model::tlb::CachedG::Leaf(w)) = m.tlbs.borrow().hart(hart).cached(VMID, g) {
                     if released.contains(&(w.hpa.0 & !0xfff)) {
                         return Err(format!(
                             "op {i} {op:?}: hart {hart} still reaches released frame {:#x} at {:#x}",
@@ -274,13 +395,10 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
                         ));
                     }
                 }
-                let cached = tlbs.translate(hart, &mut Mem(&ram), hgatp, &cfg, g, model::Access::Read);
-                let fresh = model::gstage::walk(&mut Mem(&ram), hgatp, &cfg, g, model::Access::Read);
-                if !same_answer(&cached, &fresh) {
-                    return Err(format!(
-                        "op {i} {op:?}: stale translation on hart {hart} at {:#x}: TLB {cached:?}, tables {fresh:?}",
-                        g.0
-                    ));
+                // Reads and fetches (neither sets a bit the tables lack once A is set): a right
+                // added locally (read-only to executable) is met by a fetch.
+                for access in [model::Access::Read, model::Access::Fetch] {
+                    guest_access(&m, &mut t, hart, g, access, broken).map_err(|e| format!("op {i} {op:?}: {e}"))?;
                 }
             }
         }
@@ -293,7 +411,7 @@ fn run(ops: &[Op], harts: usize, broken: Broken) -> Result<(), String> {
     if s.fences != m.fences.get() {
         return Err(format!("{s:?}: {} fences executed", m.fences.get()));
     }
-    Ok(())
+    Ok(Outcome { stale: m.stale.get(), local: s.local, remote: s.requested })
 }
 
 proptest! {
@@ -308,6 +426,75 @@ proptest! {
             prop_assert!(false, "{}", e);
         }
     }
+
+    #[test]
+    fn every_hart_agrees_with_the_tables_without_hardware_ad_updating(
+        harts in 2..=4usize,
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        if let Err(e) = run_with(&ops, harts, Broken::No, AdMode::Software) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
+
+#[test]
+fn random_runs_fence_fills_locally_and_other_harts_recover_from_stale_faults() {
+    // The property above is not vacuous: its runs take both paths, and harts do meet stale
+    // invalid entries left by local-only fills (and resolve them).
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = prop::collection::vec(op(), 40..80);
+    let mut total = Outcome::default();
+    for k in 0..16 {
+        let ops = strategy.new_tree(&mut runner).unwrap().current();
+        let ad = if k % 2 == 0 { AdMode::Hardware } else { AdMode::Software };
+        let o = run_with(&ops, 3, Broken::No, ad).unwrap();
+        total.stale += o.stale;
+        total.local += o.local;
+        total.remote += o.remote;
+    }
+    assert!(total.stale > 0 && total.local > 0 && total.remote > 0, "{total:?}");
+}
+
+/// Hart 2 caches the invalid entry of page 5; hart 1 then maps the page (a fill: fenced on hart
+/// 1 only). Hart 2's next access meets its stale entry.
+fn fill_scenario() -> Vec<Op> {
+    vec![Op::Touch { hart: 2, page: 5, access: 0 }, Op::Map { page: 5, n: 1, flags: 1, huge: false }]
+}
+
+#[test]
+fn a_fill_is_fenced_locally_and_the_other_hart_recovers_with_one_stale_fault() {
+    let o = run(&fill_scenario(), 3, Broken::No).unwrap();
+    assert_eq!((o.stale, o.local, o.remote), (1, 2, 0), "{o:?}");
+}
+
+#[test]
+fn a_right_added_is_fenced_locally_and_a_hart_that_cached_the_narrower_leaf_recovers() {
+    // Harts 1 and 2 cache page 5 read-only; hart 0 makes it executable (only widens: local).
+    let ops = [
+        Op::Map { page: 5, n: 1, flags: 0, huge: false },
+        Op::Touch { hart: 2, page: 5, access: 0 },
+        Op::Touch { hart: 1, page: 5, access: 0 },
+        Op::Protect { page: 5, n: 1, flags: 2 },
+    ];
+    let o = run(&ops, 3, Broken::No).unwrap();
+    assert_eq!((o.stale, o.remote), (2, 0), "{o:?}");
+    let e = run(&ops, 3, Broken::StaleNoFence).expect_err("the fetch must fault again");
+    assert!(e.contains("faults again"), "{e}");
+}
+
+#[test]
+fn a_stale_fault_resolved_without_its_fence_is_caught() {
+    let e = run(&fill_scenario(), 3, Broken::StaleNoFence).expect_err("the retry must fault again");
+    assert!(e.contains("hart 2") && e.contains("faults again"), "{e}");
+}
+
+#[test]
+fn treating_a_narrowing_change_as_local_is_caught() {
+    // Write-protect and unmap fenced on the changing hart alone: the others keep their
+    // translations.
+    let e = run(&scenario(), 3, Broken::AllLocal).expect_err("the checker must see the missing remote fences");
+    assert!(e.contains("stale translation") || e.contains("released frame"), "{e}");
 }
 
 /// A scenario in which a hart that misses a shootdown must be seen: every hart caches a
@@ -438,6 +625,7 @@ fn threads_servicing_their_mailboxes_never_keep_a_stale_translation() {
     sd.enter(0, VMID, &*ops);
     entered.wait();
     let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut stale = 0u64;
     for i in 0..300u64 {
         let page = next(&mut x) % WINDOW;
         let n = 1 + next(&mut x) % 8;
@@ -456,14 +644,23 @@ fn threads_servicing_their_mailboxes_never_keep_a_stale_translation() {
         };
         let Ok(token) = token else { continue };
         t.flush(token, sd.invalidate_from(0, VMID, &*ops)).unwrap();
-        // The change is done: no hart may answer from before it.
+        // The change is done: no hart may answer from before it. A fault where the tables allow
+        // the read is a stale invalid entry (fills are fenced on hart 0 only): the hart's own
+        // stale-fault handler fences its TLB (the whole VMID, as `stale_fault_flush` asks),
+        // and the retry must agree.
         for hart in 0..HARTS {
             let mut tlb = ops.tlbs[hart].lock().unwrap();
             for p in 0..WINDOW {
                 let g = Gpa(gpa(p).as_u64());
-                let cached = tlb.translate(&mut Mem(&ram), hgatp, &cfg, g, read);
+                let mut cached = tlb.translate(&mut Mem(&ram), hgatp, &cfg, g, read);
                 let fresh = model::gstage::walk(&mut Mem(&ram), hgatp, &cfg, g, read);
-                assert!(same_answer(&cached, &fresh), "change {i}: hart {hart} at {:#x}: {cached:?} vs {fresh:?}", g.0);
+                if cached.is_err() && fresh.is_ok() {
+                    stale += 1;
+                    tlb.hfence_gvma(None, Some(VMID));
+                    cached = tlb.translate(&mut Mem(&ram), hgatp, &cfg, g, read);
+                }
+                let ok = served_rightly(&cached, &fresh) || (cached.is_err() && same_answer(&cached, &fresh));
+                assert!(ok, "change {i}: hart {hart} at {:#x}: {cached:?} vs {fresh:?}", g.0);
             }
         }
     }
@@ -471,7 +668,8 @@ fn threads_servicing_their_mailboxes_never_keep_a_stale_translation() {
     joins.into_iter().for_each(|j| j.join().unwrap());
     let s = sd.total();
     assert_eq!(s.targeted, s.acknowledged, "{s:?}");
-    assert!(s.targeted > 0 && s.fences > 0, "{s:?}");
+    assert!(s.targeted > 0 && s.fences > 0 && s.local > 0, "{s:?}");
+    std::println!("stale faults resolved: {stale}");
 }
 
 #[test]

@@ -330,6 +330,12 @@ pub struct TreeSpec<'a> {
     pub initrd: Option<Range<u64>>,
     /// Whether the PLIC is there (and the UART's interrupt on it).
     pub plic: bool,
+    /// The blob's least size in bytes: its totalsize is raised to this with free space at its
+    /// end (which a device tree may carry, for in-place edits). The hypervisor gives the size of
+    /// the tree the firmware handed it: Linux reserves its device tree's totalsize, so a guest
+    /// tree as large as the one QEMU and OpenSBI give a bare kernel leaves the guest the same
+    /// free memory as on bare QEMU (its `Memory:` line). 0: no padding.
+    pub room: u64,
 }
 
 /// The guest's device tree, with QEMU virt's layout for what it has: RAM, the CPUs with their
@@ -411,7 +417,21 @@ pub fn guest_tree(s: &TreeSpec<'_>) -> Vec<u8> {
         .end_node();
     w.end_node();
     w.end_node();
-    w.finish()
+    let mut blob = w.finish();
+    pad_tree(&mut blob, s.room);
+    blob
+}
+
+/// Raises a finished blob's totalsize (header offset 4, big-endian; Devicetree Specification,
+/// "Header") to `room` bytes, zero-filled free space at the end, when it is smaller. Sizes that
+/// do not fit the 32-bit field are left alone.
+fn pad_tree(blob: &mut Vec<u8>, room: u64) {
+    let Ok(room32) = u32::try_from(room) else { return };
+    if (room32 as usize) <= blob.len() {
+        return;
+    }
+    blob.resize(room32 as usize, 0);
+    blob[4..8].copy_from_slice(&room32.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -510,6 +530,7 @@ mod tests {
             bootargs: "console=ttyS0",
             initrd: Some(0x8700_0000..0x8710_0000),
             plic: true,
+            room: 0,
         };
         let blob = guest_tree(&spec);
         let fdt = Fdt::new(&blob).unwrap();
@@ -526,6 +547,14 @@ mod tests {
         assert_eq!(ext, [2u32, 11, 2, 9].iter().flat_map(|c| c.to_be_bytes()).collect::<Vec<u8>>());
         assert!(!guest_isa(true).contains('h') && guest_isa(true).ends_with("_sstc"));
         assert!(!guest_isa(false).contains("sstc"));
+        // Padded to the firmware tree's size: the same tree, with free space after it.
+        let padded = guest_tree(&TreeSpec { room: 16 << 10, ..spec.clone() });
+        assert_eq!(padded.len(), 16 << 10);
+        assert_eq!(Fdt::total_size(&padded[..40]), Ok(16 << 10));
+        assert_eq!(&padded[8..blob.len()], &blob[8..]);
+        let fdt = Fdt::new(&padded).unwrap();
+        assert_eq!(fdt.find("chosen", 1, "bootargs").unwrap(), Some(&b"console=ttyS0\0"[..]));
+        assert_eq!(guest_tree(&TreeSpec { room: 100, ..spec }), blob, "a smaller room changes nothing");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct HartInfo {
     pub timebase: u32,
     /// Whether the hart sets G-stage A/D bits itself (probed at boot).
     pub ad: GStageAd,
+    /// The totalsize of the device tree the firmware handed the hypervisor (what a bare kernel
+    /// would get): the guest's tree is padded to it ([`crate::boot::TreeSpec::room`]).
+    pub dtb_len: u64,
 }
 
 /// Table options for a G-stage table of format `F` on this hart: A/D bits kept by the hart where
@@ -175,6 +178,7 @@ pub fn start(hartid: usize, dtb: usize) -> Boot {
         caps,
         timebase,
         ad: *ad.as_ref().unwrap_or(&GStageAd::Faults),
+        dtb_len: blob.len() as u64,
     };
     HART.store(Box::leak(Box::new(info)), Ordering::Release);
     let dt_svadu = ["riscv,isa", "riscv,isa-extensions"]

@@ -137,6 +137,7 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         bootargs: &h.bootargs,
         initrd: initrd_at.map(|at| at..at + h.initrd_len),
         plic: true,
+        room: crate::hart::hart().dtb_len,
     });
     let dtb = match boot::place_dtb(&plan, h.mem, tree.len() as u64) {
         Ok(at) => at,
@@ -154,7 +155,11 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
         return SETUP_FAILED;
     }
     let entry = plan.entry;
-    if h.vcpus > 1 {
+    // A Linux kernel runs on the SMP machine even with one vCPU: it then finds the SBI's HSM, IPI
+    // and RFENCE extensions as on bare QEMU. A fork runs on the single-hart path (one vCPU only,
+    // `crate::vmfork`).
+    let fork = matches!(h.live, LiveOp::Fork { .. });
+    if h.vcpus > 1 || (boot::linux_image(file).is_some() && !fork) {
         println!(
             "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
             h.mem, h.vcpus

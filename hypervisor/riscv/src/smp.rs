@@ -496,10 +496,11 @@ fn print_harts(mc: &Machine) {
         let mail = mc.mail.stats(i);
         let c = &mc.counters[i];
         println!(
-            "vCPU {i} (hart {}): exits={} shootdowns requested={} harts asked={} acknowledged={} gvma fences={}; guest IPIs sent={} received={}; RFENCE calls={} requests served={} (of {})",
+            "vCPU {i} (hart {}): exits={} shootdowns requested={} local-only={} harts asked={} acknowledged={} gvma fences={}; guest IPIs sent={} received={}; RFENCE calls={} requests served={} (of {})",
             mc.hartids[i],
             c.exits.load(Ordering::Relaxed),
             sd.requested,
+            sd.local,
             sd.targeted,
             sd.acknowledged,
             sd.fences,

@@ -5,7 +5,7 @@ use super::walker::{At, Next, Visitor};
 use super::{leaf_at, AdError, AdMode, CollapseError, Leaf, NotCollapsible, PageTable};
 use crate::addr::{GuestPhysAddr, HostPhysAddr, PageSize};
 use crate::flags::Access;
-use crate::flush::{Family, FamilyKind, Flush};
+use crate::flush::Flush;
 use crate::format::{level_size, Format, LeafBits, Pte};
 use crate::frame::FrameAllocator;
 use core::sync::atomic::Ordering;
@@ -164,13 +164,12 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
     /// the same cached entry; the token asks for HFENCE.GVMA for the whole VMID, because the stale
     /// entry may be a cached invalid non-leaf entry, which a by-address fence need not remove
     /// (RISC-V Privileged spec, "Supervisor Memory-Management Fence Instruction": after a
-    /// non-leaf change, fence with rs1 = x0).
+    /// non-leaf change, fence with rs1 = x0). Only on the faulting hart
+    /// ([`crate::GvmaInvalidation::Local`]): nothing changed for the others.
     pub fn stale_fault_flush(&self, gpa: GuestPhysAddr) -> Flush<F> {
         let _ = gpa;
         let mut f = Flush::new(self.root);
-        if <F::Family as Family>::KIND == FamilyKind::GStage {
-            f.note_nonleaf();
-        }
+        f.note_stale();
         f
     }
 
@@ -187,7 +186,7 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         let old = self.entry(table, idx).fetch_or(bits, Ordering::AcqRel);
         let mut flush = Flush::new(self.root);
         if old & bits != bits {
-            flush.note_leaf(leaf.gpa, true);
+            flush.note_leaf_widened(leaf.gpa);
         }
         Ok(flush)
     }

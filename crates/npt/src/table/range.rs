@@ -19,6 +19,17 @@ enum Op {
     Protect(MappingFlags),
 }
 
+/// Whether `new` keeps `old`'s frame, memory type and A/D bits and only adds rights: a hart that
+/// cached `old` can only fault where `new` allows more (G-stage: [`crate::GvmaInvalidation::Local`]).
+fn only_widens(old: &LeafBits, new: &LeafBits) -> bool {
+    let other = |f: MappingFlags| f.difference(MappingFlags::RWX);
+    new.hpa == old.hpa
+        && new.flags.rights().contains(old.flags.rights())
+        && other(new.flags) == other(old.flags)
+        && (new.accessed || !old.accessed)
+        && (new.dirty || !old.dirty)
+}
+
 /// The visitor of unmap and protect: a dry run counts the frames that splitting huge pages at the
 /// edges takes; the real run splits them (from the pool), rewrites the leaves inside the range
 /// and, for unmap, unlinks the tables it leaves empty (retired into `retired` until the flush).
@@ -33,16 +44,23 @@ impl<F: Format, A: FrameAllocator> Visitor<F, A> for Change<'_, F> {
     fn leaf(&mut self, pt: &PageTable<F, A>, at: &At<'_>, raw: u64) -> Next {
         if at.whole() {
             if let Plan::Real { flush, .. } = &mut self.plan {
+                let mut widened = false;
                 let new = match (self.op, F::decode(raw, at.level)) {
                     (Op::Unmap, _) => 0,
                     (Op::Protect(flags), Pte::Leaf(leaf)) => {
-                        F::encode_leaf(&pt.preset_ad(LeafBits { flags, ..leaf }), at.level)
+                        let bits = pt.preset_ad(LeafBits { flags, ..leaf });
+                        widened = only_widens(&leaf, &bits);
+                        F::encode_leaf(&bits, at.level)
                     }
                     (Op::Protect(_), _) => raw,
                 };
                 if new != raw {
                     pt.store_leaf(at.table, at.idx, raw, new);
-                    flush.note_leaf(at.gpa(), true);
+                    if widened {
+                        flush.note_leaf_widened(at.gpa());
+                    } else {
+                        flush.note_leaf(at.gpa(), true);
+                    }
                 }
             }
             return Next::Skip;
