@@ -45,10 +45,10 @@ pub const MUST_DIFFER: &[(&str, &str)] = &[
     (
         "Memory: ",
         "8 KiB more reserved on bare QEMU: Linux allocates its unflattened device tree from memblock (booted \
-         with memblock=debug: 0x284c bytes on bare QEMU, 0xbbc under twostage), and QEMU's tree describes devices \
-         the guest does not get (eight virtio-mmio slots, the PCIe host bridge, flash, RTC, fw_cfg, the test device and its \
-         poweroff/reboot nodes, the CLINT, the PMU, the platform bus); the \
-         flattened tree itself has QEMU's address and the firmware tree's size",
+         with memblock=debug: 0x284c bytes on bare QEMU, 0xbbc under twostage), and QEMU's tree describes \
+         devices the guest does not get (eight virtio-mmio slots, the PCIe host bridge, flash, RTC, fw_cfg, the \
+         test device and its poweroff/reboot nodes, the CLINT, the PMU, the platform bus); the flattened tree \
+         itself has QEMU's address and the firmware tree's size",
     ),
     ("twostage-linux: times:", "init's timings of its own phases (compared below as instruction counts)"),
 ];
