@@ -9,8 +9,7 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use twostage_aspace::*;
 use twostage_npt::{
-    Access, AdMode, Ept4, Format, FrameAllocator, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4,
-    TableOptions,
+    Access, AdMode, Ept4, Format, FrameAllocator, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4, TableOptions,
 };
 
 type Space<F> = AddressSpace<F, Mem>;
