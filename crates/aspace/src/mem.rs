@@ -84,6 +84,20 @@ impl fmt::Display for GuestMemError {
 
 impl core::error::Error for GuestMemError {}
 
+/// Which memory, in which state: two equal epochs of one [`GuestMemory`] say that between them no
+/// guest-physical translation changed (no region added, removed or re-protected, no page mapped,
+/// unmapped, copied on write or write-protected) and so no byte changed other than by writes
+/// through the memory itself (the guest's, a device model's, the hypervisor's copies). Caches of
+/// what the guest's memory holds ([`crate::guest::GuestTlb`]) keep their entries only while the
+/// epoch is unchanged. Epochs of different address spaces never compare equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEpoch {
+    /// The space's identity (unique in the process).
+    space: u64,
+    /// Its change count.
+    changes: u64,
+}
+
 /// Plain old data: a type for which every bit pattern is a valid value.
 ///
 /// # Safety
@@ -130,6 +144,12 @@ pub trait GuestMemory {
         current: u64,
         new: u64,
     ) -> Result<Result<u64, u64>, GuestMemError>;
+
+    /// The memory's current [`MemoryEpoch`], or `None` if it cannot tell (then nothing derived
+    /// from its contents may be kept from one access to the next). The default is `None`.
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        None
+    }
 
     /// Reads `buf.len()` bytes at `gpa`.
     fn read(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
@@ -178,6 +198,9 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
     ) -> Result<Result<u64, u64>, GuestMemError> {
         (**self).compare_exchange_u64(gpa, current, new)
     }
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        (**self).epoch()
+    }
 }
 
 /// Host pointer runs: calls `f(host_ptr, offset_in_buf, len)` for maximal runs of `len` bytes
@@ -225,6 +248,12 @@ fn region_bits(r: &Region) -> u64 {
 const SHORT_SPAN: u64 = 8 * PAGE;
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// The space's [`MemoryEpoch`]: it changes with every change of a guest-physical translation
+    /// (the count behind the space's own translation cache).
+    pub fn epoch(&self) -> MemoryEpoch {
+        MemoryEpoch { space: self.tlb.id(), changes: self.changes() }
+    }
+
     /// The region containing `gpa` for an access, or the error that access gets.
     fn region_for(&self, gpa: GuestPhysAddr, access: Access, check_rights: bool) -> Result<&Region, GuestMemError> {
         let r = self.region_at(gpa).ok_or(GuestMemError::Unmapped { gpa, access })?;
@@ -701,6 +730,10 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 /// still reach the old shared frame through a stale translation. A write into pages already
 /// private and writable needs nothing. Reads never change the space.
 impl<F: Format, A: FrameAllocator + Clone> GuestMemory for AddressSpace<F, A> {
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        Some(AddressSpace::epoch(self))
+    }
+
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         AddressSpace::read_as(self, gpa, buf, access)
     }

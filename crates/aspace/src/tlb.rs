@@ -150,6 +150,9 @@ const LINEAR: u64 = 1 << 5;
 /// anonymous regions (16 KiB, on the heap so that moving an address space stays cheap), and the
 /// region last used (a linear region's pages need no other translation).
 pub(crate) struct Tlb {
+    /// This cache's number, unique in the process (the space's identity in a
+    /// [`crate::MemoryEpoch`]: a space's heap cache never moves while it lives).
+    id: u64,
     /// Guest page address | rights bits | [`VALID`]; change count when made; frame address.
     pages: Box<[SeqSlot<3>]>,
     /// Start, end, rights bits (| [`LINEAR`]), linear host base, change count when made.
@@ -158,7 +161,15 @@ pub(crate) struct Tlb {
 
 impl Tlb {
     pub(crate) fn new() -> Self {
-        Self { pages: (0..SLOTS).map(|_| SeqSlot::new()).collect(), region: SeqSlot::new() }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Self { id, pages: (0..SLOTS).map(|_| SeqSlot::new()).collect(), region: SeqSlot::new() }
+    }
+
+    /// This cache's number, unique in the process.
+    #[inline]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     #[inline]

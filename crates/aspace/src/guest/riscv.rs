@@ -1,7 +1,7 @@
 //! RISC-V Sv39/Sv48/Sv57 (the guest's VS-stage), walked in software (RISC-V Privileged §4.3.2).
 #![forbid(unsafe_code)]
 
-use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -77,13 +77,13 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<Translation, GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<Walk, GuestVaError> {
     let mut last = None;
     for _ in 0..4 {
         match walk_once(mem, p, gva, access, cache)? {
-            (t, false) => return Ok(t),
-            (t, true) => last = Some(t),
+            (t, level, false) => return Ok(Walk { t, level, settled: true }),
+            (t, level, true) => last = Some(Walk { t, level, settled: false }),
         }
     }
     last.ok_or(GuestVaError::NonCanonical { gva, access })
@@ -94,8 +94,8 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<(Translation, bool), GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<(Translation, u32, bool), GuestVaError> {
     let va = gva.as_u64();
     let levels = u32::from(p.levels.clamp(3, 5));
     let fault = |kind, level: u32| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
@@ -183,7 +183,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         if !raced && i + 1 < levels {
             cache.store(va, i, a, 0);
         }
-        return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, raced));
+        return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, i, raced));
     }
     Err(fault(PageFaultKind::NoLeaf, 0))
 }

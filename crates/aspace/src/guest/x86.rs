@@ -1,7 +1,7 @@
 //! x86-64 4-level paging, walked in software (Intel SDM Vol. 3A 4.5, 4.6, 4.8).
 #![forbid(unsafe_code)]
 
-use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
 use crate::mem::GuestMemory;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
@@ -129,8 +129,8 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<Translation, GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<Walk, GuestVaError> {
     let v = gva.as_u64();
     // Canonical: bits 63:47 all equal (SDM Vol. 3A 3.3.7.1).
     let top = (v as i64) >> 47;
@@ -141,8 +141,8 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     let mut last = None;
     for _ in 0..4 {
         match walk_once(mem, p, gva, access, cache)? {
-            Walked::Done(t) => return Ok(t),
-            Walked::Raced(t) => last = Some(t),
+            Walked::Done(t, level) => return Ok(Walk { t, level, settled: true }),
+            Walked::Raced(t, level) => last = Some(Walk { t, level, settled: false }),
         }
     }
     // The entries kept changing; the translation itself was valid on the last walk.
@@ -150,8 +150,8 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
 }
 
 enum Walked {
-    Done(Translation),
-    Raced(Translation),
+    Done(Translation, u32),
+    Raced(Translation, u32),
 }
 
 fn walk_once<M: GuestMemory + ?Sized>(
@@ -159,7 +159,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
+    cache: &mut WalkCache<'_>,
 ) -> Result<Walked, GuestVaError> {
     let v = gva.as_u64();
     let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
@@ -263,11 +263,11 @@ fn walk_once<M: GuestMemory + ?Sized>(
     }
     let t = Translation { gpa, page_remaining };
     if raced {
-        return Ok(Walked::Raced(t));
+        return Ok(Walked::Raced(t, leaf_level as u32));
     }
     if leaf_level < 3 {
         let (table, bits) = above[leaf_level];
         cache.store(v, leaf_level as u32, table, bits);
     }
-    Ok(Walked::Done(t))
+    Ok(Walked::Done(t, leaf_level as u32))
 }
