@@ -17,7 +17,7 @@ pub use riscv::RiscvPaging;
 pub use tlb::GuestTlb;
 pub use x86::{X86Cpu, X86Paging};
 
-use crate::mem::{GuestMemError, GuestMemory};
+use crate::mem::{GuestMemError, GuestMemory, PageHint};
 use core::error::Error;
 use core::fmt;
 use twostage_npt::{Access, AddrOutOfRange, GuestPhysAddr, GuestVirtAddr};
@@ -250,6 +250,8 @@ pub(crate) struct CachedTable {
     pub(crate) table: GuestPhysAddr,
     /// Architecture bits folded from the entries above it (x86: RW, US, XD).
     pub(crate) bits: u64,
+    /// The memory's host view of the table's page (see [`crate::PageHint`]).
+    pub(crate) hint: PageHint,
 }
 
 impl<'a> WalkCache<'a> {
@@ -272,9 +274,9 @@ impl<'a> WalkCache<'a> {
     }
 
     /// Remembers the table at `level` that held the leaf for `va`.
-    pub(crate) fn store(&mut self, va: u64, level: u32, table: GuestPhysAddr, bits: u64) {
+    pub(crate) fn store(&mut self, va: u64, level: u32, table: GuestPhysAddr, bits: u64, hint: PageHint) {
         let i = self.slot(va);
-        self.slots[i] = Some(CachedTable { prefix: Self::prefix(va, level), level, table, bits });
+        self.slots[i] = Some(CachedTable { prefix: Self::prefix(va, level), level, table, bits, hint });
     }
 
     /// Forgets every table.
@@ -354,6 +356,30 @@ fn for_each_piece<M: GuestMemory + ?Sized>(
     mut tlb: Option<&mut GuestTlb>,
     mut f: impl FnMut(&mut M, GuestPhysAddr, usize, usize) -> Result<(), GuestVaError>,
 ) -> Result<(), GuestVaError> {
+    if let Some(tlb) = tlb.as_deref_mut() {
+        // The common case through a TLB: the span is contiguous in guest-physical memory (one
+        // guest page, or pages that follow each other), so it is one piece and needs no list.
+        let mut off = 0usize;
+        let mut piece: Option<(GuestPhysAddr, usize)> = None;
+        while off < len {
+            let va = GuestVirtAddr::new(gva.as_u64().wrapping_add(off as u64));
+            let t = translate_through(mem, paging, va, access, tlb)?;
+            let chunk = (t.page_remaining.min((len - off) as u64)) as usize;
+            piece = match piece {
+                None => Some((t.gpa, chunk)),
+                Some((g, c)) if g.checked_add(c as u64) == Some(t.gpa) => Some((g, c + chunk)),
+                // Not contiguous: the general way below (the pages translated so far hit).
+                Some(_) => break,
+            };
+            off += chunk;
+        }
+        if off >= len {
+            return match piece {
+                Some((g, c)) => f(mem, g, 0, c),
+                None => Ok(()),
+            };
+        }
+    }
     // Translate everything first: at most one translation per 4 KiB page is kept on the stack
     // in small batches, so very long copies do not allocate. Guest pages that follow each other
     // in guest-physical memory make one piece.

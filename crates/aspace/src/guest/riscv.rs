@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
-use crate::mem::GuestMemory;
+use crate::mem::{GuestMemory, PageHint};
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
 /// PTE bits (RISC-V Privileged §4.3.1, Figure "Sv32 page table entry", same low bits in Sv39+).
@@ -115,17 +115,20 @@ fn walk_once<M: GuestMemory + ?Sized>(
     let mut top = levels - 1;
     // The table the last translation of this copy found its leaf in, if it covers `gva` (the
     // non-leaf entries above it were valid pointers, and carry no rights or A/D bits).
+    // The host view of the page of `a` (kept with a cached table).
+    let mut hint = PageHint::default();
     if let Some(c) = cache.hit(va) {
         a = c.table;
         top = c.level;
+        hint = c.hint;
     }
     for i in (0..=top).rev() {
         let vpn = (va >> (12 + 9 * i)) & 0x1ff;
         // Step 2: pte = the PTE at a + va.vpn[i] × PTESIZE.
         let at = a.checked_add(vpn * 8).ok_or(fault(PageFaultKind::Reserved, i))?;
-        let mut b = [0u8; 8];
-        mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
-        let pte = u64::from_le_bytes(b);
+        let pte = mem
+            .read_u64_hinted(at, &mut hint)
+            .map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
         // Step 3: V = 0, or W without R, or reserved bits: page fault.
         if pte & V == 0 {
             return Err(fault(PageFaultKind::NotPresent, i));
@@ -147,6 +150,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
                 return Err(fault(PageFaultKind::NoLeaf, i));
             }
             a = guest_gpa(ppn << 12, || fault(PageFaultKind::Reserved, i))?;
+            hint = PageHint::default();
             continue;
         }
         // Step 5: a leaf; check the access against R/W/X, U, SUM and MXR (§4.3.1, §4.3.2).
@@ -181,7 +185,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         let base = (ppn << 12) & !(page - 1);
         let gpa = guest_gpa(base | (va & (page - 1)), || fault(PageFaultKind::Reserved, i))?;
         if !raced && i + 1 < levels {
-            cache.store(va, i, a, 0);
+            cache.store(va, i, a, 0, hint);
         }
         return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, i, raced));
     }

@@ -10,10 +10,12 @@ use alloc::boxed::Box;
 use alloc::vec;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
-/// Page translations kept (direct-mapped by guest-virtual page number).
-const PAGES: usize = 512;
+/// Page translations kept: [`SETS`] sets of [`WAYS`] (chosen by a hash of the guest-virtual
+/// page number; a new entry replaces a void one, else one chosen round-robin).
+const WAYS: usize = 4;
+const SETS: usize = 1024;
 /// Tables kept whose entries map a guest page (indexed by the 2 MiB the address lies in).
-pub(crate) const TABLES: usize = 64;
+pub(crate) const TABLES: usize = 256;
 
 /// One page translation: the guest-virtual 4 KiB page, the guest-physical page it translated
 /// to, the size of the guest's page that held it, the accesses the walk allowed.
@@ -81,7 +83,9 @@ fn access_bit(access: Access) -> u64 {
 /// [`GuestTlb::flush_all`] before resuming the guest: the guest cannot fence while its vCPU is
 /// stopped, so within one exit the entries are exactly what the processor could still use.
 pub struct GuestTlb {
-    pages: Box<[Entry]>,
+    pages: Box<[[Entry; WAYS]]>,
+    /// Round-robin victim choice.
+    next_victim: usize,
     tables: Box<[Option<CachedTable>]>,
     /// Entries made under another stamp are void.
     stamp: u64,
@@ -97,10 +101,11 @@ impl Default for GuestTlb {
 }
 
 impl GuestTlb {
-    /// An empty cache (about 13 KiB on the heap).
+    /// An empty cache (about 100 KiB on the heap).
     pub fn new() -> Self {
         Self {
-            pages: vec![Entry::default(); PAGES].into_boxed_slice(),
+            pages: vec![[Entry::default(); WAYS]; SETS].into_boxed_slice(),
+            next_victim: 0,
             tables: vec![None; TABLES].into_boxed_slice(),
             stamp: 1,
             paging: None,
@@ -120,7 +125,7 @@ impl GuestTlb {
     /// SFENCE.VMA with an address need not order non-leaf changes, but dropping them is allowed).
     pub fn flush_va(&mut self, gva: GuestVirtAddr) {
         let v = gva.as_u64();
-        for e in self.pages.iter_mut() {
+        for e in self.pages.iter_mut().flatten() {
             let size = 1u64 << (12 + 9 * (e.va & 3));
             if (e.va & !0xfff) & !(size - 1) == v & !(size - 1) {
                 *e = Entry::default();
@@ -140,14 +145,22 @@ impl GuestTlb {
         }
     }
 
+    #[inline]
+    fn set(gva: u64) -> usize {
+        // Fibonacci hashing of the page number: neighbouring pages land in unrelated sets.
+        ((gva >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SETS.trailing_zeros())) as usize
+    }
+
     /// The cached translation of `gva` for `access`, if any.
     #[inline]
     pub(crate) fn lookup(&self, gva: u64, access: Access) -> Option<Translation> {
-        let e = &self.pages[((gva >> 12) as usize) % PAGES];
+        let page = gva & !0xfff;
         let off = gva & 0xfff;
-        (e.va & !0xfff == gva & !0xfff && e.stamp >> 3 == self.stamp && e.stamp & access_bit(access) != 0).then(|| {
-            Translation { gpa: GuestPhysAddr::new(e.gpa | off), page_remaining: 0x1000 - off }
-        })
+        let want = access_bit(access);
+        self.pages[Self::set(gva)]
+            .iter()
+            .find(|e| e.va & !0xfff == page && e.stamp >> 3 == self.stamp && e.stamp & want != 0)
+            .map(|e| Translation { gpa: GuestPhysAddr::new(e.gpa | off), page_remaining: 0x1000 - off })
     }
 
     /// Remembers that `gva` translated to `t` for `access` through a leaf at `level` (0 = a
@@ -156,10 +169,23 @@ impl GuestTlb {
     pub(crate) fn insert(&mut self, gva: u64, access: Access, t: Translation, level: u32) {
         let va = gva & !0xfff | u64::from(level.min(3));
         let gpa = t.gpa.as_u64() & !0xfff;
-        let e = &mut self.pages[((gva >> 12) as usize) % PAGES];
-        let same = e.va == va && e.gpa == gpa && e.stamp >> 3 == self.stamp;
+        let stamp = self.stamp;
+        let set = &mut self.pages[Self::set(gva)];
+        // The page's own entry (adding a right), else a void one, else a victim.
+        let way = match set.iter().position(|e| e.va == va && e.stamp >> 3 == stamp) {
+            Some(w) => w,
+            None => match set.iter().position(|e| e.stamp >> 3 != stamp) {
+                Some(w) => w,
+                None => {
+                    self.next_victim = (self.next_victim + 1) % WAYS;
+                    self.next_victim
+                }
+            },
+        };
+        let e = &mut set[way];
+        let same = e.va == va && e.gpa == gpa && e.stamp >> 3 == stamp;
         let rights = if same { e.stamp & 7 } else { 0 } | access_bit(access);
-        *e = Entry { va, gpa, stamp: self.stamp << 3 | rights };
+        *e = Entry { va, gpa, stamp: stamp << 3 | rights };
     }
 
     /// The cached tables (for the walkers' [`super::WalkCache`]).

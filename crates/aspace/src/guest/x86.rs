@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
-use crate::mem::GuestMemory;
+use crate::mem::{GuestMemory, PageHint};
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
 /// CR0.PG, bit 31 (Intel SDM Vol. 3A 2.5).
@@ -118,10 +118,9 @@ fn read_entry<M: GuestMemory + ?Sized>(
     at: GuestPhysAddr,
     gva: GuestVirtAddr,
     access: Access,
+    hint: &mut PageHint,
 ) -> Result<u64, GuestVaError> {
-    let mut b = [0u8; 8];
-    mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
-    Ok(u64::from_le_bytes(b))
+    mem.read_u64_hinted(at, hint).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })
 }
 
 pub(super) fn translate<M: GuestMemory + ?Sized>(
@@ -177,10 +176,13 @@ fn walk_once<M: GuestMemory + ?Sized>(
     let mut top = 3usize;
     // The upper entries of the last translation of this copy, if they cover `gva` (their A
     // bits are set and their rights are folded into `bits`).
+    // The host view of the page of `table` (kept with a cached table).
+    let mut hint = PageHint::default();
     if let Some(c) = cache.hit(v) {
         table = c.table;
         top = c.level as usize;
         (rw, us, xd) = (c.bits & RW != 0, c.bits & US != 0, c.bits & XD != 0);
+        hint = c.hint;
     }
     // (table, rights so far) at each level, to remember the walk's upper part.
     let mut above = [(GuestPhysAddr::ZERO, 0u64); 4];
@@ -190,7 +192,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         above[level] = (table, (if rw { RW } else { 0 }) | (if us { US } else { 0 }) | (if xd { XD } else { 0 }));
         let idx = (v >> (12 + 9 * level)) & 0x1ff;
         let at = table.checked_add(idx * 8).ok_or(fault(PageFaultKind::Reserved, level))?;
-        let e = read_entry(mem, at, gva, access)?;
+        let e = read_entry(mem, at, gva, access, &mut hint)?;
         path[n] = (at, e);
         n += 1;
         if e & P == 0 {
@@ -220,6 +222,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         }
         let next = e & phys & 0x000f_ffff_ffff_f000;
         table = guest_gpa(next, || fault(PageFaultKind::Reserved, level))?;
+        hint = PageHint::default();
     }
     let Some((gpa, page_remaining, leaf_level)) = result else {
         return Err(fault(PageFaultKind::NotPresent, 0));
@@ -267,7 +270,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     }
     if leaf_level < 3 {
         let (table, bits) = above[leaf_level];
-        cache.store(v, leaf_level as u32, table, bits);
+        cache.store(v, leaf_level as u32, table, bits, hint);
     }
     Ok(Walked::Done(t, leaf_level as u32))
 }
