@@ -194,7 +194,17 @@ impl Tlb {
     pub(crate) fn insert(&self, page: GuestPhysAddr, hpa: HostPhysAddr, bits: u64, gen: u64) {
         debug_assert!(page.is_aligned(PAGE) && hpa.is_aligned(PAGE));
         let page = page.as_u64();
-        self.slot(page).store([page | VALID | bits, gen, hpa.as_u64()]);
+        let slot = self.slot(page);
+        // A current entry for another page stays: with more pages in use than slots (random
+        // accesses over a large guest), replacing on every miss would make every access a miss
+        // that also pays a fill; keeping the first ones serves those at least. Every change
+        // of the space voids them all, so they are never kept for long on a changing guest.
+        if let Some([tag, made, _]) = slot.load() {
+            if made == gen && tag & VALID != 0 && tag & !(PAGE - 1) != page {
+                return;
+            }
+        }
+        slot.store([page | VALID | bits, gen, hpa.as_u64()]);
     }
 
     /// The region last remembered, if it is current at change count `gen`.

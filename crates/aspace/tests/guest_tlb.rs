@@ -331,3 +331,35 @@ fn memory_without_an_epoch_is_walked_every_time() {
     put(&mut s, pte0, Arch::Sv39.leaf(DATA + 3 * PAGE, 0, true));
     assert_eq!(tlb.translate(&mut NoEpoch(&mut s), &paging, at, Access::Read).unwrap().gpa, gpa(DATA + 3 * PAGE + 0x20));
 }
+
+/// A page hint never outlives a change of the space: after a copy-on-write break moved the page
+/// to a new frame, or a region was removed and another put in its place, the same hint reads the
+/// new memory (and an unmapped page is an error again).
+#[test]
+fn a_page_hint_follows_the_space_changes() {
+    let ram = ram(4096);
+    let mut s = space(&ram);
+    let at = gpa(DATA + 0x18);
+    let mut hint = PageHint::default();
+    let first = s.read_obj::<u64>(at).unwrap();
+    assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), first);
+    // Fork: the page is shared; the parent's write gives it a private copy in a new frame.
+    let (child, f) = s.fork().unwrap();
+    s.flush_unloaded(f).unwrap();
+    assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), first);
+    s.write(at, &0x1122_3344_5566_7788u64.to_le_bytes()).unwrap();
+    s.flush_pending(|_| {});
+    assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 0x1122_3344_5566_7788);
+    drop(child);
+    // The region goes, another takes its place with other bytes.
+    let id = s.regions().next().unwrap().id();
+    let f = s.remove_region(id).unwrap();
+    s.flush_unloaded(f).unwrap();
+    assert!(s.read_u64_hinted(at, &mut hint).is_err(), "nothing mapped there any more");
+    let (_, f) = s.add_region("ram2", range(0, 0x80_0000), MappingFlags::RWX, Backend::DemandZero).unwrap();
+    s.flush_unloaded(f).unwrap();
+    assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 0, "a fresh demand-zero page");
+    s.write(at, &5u64.to_le_bytes()).unwrap();
+    s.flush_pending(|_| {});
+    assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 5);
+}
