@@ -297,7 +297,9 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
                     None => self.table.translate(gpa).map(|(h, _)| h.align_down(PAGE)),
                 };
                 *hint = match frame {
-                    Some(f) => PageHint { epoch: Some(epoch), page, host: self.alloc.phys_to_virt(f).as_ptr() as usize },
+                    Some(f) => {
+                        PageHint { epoch: Some(epoch), page, host: self.alloc.phys_to_virt(f).as_ptr() as usize }
+                    }
                     // Never touched: reads as zeros, and the first write will change the epoch.
                     None => return Ok(0),
                 };

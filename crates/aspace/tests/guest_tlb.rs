@@ -161,7 +161,10 @@ fn check_copy(s: &mut Space, tlb: &mut GuestTlb, paging: &GuestPaging, rng: &mut
         // random, so a byte the cached write put elsewhere shows) and fail the same way.
         let uncached = copy_to_guest_va(&mut mem, paging, GuestVirtAddr::new(start), &buf);
         assert_eq!(cached, uncached, "write at {start:#x}+{len}");
-        assert!(snapshot(mem, start, len) == after_cached, "write at {start:#x}+{len} landed elsewhere than the fresh walk says");
+        assert!(
+            snapshot(mem, start, len) == after_cached,
+            "write at {start:#x}+{len} landed elsewhere than the fresh walk says"
+        );
         mem.flush_pending(|_| {});
     } else {
         let mut a = vec![0u8; len];
@@ -174,7 +177,10 @@ fn check_copy(s: &mut Space, tlb: &mut GuestTlb, paging: &GuestPaging, rng: &mut
         }
         for acc in [Access::Read, Access::Write] {
             let va = GuestVirtAddr::new(start);
-            assert_eq!(tlb.translate(&mut mem, paging, va, acc).map(|t| t.gpa), translate_gva(&mut mem, paging, va, acc).map(|t| t.gpa));
+            assert_eq!(
+                tlb.translate(&mut mem, paging, va, acc).map(|t| t.gpa),
+                translate_gva(&mut mem, paging, va, acc).map(|t| t.gpa)
+            );
         }
     }
 }
@@ -329,7 +335,10 @@ fn memory_without_an_epoch_is_walked_every_time() {
     let at = GuestVirtAddr::new(VA + 0x20);
     assert_eq!(tlb.translate(&mut NoEpoch(&mut s), &paging, at, Access::Read).unwrap().gpa, gpa(DATA + 0x20));
     put(&mut s, pte0, Arch::Sv39.leaf(DATA + 3 * PAGE, 0, true));
-    assert_eq!(tlb.translate(&mut NoEpoch(&mut s), &paging, at, Access::Read).unwrap().gpa, gpa(DATA + 3 * PAGE + 0x20));
+    assert_eq!(
+        tlb.translate(&mut NoEpoch(&mut s), &paging, at, Access::Read).unwrap().gpa,
+        gpa(DATA + 3 * PAGE + 0x20)
+    );
 }
 
 /// A page hint never outlives a change of the space: after a copy-on-write break moved the page

@@ -88,7 +88,7 @@ fn copies_on_write_and_forks_leave_the_pool_alone() {
     let mut s = space(&ram);
     s.write(gpa(0), &[7; 64]).unwrap();
     s.flush_pending(|_| {});
-    let (mut child, f) = s.fork().unwrap();
+    let (child, f) = s.fork().unwrap();
     s.flush_unloaded(f).unwrap();
     assert_eq!(child.zeroed_ready(), 0, "a fork starts with an empty pool");
     s.prepare_zeroed(4);

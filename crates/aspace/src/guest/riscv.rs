@@ -126,9 +126,12 @@ fn walk_once<M: GuestMemory + ?Sized>(
         let vpn = (va >> (12 + 9 * i)) & 0x1ff;
         // Step 2: pte = the PTE at a + va.vpn[i] × PTESIZE.
         let at = a.checked_add(vpn * 8).ok_or(fault(PageFaultKind::Reserved, i))?;
-        let pte = mem
-            .read_u64_hinted(at, &mut hint)
-            .map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
+        let pte = mem.read_u64_hinted(at, &mut hint).map_err(|error| GuestVaError::TableAccess {
+            gva,
+            access,
+            entry: at,
+            error,
+        })?;
         // Step 3: V = 0, or W without R, or reserved bits: page fault.
         if pte & V == 0 {
             return Err(fault(PageFaultKind::NotPresent, i));
