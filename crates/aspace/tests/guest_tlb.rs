@@ -372,3 +372,74 @@ fn a_page_hint_follows_the_space_changes() {
     s.flush_pending(|_| {});
     assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 5);
 }
+
+/// A translation through a cached leaf table (the second page of a copy, or a page under a table
+/// a `GuestTlb` holds) checks the entry as a full walk does: hostile and refusing leaves give the
+/// same result as a fresh walk from the root.
+#[test]
+fn entries_under_a_cached_table_are_checked_like_a_full_walk() {
+    for arch in [Arch::X86, Arch::Sv39] {
+        let base = |a: Arch| a.leaf(DATA + 3 * PAGE, 0, true);
+        let b = base(arch);
+        let variants: Vec<u64> = match arch {
+            // x86 (EFER.NXE = 0 here, so bit 63 is reserved): not present, XD, bit 51 with
+            // MAXPHYADDR 36, read-only, user page (supervisor access: fine; SMAP off), A clear.
+            Arch::X86 => vec![0, b | 1 << 63, b & !(1 << 1), b | 1 << 2, b & !(1 << 5), b & !(1 << 6)],
+            // Sv39: reserved bits 60:54, N, PBMT without Svpbmt, W without R, a pointer (R=X=0),
+            // U page for the supervisor (SUM off), A clear, D clear.
+            Arch::Sv39 => vec![
+                b | 1 << 55,
+                b | 1 << 63,
+                b | 1 << 61,
+                b & !(1 << 1),
+                b & !0b1110,
+                b | 1 << 4,
+                b & !(1 << 6),
+                b & !(1 << 7),
+            ],
+        };
+        for (k, &v) in variants.iter().enumerate() {
+            let ram = ram(4096);
+            let mut s = space(&ram);
+            let (pte0, _) = build(&mut s, arch);
+            put(&mut s, pte0 + 8, v);
+            let paging = arch.paging(T0, false);
+            for access in [Access::Read, Access::Write] {
+                // The reference: a fresh walk from the root, on a fork (A/D updates stay there).
+                let (mut fresh, f) = s.fork().unwrap();
+                s.flush_unloaded(f).unwrap();
+                let want =
+                    translate_gva(&mut &mut fresh, &paging, GuestVirtAddr::new(VA + PAGE), access).map(|t| t.gpa);
+                // The entry as the walk left it (x86 sets A and D; Sv39 here does not update).
+                let want_pte = fresh.read_obj::<u64>(gpa(pte0 + 8)).unwrap();
+                drop(fresh);
+                let (mut a, f) = s.fork().unwrap();
+                s.flush_unloaded(f).unwrap();
+                let mut tlb = GuestTlb::new();
+                let mut mem = &mut a;
+                tlb.translate(&mut mem, &paging, GuestVirtAddr::new(VA + 8), access).unwrap();
+                let got = tlb.translate(&mut mem, &paging, GuestVirtAddr::new(VA + PAGE), access).map(|t| t.gpa);
+                let name = if arch == Arch::X86 { "x86" } else { "sv39" };
+                assert_eq!(got, want, "{name} variant {k}, {access:?}, through a GuestTlb");
+                assert_eq!(
+                    a.read_obj::<u64>(gpa(pte0 + 8)).unwrap(),
+                    want_pte,
+                    "{name} variant {k}: A/D as a walk sets them"
+                );
+                // The same inside one copy of the free functions (page 0, then page 1).
+                let (mut c, f) = s.fork().unwrap();
+                s.flush_unloaded(f).unwrap();
+                let mut buf = [0u8; 16];
+                let mut mem = &mut c;
+                let r = match access {
+                    Access::Write => copy_to_guest_va(&mut mem, &paging, GuestVirtAddr::new(VA + PAGE - 8), &buf),
+                    _ => copy_from_guest_va(&mut mem, &paging, GuestVirtAddr::new(VA + PAGE - 8), &mut buf),
+                };
+                assert_eq!(r.is_ok(), want.is_ok(), "variant {k}, {access:?}, in one copy");
+                if let (Err(e), Err(w)) = (r, want) {
+                    assert_eq!(e, w, "variant {k}, {access:?}, in one copy");
+                }
+            }
+        }
+    }
+}

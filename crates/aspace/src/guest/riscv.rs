@@ -79,6 +79,9 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     access: Access,
     cache: &mut WalkCache<'_>,
 ) -> Result<Walk, GuestVaError> {
+    if let Some(w) = leaf_fast(mem, p, gva.as_u64(), access, cache) {
+        return Ok(w);
+    }
     let mut last = None;
     for _ in 0..4 {
         match walk_once(mem, p, gva, access, cache)? {
@@ -87,6 +90,61 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
         }
     }
     last.ok_or(GuestVaError::NonCanonical { gva, access })
+}
+
+/// The PTE bits that are reserved in every entry of mode `p` (§4.4.1; PBMT without Svpbmt).
+fn reserved_bits(p: &RiscvPaging) -> u64 {
+    let mut reserved = RESERVED_60_54 | N;
+    if !p.svpbmt {
+        reserved |= PBMT;
+    }
+    reserved
+}
+
+/// Whether leaf `pte` allows `access` in mode `p`: R/W/X with MXR, and U with SUM (§4.3.1, §4.3.2
+/// step 5).
+fn leaf_allows(p: &RiscvPaging, access: Access, pte: u64) -> bool {
+    let rights = match access {
+        Access::Read => pte & R != 0 || (p.mxr && pte & X != 0),
+        Access::Write => pte & W != 0,
+        Access::Execute => pte & X != 0,
+    };
+    let mode_ok = if p.user { pte & U != 0 } else { pte & U == 0 || (access != Access::Execute && p.sum) };
+    rights && mode_ok
+}
+
+/// A translation through a cached last-level table whose PTE for `va` needs nothing done: a
+/// valid 4 KiB leaf with no reserved bit, allowing the access, with A (and D for a store)
+/// already set. Anything else (a fault, an A/D update, a read error) is left to the full walk,
+/// which reports it.
+#[inline]
+fn leaf_fast<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &RiscvPaging,
+    va: u64,
+    access: Access,
+    cache: &WalkCache<'_>,
+) -> Option<Walk> {
+    let c = cache.hit(va).filter(|c| c.level == 0)?;
+    let at = c.table.checked_add(((va >> 12) & 0x1ff) * 8)?;
+    let mut hint = c.hint;
+    let pte = mem.read_u64_hinted(at, &mut hint).ok()?;
+    let want = if access == Access::Write { V | A | D } else { V | A };
+    let bad_pbmt = p.svpbmt && pte & PBMT == PBMT;
+    if pte & want != want
+        || pte & (R | X) == 0
+        || (pte & R == 0 && pte & W != 0)
+        || pte & reserved_bits(p) != 0
+        || bad_pbmt
+    {
+        return None;
+    }
+    if !leaf_allows(p, access, pte) {
+        return None;
+    }
+    let ppn = (pte >> PPN_SHIFT) & PPN_MASK;
+    let gpa = GuestPhysAddr::try_new((ppn << 12) | (va & 0xfff)).ok()?;
+    Some(Walk { t: Translation { gpa, page_remaining: 0x1000 - (va & 0xfff) }, level: 0, settled: true })
 }
 
 fn walk_once<M: GuestMemory + ?Sized>(
@@ -105,10 +163,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     if ((va << shift) as i64 >> shift) as u64 != va {
         return Err(GuestVaError::NonCanonical { gva, access });
     }
-    let mut reserved = RESERVED_60_54 | N;
-    if !p.svpbmt {
-        reserved |= PBMT;
-    }
+    let reserved = reserved_bits(p);
     // Step 1: a = satp.ppn × PAGESIZE, i = LEVELS − 1 (§4.3.2). At most LEVELS reads: a cycle
     // in the guest's tables cannot lengthen the walk.
     let mut a = p.root;
@@ -157,13 +212,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
             continue;
         }
         // Step 5: a leaf; check the access against R/W/X, U, SUM and MXR (§4.3.1, §4.3.2).
-        let rights = match access {
-            Access::Read => pte & R != 0 || (p.mxr && pte & X != 0),
-            Access::Write => pte & W != 0,
-            Access::Execute => pte & X != 0,
-        };
-        let mode_ok = if p.user { pte & U != 0 } else { pte & U == 0 || (access != Access::Execute && p.sum) };
-        if !rights || !mode_ok {
+        if !leaf_allows(p, access, pte) {
             return Err(fault(PageFaultKind::Protection, i));
         }
         // Step 6: a superpage must have its low PPN bits clear.

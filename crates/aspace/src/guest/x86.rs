@@ -136,6 +136,9 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     if top != 0 && top != -1 {
         return Err(GuestVaError::NonCanonical { gva, access });
     }
+    if let Some(w) = leaf_fast(mem, p, v, access, cache) {
+        return Ok(w);
+    }
     // A/D updates race with the guest's own CPUs: retry the walk if an entry changed under us.
     let mut last = None;
     for _ in 0..4 {
@@ -153,6 +156,66 @@ enum Walked {
     Raced(Translation, u32),
 }
 
+/// Bits 51:MAXPHYADDR of every entry are reserved, and bit 63 without IA32_EFER.NXE (SDM Vol. 3A
+/// 4.5.4, Tables 4-14..4-20).
+fn common_reserved(p: &X86Paging) -> u64 {
+    let mut rsvd = 0x000f_ffff_ffff_ffff & !p.phys_mask() & !0xfff;
+    if !p.nxe {
+        rsvd |= XD;
+    }
+    rsvd
+}
+
+/// Whether the rights folded over a walk (`rw`, `us`, `xd`) allow `access` (SDM Vol. 3A 4.6.1).
+fn allowed(p: &X86Paging, access: Access, rw: bool, us: bool, xd: bool) -> bool {
+    match access {
+        Access::Read => {
+            if p.user {
+                us
+            } else {
+                !(us && p.smap)
+            }
+        }
+        Access::Write => {
+            if p.user {
+                us && rw
+            } else {
+                !(us && p.smap) && (rw || !p.wp)
+            }
+        }
+        Access::Execute => !xd && if p.user { us } else { !(us && p.smep) },
+    }
+}
+
+/// A translation through a cached page table (level 0) whose entry for `v` needs nothing done:
+/// present, no reserved bit, the access allowed, A (and D for a write) already set. Anything
+/// else (a fault, an A/D update, a read error) is left to the full walk, which reports it.
+#[inline]
+fn leaf_fast<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &X86Paging,
+    v: u64,
+    access: Access,
+    cache: &WalkCache<'_>,
+) -> Option<Walk> {
+    let c = cache.hit(v).filter(|c| c.level == 0)?;
+    let at = c.table.checked_add(((v >> 12) & 0x1ff) * 8)?;
+    let mut hint = c.hint;
+    let e = mem.read_u64_hinted(at, &mut hint).ok()?;
+    let want = if access == Access::Write { P | A | D } else { P | A };
+    if e & want != want || e & common_reserved(p) != 0 {
+        return None;
+    }
+    let rw = c.bits & RW != 0 && e & RW != 0;
+    let us = c.bits & US != 0 && e & US != 0;
+    let xd = c.bits & XD != 0 || (p.nxe && e & XD != 0);
+    if !allowed(p, access, rw, us, xd) {
+        return None;
+    }
+    let gpa = GuestPhysAddr::try_new(e & p.phys_mask() & 0x000f_ffff_ffff_f000 | (v & 0xfff)).ok()?;
+    Some(Walk { t: Translation { gpa, page_remaining: 0x1000 - (v & 0xfff) }, level: 0, settled: true })
+}
+
 fn walk_once<M: GuestMemory + ?Sized>(
     mem: &mut M,
     p: &X86Paging,
@@ -163,11 +226,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
     let v = gva.as_u64();
     let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
     let phys = p.phys_mask();
-    // Bits 51:MAXPHYADDR of every entry are reserved (SDM Vol. 3A 4.5.4, Tables 4-14..4-20).
-    let mut common_rsvd = 0x000f_ffff_ffff_ffff & !phys & !0xfff;
-    if !p.nxe {
-        common_rsvd |= XD; // Bit 63 is reserved when IA32_EFER.NXE = 0.
-    }
+    let common_rsvd = common_reserved(p);
     let mut table = p.pml4;
     let (mut rw, mut us, mut xd) = (true, true, false);
     let mut path = [(GuestPhysAddr::ZERO, 0u64); 4];
@@ -228,23 +287,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         return Err(fault(PageFaultKind::NotPresent, 0));
     };
     // Access rights (SDM Vol. 3A 4.6.1).
-    let ok = match access {
-        Access::Read => {
-            if p.user {
-                us
-            } else {
-                !(us && p.smap)
-            }
-        }
-        Access::Write => {
-            if p.user {
-                us && rw
-            } else {
-                !(us && p.smap) && (rw || !p.wp)
-            }
-        }
-        Access::Execute => !xd && if p.user { us } else { !(us && p.smep) },
-    };
+    let ok = allowed(p, access, rw, us, xd);
     if !ok {
         return Err(fault(PageFaultKind::Protection, leaf_level));
     }
