@@ -277,12 +277,10 @@ pub fn rsdp_len(b: &[u8]) -> Option<usize> {
 /// 0xE0000-0xFFFFF. Returns its address and length.
 pub fn find_rsdp(low: Window<'_>) -> Option<(u64, usize)> {
     let scan = |r: Range<u64>| {
-        (r.start.next_multiple_of(16)..r.end)
-            .step_by(16)
-            .find_map(|at| {
-                let avail = low.range().end.min(r.end).checked_sub(at)?;
-                rsdp_len(low.get(at, avail as usize)?).map(|n| (at, n))
-            })
+        (r.start.next_multiple_of(16)..r.end).step_by(16).find_map(|at| {
+            let avail = low.range().end.min(r.end).checked_sub(at)?;
+            rsdp_len(low.get(at, avail as usize)?).map(|n| (at, n))
+        })
     };
     let ebda = low.get(EBDA_POINTER, 2).map_or(0, |w| le(w, 0, 2) << 4);
     let from_ebda = if ebda > 0x400 { scan(ebda..ebda + EBDA_SEARCH_LEN) } else { None };
@@ -404,12 +402,12 @@ fn structure(area: Window<'_>, addr: u64, target: Target, what: &'static str) ->
         Target::Xsdt => 8,
         _ => 1,
     };
-    if len < min as u64 || (len - HEADER_LEN as u64) % entry != 0 {
+    if len < min as u64 || !(len - HEADER_LEN as u64).is_multiple_of(entry) {
         return Err(AcpiError::BadLength { what: name, addr, len });
     }
     let Some(bytes) = area.get(addr, len as usize) else { return Err(AcpiError::RunsOut { what: name, addr, len }) };
     if target == Target::Facs {
-        if addr % 64 != 0 {
+        if !addr.is_multiple_of(64) {
             return Err(AcpiError::MisalignedFacs { addr });
         }
     } else if sum(bytes) != 0 {
@@ -816,7 +814,11 @@ mod tests {
         assert_eq!(machine_area(&map), Ok(0xc1f_0000..0xc20_0000));
         assert_eq!(guest_area(&map, 128 << 20), Ok((0xc1f_0000..0xc20_0000, 0x7ff_0000..0x800_0000)));
         // An area below some RAM keeps its distance from the top.
-        let map2 = [e(0x10_0000, 0x700_0000, E820_RAM), e(0x700_0000, 0x701_0000, E820_ACPI), e(0x701_0000, 0x800_0000, E820_RAM)];
+        let map2 = [
+            e(0x10_0000, 0x700_0000, E820_RAM),
+            e(0x700_0000, 0x701_0000, E820_ACPI),
+            e(0x701_0000, 0x800_0000, E820_RAM),
+        ];
         assert_eq!(guest_area(&map2, 64 << 20).map(|g| g.1), Ok(0x300_0000..0x301_0000));
         assert_eq!(machine_area(&map[..3]), Err(AcpiError::NoArea));
         let two = [map[3], e(0xd00_0000, 0xd01_0000, E820_ACPI)];

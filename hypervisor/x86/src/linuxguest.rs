@@ -28,14 +28,16 @@
 
 use crate::{println, serial};
 use alloc::vec::Vec;
+use core::ops::Range;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
+use twostage_baremetal::acpi::{self, AcpiError, Relocated, Window};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
 use twostage_baremetal::linux_x86::{
-    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
+    e820_map, firmware_areas, firmware_e820, plan_bzimage, without, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
 };
 use twostage_baremetal::pvh::{plan_pvh, PvhPlan};
-use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
+use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags, PageSize};
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
 
@@ -60,6 +62,53 @@ pub struct LinuxGuest<'a> {
     pub mem: u64,
     /// The machine's memory map as the boot loader passed it on (empty: none).
     pub bios: &'a [E820Entry],
+    /// The machine's first MiB from 0x400 on (the BDA's EBDA pointer, the EBDA, the BIOS area),
+    /// where the RSDP is looked for; `None`: not readable.
+    pub low: Option<Window<'a>>,
+    /// The machine's ACPI area (`twostage_baremetal::acpi::machine_area` of `bios`), if any.
+    pub acpi: Option<Window<'a>>,
+}
+
+/// The guest's ACPI tables: the machine's, moved (see the module docs).
+struct GuestAcpi {
+    tables: Relocated,
+    /// The pages holding the RSDP, as the guest sees them: the machine's bytes with the RSDP
+    /// rewritten (or, when the tables were refused, wiped: the guest then finds none).
+    rsdp_pages: Range<u64>,
+    rsdp_bytes: Vec<u8>,
+}
+
+/// Why the guest gets no ACPI tables, and the RSDP pages it gets with the machine's RSDP wiped.
+type NoAcpi = (AcpiError, Option<(Range<u64>, Vec<u8>)>);
+
+/// The machine's ACPI tables moved for the guest, or why not (and the RSDP pages to give the
+/// guest with the machine's RSDP wiped, when one was found: it points at the machine's tables,
+/// which are not the guest's).
+fn guest_acpi(g: &LinuxGuest<'_>) -> Result<GuestAcpi, NoAcpi> {
+    let low = g.low.ok_or((AcpiError::NoRsdp, None))?;
+    let (at, len) = acpi::find_rsdp(low).ok_or((AcpiError::NoRsdp, None))?;
+    let pages = (at & !0xfff)..(at + len as u64).next_multiple_of(0x1000);
+    let machine_bytes = low.get(pages.start, (pages.end - pages.start) as usize);
+    let in_firmware = {
+        let (map, n) = firmware_e820(g.bios, g.mem, None);
+        firmware_areas(&map[..n]).iter().any(|a| a.start <= pages.start && pages.end <= a.end)
+    };
+    let (Some(machine_bytes), true) = (machine_bytes, in_firmware) else {
+        return Err((AcpiError::RsdpNotInFirmware { addr: at }, None));
+    };
+    let off = (at - pages.start) as usize;
+    let wiped = || {
+        let mut b = Vec::from(machine_bytes);
+        b[off..off + len].fill(0);
+        Some((pages.clone(), b))
+    };
+    let (machine, guest) = acpi::guest_area(g.bios, g.mem).map_err(|e| (e, wiped()))?;
+    let area = g.acpi.filter(|w| w.range() == machine).ok_or((AcpiError::NoArea, wiped()))?;
+    let rsdp = low.get(at, len).ok_or((AcpiError::NoRsdp, wiped()))?;
+    let tables = acpi::relocate(at, rsdp, area, guest.start).map_err(|e| (e, wiped()))?;
+    let mut rsdp_bytes = Vec::from(machine_bytes);
+    rsdp_bytes[off..off + tables.rsdp.len()].copy_from_slice(&tables.rsdp);
+    Ok(GuestAcpi { tables, rsdp_pages: pages, rsdp_bytes })
 }
 
 /// How the kernel is started.
@@ -74,7 +123,11 @@ enum Plan<'a> {
 #[derive(Default)]
 struct Counts {
     exits: u64,
-    faults: u64,
+    /// EPT violations resolved in guest RAM (the demand-zero regions).
+    ram_faults: u64,
+    /// EPT violations resolved in device and firmware regions (linear: mapped when added, so
+    /// only a stale translation faults there).
+    device_faults: u64,
     msr_gp: u64,
     io: u64,
 }
@@ -84,14 +137,16 @@ struct Counts {
 pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     let ram = 0..g.mem;
     let apic = APIC_PAGE..APIC_PAGE + 0x1000;
+    // Without a BIOS map there are no firmware areas and no tables to give.
+    let acpi = if g.bios.is_empty() { Err((AcpiError::NoArea, None)) } else { guest_acpi(g) };
     let (e820, n) = if g.bios.is_empty() {
         e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic))
     } else {
-        firmware_e820(g.bios, g.mem)
+        firmware_e820(g.bios, g.mem, acpi.as_ref().ok().map(|a| a.tables.area.clone()))
     };
     let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
-    let plan = if is_linux(g.image) {
+    let mut plan = if is_linux(g.image) {
         match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
             Ok(p) => Plan::BzImage(p),
             Err(e) => return crate::mbguest::refuse(e),
@@ -100,6 +155,39 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
         match plan_pvh(g.image, g.mem, e820, g.cmdline, initrd_len) {
             Ok(p) => Plan::Pvh(p),
             Err(e) => return crate::mbguest::refuse(e),
+        }
+    };
+    // The RSDP pages the guest gets instead of the machine's, and what goes in them.
+    let rsdp_page = match &acpi {
+        Ok(a) => {
+            let t = &a.tables;
+            let names: Vec<&str> = t.found.iter().map(|i| core::str::from_utf8(&i.signature).unwrap_or("?")).collect();
+            println!(
+                "twostage x86-hv: ACPI: the machine's tables moved to {:#x}-{:#x} ({}), RSDP at {:#x} in a private \
+                 copy of its page",
+                t.area.start,
+                t.area.end - 1,
+                names.join(" "),
+                t.rsdp_at
+            );
+            match &mut plan {
+                Plan::BzImage(p) => p.set_acpi_rsdp(t.rsdp_at),
+                Plan::Pvh(p) => p.set_rsdp(t.rsdp_at),
+            }
+            Some((a.rsdp_pages.clone(), &a.rsdp_bytes[..]))
+        }
+        Err((e, hidden)) => {
+            if !g.bios.is_empty() {
+                match hidden {
+                    Some((pages, _)) => println!(
+                        "twostage x86-hv: no ACPI tables for the guest: {e} (the machine's RSDP is wiped from its copy \
+                         of page {:#x})",
+                        pages.start
+                    ),
+                    None => println!("twostage x86-hv: no ACPI tables for the guest: {e}"),
+                }
+            }
+            hidden.as_ref().map(|(pages, bytes)| (pages.clone(), &bytes[..]))
         }
     };
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
@@ -128,7 +216,13 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
                 regions.push(("ram-low", start, end - start, MappingFlags::RWX, Backend::DemandZero));
             }
         }
-        for a in firmware_areas(e820) {
+        let mut areas = firmware_areas(e820);
+        if let Some((pages, _)) = &rsdp_page {
+            // The RSDP's pages are the guest's own copy (loaded below), not the machine's.
+            areas = without(&areas, pages.clone());
+            regions.push(("acpi-rsdp", pages.start, pages.end - pages.start, MappingFlags::READ, Backend::DemandZero));
+        }
+        for a in areas {
             let flags = MappingFlags::READ | MappingFlags::DEVICE;
             regions.push(("firmware", a.start, a.end - a.start, flags, linear(a.start)));
         }
@@ -176,6 +270,12 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     };
     if let (Some(at), Some(bytes)) = (initrd_at, g.initrd) {
         blobs.push((at, bytes));
+    }
+    if let Ok(a) = &acpi {
+        blobs.push((a.tables.area.start, &a.tables.tables[..]));
+    }
+    if let Some((pages, bytes)) = rsdp_page {
+        blobs.push((pages.start, bytes));
     }
     for (gpa, bytes) in blobs {
         match space.load_image(GuestPhysAddr::new(gpa), bytes) {
@@ -242,7 +342,14 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
         let handled = match exit {
             VmExit::EptViolation(v) => match space.handle_fault(v.nested_page_fault_info()) {
                 FaultOutcome::Resolved { flush } => {
-                    n.faults += 1;
+                    let in_ram = space
+                        .region_at(v.gpa)
+                        .is_some_and(|r| matches!(r.backend(), Backend::DemandZero | Backend::CopyOnWrite));
+                    if in_ram {
+                        n.ram_faults += 1;
+                    } else {
+                        n.device_faults += 1;
+                    }
                     space
                         .flush(flush, |inv| {
                             crate::hv::invept(&mut vcpu, inv);
@@ -306,7 +413,28 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     serial::init();
     println!(
         "twostage x86-hv: {} exits, {} EPT faults resolved, {} port exits, {} MSR accesses refused (#GP)",
-        n.exits, n.faults, n.io, n.msr_gp
+        n.exits,
+        n.ram_faults + n.device_faults,
+        n.io,
+        n.msr_gp
+    );
+    // Issue 11: the guest RAM populated now (its leaves, by size) against the faults that
+    // populated it; with 2 MiB backing a first touch maps a whole 2 MiB page.
+    let (mut p4k, mut p2m, mut p1g) = (0u64, 0u64, 0u64);
+    for r in space.regions().filter(|r| matches!(r.backend(), Backend::DemandZero | Backend::CopyOnWrite)) {
+        space.table().for_each_leaf(r.range().start, r.range().len(), |l| match l.size {
+            PageSize::Size4K => p4k += 1,
+            PageSize::Size2M => p2m += 1,
+            _ => p1g += 1,
+        });
+    }
+    let mib = (p4k * 4096 + p2m * (2 << 20) + p1g * (1 << 30)) >> 20;
+    let st = space.stats();
+    println!("nested page faults: {} for {mib} MiB touched (MMIO exits apart: {})", n.ram_faults, n.device_faults);
+    println!(
+        "twostage x86-hv: guest RAM pages mapped: 4K={p4k} 2M={p2m} 1G={p1g}; 2 MiB pages mapped by first touch {}, \
+         fallbacks to 4 KiB (no aligned run of frames) {}",
+        st.huge_2m_mapped, st.huge_fallbacks
     );
     match status {
         Some(s) => {
