@@ -5,12 +5,21 @@
 //! Device policy, one line per device:
 //! - RAM: demand-zero regions behind the EPT: the machine's RAM entries of the first MiB, then
 //!   1 MiB up to `mem`. The e820 map is the machine's own below 1 MiB and the guest's RAM above
-//!   (`twostage_baremetal::linux_x86::firmware_e820`: the BIOS's top-of-RAM ACPI area is the
-//!   hypervisor's RAM and is left out). Without a BIOS map from the boot loader: RAM from 0 to
-//!   `mem`, the legacy hole 0xA0000-0xFFFFF reserved.
-//! - Firmware areas (what the first MiB holds besides RAM: the EBDA, the VGA window, the option
-//!   ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type UC),
-//!   so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
+//!   (`twostage_baremetal::linux_x86::firmware_e820`), with an ACPI data entry where the guest's
+//!   tables are. Without a BIOS map from the boot loader: RAM from 0 to `mem`, the legacy hole
+//!   0xA0000-0xFFFFF reserved, no ACPI tables.
+//! - ACPI tables: the machine's, moved (`twostage_baremetal::acpi`): the BIOS's ACPI area is at the
+//!   top of the machine's RAM, which is the hypervisor's, so it is copied into guest RAM at the
+//!   same distance below `mem` (where the BIOS of a machine with `mem` of RAM puts it: the guest's
+//!   map is the bare machine's), with the tree's pointers and the checksums rewritten. The page(s)
+//!   holding the RSDP are a private read-only copy of the machine's with the RSDP rewritten (at the
+//!   machine's address: a kernel scanning the BIOS area finds it where the bare one does); the RSDP
+//!   is also named in `boot_params.acpi_rsdp_addr` or `hvm_start_info.rsdp_paddr`. Tables that fail
+//!   a check give the guest none: the run says why, and the guest's copy of the RSDP's page has the
+//!   RSDP wiped (it would point at the machine's tables).
+//! - Firmware areas (what else the first MiB holds besides RAM: the EBDA, the VGA window, the
+//!   option ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type
+//!   UC), so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
 //! - I/O APIC: the page at 0xFEC00000 is a linear device region onto the machine's I/O APIC,
 //!   like the local APIC: the guest owns the machine's interrupt routing (one guest per machine).
 //! - Local APIC: the page at 0xFEE00000 is a linear region onto the processor's own APIC, mapped
