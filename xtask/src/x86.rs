@@ -826,7 +826,8 @@ mod tests {
 
     #[test]
     fn consoles_are_compared_line_for_line_apart_from_the_allowed_lines() {
-        let bare = "[    0.000000] Linux version 6.1\n[    0.000000] BIOS-e820: [mem 0x0000000007ff0000-0x0000000007ffffff] \
+        let bare =
+            "[    0.000000] Linux version 6.1\n[    0.000000] BIOS-e820: [mem 0x0000000007ff0000-0x0000000007ffffff] \
                     ACPI data\n[    0.000000] last_pfn = 0x7ff0 max_arch_pfn = 0x400000000\n[Firmware Bug]: \
                     TSC_DEADLINE disabled due to Errata; please update microcode to version: 0x2000065 (or \
                     later)\nAPIC: Switch to symmetric I/O mode setup\ntwostage-linux: all checks passed\n[    9.1] \

@@ -538,6 +538,44 @@ pub fn relocate(rsdp_at: u64, rsdp: &[u8], area: Window<'_>, to: u64) -> Result<
     Ok(Relocated { area: to..to + size, tables, rsdp_at, rsdp: new_rsdp, found })
 }
 
+/// What a guest gets: its copy of the page(s) holding the RSDP, and the tables or why none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForGuest {
+    /// The pages holding the machine's RSDP and the guest's private copy of their bytes: the RSDP
+    /// rewritten when the tables were moved, wiped when they were refused (it points at the
+    /// machine's tables, which are not the guest's). `None` when no RSDP was found, or it is not
+    /// in a firmware area of the first MiB (where the guest sees the machine's bytes).
+    pub rsdp_pages: Option<(Range<u64>, Vec<u8>)>,
+    /// The moved tables, or why the guest gets none.
+    pub tables: Result<Relocated, AcpiError>,
+}
+
+/// The ACPI tables of a guest with RAM `0..mem` on a machine whose firmware reported the memory
+/// map `map`: its RSDP looked for in `low` (the first MiB, see [`find_rsdp`]), its tables read from
+/// `area` (the machine's ACPI area, [`machine_area`]) and moved to [`guest_area`].
+pub fn for_guest(map: &[E820Entry], mem: u64, low: Window<'_>, area: Option<Window<'_>>) -> ForGuest {
+    let Some((at, len)) = find_rsdp(low) else { return ForGuest { rsdp_pages: None, tables: Err(AcpiError::NoRsdp) } };
+    let pages = (at & !0xfff)..(at + len as u64).next_multiple_of(0x1000);
+    let (firmware, n) = crate::linux_x86::firmware_e820(map, mem, None);
+    let in_firmware =
+        crate::linux_x86::firmware_areas(&firmware[..n]).iter().any(|a| a.start <= pages.start && pages.end <= a.end);
+    let machine_bytes = low.get(pages.start, (pages.end - pages.start) as usize);
+    let (Some(machine_bytes), true) = (machine_bytes, in_firmware) else {
+        return ForGuest { rsdp_pages: None, tables: Err(AcpiError::RsdpNotInFirmware { addr: at }) };
+    };
+    let mut page = Vec::from(machine_bytes);
+    let off = (at - pages.start) as usize;
+    let tables = guest_area(map, mem).and_then(|(machine, guest)| {
+        let area = area.filter(|w| w.range() == machine).ok_or(AcpiError::NoArea)?;
+        relocate(at, &machine_bytes[off..off + len], area, guest.start)
+    });
+    match &tables {
+        Ok(t) => page[off..off + t.rsdp.len()].copy_from_slice(&t.rsdp),
+        Err(_) => page[off..off + len].fill(0),
+    }
+    ForGuest { rsdp_pages: Some((pages, page)), tables }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -827,5 +865,54 @@ mod tests {
         // A top of RAM that is not on a 64-byte boundary would misalign the FACS.
         let odd = [e(0x10_0000, 0xc1f_0000, E820_RAM), e(0xc1f_0000, 0xc20_0010, E820_ACPI)];
         assert!(matches!(guest_area(&odd, 128 << 20), Err(AcpiError::MisalignedMove { .. })));
+    }
+
+    #[test]
+    fn a_guest_gets_the_moved_tables_and_its_own_rsdp_page_or_the_rsdp_wiped() {
+        let e = |addr, end: u64, kind| E820Entry { addr, size: end - addr, kind };
+        let map = [
+            e(0, 0x9_f000, E820_RAM),
+            e(0x9_f000, 0xa_0000, 2),
+            e(0xe_8000, 0x10_0000, 2),
+            e(0x10_0000, BASE, E820_RAM),
+            e(BASE, BASE + 0x1_0000, E820_ACPI),
+        ];
+        let (area, r) = tables();
+        let mut low = vec![0u8; 0x10_0000 - 0x400];
+        low[(0xf_9fa0 - 0x400)..][..r.len()].copy_from_slice(&r);
+        low[0xf_9000 - 0x400] = 0x5a; // a byte of the BIOS beside it, kept in the copy
+        let lw = Window { base: 0x400, bytes: &low };
+        let aw = Window { base: BASE, bytes: &area };
+        let g = for_guest(&map, 64 << 20, lw, Some(aw));
+        let t = g.tables.as_ref().unwrap();
+        assert_eq!(t.area, (64 << 20) - 0x1_0000..64 << 20);
+        let (pages, page) = g.rsdp_pages.unwrap();
+        assert_eq!(pages, 0xf_9000..0xf_a000);
+        assert_eq!((page[0], &page[0xfa0..0xfa0 + 36]), (0x5a, &t.rsdp[..]));
+        assert_eq!(le(&page, 0xfa0 + 16, 4), t.area.start);
+        // Refused tables (a bad checksum): the guest's copy of the page has no RSDP left.
+        let mut bad = area.clone();
+        bad[0x240 + 50] ^= 1;
+        let g = for_guest(&map, 64 << 20, lw, Some(Window { base: BASE, bytes: &bad }));
+        assert_eq!(g.tables, Err(AcpiError::BadChecksum { what: "DSDT", addr: BASE + 0x240 }));
+        let (_, page) = g.rsdp_pages.unwrap();
+        assert_eq!(find_rsdp(Window { base: 0xf_9000, bytes: &page }), None);
+        assert_eq!((page[0], &page[0xfa0..0xfa0 + 36]), (0x5a, &[0u8; 36][..]));
+        // No area given, or one that is not the map's: no tables, the RSDP wiped all the same.
+        for w in [None, Some(Window { base: BASE + 0x1000, bytes: &area[..0x1000] })] {
+            let g = for_guest(&map, 64 << 20, lw, w);
+            assert_eq!(g.tables, Err(AcpiError::NoArea));
+            assert!(g.rsdp_pages.is_some_and(|(_, p)| p[0xfa0..0xfa0 + 36] == [0; 36]));
+        }
+        // No RSDP: nothing to replace.
+        let empty = vec![0u8; low.len()];
+        let g = for_guest(&map, 64 << 20, Window { base: 0x400, bytes: &empty }, Some(aw));
+        assert_eq!((g.rsdp_pages, g.tables), (None, Err(AcpiError::NoRsdp)));
+        // An RSDP in a page the guest has as RAM (the map says so): no private copy can replace it.
+        let mut in_ram = vec![0u8; low.len()];
+        in_ram[0x9_e000 - 0x400 + 0x10..][..r.len()].copy_from_slice(&r);
+        in_ram[0x40e - 0x400..][..2].copy_from_slice(&0x9e00u16.to_le_bytes());
+        let g = for_guest(&map, 64 << 20, Window { base: 0x400, bytes: &in_ram }, Some(aw));
+        assert_eq!((g.rsdp_pages, g.tables), (None, Err(AcpiError::RsdpNotInFirmware { addr: 0x9_e010 })));
     }
 }

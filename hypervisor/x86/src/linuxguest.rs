@@ -37,9 +37,8 @@
 
 use crate::{println, serial};
 use alloc::vec::Vec;
-use core::ops::Range;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
-use twostage_baremetal::acpi::{self, AcpiError, Relocated, Window};
+use twostage_baremetal::acpi::{self, AcpiError, Window};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
 use twostage_baremetal::linux_x86::{
@@ -78,48 +77,6 @@ pub struct LinuxGuest<'a> {
     pub acpi: Option<Window<'a>>,
 }
 
-/// The guest's ACPI tables: the machine's, moved (see the module docs).
-struct GuestAcpi {
-    tables: Relocated,
-    /// The pages holding the RSDP, as the guest sees them: the machine's bytes with the RSDP
-    /// rewritten (or, when the tables were refused, wiped: the guest then finds none).
-    rsdp_pages: Range<u64>,
-    rsdp_bytes: Vec<u8>,
-}
-
-/// Why the guest gets no ACPI tables, and the RSDP pages it gets with the machine's RSDP wiped.
-type NoAcpi = (AcpiError, Option<(Range<u64>, Vec<u8>)>);
-
-/// The machine's ACPI tables moved for the guest, or why not (and the RSDP pages to give the
-/// guest with the machine's RSDP wiped, when one was found: it points at the machine's tables,
-/// which are not the guest's).
-fn guest_acpi(g: &LinuxGuest<'_>) -> Result<GuestAcpi, NoAcpi> {
-    let low = g.low.ok_or((AcpiError::NoRsdp, None))?;
-    let (at, len) = acpi::find_rsdp(low).ok_or((AcpiError::NoRsdp, None))?;
-    let pages = (at & !0xfff)..(at + len as u64).next_multiple_of(0x1000);
-    let machine_bytes = low.get(pages.start, (pages.end - pages.start) as usize);
-    let in_firmware = {
-        let (map, n) = firmware_e820(g.bios, g.mem, None);
-        firmware_areas(&map[..n]).iter().any(|a| a.start <= pages.start && pages.end <= a.end)
-    };
-    let (Some(machine_bytes), true) = (machine_bytes, in_firmware) else {
-        return Err((AcpiError::RsdpNotInFirmware { addr: at }, None));
-    };
-    let off = (at - pages.start) as usize;
-    let wiped = || {
-        let mut b = Vec::from(machine_bytes);
-        b[off..off + len].fill(0);
-        Some((pages.clone(), b))
-    };
-    let (machine, guest) = acpi::guest_area(g.bios, g.mem).map_err(|e| (e, wiped()))?;
-    let area = g.acpi.filter(|w| w.range() == machine).ok_or((AcpiError::NoArea, wiped()))?;
-    let rsdp = low.get(at, len).ok_or((AcpiError::NoRsdp, wiped()))?;
-    let tables = acpi::relocate(at, rsdp, area, guest.start).map_err(|e| (e, wiped()))?;
-    let mut rsdp_bytes = Vec::from(machine_bytes);
-    rsdp_bytes[off..off + tables.rsdp.len()].copy_from_slice(&tables.rsdp);
-    Ok(GuestAcpi { tables, rsdp_pages: pages, rsdp_bytes })
-}
-
 /// How the kernel is started.
 enum Plan<'a> {
     /// A bzImage through the 64-bit boot protocol.
@@ -147,11 +104,14 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     let ram = 0..g.mem;
     let apic = APIC_PAGE..APIC_PAGE + 0x1000;
     // Without a BIOS map there are no firmware areas and no tables to give.
-    let acpi = if g.bios.is_empty() { Err((AcpiError::NoArea, None)) } else { guest_acpi(g) };
+    let acpi = match g.low {
+        Some(low) if !g.bios.is_empty() => acpi::for_guest(g.bios, g.mem, low, g.acpi),
+        _ => acpi::ForGuest { rsdp_pages: None, tables: Err(AcpiError::NoArea) },
+    };
     let (e820, n) = if g.bios.is_empty() {
         e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic))
     } else {
-        firmware_e820(g.bios, g.mem, acpi.as_ref().ok().map(|a| a.tables.area.clone()))
+        firmware_e820(g.bios, g.mem, acpi.tables.as_ref().ok().map(|t| t.area.clone()))
     };
     let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
@@ -166,10 +126,8 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             Err(e) => return crate::mbguest::refuse(e),
         }
     };
-    // The RSDP pages the guest gets instead of the machine's, and what goes in them.
-    let rsdp_page = match &acpi {
-        Ok(a) => {
-            let t = &a.tables;
+    match &acpi.tables {
+        Ok(t) => {
             let names: Vec<&str> = t.found.iter().map(|i| core::str::from_utf8(&i.signature).unwrap_or("?")).collect();
             println!(
                 "twostage x86-hv: ACPI: the machine's tables moved to {:#x}-{:#x} ({}), RSDP at {:#x} in a private \
@@ -183,22 +141,16 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
                 Plan::BzImage(p) => p.set_acpi_rsdp(t.rsdp_at),
                 Plan::Pvh(p) => p.set_rsdp(t.rsdp_at),
             }
-            Some((a.rsdp_pages.clone(), &a.rsdp_bytes[..]))
         }
-        Err((e, hidden)) => {
-            if !g.bios.is_empty() {
-                match hidden {
-                    Some((pages, _)) => println!(
-                        "twostage x86-hv: no ACPI tables for the guest: {e} (the machine's RSDP is wiped from its copy \
-                         of page {:#x})",
-                        pages.start
-                    ),
-                    None => println!("twostage x86-hv: no ACPI tables for the guest: {e}"),
-                }
-            }
-            hidden.as_ref().map(|(pages, bytes)| (pages.clone(), &bytes[..]))
-        }
-    };
+        Err(e) if !g.bios.is_empty() => match &acpi.rsdp_pages {
+            Some((pages, _)) => println!(
+                "twostage x86-hv: no ACPI tables for the guest: {e} (the RSDP is wiped from its copy of page {:#x})",
+                pages.start
+            ),
+            None => println!("twostage x86-hv: no ACPI tables for the guest: {e}"),
+        },
+        Err(_) => {}
+    }
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
     let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig::default()) {
@@ -226,7 +178,7 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             }
         }
         let mut areas = firmware_areas(e820);
-        if let Some((pages, _)) = &rsdp_page {
+        if let Some((pages, _)) = &acpi.rsdp_pages {
             // The RSDP's pages are the guest's own copy (loaded below), not the machine's.
             areas = without(&areas, pages.clone());
             regions.push(("acpi-rsdp", pages.start, pages.end - pages.start, MappingFlags::READ, Backend::DemandZero));
@@ -280,10 +232,10 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     if let (Some(at), Some(bytes)) = (initrd_at, g.initrd) {
         blobs.push((at, bytes));
     }
-    if let Ok(a) = &acpi {
-        blobs.push((a.tables.area.start, &a.tables.tables[..]));
+    if let Ok(t) = &acpi.tables {
+        blobs.push((t.area.start, &t.tables[..]));
     }
-    if let Some((pages, bytes)) = rsdp_page {
+    if let Some((pages, bytes)) = &acpi.rsdp_pages {
         blobs.push((pages.start, bytes));
     }
     for (gpa, bytes) in blobs {
