@@ -538,6 +538,64 @@ pub fn relocate(rsdp_at: u64, rsdp: &[u8], area: Window<'_>, to: u64) -> Result<
     Ok(Relocated { area: to..to + size, tables, rsdp_at, rsdp: new_rsdp, found })
 }
 
+/// The machine's ACPI hardware the tables describe, which a guest that reads them will drive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hardware {
+    /// The I/O port blocks of the FADT ("Fixed ACPI Description Table (FADT)"): SMI_CMD (1 byte),
+    /// PM1a/PM1b event and control, PM2 control, the PM timer, GPE0 and GPE1, each with the
+    /// length the FADT gives it; empty blocks (address or length 0) left out.
+    pub ports: Vec<Range<u16>>,
+    /// The HPET's register block, when the HPET table (IA-PC HPET specification, "Event Timer
+    /// Block ID" and "BASE_ADDRESS" at offset 40, an ACPI Generic Address Structure) puts it in
+    /// system memory (address space ID 0).
+    pub hpet: Option<u64>,
+}
+
+/// The hardware that the moved tables `t` describe (see [`Hardware`]). The tables have passed
+/// [`relocate`]'s checks; a field the table is too short to hold is taken as absent.
+pub fn hardware(t: &Relocated) -> Hardware {
+    let mut hw = Hardware::default();
+    let table = |sig: &[u8; 4]| {
+        t.found.iter().find(|i| &i.signature == sig).map(|i| {
+            let off = (i.addr - t.area.start) as usize;
+            &t.tables[off..off + i.len as usize]
+        })
+    };
+    if let Some(f) = table(b"FACP") {
+        let field = |at: usize, n: usize| (f.len() >= at + n).then(|| le(f, at, n));
+        // (address offset, address width, length: a fixed byte count or the FADT's length field).
+        let blocks: [(usize, usize, Result<u64, usize>); 9] = [
+            (48, 4, Ok(1)),   // SMI_CMD
+            (56, 4, Err(88)), // PM1a_EVT_BLK, PM1_EVT_LEN
+            (60, 4, Err(88)), // PM1b_EVT_BLK
+            (64, 4, Err(89)), // PM1a_CNT_BLK, PM1_CNT_LEN
+            (68, 4, Err(89)), // PM1b_CNT_BLK
+            (72, 4, Err(90)), // PM2_CNT_BLK, PM2_CNT_LEN
+            (76, 4, Err(91)), // PM_TMR_BLK, PM_TMR_LEN
+            (80, 4, Err(92)), // GPE0_BLK, GPE0_BLK_LEN
+            (84, 4, Err(93)), // GPE1_BLK, GPE1_BLK_LEN
+        ];
+        for (at, n, len) in blocks {
+            let len = match len {
+                Ok(l) => Some(l),
+                Err(l) => field(l, 1),
+            };
+            if let (Some(port), Some(len)) = (field(at, n), len) {
+                let end = port + len;
+                if port != 0 && len != 0 && end <= 0x1_0000 {
+                    hw.ports.push(port as u16..end as u16);
+                }
+            }
+        }
+    }
+    if let Some(h) = table(b"HPET") {
+        if h.len() >= 52 && h[40] == 0 {
+            hw.hpet = Some(le(h, 44, 8));
+        }
+    }
+    hw
+}
+
 /// What a guest gets: its copy of the page(s) holding the RSDP, and the tables or why none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ForGuest {
@@ -914,5 +972,39 @@ mod tests {
         in_ram[0x40e - 0x400..][..2].copy_from_slice(&0x9e00u16.to_le_bytes());
         let g = for_guest(&map, 64 << 20, Window { base: 0x400, bytes: &in_ram }, Some(aw));
         assert_eq!((g.rsdp_pages, g.tables), (None, Err(AcpiError::RsdpNotInFirmware { addr: 0x9_e010 })));
+    }
+
+    #[test]
+    fn the_fadt_names_the_acpi_ports_and_the_hpet_table_its_registers() {
+        let (mut area, _) = tables();
+        // The Bochs BIOS's blocks: SMI_CMD 0xb2, PM1a event 0xb000 (4), control 0xb004 (2), PM timer
+        // 0xb008 (4), GPE0 0xafe0 (4); the rest absent.
+        for (at, n, v) in [(48, 4, 0xb2), (56, 4, 0xb000), (64, 4, 0xb004), (76, 4, 0xb008), (80, 4, 0xafe0)] {
+            put(&mut area, 0x100 + at, n, v);
+        }
+        for (at, v) in [(88, 4), (89, 2), (91, 4), (92, 4)] {
+            area[0x100 + at] = v;
+        }
+        set_checksum(&mut area[0x100..0x100 + 244], CHECKSUM);
+        // An HPET table listed by the RSDT (replacing the MADT): registers at 0xfed00000.
+        let mut t = header(b"HPET", 56);
+        put(&mut t, 44, 8, 0xfed0_0000);
+        set_checksum(&mut t, CHECKSUM);
+        area[0x900..0x900 + 56].copy_from_slice(&t);
+        let mut r = rsdp(0, BASE, 0);
+        let out = relocate(0xf_0000, &r, Window { base: BASE, bytes: &area }, TO).unwrap();
+        let hw = hardware(&out);
+        assert_eq!(hw.ports, [0xb2..0xb3, 0xb000..0xb004, 0xb004..0xb006, 0xb008..0xb00c, 0xafe0..0xafe4]);
+        assert_eq!(hw.hpet, None, "the RSDT does not list it yet");
+        put(&mut area, 40, 4, BASE + 0x900);
+        set_checksum(&mut area[..44], CHECKSUM);
+        r = rsdp(0, BASE, 0);
+        let out = relocate(0xf_0000, &r, Window { base: BASE, bytes: &area }, TO).unwrap();
+        assert_eq!(hardware(&out).hpet, Some(0xfed0_0000));
+        // Registers in I/O space (address space ID 1) are not a page to map.
+        area[0x900 + 40] = 1;
+        set_checksum(&mut area[0x900..0x900 + 56], CHECKSUM);
+        let out = relocate(0xf_0000, &r, Window { base: BASE, bytes: &area }, TO).unwrap();
+        assert_eq!(hardware(&out).hpet, None);
     }
 }

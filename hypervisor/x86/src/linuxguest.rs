@@ -17,6 +17,10 @@
 //!   is also named in `boot_params.acpi_rsdp_addr` or `hvm_start_info.rsdp_paddr`. Tables that fail
 //!   a check give the guest none: the run says why, and the guest's copy of the RSDP's page has the
 //!   RSDP wiped (it would point at the machine's tables).
+//! - ACPI hardware (with the tables): the HPET's page from the HPET table, a linear device region
+//!   like the APICs, and the FADT's port blocks (SMI_CMD, PM1 event and control, PM timer, GPE),
+//!   passed through: the guest owns the machine's power management, so its ACPI soft-off powers
+//!   the machine off (the project's init ends the run through port 0xF4 first).
 //! - Firmware areas (what else the first MiB holds besides RAM: the EBDA, the VGA window, the
 //!   option ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type
 //!   UC), so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
@@ -189,6 +193,16 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
         }
         regions.push(("ram", LOW_MEMORY_END, g.mem - LOW_MEMORY_END, MappingFlags::RWX, Backend::DemandZero));
     }
+    // The ACPI hardware the guest's tables describe is the machine's: the HPET page and the FADT's
+    // port blocks, passed through like the APICs and the PIT (one guest per machine).
+    let hw = acpi.tables.as_ref().map(acpi::hardware).unwrap_or_default();
+    match hw.hpet {
+        Some(at) if at % 0x1000 == 0 && at >= g.mem && at < 1 << 32 && at != APIC_PAGE && at != IOAPIC_PAGE => {
+            regions.push(("hpet", at, 0x1000, device, linear(at)));
+        }
+        Some(at) => println!("twostage x86-hv: the HPET table's registers at {at:#x} are not mapped (not a free page)"),
+        None => {}
+    }
     regions.push(("local-apic", APIC_PAGE, 0x1000, device, linear(APIC_PAGE)));
     regions.push(("io-apic", IOAPIC_PAGE, 0x1000, device, linear(IOAPIC_PAGE)));
     for (name, start, len, flags, backend) in regions {
@@ -264,6 +278,10 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     }
     for ports in PASSED_PORTS {
         vcpu.pass_through_io(ports);
+    }
+    // The port that ends the run keeps exiting.
+    for ports in hw.ports.iter().filter(|p| !p.contains(&0xf4)) {
+        vcpu.pass_through_io(ports.clone());
     }
     match &plan {
         Plan::BzImage(plan) => {
