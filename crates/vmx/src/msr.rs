@@ -44,10 +44,10 @@ pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_TSC_AUX.
 pub const IA32_TSC_AUX: u32 = 0xc000_0103;
 /// IA32_THERM_INTERRUPT: which thermal events raise the local APIC's thermal interrupt (Intel
-/// SDM Vol. 4 Table 2-2, present when CPUID.01H:EDX[22] (ACPI) is 1).
+/// SDM Vol. 4 Table 2-2, present when bit 22 (ACPI) of CPUID.01H:EDX is 1).
 pub const IA32_THERM_INTERRUPT: u32 = 0x19b;
 /// IA32_PACKAGE_THERM_INTERRUPT: the same for the package's thermal events (Intel SDM Vol. 4
-/// Table 2-2, present when CPUID.06H:EAX[6] (PTM) is 1).
+/// Table 2-2, present when bit 6 (PTM) of CPUID.06H:EAX is 1).
 pub const IA32_PACKAGE_THERM_INTERRUPT: u32 = 0x1b2;
 
 /// MSRs passed through in both directions, and why that is safe:
