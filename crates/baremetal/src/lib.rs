@@ -8,6 +8,9 @@
 //! - [`linux_x86`]: the Linux x86 boot protocol: a bzImage's setup header checked, the zero page
 //!   with its e820 map (the firmware's layout of the first MiB kept), identity tables and boot
 //!   GDT for the 64-bit entry.
+//! - [`acpi`]: the machine's ACPI tables moved to the top of a guest's RAM (RSDP found as the
+//!   ACPI spec says, every pointer of the table tree rewritten, every checksum recomputed;
+//!   hostile tables refused with the reason).
 //! - [`pvh`]: the PVH entry of an ELF kernel: its `XEN_ELFNOTE_PHYS32_ENTRY` note checked, the
 //!   `hvm_start_info` (memory map, command line, initrd module) built.
 //! - [`fdt`]: flattened device trees, read (the host's, from the firmware) and written (a
@@ -24,6 +27,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod acpi;
 pub mod elf;
 pub mod fdt;
 #[allow(unsafe_code)]

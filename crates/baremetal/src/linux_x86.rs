@@ -66,6 +66,7 @@ const XLOADFLAGS: usize = 0x236;
 const CMDLINE_SIZE: usize = 0x238;
 const PREF_ADDRESS: usize = 0x258;
 const INIT_SIZE: usize = 0x260;
+const ACPI_RSDP_ADDR: usize = 0x070;
 const E820_ENTRIES: usize = 0x1e8;
 const E820_TABLE: usize = 0x2d0;
 
@@ -268,10 +269,12 @@ pub fn e820_map(ram: &[Range<u64>], devices: &[Range<u64>]) -> ([E820Entry; E820
 /// first MiB exactly as it reported it (RAM entries usable, its EBDA and ROM areas with their
 /// types, which the hypervisor maps read-only from the machine, see `firmware_areas`), the
 /// guest's RAM from 1 MiB to `mem`, and the firmware's reserved entries above the guest's RAM
-/// (the BIOS ROM below 4 GiB). The firmware's ACPI areas (types 3 and 4) above 1 MiB are left
-/// out: they lie at the top of the machine's RAM, which belongs to the hypervisor, not the
-/// guest. Sorted by address; entries beyond [`E820_MAX`] are dropped.
-pub fn firmware_e820(bios: &[E820Entry], mem: u64) -> ([E820Entry; E820_MAX], usize) {
+/// (the BIOS ROM below 4 GiB). The firmware's own ACPI areas (types 3 and 4) above 1 MiB are
+/// left out: they lie at the top of the machine's RAM, which belongs to the hypervisor, not the
+/// guest. `acpi` is where the guest's copy of the tables is (`crate::acpi::guest_area`): that
+/// part of the guest's RAM is an ACPI data entry (type 3), as the firmware reports its own.
+/// Sorted by address; entries beyond [`E820_MAX`] are dropped.
+pub fn firmware_e820(bios: &[E820Entry], mem: u64, acpi: Option<Range<u64>>) -> ([E820Entry; E820_MAX], usize) {
     let mut out = [E820Entry { addr: 0, size: 0, kind: 0 }; E820_MAX];
     let mut n = 0;
     let mut push = |start: u64, end: u64, kind: u32| {
@@ -292,9 +295,39 @@ pub fn firmware_e820(bios: &[E820Entry], mem: u64) -> ([E820Entry; E820_MAX], us
             }
         }
     }
-    push(LOW_MEMORY_END, mem, E820_RAM);
+    match acpi.filter(|a| a.start >= LOW_MEMORY_END && a.start < a.end && a.end <= mem) {
+        Some(a) => {
+            push(LOW_MEMORY_END, a.start, E820_RAM);
+            push(a.start, a.end, E820_ACPI);
+            push(a.end, mem, E820_RAM);
+        }
+        None => push(LOW_MEMORY_END, mem, E820_RAM),
+    }
     out[..n].sort_unstable_by_key(|e| e.addr);
     (out, n)
+}
+
+/// The highest usable RAM entry of `e820`, cut at `ram` (`0..ram` when the map has none): where a
+/// loader's highest placement (the initrd) goes, below an ACPI area at the top of the guest's RAM.
+pub fn highest_ram(e820: &[E820Entry], ram: u64) -> Range<u64> {
+    e820.iter()
+        .filter(|e| e.kind == E820_RAM && e.addr < ram)
+        .map(|e| e.addr..e.addr.saturating_add(e.size).min(ram))
+        .max_by_key(|r| r.end)
+        .unwrap_or(0..ram)
+}
+
+/// `areas` (sorted, disjoint) without `hole`: the pieces of each area outside it.
+pub fn without(areas: &[Range<u64>], hole: Range<u64>) -> alloc::vec::Vec<Range<u64>> {
+    let mut out = alloc::vec::Vec::new();
+    for a in areas {
+        for piece in [a.start..a.end.min(hole.start), a.start.max(hole.end)..a.end] {
+            if piece.end > piece.start {
+                out.push(piece);
+            }
+        }
+    }
+    out
 }
 
 /// The firmware areas of a map from [`firmware_e820`] that the guest sees as they are in the
@@ -350,6 +383,15 @@ pub struct LinuxPlan<'a> {
     pub initrd_at: Option<u64>,
 }
 
+impl LinuxPlan<'_> {
+    /// Names the guest's RSDP in the zero page: `acpi_rsdp_addr` (offset 0x070, "ALL" protocol
+    /// versions in zero-page.rst). A kernel that reads it (the decompressor of Linux 5.0 and later
+    /// does, before it would scan the BIOS areas) takes the RSDP from there.
+    pub fn set_acpi_rsdp(&mut self, at: u64) {
+        self.boot_params[ACPI_RSDP_ADDR..ACPI_RSDP_ADDR + 8].copy_from_slice(&at.to_le_bytes());
+    }
+}
+
 /// Plans a 64-bit boot of the bzImage `file` in a guest with `ram` bytes of RAM from address 0
 /// (the e820 map given as `e820`), with `cmdline` and an initrd of `initrd_len` bytes (0: none).
 pub fn plan_bzimage<'a>(
@@ -377,9 +419,10 @@ pub fn plan_bzimage<'a>(
     let initrd_at = if initrd_len == 0 {
         None
     } else {
-        let top = ram.min(u64::from(header.initrd_addr_max) + 1);
+        let room = highest_ram(e820, ram);
+        let top = room.end.min(u64::from(header.initrd_addr_max) + 1);
         match top.checked_sub(initrd_len).map(|a| a & !0xfff) {
-            Some(at) if at >= kernel_end => Some(at),
+            Some(at) if at >= kernel_end.max(room.start) => Some(at),
             _ => return Err(BzImageError::InitrdDoesNotFit { size: initrd_len }),
         }
     };
@@ -514,7 +557,7 @@ mod tests {
     #[test]
     fn the_firmware_layout_is_kept_and_the_ram_is_the_guests() {
         let bios = bochs_bios();
-        let (m, n) = firmware_e820(&bios, 128 << 20);
+        let (m, n) = firmware_e820(&bios, 128 << 20, None);
         let e = |addr, end: u64, kind| E820Entry { addr, size: end - addr, kind };
         assert_eq!(
             &m[..n],
@@ -530,15 +573,66 @@ mod tests {
         // A firmware area that does not start or end on a page is widened to whole pages; a RAM
         // entry of the firmware's above the guest's RAM is not the guest's.
         let odd = [e(0, 0x9_fc00, E820_RAM), e(0x9_fc00, 0xa_0000, E820_RESERVED), e(0x10_0000, 1 << 30, E820_RAM)];
-        let (m, n) = firmware_e820(&odd, 64 << 20);
+        let (m, n) = firmware_e820(&odd, 64 << 20, None);
         assert_eq!(&m[..n], &[odd[0], odd[1], e(0x10_0000, 64 << 20, E820_RAM)]);
         assert_eq!(firmware_areas(&m[..n]), [0x9_f000..0x10_0000]);
         let split = [e(0, 0x1000, E820_RAM), e(0x2800, 0x8000, E820_RAM), e(0x10_0000, 1 << 30, E820_RAM)];
-        let (m, n) = firmware_e820(&split, 64 << 20);
+        let (m, n) = firmware_e820(&split, 64 << 20, None);
         assert_eq!(firmware_areas(&m[..n]), [0x1000..0x3000, 0x8000..0x10_0000]);
         // A reserved range the guest's RAM covers is the guest's RAM.
-        let (m, n) = firmware_e820(&[e(0x10_0000, 0x20_0000, E820_RESERVED)], 64 << 20);
+        let (m, n) = firmware_e820(&[e(0x10_0000, 0x20_0000, E820_RESERVED)], 64 << 20, None);
         assert_eq!(&m[..n], &[e(0x10_0000, 64 << 20, E820_RAM)]);
+    }
+
+    #[test]
+    fn the_guests_acpi_area_is_an_acpi_entry_and_the_initrd_stays_below_it() {
+        let bios = bochs_bios();
+        let e = |addr, end: u64, kind| E820Entry { addr, size: end - addr, kind };
+        let acpi = 0x7ff_0000..0x800_0000;
+        let (m, n) = firmware_e820(&bios, 128 << 20, Some(acpi.clone()));
+        assert_eq!(
+            &m[..n],
+            &[
+                e(0, 0x9_f000, E820_RAM),
+                e(0x9_f000, 0xa_0000, E820_RESERVED),
+                e(0xe_8000, 0x10_0000, E820_RESERVED),
+                e(0x10_0000, 0x7ff_0000, E820_RAM),
+                e(0x7ff_0000, 0x800_0000, E820_ACPI),
+                e(0xfffc_0000, 0x1_0000_0000, E820_RESERVED),
+            ]
+        );
+        // An area not inside the guest's RAM above 1 MiB is not reported.
+        let (m2, n2) = firmware_e820(&bios, 64 << 20, Some(acpi));
+        assert!(!m2[..n2].iter().any(|x| x.kind == E820_ACPI));
+        assert_eq!(highest_ram(&m[..n], 128 << 20), 0x10_0000..0x7ff_0000);
+        let f = bzimage();
+        let mut p = plan_bzimage(&f, 128 << 20, &m[..n], b"", 0x3000).unwrap();
+        assert_eq!(p.initrd_at, Some(0x7ff_0000 - 0x3000));
+        // RAM above the area is the highest entry: an initrd that does not fit there is refused
+        // rather than laid over the tables.
+        let above = [
+            e(0x10_0000, 0x700_0000, E820_RAM),
+            e(0x700_0000, 0x701_0000, E820_ACPI),
+            e(0x701_0000, 0x702_0000, E820_RAM),
+        ];
+        assert_eq!(plan_bzimage(&bzimage(), 0x702_0000, &above, b"", 0x8000).unwrap().initrd_at, Some(0x701_8000));
+        assert_eq!(
+            plan_bzimage(&bzimage(), 0x702_0000, &above, b"", 0x2_0000),
+            Err(BzImageError::InitrdDoesNotFit { size: 0x2_0000 })
+        );
+        // The RSDP named in the zero page.
+        assert_eq!(u64_at(&p.boot_params, ACPI_RSDP_ADDR), 0);
+        p.set_acpi_rsdp(0xf_5a10);
+        assert_eq!(u64_at(&p.boot_params, ACPI_RSDP_ADDR), 0xf_5a10);
+    }
+
+    #[test]
+    fn a_hole_is_cut_out_of_the_areas() {
+        let areas = [0x9_f000..0xa_0000, 0xe_8000..0x10_0000];
+        assert_eq!(without(&areas, 0xf_5000..0xf_6000), [0x9_f000..0xa_0000, 0xe_8000..0xf_5000, 0xf_6000..0x10_0000]);
+        assert_eq!(without(&areas, 0xe_8000..0xe_9000), [0x9_f000..0xa_0000, 0xe_9000..0x10_0000]);
+        assert_eq!(without(&areas, 0x9_f000..0xa_0000), [0xe_8000..0x10_0000]);
+        assert_eq!(without(&areas, 0x20_0000..0x20_1000), areas);
     }
 
     #[test]

@@ -246,13 +246,21 @@ pub struct PvhPlan<'a> {
     pub initrd_at: Option<u64>,
 }
 
+impl PvhPlan<'_> {
+    /// Names the guest's RSDP in `hvm_start_info.rsdp_paddr` (offset 32); Linux's PVH entry takes
+    /// the RSDP from there (and scans the BIOS areas only when it is 0).
+    pub fn set_rsdp(&mut self, at: u64) {
+        self.start_info[32..40].copy_from_slice(&at.to_le_bytes());
+    }
+}
+
 /// Plans a PVH start of the ELF kernel `file` in a guest with RAM `0..mem` and the e820 map
 /// `e820` (see [`crate::linux_x86::firmware_e820`]), with `cmdline` and an initrd of
 /// `initrd_len` bytes (0: none).
 ///
 /// The start info and the command line take two pages in the RAM of the first MiB where no
 /// segment is (the lowest such place above the first page); the initrd the highest free place
-/// below `mem` and 4 GiB, page-aligned.
+/// in the highest RAM entry of `e820` below `mem` and 4 GiB, page-aligned.
 pub fn plan_pvh<'a>(
     file: &'a [u8],
     mem: u64,
@@ -291,10 +299,13 @@ pub fn plan_pvh<'a>(
         })
         .map_err(PvhError::Load)?;
     let cmdline_at = start_info_at + 0x1000;
+    // The initrd goes in the highest RAM entry, below an ACPI area at the top of RAM.
+    let room = crate::linux_x86::highest_ram(e820, mem);
+    let initrd_room = room.start.max(LOW_MEMORY_END)..room.end;
     let initrd_at = match initrd_len {
         0 => None,
         n => Some(
-            load.place("the initrd", LOW_MEMORY_END..mem.min(1 << 32), n, &[0x1000], Place::Highest)
+            load.place("the initrd", initrd_room.start..initrd_room.end.min(1 << 32), n, &[0x1000], Place::Highest)
                 .map_err(PvhError::Load)?,
         ),
     };
@@ -309,7 +320,7 @@ pub fn plan_pvh<'a>(
     put(12, u64::from(initrd_at.is_some()), 4);
     put(16, if initrd_at.is_some() { start_info_at + modlist_at as u64 } else { 0 }, 8);
     put(24, cmdline_at, 8);
-    put(32, 0, 8); // rsdp_paddr: no ACPI tables for the guest.
+    put(32, 0, 8); // rsdp_paddr: none until `PvhPlan::set_rsdp`.
     put(40, start_info_at + memmap_at as u64, 8);
     put(48, entries as u64, 4);
     if let Some(at) = initrd_at {
@@ -433,7 +444,7 @@ mod tests {
         // A descriptor of the wrong size.
         let f = kernel(&note(XEN_NOTE_NAME, XEN_ELFNOTE_PHYS32_ENTRY, &[0; 2]));
         assert_eq!(pvh_entry(&f), Err(PvhError::BadEntrySize { size: 2 }));
-        let (m, n) = firmware_e820(&bios(), 64 << 20);
+        let (m, n) = firmware_e820(&bios(), 64 << 20, None);
         // The entry outside every segment, and above 4 GiB.
         let f = kernel(&entry_note(0x200_0000));
         assert_eq!(plan_pvh(&f, 64 << 20, &m[..n], b"", 0), Err(PvhError::EntryOutsideSegments { entry: 0x200_0000 }));
@@ -450,7 +461,7 @@ mod tests {
     #[test]
     fn the_start_info_describes_the_guest() {
         let f = kernel(&entry_note(0x100_0480));
-        let (m, n) = firmware_e820(&bios(), 128 << 20);
+        let (m, n) = firmware_e820(&bios(), 128 << 20, None);
         let p = plan_pvh(&f, 128 << 20, &m[..n], b"console=ttyS0", 0x3000).unwrap();
         assert_eq!(p.entry, 0x100_0480);
         assert_eq!((p.start_info_at, p.cmdline_at), (0x1000, 0x2000));
@@ -465,6 +476,13 @@ mod tests {
             let o = 88 + 24 * i;
             assert_eq!((rd(o, 8), rd(o + 8, 8), rd(o + 16, 4)), (e.addr, e.size, u64::from(e.kind)));
         }
+        // With the guest's ACPI area at the top of RAM: the initrd below it, the RSDP named.
+        let (m, n) = firmware_e820(&bios(), 128 << 20, Some((128 << 20) - 0x1_0000..128 << 20));
+        let mut p = plan_pvh(&f, 128 << 20, &m[..n], b"", 0x3000).unwrap();
+        assert_eq!(p.initrd_at, Some((128 << 20) - 0x1_0000 - 0x3000));
+        assert_eq!(le(&p.start_info, 32, 8), Some(0));
+        p.set_rsdp(0xf_5a10);
+        assert_eq!(le(&p.start_info, 32, 8), Some(0xf_5a10));
         // Without an initrd: no module.
         let p = plan_pvh(&f, 128 << 20, &m[..n], b"", 0).unwrap();
         assert_eq!((le(&p.start_info, 12, 4), le(&p.start_info, 16, 8)), (Some(0), Some(0)));

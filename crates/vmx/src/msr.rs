@@ -43,6 +43,12 @@ pub const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// IA32_TSC_AUX.
 pub const IA32_TSC_AUX: u32 = 0xc000_0103;
+/// IA32_THERM_INTERRUPT: which thermal events raise the local APIC's thermal interrupt (Intel
+/// SDM Vol. 4 Table 2-2, present when bit 22 (ACPI) of CPUID.01H:EDX is 1).
+pub const IA32_THERM_INTERRUPT: u32 = 0x19b;
+/// IA32_PACKAGE_THERM_INTERRUPT: the same for the package's thermal events (Intel SDM Vol. 4
+/// Table 2-2, present when bit 6 (PTM) of CPUID.06H:EAX is 1).
+pub const IA32_PACKAGE_THERM_INTERRUPT: u32 = 0x1b2;
 
 /// MSRs passed through in both directions, and why that is safe:
 /// - FS/GS base and SYSENTER_CS/ESP/EIP: the VMCS guest-state area holds them, loaded at every
@@ -52,10 +58,13 @@ pub const IA32_TSC_AUX: u32 = 0xc000_0103;
 /// - STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE, TSC_AUX, XSS: the hypervisor never executes
 ///   SYSCALL, SWAPGS, RDTSCP or XSAVES, so the guest's values can stay in the processor (one guest per CPU);
 /// - TSC_DEADLINE: part of the local APIC timer, which the guest owns with the APIC page; the
-///   hypervisor never arms that timer.
+///   hypervisor never arms that timer;
+/// - THERM_INTERRUPT, PACKAGE_THERM_INTERRUPT: the sources of the local APIC's thermal interrupt
+///   (its thermal LVT entry is the guest's, with the APIC page); the hypervisor takes no thermal
+///   interrupts.
 ///
 /// IA32_APIC_BASE is read through (the local APIC is the processor's own) and its writes exit.
-pub const PASSED_THROUGH: [u32; 14] = [
+pub const PASSED_THROUGH: [u32; 16] = [
     IA32_FS_BASE,
     IA32_GS_BASE,
     IA32_KERNEL_GS_BASE,
@@ -70,6 +79,8 @@ pub const PASSED_THROUGH: [u32; 14] = [
     IA32_TSC_AUX,
     IA32_XSS,
     IA32_TSC_DEADLINE,
+    IA32_THERM_INTERRUPT,
+    IA32_PACKAGE_THERM_INTERRUPT,
 ];
 
 /// Where an MSR's read bit lives in the 4 KiB MSR bitmap (Intel SDM Vol. 3C 25.6.9): bits for

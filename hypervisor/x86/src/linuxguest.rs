@@ -5,12 +5,25 @@
 //! Device policy, one line per device:
 //! - RAM: demand-zero regions behind the EPT: the machine's RAM entries of the first MiB, then
 //!   1 MiB up to `mem`. The e820 map is the machine's own below 1 MiB and the guest's RAM above
-//!   (`twostage_baremetal::linux_x86::firmware_e820`: the BIOS's top-of-RAM ACPI area is the
-//!   hypervisor's RAM and is left out). Without a BIOS map from the boot loader: RAM from 0 to
-//!   `mem`, the legacy hole 0xA0000-0xFFFFF reserved.
-//! - Firmware areas (what the first MiB holds besides RAM: the EBDA, the VGA window, the option
-//!   ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type UC),
-//!   so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
+//!   (`twostage_baremetal::linux_x86::firmware_e820`), with an ACPI data entry where the guest's
+//!   tables are. Without a BIOS map from the boot loader: RAM from 0 to `mem`, the legacy hole
+//!   0xA0000-0xFFFFF reserved, no ACPI tables.
+//! - ACPI tables: the machine's, moved (`twostage_baremetal::acpi`): the BIOS's ACPI area is at the
+//!   top of the machine's RAM, which is the hypervisor's, so it is copied into guest RAM at the
+//!   same distance below `mem` (where the BIOS of a machine with `mem` of RAM puts it: the guest's
+//!   map is the bare machine's), with the tree's pointers and the checksums rewritten. The page(s)
+//!   holding the RSDP are a private read-only copy of the machine's with the RSDP rewritten (at the
+//!   machine's address: a kernel scanning the BIOS area finds it where the bare one does); the RSDP
+//!   is also named in `boot_params.acpi_rsdp_addr` or `hvm_start_info.rsdp_paddr`. Tables that fail
+//!   a check give the guest none: the run says why, and the guest's copy of the RSDP's page has the
+//!   RSDP wiped (it would point at the machine's tables).
+//! - ACPI hardware (with the tables): the HPET's page from the HPET table, a linear device region
+//!   like the APICs, and the FADT's port blocks (SMI_CMD, PM1 event and control, PM timer, GPE),
+//!   passed through: the guest owns the machine's power management, so its ACPI soft-off powers
+//!   the machine off (the project's init ends the run through port 0xF4 first).
+//! - Firmware areas (what else the first MiB holds besides RAM: the EBDA, the VGA window, the
+//!   option ROMs, the BIOS area): read-only linear regions onto the machine's own bytes (memory type
+//!   UC), so the kernel's ROM probe and MP-table scan read what they read on the bare machine.
 //! - I/O APIC: the page at 0xFEC00000 is a linear device region onto the machine's I/O APIC,
 //!   like the local APIC: the guest owns the machine's interrupt routing (one guest per machine).
 //! - Local APIC: the page at 0xFEE00000 is a linear region onto the processor's own APIC, mapped
@@ -29,13 +42,14 @@
 use crate::{println, serial};
 use alloc::vec::Vec;
 use twostage_aspace::{AddressSpace, Backend, FaultOutcome};
+use twostage_baremetal::acpi::{self, AcpiError, Window};
 use twostage_baremetal::elf::{EXIT_GUEST_STOPPED, EXIT_REFUSED};
 use twostage_baremetal::frames::Frames;
 use twostage_baremetal::linux_x86::{
-    e820_map, firmware_areas, firmware_e820, plan_bzimage, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
+    e820_map, firmware_areas, firmware_e820, plan_bzimage, without, E820Entry, LinuxPlan, E820_RAM, LOW_MEMORY_END,
 };
 use twostage_baremetal::pvh::{plan_pvh, PvhPlan};
-use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags};
+use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, GuestVirtAddr, HostPhysAddr, MappingFlags, PageSize};
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, Handled, VcpuConfig, VmExit, VmxVcpu};
 
@@ -60,6 +74,11 @@ pub struct LinuxGuest<'a> {
     pub mem: u64,
     /// The machine's memory map as the boot loader passed it on (empty: none).
     pub bios: &'a [E820Entry],
+    /// The machine's first MiB from 0x400 on (the BDA's EBDA pointer, the EBDA, the BIOS area),
+    /// where the RSDP is looked for; `None`: not readable.
+    pub low: Option<Window<'a>>,
+    /// The machine's ACPI area (`twostage_baremetal::acpi::machine_area` of `bios`), if any.
+    pub acpi: Option<Window<'a>>,
 }
 
 /// How the kernel is started.
@@ -74,7 +93,11 @@ enum Plan<'a> {
 #[derive(Default)]
 struct Counts {
     exits: u64,
-    faults: u64,
+    /// EPT violations resolved in guest RAM (the demand-zero regions).
+    ram_faults: u64,
+    /// EPT violations resolved in device and firmware regions (linear: mapped when added, so
+    /// only a stale translation faults there).
+    device_faults: u64,
     msr_gp: u64,
     io: u64,
 }
@@ -84,14 +107,19 @@ struct Counts {
 pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     let ram = 0..g.mem;
     let apic = APIC_PAGE..APIC_PAGE + 0x1000;
+    // Without a BIOS map there are no firmware areas and no tables to give.
+    let acpi = match g.low {
+        Some(low) if !g.bios.is_empty() => acpi::for_guest(g.bios, g.mem, low, g.acpi),
+        _ => acpi::ForGuest { rsdp_pages: None, tables: Err(AcpiError::NoArea) },
+    };
     let (e820, n) = if g.bios.is_empty() {
         e820_map(core::slice::from_ref(&ram), core::slice::from_ref(&apic))
     } else {
-        firmware_e820(g.bios, g.mem)
+        firmware_e820(g.bios, g.mem, acpi.tables.as_ref().ok().map(|t| t.area.clone()))
     };
     let e820 = &e820[..n];
     let initrd_len = g.initrd.map_or(0, |i| i.len() as u64);
-    let plan = if is_linux(g.image) {
+    let mut plan = if is_linux(g.image) {
         match plan_bzimage(g.image, g.mem, e820, g.cmdline, initrd_len) {
             Ok(p) => Plan::BzImage(p),
             Err(e) => return crate::mbguest::refuse(e),
@@ -102,6 +130,31 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
             Err(e) => return crate::mbguest::refuse(e),
         }
     };
+    match &acpi.tables {
+        Ok(t) => {
+            let names: Vec<&str> = t.found.iter().map(|i| core::str::from_utf8(&i.signature).unwrap_or("?")).collect();
+            println!(
+                "twostage x86-hv: ACPI: the machine's tables moved to {:#x}-{:#x} ({}), RSDP at {:#x} in a private \
+                 copy of its page",
+                t.area.start,
+                t.area.end - 1,
+                names.join(" "),
+                t.rsdp_at
+            );
+            match &mut plan {
+                Plan::BzImage(p) => p.set_acpi_rsdp(t.rsdp_at),
+                Plan::Pvh(p) => p.set_rsdp(t.rsdp_at),
+            }
+        }
+        Err(e) if !g.bios.is_empty() => match &acpi.rsdp_pages {
+            Some((pages, _)) => println!(
+                "twostage x86-hv: no ACPI tables for the guest: {e} (the RSDP is wiped from its copy of page {:#x})",
+                pages.start
+            ),
+            None => println!("twostage x86-hv: no ACPI tables for the guest: {e}"),
+        },
+        Err(_) => {}
+    }
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
     let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig::default()) {
@@ -128,11 +181,27 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
                 regions.push(("ram-low", start, end - start, MappingFlags::RWX, Backend::DemandZero));
             }
         }
-        for a in firmware_areas(e820) {
+        let mut areas = firmware_areas(e820);
+        if let Some((pages, _)) = &acpi.rsdp_pages {
+            // The RSDP's pages are the guest's own copy (loaded below), not the machine's.
+            areas = without(&areas, pages.clone());
+            regions.push(("acpi-rsdp", pages.start, pages.end - pages.start, MappingFlags::READ, Backend::DemandZero));
+        }
+        for a in areas {
             let flags = MappingFlags::READ | MappingFlags::DEVICE;
             regions.push(("firmware", a.start, a.end - a.start, flags, linear(a.start)));
         }
         regions.push(("ram", LOW_MEMORY_END, g.mem - LOW_MEMORY_END, MappingFlags::RWX, Backend::DemandZero));
+    }
+    // The ACPI hardware the guest's tables describe is the machine's: the HPET page and the FADT's
+    // port blocks, passed through like the APICs and the PIT (one guest per machine).
+    let hw = acpi.tables.as_ref().map(acpi::hardware).unwrap_or_default();
+    match hw.hpet {
+        Some(at) if at % 0x1000 == 0 && at >= g.mem && at < 1 << 32 && at != APIC_PAGE && at != IOAPIC_PAGE => {
+            regions.push(("hpet", at, 0x1000, device, linear(at)));
+        }
+        Some(at) => println!("twostage x86-hv: the HPET table's registers at {at:#x} are not mapped (not a free page)"),
+        None => {}
     }
     regions.push(("local-apic", APIC_PAGE, 0x1000, device, linear(APIC_PAGE)));
     regions.push(("io-apic", IOAPIC_PAGE, 0x1000, device, linear(IOAPIC_PAGE)));
@@ -177,6 +246,12 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     if let (Some(at), Some(bytes)) = (initrd_at, g.initrd) {
         blobs.push((at, bytes));
     }
+    if let Ok(t) = &acpi.tables {
+        blobs.push((t.area.start, &t.tables[..]));
+    }
+    if let Some((pages, bytes)) = &acpi.rsdp_pages {
+        blobs.push((pages.start, bytes));
+    }
     for (gpa, bytes) in blobs {
         match space.load_image(GuestPhysAddr::new(gpa), bytes) {
             Ok(f) => space.flush_unloaded(f).expect("its own token"),
@@ -203,6 +278,10 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     }
     for ports in PASSED_PORTS {
         vcpu.pass_through_io(ports);
+    }
+    // The port that ends the run keeps exiting.
+    for ports in hw.ports.iter().filter(|p| !p.contains(&0xf4)) {
+        vcpu.pass_through_io(ports.clone());
     }
     match &plan {
         Plan::BzImage(plan) => {
@@ -242,7 +321,14 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
         let handled = match exit {
             VmExit::EptViolation(v) => match space.handle_fault(v.nested_page_fault_info()) {
                 FaultOutcome::Resolved { flush } => {
-                    n.faults += 1;
+                    let in_ram = space
+                        .region_at(v.gpa)
+                        .is_some_and(|r| matches!(r.backend(), Backend::DemandZero | Backend::CopyOnWrite));
+                    if in_ram {
+                        n.ram_faults += 1;
+                    } else {
+                        n.device_faults += 1;
+                    }
                     space
                         .flush(flush, |inv| {
                             crate::hv::invept(&mut vcpu, inv);
@@ -306,7 +392,28 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     serial::init();
     println!(
         "twostage x86-hv: {} exits, {} EPT faults resolved, {} port exits, {} MSR accesses refused (#GP)",
-        n.exits, n.faults, n.io, n.msr_gp
+        n.exits,
+        n.ram_faults + n.device_faults,
+        n.io,
+        n.msr_gp
+    );
+    // Issue 11: the guest RAM populated now (its leaves, by size) against the faults that
+    // populated it; with 2 MiB backing a first touch maps a whole 2 MiB page.
+    let (mut p4k, mut p2m, mut p1g) = (0u64, 0u64, 0u64);
+    for r in space.regions().filter(|r| matches!(r.backend(), Backend::DemandZero | Backend::CopyOnWrite)) {
+        space.table().for_each_leaf(r.range().start, r.range().len(), |l| match l.size {
+            PageSize::Size4K => p4k += 1,
+            PageSize::Size2M => p2m += 1,
+            _ => p1g += 1,
+        });
+    }
+    let mib = (p4k * 4096 + p2m * (2 << 20) + p1g * (1 << 30)) >> 20;
+    let st = space.stats();
+    println!("nested page faults: {} for {mib} MiB touched (MMIO exits apart: {})", n.ram_faults, n.device_faults);
+    println!(
+        "twostage x86-hv: guest RAM pages mapped: 4K={p4k} 2M={p2m} 1G={p1g}; 2 MiB pages mapped by first touch {}, \
+         fallbacks to 4 KiB (no aligned run of frames) {}",
+        st.huge_2m_mapped, st.huge_fallbacks
     );
     match status {
         Some(s) => {

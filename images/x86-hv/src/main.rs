@@ -117,12 +117,26 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
                     if wants_initrd { "with" } else { "without" }
                 ))
             } else {
+                use twostage_baremetal::acpi::{machine_area, Window};
+                // The machine's firmware memory, for the guest's ACPI tables: the first MiB from
+                // the BDA's EBDA pointer on, and the BIOS's ACPI area.
+                // SAFETY: the first MiB and the ACPI area (a type-3 entry of the BIOS map, below
+                // 4 GiB) are inside the boot identity map and outside the frames (which come from
+                // one RAM entry above the image); the firmware's bytes are only read.
+                let low = unsafe { core::slice::from_raw_parts(0x400 as *const u8, 0x10_0000 - 0x400) };
+                let area = machine_area(&bios).ok().map(|r| Window {
+                    base: r.start,
+                    // SAFETY: as above.
+                    bytes: unsafe { core::slice::from_raw_parts(r.start as *const u8, (r.end - r.start) as usize) },
+                });
                 let guest = linuxguest::LinuxGuest {
                     image: module(&m),
                     initrd: initrd.as_ref().map(module),
                     cmdline: &guest_cmdline,
                     mem,
                     bios: &bios,
+                    low: Some(Window { base: 0x400, bytes: low }),
+                    acpi: area,
                 };
                 linuxguest::run(&FRAMES, &guest)
             }
