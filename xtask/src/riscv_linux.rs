@@ -121,6 +121,28 @@ fn run(mut cmd: Command) -> Result<Run, String> {
     Ok(Run { code, out, wall, raw, arrivals })
 }
 
+/// Runs per side of a wall-time comparison (the machine is shared: single runs vary by a third).
+const PAIRS: usize = 3;
+
+/// Runs [`PAIRS`] pairs, bare then twostage, alternately (so both sides see the same load).
+fn pairs(
+    bare: impl Fn() -> Result<Command, String>,
+    hv: impl Fn() -> Result<Command, String>,
+) -> Result<(Vec<Run>, Vec<Run>), String> {
+    let (mut b, mut h) = (Vec::new(), Vec::new());
+    for _ in 0..PAIRS {
+        b.push(run(bare()?)?);
+        h.push(run(hv()?)?);
+    }
+    Ok((b, h))
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// The kernel's console: from its banner to its power-off.
 fn kernel_console(out: &str) -> Vec<&str> {
     out.lines()
@@ -199,16 +221,18 @@ pub fn checks(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
         return;
     }
     let opts = GuestOpts::default();
-    let hv = qemu_command(qemu, image, Stage::File(&kernel, &opts)).map(|mut c| {
-        c.args(["-icount", ICOUNT]);
-        c
-    });
-    let (bare, hv) = match (run(bare(&kernel, opts.vcpus)), hv.and_then(run)) {
-        (Ok(b), Ok(h)) => (b, h),
-        (Err(e), _) | (_, Err(e)) => return tally.check(false, &format!("Linux against bare QEMU: {e}")),
+    let mk_hv = || {
+        qemu_command(qemu, image, Stage::File(&kernel, &opts)).map(|mut c| {
+            c.args(["-icount", ICOUNT]);
+            c
+        })
+    };
+    let (bares, hvs) = match pairs(|| Ok(bare(&kernel, opts.vcpus)), mk_hv) {
+        Ok(r) => r,
+        Err(e) => return tally.check(false, &format!("Linux against bare QEMU: {e}")),
     };
     let ran = |r: &Run| r.code == 0 && r.out.contains(PASSED);
-    if !ran(&bare) || !ran(&hv) {
+    if let Some((bare, hv)) = bares.iter().zip(&hvs).find(|(b, h)| !ran(b) || !ran(h)) {
         return tally.check(
             false,
             &format!(
@@ -220,6 +244,7 @@ pub fn checks(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
             ),
         );
     }
+    let (bare, hv) = (&bares[0], &hvs[0]);
     let diffs = console_differences(&kernel_console(&bare.out), &kernel_console(&hv.out));
     for d in &diffs {
         println!("  console difference: {d}");
@@ -234,24 +259,31 @@ pub fn checks(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
     match (phase_ms(&bare.out), phase_ms(&hv.out)) {
         (Some(b), Some(h)) if b > 0 => {
             let insns = h as f64 / b as f64;
-            let wall = hv.wall.as_secs_f64() / bare.wall.as_secs_f64();
+            let walls = |rs: &[Run]| median(rs.iter().map(|r| r.wall.as_secs_f64()).collect());
+            let (hw, bw) = (walls(&hvs), walls(&bares));
+            let wall = hw / bw;
             let verdict = |r: f64| if r <= TARGET_RATIO { "target met" } else { "target missed" };
             println!(
                 "Linux cost (1 vCPU, -icount {ICOUNT}): init's phases {h} M instructions under twostage, {b} M bare: \
-                 {insns:.2}x ({}, target {TARGET_RATIO}x); whole run wall {:.2} s vs {:.2} s: {wall:.2}x ({})",
+                 {insns:.2}x ({}, target {TARGET_RATIO}x); whole run wall (median of {PAIRS}) {hw:.2} s vs {bw:.2} s: \
+                 {wall:.2}x ({})",
                 verdict(insns),
-                hv.wall.as_secs_f64(),
-                bare.wall.as_secs_f64(),
                 verdict(wall)
             );
-            // Where the wall time went, from when each console line arrived.
+            // Where the wall time went, from when each console line arrived (medians).
             let part = |from: Option<&str>, to: &str| {
-                let t = |r: &Run| match from {
-                    Some(f) => r.between(f, to),
-                    None => r.time_of(to).map(|d| d.as_secs_f64()),
+                let t = |rs: &[Run]| {
+                    median(
+                        rs.iter()
+                            .filter_map(|r| match from {
+                                Some(f) => r.between(f, to),
+                                None => r.time_of(to).map(|d| d.as_secs_f64()),
+                            })
+                            .collect(),
+                    )
                 };
-                match (t(&hv), t(&bare)) {
-                    (Some(h), Some(b)) if b > 0.0 => format!("{h:.2} s vs {b:.2} s ({:.2}x)", h / b),
+                match (t(&hvs), t(&bares)) {
+                    (h, b) if b > 0.0 && h.is_finite() => format!("{h:.2} s vs {b:.2} s ({:.2}x)", h / b),
                     _ => String::from("not seen"),
                 }
             };
@@ -494,27 +526,36 @@ fn exit_cost(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
         Err(e) => return tally.check(false, &format!("{what}: {e}")),
     };
     let opts = GuestOpts::default();
-    let hv = qemu_command(qemu, image, Stage::File(&elf, &opts)).map(|mut c| {
-        c.args(["-icount", ICOUNT]);
-        c
-    });
-    let (bare, hv) = match (run(bare(&elf, 1)), hv.and_then(run)) {
-        (Ok(b), Ok(h)) => (b, h),
-        (Err(e), _) | (_, Err(e)) => return tally.check(false, &format!("{what}: {e}")),
+    let mk_hv = || {
+        qemu_command(qemu, image, Stage::File(&elf, &opts)).map(|mut c| {
+            c.args(["-icount", ICOUNT]);
+            c
+        })
     };
-    let (Some(b), Some(h)) = (exit_cost_phases(&bare), exit_cost_phases(&hv)) else {
+    let (bares, hvs) = match pairs(|| Ok(bare(&elf, 1)), mk_hv) {
+        Ok(r) => r,
+        Err(e) => return tally.check(false, &format!("{what}: {e}")),
+    };
+    let phases = |rs: &[Run]| rs.iter().map(exit_cost_phases).collect::<Option<Vec<_>>>();
+    let (Some(bp), Some(hp)) = (phases(&bares), phases(&hvs)) else {
         return tally.check(
             false,
             &format!(
                 "{what}: the microbenchmark printed no timings (bare exit {}, twostage exit {})",
-                bare.code, hv.code
+                bares[0].code, hvs[0].code
             ),
         );
     };
+    // Per phase: the first run's ticks (the same in every run under -icount), the median seconds.
+    let med = |ps: &[Vec<(f64, f64)>]| -> Vec<(f64, f64)> {
+        (0..ps[0].len()).map(|i| (ps[0][i].0, median(ps.iter().map(|p| p[i].1).collect()))).collect()
+    };
+    let (b, h) = (med(&bp), med(&hp));
+    let (bare, hv) = (&bares[0], &hvs[0]);
     // Phases: [1] ALU, [2] TLB fills, [3] UART reads, [4] SBI calls.
     let per = |(_, s): (f64, f64), n: f64, unit: f64| s / n * unit;
     println!(
-        "QEMU's cost per operation, bare vs under twostage (S-mode microbenchmark, -icount {ICOUNT}): \
+        "QEMU's cost per operation, bare vs under twostage (S-mode microbenchmark, -icount {ICOUNT}, median of {PAIRS}): \
          ALU loop of 200 M instructions {:.2} s vs {:.2} s; TLB fill (4 KiB Sv39 page; under twostage \
          the G-stage walk too) {:.0} ns vs {:.0} ns; UART register read {:.2} us vs {:.2} us (an exit); \
          SBI call {:.2} us vs {:.2} us (an exit)",
