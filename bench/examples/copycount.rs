@@ -14,7 +14,7 @@
 
 use std::hint::black_box;
 
-use twostage_aspace::guest::{copy_from_guest_va, copy_to_guest_va};
+use twostage_aspace::guest::{copy_from_guest_va, copy_to_guest_va, GuestTlb};
 use twostage_aspace::GuestMemory;
 use twostage_bench::copy::{vmm_over, COPY_SPAN};
 use twostage_bench::engine::GPA_BASE;
@@ -118,16 +118,20 @@ fn main() {
                 black_box(&buf);
             });
         }
-        "gva-x86" | "gva-sv39" => {
-            let mut s = ts_populated(ram, COPY_SPAN + 2 * MIB);
-            let paging = twostage_bench::gva::install(&mut s, side == "gva-x86");
+        "gva-x86" | "gva-sv39" | "gva-x86-tlb" | "gva-sv39-tlb" => {
+            // Like the criterion rows: a linear region (the guest's tables after the data), and
+            // for the `-tlb` sides one `GuestTlb` kept across the copies (no fence in between).
+            let mut s = ts_linear(ram, COPY_SPAN + 2 * MIB).0;
+            let paging = twostage_bench::gva::install(&mut s, side.starts_with("gva-x86"));
+            let mut tlb = side.ends_with("-tlb").then(GuestTlb::new);
             let mut mem = &mut s;
             measured(n, |i| {
                 let gva = GuestVirtAddr::new(twostage_bench::gva::GVA_BASE + black_box(offs[i % offs.len()]));
-                if write {
-                    copy_to_guest_va(&mut mem, &paging, gva, &buf).expect("write");
-                } else {
-                    copy_from_guest_va(&mut mem, &paging, gva, &mut buf).expect("read");
+                match (&mut tlb, write) {
+                    (Some(t), true) => t.copy_to(&mut mem, &paging, gva, &buf).expect("write"),
+                    (Some(t), false) => t.copy_from(&mut mem, &paging, gva, &mut buf).expect("read"),
+                    (None, true) => copy_to_guest_va(&mut mem, &paging, gva, &buf).expect("write"),
+                    (None, false) => copy_from_guest_va(&mut mem, &paging, gva, &mut buf).expect("read"),
                 }
                 black_box(&buf);
             });

@@ -2,6 +2,7 @@
 //! `valgrind --tool=callgrind target/release/examples/profile WORKLOAD`.
 //!
 //! Workloads: query-ts, query-ax, query-lean, map4k-ts, map4k-ax, unmap4k-ts, unmap4k-ax, fault-ts,
+//! fault-ts-prepared (frames zeroed ahead, outside the counted part),
 //! fault-ax, harvest-lean, read64k-ts, write4k-ts, write8-ts, gva-x86-4k, gva-sv39-4k, fork-ts, harvest-ts,
 //! and the engine's range walks over a table of 4 KiB pages: protect4k-ts, ad4k-ts (take_accessed_dirty
 //! of 1 GiB with 2621 dirty pages), leaves4k-ts (for_each_leaf of 1 GiB), clone256-ts (try_clone of
@@ -163,8 +164,12 @@ fn main() {
             let t = ts_table(ram, GIB);
             measured(|| drop(t));
         }
-        "fault-ts" => {
+        "fault-ts" | "fault-ts-prepared" => {
             let (mut s, _) = ts_space(ram, n * 4096);
+            if what == "fault-ts-prepared" {
+                let ready = s.prepare_zeroed(n as usize);
+                eprintln!("zeroed frames ready: {ready}");
+            }
             measured(|| {
                 for p in 0..n {
                     match s

@@ -3,13 +3,13 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
-use twostage_aspace::guest::{copy_from_guest_va, copy_to_guest_va, GuestPaging};
+use twostage_aspace::guest::{GuestPaging, GuestTlb};
 use twostage_aspace::GuestMemory;
 use twostage_npt::{GuestPhysAddr, GuestVirtAddr};
 
 use crate::copy::{copy_group, Dir, COPY_SPAN, SIZES};
 use crate::engine::GPA_BASE;
-use crate::space::{ts_populated, Space};
+use crate::space::{ts_linear, Space};
 use crate::{ram, random_offsets, MIB};
 
 /// Guest-virtual base of the mapped data (1 GiB-aligned, canonical for x86-64 and Sv39).
@@ -115,8 +115,8 @@ fn build_tables(space: &mut Space, guest: Guest) -> u64 {
     root
 }
 
-/// Writes the guest tables of x86-64 (`x86`) or Sv39 into `space` (made by
-/// `ts_populated(ram, COPY_SPAN + 2 MiB)`) and returns the paging that uses them.
+/// Writes the guest tables of x86-64 (`x86`) or Sv39 into `space` (`COPY_SPAN + 2 MiB` of guest
+/// RAM from `GPA_BASE`) and returns the paging that uses them.
 pub fn install(space: &mut Space, x86: bool) -> GuestPaging {
     let guest = if x86 { Guest::X86 } else { Guest::Sv39 };
     let root = build_tables(space, guest);
@@ -124,11 +124,14 @@ pub fn install(space: &mut Space, x86: bool) -> GuestPaging {
 }
 
 /// GVA copies of every size, both directions, x86-64 4-level and Sv39. The limit is the GPA
-/// rows' memcpy at the same offsets; neither anchor walks guest page tables.
+/// rows' memcpy at the same offsets; neither anchor walks guest page tables. Like the GPA rows,
+/// the guest RAM is one linear region over contiguous bench RAM (the memcpy's kind of memory);
+/// the copies go through one [`GuestTlb`] kept across them, as a vCPU keeps it between the
+/// guest's fences (the guest here changes no table, so it never fences).
 pub fn gva_copies(c: &mut Criterion) {
     let ram = ram();
     // Data, then room for the guest's tables.
-    let mut space = ts_populated(ram, COPY_SPAN + 2 * MIB);
+    let mut space = ts_linear(ram, COPY_SPAN + 2 * MIB).0;
     for guest in [Guest::X86, Guest::Sv39] {
         let root = build_tables(&mut space, guest);
         let paging = guest.paging(root);
@@ -140,12 +143,13 @@ pub fn gva_copies(c: &mut Criterion) {
                 g.bench_function(BenchmarkId::new("twostage", label), |b| {
                     let mut i = 0;
                     let mut mem = &mut space;
+                    let mut tlb = GuestTlb::new();
                     b.iter(|| {
                         let gva = GuestVirtAddr::new(GVA_BASE + black_box(offs[i % OFFSETS]));
                         i += 1;
                         match dir {
-                            Dir::Read => copy_from_guest_va(&mut mem, &paging, gva, &mut buf).expect("read"),
-                            Dir::Write => copy_to_guest_va(&mut mem, &paging, gva, &buf).expect("write"),
+                            Dir::Read => tlb.copy_from(&mut mem, &paging, gva, &mut buf).expect("read"),
+                            Dir::Write => tlb.copy_to(&mut mem, &paging, gva, &buf).expect("write"),
                         }
                         black_box(&buf);
                     })

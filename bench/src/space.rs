@@ -4,7 +4,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
-use twostage_aspace::{AddressSpace, Backend, FaultOutcome, RegionId};
+use twostage_aspace::{AddressSpace, Backend, FaultOutcome, HugePages, RegionId};
 use twostage_npt::{Access, Ept4, GpaRange, GuestPhysAddr, MappingFlags, NestedPageFaultInfo};
 
 use crate::anchor::{ax_gpa, ax_space, ax_space_unzeroed};
@@ -22,9 +22,12 @@ fn ax_rwx() -> axaddrspace::MappingFlags {
     axaddrspace::MappingFlags::READ | axaddrspace::MappingFlags::WRITE | axaddrspace::MappingFlags::EXECUTE
 }
 
-/// An address space with one demand-zero RAM region of `len` bytes at [`GPA_BASE`].
+/// An address space with one demand-zero RAM region of `len` bytes at [`GPA_BASE`], backed by
+/// 4 KiB frames only (`HugePages::Never`): one frame per first touch, like the anchor's, and the
+/// same table shape whatever runs of frames the bench RAM happens to offer.
 pub fn ts_space(ram: &'static BenchRam, len: u64) -> (Space, RegionId) {
     let mut s = Space::new(ram, ept_options(true)).expect("space");
+    s.set_huge_pages(HugePages::Never);
     let range = GpaRange::from_start_len(GuestPhysAddr::new(GPA_BASE), len).expect("range");
     let (id, f) = s.add_region("ram", range, MappingFlags::RWX, Backend::DemandZero).expect("region");
     s.flush_unloaded(f).expect("its own token");
@@ -65,19 +68,41 @@ pub fn faults_populate(c: &mut Criterion) {
     let pages = FAULT_BYTES / 4096;
     let mut g = group(c, "faults_256m");
     g.throughput(Throughput::Elements(pages));
-    g.bench_function("twostage", |b| {
+    // `twostage`: the pool of zeroed frames is empty, each fault allocates and zeroes (as the
+    // axaddrspace row does). `twostage-prepared`: the frames were zeroed ahead by
+    // `prepare_zeroed`, off the timed fault path (its cost is the `prepare` row).
+    // `prepare`: that preparation alone, per frame.
+    for (name, prepared) in [("twostage", false), ("twostage-prepared", true)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (mut s, _) = ts_space(ram, FAULT_BYTES);
+                    if prepared {
+                        assert_eq!(s.prepare_zeroed(pages as usize), pages as usize, "bench RAM for the pool");
+                    }
+                    let start = Instant::now();
+                    for p in 0..pages {
+                        let info = NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write);
+                        match s.handle_fault(info) {
+                            FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
+                            other => panic!("fault not resolved: {other:?}"),
+                        }
+                    }
+                    total += start.elapsed();
+                    black_box(&s);
+                }
+                total
+            })
+        });
+    }
+    g.bench_function("prepare", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let (mut s, _) = ts_space(ram, FAULT_BYTES);
                 let start = Instant::now();
-                for p in 0..pages {
-                    let info = NestedPageFaultInfo::new(GuestPhysAddr::new(GPA_BASE + p * 4096), Access::Write);
-                    match s.handle_fault(info) {
-                        FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
-                        other => panic!("fault not resolved: {other:?}"),
-                    }
-                }
+                s.prepare_zeroed(pages as usize);
                 total += start.elapsed();
                 black_box(&s);
             }

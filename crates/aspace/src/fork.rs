@@ -67,6 +67,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
             huge: self.huge,
             mixed: self.mixed.clone(),
             tlb: Tlb::new(),
+            zeroed: crate::zeroed::ZeroPool::new(self.alloc.clone()),
         };
         for r in self.regions.edit().values_mut() {
             if r.backend.owns_frames() {

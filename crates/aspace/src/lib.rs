@@ -122,6 +122,7 @@ mod shared;
 mod space;
 mod table_mem;
 mod tlb;
+mod zeroed;
 
 pub use dirty::{DirtyMode, PageBitmap};
 pub use error::*;
@@ -132,7 +133,7 @@ pub use guest::{
     copy_from_guest_va, copy_to_guest_va, fetch_guest_instruction, translate_gva, GuestPaging, GuestVaError,
     Instruction, Isa,
 };
-pub use mem::{GuestMemError, GuestMemory, Pod};
+pub use mem::{GuestMemError, GuestMemory, MemoryEpoch, PageHint, Pod};
 pub use region::{Backend, HugePages, Region, RegionId, RegionLabel};
 pub use shared::{Invalidator, SharedAddressSpace, MAX_CPUS};
 pub use space::{AddressSpace, SpaceStats};

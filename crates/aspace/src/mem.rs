@@ -84,6 +84,34 @@ impl fmt::Display for GuestMemError {
 
 impl core::error::Error for GuestMemError {}
 
+/// Which memory, in which state: two equal epochs of one [`GuestMemory`] say that between them no
+/// guest-physical translation changed (no region added, removed or re-protected, no page mapped,
+/// unmapped, copied on write or write-protected) and so no byte changed other than by writes
+/// through the memory itself (the guest's, a device model's, the hypervisor's copies). Caches of
+/// what the guest's memory holds ([`crate::guest::GuestTlb`]) keep their entries only while the
+/// epoch is unchanged. Epochs of different address spaces never compare equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEpoch {
+    /// The space's identity (unique in the process).
+    space: u64,
+    /// Its change count.
+    changes: u64,
+}
+
+/// A remembered host view of one guest page, for repeated reads of words in it (the guest's
+/// page-table entries, see [`GuestMemory::read_u64_hinted`]). Opaque: only the memory that made
+/// it uses it, and only while that memory's [`MemoryEpoch`] is the one it was made at (so the
+/// page is still mapped where it was, and still readable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageHint {
+    /// The epoch it was made at (`None`: empty).
+    epoch: Option<MemoryEpoch>,
+    /// The guest page (4 KiB-aligned).
+    page: u64,
+    /// The hypervisor's address of that page's first byte.
+    host: usize,
+}
+
 /// Plain old data: a type for which every bit pattern is a valid value.
 ///
 /// # Safety
@@ -130,6 +158,24 @@ pub trait GuestMemory {
         current: u64,
         new: u64,
     ) -> Result<Result<u64, u64>, GuestMemError>;
+
+    /// The memory's current [`MemoryEpoch`], or `None` if it cannot tell (then nothing derived
+    /// from its contents may be kept from one access to the next). The default is `None`.
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        None
+    }
+
+    /// Reads the little-endian 64-bit word at `gpa` (the guest's page-table entries), as one
+    /// access if `gpa` is 8-byte aligned. `hint` is the caller's memory of the page last read
+    /// this way: an implementation may fill it and use it on the next call for the same page to
+    /// skip its translation (the address space does, while its epoch is unchanged); the
+    /// default ignores it.
+    fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
+        let _ = hint;
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
 
     /// Reads `buf.len()` bytes at `gpa`.
     fn read(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
@@ -178,6 +224,12 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
     ) -> Result<Result<u64, u64>, GuestMemError> {
         (**self).compare_exchange_u64(gpa, current, new)
     }
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        (**self).epoch()
+    }
+    fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
+        (**self).read_u64_hinted(gpa, hint)
+    }
 }
 
 /// Host pointer runs: calls `f(host_ptr, offset_in_buf, len)` for maximal runs of `len` bytes
@@ -225,6 +277,47 @@ fn region_bits(r: &Region) -> u64 {
 const SHORT_SPAN: u64 = 8 * PAGE;
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
+    /// The space's [`MemoryEpoch`]: it changes with every change of a guest-physical translation
+    /// (the count behind the space's own translation cache).
+    pub fn epoch(&self) -> MemoryEpoch {
+        MemoryEpoch { space: self.tlb.id(), changes: self.changes() }
+    }
+
+    /// [`GuestMemory::read_u64_hinted`] with a shared borrow: an aligned word of a page the
+    /// hint remembers (made by this space at its current epoch) is one atomic load; otherwise a
+    /// read, which fills the hint if the page is mapped and readable.
+    pub fn read_u64_hinted(&self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
+        let epoch = self.epoch();
+        let page = gpa.as_u64() & !(PAGE - 1);
+        if gpa.is_aligned(8) {
+            if hint.epoch != Some(epoch) || hint.page != page {
+                let r = self.region_for(gpa, Access::Read, true)?;
+                let frame = match r.linear_hpa(gpa) {
+                    Some(h) => Some(h.align_down(PAGE)),
+                    None => self.table.translate(gpa).map(|(h, _)| h.align_down(PAGE)),
+                };
+                *hint = match frame {
+                    Some(f) => {
+                        PageHint { epoch: Some(epoch), page, host: self.alloc.phys_to_virt(f).as_ptr() as usize }
+                    }
+                    // Never touched: reads as zeros, and the first write will change the epoch.
+                    None => return Ok(0),
+                };
+            }
+            let p = (hint.host + gpa.offset_in(PAGE) as usize) as *mut u64;
+            // SAFETY: the hint was made by this space (the epoch names it) at its current change
+            // count, so the page is still mapped (hence allocated) and readable there: a frame is
+            // freed, and a linear region's memory given back, only after a counted change (see
+            // `crate::tlb`); `p` is 8-byte aligned inside that page. Guest CPUs may write the
+            // word concurrently: the load is atomic.
+            let v = unsafe { AtomicU64::from_ptr(p) }.load(Ordering::Relaxed);
+            return Ok(u64::from_le(v));
+        }
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
     /// The region containing `gpa` for an access, or the error that access gets.
     fn region_for(&self, gpa: GuestPhysAddr, access: Access, check_rights: bool) -> Result<&Region, GuestMemError> {
         let r = self.region_at(gpa).ok_or(GuestMemError::Unmapped { gpa, access })?;
@@ -701,6 +794,14 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
 /// still reach the old shared frame through a stale translation. A write into pages already
 /// private and writable needs nothing. Reads never change the space.
 impl<F: Format, A: FrameAllocator + Clone> GuestMemory for AddressSpace<F, A> {
+    fn epoch(&self) -> Option<MemoryEpoch> {
+        Some(AddressSpace::epoch(self))
+    }
+
+    fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
+        AddressSpace::read_u64_hinted(self, gpa, hint)
+    }
+
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         AddressSpace::read_as(self, gpa, buf, access)
     }

@@ -155,6 +155,12 @@ impl<F: Format, A: FrameAllocator + Clone> GuestMemory for &SharedAddressSpace<F
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {
         self.with(|s| s.read_as(gpa, buf, access))
     }
+    fn epoch(&self) -> Option<crate::MemoryEpoch> {
+        Some(self.with(|s| s.epoch()))
+    }
+    fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut crate::PageHint) -> Result<u64, GuestMemError> {
+        self.with(|s| s.read_u64_hinted(gpa, hint))
+    }
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
         self.with_mut(|s| (GuestMemory::write(s, gpa, buf), SpaceFlush::none()))
     }

@@ -7,6 +7,7 @@ use crate::flush::{ForeignSpaceFlush, Pending, SpaceFlush};
 use crate::frames::FrameRefs;
 use crate::region::{Backend, HugePages, Region, RegionId, RegionLabel};
 use crate::tlb::{Tlb, Tracked};
+use crate::zeroed::ZeroPool;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use twostage_npt::{
@@ -71,6 +72,8 @@ pub struct AddressSpace<F: Format, A: FrameAllocator + Clone> {
     pub(crate) mixed: BTreeSet<(usize, GuestPhysAddr)>,
     /// Recent guest-memory translations, current while [`AddressSpace::changes`] is unchanged.
     pub(crate) tlb: Tlb,
+    /// Zeroed frames ready for first touches (see [`crate::zeroed`]).
+    pub(crate) zeroed: ZeroPool<A>,
 }
 
 impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
@@ -85,6 +88,7 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let table = PageTable::new(alloc.clone(), opts)?;
         Ok(Self {
             table: Tracked::new(table),
+            zeroed: ZeroPool::new(alloc.clone()),
             alloc,
             opts,
             regions: Tracked::new(BTreeMap::new()),
@@ -358,8 +362,15 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         gpa: GuestPhysAddr,
         copy_of: Option<HostPhysAddr>,
     ) -> Result<twostage_npt::Flush<F>, NoFrame> {
-        let hpa = self.alloc.allocate_frame().ok_or(NoFrame)?;
-        self.fill_frame(hpa, copy_of);
+        // A first touch takes a frame zeroed ahead if one is ready (see `crate::zeroed`).
+        let hpa = match copy_of.is_none().then(|| self.zeroed.take()).flatten() {
+            Some(zeroed) => zeroed,
+            None => {
+                let hpa = self.alloc.allocate_frame().ok_or(NoFrame)?;
+                self.fill_frame(hpa, copy_of);
+                hpa
+            }
+        };
         self.refs.insert_new(hpa);
         // A new frame has one holder: it is private.
         let flags = self.flags_for(r, gpa, false);

@@ -150,6 +150,9 @@ const LINEAR: u64 = 1 << 5;
 /// anonymous regions (16 KiB, on the heap so that moving an address space stays cheap), and the
 /// region last used (a linear region's pages need no other translation).
 pub(crate) struct Tlb {
+    /// This cache's number, unique in the process (the space's identity in a
+    /// [`crate::MemoryEpoch`]: a space's heap cache never moves while it lives).
+    id: u64,
     /// Guest page address | rights bits | [`VALID`]; change count when made; frame address.
     pages: Box<[SeqSlot<3>]>,
     /// Start, end, rights bits (| [`LINEAR`]), linear host base, change count when made.
@@ -158,7 +161,15 @@ pub(crate) struct Tlb {
 
 impl Tlb {
     pub(crate) fn new() -> Self {
-        Self { pages: (0..SLOTS).map(|_| SeqSlot::new()).collect(), region: SeqSlot::new() }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Self { id, pages: (0..SLOTS).map(|_| SeqSlot::new()).collect(), region: SeqSlot::new() }
+    }
+
+    /// This cache's number, unique in the process.
+    #[inline]
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     #[inline]
@@ -183,7 +194,17 @@ impl Tlb {
     pub(crate) fn insert(&self, page: GuestPhysAddr, hpa: HostPhysAddr, bits: u64, gen: u64) {
         debug_assert!(page.is_aligned(PAGE) && hpa.is_aligned(PAGE));
         let page = page.as_u64();
-        self.slot(page).store([page | VALID | bits, gen, hpa.as_u64()]);
+        let slot = self.slot(page);
+        // A current entry for another page stays: with more pages in use than slots (random
+        // accesses over a large guest), replacing on every miss would make every access a miss
+        // that also pays a fill; keeping the first ones serves those at least. Every change
+        // of the space voids them all, so they are never kept for long on a changing guest.
+        if let Some([tag, made, _]) = slot.load() {
+            if made == gen && tag & VALID != 0 && tag & !(PAGE - 1) != page {
+                return;
+            }
+        }
+        slot.store([page | VALID | bits, gen, hpa.as_u64()]);
     }
 
     /// The region last remembered, if it is current at change count `gen`.

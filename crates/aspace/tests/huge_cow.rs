@@ -5,48 +5,14 @@
 //! frame comes back whole when the spaces are dropped.
 
 mod common;
+use common::checked::{mem, Checked, Mem};
 use common::{gpa, range, ModelCpu};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
 use twostage_aspace::*;
-use twostage_npt::testing::HostRam;
 use twostage_npt::{
-    Access, AdMode, Ept4, Format, FrameAllocator, HostPhysAddr, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4,
-    TableOptions,
+    Access, AdMode, Ept4, Format, FrameAllocator, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4, TableOptions,
 };
-
-/// Fake RAM whose allocator checks that every allocation comes back whole, once, with the
-/// count it was made with.
-struct Checked {
-    ram: HostRam,
-    live: Mutex<BTreeMap<u64, usize>>,
-}
-
-type Mem = Arc<Checked>;
-
-fn mem(frames: usize) -> Mem {
-    Arc::new(Checked { ram: HostRam::new(frames), live: Mutex::new(BTreeMap::new()) })
-}
-
-// SAFETY: forwards to HostRam, which keeps the promises; the bookkeeping only adds checks.
-unsafe impl FrameAllocator for Checked {
-    fn allocate_frames(&self, count: usize, align: usize) -> Option<HostPhysAddr> {
-        let a = self.ram.allocate_frames(count, align)?;
-        assert!(self.live.lock().unwrap().insert(a.as_u64(), count).is_none());
-        Some(a)
-    }
-    unsafe fn deallocate_frames(&self, base: HostPhysAddr, count: usize) {
-        let was = self.live.lock().unwrap().remove(&base.as_u64());
-        assert_eq!(was, Some(count), "{base:?} freed with {count} frames: not one whole allocation");
-        // SAFETY: the caller's promise, checked to be a whole allocation just above.
-        unsafe { self.ram.deallocate_frames(base, count) }
-    }
-    fn phys_to_virt(&self, pa: HostPhysAddr) -> NonNull<u8> {
-        self.ram.phys_to_virt(pa)
-    }
-}
 
 type Space<F> = AddressSpace<F, Mem>;
 

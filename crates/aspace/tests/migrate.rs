@@ -6,11 +6,9 @@
 //! stay unpopulated, and dropping both spaces returns every frame whole.
 
 mod common;
+use common::checked::{mem, Checked, Mem};
 use common::{gpa, range, ModelCpu};
 use proptest::prelude::*;
-use std::collections::BTreeMap;
-use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
 use twostage_aspace::migrate::{MigrateError, Migration, Round};
 use twostage_aspace::*;
 use twostage_npt::testing::HostRam;
@@ -19,37 +17,6 @@ use twostage_npt::{
     TableOptions,
 };
 use twostage_spec_model as model;
-
-/// Fake RAM whose allocator checks that every allocation comes back whole, once, with the
-/// count it was made with.
-struct Checked {
-    ram: HostRam,
-    live: Mutex<BTreeMap<u64, usize>>,
-}
-
-type Mem = Arc<Checked>;
-
-fn mem(frames: usize) -> Mem {
-    Arc::new(Checked { ram: HostRam::new(frames), live: Mutex::new(BTreeMap::new()) })
-}
-
-// SAFETY: forwards to HostRam, which keeps the promises; the bookkeeping only adds checks.
-unsafe impl FrameAllocator for Checked {
-    fn allocate_frames(&self, count: usize, align: usize) -> Option<HostPhysAddr> {
-        let a = self.ram.allocate_frames(count, align)?;
-        assert!(self.live.lock().unwrap().insert(a.as_u64(), count).is_none());
-        Some(a)
-    }
-    unsafe fn deallocate_frames(&self, base: HostPhysAddr, count: usize) {
-        let was = self.live.lock().unwrap().remove(&base.as_u64());
-        assert_eq!(was, Some(count), "{base:?} freed with {count} frames: not one whole allocation");
-        // SAFETY: the caller's promise, checked to be a whole allocation just above.
-        unsafe { self.ram.deallocate_frames(base, count) }
-    }
-    fn phys_to_virt(&self, pa: HostPhysAddr) -> NonNull<u8> {
-        self.ram.phys_to_virt(pa)
-    }
-}
 
 type Space<F> = AddressSpace<F, Mem>;
 
@@ -584,6 +551,13 @@ impl TlbCpu for Sv39x4 {
                 }
             }
             twostage_npt::GvmaInvalidation::All { .. } => tlb.hfence_gvma(None, Some(VMID)),
+            // One modelled hart: a fence meant for the changing hart only is its fence.
+            twostage_npt::GvmaInvalidation::Local { addrs: Some(addrs), .. } => {
+                for a in addrs.iter() {
+                    tlb.hfence_gvma(Some(model::Gpa(a.as_u64())), Some(VMID));
+                }
+            }
+            twostage_npt::GvmaInvalidation::Local { addrs: None, .. } => tlb.hfence_gvma(None, Some(VMID)),
         }
     }
 }

@@ -10,12 +10,14 @@
 #![forbid(unsafe_code)]
 
 mod riscv;
+mod tlb;
 mod x86;
 
 pub use riscv::RiscvPaging;
+pub use tlb::GuestTlb;
 pub use x86::{X86Cpu, X86Paging};
 
-use crate::mem::{GuestMemError, GuestMemory};
+use crate::mem::{GuestMemError, GuestMemory, PageHint};
 use core::error::Error;
 use core::fmt;
 use twostage_npt::{Access, AddrOutOfRange, GuestPhysAddr, GuestVirtAddr};
@@ -224,26 +226,21 @@ pub struct Translation {
     pub page_remaining: u64,
 }
 
-/// The table that held the leaf of the last translation made for one copy, reused by the next
-/// translation of the same copy when it covers the address: a paging-structure cache (Intel
-/// SDM Vol. 3A 4.10.3; RISC-V Privileged §4.3.2 lets an implementation cache non-leaf PTEs
-/// likewise) that lives for one copy only, so consecutive guest pages cost one entry read
-/// each instead of a walk from the root. Only a walk whose entries all allowed the access and
-/// had their A bits set is remembered.
+/// The tables that held the leaves of earlier translations, reused by the next translation
+/// they cover: a paging-structure cache (Intel SDM Vol. 3A 4.10.3; RISC-V Privileged §4.3.2
+/// lets an implementation cache non-leaf PTEs likewise), so consecutive guest pages cost one
+/// entry read each instead of a walk from the root. Only a walk whose entries all allowed the
+/// access and had their A bits set is remembered.
 ///
-/// Guest-virtual translations are cached for one copy call and no longer: across calls the guest
-/// may have changed its tables and fenced its own TLB, which the hypervisor does not see. What
-/// lasts across calls is the address space's cache of guest-physical pages (the guest's table
-/// pages among them) to host frames, which only the space's own changes can make stale and
-/// which they all invalidate (see the space's `tlb` module), so no hook on the guest's fences is
-/// needed: every entry is still read from the guest's memory, fresh, on each walk.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct WalkCache {
-    hit: Option<CachedTable>,
+/// The free functions keep one table for one copy call and no longer: across calls the guest
+/// may have changed its tables and fenced its own TLB, which the hypervisor does not see. A
+/// [`GuestTlb`] keeps [`tlb::TABLES`] of them across calls, dropped on the guest's fences.
+pub(crate) struct WalkCache<'a> {
+    slots: &'a mut [Option<CachedTable>],
 }
 
 /// See [`WalkCache`].
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CachedTable {
     /// The address bits above the range the table covers.
     prefix: u64,
@@ -253,22 +250,48 @@ pub(crate) struct CachedTable {
     pub(crate) table: GuestPhysAddr,
     /// Architecture bits folded from the entries above it (x86: RW, US, XD).
     pub(crate) bits: u64,
+    /// The memory's host view of the table's page (see [`crate::PageHint`]).
+    pub(crate) hint: PageHint,
 }
 
-impl WalkCache {
+impl<'a> WalkCache<'a> {
+    fn new(slots: &'a mut [Option<CachedTable>]) -> Self {
+        debug_assert!(!slots.is_empty());
+        Self { slots }
+    }
+
     fn prefix(va: u64, level: u32) -> u64 {
         va >> (12 + 9 * (level + 1))
     }
 
+    fn slot(&self, va: u64) -> usize {
+        ((va >> 21) as usize) % self.slots.len()
+    }
+
     /// The cached table if it covers `va`.
     pub(crate) fn hit(&self, va: u64) -> Option<CachedTable> {
-        self.hit.filter(|c| Self::prefix(va, c.level) == c.prefix)
+        self.slots[self.slot(va)].filter(|c| Self::prefix(va, c.level) == c.prefix)
     }
 
     /// Remembers the table at `level` that held the leaf for `va`.
-    pub(crate) fn store(&mut self, va: u64, level: u32, table: GuestPhysAddr, bits: u64) {
-        self.hit = Some(CachedTable { prefix: Self::prefix(va, level), level, table, bits });
+    pub(crate) fn store(&mut self, va: u64, level: u32, table: GuestPhysAddr, bits: u64, hint: PageHint) {
+        let i = self.slot(va);
+        self.slots[i] = Some(CachedTable { prefix: Self::prefix(va, level), level, table, bits, hint });
     }
+
+    /// Forgets every table.
+    fn clear(&mut self) {
+        self.slots.fill(None);
+    }
+}
+
+/// A walk's result: the translation, the level of the leaf (0 = 4 KiB page), and whether it
+/// settled (every A bit, and D for a write, seen set: else the entries kept changing under the
+/// walk and the translation is not to be cached).
+pub(crate) struct Walk {
+    pub(crate) t: Translation,
+    pub(crate) level: u32,
+    pub(crate) settled: bool,
 }
 
 /// Translates `gva` for `access` through the guest's paging, updating A/D bits as the
@@ -279,7 +302,28 @@ pub fn translate_gva<M: GuestMemory + ?Sized>(
     gva: GuestVirtAddr,
     access: Access,
 ) -> Result<Translation, GuestVaError> {
-    translate_cached(mem, paging, gva, access, &mut WalkCache::default())
+    let mut one = [None];
+    translate_cached(mem, paging, gva, access, &mut WalkCache::new(&mut one)).map(|w| w.t)
+}
+
+/// A translation through `tlb` (made current by [`GuestTlb::begin`]): its page entry, or a walk
+/// (through its tables) that is then remembered.
+fn translate_through<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    access: Access,
+    tlb: &mut GuestTlb,
+) -> Result<Translation, GuestVaError> {
+    let v = gva.as_u64();
+    if let Some(t) = tlb.lookup(v, access) {
+        return Ok(t);
+    }
+    let w = translate_cached(mem, paging, gva, access, &mut WalkCache::new(tlb.tables()))?;
+    if w.settled && !matches!(paging, GuestPaging::Bare) {
+        tlb.insert(v, access, w.t, w.level);
+    }
+    Ok(w.t)
 }
 
 /// [`translate_gva`] with a walk cache kept across the translations of one copy.
@@ -288,12 +332,12 @@ fn translate_cached<M: GuestMemory + ?Sized>(
     paging: &GuestPaging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<Translation, GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<Walk, GuestVaError> {
     match paging {
         GuestPaging::Bare => {
             let gpa = guest_gpa(gva.as_u64(), || GuestVaError::NonCanonical { gva, access })?;
-            Ok(Translation { gpa, page_remaining: 4096 - gva.offset_in(4096) })
+            Ok(Walk { t: Translation { gpa, page_remaining: 4096 - gva.offset_in(4096) }, level: 0, settled: true })
         }
         GuestPaging::X86_64(p) => x86::translate(mem, p, gva, access, cache),
         GuestPaging::Riscv(p) => riscv::translate(mem, p, gva, access, cache),
@@ -301,32 +345,63 @@ fn translate_cached<M: GuestMemory + ?Sized>(
 }
 
 /// Calls `f(gpa, offset, len)` for each guest page piece of `gva..gva+len`, after translating
-/// all of them (so a failing translation is reported before any byte moves).
+/// all of them (so a failing translation is reported before any byte moves); through `tlb` if
+/// given (made current by [`GuestTlb::begin`]).
 fn for_each_piece<M: GuestMemory + ?Sized>(
     mem: &mut M,
     paging: &GuestPaging,
     gva: GuestVirtAddr,
     len: usize,
     access: Access,
+    mut tlb: Option<&mut GuestTlb>,
     mut f: impl FnMut(&mut M, GuestPhysAddr, usize, usize) -> Result<(), GuestVaError>,
 ) -> Result<(), GuestVaError> {
+    if let Some(tlb) = tlb.as_deref_mut() {
+        // The common case through a TLB: the span is contiguous in guest-physical memory (one
+        // guest page, or pages that follow each other), so it is one piece and needs no list.
+        let mut off = 0usize;
+        let mut piece: Option<(GuestPhysAddr, usize)> = None;
+        while off < len {
+            let va = GuestVirtAddr::new(gva.as_u64().wrapping_add(off as u64));
+            let t = translate_through(mem, paging, va, access, tlb)?;
+            let chunk = (t.page_remaining.min((len - off) as u64)) as usize;
+            piece = match piece {
+                None => Some((t.gpa, chunk)),
+                Some((g, c)) if g.checked_add(c as u64) == Some(t.gpa) => Some((g, c + chunk)),
+                // Not contiguous: the general way below (the pages translated so far hit).
+                Some(_) => break,
+            };
+            off += chunk;
+        }
+        if off >= len {
+            return match piece {
+                Some((g, c)) => f(mem, g, 0, c),
+                None => Ok(()),
+            };
+        }
+    }
     // Translate everything first: at most one translation per 4 KiB page is kept on the stack
     // in small batches, so very long copies do not allocate. Guest pages that follow each other
     // in guest-physical memory make one piece.
     const BATCH: usize = 16;
-    let mut cache = WalkCache::default();
+    let mut one = [None];
+    let mut cache = WalkCache::new(&mut one);
     let mut done = 0usize;
     while done < len {
-        if access == Access::Write {
-            // The previous batch's bytes may have overwritten the guest's own tables.
-            cache = WalkCache::default();
+        if access == Access::Write && tlb.is_none() {
+            // The previous batch's bytes may have overwritten the guest's own tables. (A
+            // `GuestTlb`, like the processor's, keeps its entries until the guest fences.)
+            cache.clear();
         }
         let mut pieces = [(GuestPhysAddr::ZERO, 0usize, 0usize); BATCH];
         let mut n = 0;
         let mut off = done;
         while off < len && n < BATCH {
             let va = GuestVirtAddr::new(gva.as_u64().wrapping_add(off as u64));
-            let t = translate_cached(mem, paging, va, access, &mut cache)?;
+            let t = match tlb.as_deref_mut() {
+                Some(tlb) => translate_through(mem, paging, va, access, tlb)?,
+                None => translate_cached(mem, paging, va, access, &mut cache)?.t,
+            };
             let chunk = (t.page_remaining.min((len - off) as u64)) as usize;
             match n.checked_sub(1).map(|i| &mut pieces[i]) {
                 Some((g, _, c)) if g.checked_add(*c as u64) == Some(t.gpa) => *c += chunk,
@@ -360,7 +435,7 @@ pub fn copy_from_guest_va<M: GuestMemory + ?Sized>(
     gva: GuestVirtAddr,
     buf: &mut [u8],
 ) -> Result<(), GuestVaError> {
-    read_va_as(mem, paging, gva, buf, Access::Read)
+    read_va_as(mem, paging, gva, buf, Access::Read, None)
 }
 
 fn read_va_as<M: GuestMemory + ?Sized>(
@@ -369,9 +444,10 @@ fn read_va_as<M: GuestMemory + ?Sized>(
     gva: GuestVirtAddr,
     buf: &mut [u8],
     access: Access,
+    tlb: Option<&mut GuestTlb>,
 ) -> Result<(), GuestVaError> {
     let len = buf.len();
-    for_each_piece(mem, paging, gva, len, access, |m, gpa, o, c| {
+    for_each_piece(mem, paging, gva, len, access, tlb, |m, gpa, o, c| {
         m.read_as(gpa, &mut buf[o..o + c], access).map_err(|error| GuestVaError::Memory {
             gva: gva_in_piece(gva, gpa, o, c, &error),
             access,
@@ -389,7 +465,17 @@ pub fn copy_to_guest_va<M: GuestMemory + ?Sized>(
     gva: GuestVirtAddr,
     buf: &[u8],
 ) -> Result<(), GuestVaError> {
-    for_each_piece(mem, paging, gva, buf.len(), Access::Write, |m, gpa, o, c| {
+    write_va(mem, paging, gva, buf, None)
+}
+
+fn write_va<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    paging: &GuestPaging,
+    gva: GuestVirtAddr,
+    buf: &[u8],
+    tlb: Option<&mut GuestTlb>,
+) -> Result<(), GuestVaError> {
+    for_each_piece(mem, paging, gva, buf.len(), Access::Write, tlb, |m, gpa, o, c| {
         m.write(gpa, &buf[o..o + c]).map_err(|error| GuestVaError::Memory {
             gva: gva_in_piece(gva, gpa, o, c, &error),
             access: Access::Write,
@@ -475,11 +561,11 @@ pub fn fetch_guest_instruction<M: GuestMemory + ?Sized>(
             if !pc.is_aligned(2) {
                 return Err(GuestVaError::Misaligned { gva: pc });
             }
-            read_va_as(mem, paging, pc, &mut insn.bytes[..2], Access::Execute)?;
+            read_va_as(mem, paging, pc, &mut insn.bytes[..2], Access::Execute, None)?;
             insn.len = 2;
             if insn.bytes[0] & 0b11 == 0b11 {
                 let next = GuestVirtAddr::new(pc.as_u64().wrapping_add(2));
-                read_va_as(mem, paging, next, &mut insn.bytes[2..4], Access::Execute)?;
+                read_va_as(mem, paging, next, &mut insn.bytes[2..4], Access::Execute, None)?;
                 insn.len = 4;
             }
         }

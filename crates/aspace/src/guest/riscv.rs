@@ -1,8 +1,8 @@
 //! RISC-V Sv39/Sv48/Sv57 (the guest's VS-stage), walked in software (RISC-V Privileged §4.3.2).
 #![forbid(unsafe_code)]
 
-use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
-use crate::mem::GuestMemory;
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
+use crate::mem::{GuestMemory, PageHint};
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
 /// PTE bits (RISC-V Privileged §4.3.1, Figure "Sv32 page table entry", same low bits in Sv39+).
@@ -77,16 +77,74 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<Translation, GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<Walk, GuestVaError> {
+    if let Some(w) = leaf_fast(mem, p, gva.as_u64(), access, cache) {
+        return Ok(w);
+    }
     let mut last = None;
     for _ in 0..4 {
         match walk_once(mem, p, gva, access, cache)? {
-            (t, false) => return Ok(t),
-            (t, true) => last = Some(t),
+            (t, level, false) => return Ok(Walk { t, level, settled: true }),
+            (t, level, true) => last = Some(Walk { t, level, settled: false }),
         }
     }
     last.ok_or(GuestVaError::NonCanonical { gva, access })
+}
+
+/// The PTE bits that are reserved in every entry of mode `p` (§4.4.1; PBMT without Svpbmt).
+fn reserved_bits(p: &RiscvPaging) -> u64 {
+    let mut reserved = RESERVED_60_54 | N;
+    if !p.svpbmt {
+        reserved |= PBMT;
+    }
+    reserved
+}
+
+/// Whether leaf `pte` allows `access` in mode `p`: R/W/X with MXR, and U with SUM (§4.3.1, §4.3.2
+/// step 5).
+fn leaf_allows(p: &RiscvPaging, access: Access, pte: u64) -> bool {
+    let rights = match access {
+        Access::Read => pte & R != 0 || (p.mxr && pte & X != 0),
+        Access::Write => pte & W != 0,
+        Access::Execute => pte & X != 0,
+    };
+    let mode_ok = if p.user { pte & U != 0 } else { pte & U == 0 || (access != Access::Execute && p.sum) };
+    rights && mode_ok
+}
+
+/// A translation through a cached last-level table whose PTE for `va` needs nothing done: a
+/// valid 4 KiB leaf with no reserved bit, allowing the access, with A (and D for a store)
+/// already set. Anything else (a fault, an A/D update, a read error) is left to the full walk,
+/// which reports it.
+#[inline]
+fn leaf_fast<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &RiscvPaging,
+    va: u64,
+    access: Access,
+    cache: &WalkCache<'_>,
+) -> Option<Walk> {
+    let c = cache.hit(va).filter(|c| c.level == 0)?;
+    let at = c.table.checked_add(((va >> 12) & 0x1ff) * 8)?;
+    let mut hint = c.hint;
+    let pte = mem.read_u64_hinted(at, &mut hint).ok()?;
+    let want = if access == Access::Write { V | A | D } else { V | A };
+    let bad_pbmt = p.svpbmt && pte & PBMT == PBMT;
+    if pte & want != want
+        || pte & (R | X) == 0
+        || (pte & R == 0 && pte & W != 0)
+        || pte & reserved_bits(p) != 0
+        || bad_pbmt
+    {
+        return None;
+    }
+    if !leaf_allows(p, access, pte) {
+        return None;
+    }
+    let ppn = (pte >> PPN_SHIFT) & PPN_MASK;
+    let gpa = GuestPhysAddr::try_new((ppn << 12) | (va & 0xfff)).ok()?;
+    Some(Walk { t: Translation { gpa, page_remaining: 0x1000 - (va & 0xfff) }, level: 0, settled: true })
 }
 
 fn walk_once<M: GuestMemory + ?Sized>(
@@ -94,8 +152,8 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &RiscvPaging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<(Translation, bool), GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<(Translation, u32, bool), GuestVaError> {
     let va = gva.as_u64();
     let levels = u32::from(p.levels.clamp(3, 5));
     let fault = |kind, level: u32| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
@@ -105,27 +163,30 @@ fn walk_once<M: GuestMemory + ?Sized>(
     if ((va << shift) as i64 >> shift) as u64 != va {
         return Err(GuestVaError::NonCanonical { gva, access });
     }
-    let mut reserved = RESERVED_60_54 | N;
-    if !p.svpbmt {
-        reserved |= PBMT;
-    }
+    let reserved = reserved_bits(p);
     // Step 1: a = satp.ppn × PAGESIZE, i = LEVELS − 1 (§4.3.2). At most LEVELS reads: a cycle
     // in the guest's tables cannot lengthen the walk.
     let mut a = p.root;
     let mut top = levels - 1;
     // The table the last translation of this copy found its leaf in, if it covers `gva` (the
     // non-leaf entries above it were valid pointers, and carry no rights or A/D bits).
+    // The host view of the page of `a` (kept with a cached table).
+    let mut hint = PageHint::default();
     if let Some(c) = cache.hit(va) {
         a = c.table;
         top = c.level;
+        hint = c.hint;
     }
     for i in (0..=top).rev() {
         let vpn = (va >> (12 + 9 * i)) & 0x1ff;
         // Step 2: pte = the PTE at a + va.vpn[i] × PTESIZE.
         let at = a.checked_add(vpn * 8).ok_or(fault(PageFaultKind::Reserved, i))?;
-        let mut b = [0u8; 8];
-        mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
-        let pte = u64::from_le_bytes(b);
+        let pte = mem.read_u64_hinted(at, &mut hint).map_err(|error| GuestVaError::TableAccess {
+            gva,
+            access,
+            entry: at,
+            error,
+        })?;
         // Step 3: V = 0, or W without R, or reserved bits: page fault.
         if pte & V == 0 {
             return Err(fault(PageFaultKind::NotPresent, i));
@@ -147,16 +208,11 @@ fn walk_once<M: GuestMemory + ?Sized>(
                 return Err(fault(PageFaultKind::NoLeaf, i));
             }
             a = guest_gpa(ppn << 12, || fault(PageFaultKind::Reserved, i))?;
+            hint = PageHint::default();
             continue;
         }
         // Step 5: a leaf; check the access against R/W/X, U, SUM and MXR (§4.3.1, §4.3.2).
-        let rights = match access {
-            Access::Read => pte & R != 0 || (p.mxr && pte & X != 0),
-            Access::Write => pte & W != 0,
-            Access::Execute => pte & X != 0,
-        };
-        let mode_ok = if p.user { pte & U != 0 } else { pte & U == 0 || (access != Access::Execute && p.sum) };
-        if !rights || !mode_ok {
+        if !leaf_allows(p, access, pte) {
             return Err(fault(PageFaultKind::Protection, i));
         }
         // Step 6: a superpage must have its low PPN bits clear.
@@ -181,9 +237,9 @@ fn walk_once<M: GuestMemory + ?Sized>(
         let base = (ppn << 12) & !(page - 1);
         let gpa = guest_gpa(base | (va & (page - 1)), || fault(PageFaultKind::Reserved, i))?;
         if !raced && i + 1 < levels {
-            cache.store(va, i, a, 0);
+            cache.store(va, i, a, 0, hint);
         }
-        return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, raced));
+        return Ok((Translation { gpa, page_remaining: page - (va & (page - 1)) }, i, raced));
     }
     Err(fault(PageFaultKind::NoLeaf, 0))
 }

@@ -1,8 +1,8 @@
 //! x86-64 4-level paging, walked in software (Intel SDM Vol. 3A 4.5, 4.6, 4.8).
 #![forbid(unsafe_code)]
 
-use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, WalkCache};
-use crate::mem::GuestMemory;
+use super::{guest_gpa, GuestPaging, GuestVaError, PageFaultKind, PagingModeError, Translation, Walk, WalkCache};
+use crate::mem::{GuestMemory, PageHint};
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
 
 /// CR0.PG, bit 31 (Intel SDM Vol. 3A 2.5).
@@ -118,10 +118,9 @@ fn read_entry<M: GuestMemory + ?Sized>(
     at: GuestPhysAddr,
     gva: GuestVirtAddr,
     access: Access,
+    hint: &mut PageHint,
 ) -> Result<u64, GuestVaError> {
-    let mut b = [0u8; 8];
-    mem.read(at, &mut b).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })?;
-    Ok(u64::from_le_bytes(b))
+    mem.read_u64_hinted(at, hint).map_err(|error| GuestVaError::TableAccess { gva, access, entry: at, error })
 }
 
 pub(super) fn translate<M: GuestMemory + ?Sized>(
@@ -129,20 +128,23 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
-) -> Result<Translation, GuestVaError> {
+    cache: &mut WalkCache<'_>,
+) -> Result<Walk, GuestVaError> {
     let v = gva.as_u64();
     // Canonical: bits 63:47 all equal (SDM Vol. 3A 3.3.7.1).
     let top = (v as i64) >> 47;
     if top != 0 && top != -1 {
         return Err(GuestVaError::NonCanonical { gva, access });
     }
+    if let Some(w) = leaf_fast(mem, p, v, access, cache) {
+        return Ok(w);
+    }
     // A/D updates race with the guest's own CPUs: retry the walk if an entry changed under us.
     let mut last = None;
     for _ in 0..4 {
         match walk_once(mem, p, gva, access, cache)? {
-            Walked::Done(t) => return Ok(t),
-            Walked::Raced(t) => last = Some(t),
+            Walked::Done(t, level) => return Ok(Walk { t, level, settled: true }),
+            Walked::Raced(t, level) => last = Some(Walk { t, level, settled: false }),
         }
     }
     // The entries kept changing; the translation itself was valid on the last walk.
@@ -150,8 +152,68 @@ pub(super) fn translate<M: GuestMemory + ?Sized>(
 }
 
 enum Walked {
-    Done(Translation),
-    Raced(Translation),
+    Done(Translation, u32),
+    Raced(Translation, u32),
+}
+
+/// Bits 51:MAXPHYADDR of every entry are reserved, and bit 63 without IA32_EFER.NXE (SDM Vol. 3A
+/// 4.5.4, Tables 4-14..4-20).
+fn common_reserved(p: &X86Paging) -> u64 {
+    let mut rsvd = 0x000f_ffff_ffff_ffff & !p.phys_mask() & !0xfff;
+    if !p.nxe {
+        rsvd |= XD;
+    }
+    rsvd
+}
+
+/// Whether the rights folded over a walk (`rw`, `us`, `xd`) allow `access` (SDM Vol. 3A 4.6.1).
+fn allowed(p: &X86Paging, access: Access, rw: bool, us: bool, xd: bool) -> bool {
+    match access {
+        Access::Read => {
+            if p.user {
+                us
+            } else {
+                !(us && p.smap)
+            }
+        }
+        Access::Write => {
+            if p.user {
+                us && rw
+            } else {
+                !(us && p.smap) && (rw || !p.wp)
+            }
+        }
+        Access::Execute => !xd && if p.user { us } else { !(us && p.smep) },
+    }
+}
+
+/// A translation through a cached page table (level 0) whose entry for `v` needs nothing done:
+/// present, no reserved bit, the access allowed, A (and D for a write) already set. Anything
+/// else (a fault, an A/D update, a read error) is left to the full walk, which reports it.
+#[inline]
+fn leaf_fast<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    p: &X86Paging,
+    v: u64,
+    access: Access,
+    cache: &WalkCache<'_>,
+) -> Option<Walk> {
+    let c = cache.hit(v).filter(|c| c.level == 0)?;
+    let at = c.table.checked_add(((v >> 12) & 0x1ff) * 8)?;
+    let mut hint = c.hint;
+    let e = mem.read_u64_hinted(at, &mut hint).ok()?;
+    let want = if access == Access::Write { P | A | D } else { P | A };
+    if e & want != want || e & common_reserved(p) != 0 {
+        return None;
+    }
+    let rw = c.bits & RW != 0 && e & RW != 0;
+    let us = c.bits & US != 0 && e & US != 0;
+    let xd = c.bits & XD != 0 || (p.nxe && e & XD != 0);
+    if !allowed(p, access, rw, us, xd) {
+        return None;
+    }
+    let gpa = GuestPhysAddr::try_new(e & p.phys_mask() & 0x000f_ffff_ffff_f000 | (v & 0xfff)).ok()?;
+    Some(Walk { t: Translation { gpa, page_remaining: 0x1000 - (v & 0xfff) }, level: 0, settled: true })
 }
 
 fn walk_once<M: GuestMemory + ?Sized>(
@@ -159,16 +221,12 @@ fn walk_once<M: GuestMemory + ?Sized>(
     p: &X86Paging,
     gva: GuestVirtAddr,
     access: Access,
-    cache: &mut WalkCache,
+    cache: &mut WalkCache<'_>,
 ) -> Result<Walked, GuestVaError> {
     let v = gva.as_u64();
     let fault = |kind, level: usize| GuestVaError::PageFault { gva, access, kind, level: level as u8 };
     let phys = p.phys_mask();
-    // Bits 51:MAXPHYADDR of every entry are reserved (SDM Vol. 3A 4.5.4, Tables 4-14..4-20).
-    let mut common_rsvd = 0x000f_ffff_ffff_ffff & !phys & !0xfff;
-    if !p.nxe {
-        common_rsvd |= XD; // Bit 63 is reserved when IA32_EFER.NXE = 0.
-    }
+    let common_rsvd = common_reserved(p);
     let mut table = p.pml4;
     let (mut rw, mut us, mut xd) = (true, true, false);
     let mut path = [(GuestPhysAddr::ZERO, 0u64); 4];
@@ -177,10 +235,13 @@ fn walk_once<M: GuestMemory + ?Sized>(
     let mut top = 3usize;
     // The upper entries of the last translation of this copy, if they cover `gva` (their A
     // bits are set and their rights are folded into `bits`).
+    // The host view of the page of `table` (kept with a cached table).
+    let mut hint = PageHint::default();
     if let Some(c) = cache.hit(v) {
         table = c.table;
         top = c.level as usize;
         (rw, us, xd) = (c.bits & RW != 0, c.bits & US != 0, c.bits & XD != 0);
+        hint = c.hint;
     }
     // (table, rights so far) at each level, to remember the walk's upper part.
     let mut above = [(GuestPhysAddr::ZERO, 0u64); 4];
@@ -190,7 +251,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         above[level] = (table, (if rw { RW } else { 0 }) | (if us { US } else { 0 }) | (if xd { XD } else { 0 }));
         let idx = (v >> (12 + 9 * level)) & 0x1ff;
         let at = table.checked_add(idx * 8).ok_or(fault(PageFaultKind::Reserved, level))?;
-        let e = read_entry(mem, at, gva, access)?;
+        let e = read_entry(mem, at, gva, access, &mut hint)?;
         path[n] = (at, e);
         n += 1;
         if e & P == 0 {
@@ -220,28 +281,13 @@ fn walk_once<M: GuestMemory + ?Sized>(
         }
         let next = e & phys & 0x000f_ffff_ffff_f000;
         table = guest_gpa(next, || fault(PageFaultKind::Reserved, level))?;
+        hint = PageHint::default();
     }
     let Some((gpa, page_remaining, leaf_level)) = result else {
         return Err(fault(PageFaultKind::NotPresent, 0));
     };
     // Access rights (SDM Vol. 3A 4.6.1).
-    let ok = match access {
-        Access::Read => {
-            if p.user {
-                us
-            } else {
-                !(us && p.smap)
-            }
-        }
-        Access::Write => {
-            if p.user {
-                us && rw
-            } else {
-                !(us && p.smap) && (rw || !p.wp)
-            }
-        }
-        Access::Execute => !xd && if p.user { us } else { !(us && p.smep) },
-    };
+    let ok = allowed(p, access, rw, us, xd);
     if !ok {
         return Err(fault(PageFaultKind::Protection, leaf_level));
     }
@@ -263,11 +309,11 @@ fn walk_once<M: GuestMemory + ?Sized>(
     }
     let t = Translation { gpa, page_remaining };
     if raced {
-        return Ok(Walked::Raced(t));
+        return Ok(Walked::Raced(t, leaf_level as u32));
     }
     if leaf_level < 3 {
         let (table, bits) = above[leaf_level];
-        cache.store(v, leaf_level as u32, table, bits);
+        cache.store(v, leaf_level as u32, table, bits, hint);
     }
-    Ok(Walked::Done(t))
+    Ok(Walked::Done(t, leaf_level as u32))
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fake RAM, a simulated guest CPU.
 #![allow(dead_code)]
 
+pub mod checked;
+
 use std::sync::Arc;
 use twostage_aspace::{AddressSpace, FaultOutcome};
 use twostage_npt::testing::HostRam;

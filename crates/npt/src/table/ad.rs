@@ -39,6 +39,12 @@ impl<F: Format, A: FrameAllocator, G: FnMut(&Leaf)> Visitor<F, A> for Harvest<'_
     }
 
     #[inline(always)]
+    fn leaf_interest(&self) -> Option<u64> {
+        // A last-level entry with neither bit is skipped by `skip` above.
+        Some(F::ACCESSED | F::DIRTY)
+    }
+
+    #[inline(always)]
     fn leaf(&mut self, _: &PageTable<F, A>, at: &At<'_>, raw: u64) -> Next {
         match F::decode(raw, at.level) {
             Pte::Leaf(l) if l.accessed || l.dirty => {

@@ -57,6 +57,27 @@ impl<F: Format, A: FrameAllocator> PageTable<F, A> {
         F::check_flags(flags, &self.opts).map_err(|reason| MapError::BadFlags { flags, reason })?;
         let flags = stored_flags::<F>(flags);
 
+        // One 4 KiB page whose last-level table exists (a demand fault's common case): one
+        // descent, no dry run, no frame to set aside. Anything else takes the general way.
+        if len == PageSize::Size4K.bytes() && matches!(size, MapSize::Largest | MapSize::Exactly(PageSize::Size4K)) {
+            match self.table_at(gpa.as_u64(), 0) {
+                Ok(table) => {
+                    let entry = self.entry(table, F::index(gpa.as_u64(), 0));
+                    if F::present(entry.load(Ordering::Acquire)) {
+                        return Err(MapError::AlreadyMapped { gpa });
+                    }
+                    let (accessed, dirty) = F::initial_ad(flags, self.opts.ad);
+                    let leaf = LeafBits { hpa, flags, accessed, dirty };
+                    entry.store(F::encode_leaf(&leaf, 0), Ordering::Release);
+                    let mut flush = Flush::new(self.root);
+                    flush.note_leaf(gpa, false);
+                    return Ok(flush);
+                }
+                Err(Stop::Leaf { .. }) => return Err(MapError::AlreadyMapped { gpa }),
+                Err(Stop::Empty) => {}
+            }
+        }
+
         let mut dry = Plan::Dry { needed: 0, virt: [None; 6] };
         self.map_pages(gpa, hpa, len, flags, size, &mut dry)?;
         let Plan::Dry { needed, .. } = dry else { unreachable!() };

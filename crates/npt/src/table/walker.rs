@@ -78,6 +78,12 @@ pub(crate) trait Visitor<F: Format, A: FrameAllocator> {
         let _ = level;
         !F::present(raw)
     }
+    /// Bits of which a last-level entry with none set is skipped (implies [`Visitor::skip`]
+    /// for it): lets the walker pass over eight such entries at a time. `None`: no such bits.
+    #[inline(always)]
+    fn leaf_interest(&self) -> Option<u64> {
+        None
+    }
     /// A leaf, of value `raw` when read. May replace it by a table (a split) and descend into it.
     /// At level 0 the answer is ignored.
     fn leaf(&mut self, pt: &PageTable<F, A>, at: &At<'_>, raw: u64) -> Next;
@@ -134,15 +140,44 @@ impl<F: Format, A: FrameAllocator> Walk<'_, F, A> {
         let span = level_size(0);
         let range = covered::<F>(0, base, self.start, self.end);
         let first = range.start;
-        for (k, entry) in self.pt.leaf_table(table)[range].iter().enumerate() {
+        let entries = &self.pt.leaf_table(table)[range];
+        let interest = v.leaf_interest();
+        let mut visit = |k: usize, entry: &AtomicU64| {
             let raw = entry.load(Ordering::Acquire);
             if v.skip(raw, 0) {
-                continue;
+                return;
             }
             let idx = first + k;
             let b = base + idx as u64 * span;
             let (start, end) = (self.start.max(b), self.end.min(b + span));
             v.leaf(self.pt, &At { table, level: 0, idx, base: b, start, end, entry }, raw);
+        };
+        match interest {
+            // Eight entries (one cache line) at a time: a quick OR of them says whether any
+            // needs a look (a harvest finds most entries without A and D).
+            Some(mask) => {
+                let chunks = entries.chunks_exact(8);
+                let tail = chunks.remainder();
+                for (c, chunk) in chunks.enumerate() {
+                    let line: &[AtomicU64; 8] = chunk.try_into().expect("chunks of eight");
+                    let any = line.iter().fold(0, |acc, e| acc | e.load(Ordering::Relaxed));
+                    if any & mask == 0 {
+                        continue;
+                    }
+                    for (j, entry) in line.iter().enumerate() {
+                        visit(c * 8 + j, entry);
+                    }
+                }
+                let done = entries.len() - tail.len();
+                for (j, entry) in tail.iter().enumerate() {
+                    visit(done + j, entry);
+                }
+            }
+            None => {
+                for (k, entry) in entries.iter().enumerate() {
+                    visit(k, entry);
+                }
+            }
         }
     }
 }

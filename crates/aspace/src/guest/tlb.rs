@@ -1,0 +1,233 @@
+//! [`GuestTlb`]: the guest's own translations (guest-virtual page to guest-physical page, with
+//! the accesses already allowed), kept from one guest-virtual copy to the next as a processor's
+//! TLB and paging-structure caches keep them (Intel SDM Vol. 3A 4.10; RISC-V Privileged §4.3.2
+//! and the SFENCE.VMA section), and dropped when the guest fences.
+#![forbid(unsafe_code)]
+
+use super::{CachedTable, GuestPaging, Translation};
+use crate::mem::{GuestMemory, MemoryEpoch};
+use alloc::boxed::Box;
+use alloc::vec;
+use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+
+/// Page translations kept: [`SETS`] sets of [`WAYS`] (chosen by a hash of the guest-virtual
+/// page number; a new entry replaces a void one, else one chosen round-robin).
+const WAYS: usize = 4;
+const SETS: usize = 1024;
+/// Tables kept whose entries map a guest page (indexed by the 2 MiB the address lies in).
+pub(crate) const TABLES: usize = 256;
+
+/// One page translation: the guest-virtual 4 KiB page, the guest-physical page it translated
+/// to, the size of the guest's page that held it, the accesses the walk allowed.
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    /// Guest-virtual 4 KiB page | the guest page's level (bits 1:0).
+    va: u64,
+    /// Guest-physical address of that 4 KiB page.
+    gpa: u64,
+    /// The stamp it was made under << 3 | the accesses allowed (`R`, `W`, `X`).
+    stamp: u64,
+}
+
+const R: u64 = 1;
+const W: u64 = 2;
+const X: u64 = 4;
+
+fn access_bit(access: Access) -> u64 {
+    match access {
+        Access::Read => R,
+        Access::Write => W,
+        Access::Execute => X,
+    }
+}
+
+/// The guest's translations kept across guest-virtual copies: a software TLB of one vCPU.
+///
+/// The free functions ([`super::copy_from_guest_va`], [`super::copy_to_guest_va`],
+/// [`super::translate_gva`]) walk the guest's tables afresh on every call. A hypervisor that
+/// copies through guest-virtual addresses often (instruction emulation, paravirtual devices
+/// handed guest-virtual buffers) keeps one `GuestTlb` per vCPU and calls
+/// [`GuestTlb::copy_from`] / [`GuestTlb::copy_to`] / [`GuestTlb::translate`]: a page translated
+/// before is reached with a compare, and a page whose table was read before costs one entry read.
+///
+/// # What keeps it true
+/// An entry is only what a walk found with every entry allowing the access, the A bits set and,
+/// for a write, the D bit set (x86: set by the walk, as the processor does; RISC-V: set, or
+/// updated by the walk when the mode says the hart updates them). It is used only while
+///
+/// - the paging mode is the one it was made under (any change of root, mode or rights
+///   controls — CR3, CR0.WP, CR4.SMEP/SMAP, EFER.NXE, vsatp, SUM, MXR, user/supervisor —
+///   drops every entry), and
+/// - the memory's [`MemoryEpoch`] is the one it was made under (the address space changed no
+///   guest-physical translation since: a region swapped under the guest cannot leave entries
+///   read from the old memory). Memory that has no epoch (such as [`crate::TableMemory`]) keeps
+///   nothing from one call to the next.
+///
+/// Like a processor's TLB it does **not** notice the guest rewriting its own page tables: the
+/// architectures let a processor keep using the old translation until the guest fences, and
+/// every guest fences after such a change. So the hypervisor must tell the cache about each fence
+/// the guest makes on this vCPU:
+///
+/// - x86: [`GuestTlb::flush_all`] on every MOV to CR3 (even of the same value), INVPCID and
+///   INVVPID-equivalent events (a VPID flush the hypervisor makes for the guest), and any
+///   change of CR0.PG/CR4.PGE; [`GuestTlb::flush_va`] on INVLPG (SDM Vol. 3A 4.10.4.1). That
+///   needs CR3-load exiting and INVLPG exiting on (SDM Vol. 3C 25.6.2), or the cache dropped at
+///   every VM entry.
+/// - RISC-V: [`GuestTlb::flush_va`] on SFENCE.VMA/HFENCE.VVMA with an address,
+///   [`GuestTlb::flush_all`] on one without (or with only an ASID: the cache keeps no ASIDs);
+///   the guest's SFENCE.VMA traps only with hstatus.VTVM = 1 (Privileged, "Hypervisor Status
+///   Register"), so without it drop the cache at every entry into the guest. Remote fences
+///   (SBI RFENCE) reach each target vCPU's cache the same way.
+///
+/// A hypervisor that traps none of these keeps the cache for the handling of one exit and calls
+/// [`GuestTlb::flush_all`] before resuming the guest: the guest cannot fence while its vCPU is
+/// stopped, so within one exit the entries are exactly what the processor could still use.
+pub struct GuestTlb {
+    pages: Box<[[Entry; WAYS]]>,
+    /// Round-robin victim choice.
+    next_victim: usize,
+    tables: Box<[Option<CachedTable>]>,
+    /// Entries made under another stamp are void.
+    stamp: u64,
+    /// The paging mode and memory epoch the entries were made under.
+    paging: Option<GuestPaging>,
+    epoch: Option<MemoryEpoch>,
+}
+
+impl Default for GuestTlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestTlb {
+    /// An empty cache (about 100 KiB on the heap).
+    pub fn new() -> Self {
+        Self {
+            pages: vec![[Entry::default(); WAYS]; SETS].into_boxed_slice(),
+            next_victim: 0,
+            tables: vec![None; TABLES].into_boxed_slice(),
+            stamp: 1,
+            paging: None,
+            epoch: None,
+        }
+    }
+
+    /// Drops every translation: for a guest fence of everything (x86 MOV to CR3, RISC-V
+    /// SFENCE.VMA/HFENCE.VVMA without an address).
+    pub fn flush_all(&mut self) {
+        self.stamp += 1;
+        self.tables.fill(None);
+    }
+
+    /// Drops the translations of the guest page holding `gva` (of whatever size), and every
+    /// cached table (x86 INVLPG drops all paging-structure caches, SDM Vol. 3A 4.10.4.1; RISC-V
+    /// SFENCE.VMA with an address need not order non-leaf changes, but dropping them is allowed).
+    pub fn flush_va(&mut self, gva: GuestVirtAddr) {
+        let v = gva.as_u64();
+        for e in self.pages.iter_mut().flatten() {
+            let size = 1u64 << (12 + 9 * (e.va & 3));
+            if (e.va & !0xfff) & !(size - 1) == v & !(size - 1) {
+                *e = Entry::default();
+            }
+        }
+        self.tables.fill(None);
+    }
+
+    /// Starts a use under `paging` over `mem`: drops everything if the mode or the memory's
+    /// epoch changed, or if the memory has no epoch.
+    pub(crate) fn begin<M: GuestMemory + ?Sized>(&mut self, mem: &M, paging: &GuestPaging) {
+        let epoch = mem.epoch();
+        if epoch.is_none() || epoch != self.epoch || self.paging.as_ref() != Some(paging) {
+            self.flush_all();
+            self.epoch = epoch;
+            self.paging = Some(*paging);
+        }
+    }
+
+    #[inline]
+    fn set(gva: u64) -> usize {
+        // Fibonacci hashing of the page number: neighbouring pages land in unrelated sets.
+        ((gva >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SETS.trailing_zeros())) as usize
+    }
+
+    /// The cached translation of `gva` for `access`, if any.
+    #[inline]
+    pub(crate) fn lookup(&self, gva: u64, access: Access) -> Option<Translation> {
+        let page = gva & !0xfff;
+        let off = gva & 0xfff;
+        let want = access_bit(access);
+        self.pages[Self::set(gva)]
+            .iter()
+            .find(|e| e.va & !0xfff == page && e.stamp >> 3 == self.stamp && e.stamp & want != 0)
+            .map(|e| Translation { gpa: GuestPhysAddr::new(e.gpa | off), page_remaining: 0x1000 - off })
+    }
+
+    /// Remembers that `gva` translated to `t` for `access` through a leaf at `level` (0 = a
+    /// 4 KiB page), from a walk that settled (every A bit, and D for a write, set in the
+    /// guest's entries).
+    pub(crate) fn insert(&mut self, gva: u64, access: Access, t: Translation, level: u32) {
+        let va = gva & !0xfff | u64::from(level.min(3));
+        let gpa = t.gpa.as_u64() & !0xfff;
+        let stamp = self.stamp;
+        let set = &mut self.pages[Self::set(gva)];
+        // The page's own entry (adding a right), else a void one, else a victim.
+        let way = match set.iter().position(|e| e.va == va && e.stamp >> 3 == stamp) {
+            Some(w) => w,
+            None => match set.iter().position(|e| e.stamp >> 3 != stamp) {
+                Some(w) => w,
+                None => {
+                    self.next_victim = (self.next_victim + 1) % WAYS;
+                    self.next_victim
+                }
+            },
+        };
+        let e = &mut set[way];
+        let same = e.va == va && e.gpa == gpa && e.stamp >> 3 == stamp;
+        let rights = if same { e.stamp & 7 } else { 0 } | access_bit(access);
+        *e = Entry { va, gpa, stamp: stamp << 3 | rights };
+    }
+
+    /// The cached tables (for the walkers' [`super::WalkCache`]).
+    pub(crate) fn tables(&mut self) -> &mut [Option<CachedTable>] {
+        &mut self.tables
+    }
+
+    /// Translates `gva` for `access` (see [`super::translate_gva`]), through the cache.
+    pub fn translate<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        paging: &GuestPaging,
+        gva: GuestVirtAddr,
+        access: Access,
+    ) -> Result<Translation, super::GuestVaError> {
+        self.begin(mem, paging);
+        super::translate_through(mem, paging, gva, access, self)
+    }
+
+    /// Reads guest memory at a guest-virtual address (see [`super::copy_from_guest_va`]),
+    /// through the cache.
+    pub fn copy_from<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        paging: &GuestPaging,
+        gva: GuestVirtAddr,
+        buf: &mut [u8],
+    ) -> Result<(), super::GuestVaError> {
+        self.begin(mem, paging);
+        super::read_va_as(mem, paging, gva, buf, Access::Read, Some(self))
+    }
+
+    /// Writes guest memory at a guest-virtual address (see [`super::copy_to_guest_va`]),
+    /// through the cache. Every page is translated (for writing) before any byte is written.
+    pub fn copy_to<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        paging: &GuestPaging,
+        gva: GuestVirtAddr,
+        buf: &[u8],
+    ) -> Result<(), super::GuestVaError> {
+        self.begin(mem, paging);
+        super::write_va(mem, paging, gva, buf, Some(self))
+    }
+}
