@@ -299,7 +299,22 @@ pub fn checks(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
         }
         _ => println!("Linux cost: init printed no phase timings"),
     }
-    exit_cost(qemu, image, tally);
+    let per_exit = exit_cost(qemu, image, tally);
+    let walls = |rs: &[Run]| median(rs.iter().map(|r| r.wall.as_secs_f64()).collect());
+    if let (Some(per), Some(n)) = (per_exit, exit_count(&hv.out)) {
+        let (est, diff) = (n as f64 * per, walls(&hvs) - walls(&bares));
+        println!(
+            "  the Linux run's {n} exits (the hypervisor's count) at the microbenchmark's {:.1} us per UART-read exit: \
+             about {est:.2} s of the {diff:.2} s wall difference; the rest is not exits (twostage's boot, above, and QEMU's two-stage TLB fills)",
+            per * 1e6
+        );
+    }
+}
+
+/// The hypervisor's exit count from its statistics (`exits by kind: ecall-vs=120 ... interrupts=49`).
+pub fn exit_count(out: &str) -> Option<u64> {
+    let line = out.lines().find_map(|l| l.strip_prefix("exits by kind:"))?;
+    line.split_whitespace().map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse::<u64>().ok())).sum()
 }
 
 /// The cost model's microbenchmark: an S-mode program (no Linux) that times, with the `time`
@@ -521,11 +536,15 @@ fn build_exit_cost(image: &Path) -> Result<std::path::PathBuf, String> {
 /// Runs the microbenchmark bare and under twostage (`-icount`): prints what one operation costs
 /// QEMU in each case (the two-stage translation's share of the Linux run's wall time), and
 /// checks the hypervisor's instructions per emulated UART read.
-fn exit_cost(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
+/// Returns the wall time of one UART-read exit under twostage, less QEMU's own UART read.
+fn exit_cost(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) -> Option<f64> {
     let what = "an emulated UART register read (an MMIO exit) costs the hypervisor";
     let elf = match build_exit_cost(image) {
         Ok(e) => e,
-        Err(e) => return tally.check(false, &format!("{what}: {e}")),
+        Err(e) => {
+            tally.check(false, &format!("{what}: {e}"));
+            return None;
+        }
     };
     let opts = GuestOpts::default();
     let mk_hv = || {
@@ -536,17 +555,21 @@ fn exit_cost(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
     };
     let (bares, hvs) = match pairs(|| Ok(bare(&elf, 1)), mk_hv) {
         Ok(r) => r,
-        Err(e) => return tally.check(false, &format!("{what}: {e}")),
+        Err(e) => {
+            tally.check(false, &format!("{what}: {e}"));
+            return None;
+        }
     };
     let phases = |rs: &[Run]| rs.iter().map(exit_cost_phases).collect::<Option<Vec<_>>>();
     let (Some(bp), Some(hp)) = (phases(&bares), phases(&hvs)) else {
-        return tally.check(
+        tally.check(
             false,
             &format!(
                 "{what}: the microbenchmark printed no timings (bare exit {}, twostage exit {})",
                 bares[0].code, hvs[0].code
             ),
         );
+        return None;
     };
     // Per phase: the first run's ticks (the same in every run under -icount), the median seconds.
     let med = |ps: &[Vec<(f64, f64)>]| -> Vec<(f64, f64)> {
@@ -585,6 +608,7 @@ fn exit_cost(qemu: &Qemu, image: &Path, tally: &mut SuiteResult) {
         bare.code == 0 && hv.code == 0 && uart <= MAX_UART_READ_INSNS,
         &format!("{what} {uart:.0} instructions (at most {MAX_UART_READ_INSNS})"),
     );
+    Some(per(h[3], EXITS, 1.0) - per(b[3], EXITS, 1.0))
 }
 
 #[cfg(test)]
@@ -634,6 +658,14 @@ mod tests {
         assert_eq!(phase_ms(out), Some(436));
         assert_eq!(phase_ms("twostage-linux: times: fill x ms"), None);
         assert_eq!(phase_ms("nothing"), None);
+    }
+
+    #[test]
+    fn exits_are_summed_from_the_statistics() {
+        let out = "x\nexits by kind: ecall-vs=120 load-guest-page=3817 store-guest-page=4457 interrupts=49\n";
+        assert_eq!(exit_count(out), Some(8443));
+        assert_eq!(exit_count("exits by kind: ecall-vs=x"), None);
+        assert_eq!(exit_count("nothing"), None);
     }
 
     #[test]
