@@ -144,12 +144,7 @@ impl Frames {
             s.frames = frames;
             s.stats.base = base.as_u64();
             s.stats.frames = frames;
-            for f in 0..frames {
-                s.used[f / 64] &= !(1 << (f % 64));
-            }
-            for w in 0..frames.div_ceil(64) {
-                s.note_word(w);
-            }
+            s.mark(0, frames, false);
             Ok(())
         })
     }
@@ -204,17 +199,27 @@ impl Inner {
         }
     }
 
+    /// Marks frames `first..first + count` used or free, a level-0 word at a time (a bit at a
+    /// time, initializing a 384 MiB machine's bitmap took 95,000 iterations under QEMU).
     fn mark(&mut self, first: usize, count: usize, used: bool) {
-        for f in first..first + count {
+        let end = first + count;
+        let mut f = first;
+        while f < end {
+            let (w, lo) = (f / 64, f % 64);
+            let hi = (end - w * 64).min(64);
+            let mask = (u64::MAX >> (64 - (hi - lo))) << lo;
             if used {
-                self.used[f / 64] |= 1 << (f % 64);
+                self.used[w] |= mask;
             } else {
-                debug_assert!(self.used[f / 64] & (1 << (f % 64)) != 0, "frame {f} freed twice");
-                self.used[f / 64] &= !(1 << (f % 64));
+                debug_assert!(
+                    self.used[w] & mask == mask,
+                    "frame {} freed twice",
+                    w * 64 + (!self.used[w] & mask).trailing_zeros() as usize
+                );
+                self.used[w] &= !mask;
             }
-        }
-        for w in first / 64..(first + count).div_ceil(64) {
             self.note_word(w);
+            f = w * 64 + hi;
         }
     }
 
@@ -322,6 +327,57 @@ mod tests {
         // SAFETY: the allocator is never used to reach memory in these tests.
         unsafe { a.init(HostPhysAddr::new(base), 0x1000_0000, n) }.unwrap();
         a
+    }
+
+    #[test]
+    fn marking_a_word_at_a_time_sets_exactly_the_range() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let a = frames(0x8000_0000, 1000);
+        // Every frame of the range is free, none past it (the tail of the last word stays used).
+        assert_eq!(a.free(), 1000);
+        for _ in 0..500 {
+            let (first, count) = (rnd(1000), 1 + rnd(200));
+            let count = count.min(1000 - first);
+            let before: Vec<u64> = a.with(|s| s.used[..16].to_vec());
+            let used = rnd(2) == 0;
+            a.with(|s| {
+                if used {
+                    s.mark(first, count, true);
+                } else {
+                    // Free only frames that are used (a double free is a bug the debug build catches).
+                    s.mark(first, count, true);
+                    s.mark(first, count, false);
+                }
+            });
+            let after: Vec<u64> = a.with(|s| s.used[..16].to_vec());
+            for f in 0..1024 {
+                let bit = |v: &[u64]| v[f / 64] >> (f % 64) & 1 == 1;
+                let want = if (first..first + count).contains(&f) { used } else { bit(&before) };
+                assert_eq!(bit(&after), want, "frame {f} after marking {first}+{count} {used}");
+            }
+            a.with(|s| {
+                for w in 0..16 {
+                    assert_eq!(s.has_free[0] >> w & 1 == 1, s.used[w] != u64::MAX, "level 1 of word {w}");
+                }
+            });
+        }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "frame 70 freed twice")]
+    fn a_double_free_is_caught_in_debug_builds() {
+        let a = frames(0x8000_0000, 1000);
+        a.with(|s| {
+            s.mark(64, 6, true);
+            s.mark(64, 7, false);
+        });
     }
 
     #[test]
