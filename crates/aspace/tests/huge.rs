@@ -3,39 +3,17 @@
 //! accounting (every allocation freed whole, with the count it was allocated with) are checked.
 
 mod common;
-use common::checked::{mem, Checked, Mem};
+use common::checked::{access, mem, Checked, Mem};
 use common::{gpa, range, ModelCpu};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use twostage_aspace::*;
-use twostage_npt::{
-    Access, AdMode, Ept4, Format, FrameAllocator, MappingFlags, NestedPageFaultInfo, PageSize, Sv39x4, TableOptions,
-};
+use twostage_npt::{Access, AdMode, Ept4, Format, FrameAllocator, MappingFlags, PageSize, Sv39x4, TableOptions};
 
 type Space<F> = AddressSpace<F, Mem>;
 
 fn space<F: Format>(m: &Mem, ad: AdMode) -> Space<F> {
     AddressSpace::new(m.clone(), TableOptions { ad, ..TableOptions::for_format::<F>() }).unwrap()
-}
-
-/// A guest access through the spec model's walk; faults resolved and flushed. Counts faults.
-fn access<F: ModelCpu>(s: &mut Space<F>, m: &Checked, at: u64, acc: Access, v: u64) -> Option<u64> {
-    let hw = s.options().ad == AdMode::Hardware;
-    for _ in 0..8 {
-        match F::model_walk(&m.ram, s.root().as_u64(), hw, gpa(at), acc) {
-            Ok(hpa) if acc == Access::Write => {
-                m.ram.write_u64(hpa, v);
-                return Some(v);
-            }
-            Ok(hpa) => return Some(m.ram.read_u64(hpa)),
-            Err(_) => match s.handle_fault(NestedPageFaultInfo::new(gpa(at), acc)) {
-                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
-                FaultOutcome::OutOfMemory { .. } => return None,
-                other => panic!("{acc} at {at:#x}: {other:?}"),
-            },
-        }
-    }
-    panic!("{acc} at {at:#x} kept faulting");
 }
 
 fn write<F: ModelCpu>(s: &mut Space<F>, m: &Checked, at: u64, v: u64) {

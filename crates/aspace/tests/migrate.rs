@@ -6,7 +6,7 @@
 //! stay unpopulated, and dropping both spaces returns every frame whole.
 
 mod common;
-use common::checked::{mem, Checked, Mem};
+use common::checked::{access, mem, Checked, Mem};
 use common::{gpa, range, ModelCpu};
 use proptest::prelude::*;
 use twostage_aspace::migrate::{MigrateError, Migration, Round};
@@ -23,26 +23,6 @@ type Space<F> = AddressSpace<F, Mem>;
 const RAM: u64 = 0x8000_0000;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-/// A vCPU access through the spec model's walk of `s`'s table; faults resolved and flushed.
-fn access<F: ModelCpu>(s: &mut Space<F>, m: &Checked, at: u64, acc: Access, v: u64) -> Option<u64> {
-    let hw = s.options().ad == AdMode::Hardware;
-    for _ in 0..8 {
-        match F::model_walk(&m.ram, s.root().as_u64(), hw, gpa(at), acc) {
-            Ok(hpa) if acc == Access::Write => {
-                m.ram.write_u64(hpa, v);
-                return Some(v);
-            }
-            Ok(hpa) => return Some(m.ram.read_u64(hpa)),
-            Err(_) => match s.handle_fault(NestedPageFaultInfo::new(gpa(at), acc)) {
-                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
-                FaultOutcome::OutOfMemory { .. } => return None,
-                other => panic!("{acc} at {at:#x}: {other:?}"),
-            },
-        }
-    }
-    panic!("{acc} at {at:#x} kept faulting");
-}
 
 /// The 4 KiB page at `page` as the model's walk of `s`'s table reads it: `None` if the page
 /// is not mapped. A fault on a mapped page (A = 0 under software A/D, RISC-V Svade) is resolved

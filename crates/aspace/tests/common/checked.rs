@@ -2,11 +2,13 @@
 //! it was made with (a half-freed or twice-freed run panics): the tests that count frames
 //! through huge pages, copy-on-write and migration use it.
 
+use super::{gpa, ModelCpu};
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
+use twostage_aspace::{AddressSpace, FaultOutcome};
 use twostage_npt::testing::HostRam;
-use twostage_npt::{FrameAllocator, HostPhysAddr};
+use twostage_npt::{Access, AdMode, FrameAllocator, HostPhysAddr, NestedPageFaultInfo};
 
 /// [`HostRam`] plus the live allocations (base -> frame count).
 pub struct Checked {
@@ -38,4 +40,25 @@ unsafe impl FrameAllocator for Checked {
     fn phys_to_virt(&self, pa: HostPhysAddr) -> NonNull<u8> {
         self.ram.phys_to_virt(pa)
     }
+}
+
+/// A vCPU access to `at` through the spec model's walk of `s`'s table (a write stores `v`),
+/// faults resolved by the space and flushed; `None` when the space ran out of frames.
+pub fn access<F: ModelCpu>(s: &mut AddressSpace<F, Mem>, m: &Checked, at: u64, acc: Access, v: u64) -> Option<u64> {
+    let hw = s.options().ad == AdMode::Hardware;
+    for _ in 0..8 {
+        match F::model_walk(&m.ram, s.root().as_u64(), hw, gpa(at), acc) {
+            Ok(hpa) if acc == Access::Write => {
+                m.ram.write_u64(hpa, v);
+                return Some(v);
+            }
+            Ok(hpa) => return Some(m.ram.read_u64(hpa)),
+            Err(_) => match s.handle_fault(NestedPageFaultInfo::new(gpa(at), acc)) {
+                FaultOutcome::Resolved { flush } => s.flush(flush, |_| {}).unwrap(),
+                FaultOutcome::OutOfMemory { .. } => return None,
+                other => panic!("{acc} at {at:#x}: {other:?}"),
+            },
+        }
+    }
+    panic!("{acc} at {at:#x} kept faulting");
 }
