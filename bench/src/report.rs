@@ -230,6 +230,12 @@ pub fn rows() -> Vec<Row> {
         Target::Faster(50.0),
     ));
     v.push(row(
+        "  (the same, 2 MiB backing: the default)",
+        "fork_1g/twostage-2m",
+        Anchor::Bench("memcpy 1 GiB", "fork_1g/memcpy"),
+        Target::Faster(50.0),
+    ));
+    v.push(row(
         "dirty-log harvest of 1 GiB, 1% written",
         "harvest_1g/twostage",
         Anchor::None("none: axaddrspace 0.6.0 has no dirty log"),
