@@ -160,13 +160,16 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
-    if let Some(cpu) = &args.cpu {
+    if let Some(cpu) = args.cpu.take() {
         if !x86_run {
             return Err(format!("--cpu {cpu:?}: an option of `run --arch x86_64` (the Bochs CPU model)"));
         }
-        let choice = x86::parse_cpu(cpu)?;
+        let choice = x86::parse_cpu(&cpu)?;
         args.guest_opts.hypervisor_off = choice.hypervisor == Some(false);
         args.cpu = choice.model;
+        if args.guest_opts.hypervisor_off && args.guest.is_none() && !args.linux {
+            return Err(format!("--cpu {cpu:?}: hypervisor=off is for a guest (--guest FILE or --linux)"));
+        }
     }
     if x86_run && args.smp.is_some_and(|n| n > 1) {
         return Err("--smp: the x86 hypervisor runs one vCPU".into());
