@@ -1,7 +1,8 @@
 //! `cargo xtask`: builds the bare-metal images, boots them in their emulators, and runs every test.
 //!
 //! ```text
-//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL]
+//! cargo xtask run   [--arch riscv64|x86_64] [--guest FILE | --linux]
+//!                   [--cpu [MODEL][,hypervisor=on|off] (x86_64)]
 //!                   [--mem SIZE] [--append "ARGS"] [--initrd FILE] [--smp N (riscv64)]
 //!                   [--fork [--fork-after N] | --migrate [--migrate-after N]] (riscv64)
 //!                   (riscv64: FILE an ELF or a raw Image; x86: a multiboot ELF or a bzImage)
@@ -118,7 +119,10 @@ fn parse_args() -> Result<Args, String> {
                 })
             }
             "--guest" => args.guest = Some(it.next().ok_or("--guest takes a file")?.into()),
-            "--cpu" => args.cpu = Some(it.next().ok_or("--cpu takes a Bochs CPU model")?),
+            "--cpu" => {
+                args.cpu =
+                    Some(it.next().ok_or("--cpu takes a Bochs CPU model and properties: MODEL[,hypervisor=off]")?)
+            }
             "--host-only" => args.host_only = true,
             "--mem" | "--append" | "--initrd" | "--fork-after" | "--migrate-after" => {
                 let v = it.next().ok_or_else(|| format!("{a} takes a value"))?;
@@ -156,6 +160,17 @@ fn parse_args() -> Result<Args, String> {
             }
         }
     }
+    if let Some(cpu) = args.cpu.take() {
+        if !x86_run {
+            return Err(format!("--cpu {cpu:?}: an option of `run --arch x86_64` (the Bochs CPU model)"));
+        }
+        let choice = x86::parse_cpu(&cpu)?;
+        args.guest_opts.hypervisor_off = choice.hypervisor == Some(false);
+        args.cpu = choice.model;
+        if args.guest_opts.hypervisor_off && args.guest.is_none() && !args.linux {
+            return Err(format!("--cpu {cpu:?}: hypervisor=off is for a guest (--guest FILE or --linux)"));
+        }
+    }
     if x86_run && args.smp.is_some_and(|n| n > 1) {
         return Err("--smp: the x86 hypervisor runs one vCPU".into());
     }
@@ -177,8 +192,8 @@ fn fail(e: &str) -> ExitCode {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu MODEL] [--mem SIZE] [--append ARGS] \
-     [--initrd FILE] [--smp N]\n                       \
+    "usage: cargo xtask run [--arch riscv64|x86_64] [--guest FILE | --linux] [--cpu [MODEL][,hypervisor=on|off]] \
+     [--mem SIZE] [--append ARGS] [--initrd FILE] [--smp N]\n                       \
      [--fork [--fork-after N] | --migrate [--migrate-after N]] (riscv64)\n       \
      cargo xtask test [--host-only] [--arch riscv64|x86_64]\n       cargo xtask lint\n       cargo xtask bench\n       \
      cargo xtask linux [--arch riscv64|x86_64] [--bare] [--smp N]"

@@ -5,9 +5,77 @@ use twostage_npt::EptPointer;
 
 /// CPUID.1:ECX bit 5: VMX (Intel SDM Vol. 2A "CPUID", Table 3-10). The guest has no VMX.
 pub const LEAF1_ECX_VMX: u32 = 1 << 5;
-/// CPUID.1:ECX bit 31: unused by processors (Table 3-10), set by hypervisors to say that the
-/// software runs in a virtual machine.
+/// CPUID.1:ECX bit 31: unused by processors (Table 3-10, always 0 on them), set by hypervisors to
+/// say that the software runs in a virtual machine. Set unless [`CpuidOptions::hypervisor`] is
+/// off.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// The guest CPUID choices a user makes, beyond what the execution controls decide. Spelled as
+/// QEMU's `-cpu` properties (`hypervisor=off`), comma-separated, on the hypervisor's command line
+/// (`cpu=hypervisor=off`) and in `cargo xtask run --cpu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidOptions {
+    /// CPUID.1:ECX bit 31 ([`LEAF1_ECX_HYPERVISOR`]): on (the default) tells the guest the truth,
+    /// that it runs under a hypervisor; off leaves the bit clear as on a bare processor, so a
+    /// guest takes its bare-metal paths (Linux then checks the microcode revision against its
+    /// errata list and probes the PMU's MSRs, which this vCPU answers as the processor would:
+    /// `crate::msr`).
+    pub hypervisor: bool,
+}
+
+impl Default for CpuidOptions {
+    fn default() -> Self {
+        Self { hypervisor: true }
+    }
+}
+
+/// Why a CPUID option list was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidOptionError<'a> {
+    /// A property this vCPU does not have (only `hypervisor` exists).
+    UnknownProperty(&'a [u8]),
+    /// A known property with a value other than `on` or `off`.
+    BadValue(&'a [u8]),
+}
+
+impl core::fmt::Display for CpuidOptionError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        fn text(b: &[u8]) -> &str {
+            core::str::from_utf8(b).unwrap_or("(not UTF-8)")
+        }
+        match self {
+            Self::UnknownProperty(p) => {
+                write!(f, "unknown CPU property {:?}: only hypervisor=on|off is offered", text(p))
+            }
+            Self::BadValue(p) => write!(f, "CPU property {:?}: the value must be on or off", text(p)),
+        }
+    }
+}
+
+impl core::error::Error for CpuidOptionError<'_> {}
+
+impl CpuidOptions {
+    /// Parses a comma-separated list of `NAME=on|off` properties (empty: the defaults); the last
+    /// of a repeated property wins, as in QEMU.
+    pub fn parse(list: &[u8]) -> Result<Self, CpuidOptionError<'_>> {
+        let mut o = Self::default();
+        for prop in list.split(|&b| b == b',').filter(|p| !p.is_empty()) {
+            let (name, value) = match prop.iter().position(|&b| b == b'=') {
+                Some(i) => (&prop[..i], &prop[i + 1..]),
+                None => (prop, &b""[..]),
+            };
+            if name != b"hypervisor" {
+                return Err(CpuidOptionError::UnknownProperty(prop));
+            }
+            o.hypervisor = match value {
+                b"on" => true,
+                b"off" => false,
+                _ => return Err(CpuidOptionError::BadValue(prop)),
+            };
+        }
+        Ok(o)
+    }
+}
 /// CPUID.1:ECX bit 3: MONITOR/MWAIT (Table 3-10). Shown when neither "MWAIT exiting" nor "MONITOR
 /// exiting" is set (Intel SDM Vol. 3C 26.1.3: the instructions then run in the guest, MWAIT
 /// waiting in the processor for the guest's own interrupts, which reach it without an exit);
@@ -63,14 +131,15 @@ impl EnabledInstructions {
 }
 
 /// [`filter`] for `subleaf`, with the features hidden that the execution controls leave
-/// disabled or make exit (`enabled`: INVPCID, RDTSCP, XSAVES, MONITOR/MWAIT), and x2APIC, PDCM
-/// and APERF/MPERF hidden (see the constants).
+/// disabled or make exit (`enabled`: INVPCID, RDTSCP, XSAVES, MONITOR/MWAIT), x2APIC, PDCM
+/// and APERF/MPERF hidden (see the constants), and the hypervisor bit as `options` say.
 pub fn filter_guest(
     leaf: u32,
     subleaf: u32,
     raw: CpuidResult,
     walk_length: u8,
     enabled: EnabledInstructions,
+    options: CpuidOptions,
 ) -> CpuidResult {
     let mut r = filter_for_walk(leaf, raw, walk_length);
     match (leaf, subleaf) {
@@ -78,6 +147,9 @@ pub fn filter_guest(
             r.ecx &= !(LEAF1_ECX_X2APIC | LEAF1_ECX_PDCM);
             if !enabled.mwait {
                 r.ecx &= !LEAF1_ECX_MONITOR;
+            }
+            if !options.hypervisor {
+                r.ecx &= !LEAF1_ECX_HYPERVISOR;
             }
         }
         (6, _) => r.ecx &= !LEAF6_ECX_APERFMPERF,
@@ -116,7 +188,7 @@ pub const fn ept_gpa_bits(walk_length: u8) -> u8 {
 /// The CPUID result the guest gets for `leaf` (any subleaf) when the host's CPUID returned `raw`
 /// and the guest runs on the EPT `eptp`:
 /// - leaf 1: VMX hidden (ECX bit 5 clear: VMX instructions in the guest would only exit), and
-///   the hypervisor bit (ECX bit 31) set;
+///   the hypervisor bit (ECX bit 31) set ([`filter_guest`] clears it when asked);
 /// - leaf 80000008H: MAXPHYADDR (EAX bits 7:0) lowered to what the EPT walk covers
 ///   ([`ept_gpa_bits`]), so a guest never places memory or page tables at guest-physical bits
 ///   the walk ignores;
@@ -167,22 +239,23 @@ mod tests {
     fn features_follow_the_execution_controls() {
         let all = CpuidResult { eax: u32::MAX, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
         let none = EnabledInstructions::default();
+        let d = CpuidOptions::default();
         let on = EnabledInstructions::from_controls(
             0,
             crate::controls::PROC2_ENABLE_INVPCID
                 | crate::controls::PROC2_ENABLE_RDTSCP
                 | crate::controls::PROC2_ENABLE_XSAVES,
         );
-        assert_eq!(filter_guest(7, 0, all, 4, none).ebx, !LEAF7_EBX_INVPCID);
-        assert_eq!(filter_guest(7, 0, all, 4, on).ebx, u32::MAX);
-        assert_eq!(filter_guest(7, 1, all, 4, none).ebx, u32::MAX, "only subleaf 0 holds INVPCID");
-        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, none).edx, !EXT1_EDX_RDTSCP);
-        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, on).edx, u32::MAX);
-        assert_eq!(filter_guest(0xd, 1, all, 4, none).eax, !LEAFD1_EAX_XSAVES);
-        assert_eq!(filter_guest(0xd, 1, all, 4, on).eax, u32::MAX);
+        assert_eq!(filter_guest(7, 0, all, 4, none, d).ebx, !LEAF7_EBX_INVPCID);
+        assert_eq!(filter_guest(7, 0, all, 4, on, d).ebx, u32::MAX);
+        assert_eq!(filter_guest(7, 1, all, 4, none, d).ebx, u32::MAX, "only subleaf 0 holds INVPCID");
+        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, none, d).edx, !EXT1_EDX_RDTSCP);
+        assert_eq!(filter_guest(0x8000_0001, 0, all, 4, on, d).edx, u32::MAX);
+        assert_eq!(filter_guest(0xd, 1, all, 4, none, d).eax, !LEAFD1_EAX_XSAVES);
+        assert_eq!(filter_guest(0xd, 1, all, 4, on, d).eax, u32::MAX);
         assert_eq!(with_osxsave(u32::MAX, false), !LEAF1_ECX_OSXSAVE);
         assert_eq!(with_osxsave(0, true), LEAF1_ECX_OSXSAVE);
-        let l1 = filter_guest(1, 0, all, 4, on).ecx;
+        let l1 = filter_guest(1, 0, all, 4, on, d).ecx;
         let hidden = LEAF1_ECX_X2APIC | LEAF1_ECX_VMX | LEAF1_ECX_PDCM;
         assert_eq!(l1 & hidden, 0);
         assert_eq!(l1 & (LEAF1_ECX_MONITOR | LEAF1_ECX_TSC_DEADLINE), LEAF1_ECX_MONITOR | LEAF1_ECX_TSC_DEADLINE);
@@ -190,10 +263,48 @@ mod tests {
         for exiting in [crate::controls::PROC_MWAIT_EXITING, crate::controls::PROC_MONITOR_EXITING] {
             let e = EnabledInstructions::from_controls(exiting, 0);
             assert!(!e.mwait);
-            assert_eq!(filter_guest(1, 0, all, 4, e).ecx & LEAF1_ECX_MONITOR, 0);
+            assert_eq!(filter_guest(1, 0, all, 4, e, d).ecx & LEAF1_ECX_MONITOR, 0);
         }
-        assert_eq!(filter_guest(6, 0, all, 4, on).ecx, !LEAF6_ECX_APERFMPERF);
-        assert_eq!(filter_guest(6, 0, all, 4, on).eax, u32::MAX, "only ECX bit 0 of leaf 6 is hidden");
+        assert_eq!(filter_guest(6, 0, all, 4, on, d).ecx, !LEAF6_ECX_APERFMPERF);
+        assert_eq!(filter_guest(6, 0, all, 4, on, d).eax, u32::MAX, "only ECX bit 0 of leaf 6 is hidden");
+    }
+
+    #[test]
+    fn the_hypervisor_bit_is_cleared_only_when_asked() {
+        let all = CpuidResult { eax: u32::MAX, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX };
+        // A bare processor's leaf 1 has bit 31 clear (Table 3-10): the filter sets it by default.
+        let bare = CpuidResult { ecx: !LEAF1_ECX_HYPERVISOR, ..all };
+        let enabled = EnabledInstructions::default();
+        let on = filter_guest(1, 0, bare, 4, enabled, CpuidOptions::default());
+        assert_eq!(on.ecx & LEAF1_ECX_HYPERVISOR, LEAF1_ECX_HYPERVISOR);
+        let off = CpuidOptions { hypervisor: false };
+        for raw in [bare, all] {
+            let r = filter_guest(1, 0, raw, 4, enabled, off);
+            assert_eq!(r.ecx & LEAF1_ECX_HYPERVISOR, 0, "clear even where the host (a hypervisor) sets it");
+            assert_eq!(r.ecx | LEAF1_ECX_HYPERVISOR, filter_guest(1, 0, raw, 4, enabled, CpuidOptions::default()).ecx);
+            assert_eq!((r.eax, r.ebx, r.edx), (raw.eax, raw.ebx, raw.edx));
+        }
+        // Only leaf 1 changes.
+        for leaf in [0, 6, 0xa, 0x4000_0000, 0x8000_0001] {
+            assert_eq!(
+                filter_guest(leaf, 0, all, 4, enabled, off),
+                filter_guest(leaf, 0, all, 4, enabled, CpuidOptions::default())
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_properties_parse_as_qemu_spells_them() {
+        assert_eq!(CpuidOptions::parse(b""), Ok(CpuidOptions::default()));
+        assert_eq!(CpuidOptions::parse(b"hypervisor=off"), Ok(CpuidOptions { hypervisor: false }));
+        assert_eq!(CpuidOptions::parse(b"hypervisor=on"), Ok(CpuidOptions { hypervisor: true }));
+        assert_eq!(CpuidOptions::parse(b"hypervisor=on,hypervisor=off"), Ok(CpuidOptions { hypervisor: false }));
+        assert_eq!(CpuidOptions::parse(b"hypervisor=no"), Err(CpuidOptionError::BadValue(b"hypervisor=no")));
+        assert_eq!(CpuidOptions::parse(b"hypervisor"), Err(CpuidOptionError::BadValue(b"hypervisor")));
+        assert_eq!(CpuidOptions::parse(b"vmx=on"), Err(CpuidOptionError::UnknownProperty(b"vmx=on")));
+        let msg = CpuidOptionError::UnknownProperty(b"pmu=off").to_string();
+        assert!(msg.contains("\"pmu=off\"") && msg.contains("hypervisor=on|off"), "{msg}");
+        assert!(CpuidOptionError::BadValue(b"hypervisor=1").to_string().contains("on or off"));
     }
 
     #[test]

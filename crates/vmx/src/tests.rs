@@ -39,6 +39,9 @@ struct FakeCpu {
     entry_error: Option<u64>,
     cpuid_ecx: u32,
     phys_bits: u32,
+    /// CPUID.0AH (architectural performance monitoring); the highest basic leaf is 0AH when it is
+    /// not all zero, else 0.
+    leaf_a: CpuidResult,
     xcrs: Vec<(u32, u64)>,
 }
 
@@ -76,6 +79,7 @@ impl FakeCpu {
             entry_error: None,
             cpuid_ecx: CPUID_1_ECX_VMX,
             phys_bits: 40,
+            leaf_a: CpuidResult::default(),
             xcrs: Vec::new(),
         }
     }
@@ -84,7 +88,9 @@ impl FakeCpu {
 impl VmxHardware for &mut FakeCpu {
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> CpuidResult {
         match leaf {
+            0 => CpuidResult { eax: if self.leaf_a == CpuidResult::default() { 1 } else { 0xa }, ..Default::default() },
             1 => CpuidResult { ecx: self.cpuid_ecx, ..Default::default() },
+            0xa => self.leaf_a,
             0x8000_0000 => CpuidResult { eax: 0x8000_0008, ..Default::default() },
             0x8000_0008 => CpuidResult { eax: (48 << 8) | self.phys_bits, ..Default::default() },
             _ => CpuidResult::default(),
@@ -597,7 +603,7 @@ fn vpids_without_a_usable_invvpid_type_are_refused_before_the_vmcs_is_touched() 
     }
     assert!(cpu.invvpid.is_empty() && cpu.vmcs.is_empty(), "nothing issued, nothing written");
     // Without VPIDs the same CPU runs guests.
-    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig { vpid: None }).unwrap();
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, VcpuConfig { vpid: None, ..Default::default() }).unwrap();
     vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
     assert_eq!(vcpu.vpid(), None);
     // Every error has a message of its own.
@@ -736,6 +742,53 @@ fn bitmaps_pass_through_the_switched_msrs_only() {
     assert!(vcpu.io_exits(0x3f8) && vcpu.io_exits(0xf4));
     vcpu.pass_through_io(0x40..0x44);
     assert!(!vcpu.io_exits(0x40) && !vcpu.io_exits(0x43) && vcpu.io_exits(0x44));
+}
+
+#[test]
+fn the_pmu_msrs_cpuid_enumerates_are_passed_through() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    // Version 2, 4 general-purpose counters, 3 fixed ones.
+    cpu.leaf_a = CpuidResult { eax: 0x0730_0402, edx: 0x0603, ..Default::default() };
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    for m in [0xc1, 0xc4, 0x186, 0x189, 0x309, 0x30b, 0x38d, 0x38e, 0x38f, 0x390] {
+        assert!(!vcpu.msr_exits(m, false) && !vcpu.msr_exits(m, true), "{m:#x}");
+    }
+    // A fifth counter, a fourth fixed one, and the PMU's non-architectural MSRs still exit (#GP):
+    // IA32_PERF_CAPABILITIES (345H, CPUID hides PDCM) and IA32_DEBUGCTL (1D9H).
+    for m in [0xc5, 0x18a, 0x30c, 0x345, 0x1d9] {
+        assert!(vcpu.msr_exits(m, false) && vcpu.msr_exits(m, true), "{m:#x}");
+    }
+    // Without an architectural PMU (the leaf past the highest one) nothing of it is passed through.
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let mut vcpu = linux_vcpu(&mut cpu, &ram);
+    assert!(vcpu.msr_exits(0xc1, false) && vcpu.msr_exits(0x186, true) && vcpu.msr_exits(0x38f, false));
+}
+
+#[test]
+fn the_hypervisor_bit_follows_the_configuration() {
+    let ram = HostRam::new(64);
+    let mut cpu = FakeCpu::skylake(SKYLAKE_EPT_CAP);
+    let vcpu = linux_vcpu(&mut cpu, &ram);
+    let bit = crate::cpuid::LEAF1_ECX_HYPERVISOR;
+    assert_eq!(vcpu.guest_cpuid(1, 0).ecx & bit, bit, "on by default: the guest is told");
+    drop(vcpu);
+    let off = VcpuConfig { cpuid: crate::cpuid::CpuidOptions { hypervisor: false }, ..Default::default() };
+    let mut vcpu = VmxVcpu::new(&mut cpu, &ram, off).unwrap();
+    vcpu.setup(&ept(&ram, SKYLAKE_EPT_CAP), long_mode()).unwrap();
+    let ecx = vcpu.guest_cpuid(1, 0).ecx;
+    assert_eq!(ecx & bit, 0, "off: clear, as on the bare processor");
+    assert_eq!(ecx & CPUID_1_ECX_VMX, 0, "VMX stays hidden");
+    // The microcode signature the bare-metal path of Linux reads (write 0, CPUID, read): the
+    // write is ignored, the read is the processor's.
+    vcpu.hardware_mut().msrs.insert(crate::msr::IA32_BIOS_SIGN_ID, 0x2000_0065_0000_0000);
+    vcpu.hardware_mut().vmcs.insert(F::EXIT_INSTRUCTION_LENGTH.0, 2);
+    vcpu.regs.rcx = u64::from(crate::msr::IA32_BIOS_SIGN_ID);
+    (vcpu.regs.rax, vcpu.regs.rdx) = (0, 0);
+    assert_eq!(vcpu.handle_msr(true), Ok(Handled::Done));
+    assert_eq!(vcpu.hardware().msrs[&crate::msr::IA32_BIOS_SIGN_ID], 0x2000_0065_0000_0000, "not written");
+    assert_eq!(vcpu.handle_msr(false), Ok(Handled::Done));
+    assert_eq!((vcpu.regs.rdx, vcpu.regs.rax), (0x2000_0065, 0));
 }
 
 #[test]

@@ -30,11 +30,13 @@ mod handlers;
 pub struct VcpuConfig {
     /// Tag the guest's TLB entries with this VPID (non-zero) when the CPU offers VPIDs.
     pub vpid: Option<u16>,
+    /// The user's choices for the guest's CPUID (the hypervisor bit).
+    pub cpuid: crate::cpuid::CpuidOptions,
 }
 
 impl Default for VcpuConfig {
     fn default() -> Self {
-        Self { vpid: Some(1) }
+        Self { vpid: Some(1), cpuid: crate::cpuid::CpuidOptions::default() }
     }
 }
 
@@ -516,7 +518,14 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
             activity_hlt,
             regs: GuestRegisters::default(),
         };
-        for msr in crate::msr::PASSED_THROUGH {
+        // The PMU's architectural MSRs, as far as CPUID.0AH enumerates them (the guest sees that
+        // leaf as the host answers it); none when the leaf is beyond the highest basic leaf.
+        let leaf_a = if me.hw.cpuid(0, 0).eax >= crate::msr::LEAF_PERFMON {
+            me.hw.cpuid(crate::msr::LEAF_PERFMON, 0)
+        } else {
+            crate::hw::CpuidResult::default()
+        };
+        for msr in crate::msr::PASSED_THROUGH.into_iter().chain(crate::msr::perfmon_msrs(leaf_a)) {
             me.msr_bitmap(|b| crate::msr::set_intercept(b, msr, false, false));
         }
         me.msr_bitmap(|b| crate::msr::set_intercept(b, crate::msr::IA32_APIC_BASE, false, true));
@@ -979,12 +988,14 @@ impl<H: VmxHardware, A: FrameAllocator> VmxVcpu<H, A> {
     }
 
     /// What the guest's CPUID of `leaf`/`subleaf` returns: the host's answer filtered by
-    /// [`crate::cpuid::filter`] for the EPT in use (a 4-level walk is assumed before one is
-    /// loaded, the smaller of the two). Handlers of CPUID exits (reason 10) use this.
+    /// [`crate::cpuid::filter_guest`] for the EPT in use (a 4-level walk is assumed before one is
+    /// loaded, the smaller of the two), the execution controls and the configuration's
+    /// [`crate::cpuid::CpuidOptions`]. Handlers of CPUID exits (reason 10) use this.
     pub fn guest_cpuid(&self, leaf: u32, subleaf: u32) -> crate::hw::CpuidResult {
         let walk_length = self.eptp.map_or(4, |p| p.walk_length());
         let enabled = crate::cpuid::EnabledInstructions::from_controls(self.proc1, self.proc2);
-        let mut r = crate::cpuid::filter_guest(leaf, subleaf, self.hw.cpuid(leaf, subleaf), walk_length, enabled);
+        let raw = self.hw.cpuid(leaf, subleaf);
+        let mut r = crate::cpuid::filter_guest(leaf, subleaf, raw, walk_length, enabled, self.config.cpuid);
         if leaf == 1 {
             // CPUID.1:ECX.OSXSAVE mirrors CR4.OSXSAVE (Intel SDM Vol. 2A "CPUID", Table 3-10): the
             // guest's CR4, not the host's.

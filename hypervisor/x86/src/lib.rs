@@ -23,3 +23,6 @@ pub mod hv;
 pub mod linuxguest;
 pub mod mbguest;
 pub mod serial;
+
+/// The guest CPUID choices of the hypervisor's `cpu=` argument, for the image's command line.
+pub use twostage_vmx::cpuid::CpuidOptions;

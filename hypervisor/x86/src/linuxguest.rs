@@ -79,6 +79,8 @@ pub struct LinuxGuest<'a> {
     pub low: Option<Window<'a>>,
     /// The machine's ACPI area (`twostage_baremetal::acpi::machine_area` of `bios`), if any.
     pub acpi: Option<Window<'a>>,
+    /// The user's CPUID choices (`cpu=` on the hypervisor's command line: the hypervisor bit).
+    pub cpuid: twostage_vmx::cpuid::CpuidOptions,
 }
 
 /// How the kernel is started.
@@ -157,7 +159,7 @@ pub fn run(frames: &'static Frames, g: &LinuxGuest<'_>) -> u32 {
     }
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
-    let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig::default()) {
+    let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig { cpuid: g.cpuid, ..VcpuConfig::default() }) {
         Ok(v) => v,
         Err(e) => {
             println!("VMXON failed: {e:?}");

@@ -24,6 +24,7 @@ use twostage_baremetal::multiboot::{guest_information, plan_guest, BOOTLOADER_MA
 use twostage_npt::{Ept4, GpaRange, GuestPhysAddr, MappingFlags};
 use twostage_vmx::caps::IA32_EFER;
 use twostage_vmx::controls::CR0_PG;
+use twostage_vmx::cpuid::CpuidOptions;
 use twostage_vmx::emulate::efer_write;
 use twostage_vmx::hw::RealCpu;
 use twostage_vmx::{GuestEntry, VcpuConfig, VmExit, VmcsField, VmxVcpu};
@@ -49,7 +50,8 @@ pub fn refuse(why: impl Display) -> u32 {
 }
 
 /// Checks, loads and runs the guest module GRUB loaded at physical `start..end` with `ram_size`
-/// bytes of RAM from address 0 (at most 4 GiB: the guest starts in 32-bit mode); returns the
+/// bytes of RAM from address 0 (at most 4 GiB: the guest starts in 32-bit mode) and `cpuid` for
+/// its CPUID (the hypervisor bit); returns the
 /// status it wrote to port 0xf4, [`EXIT_REFUSED`] for a file that fails the checks, or
 /// [`EXIT_GUEST_STOPPED`].
 ///
@@ -58,7 +60,7 @@ pub fn refuse(why: impl Display) -> u32 {
 /// `start..end` is the module as the boot loader reported it: when `end > start` and `start` is
 /// not 0, the bytes lie inside the identity map, outside the frames `frames` manages, and
 /// nothing writes them during the call.
-pub unsafe fn run(frames: &'static Frames, start: u64, end: u64, ram_size: u64) -> u32 {
+pub unsafe fn run(frames: &'static Frames, start: u64, end: u64, ram_size: u64, cpuid: CpuidOptions) -> u32 {
     println!("twostage x86-hv: multiboot guest module at {start:#x}..{end:#x}");
     if end <= start || start == 0 {
         // GRUB's entry for an empty file: there is nothing to make a slice of.
@@ -79,7 +81,7 @@ pub unsafe fn run(frames: &'static Frames, start: u64, end: u64, ram_size: u64) 
     };
     // SAFETY: ring 0, interrupts off, and this is the only RealCpu the image creates.
     let cpu = unsafe { RealCpu::new() };
-    let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig::default()) {
+    let mut vcpu = match VmxVcpu::new(cpu, frames, VcpuConfig { cpuid, ..VcpuConfig::default() }) {
         Ok(v) => v,
         Err(e) => {
             println!("VMXON failed: {e:?}");

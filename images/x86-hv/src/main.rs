@@ -48,7 +48,8 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     // Read before any frame is handed out: GRUB's structures may lie in the RAM the frames
     // come from. The heap is a static arena, not frames.
     // The hypervisor's command line (xtask's GRUB configuration): `guest=FILE [initrd=FILE]
-    // [mem=BYTES] [-- GUEST COMMAND LINE]`; everything after ` -- ` is the Linux guest's.
+    // [mem=BYTES] [cpu=PROPERTIES] [-- GUEST COMMAND LINE]`; everything after ` -- ` is the Linux
+    // guest's. PROPERTIES are the guest CPUID's, QEMU-style (`hypervisor=off`).
     let line = boot.cmdline().map(alloc::vec::Vec::from).unwrap_or_default();
     let (own, guest_cmdline) = match line.windows(4).position(|w| w == b" -- ") {
         Some(i) => (&line[..i], &line[i + 4..]),
@@ -61,6 +62,16 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
     let mem_arg = arg("mem").and_then(|m| core::str::from_utf8(m).ok()?.parse::<u64>().ok());
     let mem = mem_arg.unwrap_or(128 << 20);
     let guest_cmdline = alloc::vec::Vec::from(guest_cmdline);
+    let cpuid = match twostage_hv_x86::CpuidOptions::parse(arg("cpu").unwrap_or_default()) {
+        Ok(o) => o,
+        Err(e) => {
+            println!("twostage x86-hv: cpu= on the command line: {e}");
+            serial::exit(2)
+        }
+    };
+    if !cpuid.hypervisor {
+        println!("twostage x86-hv: CPUID.1:ECX bit 31 (hypervisor present) clear for the guest (cpu=hypervisor=off)");
+    }
     // The machine's memory map, for a Linux guest's e820 (its firmware areas).
     let bios: alloc::vec::Vec<_> = boot
         .memory_map()
@@ -137,6 +148,7 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
                     bios: &bios,
                     low: Some(Window { base: 0x400, bytes: low }),
                     acpi: area,
+                    cpuid,
                 };
                 linuxguest::run(&FRAMES, &guest)
             }
@@ -147,7 +159,9 @@ extern "C" fn kmain(magic: u32, info: u32) -> ! {
         )),
         // SAFETY: GRUB loaded the module at `m.start..m.end`, below 4 GiB inside the boot identity
         // map and outside the frames (which start above every module); nothing writes it.
-        (Some(m), _) => unsafe { mbguest::run(&FRAMES, m.start, m.end, mem_arg.unwrap_or(mbguest::DEFAULT_RAM)) },
+        (Some(m), _) => unsafe {
+            mbguest::run(&FRAMES, m.start, m.end, mem_arg.unwrap_or(mbguest::DEFAULT_RAM), cpuid)
+        },
         (None, Some(name)) => mbguest::refuse(format_args!(
             "GRUB was asked to load {name} as the guest (guest={name} on the kernel command line) but passed no \
              module: it could not load the file (GRUB drops a file larger than the machine's free memory)"
