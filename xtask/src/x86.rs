@@ -425,26 +425,19 @@ fn guest_refusal_in(path: &Path, ram: u64) -> Result<Option<String>, String> {
     Ok(multiboot::plan_guest(&file, ram).err().map(|e| e.to_string()))
 }
 
-/// [`linux_refusal`] for an ELF kernel started through its PVH note
-/// (`twostage_baremetal::pvh::plan_pvh`).
-pub fn pvh_refusal(file: &[u8], opts: &GuestOptions) -> Result<Option<String>, String> {
-    use twostage_baremetal::linux_x86::e820_map;
-    if opts.append.contains(['\'', '\n', '\r']) {
-        return Ok(Some("the command line (--append) may not hold a single quote or a line break".into()));
-    }
-    let initrd_len = match &opts.initrd {
-        Some(i) => std::fs::metadata(i).map_err(|e| format!("initrd {}: {e}", i.display()))?.len(),
-        None => 0,
-    };
-    let ram = 0..opts.mem;
-    let (e820, n) = e820_map(std::slice::from_ref(&ram), &[]);
-    let plan = twostage_baremetal::pvh::plan_pvh(file, opts.mem, &e820[..n], opts.append.as_bytes(), initrd_len);
-    Ok(plan.err().map(|e| e.to_string()))
+/// How a Linux kernel is entered: through the boot protocol (a bzImage) or its PVH note (an ELF
+/// `vmlinux`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinuxEntry {
+    /// `twostage_baremetal::linux_x86::plan_bzimage`.
+    BzImage,
+    /// `twostage_baremetal::pvh::plan_pvh`.
+    Pvh,
 }
 
-/// [`guest_refusal`] for a Linux bzImage with `opts`: the same checks as the hypervisor's
-/// (`twostage_baremetal::linux_x86::plan_bzimage`), plus the command line GRUB can carry.
-pub fn linux_refusal(file: &[u8], opts: &GuestOptions) -> Result<Option<String>, String> {
+/// [`guest_refusal`] for a Linux kernel with `opts`: the same checks as the hypervisor's for that
+/// entry, plus the command line GRUB can carry.
+pub fn linux_refusal(file: &[u8], opts: &GuestOptions, entry: LinuxEntry) -> Result<Option<String>, String> {
     use twostage_baremetal::linux_x86::{e820_map, plan_bzimage};
     if opts.append.contains(['\'', '\n', '\r']) {
         return Ok(Some("the command line (--append) may not hold a single quote or a line break".into()));
@@ -455,7 +448,13 @@ pub fn linux_refusal(file: &[u8], opts: &GuestOptions) -> Result<Option<String>,
     };
     let ram = 0..opts.mem;
     let (e820, n) = e820_map(std::slice::from_ref(&ram), &[]);
-    Ok(plan_bzimage(file, opts.mem, &e820[..n], opts.append.as_bytes(), initrd_len).err().map(|e| e.to_string()))
+    let (map, cmdline) = (&e820[..n], opts.append.as_bytes());
+    Ok(match entry {
+        LinuxEntry::BzImage => plan_bzimage(file, opts.mem, map, cmdline, initrd_len).err().map(|e| e.to_string()),
+        LinuxEntry::Pvh => {
+            twostage_baremetal::pvh::plan_pvh(file, opts.mem, map, cmdline, initrd_len).err().map(|e| e.to_string())
+        }
+    })
 }
 
 /// Boots `iso` on the default CPU model: the hypervisor's exit status and the serial log.
@@ -486,9 +485,9 @@ pub fn run(guest: Option<&Path>, cpu: Option<&str>, opts: &GuestOptions) -> Resu
         let pvh = twostage_baremetal::pvh::has_pvh_note(&file) == Ok(true);
         linux = twostage_baremetal::linux_x86::is_bzimage(&file) || pvh;
         let why = if pvh {
-            pvh_refusal(&file, opts)?
+            linux_refusal(&file, opts, LinuxEntry::Pvh)?
         } else if linux {
-            linux_refusal(&file, opts)?
+            linux_refusal(&file, opts, LinuxEntry::BzImage)?
         } else {
             guest_refusal_in(g, opts.mem)?
         };
@@ -775,7 +774,7 @@ fn pvh_check(hv: &Path, vmlinux: &Path, tally: &mut crate::SuiteResult) -> Resul
     let mut refused = Vec::new();
     for (name, bytes, expect) in cases {
         let path = hostile::write(&dir, name, &bytes)?;
-        let why = pvh_refusal(&bytes, &opts)?.or(guest_refusal(&path)?).unwrap_or_default();
+        let why = linux_refusal(&bytes, &opts, LinuxEntry::Pvh)?.or(guest_refusal(&path)?).unwrap_or_default();
         tally.check(why.contains(expect), &format!("xtask refuses {name} before booting: {why}"));
         refused.push((name, path, why));
     }
