@@ -5,10 +5,12 @@
 #![forbid(unsafe_code)]
 
 use super::{CachedTable, GuestPaging, Translation};
-use crate::mem::{GuestMemory, MemoryEpoch};
+use crate::mem::{GuestMemory, MemoryEpoch, PageHint};
 use alloc::boxed::Box;
 use alloc::vec;
 use twostage_npt::{Access, GuestPhysAddr, GuestVirtAddr};
+
+use super::GuestVaError;
 
 /// Page translations kept: [`SETS`] sets of [`WAYS`] (chosen by a hash of the guest-virtual
 /// page number; a new entry replaces a void one, else one chosen round-robin).
@@ -27,6 +29,9 @@ struct Entry {
     gpa: u64,
     /// The stamp it was made under << 3 | the accesses allowed (`R`, `W`, `X`).
     stamp: u64,
+    /// The hypervisor's address of the guest-physical page, for reading (0: not known), from a
+    /// [`PageHint`] the memory made at the entry's epoch.
+    host: u64,
 }
 
 const R: u64 = 1;
@@ -185,7 +190,94 @@ impl GuestTlb {
         let e = &mut set[way];
         let same = e.va == va && e.gpa == gpa && e.stamp >> 3 == stamp;
         let rights = if same { e.stamp & 7 } else { 0 } | access_bit(access);
-        *e = Entry { va, gpa, stamp: stamp << 3 | rights };
+        let host = if same { e.host } else { 0 };
+        *e = Entry { va, gpa, stamp: stamp << 3 | rights, host };
+    }
+
+    /// The current entry of the 4 KiB page of `gva` allowing `access`.
+    #[inline]
+    fn entry(&mut self, gva: u64, access: Access) -> Option<&mut Entry> {
+        let page = gva & !0xfff;
+        let want = access_bit(access);
+        let stamp = self.stamp;
+        self.pages[Self::set(gva)]
+            .iter_mut()
+            .find(|e| e.va & !0xfff == page && e.stamp >> 3 == stamp && e.stamp & want != 0)
+    }
+
+    /// A guest-virtual read through the page entries and their host addresses: `None` (before
+    /// any byte moves) if the span is not one guest-physical run, or a translation does not
+    /// settle, so that the general way must do it. The pages' translations are looked up (or
+    /// walked and remembered) first, so a fault comes before any byte moves. A span whose
+    /// entries all know their host addresses, following each other, is one hinted read (one
+    /// copy: the memory checks the hint against its epoch); otherwise one read that fills a
+    /// hint, whose host addresses go into the entries.
+    fn read_run<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        paging: &GuestPaging,
+        gva: GuestVirtAddr,
+        buf: &mut [u8],
+    ) -> Option<Result<(), GuestVaError>> {
+        let epoch = self.epoch?;
+        let len = buf.len() as u64;
+        let v = gva.as_u64();
+        // (first gpa, first host or 0 if some page's is not known, bytes)
+        let mut run: Option<(u64, u64, u64)> = None;
+        let mut off = 0u64;
+        while off < len {
+            let va = v.wrapping_add(off);
+            let (gpa, host) = match self.entry(va, Access::Read) {
+                Some(e) => (e.gpa, e.host),
+                None => {
+                    if let Err(e) = super::translate_through(mem, paging, GuestVirtAddr::new(va), Access::Read, self) {
+                        return Some(Err(e));
+                    }
+                    let e = self.entry(va, Access::Read)?;
+                    (e.gpa, e.host)
+                }
+            };
+            let po = va & 0xfff;
+            let chunk = (0x1000 - po).min(len - off);
+            let (gpa, host) = (gpa | po, if host == 0 { 0 } else { host | po });
+            run = match run {
+                None => Some((gpa, host, chunk)),
+                Some((g, h, c)) if g.wrapping_add(c) == gpa => {
+                    let joined = h != 0 && host != 0 && h.wrapping_add(c) == host;
+                    Some((g, if joined { h } else { 0 }, c + chunk))
+                }
+                Some(_) => return None,
+            };
+            off += chunk;
+        }
+        let Some((g, h, c)) = run else { return Some(Ok(())) };
+        let gpa = GuestPhysAddr::new(g);
+        let known = h != 0;
+        let mut hint = if known {
+            let po = g & 0xfff;
+            PageHint::joined(epoch, g - po, (h - po) as usize, (po + c + 0xfff) & !0xfff)
+        } else {
+            PageHint::default()
+        };
+        if let Err(error) = mem.read_hinted(gpa, buf, &mut hint) {
+            let at = GuestVirtAddr::new(v.wrapping_add(error.gpa().as_u64().wrapping_sub(g).min(c.saturating_sub(1))));
+            return Some(Err(GuestVaError::Memory { gva: at, access: Access::Read, gpa: error.gpa(), error }));
+        }
+        if !known {
+            // Remember the host addresses the read found (only those made at the entries' epoch).
+            let mut off = 0u64;
+            while off < len {
+                let va = v.wrapping_add(off);
+                let po = va & 0xfff;
+                if let Some(e) = self.entry(va, Access::Read) {
+                    if let Some(host) = hint.host_of(epoch, e.gpa) {
+                        e.host = host as u64;
+                    }
+                }
+                off += (0x1000 - po).min(len - off);
+            }
+        }
+        Some(Ok(()))
     }
 
     /// The cached tables (for the walkers' [`super::WalkCache`]).
@@ -215,6 +307,9 @@ impl GuestTlb {
         buf: &mut [u8],
     ) -> Result<(), super::GuestVaError> {
         self.begin(mem, paging);
+        if let Some(r) = self.read_run(mem, paging, gva, buf) {
+            return r;
+        }
         super::read_va_as(mem, paging, gva, buf, Access::Read, Some(self))
     }
 
