@@ -239,7 +239,8 @@ impl GuestTlb {
             };
             let po = va & 0xfff;
             let chunk = (0x1000 - po).min(len - off);
-            let (gpa, host) = (gpa | po, if host == 0 { 0 } else { host | po });
+            // (The host view of a page need not be 4 KiB-aligned: offsets are added.)
+            let (gpa, host) = (gpa | po, if host == 0 { 0 } else { host + po });
             run = match run {
                 None => Some((gpa, host, chunk)),
                 Some((g, h, c)) if g.wrapping_add(c) == gpa => {
