@@ -252,30 +252,60 @@ impl GuestTlb {
             off += chunk;
         }
         let Some((g, h, c)) = run else { return Some(Ok(())) };
-        let gpa = GuestPhysAddr::new(g);
-        let known = h != 0;
-        let mut hint = if known {
-            let po = g & 0xfff;
-            PageHint::joined(epoch, g - po, (h - po) as usize, (po + c + 0xfff) & !0xfff)
-        } else {
-            PageHint::default()
-        };
-        if let Err(error) = mem.read_hinted(gpa, buf, &mut hint) {
+        let fail = |error: crate::GuestMemError| {
             let at = GuestVirtAddr::new(v.wrapping_add(error.gpa().as_u64().wrapping_sub(g).min(c.saturating_sub(1))));
-            return Some(Err(GuestVaError::Memory { gva: at, access: Access::Read, gpa: error.gpa(), error }));
+            Some(Err(GuestVaError::Memory { gva: at, access: Access::Read, gpa: error.gpa(), error }))
+        };
+        if h != 0 {
+            // Every page's host address known, following each other: one copy.
+            let po = g & 0xfff;
+            let mut hint = PageHint::joined(epoch, g - po, (h - po) as usize, (po + c + 0xfff) & !0xfff);
+            return match mem.read_hinted(GuestPhysAddr::new(g), buf, &mut hint) {
+                Ok(()) => Some(Ok(())),
+                Err(e) => fail(e),
+            };
         }
-        if !known {
-            // Remember the host addresses the read found (only those made at the entries' epoch).
-            let mut off = 0u64;
+        // Some host addresses not known, or not following each other: each run of pages whose
+        // addresses are known and follow each other is one copy; at the first page not known,
+        // the rest is one read, and the hint it leaves gives the host addresses of the pages it
+        // covers (so a span read again learns its pages one run at a time).
+        let mut off = 0u64;
+        while off < len {
+            let (mut rh, mut rn) = (0u64, 0u64);
+            while off + rn < len {
+                let va = v.wrapping_add(off + rn);
+                let po = va & 0xfff;
+                let host = match self.entry(va, Access::Read) {
+                    Some(e) if e.host != 0 => e.host + po,
+                    _ => break,
+                };
+                if rn == 0 {
+                    rh = host;
+                } else if rh.wrapping_add(rn) != host {
+                    break;
+                }
+                rn += (0x1000 - po).min(len - off - rn);
+            }
+            let (o, gpa) = (off as usize, g + off);
+            if rn > 0 {
+                let po = gpa & 0xfff;
+                let mut hint = PageHint::joined(epoch, gpa - po, (rh - po) as usize, (po + rn + 0xfff) & !0xfff);
+                if let Err(e) = mem.read_hinted(GuestPhysAddr::new(gpa), &mut buf[o..o + rn as usize], &mut hint) {
+                    return fail(e);
+                }
+                off += rn;
+                continue;
+            }
+            let mut hint = PageHint::default();
+            if let Err(e) = mem.read_hinted(GuestPhysAddr::new(gpa), &mut buf[o..], &mut hint) {
+                return fail(e);
+            }
             while off < len {
                 let va = v.wrapping_add(off);
-                let po = va & 0xfff;
-                if let Some(e) = self.entry(va, Access::Read) {
-                    if let Some(host) = hint.host_of(epoch, e.gpa) {
-                        e.host = host as u64;
-                    }
+                if let (Some(host), Some(e)) = (hint.host_of(epoch, (g + off) & !0xfff), self.entry(va, Access::Read)) {
+                    e.host = host as u64;
                 }
-                off += (0x1000 - po).min(len - off);
+                off += (0x1000 - (va & 0xfff)).min(len - off);
             }
         }
         Some(Ok(()))
