@@ -353,7 +353,7 @@ fn a_page_hint_follows_the_space_changes() {
     // The same through `read_hinted` (a span's hint, as a `GuestTlb` keeps them): every read
     // gives what a plain read gives, twice (the second from the hint the first left).
     let mut span_hint = PageHint::default();
-    let mut hinted = |s: &mut Space, hint: &mut PageHint| -> Result<u64, GuestMemError> {
+    let hinted = |s: &mut Space, hint: &mut PageHint| -> Result<u64, GuestMemError> {
         let mut plain = [0u8; 8];
         let want = s.read(at, &mut plain).map(|()| u64::from_le_bytes(plain));
         for _ in 0..2 {
@@ -574,5 +574,34 @@ fn host_addresses_in_entries_follow_every_space_change() {
         for r in reads(&mut s, &mut tlb) {
             assert!(r.unwrap().iter().all(|&b| b == 0x5a));
         }
+    }
+}
+
+/// An entry dropped by a fence stays dropped however many fences follow (the cache's count of
+/// fences wraps in its entries' tags: every tag is cleared then).
+#[test]
+fn no_entry_comes_back_after_many_fences() {
+    let ram = ram(4096);
+    let mut s = space(&ram);
+    let (pte0, _) = build(&mut s, Arch::X86);
+    let paging = Arch::X86.paging(T0, true);
+    let at = GuestVirtAddr::new(VA + 0x40);
+    for fences in [1, 126, 127, 128, 129, 255, 300] {
+        let mut tlb = GuestTlb::new();
+        put(&mut s, pte0, Arch::X86.leaf(DATA, 0, true));
+        assert_eq!(tlb.translate(&mut &mut s, &paging, at, Access::Read).unwrap().gpa, gpa(DATA + 0x40));
+        put(&mut s, pte0, Arch::X86.leaf(DATA + 7 * PAGE, 0, true));
+        // The space changed (the PTE write): the next use drops everything anyway; pass the
+        // change first, so that only the fences below decide.
+        let other = GuestVirtAddr::new(VA + 5 * PAGE);
+        tlb.translate(&mut &mut s, &paging, other, Access::Read).unwrap();
+        for _ in 0..fences {
+            tlb.flush_all();
+        }
+        assert_eq!(
+            tlb.translate(&mut &mut s, &paging, at, Access::Read).unwrap().gpa,
+            gpa(DATA + 7 * PAGE + 0x40),
+            "after {fences} fences"
+        );
     }
 }

@@ -19,24 +19,34 @@ const SETS: usize = 1024;
 /// Tables kept whose entries map a guest page (indexed by the 2 MiB the address lies in).
 pub(crate) const TABLES: usize = 256;
 
-/// One page translation: the guest-virtual 4 KiB page, the guest-physical page it translated
-/// to, the size of the guest's page that held it, the accesses the walk allowed.
+/// One page translation's tag: the guest-virtual 4 KiB page (bits 63:12) | the stamp it was
+/// made under (bits 11:5, see [`STAMPS`]) | the accesses the walk allowed (`R`, `W`, `X` at
+/// bits 4:2) | the level of the guest's page that held it (bits 1:0). The tags of a set share
+/// one cache line, apart from what a hit then needs ([`Entry`]), so that a lookup reads little.
+type Tag = u64;
+
+/// What a tag's hit gives: the guest-physical 4 KiB page the guest-virtual page translated to,
+/// and the hypervisor's address of that page for reading (0: not known), from a [`PageHint`] the
+/// memory made at the entries' epoch.
 #[derive(Clone, Copy, Default)]
 struct Entry {
-    /// Guest-virtual 4 KiB page | the guest page's level (bits 1:0).
-    va: u64,
-    /// Guest-physical address of that 4 KiB page.
     gpa: u64,
-    /// The stamp it was made under << 3 | the accesses allowed (`R`, `W`, `X`).
-    stamp: u64,
-    /// The hypervisor's address of the guest-physical page, for reading (0: not known), from a
-    /// [`PageHint`] the memory made at the entry's epoch.
     host: u64,
 }
 
 const R: u64 = 1;
 const W: u64 = 2;
 const X: u64 = 4;
+/// Stamps a tag can hold (1..STAMPS; 0 is never current): when the count wraps, every tag is
+/// cleared.
+const STAMPS: u64 = 128;
+const STAMP_SHIFT: u32 = 5;
+const RIGHTS_SHIFT: u32 = 2;
+
+#[inline]
+fn tag_stamp(t: Tag) -> u64 {
+    (t >> STAMP_SHIFT) & (STAMPS - 1)
+}
 
 fn access_bit(access: Access) -> u64 {
     match access {
@@ -88,7 +98,8 @@ fn access_bit(access: Access) -> u64 {
 /// [`GuestTlb::flush_all`] before resuming the guest: the guest cannot fence while its vCPU is
 /// stopped, so within one exit the entries are exactly what the processor could still use.
 pub struct GuestTlb {
-    pages: Box<[[Entry; WAYS]]>,
+    tags: Box<[[Tag; WAYS]]>,
+    entries: Box<[[Entry; WAYS]]>,
     /// Round-robin victim choice.
     next_victim: usize,
     tables: Box<[Option<CachedTable>]>,
@@ -106,10 +117,11 @@ impl Default for GuestTlb {
 }
 
 impl GuestTlb {
-    /// An empty cache (about 100 KiB on the heap).
+    /// An empty cache (about 100 KiB on the heap: 32 KiB of tags, 64 KiB of entries).
     pub fn new() -> Self {
         Self {
-            pages: vec![[Entry::default(); WAYS]; SETS].into_boxed_slice(),
+            tags: vec![[0; WAYS]; SETS].into_boxed_slice(),
+            entries: vec![[Entry::default(); WAYS]; SETS].into_boxed_slice(),
             next_victim: 0,
             tables: vec![None; TABLES].into_boxed_slice(),
             stamp: 1,
@@ -122,6 +134,10 @@ impl GuestTlb {
     /// SFENCE.VMA/HFENCE.VVMA without an address).
     pub fn flush_all(&mut self) {
         self.stamp += 1;
+        if self.stamp == STAMPS {
+            self.tags.fill([0; WAYS]);
+            self.stamp = 1;
+        }
         self.tables.fill(None);
     }
 
@@ -130,10 +146,10 @@ impl GuestTlb {
     /// SFENCE.VMA with an address need not order non-leaf changes, but dropping them is allowed).
     pub fn flush_va(&mut self, gva: GuestVirtAddr) {
         let v = gva.as_u64();
-        for e in self.pages.iter_mut().flatten() {
-            let size = 1u64 << (12 + 9 * (e.va & 3));
-            if (e.va & !0xfff) & !(size - 1) == v & !(size - 1) {
-                *e = Entry::default();
+        for t in self.tags.iter_mut().flatten() {
+            let size = 1u64 << (12 + 9 * (*t & 3));
+            if (*t & !0xfff) & !(size - 1) == v & !(size - 1) {
+                *t = 0;
             }
         }
         self.tables.fill(None);
@@ -156,16 +172,24 @@ impl GuestTlb {
         ((gva >> 12).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SETS.trailing_zeros())) as usize
     }
 
+    /// The set and way of the current entry of the 4 KiB page of `gva` allowing `access`.
+    #[inline]
+    fn find(&self, gva: u64, access: Access) -> Option<(usize, usize)> {
+        let set = Self::set(gva);
+        let key = gva & !0xfff | self.stamp << STAMP_SHIFT;
+        let want = access_bit(access) << RIGHTS_SHIFT;
+        let mask = !0xfff | (STAMPS - 1) << STAMP_SHIFT;
+        self.tags[set].iter().position(|&t| t & mask == key && t & want != 0).map(|w| (set, w))
+    }
+
     /// The cached translation of `gva` for `access`, if any.
     #[inline]
     pub(crate) fn lookup(&self, gva: u64, access: Access) -> Option<Translation> {
-        let page = gva & !0xfff;
         let off = gva & 0xfff;
-        let want = access_bit(access);
-        self.pages[Self::set(gva)]
-            .iter()
-            .find(|e| e.va & !0xfff == page && e.stamp >> 3 == self.stamp && e.stamp & want != 0)
-            .map(|e| Translation { gpa: GuestPhysAddr::new(e.gpa | off), page_remaining: 0x1000 - off })
+        self.find(gva, access).map(|(s, w)| Translation {
+            gpa: GuestPhysAddr::new(self.entries[s][w].gpa | off),
+            page_remaining: 0x1000 - off,
+        })
     }
 
     /// Remembers that `gva` translated to `t` for `access` through a leaf at `level` (0 = a
@@ -175,11 +199,14 @@ impl GuestTlb {
         let va = gva & !0xfff | u64::from(level.min(3));
         let gpa = t.gpa.as_u64() & !0xfff;
         let stamp = self.stamp;
-        let set = &mut self.pages[Self::set(gva)];
+        let set = Self::set(gva);
+        let tags = &mut self.tags[set];
+        let ident = !0xfff | (STAMPS - 1) << STAMP_SHIFT | 3;
+        let key = va | stamp << STAMP_SHIFT;
         // The page's own entry (adding a right), else a void one, else a victim.
-        let way = match set.iter().position(|e| e.va == va && e.stamp >> 3 == stamp) {
+        let way = match tags.iter().position(|&t| t & ident == key) {
             Some(w) => w,
-            None => match set.iter().position(|e| e.stamp >> 3 != stamp) {
+            None => match tags.iter().position(|&t| tag_stamp(t) != stamp) {
                 Some(w) => w,
                 None => {
                     self.next_victim = (self.next_victim + 1) % WAYS;
@@ -187,22 +214,23 @@ impl GuestTlb {
                 }
             },
         };
-        let e = &mut set[way];
-        let same = e.va == va && e.gpa == gpa && e.stamp >> 3 == stamp;
-        let rights = if same { e.stamp & 7 } else { 0 } | access_bit(access);
+        let e = &mut self.entries[set][way];
+        let same = tags[way] & ident == key && e.gpa == gpa;
+        let rights = if same { (tags[way] >> RIGHTS_SHIFT) & 7 } else { 0 } | access_bit(access);
         let host = if same { e.host } else { 0 };
-        *e = Entry { va, gpa, stamp: stamp << 3 | rights, host };
+        tags[way] = key | rights << RIGHTS_SHIFT;
+        *e = Entry { gpa, host };
     }
 
     /// The current entry of the 4 KiB page of `gva` allowing `access`.
     #[inline]
     fn entry(&mut self, gva: u64, access: Access) -> Option<&mut Entry> {
-        let page = gva & !0xfff;
-        let want = access_bit(access);
-        let stamp = self.stamp;
-        self.pages[Self::set(gva)]
-            .iter_mut()
-            .find(|e| e.va & !0xfff == page && e.stamp >> 3 == stamp && e.stamp & want != 0)
+        self.find(gva, access).map(|(s, w)| &mut self.entries[s][w])
+    }
+
+    /// The cached tables (for the walkers' [`super::WalkCache`]).
+    pub(crate) fn tables(&mut self) -> &mut [Option<CachedTable>] {
+        &mut self.tables
     }
 
     /// A guest-virtual read through the page entries and their host addresses: `None` (before
@@ -309,11 +337,6 @@ impl GuestTlb {
             }
         }
         Some(Ok(()))
-    }
-
-    /// The cached tables (for the walkers' [`super::WalkCache`]).
-    pub(crate) fn tables(&mut self) -> &mut [Option<CachedTable>] {
-        &mut self.tables
     }
 
     /// Translates `gva` for `access` (see [`super::translate_gva`]), through the cache.
