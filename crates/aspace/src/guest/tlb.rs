@@ -207,15 +207,23 @@ impl GuestTlb {
         let ident = !0xfff | (STAMPS - 1) << STAMP_SHIFT | 3;
         let key = va | stamp << STAMP_SHIFT;
         // The page's own entry (adding a right), else a void one, else a victim.
-        let way = match tags.iter().position(|&t| t & ident == key) {
-            Some(w) => w,
-            None => match tags.iter().position(|&t| tag_stamp(t) != stamp) {
-                Some(w) => w,
-                None => {
-                    self.next_victim = (self.next_victim + 1) % WAYS;
-                    self.next_victim
-                }
-            },
+        let mut void = None;
+        let mut own = None;
+        for (w, &t) in tags.iter().enumerate() {
+            if t & ident == key {
+                own = Some(w);
+                break;
+            }
+            if void.is_none() && tag_stamp(t) != stamp {
+                void = Some(w);
+            }
+        }
+        let way = match own.or(void) {
+            Some(w) => w & (WAYS - 1),
+            None => {
+                self.next_victim = (self.next_victim + 1) % WAYS;
+                self.next_victim
+            }
         };
         let e = &mut self.entries[set][way];
         let same = tags[way] & ident == key && e.gpa == gpa;
@@ -237,16 +245,15 @@ impl GuestTlb {
     }
 
     /// A guest-virtual read through the page entries and their host addresses: `None` (before
-    /// any byte moves) if the span is not one guest-physical run, or a translation does not
-    /// settle, so that the general way must do it. The pages' translations are looked up (or
-    /// walked and remembered) first, so a fault comes before any byte moves. A span whose
+    /// any byte moves) if a page is not cached or the span is not one guest-physical run, so
+    /// that the general way must do it. The pages' translations are looked up first, so
+    /// nothing moves unless all are there. A span whose
     /// entries all know their host addresses, following each other, is one hinted read (one
     /// copy: the memory checks the hint against its epoch); otherwise one read that fills a
     /// hint, whose host addresses go into the entries.
     fn read_run<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &mut M,
-        paging: &GuestPaging,
         gva: GuestVirtAddr,
         buf: &mut [u8],
     ) -> Option<Result<(), GuestVaError>> {
@@ -258,16 +265,10 @@ impl GuestTlb {
         let mut off = 0u64;
         while off < len {
             let va = v.wrapping_add(off);
-            let (gpa, host) = match self.entry(va, Access::Read) {
-                Some(e) => (e.gpa, e.host),
-                None => {
-                    if let Err(e) = super::translate_through(mem, paging, GuestVirtAddr::new(va), Access::Read, self) {
-                        return Some(Err(e));
-                    }
-                    let e = self.entry(va, Access::Read)?;
-                    (e.gpa, e.host)
-                }
-            };
+            // A page not cached: the general way (a walk, remembered); the host address is
+            // learnt on a later read.
+            let e = self.entry(va, Access::Read)?;
+            let (gpa, host) = (e.gpa, e.host);
             let po = va & 0xfff;
             let chunk = (0x1000 - po).min(len - off);
             // (The host view of a page need not be 4 KiB-aligned: offsets are added.)
@@ -364,7 +365,7 @@ impl GuestTlb {
         buf: &mut [u8],
     ) -> Result<(), super::GuestVaError> {
         self.begin(mem, paging);
-        if let Some(r) = self.read_run(mem, paging, gva, buf) {
+        if let Some(r) = self.read_run(mem, gva, buf) {
             return r;
         }
         super::read_va_as(mem, paging, gva, buf, Access::Read, Some(self))
