@@ -486,8 +486,7 @@ fn host_addresses_in_entries_follow_every_space_change() {
     for arch in [Arch::X86, Arch::Sv39] {
         let ram = ram(4096);
         let mut s: Space = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
-        let (_, f) =
-            s.add_region("tables", range(0, DATA), MappingFlags::RWX, Backend::DemandZero).unwrap();
+        let (_, f) = s.add_region("tables", range(0, DATA), MappingFlags::RWX, Backend::DemandZero).unwrap();
         s.flush_unloaded(f).unwrap();
         let (data, f) =
             s.add_region("data", range(DATA, 0x80_0000 - DATA), MappingFlags::RW, Backend::DemandZero).unwrap();
@@ -504,8 +503,12 @@ fn host_addresses_in_entries_follow_every_space_change() {
         let mut tlb = GuestTlb::new();
         // Words in two pages (so that their entries learn their host addresses), then two
         // pages and a bit over them, and a word in another page.
-        let spans =
-            [(VA + PAGE + 0x10, 8), (VA + 2 * PAGE + 0x20, 8), (VA + 0x7f8, 2 * PAGE as usize + 100), (VA + 3 * PAGE + 0x10, 8)];
+        let spans = [
+            (VA + PAGE + 0x10, 8),
+            (VA + 2 * PAGE + 0x20, 8),
+            (VA + 0x7f8, 2 * PAGE as usize + 100),
+            (VA + 3 * PAGE + 0x10, 8),
+        ];
         let reads = |s: &mut Space, tlb: &mut GuestTlb| -> Vec<Option<Vec<u8>>> {
             let mut out = Vec::new();
             for (start, len) in spans {
