@@ -98,18 +98,39 @@ pub struct MemoryEpoch {
     changes: u64,
 }
 
-/// A remembered host view of one guest page, for repeated reads of words in it (the guest's
-/// page-table entries, see [`GuestMemory::read_u64_hinted`]). Opaque: only the memory that made
-/// it uses it, and only while that memory's [`MemoryEpoch`] is the one it was made at (so the
-/// page is still mapped where it was, and still readable).
+/// A remembered host view of guest pages, for repeated reads in them (the guest's page-table
+/// entries, see [`GuestMemory::read_u64_hinted`]; the data pages of guest-virtual copies, see
+/// [`GuestMemory::read_hinted`]). Opaque: only the memory that made it uses it, and only while
+/// that memory's [`MemoryEpoch`] is the one it was made at (so the pages are still mapped where
+/// they were, and still readable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageHint {
     /// The epoch it was made at (`None`: empty).
     epoch: Option<MemoryEpoch>,
-    /// The guest page (4 KiB-aligned).
+    /// The first guest page (4 KiB-aligned).
     page: u64,
     /// The hypervisor's address of that page's first byte.
     host: usize,
+    /// Bytes from `page` whose hypervisor view follows on from `host` (a multiple of 4 KiB).
+    span: u64,
+}
+
+impl PageHint {
+    /// The host address the hint gives for the 4 KiB-aligned guest page `page`, if it covers it
+    /// and was made at `epoch`.
+    #[inline]
+    pub(crate) fn host_of(&self, epoch: MemoryEpoch, page: u64) -> Option<usize> {
+        let within = page.wrapping_sub(self.page);
+        (self.epoch == Some(epoch) && within < self.span).then(|| self.host + within as usize)
+    }
+
+    /// A hint for `span` bytes from guest page `page` at host address `host`, made of hints
+    /// this crate got from the memory at `epoch` (its pages' host addresses, found to follow
+    /// each other). Only the memory that made those hints may be given it.
+    #[inline]
+    pub(crate) fn joined(epoch: MemoryEpoch, page: u64, host: usize, span: u64) -> Self {
+        Self { epoch: Some(epoch), page, host, span }
+    }
 }
 
 /// Plain old data: a type for which every bit pattern is a valid value.
@@ -177,6 +198,17 @@ pub trait GuestMemory {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Reads `buf.len()` bytes at `gpa` (as [`GuestMemory::read`]), through `hint`: the
+    /// caller's memory of where the pages it reads lie in the hypervisor's view. An
+    /// implementation may read straight from a hint it made at its current epoch that covers
+    /// the span, and fill the hint on any other read (the address space does, with the
+    /// readable pages from `gpa`'s page on that follow each other in host memory, up to the
+    /// read's end); the default ignores it.
+    fn read_hinted(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], hint: &mut PageHint) -> Result<(), GuestMemError> {
+        let _ = hint;
+        self.read(gpa, buf)
+    }
+
     /// Reads `buf.len()` bytes at `gpa`.
     fn read(&mut self, gpa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), GuestMemError> {
         self.read_as(gpa, buf, Access::Read)
@@ -229,6 +261,9 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
     }
     fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
         (**self).read_u64_hinted(gpa, hint)
+    }
+    fn read_hinted(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], hint: &mut PageHint) -> Result<(), GuestMemError> {
+        (**self).read_hinted(gpa, buf, hint)
     }
 }
 
@@ -290,21 +325,24 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let epoch = self.epoch();
         let page = gpa.as_u64() & !(PAGE - 1);
         if gpa.is_aligned(8) {
-            if hint.epoch != Some(epoch) || hint.page != page {
+            if hint.host_of(epoch, page).is_none() {
                 let r = self.region_for(gpa, Access::Read, true)?;
                 let frame = match r.linear_hpa(gpa) {
                     Some(h) => Some(h.align_down(PAGE)),
                     None => self.table.translate(gpa).map(|(h, _)| h.align_down(PAGE)),
                 };
                 *hint = match frame {
-                    Some(f) => {
-                        PageHint { epoch: Some(epoch), page, host: self.alloc.phys_to_virt(f).as_ptr() as usize }
-                    }
+                    Some(f) => PageHint {
+                        epoch: Some(epoch),
+                        page,
+                        host: self.alloc.phys_to_virt(f).as_ptr() as usize,
+                        span: PAGE,
+                    },
                     // Never touched: reads as zeros, and the first write will change the epoch.
                     None => return Ok(0),
                 };
             }
-            let p = (hint.host + gpa.offset_in(PAGE) as usize) as *mut u64;
+            let p = (hint.host + (gpa.as_u64() - hint.page) as usize) as *mut u64;
             // SAFETY: the hint was made by this space (the epoch names it) at its current change
             // count, so the page is still mapped (hence allocated) and readable there: a frame is
             // freed, and a linear region's memory given back, only after a counted change (see
@@ -316,6 +354,56 @@ impl<F: Format, A: FrameAllocator + Clone> AddressSpace<F, A> {
         let mut b = [0u8; 8];
         self.read(gpa, &mut b)?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    /// [`GuestMemory::read_hinted`] with a shared borrow: a span that a hint made by this space
+    /// at its current epoch covers is one copy from host memory; any other read is
+    /// [`AddressSpace::read`], after which the hint holds the readable pages from `gpa`'s page
+    /// on, up to the read's end, whose hypervisor view follows on from the first (none if that
+    /// page was never touched).
+    pub fn read_hinted(&self, gpa: GuestPhysAddr, buf: &mut [u8], hint: &mut PageHint) -> Result<(), GuestMemError> {
+        let epoch = self.epoch();
+        let len = buf.len() as u64;
+        let within = gpa.as_u64().wrapping_sub(hint.page);
+        if hint.epoch == Some(epoch) && within < hint.span && len <= hint.span - within {
+            let src = (hint.host + within as usize) as *const u8;
+            // SAFETY: the hint was made by this space (the epoch names it) at its current change
+            // count, covering `len` bytes from `gpa`: those pages are still mapped there (hence
+            // allocated) and readable, one run in the hypervisor's view (see `read_u64_hinted`
+            // and `fill_hint`); `buf` is our own buffer.
+            unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
+        self.read(gpa, buf)?;
+        *hint = self.fill_hint(gpa, len.max(1), epoch);
+        Ok(())
+    }
+
+    /// The hint for the readable pages of `gpa..gpa+len` (a span just read, so inside regions
+    /// that allow reading) from `gpa`'s page on, in `gpa`'s region, that are mapped and whose
+    /// hypervisor view follows on from the first page's; empty if that page was never touched.
+    fn fill_hint(&self, gpa: GuestPhysAddr, len: u64, epoch: MemoryEpoch) -> PageHint {
+        let Some(r) = self.region_at(gpa) else { return PageHint::default() };
+        if r.backend == Backend::Mmio || !r.flags.allows(Access::Read) {
+            return PageHint::default();
+        }
+        let frame = |p: GuestPhysAddr| match r.linear_hpa(p) {
+            Some(h) => Some(h),
+            None => self.table.translate(p).map(|(h, _)| h.align_down(PAGE)),
+        };
+        let first = gpa.align_down(PAGE);
+        let Some(h) = frame(first) else { return PageHint::default() };
+        let host = self.alloc.phys_to_virt(h).as_ptr() as usize;
+        let end = gpa.as_u64().saturating_add(len).min(r.range.end.as_u64());
+        let mut span = PAGE;
+        while first.as_u64() + span < end {
+            let next = first + span;
+            match frame(next) {
+                Some(h) if self.alloc.phys_to_virt(h).as_ptr() as usize == host + span as usize => span += PAGE,
+                _ => break,
+            }
+        }
+        PageHint { epoch: Some(epoch), page: first.as_u64(), host, span }
     }
 
     /// The region containing `gpa` for an access, or the error that access gets.
@@ -800,6 +888,10 @@ impl<F: Format, A: FrameAllocator + Clone> GuestMemory for AddressSpace<F, A> {
 
     fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut PageHint) -> Result<u64, GuestMemError> {
         AddressSpace::read_u64_hinted(self, gpa, hint)
+    }
+
+    fn read_hinted(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], hint: &mut PageHint) -> Result<(), GuestMemError> {
+        AddressSpace::read_hinted(self, gpa, buf, hint)
     }
 
     fn read_as(&mut self, gpa: GuestPhysAddr, buf: &mut [u8], access: Access) -> Result<(), GuestMemError> {

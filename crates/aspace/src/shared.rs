@@ -161,6 +161,14 @@ impl<F: Format, A: FrameAllocator + Clone> GuestMemory for &SharedAddressSpace<F
     fn read_u64_hinted(&mut self, gpa: GuestPhysAddr, hint: &mut crate::PageHint) -> Result<u64, GuestMemError> {
         self.with(|s| s.read_u64_hinted(gpa, hint))
     }
+    fn read_hinted(
+        &mut self,
+        gpa: GuestPhysAddr,
+        buf: &mut [u8],
+        hint: &mut crate::PageHint,
+    ) -> Result<(), GuestMemError> {
+        self.with(|s| s.read_hinted(gpa, buf, hint))
+    }
     fn write(&mut self, gpa: GuestPhysAddr, buf: &[u8]) -> Result<(), GuestMemError> {
         self.with_mut(|s| (GuestMemory::write(s, gpa, buf), SpaceFlush::none()))
     }

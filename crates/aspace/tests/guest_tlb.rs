@@ -350,8 +350,22 @@ fn a_page_hint_follows_the_space_changes() {
     let mut s = space(&ram);
     let at = gpa(DATA + 0x18);
     let mut hint = PageHint::default();
+    // The same through `read_hinted` (a span's hint, as a `GuestTlb` keeps them): every read
+    // gives what a plain read gives, twice (the second from the hint the first left).
+    let mut span_hint = PageHint::default();
+    let hinted = |s: &mut Space, hint: &mut PageHint| -> Result<u64, GuestMemError> {
+        let mut plain = [0u8; 8];
+        let want = s.read(at, &mut plain).map(|()| u64::from_le_bytes(plain));
+        for _ in 0..2 {
+            let mut b = [0u8; 8];
+            let got = s.read_hinted(at, &mut b, hint).map(|()| u64::from_le_bytes(b));
+            assert_eq!(got, want, "a hinted read gave what the space no longer holds");
+        }
+        want
+    };
     let first = s.read_obj::<u64>(at).unwrap();
     assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), first);
+    assert_eq!(hinted(&mut s, &mut span_hint).unwrap(), first);
     // Fork: the page is shared; the parent's write gives it a private copy in a new frame.
     let (child, f) = s.fork().unwrap();
     s.flush_unloaded(f).unwrap();
@@ -359,18 +373,21 @@ fn a_page_hint_follows_the_space_changes() {
     s.write(at, &0x1122_3344_5566_7788u64.to_le_bytes()).unwrap();
     s.flush_pending(|_| {});
     assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 0x1122_3344_5566_7788);
+    assert_eq!(hinted(&mut s, &mut span_hint).unwrap(), 0x1122_3344_5566_7788);
     drop(child);
     // The region goes, another takes its place with other bytes.
     let id = s.regions().next().unwrap().id();
     let f = s.remove_region(id).unwrap();
     s.flush_unloaded(f).unwrap();
     assert!(s.read_u64_hinted(at, &mut hint).is_err(), "nothing mapped there any more");
+    assert!(hinted(&mut s, &mut span_hint).is_err());
     let (_, f) = s.add_region("ram2", range(0, 0x80_0000), MappingFlags::RWX, Backend::DemandZero).unwrap();
     s.flush_unloaded(f).unwrap();
     assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 0, "a fresh demand-zero page");
     s.write(at, &5u64.to_le_bytes()).unwrap();
     s.flush_pending(|_| {});
     assert_eq!(s.read_u64_hinted(at, &mut hint).unwrap(), 5);
+    assert_eq!(hinted(&mut s, &mut span_hint).unwrap(), 5);
 }
 
 /// A translation through a cached leaf table (the second page of a copy, or a page under a table
@@ -441,5 +458,153 @@ fn entries_under_a_cached_table_are_checked_like_a_full_walk() {
                 }
             }
         }
+    }
+}
+
+/// `tlb`'s read of `len` bytes at `start` equals a fresh walk's (bytes and error); the bytes.
+fn same_read(s: &mut Space, tlb: &mut GuestTlb, paging: &GuestPaging, start: u64, len: usize) -> Option<Vec<u8>> {
+    let mut mem = &mut *s;
+    let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+    let ra = tlb.copy_from(&mut mem, paging, GuestVirtAddr::new(start), &mut a);
+    let rb = copy_from_guest_va(&mut mem, paging, GuestVirtAddr::new(start), &mut b);
+    assert_eq!(ra, rb, "read at {start:#x}+{len}");
+    ra.ok().map(|()| {
+        assert!(a == b, "read at {start:#x}+{len}: the cached host address gave other bytes");
+        a
+    })
+}
+
+/// The host addresses a `GuestTlb` keeps for its pages never outlive a change of the space:
+/// each read below is made twice through the cache (the second from the host address the first
+/// left in the entries) and compared with a fresh walk, across a copy-on-write break (by the
+/// hypervisor, and by a write through the cache), a dirty log's write protection (a write
+/// through the cache is logged), a region removed and a linear region of other host memory put
+/// in its place, and a protection change. Writes through the cache never use a host address: a
+/// shared page is copied first (the fork's copy keeps its bytes).
+#[test]
+fn host_addresses_in_entries_follow_every_space_change() {
+    for arch in [Arch::X86, Arch::Sv39] {
+        let ram = ram(4096);
+        let mut s: Space = AddressSpace::new(ram.clone(), opts::<Sv39x4>(AdMode::Hardware)).unwrap();
+        let (_, f) = s.add_region("tables", range(0, DATA), MappingFlags::RWX, Backend::DemandZero).unwrap();
+        s.flush_unloaded(f).unwrap();
+        let (data, f) =
+            s.add_region("data", range(DATA, 0x80_0000 - DATA), MappingFlags::RW, Backend::DemandZero).unwrap();
+        s.flush_unloaded(f).unwrap();
+        // Backed from the last page down: pages that follow each other in guest-physical
+        // memory are not in frames that follow each other in host memory.
+        for p in (0..DATA_PAGES).rev() {
+            let bytes: Vec<u8> = (0..PAGE).map(|i| (p * 7 + i / 8) as u8).collect();
+            s.write(gpa(DATA + p * PAGE), &bytes).unwrap();
+        }
+        s.flush_pending(|_| {});
+        build(&mut s, arch);
+        let paging = arch.paging(T0, false);
+        let mut tlb = GuestTlb::new();
+        // Words in two pages (so that their entries learn their host addresses), then two
+        // pages and a bit over them, and a word in another page.
+        let spans = [
+            (VA + PAGE + 0x10, 8),
+            (VA + 2 * PAGE + 0x20, 8),
+            (VA + 0x7f8, 2 * PAGE as usize + 100),
+            (VA + 3 * PAGE + 0x10, 8),
+        ];
+        let reads = |s: &mut Space, tlb: &mut GuestTlb| -> Vec<Option<Vec<u8>>> {
+            let mut out = Vec::new();
+            for (start, len) in spans {
+                let first = same_read(s, tlb, &paging, start, len);
+                assert_eq!(same_read(s, tlb, &paging, start, len), first, "the second read (host address)");
+                out.push(first);
+            }
+            out
+        };
+        let before = reads(&mut s, &mut tlb);
+        assert!(before.iter().all(Option::is_some));
+
+        // A write in place by guest-physical address (no change of the space): seen at once.
+        s.write(gpa(DATA + 0x800), &[0x11; 16]).unwrap();
+        s.flush_pending(|_| {});
+        assert_eq!(&reads(&mut s, &mut tlb)[2].as_ref().unwrap()[8..24], &[0x11; 16]);
+
+        // Fork, then the parent's hypervisor write breaks the sharing: the parent reads its new
+        // frame, the child (through the same cache) the old bytes.
+        let (mut child, f) = s.fork().unwrap();
+        s.flush_unloaded(f).unwrap();
+        let shared = reads(&mut s, &mut tlb);
+        s.write(gpa(DATA + 0x800), &[0x22; 16]).unwrap();
+        s.flush_pending(|_| {});
+        assert_eq!(&reads(&mut s, &mut tlb)[2].as_ref().unwrap()[8..24], &[0x22; 16]);
+        assert_eq!(reads(&mut child, &mut tlb), shared, "the fork keeps the bytes of before");
+        // A write through the cache to a page still shared: copied first, the child unchanged.
+        let reads_parent = reads(&mut s, &mut tlb);
+        tlb.copy_to(&mut &mut s, &paging, GuestVirtAddr::new(VA + PAGE + 0x100), &[0x33; 32]).unwrap();
+        s.flush_pending(|_| {});
+        let after = reads(&mut s, &mut tlb);
+        assert_ne!(after, reads_parent);
+        assert_eq!(reads(&mut child, &mut tlb), shared, "a write through the cache reached a shared frame");
+        drop(child);
+
+        // The dirty log write-protects the data: a write through the cache is logged.
+        let (_, f) = s.start_dirty_log(range(DATA, 0x80_0000 - DATA)).unwrap();
+        s.flush_unloaded(f).unwrap();
+        reads(&mut s, &mut tlb);
+        tlb.copy_to(&mut &mut s, &paging, GuestVirtAddr::new(VA + 2 * PAGE + 8), &[0x44; 8]).unwrap();
+        s.flush_pending(|_| {});
+        let (bits, f) = s.harvest_dirty().unwrap();
+        s.flush_unloaded(f).unwrap();
+        assert!(bits.get(gpa(DATA + 2 * PAGE)), "a write through the cache missed the dirty log");
+        assert_eq!(&reads(&mut s, &mut tlb)[2].as_ref().unwrap()[0x1810..0x1818], &[0x44; 8]);
+        let f = s.stop_dirty_log().unwrap();
+        s.flush_unloaded(f).unwrap();
+
+        // Read-only data: reads still served, a write through the cache refused.
+        let f = s.protect_region(data, MappingFlags::READ).unwrap();
+        s.flush_unloaded(f).unwrap();
+        reads(&mut s, &mut tlb);
+        assert!(tlb.copy_to(&mut &mut s, &paging, GuestVirtAddr::new(VA), &[1; 8]).is_err());
+
+        // The region goes: every read fails as a fresh walk's does.
+        reads(&mut s, &mut tlb);
+        let f = s.remove_region(data).unwrap();
+        s.flush_unloaded(f).unwrap();
+        assert!(reads(&mut s, &mut tlb).iter().all(Option::is_none));
+
+        // Other host memory in its place (a linear region): its bytes, not the old frames'.
+        let host = twostage_npt::FrameAllocator::allocate_frames(&*ram, 1024, 512).unwrap();
+        ram.write_bytes(host.as_u64(), &vec![0x5a; 64 * PAGE as usize]);
+        let (_, f) = s.add_region("pass", range(DATA, 4 << 20), MappingFlags::RW, Backend::Linear { host }).unwrap();
+        s.flush_unloaded(f).unwrap();
+        for r in reads(&mut s, &mut tlb) {
+            assert!(r.unwrap().iter().all(|&b| b == 0x5a));
+        }
+    }
+}
+
+/// An entry dropped by a fence stays dropped however many fences follow (the cache's count of
+/// fences wraps in its entries' tags: every tag is cleared then).
+#[test]
+fn no_entry_comes_back_after_many_fences() {
+    let ram = ram(4096);
+    let mut s = space(&ram);
+    let (pte0, _) = build(&mut s, Arch::X86);
+    let paging = Arch::X86.paging(T0, true);
+    let at = GuestVirtAddr::new(VA + 0x40);
+    for fences in [1, 126, 127, 128, 129, 255, 300] {
+        let mut tlb = GuestTlb::new();
+        put(&mut s, pte0, Arch::X86.leaf(DATA, 0, true));
+        assert_eq!(tlb.translate(&mut &mut s, &paging, at, Access::Read).unwrap().gpa, gpa(DATA + 0x40));
+        put(&mut s, pte0, Arch::X86.leaf(DATA + 7 * PAGE, 0, true));
+        // The space changed (the PTE write): the next use drops everything anyway; pass the
+        // change first, so that only the fences below decide.
+        let other = GuestVirtAddr::new(VA + 5 * PAGE);
+        tlb.translate(&mut &mut s, &paging, other, Access::Read).unwrap();
+        for _ in 0..fences {
+            tlb.flush_all();
+        }
+        assert_eq!(
+            tlb.translate(&mut &mut s, &paging, at, Access::Read).unwrap().gpa,
+            gpa(DATA + 7 * PAGE + 0x40),
+            "after {fences} fences"
+        );
     }
 }
