@@ -167,19 +167,7 @@ pub fn fork(c: &mut Criterion) {
     let ram = ram();
     let mut parent = ts_populated(ram, GIB);
     let mut g = group(c, "fork_1g");
-    g.bench_function("twostage", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let start = Instant::now();
-                let (child, f) = parent.fork().expect("fork");
-                parent.flush(f, |_| {}).expect("its own token");
-                total += start.elapsed();
-                drop(child);
-            }
-            total
-        })
-    });
+    g.bench_function("twostage", |b| b.iter_custom(|iters| time_forks(&mut parent, iters)));
     drop(parent);
     // The same fork with the default 2 MiB backing (RAM of its own, whose aligned runs no other row
     // has used): 512 leaves instead of 262,144.
@@ -190,19 +178,7 @@ pub fn fork(c: &mut Criterion) {
     let mut leaves = 0;
     parent.table().for_each_leaf(GuestPhysAddr::new(GPA_BASE), GIB, |_| leaves += 1);
     assert_eq!(leaves, 512, "1 GiB of 2 MiB pages");
-    g.bench_function("twostage-2m", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let start = Instant::now();
-                let (child, f) = parent.fork().expect("fork");
-                parent.flush(f, |_| {}).expect("its own token");
-                total += start.elapsed();
-                drop(child);
-            }
-            total
-        })
-    });
+    g.bench_function("twostage-2m", |b| b.iter_custom(|iters| time_forks(&mut parent, iters)));
     drop(parent);
     // The limit it is measured against: copying the same bytes (what a fork without
     // copy-on-write costs).
@@ -210,6 +186,19 @@ pub fn fork(c: &mut Criterion) {
     let mut dst = vec![2u8; GIB as usize];
     g.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
     g.finish();
+}
+
+/// `iters` forks of `parent` (each child dropped outside the timed part): their total time.
+fn time_forks(parent: &mut Space, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let start = Instant::now();
+        let (child, f) = parent.fork().expect("fork");
+        parent.flush(f, |_| {}).expect("its own token");
+        total += start.elapsed();
+        drop(child);
+    }
+    total
 }
 
 /// Harvest the dirty log of 1 GiB of which 1% of pages were written since the last harvest.
