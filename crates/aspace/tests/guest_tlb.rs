@@ -26,19 +26,6 @@ const BIG: [u64; 2] = [0x20_0000, 0x40_0000];
 /// Tables: root, then one per level below it.
 const T0: u64 = 0x1000;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Arch {
     X86,

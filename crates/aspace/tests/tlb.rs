@@ -22,19 +22,6 @@ const LIN_LEN: u64 = 16 * PAGE;
 /// An MMIO page right after that.
 const MMIO: u64 = LIN + LIN_LEN;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What guest memory should hold, page by page (missing: zeros), and each region's rights.
 #[derive(Clone, Default)]
 struct Model {

@@ -145,3 +145,21 @@ pub fn cpu_index() -> usize {
     thread_local!(static SLOT: Slot = Slot(FREE.lock().unwrap().pop().unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed))));
     SLOT.with(|s| s.0)
 }
+
+/// A small seeded generator (xorshift) for the tests' random operations.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
