@@ -15,42 +15,44 @@ impl Vm {
     pub(crate) fn resolve(&mut self, f: GuestPageFault, t: ExitCsrs) -> Option<Exit> {
         let gpa = f.info.fault_guest_paddr;
         let in_device = crate::devices::is_device(gpa.as_u64()) && !f.is_implicit();
-        if let Memory::Shared(space) = &self.mem {
-            let st = || space.with(|s| s.stats().cow_copies + s.stats().cow_reuses);
-            let cow_before = st();
-            match space.handle_fault(f.info) {
-                twostage_aspace::FaultOutcome::Resolved { .. } => {
-                    self.stats.cow_breaks += (st() - cow_before) as u32;
-                    self.stats.space_resolved += 1;
-                    return None;
-                }
-                twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
-                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
-                }
-                _ => {
-                    self.stats.faults_unresolved += 1;
-                    return Some(Exit::Fault(f, t));
-                }
+        // Copy-on-write breaks this fault made, from the space's counters.
+        let breaks = |s: &crate::vm::Space| s.stats().cow_copies + s.stats().cow_reuses;
+        let outcome = match &mut self.mem {
+            // A shared space carries out the flush itself, under its lock, on every hart.
+            Memory::Shared(space) => {
+                let before = space.with(breaks);
+                let outcome = space.handle_fault(f.info);
+                Some((outcome, space.with(breaks) - before))
             }
-        }
-        if let Memory::Space(space) = &mut self.mem {
-            let cow_before = space.stats().cow_copies + space.stats().cow_reuses;
-            match space.handle_fault(f.info) {
+            Memory::Space(space) => {
+                let before = breaks(space);
+                let outcome = space.handle_fault(f.info);
+                Some((outcome, breaks(space) - before))
+            }
+            Memory::Table(_) => None,
+        };
+        if let Some((outcome, cow)) = outcome {
+            return match outcome {
                 twostage_aspace::FaultOutcome::Resolved { flush } => {
-                    let s = space.stats();
-                    self.stats.cow_breaks += (s.cow_copies + s.cow_reuses - cow_before) as u32;
+                    self.stats.cow_breaks += cow as u32;
                     self.stats.space_resolved += 1;
-                    self.apply_space(flush);
-                    return None;
+                    if matches!(self.mem, Memory::Space(_)) {
+                        self.apply_space(flush);
+                    }
+                    None
                 }
                 twostage_aspace::FaultOutcome::Mmio { .. } if in_device => {
-                    return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };
+                    if self.emulate_mmio(gpa, &f, t) {
+                        None
+                    } else {
+                        Some(Exit::Fault(f, t))
+                    }
                 }
                 _ => {
                     self.stats.faults_unresolved += 1;
-                    return Some(Exit::Fault(f, t));
+                    Some(Exit::Fault(f, t))
                 }
-            }
+            };
         }
         if in_device {
             return if self.emulate_mmio(gpa, &f, t) { None } else { Some(Exit::Fault(f, t)) };

@@ -8,9 +8,10 @@
 //! (the ns16550 device model), [`plic`] (the platform-level interrupt controller model),
 //! [`loader`] (running a guest file staged by QEMU's loader device), [`state`] (a vCPU's and its
 //! devices' whole state, captured and restored), [`vmfork`] (fork of a running VM) and
-//! [`migrate`] (live migration into a new VM; SMP: [`smp::live`]), whose reports wait for the
-//! guest's console line to end ([`notes`]). The image (`images/riscv-hv`) boots, hands over a [`Board`], and runs either the
-//! loader or the scenario suite (`twostage-scenarios-riscv`).
+//! [`smp::live`] (live migration into a new address space, on the SMP machine), whose reports
+//! wait for the guest's console line to end ([`notes`]). The image (`images/riscv-hv`) boots,
+//! hands over a [`Board`], and runs either the loader or the scenario suite
+//! (`twostage-scenarios-riscv`).
 //!
 //! Safety model: the hypervisor runs in HS-mode with satp = Bare on one hart, so host-physical
 //! addresses are usable as pointers; frames come from [`twostage_baremetal::frames::Frames`]
@@ -39,8 +40,6 @@ mod exits;
 pub mod hart;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod loader;
-#[cfg(all(target_arch = "riscv64", target_os = "none"))]
-pub mod migrate;
 #[cfg(all(target_arch = "riscv64", target_os = "none"))]
 pub mod notes;
 pub mod plic;

@@ -8,7 +8,8 @@
 //! with the asked-for demand-zero RAM at GPA 0x80000000 (128 MiB by default) and MMIO regions
 //! for the emulated UART and PLIC, a device tree ([`crate::boot::guest_tree`]), and the SBI; SRST ends
 //! the run with the guest's status. The staging header may ask for a fork of the running guest
-//! ([`crate::vmfork`]) or its live migration into a new VM ([`crate::migrate`]).
+//! ([`crate::vmfork`], here) or its live migration into a new address space
+//! ([`crate::smp::live`], on the SMP machine).
 //!
 //! Before anything is loaded the file goes through `twostage_baremetal::elf`'s checks (machine,
 //! segments inside the file and inside guest RAM with their zero-fill, no overlaps, an entry
@@ -156,10 +157,11 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     }
     let entry = plan.entry;
     // A Linux kernel runs on the SMP machine even with one vCPU: it then finds the SBI's HSM, IPI
-    // and RFENCE extensions as on bare QEMU. A fork runs on the single-hart path (one vCPU only,
-    // `crate::vmfork`).
+    // and RFENCE extensions as on bare QEMU. A migration always runs there (`smp::live`); a fork
+    // runs on the single-hart path (one vCPU only, `crate::vmfork`).
     let fork = matches!(h.live, LiveOp::Fork { .. });
-    if h.vcpus > 1 || (boot::linux_image(file).is_some() && !fork) {
+    let migrate = matches!(h.live, LiveOp::Migrate { .. });
+    if h.vcpus > 1 || migrate || (boot::linux_image(file).is_some() && !fork) {
         println!(
             "guest: {len} bytes, entry {entry:#x}, RAM {GUEST_RAM:#x}+{:#x}, dtb at {dtb:#x}, {} vCPUs",
             h.mem, h.vcpus
@@ -192,15 +194,15 @@ pub fn run_staged(base: u64, len: u64) -> i32 {
     vm.pc = entry;
     match h.live {
         LiveOp::None => {
-            let status = match drive(&mut vm, "", false) {
+            let status = match drive(&mut vm, "") {
                 Ended::Status(s) => s,
-                Ended::Paused | Ended::Budget => unreachable!("no pause point or slices in a plain run"),
+                Ended::Paused => unreachable!("no pause point in a plain run"),
             };
             vm.print_stats("guest file");
             status
         }
         LiveOp::Fork { after } => crate::vmfork::run(vm, after.min(u64::from(u32::MAX)) as u32),
-        LiveOp::Migrate { after } => crate::migrate::run(vm, after.min(u64::from(u32::MAX)) as u32),
+        LiveOp::Migrate { .. } => unreachable!("a migration runs on the SMP machine (above)"),
     }
 }
 
@@ -210,13 +212,11 @@ pub(crate) enum Ended {
     Status(i32),
     /// The VM's pause point ([`Vm::pause_at_user_exit`]) was reached; `paused` is cleared.
     Paused,
-    /// Its exit budget ran out (only when asked for slices).
-    Budget,
 }
 
-/// Runs `vm` until the guest ends, the VM pauses, or (with `slices`) its exit budget runs out;
-/// `who` starts the lines that report how the guest ended.
-pub(crate) fn drive(vm: &mut Vm, who: &str, slices: bool) -> Ended {
+/// Runs `vm` until the guest ends or the VM pauses; `who` starts the lines that report how the
+/// guest ended.
+pub(crate) fn drive(vm: &mut Vm, who: &str) -> Ended {
     loop {
         let exit = vm.run();
         if matches!(exit, Exit::Reset(_) | Exit::Fault(..) | Exit::Exception(_)) {
@@ -236,7 +236,6 @@ pub(crate) fn drive(vm: &mut Vm, who: &str, slices: bool) -> Ended {
                 vm.paused = false;
                 return Ended::Paused;
             }
-            Exit::Budget if slices => return Ended::Budget,
             Exit::Test { .. } | Exit::Budget => continue,
             Exit::Fault(f, t) => {
                 println!("\n{who}guest stopped: unresolved guest-page fault {:?} at pc {:#x}", f.info, t.sepc);

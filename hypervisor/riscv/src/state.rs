@@ -1,5 +1,5 @@
 //! A vCPU's whole state and its devices', captured from a stopped one-vCPU VM and put into
-//! another VM: what [`crate::vmfork`] and [`crate::migrate`] copy besides memory.
+//! another VM: what [`crate::vmfork`] copies besides memory.
 //!
 //! Most of a vCPU lives in the [`Vm`] between runs: its general registers and privilege
 //! ([`crate::trap::VcpuRegs`]), its pc, its FP registers ([`crate::vcpu::FpState`], saved on

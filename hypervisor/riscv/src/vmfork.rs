@@ -46,7 +46,7 @@ fn cow_breaks(space: &Space) -> u64 {
 /// child to its end, then A to its end; returns A's status.
 pub fn run(mut vm: Vm, after: u32) -> i32 {
     vm.pause_at_user_exit = Some(after);
-    if let Ended::Status(s) = drive(&mut vm, "", false) {
+    if let Ended::Status(s) = drive(&mut vm, "") {
         println!("fork: the guest ended before its exit number {after} from user space: nothing was forked");
         vm.print_stats("guest file");
         return s;
@@ -86,9 +86,9 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
     // SAFETY: B's space is a copy-on-write fork of A's taken with A stopped where `state` was
     // captured.
     unsafe { b.restore(&state) };
-    let child_status = match drive(&mut b, "child: ", false) {
+    let child_status = match drive(&mut b, "child: ") {
         Ended::Status(s) => s,
-        Ended::Paused | Ended::Budget => unreachable!("the child has no pause point and no slices"),
+        Ended::Paused => unreachable!("the child has no pause point"),
     };
     println!("fork: the child (VM {CHILD_VMID}) ended with status {child_status}; the parent (VM 1) resumes");
     b.print_stats("fork child, VM 2");
@@ -100,9 +100,9 @@ pub fn run(mut vm: Vm, after: u32) -> i32 {
 fn finish_parent(mut vm: Vm, state: &crate::state::VmState, child: Option<Vm>, at_fork: (u64, u64)) -> i32 {
     // SAFETY: A's own state, captured from A at its pause point; A's space is the one it ran in.
     unsafe { vm.restore(state) };
-    let status = match drive(&mut vm, "", false) {
+    let status = match drive(&mut vm, "") {
         Ended::Status(s) => s,
-        Ended::Paused | Ended::Budget => unreachable!("the pause point fired once; no slices"),
+        Ended::Paused => unreachable!("the pause point fired once"),
     };
     vm.print_stats("guest file, fork parent, VM 1");
     if let Some(b) = child {

@@ -1,5 +1,10 @@
-//! Live migration of an SMP VM (`--migrate --smp N`): the protocol of [`crate::migrate`] with
-//! every vCPU on its own hart.
+//! Live migration of a running VM into a new address space under a new VMID on the same host
+//! (`cargo xtask run --migrate [--smp N]`; every migration runs on the SMP machine, one vCPU
+//! included), by pre-copy over the address space's dirty log
+//! ([`twostage_aspace::migrate::Migration`]): the first round copies every populated page, then
+//! the guest runs slices ([`SLICE_MS`]) between rounds, each copying what the guest dirtied since
+//! the last harvest, until a harvest finds fewer than [`SMALL_ROUND`] pages or [`MAX_ROUNDS`]
+//! rounds ran; then the guest stops for the final copy.
 //!
 //! vCPU 0 drives it. At its pause point it starts the migration under the shared space's write
 //! lock; the other vCPUs keep running. Between two slices of vCPU 0's guest, a round copies
@@ -22,12 +27,11 @@
 //!    HLV/HSV).
 //!
 //! The vCPUs stay on their harts and the devices are the machine's: the vCPU state (registers,
-//! VS CSRs, timers) and the device state need no copy here, unlike the one-vCPU migration into a
-//! new [`Vm`]; what moves is the guest's memory, into a new table under a new VMID.
+//! VS CSRs, timers) and the device state stay where they are (a fork, [`crate::vmfork`], is
+//! where they are copied); what moves is the guest's memory, into a new table under a new VMID.
 
 use super::{m, wait_until, Ops, Shared};
 use crate::hart::{frames, hart};
-use crate::migrate::{MAX_ROUNDS, SLICE_MS, SMALL_ROUND};
 use crate::vm::{Space, Vm};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -39,6 +43,12 @@ use twostage_rvh::hw;
 
 /// The destination's VMID (the source's is 1).
 const DST_VMID: u16 = 2;
+/// A harvest with fewer dirty pages than this ends the pre-copy rounds.
+pub const SMALL_ROUND: u64 = 64;
+/// Pre-copy rounds at most, however much the guest keeps dirtying.
+pub const MAX_ROUNDS: u32 = 8;
+/// How long vCPU 0's guest runs between two rounds (host time).
+pub const SLICE_MS: u64 = 20;
 
 /// What the vCPUs share about a migration.
 pub struct Live {
